@@ -1,0 +1,213 @@
+//! Replicated commands and their outcomes.
+//!
+//! A [`Command`] is what a shard's Raft log carries and its state machine
+//! applies. Every outcome is a value ([`OpResult`], [`CommandResponse`]): a
+//! failed compare-and-swap or a key outside the shard is an answer, not an
+//! error.
+
+use crate::limits::{self, LimitError, BATCH_BYTES_MAX, BATCH_OPS_MAX};
+use serde::{Deserialize, Serialize};
+
+/// One key operation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Set `key` to `value`.
+    Put {
+        /// The key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+    },
+    /// Remove `key` (a no-op when absent).
+    Delete {
+        /// The key.
+        key: Vec<u8>,
+    },
+    /// Compare-and-swap: when the current value equals `expected` (`None`:
+    /// the key is absent), set it to `new` (`None`: delete it).
+    Cas {
+        /// The key.
+        key: Vec<u8>,
+        /// The value the caller believes is current; `None` means absent.
+        expected: Option<Vec<u8>>,
+        /// The value to install; `None` deletes the key.
+        new: Option<Vec<u8>>,
+    },
+}
+
+impl Op {
+    /// The key this operation touches.
+    pub fn key(&self) -> &[u8] {
+        match self {
+            Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
+        }
+    }
+
+    /// Key and value bytes carried by the operation.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Put { key, value } => key.len() + value.len(),
+            Op::Delete { key } => key.len(),
+            Op::Cas { key, expected, new } => {
+                key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
+            }
+        }
+    }
+
+    /// Checks key and value sizes against [`crate::limits`].
+    pub fn validate(&self) -> Result<(), LimitError> {
+        limits::check_key(self.key())?;
+        match self {
+            Op::Put { value, .. } => limits::check_value(value),
+            Op::Delete { .. } => Ok(()),
+            Op::Cas { expected, new, .. } => {
+                if let Some(v) = expected {
+                    limits::check_value(v)?;
+                }
+                if let Some(v) = new {
+                    limits::check_value(v)?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What a shard's Raft log carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Operations applied atomically and in order: each sees the effect of the
+    /// ones before it; a failed compare-and-swap writes nothing but does not
+    /// stop the others.
+    Write {
+        /// The operations, at least one.
+        ops: Vec<Op>,
+    },
+}
+
+impl Command {
+    /// A single put.
+    pub fn put(key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Self {
+        Command::Write {
+            ops: vec![Op::Put {
+                key: key.into(),
+                value: value.into(),
+            }],
+        }
+    }
+
+    /// A single delete.
+    pub fn delete(key: impl Into<Vec<u8>>) -> Self {
+        Command::Write {
+            ops: vec![Op::Delete { key: key.into() }],
+        }
+    }
+
+    /// Checks every operation and the batch against [`crate::limits`].
+    pub fn validate(&self) -> Result<(), LimitError> {
+        match self {
+            Command::Write { ops } => {
+                if ops.is_empty() || ops.len() > BATCH_OPS_MAX {
+                    return Err(LimitError::BatchOps {
+                        ops: ops.len(),
+                        max: BATCH_OPS_MAX,
+                    });
+                }
+                let mut bytes = 0usize;
+                for op in ops {
+                    op.validate()?;
+                    bytes += op.payload_bytes();
+                }
+                if bytes > BATCH_BYTES_MAX {
+                    return Err(LimitError::BatchBytes {
+                        bytes,
+                        max: BATCH_BYTES_MAX,
+                    });
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// The outcome of one [`Op`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OpResult {
+    /// A put happened; `prev` is the value it replaced.
+    Put {
+        /// The previous value, if any.
+        prev: Option<Vec<u8>>,
+    },
+    /// A delete happened; `prev` is the value it removed.
+    Delete {
+        /// The previous value, if any.
+        prev: Option<Vec<u8>>,
+    },
+    /// A compare-and-swap was evaluated.
+    Cas {
+        /// Whether the swap happened.
+        succeeded: bool,
+        /// The value before the operation (what `expected` was compared with).
+        current: Option<Vec<u8>>,
+    },
+}
+
+/// What applying one log entry produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum CommandResponse {
+    /// A blank or membership entry: nothing to report.
+    #[default]
+    Empty,
+    /// The results of a [`Command::Write`], one per operation, in order.
+    Write(Vec<OpResult>),
+    /// The command named a key outside the shard's range at the time it was
+    /// applied (the range changed, e.g. by a split); nothing was written.
+    KeyNotInRange {
+        /// The first offending key.
+        key: Vec<u8>,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn validate_batches() {
+        assert!(Command::put("k", "v").validate().is_ok());
+        assert!(matches!(
+            Command::Write { ops: vec![] }.validate(),
+            Err(LimitError::BatchOps { ops: 0, .. })
+        ));
+        let many = (0..=BATCH_OPS_MAX)
+            .map(|i| Op::Delete {
+                key: i.to_be_bytes().to_vec(),
+            })
+            .collect();
+        assert!(matches!(
+            Command::Write { ops: many }.validate(),
+            Err(LimitError::BatchOps { .. })
+        ));
+        let big = (0..5)
+            .map(|i| Op::Put {
+                key: vec![i],
+                value: vec![0; limits::VALUE_BYTES_MAX],
+            })
+            .collect();
+        assert!(matches!(
+            Command::Write { ops: big }.validate(),
+            Err(LimitError::BatchBytes { .. })
+        ));
+        let bad_cas = Command::Write {
+            ops: vec![Op::Cas {
+                key: b"k".to_vec(),
+                expected: None,
+                new: Some(vec![0; limits::VALUE_BYTES_MAX + 1]),
+            }],
+        };
+        assert!(matches!(
+            bad_cas.validate(),
+            Err(LimitError::ValueSize { .. })
+        ));
+    }
+}

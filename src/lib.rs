@@ -1,0 +1,24 @@
+//! Tessera: a multi-raft sharded key-value storage engine.
+//!
+//! Map of the crate:
+//!
+//! - [`limits`]: the size limits every edge enforces (key, value, batch, frame).
+//! - [`command`]: the replicated commands (put, delete, compare-and-swap, batches)
+//!   and their outcomes; what a shard's state machine applies.
+//! - [`storage`] (feature `server`): one RocksDB per node shared by every shard
+//!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
+//!   group-commit log writer, logical range snapshots.
+//! - [`raft`] (feature `server`): the openraft type configuration.
+//!
+//! Identifiers and shard descriptors come from the pure `shard-router` crate and
+//! are re-exported here.
+#![warn(missing_docs)]
+
+pub mod command;
+pub mod limits;
+#[cfg(feature = "server")]
+pub mod raft;
+#[cfg(feature = "server")]
+pub mod storage;
+
+pub use shard_router::{Epoch, KeyRange, NodeId, ShardDescriptor, ShardId};

@@ -1,0 +1,140 @@
+//! Storage configuration, validated once at open.
+
+use crate::limits::FRAME_BYTES_MAX;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+/// How the log writer turns appends into syncs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum CommitMode {
+    /// Gather every queued request (all shards) into one write and one sync.
+    #[default]
+    GroupCommit,
+    /// One write and one sync per request: the baseline group commit is
+    /// measured against. Correct, but slow.
+    SyncPerWrite,
+}
+
+/// Storage settings for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Folder holding the RocksDB database (`db/`) and snapshot files
+    /// (`snapshots/`). Created if missing. Default: `./tessera-data`.
+    pub data_dir: PathBuf,
+    /// Requests the log writer queue holds before appenders wait.
+    /// Default: 4096. Minimum: 1.
+    pub write_queue_max: usize,
+    /// Requests gathered into one write and one sync.
+    /// Default: 1024. Minimum: 1.
+    pub write_group_requests_max: usize,
+    /// Bytes gathered into one write and one sync (a single larger request
+    /// still goes alone). Default: 16 MiB. Minimum: 4 KiB.
+    pub write_group_bytes_max: usize,
+    /// Group commit or a sync per request. Default: `group-commit`.
+    pub commit_mode: CommitMode,
+    /// Key/value bytes per snapshot chunk (one frame in a snapshot file, one
+    /// write batch at install). Default: 1 MiB. Minimum: 4 KiB. Maximum: 8 MiB.
+    pub snapshot_chunk_bytes_max: usize,
+    /// RocksDB block cache shared by all column families. Default: 256 MiB.
+    pub block_cache_bytes: usize,
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            data_dir: PathBuf::from("./tessera-data"),
+            write_queue_max: 4096,
+            write_group_requests_max: 1024,
+            write_group_bytes_max: 16 << 20,
+            commit_mode: CommitMode::GroupCommit,
+            snapshot_chunk_bytes_max: 1 << 20,
+            block_cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// A configuration field outside its allowed values.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid storage config `{field}`: {reason}")]
+pub struct ConfigError {
+    /// The offending field.
+    pub field: &'static str,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl StorageConfig {
+    /// Defaults with the given data folder.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        StorageConfig {
+            data_dir: data_dir.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Checks every field once; errors name the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn min(field: &'static str, v: usize, m: usize) -> Result<(), ConfigError> {
+            if v < m {
+                return Err(ConfigError {
+                    field,
+                    reason: format!("{v} is below the minimum {m}"),
+                });
+            }
+            Ok(())
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError {
+                field: "data_dir",
+                reason: "must not be empty".into(),
+            });
+        }
+        min("write_queue_max", self.write_queue_max, 1)?;
+        min("write_group_requests_max", self.write_group_requests_max, 1)?;
+        min("write_group_bytes_max", self.write_group_bytes_max, 4096)?;
+        min(
+            "snapshot_chunk_bytes_max",
+            self.snapshot_chunk_bytes_max,
+            4096,
+        )?;
+        if self.snapshot_chunk_bytes_max > FRAME_BYTES_MAX / 2 {
+            return Err(ConfigError {
+                field: "snapshot_chunk_bytes_max",
+                reason: format!(
+                    "{} exceeds the maximum {}",
+                    self.snapshot_chunk_bytes_max,
+                    FRAME_BYTES_MAX / 2
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_errors_name_the_field() {
+        StorageConfig::default().validate().unwrap();
+        let bad = StorageConfig {
+            write_group_requests_max: 0,
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "write_group_requests_max"
+        );
+        let bad = StorageConfig {
+            snapshot_chunk_bytes_max: 64 << 20,
+            ..Default::default()
+        };
+        assert_eq!(
+            bad.validate().unwrap_err().field,
+            "snapshot_chunk_bytes_max"
+        );
+    }
+}

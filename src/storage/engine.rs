@@ -1,0 +1,417 @@
+//! The node-wide storage handle.
+
+use super::config::StorageConfig;
+use super::error::StoreError;
+use super::keys::{self, MetaTag, StateTag, ALL_CFS};
+use super::log_store::LogStore;
+use super::state_machine::StateMachine;
+use super::writer::{self, Cf, Counters, FailLatch, GroupLimits, OnDurable, WriteOp, WriteRequest};
+use super::StorageStats;
+use crate::raft::{Entry, LogId, Vote};
+use crate::{ShardDescriptor, ShardId};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    IteratorMode, Options, DB,
+};
+use serde::de::DeserializeOwned;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// The node-wide handle on the one RocksDB shared by every shard replica.
+///
+/// Cheap to clone. The database closes when the last clone (including every
+/// store opened from it) is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    db: Arc<DB>,
+    config: StorageConfig,
+    tx: Option<mpsc::Sender<WriteRequest>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+    counters: Arc<Counters>,
+    latch: Arc<FailLatch>,
+    open_shards: Mutex<HashSet<ShardId>>,
+    snapshot_dir: PathBuf,
+    snapshot_seq: AtomicU64,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer thread, which releases its DB handle.
+        self.tx.take();
+        if let Some(h) = self.writer.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// What one shard replica has on disk (for inspection and recovery checks).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardState {
+    /// The shard's descriptor.
+    pub descriptor: ShardDescriptor,
+    /// The last saved vote.
+    pub vote: Option<Vote>,
+    /// The last log id present (or the last purged one when the log is empty).
+    pub last_log_id: Option<LogId>,
+    /// The last purged log id.
+    pub last_purged: Option<LogId>,
+    /// The last applied log id.
+    pub applied: Option<LogId>,
+}
+
+/// Releases a shard's "open" mark when its last store is dropped.
+pub(crate) struct ShardGuard {
+    engine: Engine,
+    shard: ShardId,
+}
+
+impl Drop for ShardGuard {
+    fn drop(&mut self) {
+        self.engine
+            .inner
+            .open_shards
+            .lock()
+            .expect("open shards poisoned")
+            .remove(&self.shard);
+    }
+}
+
+impl Engine {
+    /// Opens (creating if needed) the node's database under
+    /// `config.data_dir/db` and starts the log writer.
+    ///
+    /// # Errors
+    /// An invalid config, or RocksDB failing to open.
+    pub fn open(config: StorageConfig) -> Result<Engine, StoreError> {
+        config.validate()?;
+        let db_dir = config.data_dir.join("db");
+        let snapshot_dir = config.data_dir.join("snapshots");
+        for d in [&db_dir, &snapshot_dir] {
+            std::fs::create_dir_all(d).map_err(|e| StoreError::io("create folder", d, e))?;
+        }
+        let cache = Cache::new_lru_cache(config.block_cache_bytes);
+        let mut db_opts = Options::default();
+        db_opts.create_if_missing(true);
+        db_opts.create_missing_column_families(true);
+        db_opts.set_max_background_jobs(4);
+        db_opts.set_bytes_per_sync(1 << 20);
+        // Small, rarely written CFs (raft_state) would otherwise pin old WAL files.
+        db_opts.set_max_total_wal_size(256 << 20);
+        let cfs = ALL_CFS.iter().map(|name| {
+            let mut o = Options::default();
+            let mut t = BlockBasedOptions::default();
+            t.set_block_cache(&cache);
+            if *name == keys::CF_DATA {
+                t.set_bloom_filter(10.0, false);
+            }
+            o.set_block_based_table_factory(&t);
+            o.set_compression_type(DBCompressionType::Lz4);
+            ColumnFamilyDescriptor::new(*name, o)
+        });
+        let db = DB::open_cf_descriptors(&db_opts, &db_dir, cfs)
+            .map_err(|e| StoreError::rocks("open", e))?;
+        let db = Arc::new(db);
+        let counters = Arc::new(Counters::default());
+        let latch = Arc::new(FailLatch::default());
+        let (tx, rx) = mpsc::channel(config.write_queue_max);
+        let limits = GroupLimits {
+            requests_max: config.write_group_requests_max,
+            bytes_max: config.write_group_bytes_max,
+            mode: config.commit_mode,
+        };
+        let writer = {
+            let (db, counters, latch) = (db.clone(), counters.clone(), latch.clone());
+            std::thread::Builder::new()
+                .name("tessera-log-writer".into())
+                .spawn(move || writer::run(db, rx, limits, counters, latch))
+                .map_err(|e| StoreError::io("spawn log writer", &db_dir, e))?
+        };
+        tracing::info!(dir = %config.data_dir.display(), "storage engine open");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                db,
+                config,
+                tx: Some(tx),
+                writer: Some(writer),
+                counters,
+                latch,
+                open_shards: Mutex::new(HashSet::new()),
+                snapshot_dir,
+                snapshot_seq: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// The configuration the engine was opened with.
+    pub fn config(&self) -> &StorageConfig {
+        &self.inner.config
+    }
+
+    /// The log writer's counters.
+    pub fn stats(&self) -> StorageStats {
+        self.inner.counters.snapshot()
+    }
+
+    /// `Ok` while the engine accepts writes; [`StoreError::Failed`] once a
+    /// write or sync failed.
+    pub fn check_healthy(&self) -> Result<(), StoreError> {
+        self.inner.latch.check()
+    }
+
+    /// Every shard replica hosted here, in shard id order.
+    pub fn shards(&self) -> Result<Vec<ShardDescriptor>, StoreError> {
+        let cf = self.cf(Cf::ShardMeta);
+        let mut out = Vec::new();
+        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+            let (k, v) = item.map_err(|e| StoreError::rocks("scan shard_meta", e))?;
+            if let Some((shard, tag)) = keys::split_tagged(&k) {
+                if tag == MetaTag::Descriptor as u8 {
+                    let d: ShardDescriptor = decode(&v, || format!("descriptor of {shard}"))?;
+                    out.push(d);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Registers a new, empty shard replica (durably) so that it can be opened.
+    ///
+    /// # Errors
+    /// [`StoreError::ShardExists`] when the id is taken here.
+    pub async fn create_shard(&self, descriptor: &ShardDescriptor) -> Result<(), StoreError> {
+        let id = descriptor.id;
+        assert!(id <= ShardId::MAX, "shard id {id} is reserved");
+        if self
+            .read_meta::<ShardDescriptor>(id, MetaTag::Descriptor)?
+            .is_some()
+        {
+            return Err(StoreError::ShardExists { shard: id });
+        }
+        let (tx, rx) = oneshot::channel();
+        let on_durable: OnDurable = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let op = WriteOp::Put {
+            cf: Cf::ShardMeta,
+            key: keys::meta_key(id, MetaTag::Descriptor).to_vec(),
+            value: encode(descriptor),
+        };
+        self.submit(vec![op], None, Some(on_durable)).await?;
+        rx.await.map_err(|_| self.writer_gone())?
+    }
+
+    /// Opens the Raft log store and state machine of a hosted shard, resuming
+    /// an interrupted snapshot install first.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownShard`] when the shard is not hosted here,
+    /// [`StoreError::ShardOpen`] when its stores are already open.
+    pub fn open_shard(&self, shard: ShardId) -> Result<(LogStore, StateMachine), StoreError> {
+        {
+            let mut open = self.inner.open_shards.lock().expect("open shards poisoned");
+            if !open.insert(shard) {
+                return Err(StoreError::ShardOpen { shard });
+            }
+        }
+        let guard = Arc::new(ShardGuard {
+            engine: self.clone(),
+            shard,
+        });
+        let sm = StateMachine::open(self.clone(), shard, guard.clone())?;
+        let log = LogStore::new(self.clone(), shard, guard);
+        Ok((log, sm))
+    }
+
+    /// What a shard replica has on disk.
+    pub fn shard_state(&self, shard: ShardId) -> Result<ShardState, StoreError> {
+        let descriptor = self
+            .read_meta::<ShardDescriptor>(shard, MetaTag::Descriptor)?
+            .ok_or(StoreError::UnknownShard { shard })?;
+        let last_purged: Option<LogId> = self.read_state(shard, StateTag::Purged)?;
+        let last_log_id = self
+            .last_log_entry(shard)?
+            .map(|e| e.log_id)
+            .or(last_purged);
+        Ok(ShardState {
+            descriptor,
+            vote: self.read_state(shard, StateTag::Vote)?,
+            last_log_id,
+            last_purged,
+            applied: self.read_meta(shard, MetaTag::Applied)?,
+        })
+    }
+
+    /// Reads one user key from this node's data (no Raft read barrier: callers
+    /// that need linearizability go through the shard's Raft group first).
+    pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner
+            .db
+            .get_cf(self.cf(Cf::Data), key)
+            .map_err(|e| StoreError::rocks("get", e))
+    }
+
+    /// Up to `limit` user key/value pairs in `[start, end)` (empty `end`: no
+    /// bound), in key order, from this node's data.
+    pub fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        if !end.is_empty() {
+            ro.set_iterate_upper_bound(end.to_vec());
+        }
+        let it = self.inner.db.iterator_cf_opt(
+            self.cf(Cf::Data),
+            ro,
+            IteratorMode::From(start, Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in it.take(limit) {
+            let (k, v) = item.map_err(|e| StoreError::rocks("scan", e))?;
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    // ---- crate-internal plumbing ----
+
+    pub(crate) fn db(&self) -> &Arc<DB> {
+        &self.inner.db
+    }
+
+    pub(crate) fn cf(&self, cf: Cf) -> &ColumnFamily {
+        self.inner
+            .db
+            .cf_handle(cf.name())
+            .expect("column family created at open")
+    }
+
+    pub(crate) fn latch(&self) -> &FailLatch {
+        &self.inner.latch
+    }
+
+    /// The folder holding one shard's snapshot files.
+    pub(crate) fn shard_snapshot_dir(&self, shard: ShardId) -> PathBuf {
+        self.inner.snapshot_dir.join(shard.0.to_string())
+    }
+
+    pub(crate) fn next_snapshot_seq(&self) -> u64 {
+        self.inner.snapshot_seq.fetch_add(1, Ordering::AcqRel)
+    }
+
+    fn writer_gone(&self) -> StoreError {
+        match self.inner.latch.check() {
+            Err(e) => e,
+            Ok(()) => StoreError::Failed {
+                cause: "log writer stopped".into(),
+            },
+        }
+    }
+
+    /// Queues `ops` on the log writer and waits until they are readable.
+    pub(crate) async fn submit(
+        &self,
+        ops: Vec<WriteOp>,
+        append_entries: Option<u64>,
+        on_durable: Option<OnDurable>,
+    ) -> Result<(), StoreError> {
+        self.inner.latch.check()?;
+        let (written, written_rx) = oneshot::channel();
+        let req = WriteRequest {
+            ops,
+            append_entries,
+            written,
+            on_durable,
+        };
+        let tx = self
+            .inner
+            .tx
+            .as_ref()
+            .expect("writer queue open while engine lives");
+        if let Err(mpsc::error::SendError(req)) = tx.send(req).await {
+            let e = self.writer_gone();
+            if let Some(cb) = req.on_durable {
+                cb(Err(e.clone()));
+            }
+            return Err(e);
+        }
+        written_rx.await.map_err(|_| self.writer_gone())?
+    }
+
+    pub(crate) fn read_state<T: DeserializeOwned>(
+        &self,
+        shard: ShardId,
+        tag: StateTag,
+    ) -> Result<Option<T>, StoreError> {
+        self.read_decoded(Cf::RaftState, &keys::state_key(shard, tag), || {
+            format!("{tag:?} of {shard}")
+        })
+    }
+
+    pub(crate) fn read_meta<T: DeserializeOwned>(
+        &self,
+        shard: ShardId,
+        tag: MetaTag,
+    ) -> Result<Option<T>, StoreError> {
+        self.read_decoded(Cf::ShardMeta, &keys::meta_key(shard, tag), || {
+            format!("{tag:?} of {shard}")
+        })
+    }
+
+    fn read_decoded<T: DeserializeOwned>(
+        &self,
+        cf: Cf,
+        key: &[u8],
+        what: impl FnOnce() -> String,
+    ) -> Result<Option<T>, StoreError> {
+        match self.inner.db.get_pinned_cf(self.cf(cf), key) {
+            Ok(Some(v)) => decode(&v, what).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(StoreError::rocks("get", e)),
+        }
+    }
+
+    /// The last log entry of `shard`, if its log is not empty.
+    pub(crate) fn last_log_entry(&self, shard: ShardId) -> Result<Option<Entry>, StoreError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_lower_bound(keys::log_key(shard, 0).to_vec());
+        let mut it = self.inner.db.raw_iterator_cf_opt(self.cf(Cf::RaftLog), ro);
+        it.seek_for_prev(keys::log_key(shard, u64::MAX));
+        if !it.valid() {
+            it.status()
+                .map_err(|e| StoreError::rocks("seek last log", e))?;
+            return Ok(None);
+        }
+        let v = it.value().expect("valid iterator has a value");
+        decode(v, || format!("last log entry of {shard}")).map(Some)
+    }
+}
+
+/// Encodes a record; our own types always encode.
+pub(crate) fn encode<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    postcard::to_stdvec(v).expect("postcard encodes every Tessera record")
+}
+
+/// Decodes a stored record, naming it in the error.
+pub(crate) fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: impl FnOnce() -> String,
+) -> Result<T, StoreError> {
+    postcard::from_bytes(bytes).map_err(|e| StoreError::corrupt(what(), e))
+}
+
+/// `fsync` a folder so a rename or create inside it is durable.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| StoreError::io("sync folder", dir, e))
+}

@@ -1,0 +1,259 @@
+//! openraft's `RaftLogStorage` for one shard, on the node-wide engine.
+
+use super::engine::{decode, encode, Engine, ShardGuard};
+use super::error::StoreError;
+use super::keys::{self, StateTag};
+use super::writer::{Cf, OnDurable, WriteOp};
+use crate::raft::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::ShardId;
+use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
+use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use tokio::sync::oneshot;
+
+/// Entries returned by one bounded read (`limited_get_log_entries`).
+const READ_ENTRIES_MAX: usize = 4096;
+/// Bytes returned by one bounded read (at least one entry is always returned).
+const READ_BYTES_MAX: usize = 8 << 20;
+
+/// The Raft log (and vote) of one shard replica. Cloning gives a log reader.
+#[derive(Clone)]
+pub struct LogStore {
+    engine: Engine,
+    shard: ShardId,
+    _guard: Arc<ShardGuard>,
+}
+
+impl LogStore {
+    pub(crate) fn new(engine: Engine, shard: ShardId, guard: Arc<ShardGuard>) -> Self {
+        LogStore {
+            engine,
+            shard,
+            _guard: guard,
+        }
+    }
+
+    /// The shard this log belongs to.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// Appends `entries`: readable when this returns, durable when `on_durable`
+    /// is called with `Ok` (after the sync that covers them). With an error,
+    /// `on_durable` gets it too and nothing of this call is acknowledged.
+    ///
+    /// This is what `RaftLogStorage::append` does with openraft's callback.
+    pub async fn append_entries<F>(
+        &self,
+        entries: Vec<Entry>,
+        on_durable: F,
+    ) -> Result<(), StoreError>
+    where
+        F: FnOnce(Result<(), StoreError>) + Send + 'static,
+    {
+        let n = entries.len() as u64;
+        let ops = entries
+            .iter()
+            .map(|e| WriteOp::Put {
+                cf: Cf::RaftLog,
+                key: keys::log_key(self.shard, e.log_id.index).to_vec(),
+                value: encode(e),
+            })
+            .collect();
+        let cb: OnDurable = Box::new(on_durable);
+        self.engine.submit(ops, Some(n), Some(cb)).await
+    }
+
+    fn read_range(&self, start: u64, end: u64, bounded: bool) -> Result<Vec<Entry>, StoreError> {
+        let mut out = Vec::new();
+        if start >= end {
+            return Ok(out);
+        }
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::log_key(self.shard, end).to_vec());
+        let mut it = self
+            .engine
+            .db()
+            .raw_iterator_cf_opt(self.engine.cf(Cf::RaftLog), ro);
+        it.seek(keys::log_key(self.shard, start));
+        let mut bytes = 0usize;
+        while it.valid() {
+            let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
+            let index = keys::log_key_index(self.shard, k);
+            let entry: Entry = decode(v, || format!("log entry {index} of {}", self.shard))?;
+            assert_eq!(
+                entry.log_id.index, index,
+                "log entry stored under another index"
+            );
+            bytes += v.len();
+            out.push(entry);
+            if bounded && (out.len() >= READ_ENTRIES_MAX || bytes >= READ_BYTES_MAX) {
+                break;
+            }
+            it.next();
+        }
+        it.status().map_err(|e| StoreError::rocks("read log", e))?;
+        Ok(out)
+    }
+
+    async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
+        self.engine.submit(ops, None, None).await
+    }
+}
+
+fn io_err(subject: ErrorSubject<crate::NodeId>, verb: ErrorVerb, e: &StoreError) -> StorageError {
+    StorageIOError::new(subject, verb, e).into()
+}
+
+fn read_logs_err(e: StoreError) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Read, &e)
+}
+
+fn write_logs_err(e: StoreError) -> StorageError {
+    io_err(ErrorSubject::Logs, ErrorVerb::Write, &e)
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(&s) => s,
+            Bound::Excluded(&s) => s.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(&e) => e.saturating_add(1),
+            Bound::Excluded(&e) => e,
+            Bound::Unbounded => u64::MAX,
+        };
+        self.read_range(start, end, false).map_err(read_logs_err)
+    }
+
+    async fn limited_get_log_entries(
+        &mut self,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<Entry>, StorageError> {
+        self.read_range(start, end, true).map_err(read_logs_err)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged_log_id: Option<LogId> = self
+            .engine
+            .read_state(self.shard, StateTag::Purged)
+            .map_err(read_logs_err)?;
+        let last = self
+            .engine
+            .last_log_entry(self.shard)
+            .map_err(read_logs_err)?;
+        Ok(LogState {
+            last_purged_log_id,
+            last_log_id: last.map(|e| e.log_id).or(last_purged_log_id),
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let verr = |e: StoreError| io_err(ErrorSubject::Vote, ErrorVerb::Write, &e);
+        let (tx, rx) = oneshot::channel();
+        let cb: OnDurable = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        let op = WriteOp::Put {
+            cf: Cf::RaftState,
+            key: keys::state_key(self.shard, StateTag::Vote).to_vec(),
+            value: encode(vote),
+        };
+        self.engine
+            .submit(vec![op], None, Some(cb))
+            .await
+            .map_err(verr)?;
+        rx.await
+            .map_err(|_| {
+                verr(StoreError::Failed {
+                    cause: "log writer stopped".into(),
+                })
+            })?
+            .map_err(verr)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.engine
+            .read_state(self.shard, StateTag::Vote)
+            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Read, &e))
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        let op = WriteOp::Put {
+            cf: Cf::RaftState,
+            key: keys::state_key(self.shard, StateTag::Committed).to_vec(),
+            value: encode(&committed),
+        };
+        self.write(vec![op]).await.map_err(write_logs_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        let c: Option<Option<LogId>> = self
+            .engine
+            .read_state(self.shard, StateTag::Committed)
+            .map_err(read_logs_err)?;
+        Ok(c.flatten())
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let entries: Vec<Entry> = entries.into_iter().collect();
+        self.append_entries(entries, move |r| {
+            callback.log_io_completed(r.map_err(std::io::Error::other))
+        })
+        .await
+        .map_err(write_logs_err)
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(shard = %self.shard, %log_id, "truncate log");
+        let op = WriteOp::DeleteRange {
+            cf: Cf::RaftLog,
+            from: keys::log_key(self.shard, log_id.index).to_vec(),
+            to: keys::shard_prefix_end(self.shard).to_vec(),
+        };
+        self.write(vec![op]).await.map_err(write_logs_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        tracing::debug!(shard = %self.shard, %log_id, "purge log");
+        // One batch: the purged marker and the deletion land together, so the
+        // log never has a hole below a present entry.
+        let ops = vec![
+            WriteOp::Put {
+                cf: Cf::RaftState,
+                key: keys::state_key(self.shard, StateTag::Purged).to_vec(),
+                value: encode(&log_id),
+            },
+            WriteOp::DeleteRange {
+                cf: Cf::RaftLog,
+                from: keys::log_key(self.shard, 0).to_vec(),
+                to: keys::log_key(self.shard, log_id.index + 1).to_vec(),
+            },
+        ];
+        self.write(ops).await.map_err(write_logs_err)
+    }
+}

@@ -1,0 +1,647 @@
+//! openraft's `RaftStateMachine` for one shard: user data in the shared `data`
+//! column family, the shard's applied state in `shard_meta`, snapshots as
+//! files under `snapshots/<shard>/`.
+
+use super::engine::{decode, encode, sync_dir, Engine, ShardGuard};
+use super::error::StoreError;
+use super::keys::{self, MetaTag};
+use super::snapshot::{Pair, SnapshotData, SnapshotHeader, SnapshotReader, SnapshotWriter};
+use super::writer::Cf;
+use crate::command::{Command, CommandResponse, Op, OpResult};
+use crate::limits::KEY_BYTES_MAX;
+use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::{KeyRange, ShardDescriptor, ShardId};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
+use rocksdb::{WriteBatch, WriteOptions};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use tokio::sync::oneshot;
+
+/// The shard's current snapshot, as recorded in `shard_meta`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SnapshotRecord {
+    meta: SnapshotMeta,
+    /// File name inside the shard's snapshot folder.
+    file: String,
+}
+
+/// Marks an install in progress; cleared in the install's last batch. Found at
+/// open, the install is redone from the (complete, synced) file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct InstallMarker {
+    meta: SnapshotMeta,
+    file: String,
+}
+
+type Current = Arc<Mutex<Option<SnapshotRecord>>>;
+
+/// The state machine of one shard replica.
+pub struct StateMachine {
+    engine: Engine,
+    shard: ShardId,
+    _guard: Arc<ShardGuard>,
+    applied: Option<LogId>,
+    membership: StoredMembership,
+    descriptor: ShardDescriptor,
+    current: Current,
+}
+
+fn sm_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, e).into()
+}
+
+fn snap_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
+    StorageIOError::new(ErrorSubject::Snapshot(None), verb, e).into()
+}
+
+/// The smallest key above every valid user key (keys are at most 8 KiB).
+fn key_space_end() -> Vec<u8> {
+    vec![0xff; KEY_BYTES_MAX + 1]
+}
+
+fn range_end(range: &KeyRange) -> Vec<u8> {
+    if range.is_unbounded() {
+        key_space_end()
+    } else {
+        range.end.clone()
+    }
+}
+
+fn snapshot_file_name(meta: &SnapshotMeta) -> Result<String, StoreError> {
+    let id = &meta.snapshot_id;
+    let ok = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !ok {
+        return Err(StoreError::corrupt(
+            "snapshot id",
+            format!("unsafe snapshot id {id:?}"),
+        ));
+    }
+    Ok(format!("{id}.snap"))
+}
+
+impl StateMachine {
+    pub(crate) fn open(
+        engine: Engine,
+        shard: ShardId,
+        guard: Arc<ShardGuard>,
+    ) -> Result<Self, StoreError> {
+        let dir = engine.shard_snapshot_dir(shard);
+        std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))?;
+        let current: Current = Arc::new(Mutex::new(engine.read_meta(shard, MetaTag::Snapshot)?));
+        if let Some(m) = engine.read_meta::<InstallMarker>(shard, MetaTag::Installing)? {
+            tracing::warn!(%shard, snapshot = %m.meta.snapshot_id, "resuming an interrupted snapshot install");
+            install_file(&engine, shard, &dir.join(&m.file), &m.meta, &current)?;
+        }
+        let descriptor = engine
+            .read_meta::<ShardDescriptor>(shard, MetaTag::Descriptor)?
+            .ok_or(StoreError::UnknownShard { shard })?;
+        let keep = current
+            .lock()
+            .expect("current snapshot poisoned")
+            .as_ref()
+            .map(|r| r.file.clone());
+        remove_snapshot_files_except(&dir, keep.as_deref());
+        Ok(StateMachine {
+            applied: engine.read_meta(shard, MetaTag::Applied)?,
+            membership: engine
+                .read_meta(shard, MetaTag::Membership)?
+                .unwrap_or_default(),
+            descriptor,
+            engine,
+            shard,
+            _guard: guard,
+            current,
+        })
+    }
+
+    /// The shard this state machine belongs to.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// The shard's descriptor as of the last applied entry.
+    pub fn descriptor(&self) -> &ShardDescriptor {
+        &self.descriptor
+    }
+
+    /// The last applied log id.
+    pub fn applied(&self) -> Option<LogId> {
+        self.applied
+    }
+
+    fn read_current(
+        &self,
+        key: &[u8],
+        overlay: &HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        match overlay.get(key) {
+            Some(v) => Ok(v.clone()),
+            None => self.engine.get(key),
+        }
+    }
+
+    fn apply_command(
+        &self,
+        cmd: Command,
+        batch: &mut WriteBatch,
+        overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<CommandResponse, StoreError> {
+        match cmd {
+            Command::Write { ops } => {
+                if let Some(op) = ops
+                    .iter()
+                    .find(|op| !self.descriptor.range.contains(op.key()))
+                {
+                    return Ok(CommandResponse::KeyNotInRange {
+                        key: op.key().to_vec(),
+                    });
+                }
+                let data = self.engine.cf(Cf::Data);
+                let mut results = Vec::with_capacity(ops.len());
+                for op in ops {
+                    let current = self.read_current(op.key(), overlay)?;
+                    let (key, new) = match op {
+                        Op::Put { key, value } => {
+                            results.push(OpResult::Put { prev: current });
+                            (key, Some(value))
+                        }
+                        Op::Delete { key } => {
+                            results.push(OpResult::Delete { prev: current });
+                            (key, None)
+                        }
+                        Op::Cas { key, expected, new } => {
+                            let succeeded = current == expected;
+                            results.push(OpResult::Cas { succeeded, current });
+                            if !succeeded {
+                                continue;
+                            }
+                            (key, new)
+                        }
+                    };
+                    match &new {
+                        Some(v) => batch.put_cf(data, &key, v),
+                        None => batch.delete_cf(data, &key),
+                    }
+                    overlay.insert(key, new);
+                }
+                Ok(CommandResponse::Write(results))
+            }
+        }
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let werr = |e: StoreError| sm_err(ErrorVerb::Write, &e);
+        // Fail-stop: after a failed log sync nothing more is acknowledged.
+        self.engine.latch().check().map_err(werr)?;
+        let mut batch = WriteBatch::default();
+        let mut overlay = HashMap::new();
+        let mut responses = Vec::new();
+        let mut last = None;
+        let mut membership_changed = false;
+        for entry in entries {
+            last = Some(entry.log_id);
+            let resp = match entry.payload {
+                EntryPayload::Blank => CommandResponse::Empty,
+                EntryPayload::Normal(cmd) => self
+                    .apply_command(cmd, &mut batch, &mut overlay)
+                    .map_err(werr)?,
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership_changed = true;
+                    CommandResponse::Empty
+                }
+            };
+            responses.push(resp);
+        }
+        let Some(last) = last else {
+            return Ok(responses);
+        };
+        let meta = self.engine.cf(Cf::ShardMeta);
+        batch.put_cf(
+            meta,
+            keys::meta_key(self.shard, MetaTag::Applied),
+            encode(&Some(last)),
+        );
+        if membership_changed {
+            batch.put_cf(
+                meta,
+                keys::meta_key(self.shard, MetaTag::Membership),
+                encode(&self.membership),
+            );
+        }
+        // Not synced by itself: the entries are durable in the log, and the WAL
+        // keeps this write ordered after them; a crash replays from the log.
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.engine
+            .db()
+            .write_opt(batch, &wo)
+            .map_err(|e| werr(StoreError::rocks("apply", e)))?;
+        self.applied = Some(last);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
+        SnapshotBuilder::start(self.engine.clone(), self.shard, self.current.clone())
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        let dir = self.engine.shard_snapshot_dir(self.shard);
+        let path = dir.join(format!(
+            "receiving-{}.snap",
+            self.engine.next_snapshot_seq()
+        ));
+        Ok(Box::new(SnapshotData::from_file(path)))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<SnapshotData>,
+    ) -> Result<(), StorageError> {
+        let werr = |e: StoreError| snap_err(ErrorVerb::Write, &e);
+        let (engine, shard, current, meta2) = (
+            self.engine.clone(),
+            self.shard,
+            self.current.clone(),
+            meta.clone(),
+        );
+        tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+            let dir = engine.shard_snapshot_dir(shard);
+            let target = dir.join(snapshot_file_name(&meta2)?);
+            if snapshot.path() != target {
+                link_or_copy(snapshot.path(), &target)?;
+            }
+            install_file(&engine, shard, &target, &meta2, &current)
+        })
+        .await
+        .map_err(|e| {
+            werr(StoreError::Failed {
+                cause: format!("install task: {e}"),
+            })
+        })?
+        .map_err(werr)?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.descriptor = self
+            .engine
+            .read_meta(self.shard, MetaTag::Descriptor)
+            .map_err(werr)?
+            .ok_or(StoreError::UnknownShard { shard: self.shard })
+            .map_err(werr)?;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        let cur = self
+            .current
+            .lock()
+            .expect("current snapshot poisoned")
+            .clone();
+        let dir = self.engine.shard_snapshot_dir(self.shard);
+        Ok(cur.map(|r| Snapshot {
+            meta: r.meta,
+            snapshot: Box::new(SnapshotData::from_file(dir.join(r.file))),
+        }))
+    }
+}
+
+/// Builds a snapshot from a RocksDB snapshot taken when the builder was made.
+pub struct SnapshotBuilder {
+    engine: Engine,
+    shard: ShardId,
+    current: Current,
+    pending: Result<oneshot::Receiver<Result<(SnapshotMeta, PathBuf), StoreError>>, StoreError>,
+}
+
+impl SnapshotBuilder {
+    /// Starts the export thread and returns once it holds a RocksDB snapshot,
+    /// so the snapshot reflects exactly the state applied so far.
+    fn start(engine: Engine, shard: ShardId, current: Current) -> Self {
+        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let (done_tx, done_rx) = oneshot::channel();
+        let e2 = engine.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tessera-snapshot".into())
+            .spawn(move || {
+                let db = e2.db().clone();
+                let snap = db.snapshot();
+                let _ = taken_tx.send(());
+                let _ = done_tx.send(export(&e2, &snap, shard));
+            });
+        let pending = match spawned {
+            Ok(_) => {
+                // The thread signals right after taking the snapshot (or dies
+                // trying, which closes the channel).
+                let _ = taken_rx.recv();
+                Ok(done_rx)
+            }
+            Err(e) => Err(StoreError::io(
+                "spawn snapshot thread",
+                engine.shard_snapshot_dir(shard),
+                e,
+            )),
+        };
+        SnapshotBuilder {
+            engine,
+            shard,
+            current,
+            pending,
+        }
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
+        let werr = |e: StoreError| snap_err(ErrorVerb::Write, &e);
+        let rx = std::mem::replace(
+            &mut self.pending,
+            Err(StoreError::Failed {
+                cause: "snapshot builder reused".into(),
+            }),
+        )
+        .map_err(werr)?;
+        let (meta, path) = rx
+            .await
+            .map_err(|_| {
+                werr(StoreError::Failed {
+                    cause: "snapshot thread died".into(),
+                })
+            })?
+            .map_err(werr)?;
+        let dir = self.engine.shard_snapshot_dir(self.shard);
+        let mut cur = self.current.lock().expect("current snapshot poisoned");
+        let newer = cur
+            .as_ref()
+            .is_none_or(|c| meta.last_log_id >= c.meta.last_log_id);
+        if !newer {
+            // An install overtook this build: the installed snapshot is newer.
+            let _ = std::fs::remove_file(&path);
+            let c = cur.clone().expect("checked above");
+            return Ok(Snapshot {
+                meta: c.meta,
+                snapshot: Box::new(SnapshotData::from_file(dir.join(c.file))),
+            });
+        }
+        let file = path
+            .file_name()
+            .expect("snapshot file has a name")
+            .to_string_lossy()
+            .into_owned();
+        let rec = SnapshotRecord {
+            meta: meta.clone(),
+            file,
+        };
+        self.engine
+            .db()
+            .put_cf(
+                self.engine.cf(Cf::ShardMeta),
+                keys::meta_key(self.shard, MetaTag::Snapshot),
+                encode(&rec),
+            )
+            .map_err(|e| werr(StoreError::rocks("record snapshot", e)))?;
+        if let Some(old) = cur.replace(rec) {
+            if dir.join(&old.file) != path {
+                let _ = std::fs::remove_file(dir.join(old.file));
+            }
+        }
+        tracing::debug!(shard = %self.shard, snapshot = %meta.snapshot_id, "snapshot built");
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(SnapshotData::from_file(path)),
+        })
+    }
+}
+
+/// Writes the shard's range, as seen by `snap`, into a new snapshot file.
+fn export(
+    engine: &Engine,
+    snap: &rocksdb::SnapshotWithThreadMode<'_, rocksdb::DB>,
+    shard: ShardId,
+) -> Result<(SnapshotMeta, PathBuf), StoreError> {
+    let meta_cf = engine.cf(Cf::ShardMeta);
+    let read = |tag: MetaTag| -> Result<Option<Vec<u8>>, StoreError> {
+        snap.get_cf(meta_cf, keys::meta_key(shard, tag))
+            .map_err(|e| StoreError::rocks("read shard meta", e))
+    };
+    let descriptor: ShardDescriptor = match read(MetaTag::Descriptor)? {
+        Some(b) => decode(&b, || format!("descriptor of {shard}"))?,
+        None => return Err(StoreError::UnknownShard { shard }),
+    };
+    let applied: Option<LogId> = match read(MetaTag::Applied)? {
+        Some(b) => decode(&b, || format!("applied of {shard}"))?,
+        None => None,
+    };
+    let membership: StoredMembership = match read(MetaTag::Membership)? {
+        Some(b) => decode(&b, || format!("membership of {shard}"))?,
+        None => StoredMembership::default(),
+    };
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let snapshot_id = format!(
+        "{}-{}-{}",
+        applied.map_or(0, |l| l.index),
+        engine.next_snapshot_seq(),
+        nanos
+    );
+    let meta = SnapshotMeta {
+        last_log_id: applied,
+        last_membership: membership,
+        snapshot_id,
+    };
+    let dir = engine.shard_snapshot_dir(shard);
+    std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))?;
+    let name = snapshot_file_name(&meta)?;
+    let header = SnapshotHeader {
+        descriptor: descriptor.clone(),
+        meta: meta.clone(),
+    };
+    let mut w = SnapshotWriter::create(dir.join(format!("{name}.tmp")), &header)?;
+    let chunk_max = engine.config().snapshot_chunk_bytes_max;
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_iterate_upper_bound(range_end(&descriptor.range));
+    ro.fill_cache(false);
+    let mut it = snap.raw_iterator_cf_opt(engine.cf(Cf::Data), ro);
+    it.seek(&descriptor.range.start);
+    let mut chunk: Vec<Pair> = Vec::new();
+    let mut bytes = 0usize;
+    while it.valid() {
+        let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
+        bytes += k.len() + v.len();
+        chunk.push((k.to_vec(), v.to_vec()));
+        if bytes >= chunk_max {
+            w.write_chunk(std::mem::take(&mut chunk))?;
+            bytes = 0;
+        }
+        it.next();
+    }
+    it.status()
+        .map_err(|e| StoreError::rocks("scan for snapshot", e))?;
+    if !chunk.is_empty() {
+        w.write_chunk(chunk)?;
+    }
+    let data = w.finish(dir.join(&name))?;
+    Ok((meta, data.path().to_path_buf()))
+}
+
+/// Replaces the shard's range with a snapshot file's contents.
+///
+/// Atomic from the state machine's point of view: the file is verified whole
+/// first; then one synced batch records an install marker and clears the
+/// range; chunks follow; one last synced batch records the descriptor,
+/// applied id, membership and current snapshot and clears the marker. A crash
+/// in between leaves the marker, and opening the shard redoes the install.
+fn install_file(
+    engine: &Engine,
+    shard: ShardId,
+    path: &Path,
+    meta: &SnapshotMeta,
+    current: &Current,
+) -> Result<(), StoreError> {
+    engine.latch().check()?;
+    // Pass 1: the whole file is sound before anything is touched.
+    let mut r = SnapshotReader::open(path)?;
+    while r.next_chunk()?.is_some() {}
+    let header = r.header().clone();
+    if header.meta.last_log_id != meta.last_log_id
+        || header.meta.last_membership != meta.last_membership
+    {
+        return Err(StoreError::corrupt(
+            path.display().to_string(),
+            "snapshot file does not match the metadata it was installed with",
+        ));
+    }
+    let mut descriptor = header.descriptor.clone();
+    // A snapshot names the range and epoch; the replica keeps its own id.
+    descriptor.id = shard;
+    let file = path
+        .file_name()
+        .expect("snapshot file has a name")
+        .to_string_lossy()
+        .into_owned();
+    let (db, data, meta_cf) = (engine.db(), engine.cf(Cf::Data), engine.cf(Cf::ShardMeta));
+    let mut synced = WriteOptions::default();
+    synced.set_sync(true);
+    let mut unsynced = WriteOptions::default();
+    unsynced.set_sync(false);
+    let rocks = |op| move |e| StoreError::rocks(op, e);
+
+    let mut b = WriteBatch::default();
+    let marker = InstallMarker {
+        meta: meta.clone(),
+        file: file.clone(),
+    };
+    b.put_cf(
+        meta_cf,
+        keys::meta_key(shard, MetaTag::Installing),
+        encode(&marker),
+    );
+    b.delete_range_cf(data, &descriptor.range.start, &range_end(&descriptor.range));
+    db.write_opt(b, &synced)
+        .map_err(rocks("install: clear range"))?;
+
+    // Pass 2: the data, one bounded batch per chunk.
+    let mut r = SnapshotReader::open(path)?;
+    while let Some(chunk) = r.next_chunk()? {
+        let mut b = WriteBatch::default();
+        for (k, v) in chunk {
+            if !descriptor.range.contains(&k) {
+                return Err(StoreError::corrupt(
+                    path.display().to_string(),
+                    "pair outside the snapshot's range",
+                ));
+            }
+            b.put_cf(data, k, v);
+        }
+        fail::fail_point!("snapshot::install_chunk", |_| Err(StoreError::Failed {
+            cause: "injected install failure".into()
+        }));
+        db.write_opt(b, &unsynced)
+            .map_err(rocks("install: chunk"))?;
+    }
+
+    let mut cur = current.lock().expect("current snapshot poisoned");
+    let rec = SnapshotRecord {
+        meta: meta.clone(),
+        file: file.clone(),
+    };
+    let mut b = WriteBatch::default();
+    b.put_cf(
+        meta_cf,
+        keys::meta_key(shard, MetaTag::Descriptor),
+        encode(&descriptor),
+    );
+    b.put_cf(
+        meta_cf,
+        keys::meta_key(shard, MetaTag::Applied),
+        encode(&meta.last_log_id),
+    );
+    b.put_cf(
+        meta_cf,
+        keys::meta_key(shard, MetaTag::Membership),
+        encode(&meta.last_membership),
+    );
+    b.put_cf(
+        meta_cf,
+        keys::meta_key(shard, MetaTag::Snapshot),
+        encode(&rec),
+    );
+    b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Installing));
+    db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
+    *cur = Some(rec);
+    drop(cur);
+    if let Some(dir) = path.parent() {
+        remove_snapshot_files_except(dir, Some(&file));
+    }
+    tracing::info!(%shard, snapshot = %meta.snapshot_id, range = %descriptor.range, "snapshot installed");
+    Ok(())
+}
+
+/// Hard-links `from` to `to` (same file system), or copies and syncs it.
+fn link_or_copy(from: &Path, to: &Path) -> Result<(), StoreError> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_err() {
+        std::fs::copy(from, to).map_err(|e| StoreError::io("copy snapshot", from, e))?;
+        std::fs::File::open(to)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| StoreError::io("sync snapshot", to, e))?;
+    }
+    if let Some(dir) = to.parent() {
+        sync_dir(dir)?;
+    }
+    Ok(())
+}
+
+/// Best-effort removal of stale snapshot files (older snapshots, partial
+/// writes); a file that cannot be removed only costs disk space.
+fn remove_snapshot_files_except(dir: &Path, keep: Option<&str>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in rd.flatten() {
+        let name = entry.file_name();
+        if Some(name.to_string_lossy().as_ref()) != keep {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}

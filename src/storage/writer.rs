@@ -1,0 +1,280 @@
+//! The node-wide log writer: group commit for every shard's Raft log.
+//!
+//! Every log-store mutation (appends, truncations, purges, votes, committed
+//! ids) from every shard goes through one bounded queue to one thread. The
+//! thread takes what is queued (up to the group limits), writes it as one
+//! RocksDB `WriteBatch`, tells each submitter its write is readable, then —
+//! if any request in the group needs durability — syncs the WAL once and only
+//! then fires the durability callbacks. While it syncs, the next group
+//! gathers. Requests from one shard keep their order because each shard waits
+//! for "written" before submitting its next request.
+//!
+//! Any failed write or sync fail-stops the writer: the failing group and every
+//! later request get [`StoreError::Failed`]; no callback ever reports success
+//! after that.
+
+use super::config::CommitMode;
+use super::error::StoreError;
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, oneshot};
+
+/// Column families a write can touch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cf {
+    RaftLog,
+    RaftState,
+    ShardMeta,
+    Data,
+}
+
+impl Cf {
+    pub(crate) fn name(self) -> &'static str {
+        use super::keys::*;
+        match self {
+            Cf::RaftLog => CF_RAFT_LOG,
+            Cf::RaftState => CF_RAFT_STATE,
+            Cf::ShardMeta => CF_SHARD_META,
+            Cf::Data => CF_DATA,
+        }
+    }
+}
+
+/// One mutation inside a request.
+#[derive(Debug)]
+pub(crate) enum WriteOp {
+    Put {
+        cf: Cf,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    DeleteRange {
+        cf: Cf,
+        from: Vec<u8>,
+        to: Vec<u8>,
+    },
+}
+
+impl WriteOp {
+    fn bytes(&self) -> usize {
+        match self {
+            WriteOp::Put { key, value, .. } => key.len() + value.len(),
+            WriteOp::DeleteRange { from, to, .. } => from.len() + to.len(),
+        }
+    }
+}
+
+/// Runs once the request is durable (or with the error that stopped the engine).
+pub(crate) type OnDurable = Box<dyn FnOnce(Result<(), StoreError>) + Send>;
+
+/// One submission: mutations applied atomically, in order with every earlier
+/// submission.
+pub(crate) struct WriteRequest {
+    pub ops: Vec<WriteOp>,
+    /// `Some(n)` for an append of `n` log entries (for the counters).
+    pub append_entries: Option<u64>,
+    /// Told once the mutations are readable.
+    pub written: oneshot::Sender<Result<(), StoreError>>,
+    /// Called once the mutations are durable; `None`: durability not needed
+    /// by itself (the next sync covers it, WAL order keeps it consistent).
+    pub on_durable: Option<OnDurable>,
+}
+
+/// Counters of the log writer, read with [`super::Engine::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StorageStats {
+    /// Append requests (one per `append` call).
+    pub append_requests: u64,
+    /// Log entries appended.
+    pub entries_appended: u64,
+    /// Write groups written (one `WriteBatch` each).
+    pub write_groups: u64,
+    /// WAL syncs.
+    pub syncs: u64,
+    /// Key and value bytes written by the writer.
+    pub bytes_written: u64,
+    /// Requests written (appends, votes, truncations, purges...).
+    pub requests_written: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    append_requests: AtomicU64,
+    entries_appended: AtomicU64,
+    write_groups: AtomicU64,
+    syncs: AtomicU64,
+    bytes_written: AtomicU64,
+    requests_written: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn snapshot(&self) -> StorageStats {
+        StorageStats {
+            append_requests: self.append_requests.load(Ordering::Acquire),
+            entries_appended: self.entries_appended.load(Ordering::Acquire),
+            write_groups: self.write_groups.load(Ordering::Acquire),
+            syncs: self.syncs.load(Ordering::Acquire),
+            bytes_written: self.bytes_written.load(Ordering::Acquire),
+            requests_written: self.requests_written.load(Ordering::Acquire),
+        }
+    }
+}
+
+/// The fail-stop latch shared by the writer and every store.
+#[derive(Default)]
+pub(crate) struct FailLatch {
+    cause: Mutex<Option<String>>,
+}
+
+impl FailLatch {
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        match &*self.cause.lock().expect("fail latch poisoned") {
+            Some(cause) => Err(StoreError::Failed {
+                cause: cause.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Latches the first cause; returns the error to hand out.
+    pub(crate) fn trip(&self, cause: String) -> StoreError {
+        let mut g = self.cause.lock().expect("fail latch poisoned");
+        let cause = g.get_or_insert(cause).clone();
+        tracing::error!(%cause, "storage fail-stopped");
+        StoreError::Failed { cause }
+    }
+}
+
+pub(crate) struct GroupLimits {
+    pub requests_max: usize,
+    pub bytes_max: usize,
+    pub mode: CommitMode,
+}
+
+/// Body of the writer thread; returns when every sender is gone.
+pub(crate) fn run(
+    db: Arc<DB>,
+    mut rx: mpsc::Receiver<WriteRequest>,
+    limits: GroupLimits,
+    counters: Arc<Counters>,
+    latch: Arc<FailLatch>,
+) {
+    let mut no_sync = WriteOptions::default();
+    no_sync.set_sync(false);
+    let mut group: Vec<WriteRequest> = Vec::with_capacity(limits.requests_max.min(1024));
+    while let Some(first) = rx.blocking_recv() {
+        let mut bytes: usize = first.ops.iter().map(WriteOp::bytes).sum();
+        group.push(first);
+        if limits.mode == CommitMode::GroupCommit {
+            while group.len() < limits.requests_max && bytes < limits.bytes_max {
+                match rx.try_recv() {
+                    Ok(req) => {
+                        bytes += req.ops.iter().map(WriteOp::bytes).sum::<usize>();
+                        group.push(req);
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        write_group(&db, &no_sync, &mut group, bytes, &counters, &latch);
+        group.clear();
+    }
+}
+
+fn write_group(
+    db: &DB,
+    no_sync: &WriteOptions,
+    group: &mut Vec<WriteRequest>,
+    bytes: usize,
+    counters: &Counters,
+    latch: &FailLatch,
+) {
+    if let Err(e) = latch.check() {
+        return fail_all(group, e);
+    }
+    let mut batch = WriteBatch::default();
+    let mut appends = 0u64;
+    let mut entries = 0u64;
+    for req in group.iter_mut() {
+        if let Some(n) = req.append_entries {
+            appends += 1;
+            entries += n;
+        }
+        for op in req.ops.drain(..) {
+            match op {
+                WriteOp::Put { cf, key, value } => batch.put_cf(&handle(db, cf), key, value),
+                WriteOp::DeleteRange { cf, from, to } => {
+                    batch.delete_range_cf(&handle(db, cf), from, to)
+                }
+            }
+        }
+    }
+    let written = (|| -> Result<(), String> {
+        fail::fail_point!(
+            "log_writer::write",
+            |_| Err("injected write failure".into())
+        );
+        db.write_opt(batch, no_sync).map_err(|e| e.into_string())
+    })();
+    if let Err(cause) = written {
+        let e = latch.trip(format!("log write: {cause}"));
+        return fail_all(group, e);
+    }
+    counters.write_groups.fetch_add(1, Ordering::AcqRel);
+    counters
+        .requests_written
+        .fetch_add(group.len() as u64, Ordering::AcqRel);
+    counters
+        .append_requests
+        .fetch_add(appends, Ordering::AcqRel);
+    counters
+        .entries_appended
+        .fetch_add(entries, Ordering::AcqRel);
+    counters
+        .bytes_written
+        .fetch_add(bytes as u64, Ordering::AcqRel);
+    let mut durable = Vec::new();
+    for req in group.drain(..) {
+        // A submitter that gave up waiting is no reason to stop.
+        let _ = req.written.send(Ok(()));
+        if let Some(cb) = req.on_durable {
+            durable.push(cb);
+        }
+    }
+    if durable.is_empty() {
+        return;
+    }
+    let synced = (|| -> Result<(), String> {
+        fail::fail_point!("log_writer::sync", |_| Err("injected sync failure".into()));
+        db.flush_wal(true).map_err(|e| e.into_string())
+    })();
+    match synced {
+        Ok(()) => {
+            counters.syncs.fetch_add(1, Ordering::AcqRel);
+            for cb in durable {
+                cb(Ok(()));
+            }
+        }
+        Err(cause) => {
+            let e = latch.trip(format!("log sync: {cause}"));
+            for cb in durable {
+                cb(Err(e.clone()));
+            }
+        }
+    }
+}
+
+fn fail_all(group: &mut Vec<WriteRequest>, e: StoreError) {
+    for req in group.drain(..) {
+        let _ = req.written.send(Err(e.clone()));
+        if let Some(cb) = req.on_durable {
+            cb(Err(e.clone()));
+        }
+    }
+}
+
+fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
+    db.cf_handle(cf.name())
+        .expect("column family created at open")
+}

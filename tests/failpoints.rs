@@ -1,0 +1,148 @@
+//! Failpoints in the storage write path (build with `--features failpoints`):
+//! a failed write or sync fail-stops the engine, no callback reports success
+//! after it, and what was acknowledged before survives a reopen; an
+//! interrupted snapshot install is redone when the shard is opened again.
+#![cfg(feature = "failpoints")]
+
+mod common;
+
+use common::*;
+use openraft::storage::{RaftLogReader, RaftLogStorage, RaftSnapshotBuilder, RaftStateMachine};
+use tessera::command::{Command, Op};
+use tessera::raft::Vote;
+use tessera::storage::StoreError;
+use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
+
+fn put(i: u64) -> Command {
+    Command::put(format!("fp/{i:04}"), format!("v{i}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_sync_fail_stops_and_keeps_what_was_acknowledged() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path());
+    let (mut log, mut sm) = create_and_open(&engine, &prefix_shard(1, b"fp/")).await;
+    let acked: Vec<_> = (1..=10).map(|i| normal(1, i, put(i))).collect();
+    append_durable(&log, acked.clone())
+        .await
+        .expect("healthy append");
+    apply(&mut sm, acked).await;
+
+    eprintln!("--- the next sync fails");
+    fail::cfg("log_writer::sync", "return").unwrap();
+    let r = append_durable(&log, vec![normal(1, 11, put(11))]).await;
+    assert!(
+        matches!(r, Err(StoreError::Failed { .. })),
+        "callback must report the failure: {r:?}"
+    );
+    assert!(matches!(
+        engine.check_healthy(),
+        Err(StoreError::Failed { .. })
+    ));
+    fail::remove("log_writer::sync");
+
+    eprintln!("--- latched: nothing more is acknowledged, even with the disk back");
+    assert!(
+        log.save_vote(&Vote::new(2, NodeId(1))).await.is_err(),
+        "vote after fail-stop"
+    );
+    let r = append_durable(&log, vec![normal(1, 12, put(12))]).await;
+    assert!(
+        matches!(r, Err(StoreError::Failed { .. })),
+        "append after fail-stop: {r:?}"
+    );
+    assert!(
+        sm.apply(vec![normal(1, 11, put(11))]).await.is_err(),
+        "apply after fail-stop"
+    );
+
+    eprintln!("--- reopen: the acknowledged prefix is intact");
+    drop((log, sm));
+    drop(engine);
+    let engine = open_engine(dir.path());
+    engine.check_healthy().unwrap();
+    let (mut log, mut sm) = engine.open_shard(ShardId(1)).unwrap();
+    let got = log.try_get_log_entries(1..=10).await.unwrap();
+    assert_eq!(got.len(), 10);
+    assert_eq!(
+        sm.applied_state().await.unwrap().0.map(|l| l.index),
+        Some(10)
+    );
+    assert_eq!(engine.get(b"fp/0010").unwrap(), Some(b"v10".to_vec()));
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_write_fails_the_append_itself() {
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open_engine(dir.path());
+    let (log, _sm) = create_and_open(&engine, &prefix_shard(1, b"fp/")).await;
+    fail::cfg("log_writer::write", "return").unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let r = log
+        .append_entries(vec![normal(1, 1, put(1))], move |r| {
+            let _ = tx.send(r);
+        })
+        .await;
+    assert!(matches!(r, Err(StoreError::Failed { .. })), "{r:?}");
+    assert!(
+        rx.await.unwrap().is_err(),
+        "callback reports the failure too"
+    );
+    fail::remove("log_writer::write");
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interrupted_install_is_redone_at_open() {
+    let scenario = fail::FailScenario::setup();
+    let range = KeyRange::new(b"m".to_vec(), b"n".to_vec());
+    let d = ShardDescriptor::new(ShardId(5), range.clone(), vec![NodeId(1)]);
+    let (src_dir, dst_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let src = open_engine(src_dir.path());
+    let (_l, mut sm) = create_and_open(&src, &d).await;
+    for b in 0..20u64 {
+        let ops = (0..500)
+            .map(|i| Op::Put {
+                key: format!("m{b:03}{i:04}").into_bytes(),
+                value: vec![1; 300],
+            })
+            .collect();
+        apply(&mut sm, vec![normal(1, b + 1, Command::Write { ops })]).await;
+    }
+    let snap = sm
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    let want = src.scan(&range.start, &range.end, usize::MAX).unwrap();
+
+    let dst = open_engine(dst_dir.path());
+    let (dl, mut dsm) = create_and_open(&dst, &d).await;
+    // The first chunk lands, the second fails: a half-installed range.
+    fail::cfg("snapshot::install_chunk", "1*off->return").unwrap();
+    assert!(dsm
+        .install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .is_err());
+    fail::remove("snapshot::install_chunk");
+    let partial = dst.scan(&range.start, &range.end, usize::MAX).unwrap();
+    assert!(
+        !partial.is_empty() && partial.len() < want.len(),
+        "the failure left a partial range"
+    );
+
+    drop((dl, dsm));
+    drop(dst);
+    let dst = open_engine(dst_dir.path());
+    let (_dl, mut dsm) = dst.open_shard(ShardId(5)).unwrap();
+    assert_eq!(dsm.applied_state().await.unwrap().0, snap.meta.last_log_id);
+    assert!(
+        dst.scan(&range.start, &range.end, usize::MAX).unwrap() == want,
+        "install redone whole"
+    );
+    scenario.teardown();
+}
