@@ -165,6 +165,7 @@ async fn dev(data_dir: PathBuf, shards: u64) -> Result<()> {
     for (_, raft) in groups {
         raft.shutdown().await.ok();
     }
+    engine.close(Duration::from_secs(10)).await?;
     Ok(())
 }
 

@@ -16,7 +16,7 @@ use std::time::Duration;
 use tessera::ShardId;
 
 const SHARDS: u64 = 8;
-const KILLS: usize = 12;
+const KILLS: usize = 30;
 
 fn torture_key(shard: u64, index: u64) -> Vec<u8> {
     let mut k = vec![shard as u8];
@@ -64,7 +64,7 @@ async fn sigkill_at_random_never_loses_a_reported_step() {
         });
         // Kill after a random number of reported steps: a random moment in
         // the child's life, chosen by its progress rather than by a clock.
-        let kill_after = rng.gen_range(20..600);
+        let kill_after = rng.gen_range(20..3000);
         let mut lines = Vec::new();
         while lines.len() < kill_after {
             let line = rx

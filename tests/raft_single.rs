@@ -131,7 +131,10 @@ async fn groups_commit_snapshot_purge_and_restart() {
     for raft in groups.drain(..) {
         raft.shutdown().await.unwrap();
     }
-    drop(engine);
+    engine
+        .close(Duration::from_secs(10))
+        .await
+        .expect("wait_closed: every store released");
     let engine = open_engine(dir.path());
     for s in 1..=SHARDS {
         groups.push(start(&engine, s).await);

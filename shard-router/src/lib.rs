@@ -5,10 +5,13 @@
 //!
 //! - [`ids`]: the newtype identifiers `ShardId` and `NodeId`.
 //! - [`descriptor`]: a shard's key range, epoch and descriptor.
+//! - [`range_map`]: which shard owns which key (no gap, no overlap).
 #![warn(missing_docs)]
 
 pub mod descriptor;
 pub mod ids;
+pub mod range_map;
 
 pub use descriptor::{Epoch, KeyRange, ShardDescriptor};
 pub use ids::{NodeId, ShardId};
+pub use range_map::{RangeMap, RangeMapError};

@@ -30,8 +30,11 @@ pub struct Engine {
 }
 
 pub(crate) struct Inner {
-    db: Arc<DB>,
+    /// `Some` for the engine's whole life; taken in `drop` to close RocksDB
+    /// before `closed` is signalled.
+    db: Option<Arc<DB>>,
     config: StorageConfig,
+    closed: tokio::sync::watch::Sender<bool>,
     tx: Option<mpsc::Sender<WriteRequest>>,
     writer: Option<std::thread::JoinHandle<()>>,
     counters: Arc<Counters>,
@@ -41,6 +44,12 @@ pub(crate) struct Inner {
     snapshot_seq: AtomicU64,
 }
 
+impl Inner {
+    fn db(&self) -> &Arc<DB> {
+        self.db.as_ref().expect("db open while the engine lives")
+    }
+}
+
 impl Drop for Inner {
     fn drop(&mut self) {
         // Closing the queue ends the writer thread, which releases its DB handle.
@@ -48,6 +57,9 @@ impl Drop for Inner {
         if let Some(h) = self.writer.take() {
             let _ = h.join();
         }
+        // The writer thread has released its handle; this is the last one.
+        drop(self.db.take());
+        self.closed.send_replace(true);
     }
 }
 
@@ -136,8 +148,9 @@ impl Engine {
         tracing::info!(dir = %config.data_dir.display(), "storage engine open");
         Ok(Engine {
             inner: Arc::new(Inner {
-                db,
+                db: Some(db),
                 config,
+                closed: tokio::sync::watch::channel(false).0,
                 tx: Some(tx),
                 writer: Some(writer),
                 counters,
@@ -147,6 +160,25 @@ impl Engine {
                 snapshot_seq: AtomicU64::new(0),
             }),
         })
+    }
+
+    /// Drops this handle and waits until every other one (stores, log
+    /// readers, snapshot tasks still finishing after a Raft shutdown) is gone
+    /// and RocksDB is closed, so the folder can be opened again.
+    ///
+    /// # Errors
+    /// [`StoreError::Failed`] naming the timeout when handles are still held
+    /// after `timeout`.
+    pub async fn close(self, timeout: std::time::Duration) -> Result<(), StoreError> {
+        let mut closed = self.inner.closed.subscribe();
+        drop(self);
+        let done = tokio::time::timeout(timeout, closed.wait_for(|c| *c)).await;
+        match done {
+            Ok(_) => Ok(()),
+            Err(_) => Err(StoreError::Failed {
+                cause: format!("engine still in use {timeout:?} after close"),
+            }),
+        }
     }
 
     /// The configuration the engine was opened with.
@@ -169,7 +201,7 @@ impl Engine {
     pub fn shards(&self) -> Result<Vec<ShardDescriptor>, StoreError> {
         let cf = self.cf(Cf::ShardMeta);
         let mut out = Vec::new();
-        for item in self.inner.db.iterator_cf(cf, IteratorMode::Start) {
+        for item in self.inner.db().iterator_cf(cf, IteratorMode::Start) {
             let (k, v) = item.map_err(|e| StoreError::rocks("scan shard_meta", e))?;
             if let Some((shard, tag)) = keys::split_tagged(&k) {
                 if tag == MetaTag::Descriptor as u8 {
@@ -252,7 +284,7 @@ impl Engine {
     /// that need linearizability go through the shard's Raft group first).
     pub fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner
-            .db
+            .db()
             .get_cf(self.cf(Cf::Data), key)
             .map_err(|e| StoreError::rocks("get", e))
     }
@@ -264,12 +296,12 @@ impl Engine {
         start: &[u8],
         end: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<Vec<super::snapshot::Pair>, StoreError> {
         let mut ro = rocksdb::ReadOptions::default();
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let it = self.inner.db.iterator_cf_opt(
+        let it = self.inner.db().iterator_cf_opt(
             self.cf(Cf::Data),
             ro,
             IteratorMode::From(start, Direction::Forward),
@@ -285,12 +317,12 @@ impl Engine {
     // ---- crate-internal plumbing ----
 
     pub(crate) fn db(&self) -> &Arc<DB> {
-        &self.inner.db
+        self.inner.db()
     }
 
     pub(crate) fn cf(&self, cf: Cf) -> &ColumnFamily {
         self.inner
-            .db
+            .db()
             .cf_handle(cf.name())
             .expect("column family created at open")
     }
@@ -373,7 +405,7 @@ impl Engine {
         key: &[u8],
         what: impl FnOnce() -> String,
     ) -> Result<Option<T>, StoreError> {
-        match self.inner.db.get_pinned_cf(self.cf(cf), key) {
+        match self.inner.db().get_pinned_cf(self.cf(cf), key) {
             Ok(Some(v)) => decode(&v, what).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::rocks("get", e)),
@@ -384,7 +416,10 @@ impl Engine {
     pub(crate) fn last_log_entry(&self, shard: ShardId) -> Result<Option<Entry>, StoreError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_lower_bound(keys::log_key(shard, 0).to_vec());
-        let mut it = self.inner.db.raw_iterator_cf_opt(self.cf(Cf::RaftLog), ro);
+        let mut it = self
+            .inner
+            .db()
+            .raw_iterator_cf_opt(self.cf(Cf::RaftLog), ro);
         it.seek_for_prev(keys::log_key(shard, u64::MAX));
         if !it.valid() {
             it.status()

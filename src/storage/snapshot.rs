@@ -42,7 +42,7 @@ pub struct SnapshotHeader {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Frame {
     /// Always first.
-    Header(SnapshotHeader),
+    Header(Box<SnapshotHeader>),
     /// Pairs in key order, at most the configured chunk size.
     Chunk(Vec<Pair>),
     /// Always last: totals that prove the file complete.
@@ -97,7 +97,7 @@ impl SnapshotWriter {
             data_bytes: 0,
         };
         w.write_bytes(&MAGIC)?;
-        w.write_frame(&Frame::Header(header.clone()))?;
+        w.write_frame(&Frame::Header(Box::new(header.clone())))?;
         Ok(w)
     }
 
@@ -179,7 +179,7 @@ impl SnapshotReader {
             return Err(StoreError::corrupt(path.display().to_string(), "bad magic"));
         }
         let header = match read_frame(&mut input, &path)? {
-            Some(Frame::Header(h)) => h,
+            Some(Frame::Header(h)) => *h,
             _ => return Err(StoreError::corrupt(path.display().to_string(), "no header")),
         };
         Ok(SnapshotReader {

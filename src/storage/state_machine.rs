@@ -38,6 +38,9 @@ struct InstallMarker {
 
 type Current = Arc<Mutex<Option<SnapshotRecord>>>;
 
+/// A finished snapshot file and its metadata.
+type BuiltSnapshot = (SnapshotMeta, PathBuf);
+
 /// The state machine of one shard replica.
 pub struct StateMachine {
     engine: Engine,
@@ -239,7 +242,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         batch.put_cf(
             meta,
             keys::meta_key(self.shard, MetaTag::Applied),
-            encode(&Some(last)),
+            encode(&last),
         );
         if membership_changed {
             batch.put_cf(
@@ -330,7 +333,7 @@ pub struct SnapshotBuilder {
     engine: Engine,
     shard: ShardId,
     current: Current,
-    pending: Result<oneshot::Receiver<Result<(SnapshotMeta, PathBuf), StoreError>>, StoreError>,
+    pending: Result<oneshot::Receiver<Result<BuiltSnapshot, StoreError>>, StoreError>,
 }
 
 impl SnapshotBuilder {
@@ -448,7 +451,7 @@ fn export(
         None => return Err(StoreError::UnknownShard { shard }),
     };
     let applied: Option<LogId> = match read(MetaTag::Applied)? {
-        Some(b) => decode(&b, || format!("applied of {shard}"))?,
+        Some(b) => Some(decode(&b, || format!("applied of {shard}"))?),
         None => None,
     };
     let membership: StoredMembership = match read(MetaTag::Membership)? {
@@ -591,11 +594,11 @@ fn install_file(
         keys::meta_key(shard, MetaTag::Descriptor),
         encode(&descriptor),
     );
-    b.put_cf(
-        meta_cf,
-        keys::meta_key(shard, MetaTag::Applied),
-        encode(&meta.last_log_id),
-    );
+    // Applied is stored as a plain log id; absent means nothing applied.
+    match &meta.last_log_id {
+        Some(id) => b.put_cf(meta_cf, keys::meta_key(shard, MetaTag::Applied), encode(id)),
+        None => b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Applied)),
+    }
     b.put_cf(
         meta_cf,
         keys::meta_key(shard, MetaTag::Membership),
