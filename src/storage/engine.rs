@@ -55,7 +55,12 @@ impl Drop for Inner {
         // Closing the queue ends the writer thread, which releases its DB handle.
         self.tx.take();
         if let Some(h) = self.writer.take() {
-            let _ = h.join();
+            // A durability callback may hold the last handle and run on the
+            // writer thread itself: that thread then exits on its own once
+            // the queue is closed, and must not wait for itself.
+            if h.thread().id() != std::thread::current().id() {
+                let _ = h.join();
+            }
         }
         // The writer thread has released its handle; this is the last one.
         drop(self.db.take());
