@@ -142,6 +142,24 @@ async fn hundred_thousand_keys_round_trip_into_a_fresh_db() {
     let (applied, mem) = sm_b.applied_state().await.unwrap();
     assert_eq!(applied, snap.meta.last_log_id);
     assert_eq!(mem, snap.meta.last_membership);
+    eprintln!("--- installing the same snapshot again keeps a readable current file");
+    sm_b.install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .unwrap();
+    let mut again = SnapshotReader::open(
+        sm_b.get_current_snapshot()
+            .await
+            .unwrap()
+            .unwrap()
+            .snapshot
+            .path(),
+    )
+    .unwrap();
+    let mut n = 0u64;
+    while let Some(c) = again.next_chunk().unwrap() {
+        n += c.len() as u64;
+    }
+    assert_eq!(n, KEYS);
     let cur = sm_b
         .get_current_snapshot()
         .await

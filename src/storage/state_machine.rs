@@ -290,11 +290,22 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let dir = engine.shard_snapshot_dir(shard);
-            let target = dir.join(snapshot_file_name(&meta2)?);
+            let mut target = dir.join(snapshot_file_name(&meta2)?);
+            if snapshot.path() != target && target.exists() {
+                // Never overwrite a file that may be the current snapshot.
+                let seq = engine.next_snapshot_seq();
+                target = dir.join(format!("{}-r{seq}.snap", meta2.snapshot_id));
+            }
             if snapshot.path() != target {
                 link_or_copy(snapshot.path(), &target)?;
             }
-            install_file(&engine, shard, &target, &meta2, &current)
+            install_file(&engine, shard, &target, &meta2, &current)?;
+            // A file received into this shard's folder is now linked as the
+            // current snapshot under its own name.
+            if snapshot.path() != target && snapshot.path().parent() == Some(dir.as_path()) {
+                let _ = std::fs::remove_file(snapshot.path());
+            }
+            Ok(())
         })
         .await
         .map_err(|e| {
@@ -611,11 +622,15 @@ fn install_file(
     );
     b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Installing));
     db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
-    *cur = Some(rec);
-    drop(cur);
-    if let Some(dir) = path.parent() {
-        remove_snapshot_files_except(dir, Some(&file));
+    // Only the snapshot this one replaces is removed here: a snapshot build
+    // may be writing its own file in the same folder right now. Everything
+    // else stale is swept when the shard is next opened.
+    if let (Some(old), Some(dir)) = (cur.replace(rec), path.parent()) {
+        if old.file != file {
+            let _ = std::fs::remove_file(dir.join(old.file));
+        }
     }
+    drop(cur);
     tracing::info!(%shard, snapshot = %meta.snapshot_id, range = %descriptor.range, "snapshot installed");
     Ok(())
 }
