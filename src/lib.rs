@@ -9,6 +9,7 @@
 //!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
 //!   group-commit log writer, logical range snapshots.
 //! - [`raft`] (feature `server`): the openraft type configuration.
+//! - [`wire`]: bounded length-prefixed frames (groundwork for the QUIC transport).
 //!
 //! Identifiers and shard descriptors come from the pure `shard-router` crate and
 //! are re-exported here.
@@ -20,5 +21,6 @@ pub mod limits;
 pub mod raft;
 #[cfg(feature = "server")]
 pub mod storage;
+pub mod wire;
 
 pub use shard_router::{Epoch, KeyRange, NodeId, ShardDescriptor, ShardId};
