@@ -6,12 +6,15 @@
 //! - [`ids`]: the newtype identifiers `ShardId` and `NodeId`.
 //! - [`descriptor`]: a shard's key range, epoch and descriptor.
 //! - [`range_map`]: which shard owns which key (no gap, no overlap).
+//! - [`route_cache`]: a client's possibly stale view, corrected from typed errors.
 #![warn(missing_docs)]
 
 pub mod descriptor;
 pub mod ids;
 pub mod range_map;
+pub mod route_cache;
 
 pub use descriptor::{Epoch, KeyRange, ShardDescriptor};
 pub use ids::{NodeId, ShardId};
 pub use range_map::{RangeMap, RangeMapError};
+pub use route_cache::RouteCache;
