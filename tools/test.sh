@@ -14,4 +14,13 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features tessera/failpoints -- -D warnings
 echo "== cargo test"
-cargo test --workspace --features tessera/failpoints
+log="$(mktemp)"
+set +e
+cargo test --workspace --features tessera/failpoints 2>&1 | tee "$log"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line for the whole run (cargo prints one per test binary, the
+# last of which is often a doc-test binary with nothing in it).
+awk '/^test result:/ {p += $4; f += $6} END {printf "tests: %d passed, %d failed\n", p, f}' "$log"
+rm -f "$log"
+exit "$status"
