@@ -9,7 +9,7 @@
 //! truncated or oversized frames costs a closed stream, never a panic or an
 //! unbounded allocation.
 
-use crate::limits::FRAME_BYTES_MAX;
+use crate::limits::{self, FRAME_BYTES_MAX};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -44,11 +44,15 @@ pub fn encode_frame<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, WireEr
     let mut out = vec![0u8; 4];
     out = postcard::to_extend(msg, out)?;
     let len = out.len() - 4;
-    if len > max.min(FRAME_BYTES_MAX) {
-        return Err(WireError::FrameTooLarge { len, max });
-    }
+    check_len(len, max)?;
     out[..4].copy_from_slice(&(len as u32).to_be_bytes());
     Ok(out)
+}
+
+/// The one frame-length rule: `max`, never above [`FRAME_BYTES_MAX`].
+fn check_len(len: usize, max: usize) -> Result<(), WireError> {
+    let max = max.min(FRAME_BYTES_MAX);
+    limits::check_frame_len(len, max).map_err(|_| WireError::FrameTooLarge { len, max })
 }
 
 /// Decodes one payload (without its length prefix).
@@ -79,10 +83,7 @@ pub async fn read_frame<R: AsyncRead + Unpin>(
         got += n;
     }
     let len = u32::from_be_bytes(head) as usize;
-    let max = max.min(FRAME_BYTES_MAX);
-    if len > max {
-        return Err(WireError::FrameTooLarge { len, max });
-    }
+    check_len(len, max)?;
     let mut payload = vec![0u8; len];
     r.read_exact(&mut payload)
         .await
