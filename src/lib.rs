@@ -9,18 +9,34 @@
 //!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
 //!   group-commit log writer, logical range snapshots.
 //! - [`raft`] (feature `server`): the openraft type configuration.
-//! - [`wire`]: bounded length-prefixed frames (groundwork for the QUIC transport).
+//! - [`cluster_file`]: `cluster.toml`, what a client needs to reach a cluster.
+//! - [`wire`]: bounded length-prefixed frames.
+//! - [`tls`]: the cluster CA, node and client certificates, mutual-TLS
+//!   configurations for QUIC.
+//! - [`net`] (feature `server`): the QUIC transport between nodes: one
+//!   connection per node pair, coalesced Raft traffic, snapshot streams.
+//! - [`node`] (feature `server`): a node: storage + transport + the registry
+//!   of its shards' Raft groups; its TOML configuration.
+//! - [`metrics`] (feature `server`): node counters as Prometheus text.
 //!
 //! Identifiers and shard descriptors come from the pure `shard-router` crate and
 //! are re-exported here.
 #![warn(missing_docs)]
 
+pub mod cluster_file;
 pub mod command;
 pub mod limits;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod net;
+#[cfg(feature = "server")]
+pub mod node;
 #[cfg(feature = "server")]
 pub mod raft;
 #[cfg(feature = "server")]
 pub mod storage;
+pub mod tls;
 pub mod wire;
 
 pub use shard_router::{Epoch, KeyRange, NodeId, ShardDescriptor, ShardId};

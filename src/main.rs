@@ -1,24 +1,27 @@
 //! `tessera`: the node binary.
 //!
-//! - `tessera dev`: a local run on a default data folder. Until the QUIC
-//!   transport lands it runs one node hosting every shard as a single-replica
-//!   Raft group on the durable RocksDB store, proves a write and a
-//!   linearizable read per shard, prints `ready`, and runs until Ctrl-C.
+//! - `tessera serve --config node.toml`: one node (see `NodeConfig`).
+//! - `tessera dev`: a local cluster of N nodes (default 3) on 127.0.0.1 over
+//!   QUIC with mutual TLS, in one process, on a data folder (created with
+//!   certificates, node configs and `cluster.toml` on first start, resumed
+//!   afterwards); proves a replicated write and a linearizable read per
+//!   shard, prints `ready`, runs until Ctrl-C/SIGTERM.
 //! - `tessera torture-store` (hidden): the child process of the storage
-//!   crash tests; appends, votes, applies and purges through the stores and
-//!   reports each durable step on stdout until it is killed.
+//!   crash tests.
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use openraft::BasicNode;
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+use tessera::cluster_file::{ClusterFile, ClusterNode};
 use tessera::command::{Command, CommandResponse};
-use tessera::raft::{NoNetwork, TypeConfig};
-use tessera::storage::{Engine, StorageConfig};
-use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
+use tessera::net::{Faults, PeerAddr};
+use tessera::node::{Bootstrap, Node, NodeConfig};
+use tessera::tls::issue::{write_pem, ClusterCa};
+use tessera::tls::{TlsFiles, TlsIdentity};
+use tessera::{NodeId, ShardId};
 
 mod torture;
 
@@ -26,7 +29,10 @@ mod torture;
 #[command(
     name = "tessera",
     version,
-    about = "Tessera: a multi-raft sharded key-value store"
+    about = "Tessera: a multi-raft sharded key-value store",
+    long_about = "Tessera: a multi-raft sharded key-value store.\n\n\
+        `tessera dev` runs a local 3-node cluster for development; \
+        `tessera serve --config node.toml` runs one node of a real cluster."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -35,14 +41,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Run a local development node on a data folder (created on first start,
-    /// resumed afterwards): every shard is a Raft group on durable storage.
+    /// Run one node from a TOML config file (node id, listen address, data
+    /// folder, peers, certificates, Raft timings).
+    Serve {
+        /// The node's config file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a local development cluster: N nodes on 127.0.0.1 over QUIC with
+    /// mutual TLS, every shard replicated on 3 of them. The first start
+    /// creates the folder (certificates, node configs, cluster.toml for
+    /// clients); later starts resume it with all data.
     Dev {
         /// Data folder.
         #[arg(long, default_value = "./tessera-data")]
         data_dir: PathBuf,
-        /// Shards to create on first start, splitting the key space evenly by
-        /// first byte (ignored when the folder already holds shards).
+        /// Nodes to run (first start only; later starts use the folder's).
+        #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
+        nodes: u64,
+        /// Shards to create on first start, splitting the key space evenly
+        /// by first byte.
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
         shards: u64,
     },
@@ -62,111 +80,225 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn".into()),
+                .unwrap_or_else(|_| "info,openraft=warn,quinn=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
     let rt = tokio::runtime::Runtime::new().context("start tokio runtime")?;
     match cli.cmd {
-        Cmd::Dev { data_dir, shards } => rt.block_on(dev(data_dir, shards)),
+        Cmd::Serve { config } => rt.block_on(serve(config)),
+        Cmd::Dev {
+            data_dir,
+            nodes,
+            shards,
+        } => rt.block_on(dev(data_dir, nodes, shards)),
         Cmd::TortureStore { data_dir, shards } => rt.block_on(torture::run(data_dir, shards)),
     }
 }
 
-/// `n` descriptors covering the key space, split evenly by first byte.
-fn initial_shards(n: u64, replicas: Vec<NodeId>) -> Vec<ShardDescriptor> {
-    (0..n)
-        .map(|i| {
-            let bound = |j: u64| -> Vec<u8> {
-                if j == 0 || j == n {
-                    Vec::new()
-                } else {
-                    vec![(j * 256 / n) as u8]
-                }
-            };
-            ShardDescriptor::new(
-                ShardId(i + 1),
-                KeyRange::new(bound(i), bound(i + 1)),
-                replicas.clone(),
-            )
-        })
-        .collect()
-}
-
-async fn dev(data_dir: PathBuf, shards: u64) -> Result<()> {
-    let node = NodeId(1);
-    let engine = Engine::open(StorageConfig::new(&data_dir))
-        .with_context(|| format!("open data folder {}", data_dir.display()))?;
-    let mut descs = engine.shards()?;
-    if descs.is_empty() {
-        for d in initial_shards(shards, vec![node]) {
-            engine.create_shard(&d).await?;
-        }
-        descs = engine.shards()?;
-    }
-    let config = Arc::new(
-        openraft::Config {
-            heartbeat_interval: 250,
-            election_timeout_min: 750,
-            election_timeout_max: 1500,
-            ..Default::default()
-        }
-        .validate()?,
-    );
-    let mut groups = Vec::new();
-    for d in &descs {
-        let (log, sm) = engine.open_shard(d.id)?;
-        let raft = openraft::Raft::<TypeConfig>::new(node, config.clone(), NoNetwork, log, sm)
-            .await
-            .with_context(|| format!("start raft group of {}", d.id))?;
-        if !raft.is_initialized().await? {
-            let members = BTreeMap::from([(node, BasicNode::new("local"))]);
-            raft.initialize(members).await?;
-        }
-        groups.push((d.clone(), raft));
-    }
-    let mut boot = 0u64;
-    for (d, raft) in &groups {
-        raft.wait(Some(Duration::from_secs(10)))
-            .current_leader(node, "single-replica group elects itself")
-            .await
-            .with_context(|| format!("{} elects a leader", d.id))?;
-        // A per-shard boot counter: a linearizable read, then a replicated write.
-        let mut key = d.range.start.clone();
-        key.extend_from_slice(b"\0tessera-dev-boot");
-        raft.ensure_linearizable().await?;
-        let n = match engine.get(&key)? {
-            Some(v) => u64::from_be_bytes(v.as_slice().try_into().context("boot counter")?),
-            None => 0,
-        };
-        let resp = raft
-            .client_write(Command::put(key, (n + 1).to_be_bytes().to_vec()))
-            .await?;
-        if !matches!(resp.data, CommandResponse::Write(_)) {
-            bail!(
-                "boot counter write on {} was refused: {:?}",
-                d.id,
-                resp.data
-            );
-        }
-        boot = boot.max(n + 1);
-    }
-    let stats = engine.stats();
+async fn serve(config: PathBuf) -> Result<()> {
+    let cfg = NodeConfig::load(&config)?;
+    let identity = TlsIdentity::load(&cfg.tls)?;
+    let node = Node::start(cfg, &identity, Arc::new(Faults::none())).await?;
     println!(
-        "ready: {} shards led by {node}, boot #{boot}, data in {} ({} appends in {} syncs)",
-        groups.len(),
-        data_dir.display(),
-        stats.append_requests,
-        stats.syncs
+        "serving {} on {} ({} shards){}",
+        node.id(),
+        node.addr(),
+        node.shard_ids().len(),
+        node.metrics_addr()
+            .map(|a| format!(", metrics on http://{a}/metrics"))
+            .unwrap_or_default()
     );
     wait_for_shutdown_signal().await;
     tracing::info!("shutting down");
-    for (_, raft) in groups {
-        raft.shutdown().await.ok();
-    }
-    engine.close(Duration::from_secs(10)).await?;
+    node.shutdown(Duration::from_secs(10)).await?;
     Ok(())
+}
+
+/// First start of `tessera dev`: certificates, one config per node, and the
+/// cluster file, all under `dir`.
+fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
+    let certs = dir.join("certs");
+    let ca = ClusterCa::generate("dev")?;
+    write_pem(&certs.join("ca.pem"), &ca.cert_pem(), false)?;
+    write_pem(&certs.join("ca-key.pem"), &ca.key_pem(), true)?;
+    let client = ca.issue_client("dev")?;
+    write_pem(&certs.join("client.pem"), &client.cert_pem, false)?;
+    write_pem(&certs.join("client-key.pem"), &client.key_pem, true)?;
+    let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
+    // Hold every socket until all are chosen so no two nodes get one port.
+    let mut addrs = Vec::new();
+    let mut held = Vec::new();
+    for _ in &ids {
+        let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
+        let t = std::net::TcpListener::bind("127.0.0.1:0")?;
+        addrs.push((u.local_addr()?, t.local_addr()?));
+        held.push((u, t));
+    }
+    drop(held);
+    for (i, id) in ids.iter().enumerate() {
+        let issued = ca.issue_node(*id)?;
+        write_pem(
+            &certs.join(format!("node-{}.pem", id.0)),
+            &issued.cert_pem,
+            false,
+        )?;
+        write_pem(
+            &certs.join(format!("node-{}-key.pem", id.0)),
+            &issued.key_pem,
+            true,
+        )?;
+        let node_dir = dir.join(format!("node-{}", id.0));
+        std::fs::create_dir_all(&node_dir)?;
+        let cfg = NodeConfig {
+            node_id: *id,
+            listen_addr: addrs[i].0,
+            data_dir: PathBuf::from("data"),
+            metrics_addr: Some(addrs[i].1),
+            tls: TlsFiles {
+                ca_cert: PathBuf::from("../certs/ca.pem"),
+                cert: PathBuf::from(format!("../certs/node-{}.pem", id.0)),
+                key: PathBuf::from(format!("../certs/node-{}-key.pem", id.0)),
+            },
+            peers: ids
+                .iter()
+                .enumerate()
+                .filter(|(_, p)| *p != id)
+                .map(|(j, p)| PeerAddr {
+                    id: *p,
+                    addr: addrs[j].0,
+                })
+                .collect(),
+            raft: Default::default(),
+            transport: Default::default(),
+            storage: Default::default(),
+            bootstrap: Some(Bootstrap {
+                shards,
+                members: ids.clone(),
+            }),
+        };
+        std::fs::write(node_dir.join("node.toml"), cfg.to_toml())?;
+    }
+    let cluster = ClusterFile {
+        ca_cert: PathBuf::from("certs/ca.pem"),
+        client_cert: PathBuf::from("certs/client.pem"),
+        client_key: PathBuf::from("certs/client-key.pem"),
+        nodes: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| ClusterNode {
+                id: *id,
+                addr: addrs[i].0,
+                metrics_addr: Some(addrs[i].1),
+            })
+            .collect(),
+    };
+    // Written last: its presence means the folder is complete.
+    let tmp = dir.join("cluster.toml.tmp");
+    cluster.save(&tmp)?;
+    std::fs::rename(&tmp, dir.join("cluster.toml"))?;
+    Ok(())
+}
+
+async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("create data folder {}", data_dir.display()))?;
+    let cluster_path = data_dir.join("cluster.toml");
+    if !cluster_path.exists() {
+        if data_dir.join("db").exists() {
+            bail!(
+                "{} holds a single-node data folder of an older `tessera dev`; use another --data-dir",
+                data_dir.display()
+            );
+        }
+        create_dev_cluster(&data_dir, nodes, shards)?;
+        tracing::info!(nodes, shards, dir = %data_dir.display(), "created a new dev cluster");
+    }
+    let cluster = ClusterFile::load(&cluster_path)?;
+    let mut running: BTreeMap<NodeId, Arc<Node>> = BTreeMap::new();
+    for n in &cluster.nodes {
+        let path = data_dir.join(format!("node-{}", n.id.0)).join("node.toml");
+        let cfg = NodeConfig::load(&path)?;
+        let identity = TlsIdentity::load(&cfg.tls)?;
+        let node = Node::start(cfg, &identity, Arc::new(Faults::none()))
+            .await
+            .with_context(|| format!("start {}", n.id))?;
+        running.insert(n.id, node);
+    }
+    let mut shard_ids: Vec<ShardId> = running.values().flat_map(|n| n.shard_ids()).collect();
+    shard_ids.sort();
+    shard_ids.dedup();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut boot = 0u64;
+    let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
+    for shard in &shard_ids {
+        let (leader, n) = loop {
+            if let Some(found) = running
+                .values()
+                .find_map(|node| node.shards_led().contains(shard).then(|| node.clone()))
+            {
+                let raft = found.raft(*shard).context("leader hosts the shard")?;
+                // A per-shard boot counter: a linearizable read, then a
+                // replicated write committed by a quorum.
+                let key = boot_key(&found, *shard)?;
+                let attempt = async {
+                    raft.ensure_linearizable().await?;
+                    let n = match found.engine().get(&key)? {
+                        Some(v) => {
+                            u64::from_be_bytes(v.as_slice().try_into().context("boot counter")?)
+                        }
+                        None => 0,
+                    };
+                    let resp = raft
+                        .client_write(Command::put(key.clone(), (n + 1).to_be_bytes().to_vec()))
+                        .await?;
+                    anyhow::Ok((resp, n))
+                };
+                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+                    Ok(Ok((resp, n))) => {
+                        if !matches!(resp.data, CommandResponse::Write(_)) {
+                            bail!("boot counter write on {shard} was refused: {:?}", resp.data);
+                        }
+                        break (found.id(), n);
+                    }
+                    Ok(Err(e)) => tracing::debug!(%shard, error = %e, "boot write retried"),
+                    Err(_) => tracing::debug!(%shard, "boot write timed out; retrying"),
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("{shard} has no working leader after 60 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        *leaders.entry(leader).or_default() += 1;
+        boot = boot.max(n + 1);
+    }
+    let spread: Vec<String> = leaders.iter().map(|(n, c)| format!("{n}: {c}")).collect();
+    println!(
+        "ready: {} shards on {} nodes over QUIC (leaders {}), boot #{boot}, cluster file {}",
+        shard_ids.len(),
+        running.len(),
+        spread.join(", "),
+        cluster_path.display()
+    );
+    wait_for_shutdown_signal().await;
+    tracing::info!("shutting down");
+    for (_, node) in running {
+        node.shutdown(Duration::from_secs(10)).await?;
+    }
+    Ok(())
+}
+
+fn boot_key(node: &Node, shard: ShardId) -> Result<Vec<u8>> {
+    let d = node
+        .engine()
+        .shard_state(shard)
+        .context("shard state")?
+        .descriptor;
+    let mut key = d.range.start.clone();
+    key.extend_from_slice(b"\0tessera-dev-boot");
+    Ok(key)
 }
 
 async fn wait_for_shutdown_signal() {
@@ -175,23 +307,5 @@ async fn wait_for_shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn initial_shards_cover_the_key_space_in_order() {
-        for n in [1u64, 3, 16, 256] {
-            let s = initial_shards(n, vec![NodeId(1)]);
-            assert_eq!(s.len() as u64, n);
-            assert!(s[0].range.start.is_empty());
-            assert!(s.last().unwrap().range.end.is_empty());
-            for w in s.windows(2) {
-                assert_eq!(w[0].range.end, w[1].range.start);
-            }
-        }
     }
 }

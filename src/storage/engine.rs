@@ -332,6 +332,13 @@ impl Engine {
             .expect("column family created at open")
     }
 
+    pub(crate) fn count_applied(&self, n: u64) {
+        self.inner
+            .counters
+            .commands_applied
+            .fetch_add(n, Ordering::Relaxed);
+    }
+
     pub(crate) fn latch(&self) -> &FailLatch {
         &self.inner.latch
     }

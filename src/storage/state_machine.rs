@@ -220,13 +220,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut responses = Vec::new();
         let mut last = None;
         let mut membership_changed = false;
+        let mut commands = 0u64;
         for entry in entries {
             last = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
-                EntryPayload::Normal(cmd) => self
-                    .apply_command(cmd, &mut batch, &mut overlay)
-                    .map_err(werr)?,
+                EntryPayload::Normal(cmd) => {
+                    commands += 1;
+                    self.apply_command(cmd, &mut batch, &mut overlay)
+                        .map_err(werr)?
+                }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     membership_changed = true;
@@ -260,6 +263,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .write_opt(batch, &wo)
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
         self.applied = Some(last);
+        self.engine.count_applied(commands);
         Ok(responses)
     }
 

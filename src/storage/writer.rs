@@ -96,6 +96,8 @@ pub struct StorageStats {
     pub bytes_written: u64,
     /// Requests written (appends, votes, truncations, purges...).
     pub requests_written: u64,
+    /// Normal (client) log entries applied by the state machines.
+    pub commands_applied: u64,
 }
 
 #[derive(Default)]
@@ -106,6 +108,7 @@ pub(crate) struct Counters {
     syncs: AtomicU64,
     bytes_written: AtomicU64,
     requests_written: AtomicU64,
+    pub(crate) commands_applied: AtomicU64,
 }
 
 impl Counters {
@@ -117,6 +120,7 @@ impl Counters {
             syncs: self.syncs.load(Ordering::Acquire),
             bytes_written: self.bytes_written.load(Ordering::Acquire),
             requests_written: self.requests_written.load(Ordering::Acquire),
+            commands_applied: self.commands_applied.load(Ordering::Acquire),
         }
     }
 }

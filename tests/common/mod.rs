@@ -1,6 +1,8 @@
 //! Helpers shared by the storage tests.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::{CommittedLeaderId, EntryPayload, Membership};
 use std::collections::BTreeSet;

@@ -1,0 +1,285 @@
+//! Node metrics: counters kept by the transport and the storage engine,
+//! rendered as Prometheus text and served over plain HTTP (`GET /metrics`).
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Transport counters of one node.
+#[derive(Debug, Default)]
+pub struct NetMetrics {
+    /// Raft messages sent (requests and replies).
+    pub messages_sent: AtomicU64,
+    /// Batch frames sent (requests and replies).
+    pub frames_sent: AtomicU64,
+    /// Raft messages received.
+    pub messages_received: AtomicU64,
+    /// Batch frames received.
+    pub frames_received: AtomicU64,
+    /// Frames or messages refused as malformed.
+    pub bad_frames: AtomicU64,
+    /// Connections refused (handshake, ALPN, Hello or identity).
+    pub connections_refused: AtomicU64,
+    /// Peer connections established (dialed or accepted).
+    pub connections_established: AtomicU64,
+    /// Snapshots streamed to peers.
+    pub snapshots_sent: AtomicU64,
+    /// Snapshots received and handed to their group.
+    pub snapshots_received: AtomicU64,
+    /// Snapshot bytes streamed out.
+    pub snapshot_bytes_sent: AtomicU64,
+    /// Snapshot bytes received.
+    pub snapshot_bytes_received: AtomicU64,
+}
+
+/// A point-in-time copy of every node metric.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// See [`NetMetrics::messages_sent`].
+    pub messages_sent: u64,
+    /// See [`NetMetrics::frames_sent`].
+    pub frames_sent: u64,
+    /// See [`NetMetrics::messages_received`].
+    pub messages_received: u64,
+    /// See [`NetMetrics::frames_received`].
+    pub frames_received: u64,
+    /// See [`NetMetrics::bad_frames`].
+    pub bad_frames: u64,
+    /// See [`NetMetrics::connections_refused`].
+    pub connections_refused: u64,
+    /// See [`NetMetrics::connections_established`].
+    pub connections_established: u64,
+    /// See [`NetMetrics::snapshots_sent`].
+    pub snapshots_sent: u64,
+    /// See [`NetMetrics::snapshots_received`].
+    pub snapshots_received: u64,
+    /// WAL syncs of the node's log writer.
+    pub syncs: u64,
+    /// Client commands applied by the node's state machines.
+    pub commands_applied: u64,
+    /// Shard replicas hosted.
+    pub shards_hosted: u64,
+    /// Shards this node currently leads.
+    pub shards_led: u64,
+}
+
+impl NetMetrics {
+    /// Fills the transport part of a snapshot.
+    pub fn fill(&self, s: &mut MetricsSnapshot) {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        s.messages_sent = g(&self.messages_sent);
+        s.frames_sent = g(&self.frames_sent);
+        s.messages_received = g(&self.messages_received);
+        s.frames_received = g(&self.frames_received);
+        s.bad_frames = g(&self.bad_frames);
+        s.connections_refused = g(&self.connections_refused);
+        s.connections_established = g(&self.connections_established);
+        s.snapshots_sent = g(&self.snapshots_sent);
+        s.snapshots_received = g(&self.snapshots_received);
+    }
+}
+
+impl MetricsSnapshot {
+    /// Prometheus text exposition, every metric labelled with the node id.
+    pub fn to_prometheus(&self, node: crate::NodeId) -> String {
+        let rows: [(&str, &str, &str, u64); 13] = [
+            (
+                "tessera_raft_messages_sent_total",
+                "counter",
+                "Raft messages sent to peers (requests and replies)",
+                self.messages_sent,
+            ),
+            (
+                "tessera_raft_frames_sent_total",
+                "counter",
+                "Batch frames sent to peers; messages per frame = messages / frames",
+                self.frames_sent,
+            ),
+            (
+                "tessera_raft_messages_received_total",
+                "counter",
+                "Raft messages received from peers",
+                self.messages_received,
+            ),
+            (
+                "tessera_raft_frames_received_total",
+                "counter",
+                "Batch frames received from peers",
+                self.frames_received,
+            ),
+            (
+                "tessera_bad_frames_total",
+                "counter",
+                "Malformed frames or messages refused",
+                self.bad_frames,
+            ),
+            (
+                "tessera_connections_refused_total",
+                "counter",
+                "Connections refused (TLS, ALPN, hello, identity)",
+                self.connections_refused,
+            ),
+            (
+                "tessera_connections_established_total",
+                "counter",
+                "Peer connections established",
+                self.connections_established,
+            ),
+            (
+                "tessera_snapshots_sent_total",
+                "counter",
+                "Snapshots streamed to peers",
+                self.snapshots_sent,
+            ),
+            (
+                "tessera_snapshots_received_total",
+                "counter",
+                "Snapshots received from peers",
+                self.snapshots_received,
+            ),
+            (
+                "tessera_storage_syncs_total",
+                "counter",
+                "WAL syncs of the node-wide log writer",
+                self.syncs,
+            ),
+            (
+                "tessera_commands_applied_total",
+                "counter",
+                "Client commands applied by state machines",
+                self.commands_applied,
+            ),
+            (
+                "tessera_shards_hosted",
+                "gauge",
+                "Shard replicas hosted by this node",
+                self.shards_hosted,
+            ),
+            (
+                "tessera_shards_led",
+                "gauge",
+                "Shards this node leads",
+                self.shards_led,
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, v) in rows {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} {kind}");
+            let _ = writeln!(out, "{name}{{node=\"{}\"}} {v}", node.0);
+        }
+        out
+    }
+}
+
+/// Reads one metric's value from Prometheus text (first sample of `name`).
+pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Serves `GET /metrics` on `addr` with whatever `render` returns; other
+/// paths get 404. Requests are read up to 8 KiB; one connection at a time
+/// per task, at most 64 at once.
+///
+/// # Errors
+/// The bind error.
+pub async fn serve_http(
+    addr: SocketAddr,
+    render: Arc<dyn Fn() -> String + Send + Sync>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let permits = Arc::new(tokio::sync::Semaphore::new(64));
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let Ok(permit) = permits.clone().acquire_owned().await else {
+                return;
+            };
+            let render = render.clone();
+            tokio::spawn(async move {
+                let _permit = permit;
+                let mut buf = vec![0u8; 8192];
+                let mut n = 0;
+                let read = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                    while n < buf.len() {
+                        match sock.read(&mut buf[n..]).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(k) => n += k,
+                        }
+                        if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                })
+                .await;
+                if read.is_err() {
+                    return;
+                }
+                let head = String::from_utf8_lossy(&buf[..n]);
+                let ok = head.starts_with("GET /metrics ") || head.starts_with("GET / ");
+                let (status, body) = if ok {
+                    ("200 OK", render())
+                } else {
+                    ("404 Not Found", "not found\n".to_string())
+                };
+                let resp = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = sock.write_all(resp.as_bytes()).await;
+                let _ = sock.shutdown().await;
+            });
+        }
+    });
+    Ok((local, task))
+}
+
+/// Fetches `http://addr/metrics` (a tiny client for tools and tests).
+///
+/// # Errors
+/// Connection or protocol errors as `std::io::Error`.
+pub async fn fetch(addr: SocketAddr) -> std::io::Result<String> {
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: tessera\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    s.take(16 << 20).read_to_end(&mut out).await?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    match text.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.1 200") => Ok(body.to_string()),
+        _ => Err(std::io::Error::other("bad metrics response")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_parses_back() {
+        let s = MetricsSnapshot {
+            frames_sent: 7,
+            shards_led: 3,
+            ..Default::default()
+        };
+        let text = s.to_prometheus(crate::NodeId(2));
+        assert_eq!(
+            parse_metric(&text, "tessera_raft_frames_sent_total"),
+            Some(7)
+        );
+        assert_eq!(parse_metric(&text, "tessera_shards_led"), Some(3));
+        assert_eq!(parse_metric(&text, "tessera_shards"), None);
+    }
+}

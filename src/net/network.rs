@@ -1,0 +1,247 @@
+//! openraft's network for one shard's group, on the node's shared transport.
+//!
+//! Errors map the way openraft expects: no connection (or a peer without the
+//! shard yet) is `Unreachable`, so openraft backs off; a missed deadline is
+//! `Timeout`. An AppendEntries too large for one frame is cut to fit and
+//! answered with `PartialSuccess` for what was sent.
+
+use super::coalesce::Urgency;
+use super::proto::{PeerRequest, PeerResponse, Refusal};
+use super::transport::{CallError, Transport};
+use crate::command::Command;
+use crate::raft::{Entry, TypeConfig, Vote};
+use crate::{NodeId, ShardId};
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
+};
+use openraft::{BasicNode, EntryPayload, Snapshot};
+use std::time::Duration;
+
+/// Makes one [`PeerClient`] per target for a shard's group.
+#[derive(Clone)]
+pub struct NetworkFactory {
+    transport: Transport,
+    shard: ShardId,
+    message_bytes_max: usize,
+}
+
+impl NetworkFactory {
+    /// The network of `shard`'s group; AppendEntries are cut to at most
+    /// `message_bytes_max` of entry payload (at least one entry each).
+    pub fn new(transport: Transport, shard: ShardId, message_bytes_max: usize) -> Self {
+        NetworkFactory {
+            transport,
+            shard,
+            message_bytes_max,
+        }
+    }
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, _node: &BasicNode) -> PeerClient {
+        PeerClient {
+            transport: self.transport.clone(),
+            shard: self.shard,
+            target,
+            message_bytes_max: self.message_bytes_max,
+        }
+    }
+}
+
+/// One group's view of one peer.
+pub struct PeerClient {
+    transport: Transport,
+    shard: ShardId,
+    target: NodeId,
+    message_bytes_max: usize,
+}
+
+fn io_err(e: &CallError) -> std::io::Error {
+    std::io::Error::other(e.to_string())
+}
+
+fn rpc_error<E: std::error::Error>(
+    e: CallError,
+    action: openraft::RPCTypes,
+    me: NodeId,
+) -> RPCError<NodeId, BasicNode, E> {
+    match e {
+        CallError::Timeout { peer, after } => RPCError::Timeout(openraft::error::Timeout {
+            action,
+            id: me,
+            target: peer,
+            timeout: after,
+        }),
+        CallError::Refused {
+            refusal: Refusal::Failed(_),
+            ..
+        }
+        | CallError::Stream { .. }
+        | CallError::Cancelled => RPCError::Network(NetworkError::new(&io_err(&e))),
+        CallError::Unreachable { .. } | CallError::Refused { .. } => {
+            RPCError::Unreachable(Unreachable::new(&io_err(&e)))
+        }
+    }
+}
+
+/// Approximate encoded size of an entry (payload plus framing slack).
+fn entry_bytes(e: &Entry) -> usize {
+    64 + match &e.payload {
+        EntryPayload::Blank => 0,
+        EntryPayload::Normal(Command::Write { ops }) => {
+            ops.iter().map(|op| op.payload_bytes() + 16).sum::<usize>()
+        }
+        EntryPayload::Membership(m) => 256 * (m.nodes().count() + 1),
+    }
+}
+
+/// How many leading entries fit `budget` bytes (at least one when any).
+fn entries_that_fit(entries: &[Entry], budget: usize) -> usize {
+    let mut total = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        total += entry_bytes(e);
+        if total > budget && i > 0 {
+            return i;
+        }
+    }
+    entries.len()
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let keep = entries_that_fit(&rpc.entries, self.message_bytes_max);
+        let cut = if keep < rpc.entries.len() {
+            rpc.entries.truncate(keep);
+            rpc.entries.last().map(|e| e.log_id)
+        } else {
+            None
+        };
+        let urgency = if rpc.entries.is_empty() {
+            Urgency::Lazy
+        } else {
+            Urgency::Urgent
+        };
+        let me = self.transport.node_id();
+        let resp = self
+            .transport
+            .call(
+                self.target,
+                self.shard,
+                PeerRequest::Append(rpc),
+                urgency,
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(|e| rpc_error(e, openraft::RPCTypes::AppendEntries, me))?;
+        match resp {
+            PeerResponse::Append(AppendEntriesResponse::Success) if cut.is_some() => {
+                Ok(AppendEntriesResponse::PartialSuccess(cut))
+            }
+            PeerResponse::Append(r) => Ok(r),
+            other => Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(format!("unexpected answer to AppendEntries: {other:?}")),
+            ))),
+        }
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let me = self.transport.node_id();
+        let resp = self
+            .transport
+            .call(
+                self.target,
+                self.shard,
+                PeerRequest::Vote(rpc),
+                Urgency::Urgent,
+                option.hard_ttl(),
+            )
+            .await
+            .map_err(|e| rpc_error(e, openraft::RPCTypes::Vote, me))?;
+        match resp {
+            PeerResponse::Vote(r) => Ok(r),
+            other => Err(RPCError::Network(NetworkError::new(
+                &std::io::Error::other(format!("unexpected answer to Vote: {other:?}")),
+            ))),
+        }
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
+        option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        // A snapshot may take far longer than one heartbeat: allow at least
+        // a minute, more for a long hard TTL.
+        let deadline = option.hard_ttl().max(Duration::from_secs(60));
+        let send = self.transport.send_snapshot(
+            self.target,
+            self.shard,
+            vote,
+            snapshot.meta.clone(),
+            &snapshot.snapshot,
+            deadline,
+        );
+        let r = tokio::select! {
+            r = send => r,
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+        };
+        match r {
+            Ok(vote) => Ok(SnapshotResponse { vote }),
+            Err(CallError::Timeout { peer, after }) => {
+                Err(StreamingError::Timeout(openraft::error::Timeout {
+                    action: openraft::RPCTypes::InstallSnapshot,
+                    id: self.transport.node_id(),
+                    target: peer,
+                    timeout: after,
+                }))
+            }
+            Err(
+                e @ (CallError::Unreachable { .. }
+                | CallError::Refused {
+                    refusal: Refusal::UnknownShard(_),
+                    ..
+                }),
+            ) => Err(StreamingError::Unreachable(Unreachable::new(&io_err(&e)))),
+            Err(e) => Err(StreamingError::Network(NetworkError::new(&io_err(&e)))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::LogId;
+
+    fn entry(i: u64, value_bytes: usize) -> Entry {
+        Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, NodeId(1)), i),
+            payload: EntryPayload::Normal(Command::put(vec![1], vec![0; value_bytes])),
+        }
+    }
+
+    #[test]
+    fn appends_are_cut_to_the_budget_but_never_to_nothing() {
+        let es: Vec<Entry> = (1..=10).map(|i| entry(i, 1000)).collect();
+        assert_eq!(entries_that_fit(&es, 1 << 20), 10);
+        assert_eq!(entries_that_fit(&es, 3000), 2);
+        let huge = vec![entry(1, 5 << 20), entry(2, 1)];
+        assert_eq!(entries_that_fit(&huge, 1 << 20), 1);
+        assert_eq!(entries_that_fit(&[], 10), 0);
+    }
+}

@@ -1,0 +1,366 @@
+//! A node's TOML configuration, validated once; errors name the field.
+//!
+//! ```toml
+//! node_id = 1
+//! listen_addr = "127.0.0.1:7001"
+//! data_dir = "/var/lib/tessera/n1"
+//! metrics_addr = "127.0.0.1:9001"     # optional: Prometheus text at /metrics
+//!
+//! [tls]
+//! ca_cert = "certs/ca.pem"            # relative paths: from the config's folder
+//! cert = "certs/node-1.pem"
+//! key = "certs/node-1-key.pem"
+//!
+//! [[peers]]
+//! id = 2
+//! addr = "127.0.0.1:7002"
+//!
+//! [raft]                              # optional, defaults shown
+//! heartbeat_interval_ms = 300
+//! election_timeout_ms_min = 1500
+//! election_timeout_ms_max = 3000
+//!
+//! [bootstrap]                         # optional: create shards on first start
+//! shards = 16
+//! members = [1, 2, 3]
+//!
+//! [transport]                         # optional, see TransportConfig
+//! [storage]                           # optional, see StorageConfig (data_dir above wins)
+//! ```
+
+use crate::net::{PeerAddr, TransportConfig};
+use crate::storage::StorageConfig;
+use crate::tls::TlsFiles;
+use crate::NodeId;
+use serde::{Deserialize, Serialize};
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// A configuration error naming the offending field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("read {path}: {reason}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        reason: String,
+    },
+    /// The file is not valid TOML for a node config.
+    #[error("parse {path}: {reason}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message (it names the line and field).
+        reason: String,
+    },
+    /// A field has a value outside its rules.
+    #[error("invalid config field `{field}`: {reason}")]
+    Invalid {
+        /// The field, dotted (`raft.heartbeat_interval_ms`).
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Raft timings shared by every group on the node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RaftTimings {
+    /// Leader heartbeat interval; also the AppendEntries deadline.
+    /// Default: 300 ms.
+    pub heartbeat_interval_ms: u64,
+    /// Shortest election timeout. At least 3 × the heartbeat interval.
+    /// Default: 1500 ms.
+    pub election_timeout_ms_min: u64,
+    /// Longest election timeout (randomised between min and max).
+    /// Default: 3000 ms.
+    pub election_timeout_ms_max: u64,
+    /// Entries per AppendEntries at most. Default: 256.
+    pub max_payload_entries: u64,
+    /// Applied entries since the last snapshot that trigger a new one.
+    /// Default: 10000.
+    pub snapshot_logs_since_last: u64,
+    /// Log entries kept below the last snapshot when purging (a lagging
+    /// follower within this distance catches up from the log, beyond it
+    /// from a snapshot). Default: 1000.
+    pub snapshot_logs_to_keep: u64,
+}
+
+impl Default for RaftTimings {
+    fn default() -> Self {
+        RaftTimings {
+            heartbeat_interval_ms: 300,
+            election_timeout_ms_min: 1500,
+            election_timeout_ms_max: 3000,
+            max_payload_entries: 256,
+            snapshot_logs_since_last: 10_000,
+            snapshot_logs_to_keep: 1000,
+        }
+    }
+}
+
+/// Shards created on first start (identically on every member).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Shards, splitting the key space evenly by first byte (1..=256).
+    pub shards: u64,
+    /// The nodes of the initial cluster; each shard gets up to 3 of them.
+    pub members: Vec<NodeId>,
+}
+
+/// Everything one node needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id (at least 1; its certificate must name it).
+    pub node_id: NodeId,
+    /// QUIC listen address for peers and clients.
+    pub listen_addr: SocketAddr,
+    /// Data folder (RocksDB and snapshot files).
+    pub data_dir: PathBuf,
+    /// Where to serve Prometheus metrics; none when absent.
+    #[serde(default)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Certificates and key.
+    pub tls: TlsFiles,
+    /// The other nodes.
+    #[serde(default)]
+    pub peers: Vec<PeerAddr>,
+    /// Raft timings.
+    #[serde(default)]
+    pub raft: RaftTimings,
+    /// Transport limits and timings.
+    #[serde(default)]
+    pub transport: TransportConfig,
+    /// Storage settings (`data_dir` is taken from the top level).
+    #[serde(default)]
+    pub storage: StorageConfig,
+    /// Initial shards, created when the data folder holds none.
+    #[serde(default)]
+    pub bootstrap: Option<Bootstrap>,
+}
+
+impl NodeConfig {
+    /// Reads and validates a config file; relative paths inside it are
+    /// taken from the file's folder.
+    ///
+    /// # Errors
+    /// [`ConfigError`] naming the file or the field.
+    pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut cfg: NodeConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [
+            &mut cfg.data_dir,
+            &mut cfg.tls.ca_cert,
+            &mut cfg.tls.cert,
+            &mut cfg.tls.key,
+        ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The config as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("node config serialises")
+    }
+
+    /// The storage settings with this node's data folder.
+    pub fn storage_config(&self) -> StorageConfig {
+        StorageConfig {
+            data_dir: self.data_dir.clone(),
+            ..self.storage.clone()
+        }
+    }
+
+    /// Checks every field and the rules between fields.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the first offending field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_id.0 == 0 {
+            return Err(invalid("node_id", "must be at least 1"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "must not be empty"));
+        }
+        let mut seen = HashSet::new();
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.id == self.node_id {
+                return Err(invalid(format!("peers[{i}].id"), "is this node's own id"));
+            }
+            if p.id.0 == 0 {
+                return Err(invalid(format!("peers[{i}].id"), "must be at least 1"));
+            }
+            if !seen.insert(p.id) {
+                return Err(invalid(
+                    format!("peers[{i}].id"),
+                    format!("{} listed twice", p.id),
+                ));
+            }
+        }
+        let r = &self.raft;
+        if r.heartbeat_interval_ms == 0 {
+            return Err(invalid("raft.heartbeat_interval_ms", "must be at least 1"));
+        }
+        if r.heartbeat_interval_ms * 3 > r.election_timeout_ms_min {
+            return Err(invalid(
+                "raft.election_timeout_ms_min",
+                format!(
+                    "{} is below 3 × heartbeat_interval_ms ({})",
+                    r.election_timeout_ms_min, r.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if r.election_timeout_ms_max <= r.election_timeout_ms_min {
+            return Err(invalid(
+                "raft.election_timeout_ms_max",
+                "must be above election_timeout_ms_min",
+            ));
+        }
+        if r.max_payload_entries == 0 {
+            return Err(invalid("raft.max_payload_entries", "must be at least 1"));
+        }
+        if r.snapshot_logs_since_last == 0 {
+            return Err(invalid(
+                "raft.snapshot_logs_since_last",
+                "must be at least 1",
+            ));
+        }
+        self.transport
+            .validate()
+            .map_err(|(f, reason)| invalid(format!("transport.{f}"), reason))?;
+        if self.transport.heartbeat_linger_ms * 4 > r.heartbeat_interval_ms {
+            return Err(invalid(
+                "transport.heartbeat_linger_ms",
+                "must be at most a quarter of raft.heartbeat_interval_ms",
+            ));
+        }
+        self.storage_config()
+            .validate()
+            .map_err(|e| invalid(format!("storage.{}", e.field), e.reason))?;
+        if let Some(b) = &self.bootstrap {
+            if b.shards == 0 || b.shards > 256 {
+                return Err(invalid("bootstrap.shards", "must be within 1..=256"));
+            }
+            if b.members.is_empty() {
+                return Err(invalid("bootstrap.members", "must not be empty"));
+            }
+            for m in &b.members {
+                if *m != self.node_id && !seen.contains(m) {
+                    return Err(invalid(
+                        "bootstrap.members",
+                        format!("{m} is neither this node nor a peer"),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// openraft's configuration for this node's groups.
+    pub fn openraft_config(&self) -> openraft::Config {
+        let r = &self.raft;
+        openraft::Config {
+            cluster_name: "tessera".into(),
+            heartbeat_interval: r.heartbeat_interval_ms,
+            election_timeout_min: r.election_timeout_ms_min,
+            election_timeout_max: r.election_timeout_ms_max,
+            max_payload_entries: r.max_payload_entries,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: r.snapshot_logs_to_keep,
+            ..Default::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> NodeConfig {
+        NodeConfig {
+            node_id: NodeId(1),
+            listen_addr: "127.0.0.1:7001".parse().unwrap(),
+            data_dir: "d".into(),
+            metrics_addr: None,
+            tls: TlsFiles {
+                ca_cert: "ca.pem".into(),
+                cert: "n1.pem".into(),
+                key: "n1-key.pem".into(),
+            },
+            peers: vec![PeerAddr {
+                id: NodeId(2),
+                addr: "127.0.0.1:7002".parse().unwrap(),
+            }],
+            raft: RaftTimings::default(),
+            transport: TransportConfig::default(),
+            storage: StorageConfig::default(),
+            bootstrap: Some(Bootstrap {
+                shards: 4,
+                members: vec![NodeId(1), NodeId(2)],
+            }),
+        }
+    }
+
+    #[test]
+    fn round_trips_through_toml_and_relative_paths_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(&path, sample().to_toml()).unwrap();
+        let back = NodeConfig::load(&path).unwrap();
+        assert_eq!(back.node_id, NodeId(1));
+        assert_eq!(back.data_dir, dir.path().join("d"));
+        assert_eq!(back.tls.ca_cert, dir.path().join("ca.pem"));
+        assert_eq!(back.peers, sample().peers);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let field = |c: NodeConfig| match c.validate().unwrap_err() {
+            ConfigError::Invalid { field, .. } => field,
+            e => panic!("{e}"),
+        };
+        let mut c = sample();
+        c.raft.election_timeout_ms_min = 500;
+        assert_eq!(field(c), "raft.election_timeout_ms_min");
+        let mut c = sample();
+        c.peers.push(c.peers[0].clone());
+        assert_eq!(field(c), "peers[1].id");
+        let mut c = sample();
+        c.transport.frame_bytes_max = 1;
+        assert_eq!(field(c), "transport.frame_bytes_max");
+        let mut c = sample();
+        c.bootstrap.as_mut().unwrap().members.push(NodeId(9));
+        assert_eq!(field(c), "bootstrap.members");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, "node_id = 1\nlisten_addr = 5\n").unwrap();
+        assert!(matches!(
+            NodeConfig::load(&path),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+}

@@ -1,0 +1,450 @@
+//! A Tessera node: one storage engine, one transport, and a registry of the
+//! Raft groups of every shard replica it hosts.
+//!
+//! [`Node::start`] opens the data folder, binds the QUIC endpoint, resumes
+//! every hosted shard, creates the bootstrap shards on a fresh folder, and
+//! serves metrics. [`Node::shutdown`] stops the groups, closes connections
+//! and closes RocksDB.
+
+mod config;
+
+pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings};
+
+use crate::metrics::{MetricsSnapshot, NetMetrics};
+use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
+use crate::net::{Faults, NetworkFactory, PeerAddr, Transport, TransportError, Wiring};
+use crate::raft::{SnapshotMeta, TypeConfig, Vote};
+use crate::storage::snapshot::SnapshotData;
+use crate::storage::{Engine, StoreError};
+use crate::tls::{TlsError, TlsIdentity};
+use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
+use dashmap::DashMap;
+use openraft::{BasicNode, Raft, ServerState};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One shard replica's Raft group.
+pub type ShardRaft = Raft<TypeConfig>;
+
+/// What can stop a node from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The transport could not start.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A Raft group failed to start or initialise.
+    #[error("raft group of {shard}: {reason}")]
+    Raft {
+        /// The shard.
+        shard: ShardId,
+        /// openraft's message.
+        reason: String,
+    },
+    /// The metrics endpoint could not be bound.
+    #[error("metrics endpoint {addr}: {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The Raft groups hosted by a node, looked up by shard id; what inbound
+/// Raft traffic is dispatched to.
+pub struct Registry {
+    engine: Engine,
+    groups: DashMap<ShardId, ShardRaft>,
+}
+
+impl Registry {
+    fn new(engine: Engine) -> Self {
+        Registry {
+            engine,
+            groups: DashMap::new(),
+        }
+    }
+
+    fn get(&self, shard: ShardId) -> Option<ShardRaft> {
+        self.groups.get(&shard).map(|r| r.clone())
+    }
+
+    /// Hands one Raft request to its group.
+    pub async fn handle_request(&self, shard: ShardId, req: PeerRequest) -> PeerResponse {
+        let Some(raft) = self.get(shard) else {
+            return PeerResponse::Refused(Refusal::UnknownShard(shard));
+        };
+        match req {
+            PeerRequest::Append(r) => match raft.append_entries(r).await {
+                Ok(r) => PeerResponse::Append(r),
+                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
+            },
+            PeerRequest::Vote(v) => match raft.vote(v).await {
+                Ok(r) => PeerResponse::Vote(r),
+                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
+            },
+        }
+    }
+
+    /// Where a received snapshot of a hosted shard is written.
+    pub fn snapshot_dir(&self, shard: ShardId) -> Option<PathBuf> {
+        self.groups
+            .contains_key(&shard)
+            .then(|| self.engine.shard_snapshot_dir(shard))
+    }
+
+    /// Hands a fully received snapshot file to its group.
+    ///
+    /// # Errors
+    /// [`Refusal`] when the shard is not hosted or its group failed.
+    pub async fn install_snapshot(
+        &self,
+        shard: ShardId,
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: SnapshotData,
+    ) -> Result<Vote, Refusal> {
+        let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        let snapshot = openraft::Snapshot {
+            meta,
+            snapshot: Box::new(data),
+        };
+        raft.install_full_snapshot(vote, snapshot)
+            .await
+            .map(|r| r.vote)
+            .map_err(|e| Refusal::Failed(e.to_string()))
+    }
+}
+
+/// `n` descriptors covering the key space, split evenly by first byte; each
+/// shard on up to 3 of `members` (round robin), its first replica the one
+/// that initialises the group (so leadership starts spread out).
+pub fn initial_shards(n: u64, members: &[NodeId]) -> Vec<ShardDescriptor> {
+    assert!((1..=256).contains(&n), "1..=256 initial shards");
+    assert!(!members.is_empty(), "at least one member");
+    let per_shard = members.len().min(3);
+    (0..n)
+        .map(|i| {
+            let bound = |j: u64| -> Vec<u8> {
+                if j == 0 || j == n {
+                    Vec::new()
+                } else {
+                    vec![(j * 256 / n) as u8]
+                }
+            };
+            let replicas: Vec<NodeId> = (0..per_shard)
+                .map(|k| members[(i as usize + k) % members.len()])
+                .collect();
+            let mut d = ShardDescriptor::new(
+                ShardId(i + 1),
+                KeyRange::new(bound(i), bound(i + 1)),
+                replicas.clone(),
+            );
+            d.leader_hint = Some(replicas[0]);
+            d
+        })
+        .collect()
+}
+
+/// A running node.
+pub struct Node {
+    id: NodeId,
+    config: NodeConfig,
+    engine: Engine,
+    registry: Arc<Registry>,
+    transport: Transport,
+    net_metrics: Arc<NetMetrics>,
+    raft_config: Arc<openraft::Config>,
+    metrics_addr: std::sync::OnceLock<SocketAddr>,
+    metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Node {
+    /// Starts a node: storage, transport, every hosted group, bootstrap
+    /// shards on a fresh folder, metrics.
+    ///
+    /// # Errors
+    /// [`NodeError`] naming what failed.
+    pub async fn start(
+        config: NodeConfig,
+        identity: &TlsIdentity,
+        faults: Arc<Faults>,
+    ) -> Result<Arc<Node>, NodeError> {
+        config.validate()?;
+        let id = config.node_id;
+        let raft_config = Arc::new(config.openraft_config().validate().map_err(|e| {
+            NodeError::Config(ConfigError::Invalid {
+                field: "raft".into(),
+                reason: e.to_string(),
+            })
+        })?);
+        let engine = Engine::open(config.storage_config())?;
+        let registry = Arc::new(Registry::new(engine.clone()));
+        let net_metrics = Arc::new(NetMetrics::default());
+        let transport = Transport::start(
+            id,
+            config.listen_addr,
+            &config.peers,
+            identity,
+            config.transport.clone(),
+            Wiring {
+                registry: registry.clone(),
+                metrics: net_metrics.clone(),
+                faults,
+            },
+        )?;
+        let node = Node {
+            id,
+            config,
+            engine,
+            registry,
+            transport,
+            net_metrics,
+            raft_config,
+            metrics_addr: std::sync::OnceLock::new(),
+            metrics_task: std::sync::Mutex::new(None),
+        };
+        let hosted = node.engine.shards()?;
+        for d in &hosted {
+            node.start_group(d.id).await?;
+        }
+        tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
+        let node = Arc::new(node);
+        // Bootstrap until it has completed once (a crash halfway through
+        // resumes it: creating and initialising are both idempotent).
+        let marker = node.config.data_dir.join("bootstrapped");
+        if let Some(b) = node.config.bootstrap.clone() {
+            if !marker.exists() {
+                for d in initial_shards(b.shards, &b.members) {
+                    if d.replicas.contains(&id) {
+                        node.create_shard(&d).await?;
+                    }
+                }
+                std::fs::write(&marker, b"bootstrap complete\n")
+                    .and_then(|_| std::fs::File::open(&node.config.data_dir)?.sync_all())
+                    .map_err(|e| StoreError::io("write bootstrap marker", &marker, e))?;
+            }
+        }
+        if let Some(addr) = node.config.metrics_addr {
+            let weak = Arc::downgrade(&node);
+            let render: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+                weak.upgrade()
+                    .map(|n| n.metrics().to_prometheus(n.id))
+                    .unwrap_or_default()
+            });
+            let (local, task) = crate::metrics::serve_http(addr, render)
+                .await
+                .map_err(|source| NodeError::Metrics { addr, source })?;
+            let _ = node.metrics_addr.set(local);
+            *node.metrics_task.lock().expect("metrics task poisoned") = Some(task);
+        }
+        Ok(node)
+    }
+
+    async fn start_group(&self, shard: ShardId) -> Result<ShardRaft, NodeError> {
+        let (log, sm) = self.engine.open_shard(shard)?;
+        let net = NetworkFactory::new(
+            self.transport.clone(),
+            shard,
+            self.config.transport.frame_bytes_max / 2,
+        );
+        let raft = Raft::new(self.id, self.raft_config.clone(), net, log, sm)
+            .await
+            .map_err(|e| NodeError::Raft {
+                shard,
+                reason: e.to_string(),
+            })?;
+        self.registry.groups.insert(shard, raft.clone());
+        Ok(raft)
+    }
+
+    /// Creates a replica of `descriptor` here and starts its group; the
+    /// replica named by the leader hint (else the first) initialises the
+    /// group's membership. Safe to call again for an existing shard.
+    ///
+    /// # Errors
+    /// [`NodeError`] when storage or Raft fails.
+    pub async fn create_shard(&self, descriptor: &ShardDescriptor) -> Result<(), NodeError> {
+        match self.engine.create_shard(descriptor).await {
+            Ok(()) | Err(StoreError::ShardExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let raft = match self.registry.get(descriptor.id) {
+            Some(r) => r,
+            None => self.start_group(descriptor.id).await?,
+        };
+        let initializer = descriptor
+            .leader_hint
+            .or_else(|| descriptor.replicas.first().copied());
+        let rerr = |e: &dyn std::fmt::Display| NodeError::Raft {
+            shard: descriptor.id,
+            reason: e.to_string(),
+        };
+        if initializer == Some(self.id) && !raft.is_initialized().await.map_err(|e| rerr(&e))? {
+            let members: BTreeMap<NodeId, BasicNode> = descriptor
+                .replicas
+                .iter()
+                .map(|n| (*n, BasicNode::new(self.addr_of(*n))))
+                .collect();
+            raft.initialize(members).await.map_err(|e| rerr(&e))?;
+        }
+        Ok(())
+    }
+
+    fn addr_of(&self, node: NodeId) -> String {
+        if node == self.id {
+            return self.transport.local_addr().to_string();
+        }
+        self.config
+            .peers
+            .iter()
+            .find(|p| p.id == node)
+            .map(|p| p.addr.to_string())
+            .unwrap_or_default()
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The QUIC address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.transport.local_addr()
+    }
+
+    /// The metrics endpoint's address, when serving.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr.get().copied()
+    }
+
+    /// The node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.config
+    }
+
+    /// The storage engine.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// The transport.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Adds a peer (or updates its address).
+    pub fn add_peer(&self, p: PeerAddr) {
+        self.transport.add_peer(p);
+    }
+
+    /// The Raft group of a hosted shard.
+    pub fn raft(&self, shard: ShardId) -> Option<ShardRaft> {
+        self.registry.get(shard)
+    }
+
+    /// Hosted shards, in id order.
+    pub fn shard_ids(&self) -> Vec<ShardId> {
+        let mut ids: Vec<ShardId> = self.registry.groups.iter().map(|e| *e.key()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// Shards this node leads right now.
+    pub fn shards_led(&self) -> Vec<ShardId> {
+        let mut led: Vec<ShardId> = self
+            .registry
+            .groups
+            .iter()
+            .filter(|e| {
+                let m = e.value().metrics();
+                let m = m.borrow();
+                m.state == ServerState::Leader && m.current_leader == Some(self.id)
+            })
+            .map(|e| *e.key())
+            .collect();
+        led.sort();
+        led
+    }
+
+    /// Every metric of the node, now.
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let mut s = MetricsSnapshot::default();
+        self.net_metrics.fill(&mut s);
+        let st = self.engine.stats();
+        s.syncs = st.syncs;
+        s.commands_applied = st.commands_applied;
+        s.shards_hosted = self.registry.groups.len() as u64;
+        s.shards_led = self.shards_led().len() as u64;
+        s
+    }
+
+    /// Stops every group, closes every connection and closes the database.
+    ///
+    /// # Errors
+    /// [`NodeError::Store`] when the database is still held after the wait.
+    pub async fn shutdown(self: Arc<Self>, timeout: Duration) -> Result<(), NodeError> {
+        self.transport.shutdown();
+        if let Some(t) = self
+            .metrics_task
+            .lock()
+            .expect("metrics task poisoned")
+            .take()
+        {
+            t.abort();
+        }
+        let groups: Vec<ShardRaft> = self
+            .registry
+            .groups
+            .iter()
+            .map(|e| e.value().clone())
+            .collect();
+        self.registry.groups.clear();
+        for g in groups {
+            let _ = g.shutdown().await;
+        }
+        let _ = tokio::time::timeout(timeout, self.transport.wait_closed()).await;
+        let engine = self.engine.clone();
+        drop(self);
+        engine.close(timeout).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_shards_cover_the_key_space_and_spread_replicas() {
+        let m: Vec<NodeId> = (1..=4).map(NodeId).collect();
+        for n in [1u64, 3, 16, 256] {
+            let s = initial_shards(n, &m);
+            assert_eq!(s.len() as u64, n);
+            assert!(s[0].range.start.is_empty());
+            assert!(s.last().unwrap().range.end.is_empty());
+            for w in s.windows(2) {
+                assert_eq!(w[0].range.end, w[1].range.start);
+            }
+            for d in &s {
+                assert_eq!(d.replicas.len(), 3);
+                assert_eq!(d.leader_hint, Some(d.replicas[0]));
+            }
+        }
+        let one = initial_shards(4, &[NodeId(1)]);
+        assert!(one.iter().all(|d| d.replicas == vec![NodeId(1)]));
+    }
+}

@@ -1,0 +1,384 @@
+//! An in-process cluster of real nodes over real QUIC on 127.0.0.1, with the
+//! transport's fault layer (blocked links, message loss), kill and restart
+//! from the data folder, and typed, bounded waits that fail with a message.
+
+use openraft::ServerState;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tessera::command::{Command, CommandResponse};
+use tessera::net::{Faults, PeerAddr, TransportConfig};
+use tessera::node::{Bootstrap, Node, NodeConfig, RaftTimings};
+use tessera::storage::StorageConfig;
+use tessera::tls::issue::{write_pem, ClusterCa};
+use tessera::tls::{TlsFiles, TlsIdentity};
+use tessera::{NodeId, ShardDescriptor, ShardId};
+
+/// Raft and transport timings of a test cluster.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    pub heartbeat_ms: u64,
+    pub election_min_ms: u64,
+    pub election_max_ms: u64,
+    pub linger_ms: u64,
+    pub snapshot_logs_since_last: u64,
+    pub snapshot_logs_to_keep: u64,
+}
+
+impl Timings {
+    /// Quick elections for functional tests.
+    pub fn fast() -> Self {
+        Timings {
+            heartbeat_ms: 100,
+            election_min_ms: 600,
+            election_max_ms: 1200,
+            linger_ms: 20,
+            snapshot_logs_since_last: 10_000,
+            snapshot_logs_to_keep: 1000,
+        }
+    }
+
+    /// Many idle groups on two cores: slower heartbeats.
+    pub fn many_groups() -> Self {
+        Timings {
+            heartbeat_ms: 500,
+            election_min_ms: 3000,
+            election_max_ms: 6000,
+            linger_ms: 120,
+            snapshot_logs_since_last: 10_000,
+            snapshot_logs_to_keep: 1000,
+        }
+    }
+}
+
+pub struct TestCluster {
+    pub dir: tempfile::TempDir,
+    pub ca: ClusterCa,
+    pub faults: Arc<Faults>,
+    configs: BTreeMap<NodeId, NodeConfig>,
+    identities: BTreeMap<NodeId, TlsIdentity>,
+    nodes: BTreeMap<NodeId, Arc<Node>>,
+}
+
+fn pick_addr() -> std::net::SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .expect("bind a UDP port")
+        .local_addr()
+        .expect("local addr")
+}
+
+impl TestCluster {
+    /// Starts nodes `ids`; `absent` ids are listed as peers but never run
+    /// (their certificates can be used by tests to impersonate).
+    pub async fn start(
+        ids: &[u64],
+        absent: &[u64],
+        bootstrap: Option<(u64, Vec<u64>)>,
+        t: Timings,
+    ) -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = ClusterCa::generate("test").expect("CA");
+        let ca_path = dir.path().join("ca.pem");
+        write_pem(&ca_path, &ca.cert_pem(), false).expect("write CA");
+        let all: Vec<u64> = ids.iter().chain(absent).copied().collect();
+        let addrs: BTreeMap<u64, std::net::SocketAddr> =
+            all.iter().map(|&i| (i, pick_addr())).collect();
+        let mut configs = BTreeMap::new();
+        let mut identities = BTreeMap::new();
+        for &i in ids {
+            let id = NodeId(i);
+            let issued = ca.issue_node(id).expect("node cert");
+            let cert = dir.path().join(format!("n{i}.pem"));
+            let key = dir.path().join(format!("n{i}-key.pem"));
+            write_pem(&cert, &issued.cert_pem, false).expect("write cert");
+            write_pem(&key, &issued.key_pem, true).expect("write key");
+            identities.insert(id, ca.identity(&issued));
+            let cfg = NodeConfig {
+                node_id: id,
+                listen_addr: addrs[&i],
+                data_dir: dir.path().join(format!("n{i}")),
+                metrics_addr: Some("127.0.0.1:0".parse().unwrap()),
+                tls: TlsFiles {
+                    ca_cert: ca_path.clone(),
+                    cert,
+                    key,
+                },
+                peers: all
+                    .iter()
+                    .filter(|&&p| p != i)
+                    .map(|&p| PeerAddr {
+                        id: NodeId(p),
+                        addr: addrs[&p],
+                    })
+                    .collect(),
+                raft: RaftTimings {
+                    heartbeat_interval_ms: t.heartbeat_ms,
+                    election_timeout_ms_min: t.election_min_ms,
+                    election_timeout_ms_max: t.election_max_ms,
+                    snapshot_logs_since_last: t.snapshot_logs_since_last,
+                    snapshot_logs_to_keep: t.snapshot_logs_to_keep,
+                    ..Default::default()
+                },
+                transport: TransportConfig {
+                    heartbeat_linger_ms: t.linger_ms,
+                    ..Default::default()
+                },
+                storage: StorageConfig {
+                    block_cache_bytes: 8 << 20,
+                    ..Default::default()
+                },
+                bootstrap: bootstrap.as_ref().map(|(shards, members)| Bootstrap {
+                    shards: *shards,
+                    members: members.iter().map(|&m| NodeId(m)).collect(),
+                }),
+            };
+            configs.insert(id, cfg);
+        }
+        let mut c = TestCluster {
+            dir,
+            ca,
+            faults: Arc::new(Faults::none()),
+            configs,
+            identities,
+            nodes: BTreeMap::new(),
+        };
+        for &i in ids {
+            c.restart(i).await;
+        }
+        c
+    }
+
+    pub fn node(&self, id: u64) -> &Arc<Node> {
+        self.nodes
+            .get(&NodeId(id))
+            .unwrap_or_else(|| panic!("n{id} is not running"))
+    }
+
+    pub fn is_up(&self, id: u64) -> bool {
+        self.nodes.contains_key(&NodeId(id))
+    }
+
+    pub fn up(&self) -> impl Iterator<Item = &Arc<Node>> {
+        self.nodes.values()
+    }
+
+    pub fn config(&self, id: u64) -> &NodeConfig {
+        &self.configs[&NodeId(id)]
+    }
+
+    /// Stops a node (groups, connections, database); its folder stays.
+    pub async fn kill(&mut self, id: u64) {
+        tracing::info!(node = id, "killing");
+        let node = self
+            .nodes
+            .remove(&NodeId(id))
+            .unwrap_or_else(|| panic!("n{id} is not running"));
+        node.shutdown(Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|e| panic!("n{id} shutdown: {e}"));
+    }
+
+    /// Starts (or restarts) a node from its data folder.
+    pub async fn restart(&mut self, id: u64) {
+        tracing::info!(node = id, "starting");
+        let nid = NodeId(id);
+        let node = Node::start(
+            self.configs[&nid].clone(),
+            &self.identities[&nid],
+            self.faults.clone(),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("start n{id}: {e}"));
+        self.nodes.insert(nid, node);
+    }
+
+    /// Creates `descs` on every running replica.
+    pub async fn create_shards(&self, descs: &[ShardDescriptor]) {
+        let mut set = tokio::task::JoinSet::new();
+        for node in self.nodes.values() {
+            let mine: Vec<ShardDescriptor> = descs
+                .iter()
+                .filter(|d| d.replicas.contains(&node.id()))
+                .cloned()
+                .collect();
+            let node = node.clone();
+            set.spawn(async move {
+                for d in mine {
+                    node.create_shard(&d)
+                        .await
+                        .unwrap_or_else(|e| panic!("create {} on {}: {e}", d.id, node.id()));
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.expect("create task");
+        }
+    }
+
+    /// The leader of `shard` among `among` (running nodes), once exactly one
+    /// of them leads it at the highest term they know.
+    pub async fn wait_leader_among(
+        &self,
+        shard: ShardId,
+        among: &[u64],
+        timeout: Duration,
+    ) -> Result<NodeId, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut best: Option<(u64, NodeId)> = None;
+            let mut max_term = 0;
+            for &i in among {
+                let Some(node) = self.nodes.get(&NodeId(i)) else {
+                    continue;
+                };
+                let Some(raft) = node.raft(shard) else {
+                    continue;
+                };
+                let m = raft.metrics().borrow().clone();
+                max_term = max_term.max(m.current_term);
+                if m.state == ServerState::Leader {
+                    best = Some((m.current_term, node.id()));
+                }
+            }
+            if let Some((term, leader)) = best {
+                if term == max_term {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "wait_leader: no leader of {shard} among {among:?} within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The leader of `shard` among all running nodes.
+    pub async fn wait_leader(&self, shard: ShardId, timeout: Duration) -> Result<NodeId, String> {
+        let among: Vec<u64> = self.nodes.keys().map(|n| n.0).collect();
+        self.wait_leader_among(shard, &among, timeout).await
+    }
+
+    /// Writes through the current leader (found again after each refusal)
+    /// until acknowledged; returns the entry's log index.
+    pub async fn put(
+        &self,
+        shard: ShardId,
+        key: &[u8],
+        value: &[u8],
+        timeout: Duration,
+    ) -> Result<u64, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let leader = self.wait_leader(shard, left).await?;
+            let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
+            let attempt = tokio::time::timeout(
+                left.min(Duration::from_secs(5)),
+                raft.client_write(Command::put(key.to_vec(), value.to_vec())),
+            )
+            .await;
+            match attempt {
+                Ok(Ok(resp)) => {
+                    return match resp.data {
+                        CommandResponse::Write(_) => Ok(resp.log_id.index),
+                        other => Err(format!("put refused by the state machine: {other:?}")),
+                    }
+                }
+                Ok(Err(e)) => tracing::debug!(%shard, error = %e, "put retried"),
+                Err(_) => tracing::debug!(%shard, "put timed out; retrying"),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "put to {shard} not acknowledged within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Writes through node `via` (which must lead `shard`), retrying until
+    /// acknowledged or a minute passes; returns the entry's log index.
+    pub async fn put_via(
+        &self,
+        via: NodeId,
+        shard: ShardId,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<u64, String> {
+        let raft = self.nodes[&via].raft(shard).ok_or("shard not hosted")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                raft.client_write(Command::put(key.to_vec(), value.to_vec())),
+            )
+            .await;
+            if let Ok(Ok(resp)) = r {
+                return Ok(resp.log_id.index);
+            }
+            if Instant::now() > deadline {
+                return Err(format!("put via {via} to {shard} not acknowledged: {r:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits until `shard` has applied `index` on every node of `on`.
+    pub async fn wait_applied(
+        &self,
+        shard: ShardId,
+        index: u64,
+        on: &[u64],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        for &i in on {
+            let raft = self
+                .nodes
+                .get(&NodeId(i))
+                .and_then(|n| n.raft(shard))
+                .ok_or_else(|| format!("wait_applied: n{i} does not host {shard}"))?;
+            raft.wait(Some(timeout))
+                .applied_index_at_least(Some(index), "wait_applied")
+                .await
+                .map_err(|e| format!("wait_applied: {shard} on n{i} did not apply {index}: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// Waits until `f` holds, polling; fails with `what` after `timeout`.
+    pub async fn wait_until(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut(&Self) -> bool,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        while !f(self) {
+            if Instant::now() > deadline {
+                return Err(format!("{what}: not reached within {timeout:?}"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
+    /// Stops every running node.
+    pub async fn shutdown(mut self) {
+        let ids: Vec<u64> = self.nodes.keys().map(|n| n.0).collect();
+        for i in ids {
+            self.kill(i).await;
+        }
+    }
+}
+
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,openraft=error,quinn=error".into()),
+        )
+        .with_test_writer()
+        .try_init();
+}
