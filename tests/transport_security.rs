@@ -184,6 +184,7 @@ async fn strangers_are_refused_before_any_raft_message() {
         PeerResponse::Refused(Refusal::UnknownShard(ShardId(99)))
     ));
     assert_eq!(victim.metrics().messages_received, 1);
+    drop(victim);
     c.shutdown().await;
 }
 

@@ -812,6 +812,10 @@ async fn read_responses(inner: Arc<Inner>, peer: Arc<Peer>, mut recv: quinn::Rec
         let payload = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
             Ok(Some(p)) => p,
             Ok(None) => return,
+            Err(wire::WireError::Io(e)) => {
+                tracing::debug!(peer = %peer.id, error = %e, "response stream ended");
+                return;
+            }
             Err(e) => {
                 tracing::warn!(peer = %peer.id, error = %e, "bad response frame");
                 inner.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
@@ -1026,6 +1030,10 @@ async fn serve_raft_requests(
         let payload = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
             Ok(Some(p)) => p,
             Ok(None) => break,
+            Err(wire::WireError::Io(e)) => {
+                tracing::debug!(peer = %from, error = %e, "raft stream ended");
+                break;
+            }
             Err(e) => {
                 protocol_error(&inner, from, &e.to_string());
                 break;

@@ -325,6 +325,33 @@ impl TestCluster {
         }
     }
 
+    /// A linearizable read barrier on `shard`'s current leader, retried
+    /// (leaders change, peers reconnect) until it succeeds; returns the
+    /// leader that confirmed it.
+    pub async fn wait_linearizable(
+        &self,
+        shard: ShardId,
+        timeout: Duration,
+    ) -> Result<NodeId, String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let leader = self.wait_leader(shard, left).await?;
+            let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
+            let r = tokio::time::timeout(Duration::from_secs(5), raft.ensure_linearizable()).await;
+            match r {
+                Ok(Ok(_)) => return Ok(leader),
+                other => tracing::debug!(%shard, ?other, "read barrier retried"),
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "wait_linearizable: no read barrier on {shard} within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `shard` has applied `index` on every node of `on`.
     pub async fn wait_applied(
         &self,
