@@ -216,6 +216,7 @@ async fn heartbeats_of_1000_idle_shards_share_frames() {
     .await
     .unwrap();
     let before = c.node(1).metrics();
+    let window = std::time::Instant::now();
     c.wait_until(
         "n1 sends 20,000 more messages",
         Duration::from_secs(120),
