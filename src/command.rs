@@ -106,28 +106,32 @@ impl Command {
     /// Checks every operation and the batch against [`crate::limits`].
     pub fn validate(&self) -> Result<(), LimitError> {
         match self {
-            Command::Write { ops } => {
-                if ops.is_empty() || ops.len() > BATCH_OPS_MAX {
-                    return Err(LimitError::BatchOps {
-                        ops: ops.len(),
-                        max: BATCH_OPS_MAX,
-                    });
-                }
-                let mut bytes = 0usize;
-                for op in ops {
-                    op.validate()?;
-                    bytes += op.payload_bytes();
-                }
-                if bytes > BATCH_BYTES_MAX {
-                    return Err(LimitError::BatchBytes {
-                        bytes,
-                        max: BATCH_BYTES_MAX,
-                    });
-                }
-                Ok(())
-            }
+            Command::Write { ops } => validate_ops(ops),
         }
     }
+}
+
+/// Checks a batch of operations against [`crate::limits`]: 1..=1024
+/// operations, each key and value within bounds, at most 4 MiB in all.
+pub fn validate_ops(ops: &[Op]) -> Result<(), LimitError> {
+    if ops.is_empty() || ops.len() > BATCH_OPS_MAX {
+        return Err(LimitError::BatchOps {
+            ops: ops.len(),
+            max: BATCH_OPS_MAX,
+        });
+    }
+    let mut bytes = 0usize;
+    for op in ops {
+        op.validate()?;
+        bytes += op.payload_bytes();
+    }
+    if bytes > BATCH_BYTES_MAX {
+        return Err(LimitError::BatchBytes {
+            bytes,
+            max: BATCH_BYTES_MAX,
+        });
+    }
+    Ok(())
 }
 
 /// The outcome of one [`Op`].

@@ -9,6 +9,9 @@
 //!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
 //!   group-commit log writer, logical range snapshots.
 //! - [`raft`] (feature `server`): the openraft type configuration.
+//! - [`api`]: the client protocol (requests, responses, typed routing errors).
+//! - [`client`]: [`Client`], the async client library (range routing,
+//!   route cache corrected by typed errors, retries under a deadline).
 //! - [`cluster_file`]: `cluster.toml`, what a client needs to reach a cluster.
 //! - [`wire`]: bounded length-prefixed frames.
 //! - [`tls`]: the cluster CA, node and client certificates, mutual-TLS
@@ -23,6 +26,8 @@
 //! are re-exported here.
 #![warn(missing_docs)]
 
+pub mod api;
+pub mod client;
 pub mod cluster_file;
 pub mod command;
 pub mod limits;
@@ -39,4 +44,6 @@ pub mod storage;
 pub mod tls;
 pub mod wire;
 
+pub use client::Client;
+pub use shard_router;
 pub use shard_router::{Epoch, KeyRange, NodeId, ShardDescriptor, ShardId};

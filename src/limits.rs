@@ -20,7 +20,7 @@ pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// A request over one of the limits above.
-#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]
 pub enum LimitError {
     /// The key is empty or longer than [`KEY_BYTES_MAX`].
     #[error("key of {len} bytes is outside {min}..={max} bytes")]

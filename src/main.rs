@@ -64,6 +64,13 @@ enum Cmd {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
         shards: u64,
     },
+    /// List the shard replicas in a stopped node's data folder with their
+    /// Raft state (RocksDB allows one process per folder).
+    Inspect {
+        /// The node's data folder (`DIR/node-N/data` for `tessera dev`).
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
     /// Crash-test child: drive the stores until killed (used by tests).
     #[command(hide = true)]
     TortureStore {
@@ -93,6 +100,7 @@ fn main() -> Result<()> {
             nodes,
             shards,
         } => rt.block_on(dev(data_dir, nodes, shards)),
+        Cmd::Inspect { data_dir } => inspect(data_dir),
         Cmd::TortureStore { data_dir, shards } => rt.block_on(torture::run(data_dir, shards)),
     }
 }
@@ -286,6 +294,38 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
     tracing::info!("shutting down");
     for (_, node) in running {
         node.shutdown(Duration::from_secs(10)).await?;
+    }
+    Ok(())
+}
+
+fn inspect(data_dir: PathBuf) -> Result<()> {
+    use tessera::storage::{Engine, StorageConfig};
+    if !data_dir.join("db").exists() {
+        bail!(
+            "{} holds no Tessera data (no db/ folder)",
+            data_dir.display()
+        );
+    }
+    let engine = Engine::open(StorageConfig::new(&data_dir))
+        .with_context(|| format!("open {} (is a node running on it?)", data_dir.display()))?;
+    println!(
+        "{:<8} {:<28} {:<8} {:<10} {:<10} {:<10} {:<10}",
+        "shard", "range", "epoch", "vote", "last_log", "purged", "applied"
+    );
+    let fmt = |l: Option<tessera::raft::LogId>| l.map_or("-".to_string(), |l| l.index.to_string());
+    for d in engine.shards()? {
+        let st = engine.shard_state(d.id)?;
+        println!(
+            "{:<8} {:<28} {:<8} {:<10} {:<10} {:<10} {:<10}",
+            d.id.to_string(),
+            d.range.to_string(),
+            format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
+            st.vote
+                .map_or("-".to_string(), |v| format!("t{}", v.leader_id.term)),
+            fmt(st.last_log_id),
+            fmt(st.last_purged),
+            fmt(st.applied),
+        );
     }
     Ok(())
 }

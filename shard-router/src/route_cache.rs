@@ -89,6 +89,11 @@ impl RouteCache {
         }
     }
 
+    /// Cached descriptors in key order.
+    pub fn iter(&self) -> impl Iterator<Item = &ShardDescriptor> {
+        self.by_start.values()
+    }
+
     /// Forgets a shard.
     pub fn invalidate(&mut self, shard: ShardId) {
         self.by_start.retain(|_, d| d.id != shard);

@@ -240,7 +240,8 @@ pub struct Transport {
 
 fn quic_transport_config(cfg: &TransportConfig) -> Arc<quinn::TransportConfig> {
     let mut tc = quinn::TransportConfig::default();
-    tc.max_concurrent_bidi_streams(64u32.into());
+    // Peers use a few streams (Raft, snapshots); clients one per request.
+    tc.max_concurrent_bidi_streams(256u32.into());
     tc.max_concurrent_uni_streams(0u32.into());
     tc.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_millis(cfg.idle_timeout_ms))
@@ -424,6 +425,12 @@ impl Transport {
         if !*peer.ready.borrow() {
             return Err(unreachable("not connected"));
         }
+        // A read barrier waits for these heartbeats: no linger then.
+        let urgency = if self.inner.registry.expedited() {
+            Urgency::Urgent
+        } else {
+            urgency
+        };
         let id = peer.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = proto::encode_msg(&RequestEnvelope { id, shard, req });
         if bytes.len() > FRAME_BYTES_MAX - 64 {
@@ -898,7 +905,7 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
     match tls::negotiated_alpn(&conn).as_deref() {
         Some(p) if p == tls::PEER_ALPN => {}
         Some(p) if p == tls::CLIENT_ALPN => {
-            refuse(&inner, &conn, "client protocol not served by this build");
+            inner.registry.clone().serve_client(conn).await;
             return;
         }
         _ => {

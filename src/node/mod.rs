@@ -7,6 +7,7 @@
 //! and closes RocksDB.
 
 mod config;
+mod serve_client;
 
 pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings};
 
@@ -66,20 +67,57 @@ pub enum NodeError {
 /// The Raft groups hosted by a node, looked up by shard id; what inbound
 /// Raft traffic is dispatched to.
 pub struct Registry {
+    me: NodeId,
     engine: Engine,
     groups: DashMap<ShardId, ShardRaft>,
+    /// Read barriers in progress: while any is, heartbeats skip the linger.
+    expedite: std::sync::atomic::AtomicUsize,
+}
+
+/// Held while a read barrier waits; see [`Registry::expedited`].
+pub(crate) struct Expedite<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Expedite<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Registry {
-    fn new(engine: Engine) -> Self {
+    fn new(me: NodeId, engine: Engine) -> Self {
         Registry {
+            me,
             engine,
             groups: DashMap::new(),
+            expedite: std::sync::atomic::AtomicUsize::new(0),
         }
+    }
+
+    pub(crate) fn expedite(&self) -> Expedite<'_> {
+        self.expedite
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Expedite(&self.expedite)
+    }
+
+    /// Whether a read barrier is waiting for heartbeat replies (so
+    /// heartbeats should leave at once).
+    pub fn expedited(&self) -> bool {
+        self.expedite.load(std::sync::atomic::Ordering::Acquire) > 0
+    }
+
+    fn shard_ids(&self) -> Vec<ShardId> {
+        let mut ids: Vec<ShardId> = self.groups.iter().map(|e| *e.key()).collect();
+        ids.sort();
+        ids
     }
 
     fn get(&self, shard: ShardId) -> Option<ShardRaft> {
         self.groups.get(&shard).map(|r| r.clone())
+    }
+
+    /// Serves a client connection (client ALPN) until it closes.
+    pub(crate) async fn serve_client(self: Arc<Self>, conn: quinn::Connection) {
+        serve_client::serve_connection(self, conn).await;
     }
 
     /// Hands one Raft request to its group.
@@ -192,7 +230,7 @@ impl Node {
             })
         })?);
         let engine = Engine::open(config.storage_config())?;
-        let registry = Arc::new(Registry::new(engine.clone()));
+        let registry = Arc::new(Registry::new(id, engine.clone()));
         let net_metrics = Arc::new(NetMetrics::default());
         let transport = Transport::start(
             id,
@@ -358,9 +396,7 @@ impl Node {
 
     /// Hosted shards, in id order.
     pub fn shard_ids(&self) -> Vec<ShardId> {
-        let mut ids: Vec<ShardId> = self.registry.groups.iter().map(|e| *e.key()).collect();
-        ids.sort();
-        ids
+        self.registry.shard_ids()
     }
 
     /// Shards this node leads right now.

@@ -319,6 +319,23 @@ impl Engine {
         Ok(out)
     }
 
+    /// Approximate bytes of user data in `range` on disk (flushed data only;
+    /// compressed size).
+    pub fn approximate_size(&self, range: &crate::KeyRange) -> u64 {
+        let end = if range.end.is_empty() {
+            vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
+        } else {
+            range.end.clone()
+        };
+        let r = rocksdb::Range::new(&range.start, &end);
+        self.inner
+            .db()
+            .get_approximate_sizes_cf(self.cf(Cf::Data), &[r])
+            .first()
+            .copied()
+            .unwrap_or(0)
+    }
+
     // ---- crate-internal plumbing ----
 
     pub(crate) fn db(&self) -> &Arc<DB> {

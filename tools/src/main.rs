@@ -1,68 +1,203 @@
-//! `tessera-ctl`: the admin and client command line for Tessera.
+//! `tessera-ctl`: the client and admin command line for Tessera.
 //!
-//! Today it inspects a stopped node's data folder offline; cluster commands
-//! (status, put/get/scan, split, move, rebalance, bench) arrive with the
-//! client library.
+//! Built on the client side of the `tessera` crate alone (no RocksDB, no
+//! openraft). Every command reads a cluster file (`--cluster`, default
+//! `./tessera-data/cluster.toml`, which `tessera dev` writes).
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use std::collections::BTreeMap;
+use std::io::Write;
 use std::path::PathBuf;
-use tessera::storage::{Engine, StorageConfig};
+use tessera::api::ShardStatus;
+use tessera::cluster_file::ClusterFile;
+use tessera::shard_router::descriptor::escape;
+use tessera::{Client, NodeId, ShardId};
 
 #[derive(Parser)]
 #[command(
     name = "tessera-ctl",
     version,
-    about = "Administer and query a Tessera cluster"
+    about = "Query and administer a Tessera cluster",
+    long_about = "Query and administer a Tessera cluster.\n\n\
+        Keys and values are taken as the bytes of the arguments. Errors go to \
+        stderr with a non-zero exit status."
 )]
 struct Cli {
+    /// The cluster file (node addresses, CA, client certificate and key).
+    #[arg(long, global = true, default_value = "./tessera-data/cluster.toml")]
+    cluster: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// List the shard replicas in a node's data folder, with their Raft state
-    /// (the node must be stopped: RocksDB allows one process per folder).
-    Inspect {
-        /// The node's data folder.
-        #[arg(long, default_value = "./tessera-data")]
-        data_dir: PathBuf,
+    /// Set KEY to VALUE.
+    Put {
+        /// The key.
+        key: String,
+        /// The value.
+        value: String,
+    },
+    /// Print the value of KEY; a missing key prints `not found` on stderr
+    /// and exits 1.
+    Get {
+        /// The key.
+        key: String,
+    },
+    /// Remove KEY.
+    Delete {
+        /// The key.
+        key: String,
+    },
+    /// Print pairs in key order, one `key<TAB>value` line each.
+    Scan {
+        /// First key (inclusive); default: the start of the key space.
+        #[arg(long, default_value = "")]
+        start: String,
+        /// End key (exclusive); default: the end of the key space.
+        #[arg(long, default_value = "")]
+        end: String,
+        /// Most pairs to print.
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Show nodes (up/down) and shards (id, range, leader, replicas, epoch,
+    /// approximate size).
+    Status {
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
     },
 }
 
-fn main() -> Result<()> {
-    match Cli::parse().cmd {
-        Cmd::Inspect { data_dir } => inspect(data_dir),
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(2);
     }
 }
 
-fn inspect(data_dir: PathBuf) -> Result<()> {
-    if !data_dir.join("db").exists() {
-        anyhow::bail!(
-            "{} holds no Tessera data (no db/ folder)",
-            data_dir.display()
+async fn run(cli: Cli) -> Result<()> {
+    let client = Client::connect(&cli.cluster)
+        .await
+        .with_context(|| format!("open cluster file {}", cli.cluster.display()))?;
+    match cli.cmd {
+        Cmd::Put { key, value } => client.put(key.as_bytes(), value.as_bytes()).await?,
+        Cmd::Get { key } => match client.get(key.as_bytes()).await? {
+            Some(v) => {
+                let mut out = std::io::stdout().lock();
+                out.write_all(&v)?;
+                out.write_all(b"\n")?;
+            }
+            None => {
+                eprintln!("not found");
+                std::process::exit(1);
+            }
+        },
+        Cmd::Delete { key } => {
+            client.delete(key.as_bytes()).await?;
+        }
+        Cmd::Scan { start, end, limit } => {
+            let pairs = client.scan(start.as_bytes(), end.as_bytes(), limit).await?;
+            let mut out = std::io::stdout().lock();
+            for (k, v) in pairs {
+                out.write_all(&k)?;
+                out.write_all(b"\t")?;
+                out.write_all(&v)?;
+                out.write_all(b"\n")?;
+            }
+        }
+        Cmd::Status { json } => status(&client, &cli.cluster, json).await?,
+    }
+    Ok(())
+}
+
+struct ShardRow {
+    status: ShardStatus,
+    leader: Option<NodeId>,
+}
+
+async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Result<()> {
+    let file = ClusterFile::load(cluster)?;
+    let mut nodes = Vec::new();
+    let mut shards: BTreeMap<ShardId, ShardRow> = BTreeMap::new();
+    for n in &file.nodes {
+        let st = client.node_status(n.id).await;
+        nodes.push((n.id, n.addr, st.is_ok()));
+        let Ok(st) = st else { continue };
+        for s in st.shards {
+            let leads = s.leader == Some(n.id);
+            let row = shards.entry(s.descriptor.id).or_insert_with(|| ShardRow {
+                status: s.clone(),
+                leader: None,
+            });
+            // The newest descriptor wins; the leader is the replica that
+            // says it leads.
+            if s.descriptor.epoch > row.status.descriptor.epoch {
+                row.status.descriptor = s.descriptor.clone();
+            }
+            row.status.size_bytes = row.status.size_bytes.max(s.size_bytes);
+            if leads {
+                row.leader = Some(n.id);
+            }
+        }
+    }
+    if nodes.iter().all(|(_, _, up)| !up) {
+        bail!("no node of {} answered", cluster.display());
+    }
+    if json {
+        let v = serde_json::json!({
+            "nodes": nodes.iter().map(|(id, addr, up)| serde_json::json!({
+                "id": id.0, "addr": addr.to_string(), "up": up,
+            })).collect::<Vec<_>>(),
+            "shards": shards.values().map(|r| {
+                let d = &r.status.descriptor;
+                serde_json::json!({
+                    "id": d.id.0,
+                    "start": escape(&d.range.start),
+                    "end": escape(&d.range.end),
+                    "leader": r.leader.map(|l| l.0),
+                    "replicas": d.replicas.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    "epoch": {"version": d.epoch.version, "conf_ver": d.epoch.conf_ver},
+                    "size_bytes": r.status.size_bytes,
+                })
+            }).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<6} {:<22} {:<5}", "node", "addr", "state");
+    for (id, addr, up) in &nodes {
+        println!(
+            "{:<6} {:<22} {:<5}",
+            id.to_string(),
+            addr.to_string(),
+            if *up { "up" } else { "down" }
         );
     }
-    let engine = Engine::open(StorageConfig::new(&data_dir))
-        .with_context(|| format!("open {} (is a node running on it?)", data_dir.display()))?;
+    println!();
     println!(
-        "{:<8} {:<28} {:<8} {:<10} {:<10} {:<10} {:<10}",
-        "shard", "range", "epoch", "vote", "last_log", "purged", "applied"
+        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}",
+        "shard", "range", "leader", "replicas", "epoch", "size_bytes"
     );
-    let fmt = |l: Option<tessera::raft::LogId>| l.map_or("-".to_string(), |l| l.index.to_string());
-    for d in engine.shards()? {
-        let st = engine.shard_state(d.id)?;
+    for r in shards.values() {
+        let d = &r.status.descriptor;
         println!(
-            "{:<8} {:<28} {:<8} {:<10} {:<10} {:<10} {:<10}",
+            "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}",
             d.id.to_string(),
             d.range.to_string(),
+            r.leader.map_or("-".to_string(), |l| l.to_string()),
+            d.replicas
+                .iter()
+                .map(|n| n.0.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
             format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
-            st.vote
-                .map_or("-".to_string(), |v| format!("t{}", v.leader_id.term)),
-            fmt(st.last_log_id),
-            fmt(st.last_purged),
-            fmt(st.applied),
+            r.status.size_bytes
         );
     }
     Ok(())

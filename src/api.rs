@@ -1,0 +1,188 @@
+//! The client protocol: one request and one response per QUIC stream, on
+//! connections with the client ALPN ([`crate::tls::CLIENT_ALPN`]).
+//!
+//! ```text
+//! stream = frame(Request) → frame(Response)      (crate::wire frames)
+//! ```
+//!
+//! Every data request names the shard and the epoch the client believes in;
+//! the serving replica checks both, the keys against the shard's range and
+//! the limits, and that it leads the shard. Stale routes are answered with a
+//! typed [`ApiError`] carrying what the client needs to correct itself.
+
+use crate::command::{Op, OpResult};
+use crate::limits::LimitError;
+use crate::{Epoch, NodeId, ShardDescriptor, ShardId};
+use serde::{Deserialize, Serialize};
+
+/// Most pairs one scan request returns (the client pages past it).
+pub const SCAN_LIMIT_MAX: u32 = 10_000;
+
+/// A client request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// Linearizable reads of keys of one shard.
+    Get {
+        /// The shard the client believes owns the keys.
+        shard: ShardId,
+        /// The shard's epoch as the client knows it.
+        epoch: Epoch,
+        /// The keys (1..=1024).
+        keys: Vec<Vec<u8>>,
+    },
+    /// Operations applied atomically, in order, on one shard.
+    Write {
+        /// The shard.
+        shard: ShardId,
+        /// Its epoch as the client knows it.
+        epoch: Epoch,
+        /// The operations (1..=1024, at most 4 MiB).
+        ops: Vec<Op>,
+    },
+    /// A linearizable scan of `[start, end)` within one shard.
+    Scan {
+        /// The shard.
+        shard: ShardId,
+        /// Its epoch as the client knows it.
+        epoch: Epoch,
+        /// First key (inclusive).
+        start: Vec<u8>,
+        /// End (exclusive); empty: the end of the shard.
+        end: Vec<u8>,
+        /// Most pairs to return (at most [`SCAN_LIMIT_MAX`]).
+        limit: u32,
+    },
+    /// The descriptors of every shard the node hosts, with leaders as it
+    /// knows them.
+    Routes,
+    /// The node's view of itself: shards, leaders, sizes.
+    NodeStatus,
+}
+
+/// One shard as a node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardStatus {
+    /// The descriptor (range, epoch, replicas, leader hint).
+    pub descriptor: ShardDescriptor,
+    /// The leader this replica knows of.
+    pub leader: Option<NodeId>,
+    /// Approximate bytes of the shard's data on this node (flushed data).
+    pub size_bytes: u64,
+    /// The last applied log index.
+    pub applied_index: u64,
+}
+
+/// A node's answer to [`Request::NodeStatus`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The node.
+    pub node: NodeId,
+    /// Every hosted shard.
+    pub shards: Vec<ShardStatus>,
+}
+
+/// A server's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    /// Values of a [`Request::Get`], in request order.
+    Values(Vec<Option<Vec<u8>>>),
+    /// Results of a [`Request::Write`], one per operation.
+    Written(Vec<OpResult>),
+    /// Pairs of a [`Request::Scan`], in key order; `more` when the limit
+    /// cut the shard's range short.
+    Pairs {
+        /// The pairs.
+        pairs: Vec<(Vec<u8>, Vec<u8>)>,
+        /// Whether pairs remain in the requested range.
+        more: bool,
+    },
+    /// Answer to [`Request::Routes`].
+    Routes(Vec<ShardDescriptor>),
+    /// Answer to [`Request::NodeStatus`].
+    NodeStatus(NodeStatus),
+    /// The request was refused.
+    Error(ApiError),
+}
+
+/// Why a server refused a request. Every variant but `Limit` and `Internal`
+/// is a routing correction the client applies before retrying.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum ApiError {
+    /// This replica does not lead the shard.
+    #[error("{shard}: not the leader (leader hint: {leader_hint:?})")]
+    NotLeader {
+        /// The shard.
+        shard: ShardId,
+        /// The leader this replica knows of.
+        leader_hint: Option<NodeId>,
+    },
+    /// The client's epoch is not the shard's.
+    #[error("{shard}: epoch mismatch")]
+    EpochMismatch {
+        /// The shard.
+        shard: ShardId,
+        /// The current descriptors covering what the client asked for.
+        current: Vec<ShardDescriptor>,
+    },
+    /// A key lies outside the shard's range.
+    #[error("{shard}: key outside the shard's range")]
+    KeyNotInRange {
+        /// The shard.
+        shard: ShardId,
+        /// The first offending key.
+        key: Vec<u8>,
+    },
+    /// The node hosts no replica of the shard.
+    #[error("{shard} is not hosted by this node")]
+    UnknownShard {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// The request is over a limit; nothing was done.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// The shard cannot serve right now (no quorum, shutting down).
+    #[error("{shard} unavailable: {reason}")]
+    Unavailable {
+        /// The shard.
+        shard: ShardId,
+        /// Why.
+        reason: String,
+    },
+    /// A malformed request or an unexpected failure.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Request {
+    /// Checks the request against the limits (done by the client before
+    /// sending and again by the server before any work).
+    ///
+    /// # Errors
+    /// The first [`LimitError`] found.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        use crate::limits::{self, BATCH_OPS_MAX};
+        match self {
+            Request::Get { keys, .. } => {
+                if keys.is_empty() || keys.len() > BATCH_OPS_MAX {
+                    return Err(LimitError::BatchOps {
+                        ops: keys.len(),
+                        max: BATCH_OPS_MAX,
+                    });
+                }
+                keys.iter().try_for_each(|k| limits::check_key(k))
+            }
+            Request::Write { ops, .. } => crate::command::validate_ops(ops),
+            Request::Scan { start, end, .. } => {
+                if start.len() > limits::KEY_BYTES_MAX {
+                    limits::check_key(start)?;
+                }
+                if end.len() > limits::KEY_BYTES_MAX + 1 {
+                    limits::check_key(end)?;
+                }
+                Ok(())
+            }
+            Request::Routes | Request::NodeStatus => Ok(()),
+        }
+    }
+}

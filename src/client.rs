@@ -1,0 +1,669 @@
+//! `tessera::Client`: the async client library.
+//!
+//! A client reads a cluster file, connects to nodes over QUIC with its
+//! client certificate (client ALPN), learns routes, and sends each request to
+//! the leader of the shard that owns the key. Stale routes are corrected from
+//! the servers' typed answers (`NotLeader`, `EpochMismatch`,
+//! `KeyNotInRange`, `UnknownShard`) and retried with backoff under an overall
+//! deadline; a stale route costs a round trip, never a wrong answer.
+//!
+//! This module builds without the `server` feature: an application that
+//! only talks to a cluster compiles neither RocksDB nor openraft.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), tessera::client::ClientError> {
+//! let client = tessera::Client::connect("tessera-data/cluster.toml").await?;
+//! client.put(b"greeting", b"hello").await?;
+//! assert_eq!(client.get(b"greeting").await?.as_deref(), Some(&b"hello"[..]));
+//! # Ok(()) }
+//! ```
+
+use crate::api::{ApiError, NodeStatus, Request, Response, SCAN_LIMIT_MAX};
+use crate::cluster_file::{ClusterFile, ClusterFileError};
+use crate::command::{Op, OpResult};
+use crate::limits::{self, LimitError, FRAME_BYTES_MAX};
+use crate::tls::{self, TlsError, TlsFiles, TlsIdentity};
+use crate::{wire, NodeId, ShardDescriptor};
+use shard_router::RouteCache;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// What a client call can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The request is over a limit; nothing was sent.
+    #[error(transparent)]
+    Limit(#[from] LimitError),
+    /// The cluster file is unreadable.
+    #[error(transparent)]
+    ClusterFile(#[from] ClusterFileError),
+    /// The TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The deadline passed before the request was served. A write that
+    /// timed out is indeterminate: it may still take effect.
+    #[error("deadline of {deadline:?} passed: {last_error}")]
+    Timeout {
+        /// The overall deadline.
+        deadline: Duration,
+        /// The last error seen while retrying.
+        last_error: String,
+    },
+    /// The server refused the request for a reason retrying cannot fix.
+    #[error("refused: {0}")]
+    Refused(ApiError),
+    /// The local QUIC endpoint could not be created.
+    #[error("client endpoint: {0}")]
+    Endpoint(std::io::Error),
+}
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Overall deadline of one call, retries included. Default: 30 s.
+    pub deadline: Duration,
+    /// Deadline of one attempt (one request to one node). Default: 5 s.
+    pub attempt_timeout: Duration,
+    /// First retry backoff, doubled per retry up to 500 ms. Default: 10 ms.
+    pub backoff_min: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            deadline: Duration::from_secs(30),
+            attempt_timeout: Duration::from_secs(5),
+            backoff_min: Duration::from_millis(10),
+        }
+    }
+}
+
+/// The outcome of [`Client::cas`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CasOutcome {
+    /// Whether the swap happened.
+    pub succeeded: bool,
+    /// The value before the operation.
+    pub current: Option<Vec<u8>>,
+}
+
+struct Inner {
+    endpoint: quinn::Endpoint,
+    quic: quinn::ClientConfig,
+    nodes: Vec<(NodeId, SocketAddr)>,
+    conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    routes: Mutex<RouteCache>,
+    opts: ClientOptions,
+    retries: std::sync::atomic::AtomicU64,
+}
+
+/// A connection to a Tessera cluster (cheap to clone; share one).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+/// One attempt's failure, and what it teaches the route cache.
+enum AttemptError {
+    /// Retry (after the cache was corrected).
+    Retry(String),
+    /// Give up.
+    Fatal(ClientError),
+}
+
+impl Client {
+    /// Connects using a cluster file (node addresses, CA, client
+    /// certificate and key) with default options.
+    ///
+    /// # Errors
+    /// [`ClientError::ClusterFile`] or [`ClientError::Tls`] when the file or
+    /// the certificates are unusable. Nodes are dialed lazily: an
+    /// unreachable cluster shows at the first request.
+    pub async fn connect(cluster_file: impl AsRef<Path>) -> Result<Client, ClientError> {
+        Self::connect_with(cluster_file, ClientOptions::default()).await
+    }
+
+    /// [`Self::connect`] with options.
+    ///
+    /// # Errors
+    /// As [`Self::connect`].
+    pub async fn connect_with(
+        cluster_file: impl AsRef<Path>,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let f = ClusterFile::load(cluster_file.as_ref())?;
+        let identity = TlsIdentity::load(&TlsFiles {
+            ca_cert: f.ca_cert.clone(),
+            cert: f.client_cert.clone(),
+            key: f.client_key.clone(),
+        })?;
+        let nodes = f.nodes.iter().map(|n| (n.id, n.addr)).collect();
+        Self::from_identity(&identity, nodes, opts)
+    }
+
+    /// A client from loaded TLS material and node addresses.
+    ///
+    /// # Errors
+    /// [`ClientError::Tls`] or [`ClientError::Endpoint`].
+    pub fn from_identity(
+        identity: &TlsIdentity,
+        nodes: Vec<(NodeId, SocketAddr)>,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        let mut tc = quinn::TransportConfig::default();
+        tc.max_idle_timeout(Some(
+            quinn::IdleTimeout::try_from(Duration::from_secs(10)).expect("fits"),
+        ));
+        tc.keep_alive_interval(Some(Duration::from_secs(2)));
+        let quic = identity.client_config(tls::CLIENT_ALPN, Arc::new(tc))?;
+        let endpoint = quinn::Endpoint::client((std::net::Ipv6Addr::UNSPECIFIED, 0).into())
+            .or_else(|_| quinn::Endpoint::client((std::net::Ipv4Addr::UNSPECIFIED, 0).into()))
+            .map_err(ClientError::Endpoint)?;
+        Ok(Client {
+            inner: Arc::new(Inner {
+                endpoint,
+                quic,
+                nodes,
+                conns: tokio::sync::Mutex::new(HashMap::new()),
+                routes: Mutex::new(RouteCache::new()),
+                opts,
+                retries: std::sync::atomic::AtomicU64::new(0),
+            }),
+        })
+    }
+
+    /// Retries made so far (routing corrections, unavailable leaders).
+    pub fn retries(&self) -> u64 {
+        self.inner
+            .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Seeds or corrects the route cache with a descriptor (tests and tools
+    /// that know better; the client corrects itself either way).
+    pub fn learn_route(&self, d: ShardDescriptor) {
+        self.inner.routes.lock().expect("routes poisoned").insert(d);
+    }
+
+    /// The nodes of the cluster file.
+    pub fn nodes(&self) -> Vec<(NodeId, SocketAddr)> {
+        self.inner.nodes.clone()
+    }
+
+    async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(&node) {
+            if c.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+        }
+        let addr = self
+            .inner
+            .nodes
+            .iter()
+            .find(|(id, _)| *id == node)
+            .map(|(_, a)| *a)
+            .ok_or_else(|| format!("{node} is not in the cluster file"))?;
+        let connecting = self
+            .inner
+            .endpoint
+            .connect_with(self.inner.quic.clone(), addr, &tls::node_server_name(node))
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::time::timeout(self.inner.opts.attempt_timeout, connecting)
+            .await
+            .map_err(|_| format!("connect to {node} timed out"))?
+            .map_err(|e| format!("connect to {node}: {e}"))?;
+        conns.insert(node, conn.clone());
+        Ok(conn)
+    }
+
+    /// Sends one request to one node and waits for its answer.
+    pub async fn call_node(&self, node: NodeId, req: &Request) -> Result<Response, String> {
+        let frame = wire::encode_frame(req, FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
+        let conn = self.connection(node).await?;
+        let work = async {
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            let _ = send.finish();
+            let payload = wire::read_frame(&mut recv, FRAME_BYTES_MAX)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("no answer")?;
+            wire::decode_payload::<Response>(&payload).map_err(|e| e.to_string())
+        };
+        tokio::time::timeout(self.inner.opts.attempt_timeout, work)
+            .await
+            .map_err(|_| format!("{node} did not answer in time"))?
+    }
+
+    /// Asks nodes for their routes and learns them.
+    async fn refresh_routes(&self) -> Result<(), String> {
+        let mut last = String::from("no node answered");
+        let mut learned = false;
+        for (node, _) in self.inner.nodes.clone() {
+            match self.call_node(node, &Request::Routes).await {
+                Ok(Response::Routes(ds)) => {
+                    let mut cache = self.inner.routes.lock().expect("routes poisoned");
+                    for d in ds {
+                        cache.insert(d);
+                    }
+                    learned = true;
+                }
+                Ok(other) => last = format!("{node}: unexpected answer {other:?}"),
+                Err(e) => last = e,
+            }
+        }
+        if learned {
+            Ok(())
+        } else {
+            Err(last)
+        }
+    }
+
+    fn route(&self, key: &[u8]) -> Option<ShardDescriptor> {
+        self.inner
+            .routes
+            .lock()
+            .expect("routes poisoned")
+            .lookup(key)
+            .cloned()
+    }
+
+    /// Applies a refusal to the route cache; says whether to retry.
+    fn correct(&self, d: &ShardDescriptor, e: ApiError) -> AttemptError {
+        let mut cache = self.inner.routes.lock().expect("routes poisoned");
+        match e {
+            ApiError::NotLeader { shard, leader_hint } => {
+                let next = leader_hint
+                    .filter(|h| Some(*h) != d.leader_hint)
+                    .or_else(|| {
+                        // No (new) hint: try the replica after the one we asked.
+                        let asked = d.leader_hint.unwrap_or(d.replicas[0]);
+                        let i = d.replicas.iter().position(|r| *r == asked).unwrap_or(0);
+                        d.replicas.get((i + 1) % d.replicas.len()).copied()
+                    });
+                cache.set_leader(shard, next);
+                AttemptError::Retry(format!("{shard}: not the leader"))
+            }
+            ApiError::EpochMismatch { shard, current } => {
+                for c in current {
+                    cache.insert(c);
+                }
+                AttemptError::Retry(format!("{shard}: epoch mismatch"))
+            }
+            ApiError::KeyNotInRange { shard, .. } | ApiError::UnknownShard { shard } => {
+                cache.invalidate(shard);
+                AttemptError::Retry(format!("{shard}: route is stale"))
+            }
+            ApiError::Unavailable { shard, reason } => {
+                AttemptError::Retry(format!("{shard} unavailable: {reason}"))
+            }
+            e @ (ApiError::Limit(_) | ApiError::Invalid(_)) => {
+                AttemptError::Fatal(ClientError::Refused(e))
+            }
+        }
+    }
+
+    /// Runs `make(descriptor)` against the shard owning `key` until it is
+    /// answered, correcting routes and backing off under the deadline.
+    async fn with_route<T>(
+        &self,
+        key: &[u8],
+        make: impl Fn(&ShardDescriptor) -> Request,
+        mut accept: impl FnMut(Response) -> Result<T, AttemptError>,
+    ) -> Result<T, ClientError> {
+        let start = Instant::now();
+        let deadline = self.inner.opts.deadline;
+        let mut backoff = self.inner.opts.backoff_min;
+        loop {
+            let attempt: Result<T, AttemptError> = async {
+                let d = match self.route(key) {
+                    Some(d) => d,
+                    None => {
+                        self.refresh_routes().await.map_err(AttemptError::Retry)?;
+                        self.route(key)
+                            .ok_or_else(|| AttemptError::Retry("no route for the key".into()))?
+                    }
+                };
+                let node = d.leader_hint.unwrap_or(d.replicas[0]);
+                match self.call_node(node, &make(&d)).await {
+                    Ok(Response::Error(e)) => Err(self.correct(&d, e)),
+                    Ok(resp) => accept(resp),
+                    Err(e) => {
+                        // The node is down or unreachable: try another replica.
+                        let i = d.replicas.iter().position(|r| *r == node).unwrap_or(0);
+                        let next = d.replicas[(i + 1) % d.replicas.len()];
+                        self.inner
+                            .routes
+                            .lock()
+                            .expect("routes poisoned")
+                            .set_leader(d.id, Some(next));
+                        Err(AttemptError::Retry(e))
+                    }
+                }
+            }
+            .await;
+            let last_error = match attempt {
+                Ok(v) => return Ok(v),
+                Err(AttemptError::Fatal(e)) => return Err(e),
+                Err(AttemptError::Retry(e)) => e,
+            };
+            self.inner
+                .retries
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if start.elapsed() + backoff > deadline {
+                return Err(ClientError::Timeout {
+                    deadline,
+                    last_error,
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Reads `key` (linearizable).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// if let Some(v) = client.get(b"k").await? {
+    ///     println!("{}", String::from_utf8_lossy(&v));
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for a bad key; [`ClientError::Timeout`] when
+    /// the cluster could not serve it within the deadline.
+    pub async fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        Ok(self.batch_get(&[key]).await?.pop().flatten())
+    }
+
+    /// Reads several keys (linearizable per shard), in order.
+    ///
+    /// # Errors
+    /// As [`Self::get`]; more than 1,024 keys is [`ClientError::Limit`].
+    pub async fn batch_get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
+        if keys.is_empty() || keys.len() > limits::BATCH_OPS_MAX {
+            return Err(LimitError::BatchOps {
+                ops: keys.len(),
+                max: limits::BATCH_OPS_MAX,
+            }
+            .into());
+        }
+        for k in keys {
+            limits::check_key(k)?;
+        }
+        let mut out = Vec::with_capacity(keys.len());
+        for k in keys {
+            let v = self
+                .with_route(
+                    k,
+                    |d| Request::Get {
+                        shard: d.id,
+                        epoch: d.epoch,
+                        keys: vec![k.to_vec()],
+                    },
+                    |r| match r {
+                        Response::Values(mut v) if v.len() == 1 => Ok(v.pop().flatten()),
+                        other => Err(unexpected(other)),
+                    },
+                )
+                .await?;
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    async fn write_one(&self, op: Op) -> Result<OpResult, ClientError> {
+        crate::command::validate_ops(std::slice::from_ref(&op))?;
+        let key = op.key().to_vec();
+        self.with_route(
+            &key,
+            |d| Request::Write {
+                shard: d.id,
+                epoch: d.epoch,
+                ops: vec![op.clone()],
+            },
+            |r| match r {
+                Response::Written(mut v) if v.len() == 1 => Ok(v.pop().expect("one")),
+                other => Err(unexpected(other)),
+            },
+        )
+        .await
+    }
+
+    /// Sets `key` to `value`, durably replicated before it returns.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// client.put(b"user/42", b"{\"name\":\"Ada\"}").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] (key 1 B..8 KiB, value ≤ 1 MiB);
+    /// [`ClientError::Timeout`] (the write is then indeterminate).
+    pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<(), ClientError> {
+        self.write_one(Op::Put {
+            key: key.to_vec(),
+            value: value.to_vec(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Removes `key`; returns whether it existed.
+    ///
+    /// # Errors
+    /// As [`Self::put`].
+    pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
+        match self.write_one(Op::Delete { key: key.to_vec() }).await? {
+            OpResult::Delete { prev } => Ok(prev.is_some()),
+            _ => Ok(false),
+        }
+    }
+
+    /// Compare-and-swap: when `key`'s value equals `expected` (`None`:
+    /// absent), set it to `new` (`None`: delete).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// let won = client.cas(b"lock", None, Some(b"me")).await?.succeeded;
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Self::put`]; a failed comparison is `Ok` with `succeeded: false`.
+    pub async fn cas(
+        &self,
+        key: &[u8],
+        expected: Option<&[u8]>,
+        new: Option<&[u8]>,
+    ) -> Result<CasOutcome, ClientError> {
+        let r = self
+            .write_one(Op::Cas {
+                key: key.to_vec(),
+                expected: expected.map(<[u8]>::to_vec),
+                new: new.map(<[u8]>::to_vec),
+            })
+            .await?;
+        match r {
+            OpResult::Cas { succeeded, current } => Ok(CasOutcome { succeeded, current }),
+            other => Err(ClientError::Refused(ApiError::Invalid(format!(
+                "unexpected result {other:?}"
+            )))),
+        }
+    }
+
+    /// Writes several pairs. Pairs of one shard are applied atomically
+    /// together; pairs of different shards are not (each shard's part
+    /// succeeds or fails on its own).
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for more than 1,024 pairs or 4 MiB, or a bad
+    /// key or value; [`ClientError::Timeout`].
+    pub async fn batch_put(&self, pairs: &[(&[u8], &[u8])]) -> Result<(), ClientError> {
+        let ops: Vec<Op> = pairs
+            .iter()
+            .map(|(k, v)| Op::Put {
+                key: k.to_vec(),
+                value: v.to_vec(),
+            })
+            .collect();
+        crate::command::validate_ops(&ops)?;
+        let mut pending = ops;
+        while !pending.is_empty() {
+            // Group what the cache says shares a shard with the first key.
+            let first = pending[0].key().to_vec();
+            let route = match self.route(&first) {
+                Some(r) => r,
+                None => {
+                    // One routed write learns the route; then group.
+                    let op = pending.remove(0);
+                    self.write_one(op).await?;
+                    continue;
+                }
+            };
+            let (group, rest): (Vec<Op>, Vec<Op>) = pending
+                .into_iter()
+                .partition(|op| route.range.contains(op.key()));
+            pending = rest;
+            let group2 = group.clone();
+            let r = self
+                .with_route(
+                    &first,
+                    |d| Request::Write {
+                        shard: d.id,
+                        epoch: d.epoch,
+                        ops: group2.clone(),
+                    },
+                    |r| match r {
+                        Response::Written(_) => Ok(()),
+                        other => Err(unexpected(other)),
+                    },
+                )
+                .await;
+            match r {
+                Ok(()) => {}
+                // The shard shrank under us: write the group key by key.
+                Err(ClientError::Refused(ApiError::KeyNotInRange { .. })) => {
+                    for op in group {
+                        self.write_one(op).await?;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Up to `limit` pairs with keys in `[start, end)` (empty `end`: to the
+    /// end of the key space), in key order, across shard boundaries. Each
+    /// shard's part is a linearizable read.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// for (k, v) in client.scan(b"user/", b"user0", 100).await? {
+    ///     println!("{:?} = {:?}", k, v);
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for an oversized bound; [`ClientError::Timeout`].
+    pub async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        if start.len() > limits::KEY_BYTES_MAX {
+            limits::check_key(start)?;
+        }
+        if end.len() > limits::KEY_BYTES_MAX + 1 {
+            limits::check_key(end)?;
+        }
+        let mut out = Vec::new();
+        let mut cursor = start.to_vec();
+        while out.len() < limit {
+            if !end.is_empty() && cursor.as_slice() >= end {
+                break;
+            }
+            let want = (limit - out.len()).min(SCAN_LIMIT_MAX as usize) as u32;
+            let cur = cursor.clone();
+            let (pairs, more, shard_end) = self
+                .with_route(
+                    &cursor,
+                    |d| Request::Scan {
+                        shard: d.id,
+                        epoch: d.epoch,
+                        start: cur.clone(),
+                        end: end.to_vec(),
+                        limit: want,
+                    },
+                    |r| match r {
+                        Response::Pairs { pairs, more } => Ok((pairs, more)),
+                        other => Err(unexpected(other)),
+                    },
+                )
+                .await
+                .map(|(p, m)| {
+                    let shard_end = self.route(&cursor).map(|d| d.range.end).unwrap_or_default();
+                    (p, m, shard_end)
+                })?;
+            let last = pairs.last().map(|(k, _)| k.clone());
+            out.extend(pairs);
+            if more {
+                let mut next = last.expect("more implies pairs");
+                next.push(0);
+                cursor = next;
+            } else if shard_end.is_empty() {
+                break;
+            } else {
+                cursor = shard_end;
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// Every shard descriptor the nodes report (refreshing the cache).
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when no node answers.
+    pub async fn routes(&self) -> Result<Vec<ShardDescriptor>, ClientError> {
+        self.refresh_routes()
+            .await
+            .map_err(|last_error| ClientError::Timeout {
+                deadline: self.inner.opts.attempt_timeout,
+                last_error,
+            })?;
+        let cache = self.inner.routes.lock().expect("routes poisoned");
+        Ok(cache.iter().cloned().collect())
+    }
+
+    /// One node's status (its shards, leaders, sizes).
+    ///
+    /// # Errors
+    /// The node's error as a string when it is down.
+    pub async fn node_status(&self, node: NodeId) -> Result<NodeStatus, String> {
+        match self.call_node(node, &Request::NodeStatus).await? {
+            Response::NodeStatus(s) => Ok(s),
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+}
+
+fn unexpected(r: Response) -> AttemptError {
+    AttemptError::Fatal(ClientError::Refused(ApiError::Invalid(format!(
+        "unexpected answer {r:?}"
+    ))))
+}

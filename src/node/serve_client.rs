@@ -1,0 +1,217 @@
+//! Serving client requests ([`crate::api`]) on a node: the server trusts no
+//! client, so every request is checked here (limits, shard hosted, epoch,
+//! keys in range, this replica the leader) before any work.
+
+use super::Registry;
+use crate::api::{ApiError, NodeStatus, Request, Response, ShardStatus, SCAN_LIMIT_MAX};
+use crate::command::{Command, CommandResponse};
+use crate::limits::FRAME_BYTES_MAX;
+use crate::{wire, Epoch, ShardDescriptor, ShardId};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::ServerState;
+use std::sync::Arc;
+
+/// Serves every stream a client opens on `conn`, one request per stream.
+pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {
+    loop {
+        let Ok((mut send, mut recv)) = conn.accept_bi().await else {
+            return;
+        };
+        let registry = registry.clone();
+        tokio::spawn(async move {
+            let resp = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
+                Ok(Some(payload)) => match wire::decode_payload::<Request>(&payload) {
+                    Ok(req) => match req.validate() {
+                        Ok(()) => registry.serve(req).await,
+                        Err(e) => Response::Error(ApiError::Limit(e)),
+                    },
+                    Err(e) => Response::Error(ApiError::Invalid(format!("bad request: {e}"))),
+                },
+                Ok(None) => return,
+                Err(e) => Response::Error(ApiError::Invalid(format!("bad request frame: {e}"))),
+            };
+            if let Ok(frame) = wire::encode_frame(&resp, FRAME_BYTES_MAX) {
+                let _ = send.write_all(&frame).await;
+            }
+            let _ = send.finish();
+        });
+    }
+}
+
+impl Registry {
+    fn descriptor(&self, shard: ShardId) -> Result<ShardDescriptor, ApiError> {
+        self.engine
+            .shard_state(shard)
+            .map(|s| s.descriptor)
+            .map_err(|_| ApiError::UnknownShard { shard })
+    }
+
+    /// Looks up the group, checks the epoch and that this replica leads.
+    fn check(
+        &self,
+        shard: ShardId,
+        epoch: Epoch,
+    ) -> Result<(super::ShardRaft, ShardDescriptor), ApiError> {
+        let raft = self.get(shard).ok_or(ApiError::UnknownShard { shard })?;
+        let d = self.descriptor(shard)?;
+        if d.epoch != epoch {
+            return Err(ApiError::EpochMismatch {
+                shard,
+                current: vec![self.with_leader(d)],
+            });
+        }
+        let m = raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader || m.current_leader != Some(self.me) {
+            return Err(ApiError::NotLeader {
+                shard,
+                leader_hint: m.current_leader,
+            });
+        }
+        Ok((raft, d))
+    }
+
+    fn with_leader(&self, mut d: ShardDescriptor) -> ShardDescriptor {
+        if let Some(r) = self.get(d.id) {
+            d.leader_hint = r.metrics().borrow().current_leader.or(d.leader_hint);
+        }
+        d
+    }
+
+    /// A linearizable read barrier; heartbeats it sends skip the coalescing
+    /// linger.
+    async fn read_barrier(&self, shard: ShardId, raft: &super::ShardRaft) -> Result<(), ApiError> {
+        let _expedite = self.expedite();
+        raft.ensure_linearizable()
+            .await
+            .map(|_| ())
+            .map_err(|e| match e {
+                RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                    ApiError::NotLeader {
+                        shard,
+                        leader_hint: f.leader_id,
+                    }
+                }
+                other => ApiError::Unavailable {
+                    shard,
+                    reason: other.to_string(),
+                },
+            })
+    }
+
+    /// Answers one validated request.
+    pub(crate) async fn serve(&self, req: Request) -> Response {
+        match self.serve_inner(req).await {
+            Ok(r) => r,
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    async fn serve_inner(&self, req: Request) -> Result<Response, ApiError> {
+        let internal = |e: crate::storage::StoreError| ApiError::Invalid(e.to_string());
+        match req {
+            Request::Get { shard, epoch, keys } => {
+                let (raft, d) = self.check(shard, epoch)?;
+                if let Some(k) = keys.iter().find(|k| !d.range.contains(k)) {
+                    return Err(ApiError::KeyNotInRange {
+                        shard,
+                        key: k.clone(),
+                    });
+                }
+                self.read_barrier(shard, &raft).await?;
+                let values = keys
+                    .iter()
+                    .map(|k| self.engine.get(k))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(internal)?;
+                Ok(Response::Values(values))
+            }
+            Request::Write { shard, epoch, ops } => {
+                let (raft, d) = self.check(shard, epoch)?;
+                if let Some(op) = ops.iter().find(|op| !d.range.contains(op.key())) {
+                    return Err(ApiError::KeyNotInRange {
+                        shard,
+                        key: op.key().to_vec(),
+                    });
+                }
+                match raft.client_write(Command::Write { ops }).await {
+                    Ok(resp) => match resp.data {
+                        CommandResponse::Write(results) => Ok(Response::Written(results)),
+                        // The range changed between the check and the apply.
+                        CommandResponse::KeyNotInRange { key } => {
+                            Err(ApiError::KeyNotInRange { shard, key })
+                        }
+                        CommandResponse::Empty => {
+                            Err(ApiError::Invalid("write applied as an empty entry".into()))
+                        }
+                    },
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        Err(ApiError::NotLeader {
+                            shard,
+                            leader_hint: f.leader_id,
+                        })
+                    }
+                    Err(e) => Err(ApiError::Unavailable {
+                        shard,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            Request::Scan {
+                shard,
+                epoch,
+                start,
+                end,
+                limit,
+            } => {
+                let (raft, d) = self.check(shard, epoch)?;
+                let limit = limit.clamp(1, SCAN_LIMIT_MAX) as usize;
+                let from = std::cmp::max(start, d.range.start.clone());
+                let to = match (end.is_empty(), d.range.end.is_empty()) {
+                    (true, _) => d.range.end.clone(),
+                    (false, true) => end,
+                    (false, false) => std::cmp::min(end, d.range.end.clone()),
+                };
+                self.read_barrier(shard, &raft).await?;
+                let mut pairs = if !to.is_empty() && from >= to {
+                    Vec::new()
+                } else {
+                    self.engine.scan(&from, &to, limit + 1).map_err(internal)?
+                };
+                let more = pairs.len() > limit;
+                pairs.truncate(limit);
+                Ok(Response::Pairs { pairs, more })
+            }
+            Request::Routes => {
+                let mut out = Vec::new();
+                for shard in self.shard_ids() {
+                    if let Ok(d) = self.descriptor(shard) {
+                        out.push(self.with_leader(d));
+                    }
+                }
+                Ok(Response::Routes(out))
+            }
+            Request::NodeStatus => {
+                let mut shards = Vec::new();
+                for shard in self.shard_ids() {
+                    let Some(raft) = self.get(shard) else {
+                        continue;
+                    };
+                    let Ok(d) = self.descriptor(shard) else {
+                        continue;
+                    };
+                    let m = raft.metrics().borrow().clone();
+                    shards.push(ShardStatus {
+                        size_bytes: self.engine.approximate_size(&d.range),
+                        descriptor: d,
+                        leader: m.current_leader,
+                        applied_index: m.last_applied.map_or(0, |l| l.index),
+                    });
+                }
+                Ok(Response::NodeStatus(NodeStatus {
+                    node: self.me,
+                    shards,
+                }))
+            }
+        }
+    }
+}

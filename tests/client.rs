@@ -1,0 +1,288 @@
+//! The client library end to end against a real cluster over QUIC: range
+//! routing, scans across shards against a model, stale routes corrected
+//! from typed errors, limits enforced by client and server, concurrency.
+
+mod common;
+
+use common::cluster::{init_tracing, TestCluster, Timings};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tessera::api::{ApiError, Request, Response};
+use tessera::client::{ClientError, ClientOptions};
+use tessera::command::Op;
+use tessera::limits::{LimitError, BATCH_OPS_MAX, KEY_BYTES_MAX, VALUE_BYTES_MAX};
+use tessera::{Client, NodeId};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn ready(ids: &[u64], shards: u64) -> TestCluster {
+    let members: Vec<u64> = ids.to_vec();
+    let c = TestCluster::start(ids, &[], Some((shards, members)), Timings::fast()).await;
+    let node = c.up().next().unwrap().clone();
+    for s in node.shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    drop(node);
+    c
+}
+
+fn client(c: &TestCluster) -> Client {
+    let issued = c.ca.issue_client("test").unwrap();
+    let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.up().map(|n| (n.id(), n.addr())).collect();
+    Client::from_identity(&c.ca.identity(&issued), nodes, ClientOptions::default()).unwrap()
+}
+
+/// A key spread over the key space by its first byte.
+fn key(i: u32) -> Vec<u8> {
+    let mut k = vec![(i.wrapping_mul(37) % 256) as u8];
+    k.extend_from_slice(format!("key-{i:05}").as_bytes());
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scans_across_shards_match_a_model() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 16).await;
+    let cl = client(&c);
+    let mut model = BTreeMap::new();
+    for i in 0..400u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    for i in (0..400u32).step_by(7) {
+        assert!(cl.delete(&key(i)).await.unwrap());
+        model.remove(&key(i));
+    }
+    tracing::info!("phase: full scan, bounded scans, limits");
+    let all = cl.scan(b"", b"", 10_000).await.unwrap();
+    let want: Vec<_> = model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert_eq!(all, want);
+    // A range spanning at least 8 of the 16 shards (first bytes 0x10..0xa0).
+    let (lo, hi) = (vec![0x10u8], vec![0xa0u8]);
+    let spanned: Vec<_> = model
+        .range(lo.clone()..hi.clone())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    assert_eq!(cl.scan(&lo, &hi, 10_000).await.unwrap(), spanned);
+    for limit in [1usize, 5, 40, 150] {
+        let got = cl.scan(&lo, &hi, limit).await.unwrap();
+        assert_eq!(got, spanned[..limit.min(spanned.len())], "limit {limit}");
+    }
+    let routes = cl.routes().await.unwrap();
+    let spanned_shards = routes
+        .iter()
+        .filter(|d| d.range.start < hi && (d.range.end.is_empty() || d.range.end > lo))
+        .count();
+    assert!(spanned_shards >= 8, "{spanned_shards} shards spanned");
+    drop(cl);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_routes_are_corrected_without_wrong_answers() {
+    init_tracing();
+    // 4 nodes: every shard lives on 3 of them, so one node lacks each shard.
+    let c = ready(&[1, 2, 3, 4], 8).await;
+    let cl = client(&c);
+    let k = key(1);
+    cl.put(&k, b"one").await.unwrap();
+    let d = cl
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.range.contains(&k))
+        .unwrap();
+
+    tracing::info!("phase: leadership moves; the cached leader is stale");
+    let old = c.wait_leader(d.id, WAIT).await.unwrap();
+    let target = *d.replicas.iter().find(|n| **n != old).unwrap();
+    c.node(target.0)
+        .raft(d.id)
+        .unwrap()
+        .trigger()
+        .elect()
+        .await
+        .unwrap();
+    c.wait_until("leadership moved", WAIT, |c| {
+        c.node(target.0).shards_led().contains(&d.id)
+    })
+    .await
+    .unwrap();
+    let before = cl.retries();
+    assert_eq!(cl.get(&k).await.unwrap().as_deref(), Some(&b"one"[..]));
+    cl.put(&k, b"two").await.unwrap();
+    assert_eq!(cl.get(&k).await.unwrap().as_deref(), Some(&b"two"[..]));
+    let retried = cl.retries() - before;
+    assert!((1..=5).contains(&retried), "{retried} retries");
+
+    tracing::info!("phase: the cache says the shard lives on a node that lacks it");
+    let absent = (1..=4)
+        .map(NodeId)
+        .find(|n| !d.replicas.contains(n))
+        .unwrap();
+    let mut wrong = d.clone();
+    wrong.replicas = vec![absent];
+    wrong.leader_hint = Some(absent);
+    let stale = client(&c);
+    stale.learn_route(wrong);
+    let before = stale.retries();
+    assert_eq!(stale.get(&k).await.unwrap().as_deref(), Some(&b"two"[..]));
+    stale.put(&k, b"three").await.unwrap();
+    assert_eq!(cl.get(&k).await.unwrap().as_deref(), Some(&b"three"[..]));
+    let retried = stale.retries() - before;
+    assert!((1..=5).contains(&retried), "{retried} retries");
+
+    tracing::info!("phase: an old epoch is answered with the current descriptor");
+    let mut old_epoch = d.clone();
+    old_epoch.epoch.conf_ver += 7; // unknown to the server: a mismatch either way
+    let raw = cl
+        .call_node(
+            c.wait_leader(d.id, WAIT).await.unwrap(),
+            &Request::Get {
+                shard: d.id,
+                epoch: old_epoch.epoch,
+                keys: vec![k.clone()],
+            },
+        )
+        .await
+        .unwrap();
+    match raw {
+        Response::Error(ApiError::EpochMismatch { current, .. }) => {
+            assert_eq!(current[0].id, d.id);
+            assert_eq!(current[0].epoch, d.epoch);
+        }
+        other => panic!("expected EpochMismatch, got {other:?}"),
+    }
+    drop((cl, stale));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_input_is_refused_by_client_and_server() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 4).await;
+    let cl = client(&c);
+    let big_key = vec![b'k'; KEY_BYTES_MAX + 1];
+    let big_value = vec![b'v'; VALUE_BYTES_MAX + 1];
+    assert!(matches!(
+        cl.put(&big_key, b"v").await,
+        Err(ClientError::Limit(LimitError::KeySize { .. }))
+    ));
+    assert!(matches!(
+        cl.put(b"", b"v").await,
+        Err(ClientError::Limit(LimitError::KeySize { len: 0, .. }))
+    ));
+    assert!(matches!(
+        cl.put(b"k", &big_value).await,
+        Err(ClientError::Limit(LimitError::ValueSize { .. }))
+    ));
+    assert!(matches!(
+        cl.get(&big_key).await,
+        Err(ClientError::Limit(LimitError::KeySize { .. }))
+    ));
+    let keys: Vec<Vec<u8>> = (0..=BATCH_OPS_MAX as u32).map(key).collect();
+    let pairs: Vec<(&[u8], &[u8])> = keys.iter().map(|k| (k.as_slice(), &b"v"[..])).collect();
+    assert!(matches!(
+        cl.batch_put(&pairs).await,
+        Err(ClientError::Limit(LimitError::BatchOps { .. }))
+    ));
+    let vals: Vec<Vec<u8>> = (0..5).map(|_| vec![0u8; VALUE_BYTES_MAX]).collect();
+    let heavy: Vec<(&[u8], &[u8])> = keys[..5]
+        .iter()
+        .zip(&vals)
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    assert!(matches!(
+        cl.batch_put(&heavy).await,
+        Err(ClientError::Limit(LimitError::BatchBytes { .. }))
+    ));
+
+    tracing::info!("phase: raw requests that bypass the client's checks");
+    let d = cl
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.range.contains(b"k"))
+        .unwrap();
+    let leader = c.wait_leader(d.id, WAIT).await.unwrap();
+    let raw = [
+        Request::Write {
+            shard: d.id,
+            epoch: d.epoch,
+            ops: vec![Op::Put {
+                key: b"k".to_vec(),
+                value: big_value.clone(),
+            }],
+        },
+        Request::Write {
+            shard: d.id,
+            epoch: d.epoch,
+            ops: vec![Op::Delete {
+                key: big_key.clone(),
+            }],
+        },
+        Request::Get {
+            shard: d.id,
+            epoch: d.epoch,
+            keys: vec![Vec::new()],
+        },
+        Request::Write {
+            shard: d.id,
+            epoch: d.epoch,
+            ops: Vec::new(),
+        },
+    ];
+    for r in raw {
+        match cl.call_node(leader, &r).await.unwrap() {
+            Response::Error(ApiError::Limit(_)) => {}
+            other => panic!("server accepted an oversized request: {other:?}"),
+        }
+    }
+    // Nothing was written, and the node keeps serving.
+    assert_eq!(cl.get(b"k").await.unwrap(), None);
+    cl.put(b"k", b"small").await.unwrap();
+    assert_eq!(cl.get(b"k").await.unwrap().as_deref(), Some(&b"small"[..]));
+    drop(cl);
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_clients_read_back_every_acknowledged_write() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 16).await;
+    let mut tasks = Vec::new();
+    for w in 0..16u32 {
+        let cl = client(&c);
+        tasks.push(tokio::spawn(async move {
+            let mut acked = Vec::new();
+            for i in 0..30u32 {
+                let k = key(w * 1000 + i);
+                let v = format!("w{w}-{i}").into_bytes();
+                cl.put(&k, &v).await.expect("put acknowledged");
+                acked.push((k, v));
+            }
+            (cl, acked)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.push(t.await.unwrap());
+    }
+    let reader = client(&c);
+    for (_, acked) in &all {
+        for (k, v) in acked {
+            assert_eq!(reader.get(k).await.unwrap().as_ref(), Some(v));
+        }
+    }
+    let keys: Vec<&[u8]> = all[0].1.iter().map(|(k, _)| k.as_slice()).collect();
+    let got = reader.batch_get(&keys).await.unwrap();
+    assert!(got
+        .iter()
+        .zip(&all[0].1)
+        .all(|(g, (_, v))| g.as_ref() == Some(v)));
+    drop((all, reader));
+    c.shutdown().await;
+}
