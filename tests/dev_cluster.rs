@@ -66,6 +66,7 @@ fn dev_cluster_resumes_after_sigkill() {
             "cluster.toml lacks {needle}: {cluster}"
         );
     }
+    ctl_round_trip(&data.join("cluster.toml"));
     first.kill().unwrap();
     first.wait().unwrap();
 
@@ -73,12 +74,81 @@ fn dev_cluster_resumes_after_sigkill() {
     // the replica that leads it now, so the next boot is #2.
     let (mut second, line) = start_dev(&data);
     assert_eq!(boot_number(&line), 2, "{line}");
+    // What tessera-ctl wrote before the SIGKILL is still there.
+    let got = ctl(&data.join("cluster.toml"), &["get", "greeting"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "hello\n");
     // SIGTERM shuts down gracefully.
     let pid = second.id().to_string();
     let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(status.success());
     let exit = second.wait().unwrap();
     assert!(exit.success(), "graceful shutdown exits 0: {exit:?}");
+}
+
+/// `tessera-ctl`, built beside `tessera` by the workspace test run.
+fn ctl(cluster: &Path, args: &[&str]) -> std::process::Output {
+    let bin = Path::new(env!("CARGO_BIN_EXE_tessera")).with_file_name("tessera-ctl");
+    assert!(
+        bin.exists(),
+        "{} is missing: run the workspace tests (cargo test --workspace)",
+        bin.display()
+    );
+    Command::new(bin)
+        .arg("--cluster")
+        .arg(cluster)
+        .args(args)
+        .output()
+        .expect("run tessera-ctl")
+}
+
+fn ctl_ok(cluster: &Path, args: &[&str]) -> String {
+    let out = ctl(cluster, args);
+    assert!(
+        out.status.success(),
+        "tessera-ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn ctl_round_trip(cluster: &Path) {
+    ctl_ok(cluster, &["put", "greeting", "hello"]);
+    for (k, v) in [("a1", "x"), ("m2", "y"), ("z3", "z")] {
+        ctl_ok(cluster, &["put", k, v]);
+    }
+    assert_eq!(ctl_ok(cluster, &["get", "greeting"]), "hello\n");
+    let missing = ctl(cluster, &["get", "nope"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert_eq!(String::from_utf8_lossy(&missing.stderr).trim(), "not found");
+    ctl_ok(cluster, &["delete", "m2"]);
+    assert_eq!(
+        ctl_ok(cluster, &["scan", "--start", "a", "--end", "zz"]),
+        "a1\tx\ngreeting\thello\nz3\tz\n"
+    );
+    assert_eq!(
+        ctl_ok(cluster, &["scan", "--limit", "1", "--start", "b"]),
+        "greeting\thello\n"
+    );
+    let status: serde_json::Value = serde_json::from_str(&ctl_ok(cluster, &["status", "--json"]))
+        .expect("status --json is JSON");
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 3);
+    assert!(nodes
+        .iter()
+        .all(|n| n["up"] == true && n["addr"].is_string() && n["id"].is_u64()));
+    let shards = status["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), 8);
+    assert_eq!(shards[0]["start"], "");
+    assert_eq!(shards[7]["end"], "");
+    for s in shards {
+        assert!(s["leader"].is_u64(), "{s}");
+        assert_eq!(s["replicas"].as_array().unwrap().len(), 3);
+        assert!(s["epoch"].is_object() && s["size_bytes"].is_u64() && s["id"].is_u64());
+    }
+    let table = ctl_ok(cluster, &["status"]);
+    assert!(table.contains("up") && table.contains("shard"), "{table}");
+    let bad = ctl(Path::new("/nonexistent/cluster.toml"), &["get", "k"]);
+    assert!(!bad.status.success() && !bad.stderr.is_empty());
 }
 
 #[test]
