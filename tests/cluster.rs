@@ -59,6 +59,25 @@ async fn three_nodes_256_shards_elect_and_commit_on_every_replica() {
     }
     let led: u64 = c.up().map(|n| n.metrics().shards_led).sum();
     assert!(led >= 256, "every shard has a leader ({led})");
+    tracing::info!("phase: the same figures over HTTP in Prometheus text");
+    let mut led_http = 0;
+    for n in c.up() {
+        let text = tessera::metrics::fetch(n.metrics_addr().expect("metrics served"))
+            .await
+            .unwrap();
+        led_http += tessera::metrics::parse_metric(&text, "tessera_shards_led").unwrap();
+        assert_eq!(
+            tessera::metrics::parse_metric(&text, "tessera_shards_hosted"),
+            Some(256)
+        );
+        assert!(
+            tessera::metrics::parse_metric(&text, "tessera_raft_frames_sent_total").unwrap() > 0
+        );
+        assert!(
+            tessera::metrics::parse_metric(&text, "tessera_commands_applied_total").unwrap() >= 256
+        );
+    }
+    assert!(led_http >= 256, "{led_http}");
     c.shutdown().await;
 }
 
@@ -289,6 +308,39 @@ async fn a_follower_behind_the_purged_log_catches_up_by_a_snapshot_over_quic() {
             Some(2000),
             "{k} on n3"
         );
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_commit_through_random_message_loss() {
+    init_tracing();
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
+    let descs = descriptors(&c).await;
+    for d in &descs {
+        c.wait_leader(d.id, WAIT).await.unwrap();
+    }
+    tracing::info!("phase: 20% of messages (requests and replies) dropped");
+    c.faults.set_drop_fraction(0.2);
+    let mut acked = Vec::new();
+    for d in &descs {
+        for i in 0..10u64 {
+            let k = key_of(d.id, d, i);
+            let idx = c.put(d.id, &k, b"lossy", WAIT).await.unwrap();
+            acked.push((d.id, k, idx));
+        }
+    }
+    c.faults.set_drop_fraction(0.0);
+    for (shard, k, idx) in &acked {
+        c.wait_applied(*shard, *idx, &[1, 2, 3], WAIT)
+            .await
+            .unwrap();
+        for n in [1, 2, 3] {
+            assert_eq!(
+                c.node(n).engine().get(k).unwrap().as_deref(),
+                Some(&b"lossy"[..])
+            );
+        }
     }
     c.shutdown().await;
 }
