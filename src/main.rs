@@ -282,6 +282,20 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
         *leaders.entry(leader).or_default() += 1;
         boot = boot.max(n + 1);
     }
+    // The meta shard (the authoritative route table) has a leader too.
+    loop {
+        let meta_led = running.values().any(|n| {
+            n.raft(tessera::node::meta::META_SHARD)
+                .is_some_and(|r| r.metrics().borrow().current_leader.is_some())
+        });
+        if meta_led {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the meta shard has no leader after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let spread: Vec<String> = leaders.iter().map(|(n, c)| format!("{n}: {c}")).collect();
     println!(
         "ready: {} shards on {} nodes over QUIC (leaders {}), boot #{boot}, cluster file {}",

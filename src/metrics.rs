@@ -63,6 +63,8 @@ pub struct MetricsSnapshot {
     pub shards_hosted: u64,
     /// Shards this node currently leads.
     pub shards_led: u64,
+    /// 1 when this node leads the meta shard.
+    pub meta_leader: u64,
 }
 
 impl NetMetrics {
@@ -84,7 +86,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 13] = [
+        let rows: [(&str, &str, &str, u64); 14] = [
             (
                 "tessera_raft_messages_sent_total",
                 "counter",
@@ -162,6 +164,12 @@ impl MetricsSnapshot {
                 "gauge",
                 "Shards this node leads",
                 self.shards_led,
+            ),
+            (
+                "tessera_meta_leader",
+                "gauge",
+                "1 when this node leads the meta shard",
+                self.meta_leader,
             ),
         ];
         let mut out = String::new();

@@ -155,6 +155,29 @@ async fn stale_routes_are_corrected_without_wrong_answers() {
         }
         other => panic!("expected EpochMismatch, got {other:?}"),
     }
+
+    tracing::info!("phase: the meta shard's table covers shards n1 does not host");
+    let meta_hosts: Vec<NodeId> = (1..=3).map(NodeId).collect();
+    let mut table = Vec::new();
+    // Bounded wait (15 s) for the initial routes to be recorded.
+    for _ in 0..300 {
+        match cl.call_node(meta_hosts[0], &Request::Routes).await.unwrap() {
+            Response::Routes(r) if r.len() == 8 => {
+                table = r;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+    assert_eq!(table.len(), 8, "meta routes recorded within 15 s");
+    let map =
+        tessera::shard_router::RangeMap::new(table.clone()).expect("routes cover the key space");
+    assert_eq!(map.len(), 8);
+    assert!(
+        table.iter().any(|d| !d.replicas.contains(&NodeId(1))),
+        "n1 answered only for its own replicas"
+    );
+    assert!(c.node(1).raft(tessera::node::meta::META_SHARD).is_some());
     drop((cl, stale));
     c.shutdown().await;
 }

@@ -7,6 +7,7 @@
 //! and closes RocksDB.
 
 mod config;
+pub mod meta;
 mod serve_client;
 
 pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings};
@@ -105,14 +106,36 @@ impl Registry {
         self.expedite.load(std::sync::atomic::Ordering::Acquire) > 0
     }
 
+    /// Hosted data shards (the meta shard excluded), in id order.
     fn shard_ids(&self) -> Vec<ShardId> {
-        let mut ids: Vec<ShardId> = self.groups.iter().map(|e| *e.key()).collect();
+        let mut ids: Vec<ShardId> = self
+            .groups
+            .iter()
+            .map(|e| *e.key())
+            .filter(|s| *s != meta::META_SHARD)
+            .collect();
         ids.sort();
         ids
     }
 
     fn get(&self, shard: ShardId) -> Option<ShardRaft> {
         self.groups.get(&shard).map(|r| r.clone())
+    }
+
+    /// The descriptors recorded in this node's replica of the meta shard
+    /// (`None` when it hosts none). Routes are hints: every data request is
+    /// checked against the serving shard's own descriptor, so a lagging
+    /// replica of the meta shard costs a retry, never a wrong answer.
+    pub fn meta_routes(&self) -> Option<Vec<ShardDescriptor>> {
+        self.get(meta::META_SHARD)?;
+        let r = meta::meta_range();
+        let pairs = self.engine.scan(&r.start, &r.end, usize::MAX).ok()?;
+        Some(
+            pairs
+                .iter()
+                .filter_map(|(_, v)| postcard::from_bytes::<ShardDescriptor>(v).ok())
+                .collect(),
+        )
     }
 
     /// Serves a client connection (client ALPN) until it closes.
@@ -197,6 +220,45 @@ pub fn initial_shards(n: u64, members: &[NodeId]) -> Vec<ShardDescriptor> {
         .collect()
 }
 
+/// Writes the bootstrap descriptors into the meta shard once it has a
+/// leader (retried until it succeeds or the node stops), then marks it done.
+async fn record_initial_routes(
+    node: std::sync::Weak<Node>,
+    descs: Vec<ShardDescriptor>,
+    marker: PathBuf,
+) {
+    use crate::command::{Command, Op};
+    let ops: Vec<Op> = descs
+        .iter()
+        .map(|d| Op::Put {
+            key: meta::route_key(d.id),
+            value: postcard::to_stdvec(d).expect("descriptor encodes"),
+        })
+        .collect();
+    loop {
+        let Some(n) = node.upgrade() else { return };
+        if let Some(raft) = n.raft(meta::META_SHARD) {
+            let w = tokio::time::timeout(
+                Duration::from_secs(5),
+                raft.client_write(Command::Write { ops: ops.clone() }),
+            )
+            .await;
+            if let Ok(Ok(_)) = w {
+                if let Err(e) = std::fs::write(&marker, b"initial routes recorded\n") {
+                    tracing::warn!(error = %e, "could not mark the routes recorded");
+                }
+                tracing::info!(
+                    shards = descs.len(),
+                    "initial routes recorded in the meta shard"
+                );
+                return;
+            }
+        }
+        drop(n);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A running node.
 pub struct Node {
     id: NodeId,
@@ -266,6 +328,10 @@ impl Node {
         let marker = node.config.data_dir.join("bootstrapped");
         if let Some(b) = node.config.bootstrap.clone() {
             if !marker.exists() {
+                let meta = meta::meta_descriptor(&b.members);
+                if meta.replicas.contains(&id) {
+                    node.create_shard(&meta).await?;
+                }
                 for d in initial_shards(b.shards, &b.members) {
                     if d.replicas.contains(&id) {
                         node.create_shard(&d).await?;
@@ -274,6 +340,17 @@ impl Node {
                 std::fs::write(&marker, b"bootstrap complete\n")
                     .and_then(|_| std::fs::File::open(&node.config.data_dir)?.sync_all())
                     .map_err(|e| StoreError::io("write bootstrap marker", &marker, e))?;
+            }
+        }
+        if let Some(b) = node.config.bootstrap.clone() {
+            let recorded = node.config.data_dir.join("routes-recorded");
+            let meta = meta::meta_descriptor(&b.members);
+            if meta.leader_hint == Some(id) && !recorded.exists() {
+                tokio::spawn(record_initial_routes(
+                    Arc::downgrade(&node),
+                    initial_shards(b.shards, &b.members),
+                    recorded,
+                ));
             }
         }
         if let Some(addr) = node.config.metrics_addr {
@@ -394,12 +471,13 @@ impl Node {
         self.registry.get(shard)
     }
 
-    /// Hosted shards, in id order.
+    /// Hosted data shards in id order (the meta shard, if hosted, is
+    /// [`meta::META_SHARD`]).
     pub fn shard_ids(&self) -> Vec<ShardId> {
         self.registry.shard_ids()
     }
 
-    /// Shards this node leads right now.
+    /// Data shards this node leads right now.
     pub fn shards_led(&self) -> Vec<ShardId> {
         let mut led: Vec<ShardId> = self
             .registry
@@ -411,6 +489,7 @@ impl Node {
                 m.state == ServerState::Leader && m.current_leader == Some(self.id)
             })
             .map(|e| *e.key())
+            .filter(|s| *s != meta::META_SHARD)
             .collect();
         led.sort();
         led
@@ -423,7 +502,12 @@ impl Node {
         let st = self.engine.stats();
         s.syncs = st.syncs;
         s.commands_applied = st.commands_applied;
-        s.shards_hosted = self.registry.groups.len() as u64;
+        s.shards_hosted = self.registry.shard_ids().len() as u64;
+        s.meta_leader = self.raft(meta::META_SHARD).is_some_and(|r| {
+            let m = r.metrics();
+            let m = m.borrow();
+            m.state == ServerState::Leader && m.current_leader == Some(self.id)
+        }) as u64;
         s.shards_led = self.shards_led().len() as u64;
         s
     }

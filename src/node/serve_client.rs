@@ -171,8 +171,16 @@ impl Registry {
                     (false, true) => end,
                     (false, false) => std::cmp::min(end, d.range.end.clone()),
                 };
+                // Never past the user key space (the meta shard's records
+                // sort above it).
+                let system = super::meta::system_prefix();
+                let to = if to.is_empty() || to > system {
+                    system
+                } else {
+                    to
+                };
                 self.read_barrier(shard, &raft).await?;
-                let mut pairs = if !to.is_empty() && from >= to {
+                let mut pairs = if from >= to {
                     Vec::new()
                 } else {
                     self.engine.scan(&from, &to, limit + 1).map_err(internal)?
@@ -182,13 +190,24 @@ impl Registry {
                 Ok(Response::Pairs { pairs, more })
             }
             Request::Routes => {
-                let mut out = Vec::new();
+                // The meta shard's table when this node holds a replica of
+                // it, else what the node's own replicas know; leader hints
+                // from the local groups either way.
+                let mut by_id = std::collections::BTreeMap::new();
+                for d in self.meta_routes().unwrap_or_default() {
+                    by_id.insert(d.id, d);
+                }
                 for shard in self.shard_ids() {
                     if let Ok(d) = self.descriptor(shard) {
-                        out.push(self.with_leader(d));
+                        let newer = by_id.get(&shard).is_none_or(|m| d.epoch >= m.epoch);
+                        if newer {
+                            by_id.insert(shard, d);
+                        }
                     }
                 }
-                Ok(Response::Routes(out))
+                Ok(Response::Routes(
+                    by_id.into_values().map(|d| self.with_leader(d)).collect(),
+                ))
             }
             Request::NodeStatus => {
                 let mut shards = Vec::new();

@@ -1,0 +1,67 @@
+//! The meta shard: a Raft group like the others whose data is the
+//! authoritative table of shard descriptors.
+//!
+//! Its records live in the shared `data` column family above every valid
+//! user key: user keys are at most 8 KiB, so any key that starts with
+//! 8,193 bytes of `0xff` sorts after all of them and no client request can
+//! name it (the edge refuses keys over 8 KiB). Record keys are
+//! `SYSTEM_PREFIX ‖ "route/" ‖ shard id (u64 BE)`, values the postcard
+//! descriptor. Being an ordinary shard, it is replicated, snapshotted and
+//! restarted like every other.
+
+use crate::limits::KEY_BYTES_MAX;
+use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
+
+/// The meta shard's id.
+pub const META_SHARD: ShardId = ShardId(0);
+
+/// The first key above every valid user key.
+pub fn system_prefix() -> Vec<u8> {
+    vec![0xff; KEY_BYTES_MAX + 1]
+}
+
+/// The meta shard's key range: the route records.
+pub fn meta_range() -> KeyRange {
+    let mut start = system_prefix();
+    start.extend_from_slice(b"route/");
+    let mut end = system_prefix();
+    end.extend_from_slice(b"route0");
+    KeyRange::new(start, end)
+}
+
+/// The record key of `shard`'s descriptor.
+pub fn route_key(shard: ShardId) -> Vec<u8> {
+    let mut k = meta_range().start;
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// The meta shard's descriptor for a cluster of `members` (3 replicas at
+/// most, the first member initialises it).
+pub fn meta_descriptor(members: &[NodeId]) -> ShardDescriptor {
+    let replicas: Vec<NodeId> = members.iter().take(3).copied().collect();
+    let mut d = ShardDescriptor::new(META_SHARD, meta_range(), replicas.clone());
+    d.leader_hint = replicas.first().copied();
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_records_sort_above_every_user_key_and_inside_the_meta_range() {
+        let biggest_user_key = vec![0xffu8; KEY_BYTES_MAX];
+        let r = meta_range();
+        for id in [0u64, 1, 77, u64::MAX - 1] {
+            let k = route_key(ShardId(id));
+            assert!(k > biggest_user_key);
+            assert!(r.contains(&k));
+            assert!(
+                crate::limits::check_key(&k).is_err(),
+                "no client can name it"
+            );
+        }
+        assert!(route_key(ShardId(1)) < route_key(ShardId(2)));
+    }
+}
