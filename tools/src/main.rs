@@ -76,6 +76,14 @@ enum Cmd {
 async fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli).await {
+        // A closed pipe (`tessera-ctl scan | head`) is not an error.
+        let broken_pipe = e
+            .chain()
+            .filter_map(|c| c.downcast_ref::<std::io::Error>())
+            .any(|io| io.kind() == std::io::ErrorKind::BrokenPipe);
+        if broken_pipe {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(2);
     }
@@ -149,6 +157,7 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
     if nodes.iter().all(|(_, _, up)| !up) {
         bail!("no node of {} answered", cluster.display());
     }
+    let mut out = std::io::stdout().lock();
     if json {
         let v = serde_json::json!({
             "nodes": nodes.iter().map(|(id, addr, up)| serde_json::json!({
@@ -167,26 +176,29 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                 })
             }).collect::<Vec<_>>(),
         });
-        println!("{}", serde_json::to_string_pretty(&v)?);
+        writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
-    println!("{:<6} {:<22} {:<5}", "node", "addr", "state");
+    writeln!(out, "{:<6} {:<22} {:<5}", "node", "addr", "state")?;
     for (id, addr, up) in &nodes {
-        println!(
+        writeln!(
+            out,
             "{:<6} {:<22} {:<5}",
             id.to_string(),
             addr.to_string(),
             if *up { "up" } else { "down" }
-        );
+        )?;
     }
-    println!();
-    println!(
+    writeln!(out)?;
+    writeln!(
+        out,
         "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}",
         "shard", "range", "leader", "replicas", "epoch", "size_bytes"
-    );
+    )?;
     for r in shards.values() {
         let d = &r.status.descriptor;
-        println!(
+        writeln!(
+            out,
             "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}",
             d.id.to_string(),
             d.range.to_string(),
@@ -198,7 +210,7 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                 .join(","),
             format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
             r.status.size_bytes
-        );
+        )?;
     }
     Ok(())
 }
