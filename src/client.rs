@@ -385,6 +385,14 @@ impl Client {
 
     /// Reads several keys (linearizable per shard), in order.
     ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// let values = client.batch_get(&[b"a", b"b"]).await?;
+    /// assert_eq!(values.len(), 2);
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// As [`Self::get`]; more than 1,024 keys is [`ClientError::Limit`].
     pub async fn batch_get(&self, keys: &[&[u8]]) -> Result<Vec<Option<Vec<u8>>>, ClientError> {
@@ -460,6 +468,13 @@ impl Client {
 
     /// Removes `key`; returns whether it existed.
     ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// let existed = client.delete(b"session/7").await?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// # Errors
     /// As [`Self::put`].
     pub async fn delete(&self, key: &[u8]) -> Result<bool, ClientError> {
@@ -505,6 +520,13 @@ impl Client {
     /// Writes several pairs. Pairs of one shard are applied atomically
     /// together; pairs of different shards are not (each shard's part
     /// succeeds or fails on its own).
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// client.batch_put(&[(b"a", b"1"), (b"b", b"2")]).await?;
+    /// # Ok(()) }
+    /// ```
     ///
     /// # Errors
     /// [`ClientError::Limit`] for more than 1,024 pairs or 4 MiB, or a bad

@@ -309,3 +309,37 @@ async fn sixteen_concurrent_clients_read_back_every_acknowledged_write() {
     drop((all, reader));
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cas_and_batches_behave_like_a_register_per_key() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 8).await;
+    let cl = client(&c);
+    let k = key(9);
+    let won = cl.cas(&k, None, Some(b"first")).await.unwrap();
+    assert!(won.succeeded && won.current.is_none());
+    let lost = cl.cas(&k, None, Some(b"second")).await.unwrap();
+    assert!(!lost.succeeded);
+    assert_eq!(lost.current.as_deref(), Some(&b"first"[..]));
+    let swapped = cl.cas(&k, Some(b"first"), Some(b"third")).await.unwrap();
+    assert!(swapped.succeeded);
+    let deleted = cl.cas(&k, Some(b"third"), None).await.unwrap();
+    assert!(deleted.succeeded);
+    assert_eq!(cl.get(&k).await.unwrap(), None);
+
+    // A batch spanning many shards lands whole; batch_get reads it back in order.
+    let keys: Vec<Vec<u8>> = (0..200u32).map(key).collect();
+    let vals: Vec<Vec<u8>> = (0..200u32).map(|i| format!("b{i}").into_bytes()).collect();
+    let pairs: Vec<(&[u8], &[u8])> = keys
+        .iter()
+        .zip(&vals)
+        .map(|(k, v)| (k.as_slice(), v.as_slice()))
+        .collect();
+    cl.batch_put(&pairs).await.unwrap();
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let got = cl.batch_get(&refs).await.unwrap();
+    let want: Vec<Option<Vec<u8>>> = vals.into_iter().map(Some).collect();
+    assert_eq!(got, want);
+    drop(cl);
+    c.shutdown().await;
+}

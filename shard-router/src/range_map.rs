@@ -187,6 +187,7 @@ impl RangeMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::descriptor::Epoch;
     use proptest::prelude::*;
 
     fn full() -> RangeMap {
@@ -257,6 +258,39 @@ mod tests {
     }
 
     proptest! {
+        /// Splits and replica changes in any order: epochs never go back,
+        /// the shard a step touches moves forward, the map stays exact.
+        #[test]
+        fn epochs_only_grow(steps in proptest::collection::vec((any::<bool>(), proptest::collection::vec(any::<u8>(), 1..3), 1u64..4), 1..60)) {
+            let mut m = full();
+            let mut next = 2;
+            for (split, key, node) in steps {
+                let before: std::collections::HashMap<ShardId, Epoch> =
+                    m.iter().map(|d| (d.id, d.epoch)).collect();
+                let owner = m.lookup(&key).clone();
+                let touched = if split {
+                    if owner.range.start == key {
+                        continue;
+                    }
+                    let (left, right) = m.split(owner.id, &key, ShardId(next)).unwrap();
+                    next += 1;
+                    prop_assert!(right.epoch > before[&owner.id]);
+                    left.id
+                } else {
+                    m.change_replicas(owner.id, vec![NodeId(node)]).unwrap().id
+                };
+                prop_assert_eq!(m.check(), Ok(()));
+                for d in m.iter() {
+                    if let Some(old) = before.get(&d.id) {
+                        prop_assert!(d.epoch >= *old, "{} went back", d.id);
+                        if d.id == touched {
+                            prop_assert!(d.epoch > *old, "{} did not move forward", d.id);
+                        }
+                    }
+                }
+            }
+        }
+
         #[test]
         fn lookups_and_spans_match_a_naive_model(
             splits in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 1..4), 0..40),
