@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tessera::net::coalesce::Urgency;
 use tessera::net::proto::PeerRequest;
 use tessera::raft::Vote;
-use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
+use tessera::{NodeId, ShardId};
 
 fn rt() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -126,24 +126,7 @@ fn idle_cpu(c: &mut Criterion) {
         let rt = rt();
         let cluster = rt.block_on(async {
             let c = TestCluster::start(&[1, 2, 3], &[], None, Timings::many_groups()).await;
-            let descs: Vec<ShardDescriptor> = (0..shards)
-                .map(|i| {
-                    let bound = |j: u64| -> Vec<u8> {
-                        if j == 0 || j == shards {
-                            Vec::new()
-                        } else {
-                            ((j * 65536 / shards) as u16).to_be_bytes().to_vec()
-                        }
-                    };
-                    let mut d = ShardDescriptor::new(
-                        ShardId(i + 1),
-                        KeyRange::new(bound(i), bound(i + 1)),
-                        vec![NodeId(1), NodeId(2), NodeId(3)],
-                    );
-                    d.leader_hint = Some(NodeId(i % 3 + 1));
-                    d
-                })
-                .collect();
+            let descs = cluster::spread_shards(shards, &[1, 2, 3], |i| i % 3 + 1);
             c.create_shards(&descs).await;
             c.wait_until("every shard led", Duration::from_secs(600), |c| {
                 c.up().map(|n| n.metrics().shards_led).sum::<u64>() >= shards

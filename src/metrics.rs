@@ -68,6 +68,20 @@ pub struct MetricsSnapshot {
 }
 
 impl NetMetrics {
+    /// Counts one batch frame of `messages` sent.
+    pub fn frame_sent(&self, messages: usize) {
+        self.frames_sent.fetch_add(1, Ordering::Relaxed);
+        self.messages_sent
+            .fetch_add(messages as u64, Ordering::Relaxed);
+    }
+
+    /// Counts one batch frame of `messages` received.
+    pub fn frame_received(&self, messages: usize) {
+        self.frames_received.fetch_add(1, Ordering::Relaxed);
+        self.messages_received
+            .fetch_add(messages as u64, Ordering::Relaxed);
+    }
+
     /// Fills the transport part of a snapshot.
     pub fn fill(&self, s: &mut MetricsSnapshot) {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

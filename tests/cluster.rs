@@ -3,9 +3,9 @@
 
 mod common;
 
-use common::cluster::{init_tracing, TestCluster, Timings};
+use common::cluster::{init_tracing, spread_shards, whole_range_shard, TestCluster, Timings};
 use std::time::Duration;
-use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
+use tessera::{NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -138,13 +138,8 @@ async fn a_restarted_node_catches_up_and_a_full_restart_keeps_every_write() {
 async fn a_leader_partitioned_into_the_minority_commits_nothing() {
     init_tracing();
     let c = TestCluster::start(&[1, 2, 3], &[], None, Timings::fast()).await;
-    let mut d = ShardDescriptor::new(
-        ShardId(1),
-        KeyRange::full(),
-        vec![NodeId(1), NodeId(2), NodeId(3)],
-    );
-    d.leader_hint = Some(NodeId(1));
-    c.create_shards(&[d.clone()]).await;
+    let d = whole_range_shard(&[1, 2, 3]);
+    c.create_shards(std::slice::from_ref(&d)).await;
     let old = c.wait_leader(d.id, WAIT).await.unwrap();
     let idx = c.put(d.id, b"before", b"1", WAIT).await.unwrap();
     c.wait_applied(d.id, idx, &[1, 2, 3], WAIT).await.unwrap();
@@ -193,24 +188,7 @@ async fn a_leader_partitioned_into_the_minority_commits_nothing() {
 async fn heartbeats_of_1000_idle_shards_share_frames() {
     init_tracing();
     let c = TestCluster::start(&[1, 2, 3], &[], None, Timings::many_groups()).await;
-    let descs: Vec<ShardDescriptor> = (0..1000u64)
-        .map(|i| {
-            let bound = |j: u64| -> Vec<u8> {
-                if j == 0 || j == 1000 {
-                    Vec::new()
-                } else {
-                    ((j * 65536 / 1000) as u16).to_be_bytes().to_vec()
-                }
-            };
-            let mut d = ShardDescriptor::new(
-                ShardId(i + 1),
-                KeyRange::new(bound(i), bound(i + 1)),
-                vec![NodeId(1), NodeId(2), NodeId(3)],
-            );
-            d.leader_hint = Some(NodeId(1));
-            d
-        })
-        .collect();
+    let descs = spread_shards(1000, &[1, 2, 3], |_| 1);
     c.create_shards(&descs).await;
     tracing::info!("phase: n1 leads all 1000 shards");
     c.wait_until("n1 leads 1000 shards", Duration::from_secs(120), |c| {
@@ -265,13 +243,8 @@ async fn a_follower_behind_the_purged_log_catches_up_by_a_snapshot_over_quic() {
         ..Timings::fast()
     };
     let mut c = TestCluster::start(&[1, 2, 3], &[], None, t).await;
-    let mut d = ShardDescriptor::new(
-        ShardId(1),
-        KeyRange::full(),
-        vec![NodeId(1), NodeId(2), NodeId(3)],
-    );
-    d.leader_hint = Some(NodeId(1));
-    c.create_shards(&[d.clone()]).await;
+    let d = whole_range_shard(&[1, 2, 3]);
+    c.create_shards(std::slice::from_ref(&d)).await;
     c.wait_leader(d.id, WAIT).await.unwrap();
     c.kill(3).await;
     tracing::info!("phase: 300 writes while n3 is down; the leaders snapshot and purge");

@@ -8,7 +8,7 @@
 
 mod common;
 
-use common::cluster::{init_tracing, TestCluster, Timings};
+use common::cluster::{init_tracing, whole_range_shard, TestCluster, Timings};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use tessera::net::proto::{
 use tessera::raft::Vote;
 use tessera::tls::issue::{ClusterCa, Issued};
 use tessera::tls::{self, TlsIdentity, PEER_ALPN};
-use tessera::{wire, KeyRange, NodeId, ShardDescriptor, ShardId};
+use tessera::{wire, NodeId, ShardId};
 
 fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(quinn::TransportConfig::default())
@@ -194,9 +194,8 @@ async fn garbage_truncated_and_oversized_frames_cost_only_the_sender() {
     // n1 and n3 serve a shard; n2 is absent and the attacker holds its
     // certificate (the worst case: a compromised member).
     let c = TestCluster::start(&[1, 3], &[2], None, Timings::fast()).await;
-    let mut d = ShardDescriptor::new(ShardId(1), KeyRange::full(), vec![NodeId(1), NodeId(3)]);
-    d.leader_hint = Some(NodeId(1));
-    c.create_shards(&[d.clone()]).await;
+    let d = whole_range_shard(&[1, 3]);
+    c.create_shards(std::slice::from_ref(&d)).await;
     c.wait_leader(d.id, Duration::from_secs(30)).await.unwrap();
     let addr = c.node(3).addr();
     let n2 = c.ca.issue_node(NodeId(2)).unwrap();

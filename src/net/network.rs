@@ -90,6 +90,15 @@ fn rpc_error<E: std::error::Error>(
     }
 }
 
+fn unexpected_answer(
+    to: &str,
+    other: PeerResponse,
+) -> RPCError<NodeId, BasicNode, RaftError<NodeId>> {
+    RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
+        "unexpected answer to {to}: {other:?}"
+    ))))
+}
+
 /// Approximate encoded size of an entry (payload plus framing slack).
 fn entry_bytes(e: &Entry) -> usize {
     64 + match &e.payload {
@@ -148,9 +157,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 Ok(AppendEntriesResponse::PartialSuccess(cut))
             }
             PeerResponse::Append(r) => Ok(r),
-            other => Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(format!("unexpected answer to AppendEntries: {other:?}")),
-            ))),
+            other => Err(unexpected_answer("AppendEntries", other)),
         }
     }
 
@@ -173,9 +180,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             .map_err(|e| rpc_error(e, openraft::RPCTypes::Vote, me))?;
         match resp {
             PeerResponse::Vote(r) => Ok(r),
-            other => Err(RPCError::Network(NetworkError::new(
-                &std::io::Error::other(format!("unexpected answer to Vote: {other:?}")),
-            ))),
+            other => Err(unexpected_answer("Vote", other)),
         }
     }
 

@@ -768,10 +768,7 @@ async fn pump(
             let parts = co.take_frame();
             let frame = proto::encode_batch(&parts);
             send.write_all(&frame).await.map_err(|e| e.to_string())?;
-            metrics.frames_sent.fetch_add(1, Ordering::Relaxed);
-            metrics
-                .messages_sent
-                .fetch_add(parts.len() as u64, Ordering::Relaxed);
+            metrics.frame_sent(parts.len());
         }
         let deadline = co.deadline();
         tokio::select! {
@@ -843,14 +840,7 @@ async fn read_responses(inner: Arc<Inner>, peer: Arc<Peer>, mut recv: quinn::Rec
                 return;
             }
         };
-        inner
-            .metrics
-            .frames_received
-            .fetch_add(1, Ordering::Relaxed);
-        inner
-            .metrics
-            .messages_received
-            .fetch_add(parts.len() as u64, Ordering::Relaxed);
+        inner.metrics.frame_received(parts.len());
         for p in parts {
             match proto::decode_msg::<ResponseEnvelope>(p) {
                 Ok(env) => {
@@ -1067,14 +1057,7 @@ async fn serve_raft_requests(
         if envs.len() != parts.len() {
             break;
         }
-        inner
-            .metrics
-            .frames_received
-            .fetch_add(1, Ordering::Relaxed);
-        inner
-            .metrics
-            .messages_received
-            .fetch_add(envs.len() as u64, Ordering::Relaxed);
+        inner.metrics.frame_received(envs.len());
         for env in envs {
             let Ok(permit) = permits.clone().acquire_owned().await else {
                 break;

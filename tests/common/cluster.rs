@@ -51,6 +51,41 @@ impl Timings {
     }
 }
 
+/// One shard over the whole key space on `replicas`, initialised by the first.
+pub fn whole_range_shard(replicas: &[u64]) -> ShardDescriptor {
+    let replicas: Vec<NodeId> = replicas.iter().map(|&n| NodeId(n)).collect();
+    let mut d = ShardDescriptor::new(ShardId(1), tessera::KeyRange::full(), replicas.clone());
+    d.leader_hint = Some(replicas[0]);
+    d
+}
+
+/// `n` shards splitting the key space evenly by their first two bytes, each
+/// on `replicas`, initialised by `leader(i)`.
+pub fn spread_shards(
+    n: u64,
+    replicas: &[u64],
+    leader: impl Fn(u64) -> u64,
+) -> Vec<ShardDescriptor> {
+    let bound = |j: u64| -> Vec<u8> {
+        if j == 0 || j == n {
+            Vec::new()
+        } else {
+            ((j * 65536 / n) as u16).to_be_bytes().to_vec()
+        }
+    };
+    (0..n)
+        .map(|i| {
+            let mut d = ShardDescriptor::new(
+                ShardId(i + 1),
+                tessera::KeyRange::new(bound(i), bound(i + 1)),
+                replicas.iter().map(|&r| NodeId(r)).collect(),
+            );
+            d.leader_hint = Some(NodeId(leader(i)));
+            d
+        })
+        .collect()
+}
+
 pub struct TestCluster {
     pub dir: tempfile::TempDir,
     pub ca: ClusterCa,
