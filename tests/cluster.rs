@@ -31,7 +31,13 @@ async fn descriptors(c: &TestCluster) -> Vec<ShardDescriptor> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_nodes_256_shards_elect_and_commit_on_every_replica() {
     init_tracing();
-    let c = TestCluster::start(&[1, 2, 3], &[], Some((256, vec![1, 2, 3])), Timings::fast()).await;
+    let c = TestCluster::start(
+        &[1, 2, 3],
+        &[],
+        Some((256, vec![1, 2, 3])),
+        Timings::many_active_groups(),
+    )
+    .await;
     let descs = descriptors(&c).await;
     assert_eq!(descs.len(), 256);
     tracing::info!("phase: every shard elects a leader");

@@ -16,7 +16,10 @@ cargo clippy --workspace --all-targets --features tessera/failpoints -- -D warni
 echo "== cargo test"
 log="$(mktemp)"
 set +e
-cargo test --workspace --features tessera/failpoints 2>&1 | tee "$log"
+# One test at a time inside each test binary: the cluster tests run hundreds
+# to thousands of Raft groups each, and two of them sharing 2 cores starve
+# each other's heartbeats into election storms.
+cargo test --workspace --features tessera/failpoints -- --test-threads=1 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the

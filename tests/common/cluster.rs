@@ -38,6 +38,17 @@ impl Timings {
         }
     }
 
+    /// Hundreds of active groups on two cores (debug build).
+    pub fn many_active_groups() -> Self {
+        Timings {
+            heartbeat_ms: 300,
+            election_min_ms: 1500,
+            election_max_ms: 3000,
+            linger_ms: 60,
+            ..Self::fast()
+        }
+    }
+
     /// Many idle groups on two cores: slower heartbeats.
     pub fn many_groups() -> Self {
         Timings {
