@@ -98,18 +98,7 @@ async fn stale_routes_are_corrected_without_wrong_answers() {
     tracing::info!("phase: leadership moves; the cached leader is stale");
     let old = c.wait_leader(d.id, WAIT).await.unwrap();
     let target = *d.replicas.iter().find(|n| **n != old).unwrap();
-    c.node(target.0)
-        .raft(d.id)
-        .unwrap()
-        .trigger()
-        .elect()
-        .await
-        .unwrap();
-    c.wait_until("leadership moved", WAIT, |c| {
-        c.node(target.0).shards_led().contains(&d.id)
-    })
-    .await
-    .unwrap();
+    c.transfer_leader(d.id, target, WAIT).await.unwrap();
     let before = cl.retries();
     assert_eq!(cl.get(&k).await.unwrap().as_deref(), Some(&b"one"[..]));
     cl.put(&k, b"two").await.unwrap();

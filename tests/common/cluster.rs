@@ -398,6 +398,52 @@ impl TestCluster {
         }
     }
 
+    /// Moves leadership of `shard` to `to` (openraft 0.9 has no transfer:
+    /// once `to` holds the leader's log, it campaigns; repeated until it
+    /// leads or `timeout` passes).
+    pub async fn transfer_leader(
+        &self,
+        shard: ShardId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        let target = self.nodes[&to]
+            .raft(shard)
+            .ok_or("target lacks the shard")?;
+        loop {
+            if self.nodes[&to].shards_led().contains(&shard) {
+                return Ok(());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            let leader = self.wait_leader(shard, left).await?;
+            let last = self.nodes[&leader]
+                .raft(shard)
+                .and_then(|r| r.metrics().borrow().last_log_index)
+                .unwrap_or(0);
+            let _ = target
+                .wait(Some(left))
+                .applied_index_at_least(Some(last), "transfer_leader: target catches up")
+                .await;
+            let _ = target.trigger().elect().await;
+            let won = target
+                .wait(Some(Duration::from_secs(5).min(left)))
+                .metrics(
+                    |m| m.state == openraft::ServerState::Leader,
+                    "transfer_leader: target leads",
+                )
+                .await;
+            if won.is_ok() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "transfer_leader: {to} did not take {shard} within {timeout:?}"
+                ));
+            }
+        }
+    }
+
     /// Waits until `shard` has applied `index` on every node of `on`.
     pub async fn wait_applied(
         &self,
