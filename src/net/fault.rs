@@ -13,6 +13,10 @@ pub struct Faults {
     blocked: Mutex<HashSet<(NodeId, NodeId)>>,
     /// Messages dropped per million.
     drop_ppm: AtomicU32,
+    /// The deliberately broken build for checker tests: reads are served by
+    /// whichever replica is asked, from its local state, without a read
+    /// index. Never set outside tests.
+    unsafe_local_reads: AtomicBool,
 }
 
 impl Faults {
@@ -62,6 +66,17 @@ impl Faults {
         let ppm = (fraction.clamp(0.0, 1.0) * 1_000_000.0) as u32;
         self.drop_ppm.store(ppm, Ordering::Relaxed);
         self.refresh();
+    }
+
+    /// Turns the deliberately broken read path on or off (tests that prove
+    /// the linearizability checker can fail).
+    pub fn set_unsafe_local_reads(&self, on: bool) {
+        self.unsafe_local_reads.store(on, Ordering::Relaxed);
+    }
+
+    /// Whether reads skip the leader check and the read index.
+    pub fn unsafe_local_reads(&self) -> bool {
+        self.unsafe_local_reads.load(Ordering::Relaxed)
     }
 
     /// Whether `from` may not send to `to`.

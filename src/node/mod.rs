@@ -73,6 +73,8 @@ pub struct Registry {
     groups: DashMap<ShardId, ShardRaft>,
     /// Read barriers in progress: while any is, heartbeats skip the linger.
     expedite: std::sync::atomic::AtomicUsize,
+    /// The fault layer (its broken-read switch is consulted on reads).
+    faults: Arc<Faults>,
 }
 
 /// Held while a read barrier waits; see [`Registry::expedited`].
@@ -85,12 +87,13 @@ impl Drop for Expedite<'_> {
 }
 
 impl Registry {
-    fn new(me: NodeId, engine: Engine) -> Self {
+    fn new(me: NodeId, engine: Engine, faults: Arc<Faults>) -> Self {
         Registry {
             me,
             engine,
             groups: DashMap::new(),
             expedite: std::sync::atomic::AtomicUsize::new(0),
+            faults,
         }
     }
 
@@ -292,7 +295,7 @@ impl Node {
             })
         })?);
         let engine = Engine::open(config.storage_config())?;
-        let registry = Arc::new(Registry::new(id, engine.clone()));
+        let registry = Arc::new(Registry::new(id, engine.clone(), faults.clone()));
         let net_metrics = Arc::new(NetMetrics::default());
         let transport = Transport::start(
             id,

@@ -41,8 +41,7 @@ pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Conne
 impl Registry {
     fn descriptor(&self, shard: ShardId) -> Result<ShardDescriptor, ApiError> {
         self.engine
-            .shard_state(shard)
-            .map(|s| s.descriptor)
+            .descriptor(shard)
             .map_err(|_| ApiError::UnknownShard { shard })
     }
 
@@ -109,6 +108,18 @@ impl Registry {
     async fn serve_inner(&self, req: Request) -> Result<Response, ApiError> {
         let internal = |e: crate::storage::StoreError| ApiError::Invalid(e.to_string());
         match req {
+            Request::Get { shard, epoch, keys } if self.faults.unsafe_local_reads() => {
+                // The deliberately broken build (tests only): any replica
+                // answers from its local state, no leader check, no read
+                // index.
+                let _ = (epoch, self.descriptor(shard)?);
+                let values = keys
+                    .iter()
+                    .map(|k| self.engine.get(k))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(internal)?;
+                Ok(Response::Values(values))
+            }
             Request::Get { shard, epoch, keys } => {
                 let (raft, d) = self.check(shard, epoch)?;
                 if let Some(k) = keys.iter().find(|k| !d.range.contains(k)) {

@@ -266,6 +266,15 @@ impl Engine {
         Ok((log, sm))
     }
 
+    /// A hosted shard's descriptor (one point read).
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownShard`] when the shard is not hosted here.
+    pub fn descriptor(&self, shard: ShardId) -> Result<ShardDescriptor, StoreError> {
+        self.read_meta::<ShardDescriptor>(shard, MetaTag::Descriptor)?
+            .ok_or(StoreError::UnknownShard { shard })
+    }
+
     /// What a shard replica has on disk.
     pub fn shard_state(&self, shard: ShardId) -> Result<ShardState, StoreError> {
         let descriptor = self

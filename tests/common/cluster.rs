@@ -208,6 +208,14 @@ impl TestCluster {
         self.nodes.values()
     }
 
+    /// Every configured node's QUIC address, running or not.
+    pub fn config_addrs(&self) -> Vec<(NodeId, std::net::SocketAddr)> {
+        self.configs
+            .values()
+            .map(|c| (c.node_id, c.listen_addr))
+            .collect()
+    }
+
     pub fn config(&self, id: u64) -> &NodeConfig {
         &self.configs[&NodeId(id)]
     }

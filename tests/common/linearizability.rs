@@ -1,0 +1,254 @@
+//! A Wing–Gong style linearizability checker for per-key register histories
+//! (put, get, compare-and-swap, delete), with memoised search as in
+//! porcupine.
+//!
+//! Rules (RELIABILITY.md): every written value is unique; an operation that
+//! timed out or failed is indeterminate (`ret: None`: it may take effect at
+//! any time after its call, or never); failed reads are dropped by the
+//! recorder. A history is checked per key against a register that starts
+//! absent.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// What an operation did, with what it observed when it returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// A put of a value.
+    Put(Vec<u8>),
+    /// A delete.
+    Delete,
+    /// A read and what it returned.
+    Get(Option<Vec<u8>>),
+    /// A compare-and-swap and, when it returned, whether it succeeded.
+    Cas {
+        expected: Option<Vec<u8>>,
+        new: Option<Vec<u8>>,
+        succeeded: Option<bool>,
+    },
+}
+
+/// One operation of a history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub key: Vec<u8>,
+    pub kind: Kind,
+    /// Call time (any monotonic unit).
+    pub call: u64,
+    /// Return time; `None` when indeterminate.
+    pub ret: Option<u64>,
+}
+
+type State = Option<Vec<u8>>;
+
+/// Applies `op` to `state` if the outcome it reported is possible there;
+/// `None` when it is not.
+fn step(state: &State, op: &Op) -> Option<State> {
+    let determinate = op.ret.is_some();
+    match &op.kind {
+        Kind::Put(v) => Some(Some(v.clone())),
+        Kind::Delete => Some(None),
+        Kind::Get(seen) => (!determinate || seen == state).then(|| state.clone()),
+        Kind::Cas {
+            expected,
+            new,
+            succeeded,
+        } => {
+            let matches = expected == state;
+            match (determinate, succeeded) {
+                (true, Some(true)) => matches.then(|| new.clone()),
+                (true, Some(false)) => (!matches).then(|| state.clone()),
+                _ => Some(if matches { new.clone() } else { state.clone() }),
+            }
+        }
+    }
+}
+
+/// Whether the operations on one key are linearizable.
+///
+/// # Panics
+/// With more than 128 operations (the search keeps a bit per operation).
+pub fn check_key(ops: &[Op]) -> bool {
+    assert!(ops.len() <= 128, "at most 128 operations per key");
+    let all: u128 = if ops.len() == 128 {
+        u128::MAX
+    } else {
+        (1u128 << ops.len()) - 1
+    };
+    let mut seen: HashSet<(u128, State)> = HashSet::new();
+    // Depth-first search over "which operation takes effect next".
+    let mut stack: Vec<(u128, State)> = vec![(0, None)];
+    while let Some((done, state)) = stack.pop() {
+        if done == all {
+            return true;
+        }
+        if !seen.insert((done, state.clone())) {
+            continue;
+        }
+        // An operation may go next only if no pending one returned before
+        // it was called.
+        let min_ret = (0..ops.len())
+            .filter(|i| done & (1 << i) == 0)
+            .map(|i| ops[i].ret.unwrap_or(u64::MAX))
+            .min()
+            .unwrap_or(u64::MAX);
+        for (i, op) in ops.iter().enumerate() {
+            if done & (1 << i) != 0 || op.call > min_ret {
+                continue;
+            }
+            if let Some(next) = step(&state, op) {
+                stack.push((done | (1 << i), next));
+            }
+        }
+    }
+    false
+}
+
+/// Checks every key of a history; returns the keys that are not
+/// linearizable.
+pub fn check(ops: &[Op]) -> Vec<Vec<u8>> {
+    let mut by_key: BTreeMap<&[u8], Vec<Op>> = BTreeMap::new();
+    for op in ops {
+        by_key.entry(&op.key).or_default().push(op.clone());
+    }
+    by_key
+        .into_iter()
+        .filter(|(_, ops)| !check_key(ops))
+        .map(|(k, _)| k.to_vec())
+        .collect()
+}
+
+/// Records a history from concurrent clients with one clock.
+pub struct Recorder {
+    start: Instant,
+    ops: Mutex<Vec<Op>>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder {
+            start: Instant::now(),
+            ops: Mutex::new(Vec::new()),
+        }
+    }
+}
+
+impl Recorder {
+    /// Now, in nanoseconds since the recorder started.
+    pub fn now(&self) -> u64 {
+        self.start.elapsed().as_nanos() as u64
+    }
+
+    /// Adds a finished (or indeterminate) operation.
+    pub fn push(&self, op: Op) {
+        self.ops.lock().unwrap().push(op);
+    }
+
+    /// The history so far.
+    pub fn ops(&self) -> Vec<Op> {
+        self.ops.lock().unwrap().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(v: &str, call: u64, ret: Option<u64>) -> Op {
+        Op {
+            key: b"k".to_vec(),
+            kind: Kind::Put(v.as_bytes().to_vec()),
+            call,
+            ret,
+        }
+    }
+
+    fn get(v: Option<&str>, call: u64, ret: u64) -> Op {
+        Op {
+            key: b"k".to_vec(),
+            kind: Kind::Get(v.map(|s| s.as_bytes().to_vec())),
+            call,
+            ret: Some(ret),
+        }
+    }
+
+    fn cas(exp: Option<&str>, new: &str, ok: Option<bool>, call: u64, ret: Option<u64>) -> Op {
+        Op {
+            key: b"k".to_vec(),
+            kind: Kind::Cas {
+                expected: exp.map(|s| s.as_bytes().to_vec()),
+                new: Some(new.as_bytes().to_vec()),
+                succeeded: ok,
+            },
+            call,
+            ret,
+        }
+    }
+
+    #[test]
+    fn good_histories_pass() {
+        // Sequential.
+        assert!(check_key(&[put("a", 0, Some(1)), get(Some("a"), 2, 3)]));
+        // A read overlapping a write may see either value.
+        assert!(check_key(&[
+            put("a", 0, Some(1)),
+            put("b", 2, Some(6)),
+            get(Some("a"), 3, 4)
+        ]));
+        assert!(check_key(&[
+            put("a", 0, Some(1)),
+            put("b", 2, Some(6)),
+            get(Some("b"), 3, 4)
+        ]));
+        // An indeterminate write may take effect later...
+        assert!(check_key(&[
+            put("a", 0, None),
+            get(None, 1, 2),
+            get(Some("a"), 3, 4)
+        ]));
+        // ...or never.
+        assert!(check_key(&[put("a", 0, None), get(None, 10, 11)]));
+        // CAS chain.
+        assert!(check_key(&[
+            cas(None, "a", Some(true), 0, Some(1)),
+            cas(None, "b", Some(false), 2, Some(3)),
+            cas(Some("a"), "c", Some(true), 4, Some(5)),
+            get(Some("c"), 6, 7),
+        ]));
+        // The empty history.
+        assert!(check_key(&[]));
+    }
+
+    #[test]
+    fn bad_histories_fail() {
+        // A stale read after a completed write.
+        assert!(!check_key(&[
+            put("a", 0, Some(1)),
+            put("b", 2, Some(3)),
+            get(Some("a"), 4, 5)
+        ]));
+        // A lost write: the acknowledged value never shows, the old one does.
+        assert!(!check_key(&[put("a", 0, Some(1)), get(None, 2, 3)]));
+        // Reads that go back in time.
+        assert!(!check_key(&[
+            put("a", 0, Some(1)),
+            put("b", 2, Some(10)),
+            get(Some("b"), 3, 4),
+            get(Some("a"), 5, 6),
+        ]));
+        // Two successful CAS from the same expected value.
+        assert!(!check_key(&[
+            cas(None, "a", Some(true), 0, Some(1)),
+            cas(None, "b", Some(true), 2, Some(3)),
+        ]));
+        // A phantom value nobody wrote.
+        assert!(!check_key(&[get(Some("z"), 0, 1)]));
+        let mut h = vec![put("a", 0, Some(1))];
+        h.push(Op {
+            key: b"other".to_vec(),
+            ..get(Some("a"), 2, 3)
+        });
+        assert_eq!(check(&h), vec![b"other".to_vec()]);
+    }
+}
