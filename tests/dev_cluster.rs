@@ -147,6 +147,31 @@ fn ctl_round_trip(cluster: &Path) {
     }
     let table = ctl_ok(cluster, &["status"]);
     assert!(table.contains("up") && table.contains("shard"), "{table}");
+    for workload in ["write", "read", "mixed"] {
+        let out = ctl_ok(
+            cluster,
+            &[
+                "bench",
+                "--workload",
+                workload,
+                "--clients",
+                "4",
+                "--duration",
+                "1",
+                "--keys",
+                "50",
+            ],
+        );
+        let rate = out
+            .lines()
+            .find_map(|l| l.strip_suffix(" ops/s"))
+            .unwrap_or_else(|| panic!("no `N ops/s` line: {out}"));
+        assert!(rate.parse::<u64>().unwrap() > 0, "{out}");
+        assert!(
+            out.contains("p50 ") && out.contains("p99 ") && out.contains("p99.9 "),
+            "{out}"
+        );
+    }
     let bad = ctl(Path::new("/nonexistent/cluster.toml"), &["get", "k"]);
     assert!(!bad.status.success() && !bad.stderr.is_empty());
 }
