@@ -745,7 +745,7 @@ async fn run_raft_stream(
     };
     let mut shutdown = inner.shutdown.subscribe();
     let r = tokio::select! {
-        r = pump(rx, &mut send, limits, &inner.metrics) => r,
+        r = pump(rx, &mut send, limits, &inner.metrics, inner.registry.flush_signal()) => r,
         _ = conn.closed() => Err("connection closed".to_string()),
         _ = shutdown.wait_for(|s| *s) => Ok(()),
     };
@@ -760,8 +760,12 @@ async fn pump(
     send: &mut quinn::SendStream,
     limits: CoalesceLimits,
     metrics: &NetMetrics,
+    flush: &tokio::sync::Notify,
 ) -> Result<(), String> {
     let mut co: Coalescer<Vec<u8>> = Coalescer::new(limits);
+    // Set when a client request starts waiting on this node: lingering
+    // heartbeats may hold up its group's replication, so they go now.
+    let mut force = false;
     loop {
         let now = Instant::now();
         while co.is_due(now) {
@@ -799,6 +803,16 @@ async fn pump(
                 }
             },
             _ = sleep_until_opt(deadline) => {}
+            _ = flush.notified() => force = true,
+        }
+        if force {
+            while !co.is_empty() {
+                let parts = co.take_frame();
+                let frame = proto::encode_batch(&parts);
+                send.write_all(&frame).await.map_err(|e| e.to_string())?;
+                metrics.frame_sent(parts.len());
+            }
+            force = false;
         }
     }
 }
@@ -1017,8 +1031,16 @@ async fn serve_raft_requests(
         lazy_linger: Duration::from_millis(inner.cfg.reply_linger_ms),
     };
     let metrics = inner.metrics.clone();
+    let inner2 = inner.clone();
     let writer = tokio::spawn(async move {
-        let r = pump(&mut rx, &mut send, limits, &metrics).await;
+        let r = pump(
+            &mut rx,
+            &mut send,
+            limits,
+            &metrics,
+            inner2.registry.flush_signal(),
+        )
+        .await;
         let _ = send.finish();
         r
     });

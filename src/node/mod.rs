@@ -75,6 +75,8 @@ pub struct Registry {
     expedite: std::sync::atomic::AtomicUsize,
     /// The fault layer (its broken-read switch is consulted on reads).
     faults: Arc<Faults>,
+    /// Wakes every coalescing queue to send what lingers (see `expedite`).
+    flush: tokio::sync::Notify,
 }
 
 /// Held while a read barrier waits; see [`Registry::expedited`].
@@ -94,17 +96,28 @@ impl Registry {
             groups: DashMap::new(),
             expedite: std::sync::atomic::AtomicUsize::new(0),
             faults,
+            flush: tokio::sync::Notify::new(),
         }
     }
 
+    /// Held while a client request waits on a group: heartbeats skip the
+    /// linger (a read barrier waits for them; a write's replication may wait
+    /// behind its group's lingering heartbeat), and what already lingers is
+    /// sent now.
     pub(crate) fn expedite(&self) -> Expedite<'_> {
         self.expedite
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        self.flush.notify_waiters();
         Expedite(&self.expedite)
     }
 
-    /// Whether a read barrier is waiting for heartbeat replies (so
-    /// heartbeats should leave at once).
+    /// What coalescing queues listen to for an immediate flush.
+    pub fn flush_signal(&self) -> &tokio::sync::Notify {
+        &self.flush
+    }
+
+    /// Whether a client request is waiting (so heartbeats should leave at
+    /// once).
     pub fn expedited(&self) -> bool {
         self.expedite.load(std::sync::atomic::Ordering::Acquire) > 0
     }

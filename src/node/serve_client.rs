@@ -144,6 +144,7 @@ impl Registry {
                         key: op.key().to_vec(),
                     });
                 }
+                let _expedite = self.expedite();
                 match raft.client_write(Command::Write { ops }).await {
                     Ok(resp) => match resp.data {
                         CommandResponse::Write(results) => Ok(Response::Written(results)),
