@@ -106,24 +106,26 @@ async fn the_real_build_serves_no_stale_read_behind_a_partition() {
     assert!(bad.is_empty(), "not linearizable: {bad:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
-    init_tracing();
-    let mut c =
-        TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+/// 4 clients doing random put/get/delete/cas on 8 keys until `run` passes,
+/// recording a history.
+fn start_workload(
+    c: &TestCluster,
+    run: Duration,
+) -> (
+    Arc<Recorder>,
+    Vec<Vec<u8>>,
+    Vec<tokio::task::JoinHandle<Client>>,
+) {
     let rec = Arc::new(Recorder::default());
     // 8 keys, at most 4 × 90 operations: well under the checker's 128 per key.
     let keys: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i * 30, b'k', i]).collect();
-    let stop_at = Instant::now() + Duration::from_secs(8);
+    let stop_at = Instant::now() + run;
     let mut clients = Vec::new();
     for w in 0..4u32 {
         let (rec, keys, cl) = (
             rec.clone(),
             keys.clone(),
-            client(&c, Duration::from_secs(3)),
+            client(c, Duration::from_secs(3)),
         );
         clients.push(tokio::spawn(async move {
             let mut n = 0u32;
@@ -173,8 +175,21 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
             cl
         }));
     }
+    (rec, keys, clients)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
+    init_tracing();
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
+    for s in c.node(1).shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let (rec, keys, clients) = start_workload(&c, Duration::from_secs(8));
     tracing::info!("phase: nemesis — isolate a node, heal, kill and restart another");
-    let mut faults = 0;
+    let mut faults = 0u32;
     while Instant::now() < stop_at {
         let victim = rand::thread_rng().gen_range(1..=3u64);
         c.faults
@@ -188,15 +203,27 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
         faults += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    finish_and_check(&c, &rec, &keys, clients, faults).await;
+    c.shutdown().await;
+}
+
+/// Joins the clients, reads every key once more, and checks the history.
+async fn finish_and_check(
+    c: &TestCluster,
+    rec: &Recorder,
+    keys: &[Vec<u8>],
+    clients: Vec<tokio::task::JoinHandle<Client>>,
+    faults: u32,
+) {
     let mut done = Vec::new();
     for t in clients {
         done.push(t.await.unwrap());
     }
     tracing::info!("phase: final reads of every key");
-    let reader = client(&c, Duration::from_secs(30));
-    for k in &keys {
+    let reader = client(c, Duration::from_secs(30));
+    for k in keys {
         assert!(
-            recorded_get(&rec, &reader, k).await.is_some(),
+            recorded_get(rec, &reader, k).await.is_some(),
             "final read failed"
         );
     }
@@ -210,5 +237,41 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
     let bad = check(&ops);
     assert!(bad.is_empty(), "not linearizable on keys {bad:?}");
     drop((done, reader));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_loss_and_flapping_links_stay_linearizable() {
+    init_tracing();
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
+    for s in c.node(1).shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let (rec, keys, clients) = start_workload(&c, Duration::from_secs(8));
+    tracing::info!("phase: nemesis — one-way loss from a node, then a flapping link");
+    let mut faults = 0u32;
+    let all = [NodeId(1), NodeId(2), NodeId(3)];
+    while Instant::now() < stop_at {
+        // A node that hears everyone but whose messages are lost.
+        let victim = NodeId(rand::thread_rng().gen_range(1..=3u64));
+        for o in all.iter().filter(|o| **o != victim) {
+            c.faults.block(victim, *o);
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        c.faults.heal();
+        faults += 1;
+        // A link going up and down every 150 ms.
+        let (a, b) = (all[rand::thread_rng().gen_range(0..3)], victim);
+        for _ in 0..8 {
+            if a != b {
+                c.faults.partition(a, b);
+            }
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            c.faults.heal();
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            faults += 1;
+        }
+    }
+    finish_and_check(&c, &rec, &keys, clients, faults).await;
     c.shutdown().await;
 }
