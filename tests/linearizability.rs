@@ -122,11 +122,7 @@ fn start_workload(
     let stop_at = Instant::now() + run;
     let mut clients = Vec::new();
     for w in 0..4u32 {
-        let (rec, keys, cl) = (
-            rec.clone(),
-            keys.clone(),
-            client(c, Duration::from_secs(3)),
-        );
+        let (rec, keys, cl) = (rec.clone(), keys.clone(), client(c, Duration::from_secs(3)));
         clients.push(tokio::spawn(async move {
             let mut n = 0u32;
             while Instant::now() < stop_at && n < 90 {

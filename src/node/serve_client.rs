@@ -105,6 +105,14 @@ impl Registry {
         }
     }
 
+    fn read_local(&self, keys: &[Vec<u8>]) -> Result<Response, ApiError> {
+        keys.iter()
+            .map(|k| self.engine.get(k))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Response::Values)
+            .map_err(|e| ApiError::Invalid(e.to_string()))
+    }
+
     async fn serve_inner(&self, req: Request) -> Result<Response, ApiError> {
         let internal = |e: crate::storage::StoreError| ApiError::Invalid(e.to_string());
         match req {
@@ -113,12 +121,7 @@ impl Registry {
                 // answers from its local state, no leader check, no read
                 // index.
                 let _ = (epoch, self.descriptor(shard)?);
-                let values = keys
-                    .iter()
-                    .map(|k| self.engine.get(k))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(internal)?;
-                Ok(Response::Values(values))
+                self.read_local(&keys)
             }
             Request::Get { shard, epoch, keys } => {
                 let (raft, d) = self.check(shard, epoch)?;
@@ -129,12 +132,7 @@ impl Registry {
                     });
                 }
                 self.read_barrier(shard, &raft).await?;
-                let values = keys
-                    .iter()
-                    .map(|k| self.engine.get(k))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(internal)?;
-                Ok(Response::Values(values))
+                self.read_local(&keys)
             }
             Request::Write { shard, epoch, ops } => {
                 let (raft, d) = self.check(shard, epoch)?;
