@@ -332,3 +332,36 @@ async fn cas_and_batches_behave_like_a_register_per_key() {
     drop(cl);
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_connections_beyond_the_limit_are_refused() {
+    init_tracing();
+    let t = Timings {
+        client_connections_max: 1,
+        ..Timings::fast()
+    };
+    let c = TestCluster::start(&[1], &[], Some((1, vec![1])), t).await;
+    c.wait_leader(tessera::ShardId(1), WAIT).await.unwrap();
+    let first = client(&c);
+    first.put(b"k", b"v").await.unwrap();
+    let issued = c.ca.issue_client("second").unwrap();
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(2),
+        ..Default::default()
+    };
+    let second = Client::from_identity(
+        &c.ca.identity(&issued),
+        vec![(NodeId(1), c.node(1).addr())],
+        opts,
+    )
+    .unwrap();
+    assert!(
+        matches!(second.get(b"k").await, Err(ClientError::Timeout { .. })),
+        "a second connection was served"
+    );
+    assert!(c.node(1).metrics().connections_refused >= 1);
+    // The first client still works.
+    assert_eq!(first.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
+    drop((first, second));
+    c.shutdown().await;
+}

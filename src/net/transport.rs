@@ -55,6 +55,8 @@ pub struct TransportConfig {
     pub inbound_in_flight_max: usize,
     /// Concurrent inbound snapshot transfers per node. Default: 4.
     pub snapshot_transfers_max: usize,
+    /// Client connections served at once; more are refused. Default: 4096.
+    pub client_connections_max: usize,
     /// Bytes per snapshot chunk on the wire. Default: 1 MiB.
     pub snapshot_chunk_bytes: usize,
     /// Dial timeout. Default: 2000 ms.
@@ -81,6 +83,7 @@ impl Default for TransportConfig {
             reply_linger_ms: 2,
             inbound_in_flight_max: 8192,
             snapshot_transfers_max: 4,
+            client_connections_max: 4096,
             snapshot_chunk_bytes: 1 << 20,
             connect_timeout_ms: 2000,
             reconnect_backoff_ms_min: 50,
@@ -106,6 +109,7 @@ impl TransportConfig {
         pos("frame_msgs_max", self.frame_msgs_max as u64)?;
         pos("inbound_in_flight_max", self.inbound_in_flight_max as u64)?;
         pos("snapshot_transfers_max", self.snapshot_transfers_max as u64)?;
+        pos("client_connections_max", self.client_connections_max as u64)?;
         pos("connect_timeout_ms", self.connect_timeout_ms)?;
         pos("reconnect_backoff_ms_min", self.reconnect_backoff_ms_min)?;
         pos("idle_timeout_ms", self.idle_timeout_ms)?;
@@ -229,6 +233,7 @@ struct Inner {
     faults: Arc<Faults>,
     shutdown: watch::Sender<bool>,
     snapshot_permits: Arc<Semaphore>,
+    client_permits: Arc<Semaphore>,
     snapshot_seq: AtomicU64,
 }
 
@@ -314,6 +319,7 @@ impl Transport {
             endpoint,
             client_cfg,
             snapshot_permits: Arc::new(Semaphore::new(cfg.snapshot_transfers_max)),
+            client_permits: Arc::new(Semaphore::new(cfg.client_connections_max)),
             cfg,
             peers: Mutex::new(HashMap::new()),
             registry,
@@ -909,6 +915,10 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
     match tls::negotiated_alpn(&conn).as_deref() {
         Some(p) if p == tls::PEER_ALPN => {}
         Some(p) if p == tls::CLIENT_ALPN => {
+            let Ok(_permit) = inner.client_permits.clone().try_acquire_owned() else {
+                refuse(&inner, &conn, "too many client connections");
+                return;
+            };
             inner.registry.clone().serve_client(conn).await;
             return;
         }

@@ -23,6 +23,7 @@ pub struct Timings {
     pub linger_ms: u64,
     pub snapshot_logs_since_last: u64,
     pub snapshot_logs_to_keep: u64,
+    pub client_connections_max: usize,
 }
 
 impl Timings {
@@ -35,6 +36,7 @@ impl Timings {
             linger_ms: 20,
             snapshot_logs_since_last: 10_000,
             snapshot_logs_to_keep: 1000,
+            client_connections_max: 4096,
         }
     }
 
@@ -58,6 +60,7 @@ impl Timings {
             linger_ms: 120,
             snapshot_logs_since_last: 10_000,
             snapshot_logs_to_keep: 1000,
+            client_connections_max: 4096,
         }
     }
 }
@@ -167,6 +170,7 @@ impl TestCluster {
                 },
                 transport: TransportConfig {
                     heartbeat_linger_ms: t.linger_ms,
+                    client_connections_max: t.client_connections_max,
                     ..Default::default()
                 },
                 storage: StorageConfig {
