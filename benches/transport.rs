@@ -18,7 +18,6 @@ mod cluster;
 use cluster::{TestCluster, Timings};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use tessera::net::coalesce::Urgency;
 use tessera::net::proto::PeerRequest;
 use tessera::raft::Vote;
 use tessera::{NodeId, ShardId};
@@ -69,7 +68,6 @@ fn peer_rpc(c: &mut Criterion) {
                                             NodeId(2),
                                             ShardId(1_000_000 + s),
                                             req,
-                                            Urgency::Urgent,
                                             Duration::from_secs(30),
                                         )
                                         .await;

@@ -279,12 +279,8 @@ impl Client {
             ApiError::NotLeader { shard, leader_hint } => {
                 let next = leader_hint
                     .filter(|h| Some(*h) != d.leader_hint)
-                    .or_else(|| {
-                        // No (new) hint: try the replica after the one we asked.
-                        let asked = d.leader_hint.unwrap_or(d.replicas[0]);
-                        let i = d.replicas.iter().position(|r| *r == asked).unwrap_or(0);
-                        d.replicas.get((i + 1) % d.replicas.len()).copied()
-                    });
+                    // No (new) hint: try the replica after the one we asked.
+                    .or_else(|| Some(replica_after(d, target(d))));
                 cache.set_leader(shard, next);
                 AttemptError::Retry(format!("{shard}: not the leader"))
             }
@@ -328,14 +324,13 @@ impl Client {
                             .ok_or_else(|| AttemptError::Retry("no route for the key".into()))?
                     }
                 };
-                let node = d.leader_hint.unwrap_or(d.replicas[0]);
+                let node = target(&d);
                 match self.call_node(node, &make(&d)).await {
                     Ok(Response::Error(e)) => Err(self.correct(&d, e)),
                     Ok(resp) => accept(resp),
                     Err(e) => {
                         // The node is down or unreachable: try another replica.
-                        let i = d.replicas.iter().position(|r| *r == node).unwrap_or(0);
-                        let next = d.replicas[(i + 1) % d.replicas.len()];
+                        let next = replica_after(&d, node);
                         self.inner
                             .routes
                             .lock()
@@ -682,6 +677,19 @@ impl Client {
             other => Err(format!("unexpected answer {other:?}")),
         }
     }
+}
+
+/// The node a request for `d` goes to: its leader hint, else its first
+/// replica.
+fn target(d: &ShardDescriptor) -> NodeId {
+    d.leader_hint.unwrap_or(d.replicas[0])
+}
+
+/// The replica after `node` in `d`'s list (wrapping; counted from the first
+/// when `node` is not a replica).
+fn replica_after(d: &ShardDescriptor, node: NodeId) -> NodeId {
+    let i = d.replicas.iter().position(|r| *r == node).unwrap_or(0);
+    d.replicas[(i + 1) % d.replicas.len()]
 }
 
 fn unexpected(r: Response) -> AttemptError {

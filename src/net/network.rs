@@ -5,7 +5,6 @@
 //! `Timeout`. An AppendEntries too large for one frame is cut to fit and
 //! answered with `PartialSuccess` for what was sent.
 
-use super::coalesce::Urgency;
 use super::proto::{PeerRequest, PeerResponse, Refusal};
 use super::transport::{CallError, Transport};
 use crate::command::Command;
@@ -135,11 +134,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         } else {
             None
         };
-        let urgency = if rpc.entries.is_empty() {
-            Urgency::Lazy
-        } else {
-            Urgency::Urgent
-        };
         let me = self.transport.node_id();
         let resp = self
             .transport
@@ -147,7 +141,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 self.target,
                 self.shard,
                 PeerRequest::Append(rpc),
-                urgency,
                 option.hard_ttl(),
             )
             .await
@@ -173,7 +166,6 @@ impl RaftNetwork<TypeConfig> for PeerClient {
                 self.target,
                 self.shard,
                 PeerRequest::Vote(rpc),
-                Urgency::Urgent,
                 option.hard_ttl(),
             )
             .await

@@ -15,6 +15,7 @@
 //! Decoding a batch checks every length against what is left and the count
 //! against a maximum: a garbage or truncated batch is a [`ProtoError`].
 
+use super::coalesce::Urgency;
 use crate::raft::{SnapshotMeta, TypeConfig, Vote};
 use crate::{NodeId, ShardId};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
@@ -59,6 +60,17 @@ pub enum PeerRequest {
     Append(AppendEntriesRequest<TypeConfig>),
     /// RequestVote.
     Vote(VoteRequest<NodeId>),
+}
+
+impl PeerRequest {
+    /// How soon it must leave: heartbeats (AppendEntries without entries)
+    /// may wait for company, everything else goes at once.
+    pub fn urgency(&self) -> Urgency {
+        match self {
+            PeerRequest::Append(a) if a.entries.is_empty() => Urgency::Lazy,
+            _ => Urgency::Urgent,
+        }
+    }
 }
 
 /// Why a peer did not answer a request with a Raft response.

@@ -200,7 +200,6 @@ struct Peer {
     id: NodeId,
     addr: Mutex<SocketAddr>,
     tx: mpsc::Sender<Outbound>,
-    rx: Mutex<Option<mpsc::Receiver<Outbound>>>,
     /// The verified connection, when there is one.
     conn: watch::Sender<Option<quinn::Connection>>,
     /// Whether the Raft stream to the peer is up (calls fail fast when not).
@@ -364,14 +363,13 @@ impl Transport {
             id: p.id,
             addr: Mutex::new(p.addr),
             tx,
-            rx: Mutex::new(Some(rx)),
             conn: watch::channel(None).0,
             ready: watch::channel(false).0,
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
         });
         peers.insert(p.id, peer.clone());
-        tokio::spawn(peer_task(self.inner.clone(), peer));
+        tokio::spawn(peer_task(self.inner.clone(), peer, rx));
     }
 
     fn peer(&self, id: NodeId) -> Option<Arc<Peer>> {
@@ -417,7 +415,6 @@ impl Transport {
         to: NodeId,
         shard: ShardId,
         req: PeerRequest,
-        urgency: Urgency,
         deadline: Duration,
     ) -> Result<PeerResponse, CallError> {
         let unreachable = |reason: &str| CallError::Unreachable {
@@ -431,11 +428,12 @@ impl Transport {
         if !*peer.ready.borrow() {
             return Err(unreachable("not connected"));
         }
-        // A read barrier waits for these heartbeats: no linger then.
+        // A waiting client request may wait for these heartbeats: no
+        // linger then.
         let urgency = if self.inner.registry.expedited() {
             Urgency::Urgent
         } else {
-            urgency
+            req.urgency()
         };
         let id = peer.next_id.fetch_add(1, Ordering::Relaxed);
         let bytes = proto::encode_msg(&RequestEnvelope { id, shard, req });
@@ -627,13 +625,7 @@ fn backoff(cfg: &TransportConfig, attempt: u32) -> Duration {
 
 /// The link to one peer: get a connection (dial or wait for it), run the
 /// Raft stream on it until it breaks, repeat.
-async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>) {
-    let mut rx = peer
-        .rx
-        .lock()
-        .expect("rx poisoned")
-        .take()
-        .expect("one task per peer");
+async fn peer_task(inner: Arc<Inner>, peer: Arc<Peer>, mut rx: mpsc::Receiver<Outbound>) {
     let mut shutdown = inner.shutdown.subscribe();
     let mut attempt = 0u32;
     let dialer = inner.me < peer.id;
@@ -769,16 +761,22 @@ async fn pump(
     flush: &tokio::sync::Notify,
 ) -> Result<(), String> {
     let mut co: Coalescer<Vec<u8>> = Coalescer::new(limits);
-    // Set when a client request starts waiting on this node: lingering
-    // heartbeats may hold up its group's replication, so they go now.
+    // Send everything queued, due or not: set when a client request starts
+    // waiting on this node (lingering heartbeats may hold up its group's
+    // replication) and when the queue closes.
     let mut force = false;
+    let mut closed = false;
     loop {
         let now = Instant::now();
-        while co.is_due(now) {
+        while co.is_due(now) || (force && !co.is_empty()) {
             let parts = co.take_frame();
             let frame = proto::encode_batch(&parts);
             send.write_all(&frame).await.map_err(|e| e.to_string())?;
             metrics.frame_sent(parts.len());
+        }
+        force = false;
+        if closed {
+            return Ok(());
         }
         let deadline = co.deadline();
         tokio::select! {
@@ -799,26 +797,10 @@ async fn pump(
                         }
                     }
                 }
-                None => {
-                    while !co.is_empty() {
-                        let parts = co.take_frame();
-                        let frame = proto::encode_batch(&parts);
-                        send.write_all(&frame).await.map_err(|e| e.to_string())?;
-                    }
-                    return Ok(());
-                }
+                None => (force, closed) = (true, true),
             },
             _ = sleep_until_opt(deadline) => {}
             _ = flush.notified() => force = true,
-        }
-        if force {
-            while !co.is_empty() {
-                let parts = co.take_frame();
-                let frame = proto::encode_batch(&parts);
-                send.write_all(&frame).await.map_err(|e| e.to_string())?;
-                metrics.frame_sent(parts.len());
-            }
-            force = false;
         }
     }
 }
@@ -830,35 +812,33 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
+/// Reads the next batch frame of a Raft stream from `from`: `None` at the
+/// end of the stream (clean or lost), or after a malformed frame, which
+/// closes the connection.
+async fn read_batch_frame(
+    inner: &Inner,
+    from: NodeId,
+    recv: &mut quinn::RecvStream,
+) -> Option<Vec<u8>> {
+    match wire::read_frame(recv, FRAME_BYTES_MAX).await {
+        Ok(p) => p,
+        Err(wire::WireError::Io(e)) => {
+            tracing::debug!(peer = %from, error = %e, "raft stream ended");
+            None
+        }
+        Err(e) => {
+            protocol_error(inner, from, &e.to_string());
+            None
+        }
+    }
+}
+
 /// Reads response frames of our Raft stream and completes the waiting calls.
 async fn read_responses(inner: Arc<Inner>, peer: Arc<Peer>, mut recv: quinn::RecvStream) {
-    loop {
-        let payload = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
-            Ok(Some(p)) => p,
-            Ok(None) => return,
-            Err(wire::WireError::Io(e)) => {
-                tracing::debug!(peer = %peer.id, error = %e, "response stream ended");
-                return;
-            }
-            Err(e) => {
-                tracing::warn!(peer = %peer.id, error = %e, "bad response frame");
-                inner.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = peer.connection() {
-                    c.close(close::PROTOCOL.into(), b"bad response frame");
-                }
-                return;
-            }
-        };
+    while let Some(payload) = read_batch_frame(&inner, peer.id, &mut recv).await {
         let parts = match proto::decode_batch(&payload, inner.cfg.frame_msgs_max) {
             Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(peer = %peer.id, error = %e, "bad response batch");
-                inner.metrics.bad_frames.fetch_add(1, Ordering::Relaxed);
-                if let Some(c) = peer.connection() {
-                    c.close(close::PROTOCOL.into(), b"bad response batch");
-                }
-                return;
-            }
+            Err(e) => return protocol_error(&inner, peer.id, &e.to_string()),
         };
         inner.metrics.frame_received(parts.len());
         for p in parts {
@@ -1019,13 +999,6 @@ async fn handle_stream(
     }
 }
 
-fn urgency_of_request(req: &PeerRequest) -> Urgency {
-    match req {
-        PeerRequest::Append(a) if a.entries.is_empty() => Urgency::Lazy,
-        _ => Urgency::Urgent,
-    }
-}
-
 /// Serves a peer's Raft stream: decode batches, hand every request to its
 /// group, send the replies back coalesced.
 async fn serve_raft_requests(
@@ -1055,19 +1028,7 @@ async fn serve_raft_requests(
         r
     });
     let permits = Arc::new(Semaphore::new(inner.cfg.inbound_in_flight_max));
-    loop {
-        let payload = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
-            Ok(Some(p)) => p,
-            Ok(None) => break,
-            Err(wire::WireError::Io(e)) => {
-                tracing::debug!(peer = %from, error = %e, "raft stream ended");
-                break;
-            }
-            Err(e) => {
-                protocol_error(&inner, from, &e.to_string());
-                break;
-            }
-        };
+    while let Some(payload) = read_batch_frame(&inner, from, &mut recv).await {
         let parts = match proto::decode_batch(&payload, inner.cfg.frame_msgs_max) {
             Ok(p) => p,
             Err(e) => {
@@ -1096,7 +1057,7 @@ async fn serve_raft_requests(
             };
             let (inner, tx) = (inner.clone(), tx.clone());
             tokio::spawn(async move {
-                let urgency = urgency_of_request(&env.req);
+                let urgency = env.req.urgency();
                 let resp = inner.registry.handle_request(env.shard, env.req).await;
                 drop(permit);
                 if inner.faults.is_blocked(inner.me, from) || inner.faults.should_drop() {

@@ -206,6 +206,17 @@ impl Registry {
     }
 }
 
+/// Whether `me` leads `raft`'s group right now, and the leader the group
+/// knows of (read under the metrics borrow, nothing cloned).
+pub(crate) fn leadership(raft: &ShardRaft, me: NodeId) -> (bool, Option<NodeId>) {
+    let m = raft.metrics();
+    let m = m.borrow();
+    (
+        m.state == ServerState::Leader && m.current_leader == Some(me),
+        m.current_leader,
+    )
+}
+
 /// `n` descriptors covering the key space, split evenly by first byte; each
 /// shard on up to 3 of `members` (round robin), its first replica the one
 /// that initialises the group (so leadership starts spread out).
@@ -499,11 +510,7 @@ impl Node {
             .registry
             .groups
             .iter()
-            .filter(|e| {
-                let m = e.value().metrics();
-                let m = m.borrow();
-                m.state == ServerState::Leader && m.current_leader == Some(self.id)
-            })
+            .filter(|e| leadership(e.value(), self.id).0)
             .map(|e| *e.key())
             .filter(|s| *s != meta::META_SHARD)
             .collect();
@@ -519,11 +526,9 @@ impl Node {
         s.syncs = st.syncs;
         s.commands_applied = st.commands_applied;
         s.shards_hosted = self.registry.shard_ids().len() as u64;
-        s.meta_leader = self.raft(meta::META_SHARD).is_some_and(|r| {
-            let m = r.metrics();
-            let m = m.borrow();
-            m.state == ServerState::Leader && m.current_leader == Some(self.id)
-        }) as u64;
+        s.meta_leader = self
+            .raft(meta::META_SHARD)
+            .is_some_and(|r| leadership(&r, self.id).0) as u64;
         s.shards_led = self.shards_led().len() as u64;
         s
     }

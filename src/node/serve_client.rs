@@ -8,7 +8,6 @@ use crate::command::{Command, CommandResponse};
 use crate::limits::FRAME_BYTES_MAX;
 use crate::{wire, Epoch, ShardDescriptor, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
-use openraft::ServerState;
 use std::sync::Arc;
 
 /// Serves every stream a client opens on `conn`, one request per stream.
@@ -59,12 +58,9 @@ impl Registry {
                 current: vec![self.with_leader(d)],
             });
         }
-        let m = raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader || m.current_leader != Some(self.me) {
-            return Err(ApiError::NotLeader {
-                shard,
-                leader_hint: m.current_leader,
-            });
+        let (leads, leader_hint) = super::leadership(&raft, self.me);
+        if !leads {
+            return Err(ApiError::NotLeader { shard, leader_hint });
         }
         Ok((raft, d))
     }
