@@ -57,6 +57,46 @@ pub enum Request {
     Routes,
     /// The node's view of itself: shards, leaders, sizes.
     NodeStatus,
+    /// Admin: split `shard` at `key` (sent to its leader; `epoch` as for
+    /// data requests). Answered [`Response::Split`].
+    Split {
+        /// The shard.
+        shard: ShardId,
+        /// The epoch the client believes in.
+        epoch: Epoch,
+        /// The first key of the new right half.
+        key: Vec<u8>,
+    },
+    /// Admin: move `shard`'s replica from node `from` to node `to` (sent to
+    /// its leader). Answered [`Response::Descriptor`]; a `NotLeader` answer
+    /// naming another node means "leadership moved there, ask it".
+    MoveReplica {
+        /// The shard.
+        shard: ShardId,
+        /// The node giving up its replica.
+        from: NodeId,
+        /// The node receiving one.
+        to: NodeId,
+    },
+    /// Admin: make `to` the leader of `shard` (sent to its leader).
+    /// Answered [`Response::Done`].
+    TransferLeader {
+        /// The shard.
+        shard: ShardId,
+        /// The voter to lead.
+        to: NodeId,
+    },
+    /// A node announces itself (sent with that node's own certificate):
+    /// every node learns its address. Answered [`Response::Peers`].
+    Join {
+        /// The joining node.
+        node: NodeId,
+        /// Its QUIC address.
+        addr: std::net::SocketAddr,
+    },
+    /// Every node the answering node knows, itself included. Answered
+    /// [`Response::Peers`].
+    Peers,
 }
 
 /// One shard as a node sees it.
@@ -100,6 +140,19 @@ pub enum Response {
     Routes(Vec<ShardDescriptor>),
     /// Answer to [`Request::NodeStatus`].
     NodeStatus(NodeStatus),
+    /// A split happened: the two halves.
+    Split {
+        /// The shrunk parent.
+        left: ShardDescriptor,
+        /// The new shard.
+        right: ShardDescriptor,
+    },
+    /// The shard's descriptor after an admin step.
+    Descriptor(ShardDescriptor),
+    /// Done.
+    Done,
+    /// Nodes and their addresses.
+    Peers(Vec<(NodeId, std::net::SocketAddr)>),
     /// The request was refused.
     Error(ApiError),
 }
@@ -182,7 +235,13 @@ impl Request {
                 }
                 Ok(())
             }
-            Request::Routes | Request::NodeStatus => Ok(()),
+            Request::Split { key, .. } => limits::check_key(key),
+            Request::Routes
+            | Request::NodeStatus
+            | Request::MoveReplica { .. }
+            | Request::TransferLeader { .. }
+            | Request::Join { .. }
+            | Request::Peers => Ok(()),
         }
     }
 }

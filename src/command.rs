@@ -6,6 +6,7 @@
 //! error.
 
 use crate::limits::{self, LimitError, BATCH_BYTES_MAX, BATCH_OPS_MAX};
+use crate::{ShardDescriptor, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// One key operation.
@@ -83,6 +84,29 @@ pub enum Command {
         /// The operations, at least one.
         ops: Vec<Op>,
     },
+    /// Split the shard at `key`: it keeps `[start, key)` and its range
+    /// version grows; shard `child` takes `[key, end)` on the same replicas,
+    /// its state written in the same batch (its data already sits in the
+    /// shared data column family). Refused (an answer, not an error) unless
+    /// the shard is still at range version `version` and `key` lies strictly
+    /// inside its range.
+    Split {
+        /// The first key of the new shard.
+        key: Vec<u8>,
+        /// The new shard's id (allocated by the meta shard).
+        child: ShardId,
+        /// The parent's range version the split was planned against.
+        version: u64,
+    },
+    /// Meta shard only: hand out a fresh shard id (a counter in the meta
+    /// range, first set above every recorded id).
+    AllocShardId,
+    /// Meta shard only: record descriptors, each only when newer (by epoch)
+    /// than the one recorded, so replays and racing reporters are harmless.
+    RecordRoutes {
+        /// The descriptors.
+        descriptors: Vec<ShardDescriptor>,
+    },
 }
 
 impl Command {
@@ -107,6 +131,8 @@ impl Command {
     pub fn validate(&self) -> Result<(), LimitError> {
         match self {
             Command::Write { ops } => validate_ops(ops),
+            Command::Split { key, .. } => limits::check_key(key),
+            Command::AllocShardId | Command::RecordRoutes { .. } => Ok(()),
         }
     }
 }
@@ -170,6 +196,24 @@ pub enum CommandResponse {
         /// The first offending key.
         key: Vec<u8>,
     },
+    /// A [`Command::Split`] took effect.
+    Split {
+        /// The parent, shrunk.
+        left: ShardDescriptor,
+        /// The new shard.
+        right: ShardDescriptor,
+    },
+    /// A [`Command::Split`] was refused; nothing changed.
+    SplitRefused {
+        /// Why.
+        reason: String,
+        /// The shard's descriptor as it is.
+        current: ShardDescriptor,
+    },
+    /// A [`Command::AllocShardId`] handed out this id.
+    Allocated(ShardId),
+    /// A [`Command::RecordRoutes`] was applied.
+    Recorded,
 }
 
 #[cfg(test)]

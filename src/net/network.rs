@@ -105,6 +105,12 @@ fn entry_bytes(e: &Entry) -> usize {
         EntryPayload::Normal(Command::Write { ops }) => {
             ops.iter().map(|op| op.payload_bytes() + 16).sum::<usize>()
         }
+        EntryPayload::Normal(Command::Split { key, .. }) => key.len() + 32,
+        EntryPayload::Normal(Command::AllocShardId) => 8,
+        EntryPayload::Normal(Command::RecordRoutes { descriptors }) => descriptors
+            .iter()
+            .map(|d| d.range.start.len() + d.range.end.len() + 64 + 9 * d.replicas.len())
+            .sum::<usize>(),
         EntryPayload::Membership(m) => 256 * (m.nodes().count() + 1),
     }
 }

@@ -16,8 +16,9 @@
 //! against a maximum: a garbage or truncated batch is a [`ProtoError`].
 
 use super::coalesce::Urgency;
+use crate::command::{Command, CommandResponse};
 use crate::raft::{SnapshotMeta, TypeConfig, Vote};
-use crate::{NodeId, ShardId};
+use crate::{NodeId, ShardDescriptor, ShardId};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use serde::{Deserialize, Serialize};
 
@@ -60,6 +61,28 @@ pub enum PeerRequest {
     Append(AppendEntriesRequest<TypeConfig>),
     /// RequestVote.
     Vote(VoteRequest<NodeId>),
+    /// Propose a command to the receiving node's replica of the shard, which
+    /// must lead it (forwarded proposals: meta-shard updates, admin steps).
+    Propose(Command),
+    /// Create an empty replica of the shard here (a move's target, before it
+    /// is added as a learner); a no-op when it exists.
+    CreateReplica(ShardDescriptor),
+    /// The receiving replica was removed from its group: stop it and delete
+    /// its log, state and data. Refused while it is still a member of the
+    /// membership it has applied.
+    DropReplica,
+    /// Campaign for leadership once caught up to `index` (leader transfer).
+    Campaign {
+        /// The leader's last log index when it asked.
+        index: u64,
+    },
+    /// Learn of a node (a node joined the cluster).
+    AddPeer {
+        /// The node.
+        id: NodeId,
+        /// Its QUIC address.
+        addr: std::net::SocketAddr,
+    },
 }
 
 impl PeerRequest {
@@ -83,6 +106,9 @@ pub enum Refusal {
     /// The receiving group failed (shut down, fatal storage error).
     #[error("receiving group failed: {0}")]
     Failed(String),
+    /// A proposal reached a replica that does not lead.
+    #[error("not the leader (hint: {0:?})")]
+    NotLeader(Option<NodeId>),
 }
 
 /// The answer to one [`PeerRequest`].
@@ -92,6 +118,10 @@ pub enum PeerResponse {
     Append(AppendEntriesResponse<NodeId>),
     /// RequestVote answered.
     Vote(VoteResponse<NodeId>),
+    /// A [`PeerRequest::Propose`] was committed and applied.
+    Proposed(CommandResponse),
+    /// An admin request was carried out.
+    Done,
     /// Not answered by Raft.
     Refused(Refusal),
 }

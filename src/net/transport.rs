@@ -372,6 +372,37 @@ impl Transport {
         tokio::spawn(peer_task(self.inner.clone(), peer, rx));
     }
 
+    /// The ids of every known peer, in id order.
+    pub fn peer_ids(&self) -> Vec<NodeId> {
+        let mut ids: Vec<NodeId> = self
+            .inner
+            .peers
+            .lock()
+            .expect("peers poisoned")
+            .keys()
+            .copied()
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Every known peer with its address, in id order.
+    pub fn peers(&self) -> Vec<PeerAddr> {
+        let mut all: Vec<PeerAddr> = self
+            .inner
+            .peers
+            .lock()
+            .expect("peers poisoned")
+            .values()
+            .map(|p| PeerAddr {
+                id: p.id,
+                addr: *p.addr.lock().expect("addr poisoned"),
+            })
+            .collect();
+        all.sort_by_key(|p| p.id);
+        all
+    }
+
     fn peer(&self, id: NodeId) -> Option<Arc<Peer>> {
         self.inner
             .peers

@@ -36,6 +36,23 @@ pub fn route_key(shard: ShardId) -> Vec<u8> {
     k
 }
 
+/// The shard a route record's key names (`None` for other meta keys).
+pub fn route_key_shard(key: &[u8]) -> Option<ShardId> {
+    let start = meta_range().start;
+    let rest = key.strip_prefix(start.as_slice())?;
+    let id: [u8; 8] = rest.try_into().ok()?;
+    Some(ShardId(u64::from_be_bytes(id)))
+}
+
+/// The meta key holding the next shard id to hand out (inside the meta
+/// range, never a route record: longer than one).
+pub fn next_id_key() -> Vec<u8> {
+    let mut k = meta_range().start;
+    k.extend_from_slice(&[0xff; 8]);
+    k.extend_from_slice(b"next-shard-id");
+    k
+}
+
 /// The meta shard's descriptor for a cluster of `members` (3 replicas at
 /// most, the first member initialises it).
 pub fn meta_descriptor(members: &[NodeId]) -> ShardDescriptor {

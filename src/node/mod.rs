@@ -6,10 +6,13 @@
 //! serves metrics. [`Node::shutdown`] stops the groups, closes connections
 //! and closes RocksDB.
 
+mod admin;
 mod config;
 pub mod meta;
+mod peers_file;
 mod serve_client;
 
+pub use admin::AdminError;
 pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings};
 
 use crate::metrics::{MetricsSnapshot, NetMetrics};
@@ -77,6 +80,8 @@ pub struct Registry {
     faults: Arc<Faults>,
     /// Wakes every coalescing queue to send what lingers (see `expedite`).
     flush: tokio::sync::Notify,
+    /// The node, for requests that need more than the groups.
+    node: std::sync::OnceLock<std::sync::Weak<Node>>,
 }
 
 /// Held while a read barrier waits; see [`Registry::expedited`].
@@ -97,6 +102,7 @@ impl Registry {
             expedite: std::sync::atomic::AtomicUsize::new(0),
             faults,
             flush: tokio::sync::Notify::new(),
+            node: std::sync::OnceLock::new(),
         }
     }
 
@@ -149,6 +155,7 @@ impl Registry {
         Some(
             pairs
                 .iter()
+                .filter(|(k, _)| meta::route_key_shard(k).is_some())
                 .filter_map(|(_, v)| postcard::from_bytes::<ShardDescriptor>(v).ok())
                 .collect(),
         )
@@ -161,6 +168,9 @@ impl Registry {
 
     /// Hands one Raft request to its group.
     pub async fn handle_request(&self, shard: ShardId, req: PeerRequest) -> PeerResponse {
+        if !matches!(req, PeerRequest::Append(_) | PeerRequest::Vote(_)) {
+            return self.handle_admin(shard, req).await;
+        }
         let Some(raft) = self.get(shard) else {
             return PeerResponse::Refused(Refusal::UnknownShard(shard));
         };
@@ -173,6 +183,7 @@ impl Registry {
                 Ok(r) => PeerResponse::Vote(r),
                 Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
             },
+            other => self.handle_admin(shard, other).await,
         }
     }
 
@@ -297,6 +308,10 @@ pub struct Node {
     raft_config: Arc<openraft::Config>,
     metrics_addr: std::sync::OnceLock<SocketAddr>,
     metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// Held while a group is started or dropped (one at a time per node).
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Background tasks (route reporter, split starter), ended at shutdown.
+    tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Node {
@@ -319,6 +334,18 @@ impl Node {
             })
         })?);
         let engine = Engine::open(config.storage_config())?;
+        // Peers learned at run time (joined nodes) join the configured ones.
+        let mut config = config;
+        for p in peers_file::load(&config.data_dir).map_err(|reason| {
+            NodeError::Config(ConfigError::Invalid {
+                field: "peers.toml".into(),
+                reason,
+            })
+        })? {
+            if p.id != id && !config.peers.iter().any(|c| c.id == p.id) {
+                config.peers.push(p);
+            }
+        }
         let registry = Arc::new(Registry::new(id, engine.clone(), faults.clone()));
         let net_metrics = Arc::new(NetMetrics::default());
         let transport = Transport::start(
@@ -343,6 +370,8 @@ impl Node {
             raft_config,
             metrics_addr: std::sync::OnceLock::new(),
             metrics_task: std::sync::Mutex::new(None),
+            lifecycle: tokio::sync::Mutex::new(()),
+            tasks: std::sync::Mutex::new(Vec::new()),
         };
         let hosted = node.engine.shards()?;
         for d in &hosted {
@@ -350,6 +379,15 @@ impl Node {
         }
         tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
         let node = Arc::new(node);
+        let _ = node.registry.node.set(Arc::downgrade(&node));
+        {
+            let mut tasks = node.tasks.lock().expect("tasks poisoned");
+            tasks.push(tokio::spawn(admin::start_created(
+                Arc::downgrade(&node),
+                node.engine.created_signal(),
+            )));
+            tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
+        }
         // Bootstrap until it has completed once (a crash halfway through
         // resumes it: creating and initialising are both idempotent).
         let marker = node.config.data_dir.join("bootstrapped");
@@ -397,6 +435,10 @@ impl Node {
     }
 
     async fn start_group(&self, shard: ShardId) -> Result<ShardRaft, NodeError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if let Some(r) = self.registry.get(shard) {
+            return Ok(r);
+        }
         let (log, sm) = self.engine.open_shard(shard)?;
         let net = NetworkFactory::new(
             self.transport.clone(),
@@ -450,9 +492,9 @@ impl Node {
         if node == self.id {
             return self.transport.local_addr().to_string();
         }
-        self.config
-            .peers
-            .iter()
+        self.transport
+            .peers()
+            .into_iter()
             .find(|p| p.id == node)
             .map(|p| p.addr.to_string())
             .unwrap_or_default()
@@ -538,6 +580,9 @@ impl Node {
     /// # Errors
     /// [`NodeError::Store`] when the database is still held after the wait.
     pub async fn shutdown(self: Arc<Self>, timeout: Duration) -> Result<(), NodeError> {
+        for t in self.tasks.lock().expect("tasks poisoned").drain(..) {
+            t.abort();
+        }
         self.transport.shutdown();
         if let Some(t) = self
             .metrics_task

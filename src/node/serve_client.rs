@@ -10,16 +10,39 @@ use crate::{wire, Epoch, ShardDescriptor, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
 use std::sync::Arc;
 
+/// How long a replica move may wait for its learner to catch up.
+const MOVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+fn admin_error(e: super::AdminError) -> ApiError {
+    use super::AdminError;
+    match e {
+        AdminError::UnknownShard { shard } => ApiError::UnknownShard { shard },
+        AdminError::NotLeader { shard, hint } => ApiError::NotLeader {
+            shard,
+            leader_hint: hint,
+        },
+        AdminError::Refused(reason) => ApiError::Invalid(reason),
+        AdminError::Unavailable { shard, reason } => ApiError::Unavailable { shard, reason },
+    }
+}
+
 /// Serves every stream a client opens on `conn`, one request per stream.
 pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {
     loop {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else {
             return;
         };
-        let registry = registry.clone();
+        let (registry, conn) = (registry.clone(), conn.clone());
         tokio::spawn(async move {
             let resp = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
                 Ok(Some(payload)) => match wire::decode_payload::<Request>(&payload) {
+                    Ok(Request::Join { node, .. })
+                        if crate::tls::verify_claimed_node(&conn, node).is_err() =>
+                    {
+                        Response::Error(ApiError::Invalid(format!(
+                            "a join for {node} must come with {node}'s certificate"
+                        )))
+                    }
                     Ok(req) => match req.validate() {
                         Ok(()) => registry.serve(req).await,
                         Err(e) => Response::Error(ApiError::Limit(e)),
@@ -44,6 +67,11 @@ impl Registry {
             .map_err(|_| ApiError::UnknownShard { shard })
     }
 
+    fn node_or_stopping(&self) -> Result<std::sync::Arc<super::Node>, ApiError> {
+        self.node()
+            .ok_or_else(|| ApiError::Invalid("the node is stopping".into()))
+    }
+
     /// Looks up the group, checks the epoch and that this replica leads.
     fn check(
         &self,
@@ -53,16 +81,42 @@ impl Registry {
         let raft = self.get(shard).ok_or(ApiError::UnknownShard { shard })?;
         let d = self.descriptor(shard)?;
         if d.epoch != epoch {
-            return Err(ApiError::EpochMismatch {
-                shard,
-                current: vec![self.with_leader(d)],
-            });
+            return Err(self.mismatch(d));
         }
         let (leads, leader_hint) = super::leadership(&raft, self.me);
         if !leads {
             return Err(ApiError::NotLeader { shard, leader_hint });
         }
         Ok((raft, d))
+    }
+
+    /// `EpochMismatch` with the shard's current descriptor and, when hosted
+    /// here, its right neighbour (after a split: the new shard that took
+    /// the keys the client may be after).
+    fn mismatch(&self, d: ShardDescriptor) -> ApiError {
+        let shard = d.id;
+        let mut current = vec![];
+        if !d.range.end.is_empty() {
+            for s in self.shard_ids() {
+                if let Ok(n) = self.descriptor(s) {
+                    if n.range.start == d.range.end && n.epoch.version > 0 {
+                        current.push(self.with_leader(n));
+                    }
+                }
+            }
+        }
+        current.insert(0, self.with_leader(d));
+        ApiError::EpochMismatch { shard, current }
+    }
+
+    /// After a read barrier: the shard must still be as it was checked (a
+    /// split applied meanwhile moved keys to another shard).
+    fn recheck(&self, before: &ShardDescriptor) -> Result<(), ApiError> {
+        let now = self.descriptor(before.id)?;
+        if now.epoch.version != before.epoch.version || now.range != before.range {
+            return Err(self.mismatch(now));
+        }
+        Ok(())
     }
 
     fn with_leader(&self, mut d: ShardDescriptor) -> ShardDescriptor {
@@ -128,6 +182,7 @@ impl Registry {
                     });
                 }
                 self.read_barrier(shard, &raft).await?;
+                self.recheck(&d)?;
                 self.read_local(&keys)
             }
             Request::Write { shard, epoch, ops } => {
@@ -146,9 +201,9 @@ impl Registry {
                         CommandResponse::KeyNotInRange { key } => {
                             Err(ApiError::KeyNotInRange { shard, key })
                         }
-                        CommandResponse::Empty => {
-                            Err(ApiError::Invalid("write applied as an empty entry".into()))
-                        }
+                        other => Err(ApiError::Invalid(format!(
+                            "write applied as {other:?}"
+                        ))),
                     },
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                         Err(ApiError::NotLeader {
@@ -186,6 +241,7 @@ impl Registry {
                     to
                 };
                 self.read_barrier(shard, &raft).await?;
+                self.recheck(&d)?;
                 let mut pairs = if from >= to {
                     Vec::new()
                 } else {
@@ -214,6 +270,42 @@ impl Registry {
                 Ok(Response::Routes(
                     by_id.into_values().map(|d| self.with_leader(d)).collect(),
                 ))
+            }
+            Request::Split { shard, epoch, key } => {
+                self.check(shard, epoch)?;
+                let node = self.node_or_stopping()?;
+                let (left, right) = node.split_shard(shard, key).await.map_err(admin_error)?;
+                Ok(Response::Split { left, right })
+            }
+            Request::MoveReplica { shard, from, to } => {
+                let node = self.node_or_stopping()?;
+                let d = node
+                    .move_replica(shard, from, to, MOVE_TIMEOUT)
+                    .await
+                    .map_err(admin_error)?;
+                Ok(Response::Descriptor(d))
+            }
+            Request::TransferLeader { shard, to } => {
+                let node = self.node_or_stopping()?;
+                node.transfer_leader(shard, to).await.map_err(admin_error)?;
+                Ok(Response::Done)
+            }
+            Request::Join { node: id, addr } => {
+                let node = self.node_or_stopping()?;
+                let all = node.admit(crate::net::PeerAddr { id, addr }).await;
+                Ok(Response::Peers(all.into_iter().map(|p| (p.id, p.addr)).collect()))
+            }
+            Request::Peers => {
+                let node = self.node_or_stopping()?;
+                let mut all: Vec<_> = node
+                    .transport()
+                    .peers()
+                    .into_iter()
+                    .map(|p| (p.id, p.addr))
+                    .collect();
+                all.push((node.id(), node.addr()));
+                all.sort();
+                Ok(Response::Peers(all))
             }
             Request::NodeStatus => {
                 let mut shards = Vec::new();

@@ -42,6 +42,9 @@ pub(crate) struct Inner {
     open_shards: Mutex<HashSet<ShardId>>,
     snapshot_dir: PathBuf,
     snapshot_seq: AtomicU64,
+    /// Shards created by a split applied here, not yet started by the node.
+    created: Mutex<Vec<ShardId>>,
+    created_signal: Arc<tokio::sync::Notify>,
 }
 
 impl Inner {
@@ -163,6 +166,8 @@ impl Engine {
                 open_shards: Mutex::new(HashSet::new()),
                 snapshot_dir,
                 snapshot_seq: AtomicU64::new(0),
+                created: Mutex::new(Vec::new()),
+                created_signal: Arc::new(tokio::sync::Notify::new()),
             }),
         })
     }
@@ -264,6 +269,61 @@ impl Engine {
         let sm = StateMachine::open(self.clone(), shard, guard.clone())?;
         let log = LogStore::new(self.clone(), shard, guard);
         Ok((log, sm))
+    }
+
+    /// Deletes a replica that is not open: its log, Raft state, metadata,
+    /// snapshots and its range of user data, in one durable write through
+    /// the log writer (ordered after anything it queued for the shard).
+    ///
+    /// # Errors
+    /// [`StoreError::ShardOpen`] while its stores are open,
+    /// [`StoreError::UnknownShard`] when it is not hosted.
+    pub async fn delete_shard(&self, shard: ShardId) -> Result<(), StoreError> {
+        if self
+            .inner
+            .open_shards
+            .lock()
+            .expect("open shards poisoned")
+            .contains(&shard)
+        {
+            return Err(StoreError::ShardOpen { shard });
+        }
+        let d = self.descriptor(shard)?;
+        let (from, to) = (
+            shard.to_be_bytes().to_vec(),
+            keys::shard_prefix_end(shard).to_vec(),
+        );
+        let mut ops: Vec<WriteOp> = [Cf::RaftLog, Cf::RaftState, Cf::ShardMeta]
+            .into_iter()
+            .map(|cf| WriteOp::DeleteRange {
+                cf,
+                from: from.clone(),
+                to: to.clone(),
+            })
+            .collect();
+        let end = if d.range.is_unbounded() {
+            vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
+        } else {
+            d.range.end.clone()
+        };
+        ops.push(WriteOp::DeleteRange {
+            cf: Cf::Data,
+            from: d.range.start.clone(),
+            to: end,
+        });
+        let (tx, rx) = oneshot::channel();
+        let on_durable: OnDurable = Box::new(move |r| {
+            let _ = tx.send(r);
+        });
+        self.submit(ops, None, Some(on_durable)).await?;
+        rx.await.map_err(|_| self.writer_gone())??;
+        let dir = self.shard_snapshot_dir(shard);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(%shard, error = %e, "could not remove the snapshot folder");
+            }
+        }
+        Ok(())
     }
 
     /// A hosted shard's descriptor (one point read).
@@ -372,6 +432,27 @@ impl Engine {
     /// The folder holding one shard's snapshot files.
     pub(crate) fn shard_snapshot_dir(&self, shard: ShardId) -> PathBuf {
         self.inner.snapshot_dir.join(shard.0.to_string())
+    }
+
+    /// Records a shard created by an applied split (its state is durable
+    /// in the same batch as the split) for the node to start.
+    pub(crate) fn note_created(&self, shard: ShardId) {
+        self.inner
+            .created
+            .lock()
+            .expect("created poisoned")
+            .push(shard);
+        self.inner.created_signal.notify_one();
+    }
+
+    /// Shards created by splits since the last call.
+    pub fn take_created(&self) -> Vec<ShardId> {
+        std::mem::take(&mut *self.inner.created.lock().expect("created poisoned"))
+    }
+
+    /// Notified after [`Engine::note_created`].
+    pub fn created_signal(&self) -> Arc<tokio::sync::Notify> {
+        self.inner.created_signal.clone()
     }
 
     pub(crate) fn next_snapshot_seq(&self) -> u64 {

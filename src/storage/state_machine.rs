@@ -4,13 +4,14 @@
 
 use super::engine::{decode, encode, sync_dir, Engine, ShardGuard};
 use super::error::StoreError;
-use super::keys::{self, MetaTag};
+use super::keys::{self, MetaTag, StateTag};
 use super::snapshot::{Pair, SnapshotData, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::writer::Cf;
 use crate::command::{Command, CommandResponse, Op, OpResult};
 use crate::limits::KEY_BYTES_MAX;
-use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
-use crate::{KeyRange, ShardDescriptor, ShardId};
+use crate::node::meta;
+use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::{Epoch, KeyRange, ShardDescriptor, ShardId};
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
 use rocksdb::{WriteBatch, WriteOptions};
@@ -151,12 +152,61 @@ impl StateMachine {
     }
 
     fn apply_command(
-        &self,
+        &mut self,
         cmd: Command,
+        at: LogId,
         batch: &mut WriteBatch,
         overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+        created: &mut Vec<ShardId>,
     ) -> Result<CommandResponse, StoreError> {
         match cmd {
+            Command::Split {
+                key,
+                child,
+                version,
+            } => self.apply_split(key, child, version, at, batch, created),
+            Command::AllocShardId => {
+                let counter = meta::next_id_key();
+                let next = match self.read_current(&counter, overlay)? {
+                    Some(b) => decode::<u64>(&b, || "shard id counter".into())?,
+                    None => {
+                        // First allocation: above every recorded shard.
+                        let mut max = 0u64;
+                        for (k, _) in self.meta_records(overlay)? {
+                            max = max.max(k.0);
+                        }
+                        max + 1
+                    }
+                };
+                let id = ShardId(next.max(1));
+                if id > ShardId::MAX {
+                    return Err(StoreError::Failed {
+                        cause: "shard ids exhausted".into(),
+                    });
+                }
+                let v = encode(&(id.0 + 1));
+                batch.put_cf(self.engine.cf(Cf::Data), &counter, &v);
+                overlay.insert(counter, Some(v));
+                Ok(CommandResponse::Allocated(id))
+            }
+            Command::RecordRoutes { descriptors } => {
+                for d in descriptors {
+                    let key = meta::route_key(d.id);
+                    let newer = match self.read_current(&key, overlay)? {
+                        None => true,
+                        Some(b) => match postcard::from_bytes::<ShardDescriptor>(&b) {
+                            Ok(c) => epoch_newer(d.epoch, c.epoch),
+                            Err(_) => true,
+                        },
+                    };
+                    if newer && self.descriptor.range.contains(&key) {
+                        let v = encode(&d);
+                        batch.put_cf(self.engine.cf(Cf::Data), &key, &v);
+                        overlay.insert(key, Some(v));
+                    }
+                }
+                Ok(CommandResponse::Recorded)
+            }
             Command::Write { ops } => {
                 if let Some(op) = ops
                     .iter()
@@ -200,6 +250,131 @@ impl StateMachine {
     }
 }
 
+/// Whether epoch `a` supersedes `b` (both parts only grow).
+fn epoch_newer(a: Epoch, b: Epoch) -> bool {
+    a.version >= b.version && a.conf_ver >= b.conf_ver && a != b
+}
+
+impl StateMachine {
+    /// The route records of the meta range, as of this apply (the batch's
+    /// own writes included): `(shard, descriptor bytes)`.
+    fn meta_records(
+        &self,
+        overlay: &HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<Vec<(ShardId, Vec<u8>)>, StoreError> {
+        let r = meta::meta_range();
+        let mut out = std::collections::BTreeMap::new();
+        for (k, v) in self.engine.scan(&r.start, &r.end, usize::MAX)? {
+            if let Some(id) = meta::route_key_shard(&k) {
+                out.insert(id, v);
+            }
+        }
+        for (k, v) in overlay {
+            if let (Some(id), Some(v)) = (meta::route_key_shard(k), v) {
+                out.insert(id, v.clone());
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+
+    /// Applies a split at log id `at`: the parent shrinks in memory and in
+    /// the batch; the child's whole starting state (descriptor, applied =
+    /// `at`, membership, vote, purged = `at`) goes into the same batch, so a
+    /// crash leaves both or neither. A replica that already holds the child
+    /// (it was brought in by its own leader's snapshot) keeps it.
+    fn apply_split(
+        &mut self,
+        key: Vec<u8>,
+        child: ShardId,
+        version: u64,
+        at: LogId,
+        batch: &mut WriteBatch,
+        created: &mut Vec<ShardId>,
+    ) -> Result<CommandResponse, StoreError> {
+        let current = self.descriptor.clone();
+        let refuse = |reason: String| {
+            Ok(CommandResponse::SplitRefused {
+                reason,
+                current: current.clone(),
+            })
+        };
+        if self.shard == meta::META_SHARD {
+            return refuse("the meta shard is not split".into());
+        }
+        if current.epoch.version != version {
+            return refuse(format!(
+                "range version is {}, the split was planned at {version}",
+                current.epoch.version
+            ));
+        }
+        if key <= current.range.start || !current.range.contains(&key) {
+            return refuse(format!(
+                "split key {} is not strictly inside {}",
+                shard_router::descriptor::escape(&key),
+                current.range
+            ));
+        }
+        if child == self.shard || child > ShardId::MAX || child == meta::META_SHARD {
+            return refuse(format!("bad child id {child}"));
+        }
+        let epoch = Epoch {
+            version: current.epoch.version + 1,
+            conf_ver: current.epoch.conf_ver,
+        };
+        let mut left = current.clone();
+        left.range = KeyRange::new(current.range.start.clone(), key.clone());
+        left.epoch = epoch;
+        let right = ShardDescriptor {
+            id: child,
+            range: KeyRange::new(key, current.range.end.clone()),
+            epoch,
+            replicas: current.replicas.clone(),
+            leader_hint: current.leader_hint,
+        };
+        let meta_cf = self.engine.cf(Cf::ShardMeta);
+        batch.put_cf(
+            meta_cf,
+            keys::meta_key(self.shard, MetaTag::Descriptor),
+            encode(&left),
+        );
+        let exists = self
+            .engine
+            .read_meta::<ShardDescriptor>(child, MetaTag::Descriptor)?
+            .is_some();
+        if exists {
+            tracing::info!(parent = %self.shard, %child, "split: child already hosted here, kept");
+        } else {
+            let state_cf = self.engine.cf(Cf::RaftState);
+            batch.put_cf(
+                meta_cf,
+                keys::meta_key(child, MetaTag::Descriptor),
+                encode(&right),
+            );
+            batch.put_cf(meta_cf, keys::meta_key(child, MetaTag::Applied), encode(&at));
+            batch.put_cf(
+                meta_cf,
+                keys::meta_key(child, MetaTag::Membership),
+                encode(&self.membership),
+            );
+            // The child's log starts after `at`: everything up to it is the
+            // (shared) data. A vote at the split's term keeps its terms
+            // growing from there.
+            let vote = Vote::new(at.leader_id.term, at.leader_id.node_id);
+            batch.put_cf(state_cf, keys::state_key(child, StateTag::Vote), encode(&vote));
+            batch.put_cf(state_cf, keys::state_key(child, StateTag::Purged), encode(&at));
+            batch.put_cf(
+                state_cf,
+                keys::state_key(child, StateTag::Committed),
+                encode(&Some(at)),
+            );
+            created.push(child);
+        }
+        tracing::info!(parent = %self.shard, %child, left = %left.range, right = %right.range, at = %at, "split applied");
+        self.descriptor = left.clone();
+        Ok(CommandResponse::Split { left, right })
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = SnapshotBuilder;
 
@@ -221,18 +396,31 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut last = None;
         let mut membership_changed = false;
         let mut commands = 0u64;
+        let mut created = Vec::new();
+        let mut descriptor_changed = false;
         for entry in entries {
             last = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => {
                     commands += 1;
-                    self.apply_command(cmd, &mut batch, &mut overlay)
+                    self.apply_command(cmd, entry.log_id, &mut batch, &mut overlay, &mut created)
                         .map_err(werr)?
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
                     membership_changed = true;
+                    // The descriptor names the voters; a change of them is
+                    // a new configuration version.
+                    let voters: Vec<crate::NodeId> =
+                        self.membership.membership().voter_ids().collect();
+                    let mut before = self.descriptor.replicas.clone();
+                    before.sort();
+                    if before != voters {
+                        self.descriptor.replicas = voters;
+                        self.descriptor.epoch.conf_ver += 1;
+                        descriptor_changed = true;
+                    }
                     CommandResponse::Empty
                 }
             };
@@ -254,6 +442,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 encode(&self.membership),
             );
         }
+        if descriptor_changed {
+            batch.put_cf(
+                meta,
+                keys::meta_key(self.shard, MetaTag::Descriptor),
+                encode(&self.descriptor),
+            );
+        }
         // Not synced by itself: the entries are durable in the log, and the WAL
         // keeps this write ordered after them; a crash replays from the log.
         let mut wo = WriteOptions::default();
@@ -264,6 +459,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
         self.applied = Some(last);
         self.engine.count_applied(commands);
+        for child in created {
+            self.engine.note_created(child);
+        }
         Ok(responses)
     }
 

@@ -1,0 +1,686 @@
+//! Cluster administration on a node: forwarded proposals, splits, replica
+//! moves, leader transfers, nodes joining, and the background tasks that
+//! keep the meta shard's table current and start shards created by splits.
+//!
+//! Every step is idempotent and re-checks the group's state first, so an
+//! interrupted operation run again continues from where the cluster is.
+
+use super::{leadership, meta, Node, Registry};
+use crate::command::{Command, CommandResponse};
+use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
+use crate::net::{CallError, PeerAddr};
+use crate::{NodeId, ShardDescriptor, ShardId};
+use openraft::error::{ClientWriteError, RaftError};
+use openraft::{BasicNode, ChangeMembers};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// Why an administrative operation did not complete.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdminError {
+    /// The shard has no replica on this node.
+    #[error("{shard} is not hosted by this node")]
+    UnknownShard {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// This node does not lead the shard; ask `hint`.
+    #[error("{shard}: not the leader (hint {hint:?})")]
+    NotLeader {
+        /// The shard.
+        shard: ShardId,
+        /// The leader this node knows of.
+        hint: Option<NodeId>,
+    },
+    /// The request cannot be carried out as asked (nothing changed).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The cluster could not complete it in time; run it again.
+    #[error("{shard} unavailable: {reason}")]
+    Unavailable {
+        /// The shard.
+        shard: ShardId,
+        /// What failed last.
+        reason: String,
+    },
+}
+
+/// How long a forwarded proposal may take, all retries included.
+const PROPOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl Registry {
+    /// The node this registry belongs to, while it runs.
+    pub(crate) fn node(&self) -> Option<Arc<Node>> {
+        self.node.get().and_then(Weak::upgrade)
+    }
+
+    /// Proposes `cmd` to this node's replica of `shard`, which must lead.
+    pub(crate) async fn propose_local(
+        &self,
+        shard: ShardId,
+        cmd: Command,
+    ) -> Result<CommandResponse, Refusal> {
+        let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        let (leads, hint) = leadership(&raft, self.me);
+        if !leads {
+            return Err(Refusal::NotLeader(hint));
+        }
+        let _expedite = self.expedite();
+        match raft.client_write(cmd).await {
+            Ok(r) => Ok(r.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                Err(Refusal::NotLeader(f.leader_id))
+            }
+            Err(e) => Err(Refusal::Failed(e.to_string())),
+        }
+    }
+
+    /// Serves the administrative peer requests.
+    pub(crate) async fn handle_admin(&self, shard: ShardId, req: PeerRequest) -> PeerResponse {
+        let refused = |r: Refusal| PeerResponse::Refused(r);
+        match req {
+            PeerRequest::Propose(cmd) => match self.propose_local(shard, cmd).await {
+                Ok(r) => PeerResponse::Proposed(r),
+                Err(r) => refused(r),
+            },
+            PeerRequest::Campaign { index } => {
+                let Some(raft) = self.get(shard) else {
+                    return refused(Refusal::UnknownShard(shard));
+                };
+                let caught_up = raft
+                    .wait(Some(Duration::from_secs(10)))
+                    .applied_index_at_least(Some(index), "campaign: catch up first")
+                    .await;
+                if let Err(e) = caught_up {
+                    return refused(Refusal::Failed(e.to_string()));
+                }
+                match raft.trigger().elect().await {
+                    Ok(()) => PeerResponse::Done,
+                    Err(e) => refused(Refusal::Failed(e.to_string())),
+                }
+            }
+            PeerRequest::CreateReplica(d) => {
+                let Some(node) = self.node() else {
+                    return refused(Refusal::Failed("node stopping".into()));
+                };
+                if d.id != shard {
+                    return refused(Refusal::Failed("descriptor names another shard".into()));
+                }
+                match node.create_replica_local(&d).await {
+                    Ok(()) => PeerResponse::Done,
+                    Err(e) => refused(Refusal::Failed(e.to_string())),
+                }
+            }
+            PeerRequest::DropReplica => {
+                let Some(node) = self.node() else {
+                    return refused(Refusal::Failed("node stopping".into()));
+                };
+                match node.drop_replica_local(shard).await {
+                    Ok(()) => PeerResponse::Done,
+                    Err(e) => refused(Refusal::Failed(e.to_string())),
+                }
+            }
+            PeerRequest::AddPeer { id, addr } => {
+                let Some(node) = self.node() else {
+                    return refused(Refusal::Failed("node stopping".into()));
+                };
+                node.learn_peer(PeerAddr { id, addr });
+                PeerResponse::Done
+            }
+            PeerRequest::Append(_) | PeerRequest::Vote(_) => {
+                refused(Refusal::Failed("not an admin request".into()))
+            }
+        }
+    }
+}
+
+fn call_error(shard: ShardId, e: CallError) -> AdminError {
+    match e {
+        CallError::Refused {
+            refusal: Refusal::NotLeader(hint),
+            ..
+        } => AdminError::NotLeader { shard, hint },
+        CallError::Refused {
+            refusal: Refusal::UnknownShard(_),
+            ..
+        } => AdminError::UnknownShard { shard },
+        other => AdminError::Unavailable {
+            shard,
+            reason: other.to_string(),
+        },
+    }
+}
+
+fn refusal_error(shard: ShardId, r: Refusal) -> AdminError {
+    match r {
+        Refusal::NotLeader(hint) => AdminError::NotLeader { shard, hint },
+        Refusal::UnknownShard(_) => AdminError::UnknownShard { shard },
+        Refusal::Failed(reason) => AdminError::Unavailable { shard, reason },
+    }
+}
+
+fn raft_error(shard: ShardId, e: impl std::fmt::Display) -> AdminError {
+    AdminError::Unavailable {
+        shard,
+        reason: e.to_string(),
+    }
+}
+
+impl Node {
+    /// Proposes `cmd` to `shard`'s leader wherever it is, following leader
+    /// hints and trying every known node, until `timeout`.
+    ///
+    /// # Errors
+    /// [`AdminError::Unavailable`] when no leader took it in time.
+    pub async fn propose(
+        &self,
+        shard: ShardId,
+        cmd: Command,
+        timeout: Duration,
+    ) -> Result<CommandResponse, AdminError> {
+        let deadline = Instant::now() + timeout;
+        let mut hint = self
+            .raft(shard)
+            .and_then(|r| r.metrics().borrow().current_leader);
+        let mut others: Vec<NodeId> = std::iter::once(self.id)
+            .chain(self.transport.peer_ids())
+            .collect();
+        others.sort();
+        let mut turn = 0usize;
+        let mut backoff = Duration::from_millis(20);
+        let mut last;
+        loop {
+            let target = hint.take().unwrap_or_else(|| {
+                turn += 1;
+                others[turn % others.len()]
+            });
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = if target == self.id {
+                self.registry
+                    .propose_local(shard, cmd.clone())
+                    .await
+                    .map_err(|r| refusal_error(shard, r))
+            } else {
+                match self
+                    .transport
+                    .call(
+                        target,
+                        shard,
+                        PeerRequest::Propose(cmd.clone()),
+                        left.min(Duration::from_secs(5)),
+                    )
+                    .await
+                {
+                    Ok(PeerResponse::Proposed(r)) => Ok(r),
+                    Ok(other) => Err(AdminError::Unavailable {
+                        shard,
+                        reason: format!("unexpected answer {other:?}"),
+                    }),
+                    Err(e) => Err(call_error(shard, e)),
+                }
+            };
+            match result {
+                Ok(r) => return Ok(r),
+                Err(AdminError::NotLeader { hint: h, .. }) => {
+                    hint = h.filter(|h| *h != target);
+                    last = format!("{target} does not lead {shard}");
+                }
+                Err(e) => last = e.to_string(),
+            }
+            if Instant::now() + backoff >= deadline {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: format!("no leader took the proposal in {timeout:?}: {last}"),
+                });
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// This replica's group, which must lead the shard.
+    fn led(&self, shard: ShardId) -> Result<super::ShardRaft, AdminError> {
+        let raft = self.raft(shard).ok_or(AdminError::UnknownShard { shard })?;
+        let (leads, hint) = leadership(&raft, self.id);
+        if !leads {
+            return Err(AdminError::NotLeader { shard, hint });
+        }
+        Ok(raft)
+    }
+
+    /// Splits `shard` (led here) at `key`: a fresh id from the meta shard,
+    /// the split command through the shard's log, both descriptors recorded
+    /// in the meta shard, and the new shard campaigning here. Returns the
+    /// two halves once the new one has a leader.
+    ///
+    /// # Errors
+    /// [`AdminError::Refused`] for a key not strictly inside the range (or
+    /// the meta shard); [`AdminError::NotLeader`] when this node does not
+    /// lead; [`AdminError::Unavailable`] when a step timed out.
+    pub async fn split_shard(
+        &self,
+        shard: ShardId,
+        key: Vec<u8>,
+    ) -> Result<(ShardDescriptor, ShardDescriptor), AdminError> {
+        if shard == meta::META_SHARD {
+            return Err(AdminError::Refused("the meta shard is not split".into()));
+        }
+        let raft = self.led(shard)?;
+        let d = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })?;
+        if key <= d.range.start || !d.range.contains(&key) {
+            return Err(AdminError::Refused(format!(
+                "split key {} is not strictly inside {shard}'s range {}",
+                shard_router::descriptor::escape(&key),
+                d.range
+            )));
+        }
+        let child = match self
+            .propose(meta::META_SHARD, Command::AllocShardId, PROPOSE_TIMEOUT)
+            .await?
+        {
+            CommandResponse::Allocated(id) => id,
+            other => {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: format!("id allocation answered {other:?}"),
+                })
+            }
+        };
+        let cmd = Command::Split {
+            key,
+            child,
+            version: d.epoch.version,
+        };
+        let _expedite = self.registry.expedite();
+        let resp = match raft.client_write(cmd).await {
+            Ok(r) => r.data,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                return Err(AdminError::NotLeader {
+                    shard,
+                    hint: f.leader_id,
+                })
+            }
+            Err(e) => return Err(raft_error(shard, e)),
+        };
+        let (left, mut right) = match resp {
+            CommandResponse::Split { left, right } => (left, right),
+            CommandResponse::SplitRefused { reason, .. } => {
+                return Err(AdminError::Refused(reason))
+            }
+            other => {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: format!("split answered {other:?}"),
+                })
+            }
+        };
+        right.leader_hint = Some(self.id);
+        // The new group starts from the split's log id on every replica;
+        // campaigning here makes its first leader this node.
+        let started = Instant::now();
+        let child_raft = loop {
+            if let Some(r) = self.raft(child) {
+                break r;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(AdminError::Unavailable {
+                    shard: child,
+                    reason: "the new shard's group did not start".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let _ = child_raft.trigger().elect().await;
+        let _ = child_raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(|m| m.current_leader.is_some(), "split: the new shard elects")
+            .await;
+        if let Err(e) = self
+            .propose(
+                meta::META_SHARD,
+                Command::RecordRoutes {
+                    descriptors: vec![left.clone(), right.clone()],
+                },
+                PROPOSE_TIMEOUT,
+            )
+            .await
+        {
+            // The route reporter records them later; clients are corrected
+            // by the shards themselves meanwhile.
+            tracing::warn!(%shard, %child, error = %e, "split: routes not recorded yet");
+        }
+        tracing::info!(%shard, %child, left = %left.range, right = %right.range, "split done");
+        Ok((left, right))
+    }
+
+    /// Moves `shard`'s replica from `from` to `to` (run on its leader):
+    /// an empty replica on `to`, added as a learner (it catches up by a
+    /// snapshot streamed over QUIC), promoted, `from` removed and its data
+    /// deleted. When `from` leads, leadership goes to `to` first and the
+    /// answer is [`AdminError::NotLeader`] naming it: run it again there.
+    ///
+    /// # Errors
+    /// [`AdminError`]; a learner that does not catch up within `timeout` is
+    /// removed again (the move rolls back) and the error says so.
+    pub async fn move_replica(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<ShardDescriptor, AdminError> {
+        let raft = self.led(shard)?;
+        if from == to {
+            return Err(AdminError::Refused("source and target are the same node".into()));
+        }
+        if to != self.id && !self.transport.peer_ids().contains(&to) {
+            return Err(AdminError::Refused(format!("{to} is not a known node")));
+        }
+        let membership = || {
+            let m = raft.metrics().borrow().membership_config.clone();
+            let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+            let learners: BTreeSet<NodeId> = m.membership().learner_ids().collect();
+            (voters, learners)
+        };
+        let (voters, _) = membership();
+        if !voters.contains(&from) && !voters.contains(&to) {
+            return Err(AdminError::Refused(format!(
+                "{from} holds no replica of {shard}"
+            )));
+        }
+        let werr = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader {
+                shard,
+                hint: f.leader_id,
+            },
+            other => raft_error(shard, other),
+        };
+        if !voters.contains(&to) {
+            let d = self
+                .engine
+                .descriptor(shard)
+                .map_err(|_| AdminError::UnknownShard { shard })?;
+            match self
+                .transport
+                .call(
+                    to,
+                    shard,
+                    PeerRequest::CreateReplica(d),
+                    Duration::from_secs(10),
+                )
+                .await
+            {
+                Ok(PeerResponse::Done) => {}
+                Ok(other) => {
+                    return Err(AdminError::Unavailable {
+                        shard,
+                        reason: format!("{to} answered {other:?}"),
+                    })
+                }
+                Err(e) => return Err(call_error(shard, e)),
+            }
+            let added = tokio::time::timeout(
+                timeout,
+                raft.add_learner(to, BasicNode::new(self.addr_of(to)), true),
+            )
+            .await;
+            match added {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(werr(e)),
+                Err(_) => {
+                    // Roll back: the learner leaves the group, its replica
+                    // is dropped (best effort: a node that is down keeps an
+                    // orphan replica that no group replicates to).
+                    let _ = raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([to])), false)
+                        .await;
+                    let _ = self
+                        .transport
+                        .call(to, shard, PeerRequest::DropReplica, Duration::from_secs(10))
+                        .await;
+                    return Err(AdminError::Unavailable {
+                        shard,
+                        reason: format!(
+                            "{to} did not catch up within {timeout:?}; the move was rolled back"
+                        ),
+                    });
+                }
+            }
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([to])), false)
+                .await
+                .map_err(werr)?;
+        }
+        let (voters, _) = membership();
+        if voters.contains(&from) {
+            if from == self.id {
+                self.hand_over(shard, to).await?;
+                return Err(AdminError::NotLeader {
+                    shard,
+                    hint: Some(to),
+                });
+            }
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([from])), false)
+                .await
+                .map_err(werr)?;
+        }
+        // The old replica no longer receives anything; delete it.
+        let mut dropped = false;
+        for _ in 0..5 {
+            match self
+                .transport
+                .call(from, shard, PeerRequest::DropReplica, Duration::from_secs(10))
+                .await
+            {
+                Ok(PeerResponse::Done)
+                | Err(CallError::Refused {
+                    refusal: Refusal::UnknownShard(_),
+                    ..
+                }) => {
+                    dropped = true;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if !dropped {
+            tracing::warn!(%shard, node = %from, "move: the old replica could not be dropped now");
+        }
+        self.engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })
+    }
+
+    /// Hands leadership of `shard` (led here) to `to`, waiting until it
+    /// leads (or another node does).
+    async fn hand_over(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
+        let raft = self.led(shard)?;
+        let index = raft.metrics().borrow().last_log_index.unwrap_or(0);
+        match self
+            .transport
+            .call(
+                to,
+                shard,
+                PeerRequest::Campaign { index },
+                Duration::from_secs(15),
+            )
+            .await
+        {
+            Ok(PeerResponse::Done) => {}
+            Ok(other) => {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: format!("{to} answered {other:?}"),
+                })
+            }
+            Err(e) => return Err(call_error(shard, e)),
+        }
+        raft.wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
+                "transfer: another node leads",
+            )
+            .await
+            .map_err(|e| raft_error(shard, e))?;
+        Ok(())
+    }
+
+    /// Makes `to` the leader of `shard` (run on its leader).
+    ///
+    /// # Errors
+    /// [`AdminError::Refused`] when `to` is not a voter of the shard.
+    pub async fn transfer_leader(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
+        let raft = self.led(shard)?;
+        if to == self.id {
+            return Ok(());
+        }
+        let voter = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|v| v == to);
+        if !voter {
+            return Err(AdminError::Refused(format!("{to} is not a voter of {shard}")));
+        }
+        self.hand_over(shard, to).await?;
+        let now = raft.metrics().borrow().current_leader;
+        if now == Some(to) {
+            Ok(())
+        } else {
+            Err(AdminError::Unavailable {
+                shard,
+                reason: format!("{now:?} won the election instead of {to}"),
+            })
+        }
+    }
+
+    /// Creates an empty replica of `d` here (no-op when it exists) and
+    /// starts its group uninitialised: its leader brings it up to date.
+    pub(crate) async fn create_replica_local(&self, d: &ShardDescriptor) -> Result<(), super::NodeError> {
+        match self.engine.create_shard(d).await {
+            Ok(()) | Err(crate::storage::StoreError::ShardExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.start_group(d.id).await?;
+        Ok(())
+    }
+
+    /// Stops this node's replica of `shard` and deletes its log, state,
+    /// snapshots and data.
+    pub(crate) async fn drop_replica_local(&self, shard: ShardId) -> Result<(), super::NodeError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if let Some((_, raft)) = self.registry.groups.remove(&shard) {
+            let _ = raft.shutdown().await;
+        }
+        // The group's stores close as its tasks end.
+        let started = Instant::now();
+        loop {
+            match self.engine.delete_shard(shard).await {
+                Ok(()) => break,
+                Err(crate::storage::StoreError::ShardOpen { .. })
+                    if started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(crate::storage::StoreError::UnknownShard { .. }) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(node = %self.id, %shard, "replica dropped");
+        Ok(())
+    }
+
+    /// Learns a node's address (a node joined), persisting it so restarts
+    /// keep it.
+    pub fn learn_peer(&self, p: PeerAddr) {
+        if p.id == self.id {
+            return;
+        }
+        self.transport.add_peer(p);
+        if let Err(e) = super::peers_file::save(&self.config.data_dir, &self.transport.peers()) {
+            tracing::warn!(error = %e, "could not persist the peer list");
+        }
+    }
+
+    /// Announces `p` to every peer and learns it here; returns every node
+    /// known here (this one included).
+    pub(crate) async fn admit(&self, p: PeerAddr) -> Vec<PeerAddr> {
+        self.learn_peer(p.clone());
+        for peer in self.transport.peer_ids() {
+            if peer == p.id {
+                continue;
+            }
+            let _ = self
+                .transport
+                .call(
+                    peer,
+                    meta::META_SHARD,
+                    PeerRequest::AddPeer {
+                        id: p.id,
+                        addr: p.addr,
+                    },
+                    Duration::from_secs(5),
+                )
+                .await;
+        }
+        let mut all = self.transport.peers();
+        all.push(PeerAddr {
+            id: self.id,
+            addr: self.addr(),
+        });
+        all.sort_by_key(|p| p.id);
+        all
+    }
+}
+
+/// Starts the groups of shards created by splits applied on this node.
+pub(crate) async fn start_created(node: Weak<Node>, signal: Arc<tokio::sync::Notify>) {
+    loop {
+        {
+            let Some(n) = node.upgrade() else { return };
+            for shard in n.engine.take_created() {
+                if let Err(e) = n.start_group(shard).await {
+                    tracing::error!(%shard, error = %e, "could not start a shard created by a split");
+                }
+            }
+        }
+        signal.notified().await;
+    }
+}
+
+/// Keeps the meta shard's table current: every second, the descriptors of
+/// the shards this node leads whose epoch it has not recorded yet.
+pub(crate) async fn report_routes(node: Weak<Node>) {
+    let mut recorded: HashMap<ShardId, crate::Epoch> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        let Some(n) = node.upgrade() else { return };
+        let mut pending = Vec::new();
+        for shard in n.shards_led() {
+            if let Ok(mut d) = n.engine.descriptor(shard) {
+                if recorded.get(&shard) != Some(&d.epoch) {
+                    d.leader_hint = Some(n.id);
+                    pending.push(d);
+                }
+            }
+        }
+        for chunk in pending.chunks(256) {
+            let cmd = Command::RecordRoutes {
+                descriptors: chunk.to_vec(),
+            };
+            if n.propose(meta::META_SHARD, cmd, Duration::from_secs(5))
+                .await
+                .is_ok()
+            {
+                for d in chunk {
+                    recorded.insert(d.id, d.epoch);
+                }
+            }
+        }
+    }
+}

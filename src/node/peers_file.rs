@@ -1,0 +1,51 @@
+//! `peers.toml` in a node's data folder: the peers it learned at run time
+//! (nodes that joined), merged with the configured ones at start.
+
+use crate::net::PeerAddr;
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+const FILE: &str = "peers.toml";
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct PeersFile {
+    #[serde(default)]
+    peers: Vec<PeerAddr>,
+}
+
+/// The learned peers (empty when none were saved).
+///
+/// # Errors
+/// An unreadable or invalid file, with its path.
+pub fn load(data_dir: &Path) -> Result<Vec<PeerAddr>, String> {
+    let path = data_dir.join(FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => toml::from_str::<PeersFile>(&text)
+            .map(|f| f.peers)
+            .map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Replaces the saved list (written to a temporary file, synced, renamed).
+///
+/// # Errors
+/// The I/O error, with its path.
+pub fn save(data_dir: &Path, peers: &[PeerAddr]) -> Result<(), String> {
+    let path = data_dir.join(FILE);
+    let tmp = data_dir.join(format!("{FILE}.tmp"));
+    let text = toml::to_string(&PeersFile {
+        peers: peers.to_vec(),
+    })
+    .map_err(|e| e.to_string())?;
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path)?;
+        std::fs::File::open(data_dir)?.sync_all()
+    };
+    write().map_err(|e| format!("{}: {e}", path.display()))
+}
