@@ -23,7 +23,7 @@ use crate::cluster_file::{ClusterFile, ClusterFileError};
 use crate::command::{Op, OpResult};
 use crate::limits::{self, LimitError, FRAME_BYTES_MAX};
 use crate::tls::{self, TlsError, TlsFiles, TlsIdentity};
-use crate::{wire, NodeId, ShardDescriptor};
+use crate::{wire, NodeId, ShardDescriptor, ShardId};
 use shard_router::RouteCache;
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -93,7 +93,7 @@ pub struct CasOutcome {
 struct Inner {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
-    nodes: Vec<(NodeId, SocketAddr)>,
+    nodes: Mutex<Vec<(NodeId, SocketAddr)>>,
     conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
     routes: Mutex<RouteCache>,
     opts: ClientOptions,
@@ -166,7 +166,7 @@ impl Client {
             inner: Arc::new(Inner {
                 endpoint,
                 quic,
-                nodes,
+                nodes: Mutex::new(nodes),
                 conns: tokio::sync::Mutex::new(HashMap::new()),
                 routes: Mutex::new(RouteCache::new()),
                 opts,
@@ -190,7 +190,44 @@ impl Client {
 
     /// The nodes of the cluster file.
     pub fn nodes(&self) -> Vec<(NodeId, SocketAddr)> {
-        self.inner.nodes.clone()
+        self.inner.nodes.lock().expect("nodes poisoned").clone()
+    }
+
+    fn node_addr(&self, node: NodeId) -> Option<SocketAddr> {
+        self.inner
+            .nodes
+            .lock()
+            .expect("nodes poisoned")
+            .iter()
+            .find(|(id, _)| *id == node)
+            .map(|(_, a)| *a)
+    }
+
+    /// Asks the known nodes for every node they know (nodes that joined
+    /// after the cluster file was written) and learns them.
+    ///
+    /// # Errors
+    /// The last node's error when none answered.
+    pub async fn refresh_nodes(&self) -> Result<Vec<(NodeId, SocketAddr)>, String> {
+        let mut last = String::from("no node answered");
+        for (node, _) in self.nodes() {
+            match self.call_node(node, &Request::Peers).await {
+                Ok(Response::Peers(all)) => {
+                    let mut nodes = self.inner.nodes.lock().expect("nodes poisoned");
+                    for (id, addr) in all {
+                        match nodes.iter_mut().find(|(n, _)| *n == id) {
+                            Some(e) => e.1 = addr,
+                            None => nodes.push((id, addr)),
+                        }
+                    }
+                    nodes.sort();
+                    return Ok(nodes.clone());
+                }
+                Ok(other) => last = format!("{node}: unexpected answer {other:?}"),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
     }
 
     async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
@@ -200,13 +237,18 @@ impl Client {
                 return Ok(c.clone());
             }
         }
-        let addr = self
-            .inner
-            .nodes
-            .iter()
-            .find(|(id, _)| *id == node)
-            .map(|(_, a)| *a)
-            .ok_or_else(|| format!("{node} is not in the cluster file"))?;
+        let addr = match self.node_addr(node) {
+            Some(a) => a,
+            None => {
+                // A node that joined later: ask the others for it (without
+                // holding the connection table).
+                drop(conns);
+                let _ = Box::pin(self.refresh_nodes()).await;
+                conns = self.inner.conns.lock().await;
+                self.node_addr(node)
+                    .ok_or_else(|| format!("{node} is not a known node"))?
+            }
+        };
         let connecting = self
             .inner
             .endpoint
@@ -222,6 +264,18 @@ impl Client {
 
     /// Sends one request to one node and waits for its answer.
     pub async fn call_node(&self, node: NodeId, req: &Request) -> Result<Response, String> {
+        self.call_node_within(node, req, self.inner.opts.attempt_timeout)
+            .await
+    }
+
+    /// [`Client::call_node`] with its own attempt timeout (admin requests
+    /// that take long, such as a replica move).
+    pub async fn call_node_within(
+        &self,
+        node: NodeId,
+        req: &Request,
+        timeout: Duration,
+    ) -> Result<Response, String> {
         let frame = wire::encode_frame(req, FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
         let conn = self.connection(node).await?;
         let work = async {
@@ -234,7 +288,7 @@ impl Client {
                 .ok_or("no answer")?;
             wire::decode_payload::<Response>(&payload).map_err(|e| e.to_string())
         };
-        tokio::time::timeout(self.inner.opts.attempt_timeout, work)
+        tokio::time::timeout(timeout, work)
             .await
             .map_err(|_| format!("{node} did not answer in time"))?
     }
@@ -243,7 +297,7 @@ impl Client {
     async fn refresh_routes(&self) -> Result<(), String> {
         let mut last = String::from("no node answered");
         let mut learned = false;
-        for (node, _) in self.inner.nodes.clone() {
+        for (node, _) in self.nodes() {
             match self.call_node(node, &Request::Routes).await {
                 Ok(Response::Routes(ds)) => {
                     let mut cache = self.inner.routes.lock().expect("routes poisoned");
@@ -309,23 +363,45 @@ impl Client {
         &self,
         key: &[u8],
         make: impl Fn(&ShardDescriptor) -> Request,
+        accept: impl FnMut(Response) -> Result<T, AttemptError>,
+    ) -> Result<T, ClientError> {
+        let (deadline, attempt) = (self.inner.opts.deadline, self.inner.opts.attempt_timeout);
+        self.with_target(Target::Key(key), make, accept, deadline, attempt)
+            .await
+    }
+
+    /// Runs `make(descriptor)` against the shard named by `target` (the
+    /// one owning a key, or one shard id) until it is answered, correcting
+    /// routes and backing off until `deadline`; each attempt may take
+    /// `attempt`.
+    async fn with_target<T>(
+        &self,
+        target_shard: Target<'_>,
+        make: impl Fn(&ShardDescriptor) -> Request,
         mut accept: impl FnMut(Response) -> Result<T, AttemptError>,
+        deadline: Duration,
+        attempt_timeout: Duration,
     ) -> Result<T, ClientError> {
         let start = Instant::now();
-        let deadline = self.inner.opts.deadline;
         let mut backoff = self.inner.opts.backoff_min;
         loop {
             let attempt: Result<T, AttemptError> = async {
-                let d = match self.route(key) {
+                let find = || match target_shard {
+                    Target::Key(key) => self.route(key),
+                    Target::Shard(id) => self.cached(id),
+                };
+                let d = match find() {
                     Some(d) => d,
                     None => {
                         self.refresh_routes().await.map_err(AttemptError::Retry)?;
-                        self.route(key)
-                            .ok_or_else(|| AttemptError::Retry("no route for the key".into()))?
+                        find().ok_or_else(|| AttemptError::Retry("no route yet".into()))?
                     }
                 };
                 let node = target(&d);
-                match self.call_node(node, &make(&d)).await {
+                match self
+                    .call_node_within(node, &make(&d), attempt_timeout)
+                    .await
+                {
                     Ok(Response::Error(e)) => Err(self.correct(&d, e)),
                     Ok(resp) => accept(resp),
                     Err(e) => {
@@ -676,6 +752,143 @@ impl Client {
             Response::NodeStatus(s) => Ok(s),
             other => Err(format!("unexpected answer {other:?}")),
         }
+    }
+}
+
+/// What a request is for: the shard owning a key, or a shard by id.
+#[derive(Clone, Copy)]
+enum Target<'a> {
+    Key(&'a [u8]),
+    Shard(ShardId),
+}
+
+/// Overall deadline of an admin call (a move streams a whole shard).
+const ADMIN_DEADLINE: Duration = Duration::from_secs(600);
+/// One attempt of a replica move: the server waits up to 300 s for its
+/// learner.
+const MOVE_ATTEMPT: Duration = Duration::from_secs(320);
+/// One attempt of a split or leader transfer (elections included).
+const ADMIN_ATTEMPT: Duration = Duration::from_secs(30);
+
+impl Client {
+    fn cached(&self, shard: ShardId) -> Option<ShardDescriptor> {
+        self.inner
+            .routes
+            .lock()
+            .expect("routes poisoned")
+            .iter()
+            .find(|d| d.id == shard)
+            .cloned()
+    }
+
+    /// Splits the shard owning `key` at `key` (admin): the shard keeps the
+    /// keys below it, a new shard takes `key` and above. Returns the two
+    /// halves. Splitting at a key that already starts a shard answers that
+    /// shard and its left neighbour (so a retried split is harmless).
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for a bad key; [`ClientError::Refused`] for
+    /// the first key of the key space; [`ClientError::Timeout`].
+    pub async fn split(
+        &self,
+        key: &[u8],
+    ) -> Result<(ShardDescriptor, ShardDescriptor), ClientError> {
+        crate::limits::check_key(key)?;
+        let r = self
+            .with_target(
+                Target::Key(key),
+                |d| Request::Split {
+                    shard: d.id,
+                    epoch: d.epoch,
+                    key: key.to_vec(),
+                },
+                |resp| match resp {
+                    Response::Split { left, right } => Ok((left, right)),
+                    other => Err(unexpected(other)),
+                },
+                self.inner.opts.deadline.max(ADMIN_ATTEMPT),
+                ADMIN_ATTEMPT,
+            )
+            .await;
+        match r {
+            Ok((left, right)) => {
+                self.learn_route(left.clone());
+                self.learn_route(right.clone());
+                Ok((left, right))
+            }
+            Err(ClientError::Refused(ApiError::Invalid(reason))) => {
+                let _ = self.refresh_routes().await;
+                let right = self.route(key).filter(|d| d.range.start == key);
+                let left = self
+                    .inner
+                    .routes
+                    .lock()
+                    .expect("routes poisoned")
+                    .iter()
+                    .find(|d| d.range.end == key)
+                    .cloned();
+                match (left, right) {
+                    (Some(l), Some(r)) => Ok((l, r)),
+                    _ => Err(ClientError::Refused(ApiError::Invalid(reason))),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves `shard`'s replica from node `from` to node `to` (admin):
+    /// learner on `to`, snapshot streamed, promoted, `from` removed and its
+    /// data deleted. Returns the shard's new descriptor. Safe to run again
+    /// after an interruption: it continues from the group's state.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] for a move that makes no sense (`from` holds
+    /// no replica, unknown `to`); [`ClientError::Timeout`].
+    pub async fn move_replica(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<ShardDescriptor, ClientError> {
+        let d = self
+            .with_target(
+                Target::Shard(shard),
+                |_| Request::MoveReplica { shard, from, to },
+                |resp| match resp {
+                    Response::Descriptor(d) => Ok(d),
+                    other => Err(unexpected(other)),
+                },
+                ADMIN_DEADLINE,
+                MOVE_ATTEMPT,
+            )
+            .await?;
+        self.learn_route(d.clone());
+        Ok(d)
+    }
+
+    /// Makes voter `to` the leader of `shard` (admin).
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] when `to` is not a voter of the shard;
+    /// [`ClientError::Timeout`].
+    pub async fn transfer_leader(&self, shard: ShardId, to: NodeId) -> Result<(), ClientError> {
+        self.with_target(
+            Target::Shard(shard),
+            |_| Request::TransferLeader { shard, to },
+            |resp| match resp {
+                Response::Done => Ok(()),
+                other => Err(unexpected(other)),
+            },
+            ADMIN_DEADLINE.min(Duration::from_secs(120)),
+            ADMIN_ATTEMPT,
+        )
+        .await?;
+        self.inner
+            .routes
+            .lock()
+            .expect("routes poisoned")
+            .set_leader(shard, Some(to));
+        Ok(())
     }
 }
 

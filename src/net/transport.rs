@@ -1181,6 +1181,10 @@ async fn receive_snapshot(
                 .ok_or("stream ended inside the snapshot")?;
             match wire::decode_payload::<SnapshotFrame>(&frame).map_err(|e| e.to_string())? {
                 SnapshotFrame::Chunk(bytes) => {
+                    // Tests slow transfers down here to interrupt one.
+                    if fail::eval("snapshot::receive_chunk", |_| ()).is_some() {
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
                     got += bytes.len() as u64;
                     file.write_all(&bytes)
                         .await

@@ -337,7 +337,10 @@ impl Node {
         let _ = child_raft.trigger().elect().await;
         let _ = child_raft
             .wait(Some(Duration::from_secs(10)))
-            .metrics(|m| m.current_leader.is_some(), "split: the new shard elects")
+            .metrics(
+                |m| m.current_leader.is_some(),
+                "split: the new shard elects",
+            )
             .await;
         if let Err(e) = self
             .propose(
@@ -375,7 +378,9 @@ impl Node {
     ) -> Result<ShardDescriptor, AdminError> {
         let raft = self.led(shard)?;
         if from == to {
-            return Err(AdminError::Refused("source and target are the same node".into()));
+            return Err(AdminError::Refused(
+                "source and target are the same node".into(),
+            ));
         }
         if to != self.id && !self.transport.peer_ids().contains(&to) {
             return Err(AdminError::Refused(format!("{to} is not a known node")));
@@ -472,7 +477,12 @@ impl Node {
         for _ in 0..5 {
             match self
                 .transport
-                .call(from, shard, PeerRequest::DropReplica, Duration::from_secs(10))
+                .call(
+                    from,
+                    shard,
+                    PeerRequest::DropReplica,
+                    Duration::from_secs(10),
+                )
                 .await
             {
                 Ok(PeerResponse::Done)
@@ -545,7 +555,9 @@ impl Node {
             .voter_ids()
             .any(|v| v == to);
         if !voter {
-            return Err(AdminError::Refused(format!("{to} is not a voter of {shard}")));
+            return Err(AdminError::Refused(format!(
+                "{to} is not a voter of {shard}"
+            )));
         }
         self.hand_over(shard, to).await?;
         let now = raft.metrics().borrow().current_leader;
@@ -561,7 +573,10 @@ impl Node {
 
     /// Creates an empty replica of `d` here (no-op when it exists) and
     /// starts its group uninitialised: its leader brings it up to date.
-    pub(crate) async fn create_replica_local(&self, d: &ShardDescriptor) -> Result<(), super::NodeError> {
+    pub(crate) async fn create_replica_local(
+        &self,
+        d: &ShardDescriptor,
+    ) -> Result<(), super::NodeError> {
         match self.engine.create_shard(d).await {
             Ok(()) | Err(crate::storage::StoreError::ShardExists { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -682,5 +697,36 @@ pub(crate) async fn report_routes(node: Weak<Node>) {
                 }
             }
         }
+    }
+}
+
+/// Announces this node to the cluster (a `Join` to the configured peers,
+/// with this node's certificate, until one answers) and learns every node
+/// the answer names. A node started with `tessera serve` pointing at an
+/// existing cluster joins this way; for known nodes it is a no-op.
+pub(crate) async fn announce(node: Weak<Node>, identity: crate::tls::TlsIdentity) {
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let (me, addr, peers) = {
+            let Some(n) = node.upgrade() else { return };
+            (n.id, n.addr(), n.transport.peers())
+        };
+        let nodes = peers.iter().map(|p| (p.id, p.addr)).collect();
+        let client = crate::client::Client::from_identity(&identity, nodes, Default::default());
+        if let Ok(client) = client {
+            for p in &peers {
+                let req = crate::api::Request::Join { node: me, addr };
+                if let Ok(crate::api::Response::Peers(all)) = client.call_node(p.id, &req).await {
+                    let Some(n) = node.upgrade() else { return };
+                    for (id, addr) in all {
+                        n.learn_peer(PeerAddr { id, addr });
+                    }
+                    tracing::info!(node = %me, via = %p.id, "announced to the cluster");
+                    return;
+                }
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }

@@ -387,6 +387,12 @@ impl Node {
                 node.engine.created_signal(),
             )));
             tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
+            if !node.config.peers.is_empty() {
+                tasks.push(tokio::spawn(admin::announce(
+                    Arc::downgrade(&node),
+                    identity.clone(),
+                )));
+            }
         }
         // Bootstrap until it has completed once (a crash halfway through
         // resumes it: creating and initialising are both idempotent).
@@ -544,6 +550,12 @@ impl Node {
     /// [`meta::META_SHARD`]).
     pub fn shard_ids(&self) -> Vec<ShardId> {
         self.registry.shard_ids()
+    }
+
+    /// The route table in this node's replica of the meta shard (`None`
+    /// when it hosts none).
+    pub fn meta_routes(&self) -> Option<Vec<ShardDescriptor>> {
+        self.registry.meta_routes()
     }
 
     /// Data shards this node leads right now.

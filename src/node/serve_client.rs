@@ -201,9 +201,7 @@ impl Registry {
                         CommandResponse::KeyNotInRange { key } => {
                             Err(ApiError::KeyNotInRange { shard, key })
                         }
-                        other => Err(ApiError::Invalid(format!(
-                            "write applied as {other:?}"
-                        ))),
+                        other => Err(ApiError::Invalid(format!("write applied as {other:?}"))),
                     },
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
                         Err(ApiError::NotLeader {
@@ -293,7 +291,9 @@ impl Registry {
             Request::Join { node: id, addr } => {
                 let node = self.node_or_stopping()?;
                 let all = node.admit(crate::net::PeerAddr { id, addr }).await;
-                Ok(Response::Peers(all.into_iter().map(|p| (p.id, p.addr)).collect()))
+                Ok(Response::Peers(
+                    all.into_iter().map(|p| (p.id, p.addr)).collect(),
+                ))
             }
             Request::Peers => {
                 let node = self.node_or_stopping()?;

@@ -350,7 +350,11 @@ impl StateMachine {
                 keys::meta_key(child, MetaTag::Descriptor),
                 encode(&right),
             );
-            batch.put_cf(meta_cf, keys::meta_key(child, MetaTag::Applied), encode(&at));
+            batch.put_cf(
+                meta_cf,
+                keys::meta_key(child, MetaTag::Applied),
+                encode(&at),
+            );
             batch.put_cf(
                 meta_cf,
                 keys::meta_key(child, MetaTag::Membership),
@@ -360,8 +364,16 @@ impl StateMachine {
             // (shared) data. A vote at the split's term keeps its terms
             // growing from there.
             let vote = Vote::new(at.leader_id.term, at.leader_id.node_id);
-            batch.put_cf(state_cf, keys::state_key(child, StateTag::Vote), encode(&vote));
-            batch.put_cf(state_cf, keys::state_key(child, StateTag::Purged), encode(&at));
+            batch.put_cf(
+                state_cf,
+                keys::state_key(child, StateTag::Vote),
+                encode(&vote),
+            );
+            batch.put_cf(
+                state_cf,
+                keys::state_key(child, StateTag::Purged),
+                encode(&at),
+            );
             batch.put_cf(
                 state_cf,
                 keys::state_key(child, StateTag::Committed),

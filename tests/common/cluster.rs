@@ -250,6 +250,38 @@ impl TestCluster {
         self.nodes.insert(nid, node);
     }
 
+    /// Configures and starts a new node `id` that knows only the nodes
+    /// configured so far (it joins by announcing itself; nothing is
+    /// bootstrapped on it).
+    #[allow(dead_code)]
+    pub async fn add_node(&mut self, id: u64) {
+        let nid = NodeId(id);
+        assert!(!self.configs.contains_key(&nid), "n{id} exists");
+        let mut cfg = self.configs.values().next().expect("a node").clone();
+        let issued = self.ca.issue_node(nid).expect("node cert");
+        let cert = self.dir.path().join(format!("n{id}.pem"));
+        let key = self.dir.path().join(format!("n{id}-key.pem"));
+        write_pem(&cert, &issued.cert_pem, false).expect("write cert");
+        write_pem(&key, &issued.key_pem, true).expect("write key");
+        self.identities.insert(nid, self.ca.identity(&issued));
+        cfg.peers = self
+            .configs
+            .values()
+            .map(|c| PeerAddr {
+                id: c.node_id,
+                addr: c.listen_addr,
+            })
+            .collect();
+        cfg.node_id = nid;
+        cfg.listen_addr = pick_addr();
+        cfg.data_dir = self.dir.path().join(format!("n{id}"));
+        cfg.tls.cert = cert;
+        cfg.tls.key = key;
+        cfg.bootstrap = None;
+        self.configs.insert(nid, cfg);
+        self.restart(id).await;
+    }
+
     /// Creates `descs` on every running replica.
     pub async fn create_shards(&self, descs: &[ShardDescriptor]) {
         let mut set = tokio::task::JoinSet::new();

@@ -4,6 +4,8 @@
 //! openraft). Every command reads a cluster file (`--cluster`, default
 //! `./tessera-data/cluster.toml`, which `tessera dev` writes).
 
+mod admin;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::collections::BTreeMap;
@@ -98,6 +100,43 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Split the shard owning KEY at KEY: it keeps the keys below KEY, a
+    /// new shard (on the same replicas) takes KEY and above. No data is
+    /// copied; clients keep working.
+    Split {
+        /// The first key of the new shard.
+        key: String,
+    },
+    /// Move a shard's replica from one node to another: learner on the
+    /// target, snapshot streamed, promoted, source removed and its data
+    /// deleted. Safe to run again after an interruption.
+    MoveReplica {
+        /// The shard (e.g. 7 or s7).
+        #[arg(long, value_parser = admin::parse_shard)]
+        shard: ShardId,
+        /// The node giving up its replica (e.g. 3 or n3).
+        #[arg(long, value_parser = admin::parse_node)]
+        from: NodeId,
+        /// The node receiving it.
+        #[arg(long, value_parser = admin::parse_node)]
+        to: NodeId,
+    },
+    /// Make a voter of a shard its leader.
+    TransferLeader {
+        /// The shard (e.g. 7 or s7).
+        #[arg(long, value_parser = admin::parse_shard)]
+        shard: ShardId,
+        /// The node to lead (e.g. 2 or n2).
+        #[arg(long, value_parser = admin::parse_node)]
+        to: NodeId,
+    },
+    /// Move every replica off NODE (to the nodes with the fewest replicas)
+    /// so it can be stopped.
+    Drain {
+        /// The node (e.g. 3 or n3).
+        #[arg(value_parser = admin::parse_node)]
+        node: NodeId,
+    },
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -148,6 +187,12 @@ async fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Status { json } => status(&client, &cli.cluster, json).await?,
+        Cmd::Split { key } => admin::split(&client, &key).await?,
+        Cmd::MoveReplica { shard, from, to } => {
+            admin::move_replica(&client, shard, from, to).await?
+        }
+        Cmd::TransferLeader { shard, to } => admin::transfer_leader(&client, shard, to).await?,
+        Cmd::Drain { node } => admin::drain(&client, node).await?,
         Cmd::Bench {
             workload,
             clients,
@@ -168,12 +213,23 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
     let file = ClusterFile::load(cluster)?;
     let mut nodes = Vec::new();
     let mut shards: BTreeMap<ShardId, ShardRow> = BTreeMap::new();
-    for n in &file.nodes {
-        let st = client.node_status(n.id).await;
-        nodes.push((n.id, n.addr, st.is_ok()));
+    // The cluster file's nodes, and any that joined since.
+    let mut known: Vec<(NodeId, std::net::SocketAddr)> =
+        file.nodes.iter().map(|n| (n.id, n.addr)).collect();
+    if let Ok(all) = client.refresh_nodes().await {
+        for (id, addr) in all {
+            if !known.iter().any(|(k, _)| *k == id) {
+                known.push((id, addr));
+            }
+        }
+    }
+    known.sort();
+    for (id, addr) in known {
+        let st = client.node_status(id).await;
+        nodes.push((id, addr, st.is_ok()));
         let Ok(st) = st else { continue };
         for s in st.shards {
-            let leads = s.leader == Some(n.id);
+            let leads = s.leader == Some(id);
             let row = shards.entry(s.descriptor.id).or_insert_with(|| ShardRow {
                 status: s.clone(),
                 leader: None,
@@ -185,7 +241,7 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
             }
             row.status.size_bytes = row.status.size_bytes.max(s.size_bytes);
             if leads {
-                row.leader = Some(n.id);
+                row.leader = Some(id);
             }
         }
     }

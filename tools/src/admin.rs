@@ -1,0 +1,116 @@
+//! Admin commands of `tessera-ctl`: split, move-replica, transfer-leader,
+//! drain.
+
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeMap;
+use tessera::shard_router::descriptor::escape;
+use tessera::{Client, NodeId, ShardDescriptor, ShardId};
+
+/// Parses `4` or `n4`.
+pub fn parse_node(s: &str) -> Result<NodeId, String> {
+    s.strip_prefix('n')
+        .unwrap_or(s)
+        .parse()
+        .map(NodeId)
+        .map_err(|_| format!("not a node id: {s:?} (expected e.g. 4 or n4)"))
+}
+
+/// Parses `7` or `s7`.
+pub fn parse_shard(s: &str) -> Result<ShardId, String> {
+    s.strip_prefix('s')
+        .unwrap_or(s)
+        .parse()
+        .map(ShardId)
+        .map_err(|_| format!("not a shard id: {s:?} (expected e.g. 7 or s7)"))
+}
+
+fn describe(d: &ShardDescriptor) -> String {
+    let replicas: Vec<String> = d.replicas.iter().map(|n| n.to_string()).collect();
+    format!(
+        "{} {} v{}/c{} replicas {}",
+        d.id,
+        d.range,
+        d.epoch.version,
+        d.epoch.conf_ver,
+        replicas.join(",")
+    )
+}
+
+pub async fn split(client: &Client, key: &str) -> Result<()> {
+    let (left, right) = client
+        .split(key.as_bytes())
+        .await
+        .with_context(|| format!("split at {}", escape(key.as_bytes())))?;
+    println!("split at {}", escape(key.as_bytes()));
+    println!("  left:  {}", describe(&left));
+    println!("  right: {}", describe(&right));
+    Ok(())
+}
+
+pub async fn move_replica(client: &Client, shard: ShardId, from: NodeId, to: NodeId) -> Result<()> {
+    let started = std::time::Instant::now();
+    let d = client
+        .move_replica(shard, from, to)
+        .await
+        .with_context(|| format!("move {shard} from {from} to {to}"))?;
+    println!(
+        "moved {shard} from {from} to {to} in {:.1} s: {}",
+        started.elapsed().as_secs_f64(),
+        describe(&d)
+    );
+    Ok(())
+}
+
+pub async fn transfer_leader(client: &Client, shard: ShardId, to: NodeId) -> Result<()> {
+    client
+        .transfer_leader(shard, to)
+        .await
+        .with_context(|| format!("transfer leadership of {shard} to {to}"))?;
+    println!("{to} leads {shard}");
+    Ok(())
+}
+
+/// Moves every replica off `node`, one shard at a time, each to the
+/// eligible node (up, not `node`, not already holding the shard) with the
+/// fewest replicas.
+pub async fn drain(client: &Client, node: NodeId) -> Result<()> {
+    let nodes = client
+        .refresh_nodes()
+        .await
+        .map_err(|e| anyhow::anyhow!("no node answered: {e}"))?;
+    if !nodes.iter().any(|(id, _)| *id == node) {
+        bail!("{node} is not a node of this cluster");
+    }
+    let mut moved = 0usize;
+    loop {
+        // Replica counts per live node, from the nodes themselves.
+        let mut count: BTreeMap<NodeId, usize> = BTreeMap::new();
+        let mut on_node: Vec<ShardDescriptor> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for (id, _) in &nodes {
+            let Ok(st) = client.node_status(*id).await else {
+                continue;
+            };
+            count.insert(*id, st.shards.len());
+            if *id == node {
+                for s in st.shards {
+                    if seen.insert(s.descriptor.id) {
+                        on_node.push(s.descriptor);
+                    }
+                }
+            }
+        }
+        let Some(d) = on_node.first() else {
+            println!("drained {node}: {moved} replicas moved; it holds none and can be stopped");
+            return Ok(());
+        };
+        let to = count
+            .iter()
+            .filter(|(id, _)| **id != node && !d.replicas.contains(id))
+            .min_by_key(|(id, c)| (**c, **id))
+            .map(|(id, _)| *id)
+            .with_context(|| format!("no node can take {}'s replica", d.id))?;
+        move_replica(client, d.id, node, to).await?;
+        moved += 1;
+    }
+}
