@@ -185,6 +185,7 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
                 shards,
                 members: ids.clone(),
             }),
+            split: Default::default(),
         };
         std::fs::write(node_dir.join("node.toml"), cfg.to_toml())?;
     }

@@ -127,6 +127,7 @@ fn write_cluster(dir: &Path) -> (ClusterCa, Vec<(NodeId, SocketAddr)>, Vec<PathB
                 shards: 4,
                 members: ids.clone(),
             }),
+            split: Default::default(),
         };
         let path = dir.join(format!("n{}.toml", id.0));
         std::fs::write(&path, cfg.to_toml()).unwrap();

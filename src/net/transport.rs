@@ -55,6 +55,12 @@ pub struct TransportConfig {
     pub inbound_in_flight_max: usize,
     /// Concurrent inbound snapshot transfers per node. Default: 4.
     pub snapshot_transfers_max: usize,
+    /// Concurrent outbound snapshot transfers per node (more wait their
+    /// turn). Default: 4.
+    pub snapshot_sends_max: usize,
+    /// Outbound snapshot bytes per second, per transfer (0: unlimited), so
+    /// a move does not starve the node's Raft traffic. Default: 64 MiB/s.
+    pub snapshot_send_bytes_per_sec: u64,
     /// Client connections served at once; more are refused. Default: 4096.
     pub client_connections_max: usize,
     /// Bytes per snapshot chunk on the wire. Default: 1 MiB.
@@ -83,6 +89,8 @@ impl Default for TransportConfig {
             reply_linger_ms: 2,
             inbound_in_flight_max: 8192,
             snapshot_transfers_max: 4,
+            snapshot_sends_max: 4,
+            snapshot_send_bytes_per_sec: 64 << 20,
             client_connections_max: 4096,
             snapshot_chunk_bytes: 1 << 20,
             connect_timeout_ms: 2000,
@@ -109,6 +117,7 @@ impl TransportConfig {
         pos("frame_msgs_max", self.frame_msgs_max as u64)?;
         pos("inbound_in_flight_max", self.inbound_in_flight_max as u64)?;
         pos("snapshot_transfers_max", self.snapshot_transfers_max as u64)?;
+        pos("snapshot_sends_max", self.snapshot_sends_max as u64)?;
         pos("client_connections_max", self.client_connections_max as u64)?;
         pos("connect_timeout_ms", self.connect_timeout_ms)?;
         pos("reconnect_backoff_ms_min", self.reconnect_backoff_ms_min)?;
@@ -233,6 +242,8 @@ struct Inner {
     shutdown: watch::Sender<bool>,
     snapshot_permits: Arc<Semaphore>,
     client_permits: Arc<Semaphore>,
+    /// Outbound snapshot transfers in progress (bounded).
+    snapshot_sends: Arc<Semaphore>,
     snapshot_seq: AtomicU64,
 }
 
@@ -319,6 +330,7 @@ impl Transport {
             client_cfg,
             snapshot_permits: Arc::new(Semaphore::new(cfg.snapshot_transfers_max)),
             client_permits: Arc::new(Semaphore::new(cfg.client_connections_max)),
+            snapshot_sends: Arc::new(Semaphore::new(cfg.snapshot_sends_max)),
             cfg,
             peers: Mutex::new(HashMap::new()),
             registry,
@@ -536,9 +548,16 @@ impl Transport {
             .connection()
             .ok_or_else(|| unreachable("not connected".into()))?;
         let chunk = self.inner.cfg.snapshot_chunk_bytes;
+        let rate = self.inner.cfg.snapshot_send_bytes_per_sec;
         let me = self.inner.me;
         let metrics = self.inner.metrics.clone();
+        let sends = self.inner.snapshot_sends.clone();
         let work = async move {
+            let _permit = sends
+                .acquire_owned()
+                .await
+                .map_err(|_| unreachable("transport closed".into()))?;
+            let started = tokio::time::Instant::now();
             let (mut send, mut recv) = conn
                 .open_bi()
                 .await
@@ -577,6 +596,11 @@ impl Transport {
                 }
                 buf.truncate(filled);
                 sent += filled as u64;
+                if rate > 0 {
+                    // Pace to the configured rate.
+                    let due = Duration::from_secs_f64(sent as f64 / rate as f64);
+                    tokio::time::sleep_until(started + due).await;
+                }
                 write_msg(&mut send, &SnapshotFrame::Chunk(buf))
                     .await
                     .map_err(|e| stream_err(e.to_string()))?;

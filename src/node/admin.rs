@@ -730,3 +730,51 @@ pub(crate) async fn announce(node: Weak<Node>, identity: crate::tls::TlsIdentity
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
 }
+
+/// Splits the shards this node leads once they outgrow
+/// `split.max_bytes`, at their middle key, checking every
+/// `split.check_interval_ms`.
+pub(crate) async fn auto_split(node: Weak<Node>) {
+    let (max, every) = {
+        let Some(n) = node.upgrade() else { return };
+        (
+            n.config.split.max_bytes,
+            Duration::from_millis(n.config.split.check_interval_ms),
+        )
+    };
+    if max == 0 {
+        return;
+    }
+    let mut checked: HashMap<ShardId, u64> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(n) = node.upgrade() else { return };
+        for shard in n.shards_led() {
+            let Ok(d) = n.engine.descriptor(shard) else {
+                continue;
+            };
+            // Cheap test first: on-disk estimate plus what was applied
+            // since the last look must reach the limit.
+            let written = n.engine.written(shard);
+            let fresh = written - checked.get(&shard).copied().unwrap_or(0).min(written);
+            let estimate = n.engine.approximate_size(&d.range);
+            if estimate < max && estimate + fresh < max && checked.contains_key(&shard) {
+                continue;
+            }
+            checked.insert(shard, written);
+            let engine = n.engine.clone();
+            let range = d.range.clone();
+            let point = tokio::task::spawn_blocking(move || engine.split_point(&range, max)).await;
+            let Ok(Ok(Some((bytes, key)))) = point else {
+                continue;
+            };
+            tracing::info!(%shard, bytes, key = %shard_router::descriptor::escape(&key), "shard over the size limit: splitting");
+            match n.split_shard(shard, key).await {
+                Ok((l, r)) => {
+                    tracing::info!(left = %l.id, right = %r.id, "automatic split done");
+                }
+                Err(e) => tracing::warn!(%shard, error = %e, "automatic split failed"),
+            }
+        }
+    }
+}

@@ -110,6 +110,27 @@ impl Default for RaftTimings {
     }
 }
 
+/// Automatic splits: a shard whose data grows past `max_bytes` is split at
+/// its middle key by its leader.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SplitConfig {
+    /// Largest shard before it is split (0: never split automatically).
+    /// Default: 96 MiB (TiKV's region size).
+    pub max_bytes: u64,
+    /// How often a leader checks its shards' sizes. Default: 10000 ms.
+    pub check_interval_ms: u64,
+}
+
+impl Default for SplitConfig {
+    fn default() -> Self {
+        SplitConfig {
+            max_bytes: 96 << 20,
+            check_interval_ms: 10_000,
+        }
+    }
+}
+
 /// Shards created on first start (identically on every member).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -150,6 +171,9 @@ pub struct NodeConfig {
     /// Initial shards, created when the data folder holds none.
     #[serde(default)]
     pub bootstrap: Option<Bootstrap>,
+    /// Automatic splits.
+    #[serde(default)]
+    pub split: SplitConfig,
 }
 
 impl NodeConfig {
@@ -205,6 +229,9 @@ impl NodeConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.split.check_interval_ms == 0 {
+            return Err(invalid("split.check_interval_ms", "must be at least 1"));
         }
         let mut seen = HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {
@@ -322,6 +349,7 @@ mod tests {
                 shards: 4,
                 members: vec![NodeId(1), NodeId(2)],
             }),
+            split: Default::default(),
         }
     }
 

@@ -13,7 +13,7 @@ mod peers_file;
 mod serve_client;
 
 pub use admin::AdminError;
-pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings};
+pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings, SplitConfig};
 
 use crate::metrics::{MetricsSnapshot, NetMetrics};
 use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
@@ -387,6 +387,7 @@ impl Node {
                 node.engine.created_signal(),
             )));
             tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
+            tasks.push(tokio::spawn(admin::auto_split(Arc::downgrade(&node))));
             if !node.config.peers.is_empty() {
                 tasks.push(tokio::spawn(admin::announce(
                     Arc::downgrade(&node),

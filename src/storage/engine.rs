@@ -42,6 +42,10 @@ pub(crate) struct Inner {
     open_shards: Mutex<HashSet<ShardId>>,
     snapshot_dir: PathBuf,
     snapshot_seq: AtomicU64,
+    /// User bytes applied per shard since the engine opened (a hint for
+    /// split checks: data still in memtables is not in RocksDB's size
+    /// estimates).
+    written: Mutex<std::collections::HashMap<ShardId, u64>>,
     /// Shards created by a split applied here, not yet started by the node.
     created: Mutex<Vec<ShardId>>,
     created_signal: Arc<tokio::sync::Notify>,
@@ -167,6 +171,7 @@ impl Engine {
                 snapshot_dir,
                 snapshot_seq: AtomicU64::new(0),
                 created: Mutex::new(Vec::new()),
+                written: Mutex::new(std::collections::HashMap::new()),
                 created_signal: Arc::new(tokio::sync::Notify::new()),
             }),
         })
@@ -443,6 +448,67 @@ impl Engine {
             .expect("created poisoned")
             .push(shard);
         self.inner.created_signal.notify_one();
+    }
+
+    /// Counts user bytes applied to `shard`.
+    pub(crate) fn note_written(&self, shard: ShardId, bytes: u64) {
+        *self
+            .inner
+            .written
+            .lock()
+            .expect("written poisoned")
+            .entry(shard)
+            .or_default() += bytes;
+    }
+
+    /// User bytes applied to `shard` since the engine opened.
+    pub fn written(&self, shard: ShardId) -> u64 {
+        self.inner
+            .written
+            .lock()
+            .expect("written poisoned")
+            .get(&shard)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The shard's size if at least `max` bytes (data files and memtables
+    /// both counted), with the key at which half of it lies; `None` when it
+    /// is smaller. Reads at most the whole range once.
+    pub fn split_point(&self, range: &crate::KeyRange, max: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+        let end = if range.end.is_empty() {
+            vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
+        } else {
+            range.end.clone()
+        };
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(end);
+        ro.fill_cache(false);
+        let mut it = self.inner.db().raw_iterator_cf_opt(self.cf(Cf::Data), ro);
+        it.seek(&range.start);
+        let mut sizes: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut total = 0u64;
+        let mut step = 0u64;
+        while it.valid() {
+            let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
+            total += (k.len() + v.len()) as u64;
+            // A sample every ~1/1024 of the limit keeps memory small.
+            if total >= step {
+                sizes.push((total, k.to_vec()));
+                step = total + (max / 1024).max(1);
+            }
+            it.next();
+        }
+        it.status().map_err(|e| StoreError::rocks("split scan", e))?;
+        if total < max {
+            return Ok(None);
+        }
+        let half = total / 2;
+        let key = sizes
+            .iter()
+            .find(|(t, k)| *t >= half && k.as_slice() > range.start.as_slice())
+            .map(|(_, k)| k.clone());
+        Ok(key.map(|k| (total, k)))
     }
 
     /// Shards created by splits since the last call.

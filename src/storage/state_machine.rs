@@ -410,12 +410,16 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut commands = 0u64;
         let mut created = Vec::new();
         let mut descriptor_changed = false;
+        let mut written = 0u64;
         for entry in entries {
             last = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => {
                     commands += 1;
+                    if let Command::Write { ops } = &cmd {
+                        written += ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
+                    }
                     self.apply_command(cmd, entry.log_id, &mut batch, &mut overlay, &mut created)
                         .map_err(werr)?
                 }
@@ -471,6 +475,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
         self.applied = Some(last);
         self.engine.count_applied(commands);
+        if written > 0 {
+            self.engine.note_written(self.shard, written);
+        }
         for child in created {
             self.engine.note_created(child);
         }

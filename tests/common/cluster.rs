@@ -24,6 +24,7 @@ pub struct Timings {
     pub snapshot_logs_since_last: u64,
     pub snapshot_logs_to_keep: u64,
     pub client_connections_max: usize,
+    pub split: tessera::node::SplitConfig,
 }
 
 impl Timings {
@@ -37,6 +38,7 @@ impl Timings {
             snapshot_logs_since_last: 10_000,
             snapshot_logs_to_keep: 1000,
             client_connections_max: 4096,
+            split: tessera::node::SplitConfig::default(),
         }
     }
 
@@ -61,6 +63,7 @@ impl Timings {
             snapshot_logs_since_last: 10_000,
             snapshot_logs_to_keep: 1000,
             client_connections_max: 4096,
+            split: tessera::node::SplitConfig::default(),
         }
     }
 }
@@ -181,6 +184,7 @@ impl TestCluster {
                     shards: *shards,
                     members: members.iter().map(|&m| NodeId(m)).collect(),
                 }),
+                split: t.split,
             };
             configs.insert(id, cfg);
         }
