@@ -16,6 +16,8 @@ use tessera::cluster_file::ClusterFile;
 use tessera::shard_router::descriptor::escape;
 use tessera::{Client, NodeId, ShardId};
 
+mod bench;
+
 #[derive(Parser)]
 #[command(
     name = "tessera-ctl",
@@ -31,13 +33,6 @@ struct Cli {
     cluster: PathBuf,
     #[command(subcommand)]
     cmd: Cmd,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-enum Workload {
-    Write,
-    Read,
-    Mixed,
 }
 
 #[derive(Subcommand)]
@@ -72,27 +67,10 @@ enum Cmd {
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
-    /// Run a load against the cluster and print throughput (`N ops/s`) and
-    /// latency percentiles (p50, p99, p99.9).
-    Bench {
-        /// What each client does: `write` (puts), `read` (gets of
-        /// pre-written keys) or `mixed` (half and half).
-        #[arg(long, value_enum, default_value_t = Workload::Mixed)]
-        workload: Workload,
-        /// Concurrent clients, each with its own connections and one
-        /// request in flight.
-        #[arg(long, default_value_t = 16)]
-        clients: usize,
-        /// Seconds to run.
-        #[arg(long, default_value_t = 10)]
-        duration: u64,
-        /// Distinct keys (spread over the key space).
-        #[arg(long, default_value_t = 10_000)]
-        keys: u64,
-        /// Bytes per value.
-        #[arg(long, default_value_t = 100)]
-        value_size: usize,
-    },
+    /// Run a load against the cluster (or, with `--target etcd`, an etcd
+    /// cluster) and print throughput (`N ops/s`) and latency percentiles
+    /// (p50, p99, p99.9).
+    Bench(bench::BenchArgs),
     /// Show nodes (up/down) and shards (id, range, leader, replicas, epoch,
     /// approximate size).
     Status {
@@ -157,6 +135,11 @@ async fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
+    // `bench` opens its own connections (and, against etcd, needs no
+    // cluster file).
+    if let Cmd::Bench(args) = cli.cmd {
+        return bench::bench(&cli.cluster, args).await;
+    }
     let client = Client::connect(&cli.cluster)
         .await
         .with_context(|| format!("open cluster file {}", cli.cluster.display()))?;
@@ -193,13 +176,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::TransferLeader { shard, to } => admin::transfer_leader(&client, shard, to).await?,
         Cmd::Drain { node } => admin::drain(&client, node).await?,
-        Cmd::Bench {
-            workload,
-            clients,
-            duration,
-            keys,
-            value_size,
-        } => bench(&cli.cluster, workload, clients, duration, keys, value_size).await?,
+        Cmd::Bench(_) => unreachable!("bench runs before the connect above"),
     }
     Ok(())
 }
@@ -303,113 +280,5 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
             r.status.size_bytes
         )?;
     }
-    Ok(())
-}
-
-/// A key spread over the key space (its first byte mixes the index), so a
-/// bench touches every shard.
-fn bench_key(i: u64) -> Vec<u8> {
-    let mut k = vec![(i.wrapping_mul(2_654_435_761) >> 13) as u8];
-    k.extend_from_slice(format!("bench/{i:010}").as_bytes());
-    k
-}
-
-async fn bench(
-    cluster: &std::path::Path,
-    workload: Workload,
-    clients: usize,
-    duration: u64,
-    keys: u64,
-    value_size: usize,
-) -> Result<()> {
-    use hdrhistogram::Histogram;
-    use std::time::{Duration, Instant};
-    if clients == 0 || keys == 0 || duration == 0 {
-        bail!("--clients, --keys and --duration must be at least 1");
-    }
-    tessera::limits::check_value(&vec![0; value_size])?;
-    let mut workers = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        workers.push(Client::connect(cluster).await?);
-    }
-    let value = vec![b'v'; value_size];
-    if workload != Workload::Write {
-        // Reads find values: pre-write up to 1,000 keys, spread over the clients.
-        let n = keys.min(1000);
-        let mut tasks = Vec::new();
-        for (w, cl) in workers.iter().enumerate() {
-            let (cl, value) = (cl.clone(), value.clone());
-            tasks.push(tokio::spawn(async move {
-                for i in (w as u64..n).step_by(clients) {
-                    cl.put(&bench_key(i), &value).await?;
-                }
-                anyhow::Ok(())
-            }));
-        }
-        for t in tasks {
-            t.await??;
-        }
-    }
-    let stop = Instant::now() + Duration::from_secs(duration);
-    let started = Instant::now();
-    let mut tasks = Vec::new();
-    for (w, cl) in workers.into_iter().enumerate() {
-        let value = value.clone();
-        let readable = if workload == Workload::Write {
-            keys
-        } else {
-            keys.min(1000)
-        };
-        tasks.push(tokio::spawn(async move {
-            let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-            let mut errors = 0u64;
-            let mut seq = w as u64;
-            while Instant::now() < stop {
-                seq = seq
-                    .wrapping_mul(6_364_136_223_846_793_005)
-                    .wrapping_add(1_442_695_040_888_963_407);
-                let write = match workload {
-                    Workload::Write => true,
-                    Workload::Read => false,
-                    Workload::Mixed => seq >> 63 == 1,
-                };
-                let t0 = Instant::now();
-                let ok = if write {
-                    cl.put(&bench_key((seq >> 20) % keys), &value).await.is_ok()
-                } else {
-                    cl.get(&bench_key((seq >> 20) % readable)).await.is_ok()
-                };
-                if ok {
-                    let _ = hist.record((t0.elapsed().as_micros() as u64).max(1));
-                } else {
-                    errors += 1;
-                }
-            }
-            (hist, errors)
-        }));
-    }
-    let mut total = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds");
-    let mut errors = 0;
-    for t in tasks {
-        let (h, e) = t.await?;
-        total.add(&h).expect("same bounds");
-        errors += e;
-    }
-    let secs = started.elapsed().as_secs_f64();
-    let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "workload {workload:?}, {clients} clients, {duration} s, {keys} keys, {value_size}-byte values"
-    )?;
-    writeln!(out, "{:.0} ops/s", total.len() as f64 / secs)?;
-    writeln!(
-        out,
-        "p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms ({} ops, {errors} errors)",
-        ms(0.5),
-        ms(0.99),
-        ms(0.999),
-        total.len()
-    )?;
     Ok(())
 }
