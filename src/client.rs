@@ -339,8 +339,13 @@ impl Client {
                 AttemptError::Retry(format!("{shard}: not the leader"))
             }
             ApiError::EpochMismatch { shard, current } => {
+                let mut learned = false;
                 for c in current {
-                    cache.insert(c);
+                    learned |= cache.insert(c);
+                }
+                if !learned {
+                    // The node knows less than we do: ask another replica.
+                    cache.set_leader(shard, Some(replica_after(d, target(d))));
                 }
                 AttemptError::Retry(format!("{shard}: epoch mismatch"))
             }
@@ -384,6 +389,9 @@ impl Client {
     ) -> Result<T, ClientError> {
         let start = Instant::now();
         let mut backoff = self.inner.opts.backoff_min;
+        // A shard the route table does not list (the meta shard): asked of
+        // every node in turn, following leader hints.
+        let mut unlisted: Option<ShardDescriptor> = None;
         loop {
             let attempt: Result<T, AttemptError> = async {
                 let find = || match target_shard {
@@ -394,7 +402,19 @@ impl Client {
                     Some(d) => d,
                     None => {
                         self.refresh_routes().await.map_err(AttemptError::Retry)?;
-                        find().ok_or_else(|| AttemptError::Retry("no route yet".into()))?
+                        match (find(), target_shard) {
+                            (Some(d), _) => d,
+                            (None, Target::Shard(id)) => unlisted
+                                .get_or_insert_with(|| {
+                                    let nodes: Vec<NodeId> =
+                                        self.nodes().into_iter().map(|(n, _)| n).collect();
+                                    ShardDescriptor::new(id, crate::KeyRange::full(), nodes)
+                                })
+                                .clone(),
+                            (None, Target::Key(_)) => {
+                                return Err(AttemptError::Retry("no route yet".into()))
+                            }
+                        }
                     }
                 };
                 let node = target(&d);
@@ -402,11 +422,32 @@ impl Client {
                     .call_node_within(node, &make(&d), attempt_timeout)
                     .await
                 {
+                    Ok(Response::Error(e)) if unlisted.as_ref().is_some_and(|u| u.id == d.id) => {
+                        let u = unlisted.as_mut().expect("checked");
+                        match e {
+                            ApiError::NotLeader {
+                                leader_hint: Some(h),
+                                ..
+                            } if h != node => u.leader_hint = Some(h),
+                            ApiError::NotLeader { .. } | ApiError::UnknownShard { .. } => {
+                                u.leader_hint = Some(replica_after(u, node));
+                            }
+                            ApiError::Unavailable { .. } => {}
+                            other => return Err(AttemptError::Fatal(ClientError::Refused(other))),
+                        }
+                        Err(AttemptError::Retry(format!(
+                            "{}: looking for its leader",
+                            d.id
+                        )))
+                    }
                     Ok(Response::Error(e)) => Err(self.correct(&d, e)),
                     Ok(resp) => accept(resp),
                     Err(e) => {
                         // The node is down or unreachable: try another replica.
                         let next = replica_after(&d, node);
+                        if let Some(u) = unlisted.as_mut() {
+                            u.leader_hint = Some(next);
+                        }
                         self.inner
                             .routes
                             .lock()

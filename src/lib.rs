@@ -39,6 +39,7 @@ pub mod net;
 pub mod node;
 #[cfg(feature = "server")]
 pub mod raft;
+pub mod rebalance;
 #[cfg(feature = "server")]
 pub mod storage;
 pub mod tls;

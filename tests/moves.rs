@@ -93,26 +93,42 @@ async fn move_survives_the_target_dying_mid_snapshot() {
     let leader = c.wait_leader(shard, WAIT).await.unwrap();
     // Move a follower's replica (the leader's move hands leadership over
     // first, covered by the join test).
-    let from = [1u64, 2, 3].into_iter().find(|n| NodeId(*n) != leader).unwrap();
+    let from = [1u64, 2, 3]
+        .into_iter()
+        .find(|n| NodeId(*n) != leader)
+        .unwrap();
     let load = Load::start(&cl, 4, 64);
     wait_ops(&load, 50, WAIT).await;
-    // Each received chunk waits 100 ms, so the transfer takes long enough
+    // Each received chunk waits 300 ms, so the transfer takes long enough
     // to kill the target inside it.
-    fail::cfg("snapshot::receive_chunk", "return").unwrap();
+    fail::cfg("snapshot::receive_chunk", "return(300)").unwrap();
     let mover = {
         let admin = client(&c);
         tokio::spawn(async move { admin.move_replica(shard, NodeId(from), NodeId(4)).await })
     };
-    let snap_dir = c.config(4).data_dir.join("db").parent().unwrap().to_path_buf();
+    let snap_dir = c
+        .config(4)
+        .data_dir
+        .join("db")
+        .parent()
+        .unwrap()
+        .to_path_buf();
     c.wait_until("the target receives a snapshot", WAIT, |_| {
         walk_has_receiving(&snap_dir)
     })
     .await
     .unwrap();
+    tracing::info!(
+        finished = mover.is_finished(),
+        "phase: target receiving a snapshot, killed"
+    );
     c.kill(4).await;
     fail::cfg("snapshot::receive_chunk", "off").unwrap();
     c.restart(4).await;
-    let moved = mover.await.unwrap().expect("the move completes after the target restarts");
+    let moved = mover
+        .await
+        .unwrap()
+        .expect("the move completes after the target restarts");
     let mut replicas = moved.replicas.clone();
     replicas.sort();
     let mut want: Vec<NodeId> = [1u64, 2, 3, 4]
@@ -122,19 +138,42 @@ async fn move_survives_the_target_dying_mid_snapshot() {
         .collect();
     want.sort();
     assert_eq!(replicas, want, "the target replaced the source");
-    assert!(moved.epoch.conf_ver > 1, "conf_ver grows: {:?}", moved.epoch);
+    assert!(
+        moved.epoch.conf_ver > 1,
+        "conf_ver grows: {:?}",
+        moved.epoch
+    );
     let r = load.finish().await;
-    assert!(r.errors.is_empty(), "clients saw errors: {:?}", &r.errors[..r.errors.len().min(10)]);
+    assert!(
+        r.errors.is_empty(),
+        "clients saw errors: {:?}",
+        &r.errors[..r.errors.len().min(10)]
+    );
     // The source dropped its replica and its data.
-    c.wait_until("the source drops its replica", WAIT, |c| c.node(from).raft(shard).is_none())
-        .await
+    c.wait_until("the source drops its replica", WAIT, |c| {
+        c.node(from).raft(shard).is_none()
+    })
+    .await
+    .unwrap();
+    let left = c
+        .node(from)
+        .engine()
+        .scan(b"", &meta::system_prefix(), 10)
         .unwrap();
-    let left = c.node(from).engine().scan(b"", &meta::system_prefix(), 10).unwrap();
-    assert!(left.is_empty(), "source still holds data: {} pairs", left.len());
-    let d = descriptor(&c, 4, shard);
+    assert!(
+        left.is_empty(),
+        "source still holds data: {} pairs",
+        left.len()
+    );
+    let leader = c.wait_leader(shard, WAIT).await.unwrap();
+    let d = descriptor(&c, leader.0, shard);
     assert_identical_replicas(&c, &d).await;
     for (k, v) in seed.iter().chain(r.acked.iter()) {
-        assert_eq!(cl.get(k).await.unwrap().as_ref(), Some(v), "acknowledged {k:?}");
+        assert_eq!(
+            cl.get(k).await.unwrap().as_ref(),
+            Some(v),
+            "acknowledged {k:?}"
+        );
     }
     drop(scenario);
     c.shutdown().await;
@@ -158,7 +197,8 @@ fn walk_has_receiving(dir: &std::path::Path) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_to_five_nodes_join_move_and_drain() {
     init_tracing();
-    let mut c = TestCluster::start(&[1, 2, 3], &[], Some((6, vec![1, 2, 3])), Timings::fast()).await;
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((6, vec![1, 2, 3])), Timings::fast()).await;
     for s in 1..=6 {
         c.wait_leader(ShardId(s), WAIT).await.unwrap();
     }
@@ -215,7 +255,10 @@ async fn three_to_five_nodes_join_move_and_drain() {
             .filter(|n| !d.replicas.contains(&NodeId(*n)))
             .min_by_key(|n| c.node(*n).shard_ids().len())
             .unwrap();
-        admin.move_replica(shard, NodeId(3), NodeId(to)).await.unwrap();
+        admin
+            .move_replica(shard, NodeId(3), NodeId(to))
+            .await
+            .unwrap();
     }
     // The meta shard may have a replica on 3 as well.
     if c.node(3).raft(meta::META_SHARD).is_some() {
@@ -237,9 +280,17 @@ async fn three_to_five_nodes_join_move_and_drain() {
     c.kill(3).await;
     wait_ops(&load, 100, WAIT).await;
     let r = load.finish().await;
-    assert!(r.errors.is_empty(), "clients saw errors: {:?}", &r.errors[..r.errors.len().min(10)]);
+    assert!(
+        r.errors.is_empty(),
+        "clients saw errors: {:?}",
+        &r.errors[..r.errors.len().min(10)]
+    );
     for (k, v) in &r.acked {
-        assert_eq!(cl.get(k).await.unwrap().as_ref(), Some(v), "acknowledged {k:?}");
+        assert_eq!(
+            cl.get(k).await.unwrap().as_ref(),
+            Some(v),
+            "acknowledged {k:?}"
+        );
     }
     // Every shard still has 3 replicas, none on node 3, and identical data.
     for s in 1..=6 {

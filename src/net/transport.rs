@@ -1206,8 +1206,10 @@ async fn receive_snapshot(
             match wire::decode_payload::<SnapshotFrame>(&frame).map_err(|e| e.to_string())? {
                 SnapshotFrame::Chunk(bytes) => {
                     // Tests slow transfers down here to interrupt one.
-                    if fail::eval("snapshot::receive_chunk", |_| ()).is_some() {
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    if let Some(ms) = fail::eval("snapshot::receive_chunk", |arg| {
+                        arg.and_then(|a| a.parse::<u64>().ok()).unwrap_or(100)
+                    }) {
+                        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
                     }
                     got += bytes.len() as u64;
                     file.write_all(&bytes)

@@ -461,16 +461,33 @@ impl Node {
         }
         let (voters, _) = membership();
         if voters.contains(&from) {
-            if from == self.id {
-                self.hand_over(shard, to).await?;
-                return Err(AdminError::NotLeader {
-                    shard,
-                    hint: Some(to),
-                });
-            }
             raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([from])), false)
                 .await
                 .map_err(werr)?;
+        }
+        if from == self.id {
+            // This leader removed itself: it steps down now that the new
+            // configuration is committed; the target campaigns at once
+            // rather than after an election timeout.
+            let d = self
+                .engine
+                .descriptor(shard)
+                .map_err(|_| AdminError::UnknownShard { shard })?;
+            let index = raft.metrics().borrow().last_log_index.unwrap_or(0);
+            let _ = self
+                .transport
+                .call(
+                    to,
+                    shard,
+                    PeerRequest::Campaign { index },
+                    Duration::from_secs(5),
+                )
+                .await;
+            drop(raft);
+            self.drop_replica_local(shard)
+                .await
+                .map_err(|e| raft_error(shard, e))?;
+            return Ok(d);
         }
         // The old replica no longer receives anything; delete it.
         let mut dropped = false;
@@ -506,36 +523,44 @@ impl Node {
 
     /// Hands leadership of `shard` (led here) to `to`, waiting until it
     /// leads (or another node does).
+    ///
+    /// The target campaigns once it has applied what this leader had; an
+    /// election lost to a log that grew meanwhile (writes keep coming) is
+    /// tried again, a few times.
     async fn hand_over(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
         let raft = self.led(shard)?;
-        let index = raft.metrics().borrow().last_log_index.unwrap_or(0);
-        match self
-            .transport
-            .call(
-                to,
-                shard,
-                PeerRequest::Campaign { index },
-                Duration::from_secs(15),
-            )
-            .await
-        {
-            Ok(PeerResponse::Done) => {}
-            Ok(other) => {
-                return Err(AdminError::Unavailable {
+        let mut last = String::new();
+        for _ in 0..8 {
+            let index = raft.metrics().borrow().last_log_index.unwrap_or(0);
+            match self
+                .transport
+                .call(
+                    to,
                     shard,
-                    reason: format!("{to} answered {other:?}"),
-                })
+                    PeerRequest::Campaign { index },
+                    Duration::from_secs(15),
+                )
+                .await
+            {
+                Ok(PeerResponse::Done) => {}
+                Ok(other) => last = format!("{to} answered {other:?}"),
+                Err(e) => last = e.to_string(),
             }
-            Err(e) => return Err(call_error(shard, e)),
+            let moved = raft
+                .wait(Some(Duration::from_secs(2)))
+                .metrics(
+                    |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
+                    "transfer: another node leads",
+                )
+                .await;
+            if moved.is_ok() {
+                return Ok(());
+            }
         }
-        raft.wait(Some(Duration::from_secs(10)))
-            .metrics(
-                |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
-                "transfer: another node leads",
-            )
-            .await
-            .map_err(|e| raft_error(shard, e))?;
-        Ok(())
+        Err(AdminError::Unavailable {
+            shard,
+            reason: format!("leadership did not move to {to}: {last}"),
+        })
     }
 
     /// Makes `to` the leader of `shard` (run on its leader).

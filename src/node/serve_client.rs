@@ -79,13 +79,15 @@ impl Registry {
         epoch: Epoch,
     ) -> Result<(super::ShardRaft, ShardDescriptor), ApiError> {
         let raft = self.get(shard).ok_or(ApiError::UnknownShard { shard })?;
-        let d = self.descriptor(shard)?;
-        if d.epoch != epoch {
-            return Err(self.mismatch(d));
-        }
+        // Leadership first: only the leader's descriptor is current (a
+        // follower's may lag behind a split or a membership change).
         let (leads, leader_hint) = super::leadership(&raft, self.me);
         if !leads {
             return Err(ApiError::NotLeader { shard, leader_hint });
+        }
+        let d = self.descriptor(shard)?;
+        if d.epoch != epoch {
+            return Err(self.mismatch(d));
         }
         Ok((raft, d))
     }

@@ -475,7 +475,11 @@ impl Engine {
     /// The shard's size if at least `max` bytes (data files and memtables
     /// both counted), with the key at which half of it lies; `None` when it
     /// is smaller. Reads at most the whole range once.
-    pub fn split_point(&self, range: &crate::KeyRange, max: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    pub fn split_point(
+        &self,
+        range: &crate::KeyRange,
+        max: u64,
+    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         let end = if range.end.is_empty() {
             vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
         } else {
@@ -499,7 +503,8 @@ impl Engine {
             }
             it.next();
         }
-        it.status().map_err(|e| StoreError::rocks("split scan", e))?;
+        it.status()
+            .map_err(|e| StoreError::rocks("split scan", e))?;
         if total < max {
             return Ok(None);
         }

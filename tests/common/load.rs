@@ -115,11 +115,14 @@ pub async fn wait_ops(load: &Load, more: u64, timeout: std::time::Duration) {
     let target = load.ops() + more;
     let deadline = std::time::Instant::now() + timeout;
     while load.ops() < target {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "wait_ops: the load did not reach {target} operations within {timeout:?} (at {})",
-            load.ops()
-        );
+        if std::time::Instant::now() >= deadline {
+            let errors = load.errors.lock().unwrap();
+            panic!(
+                "wait_ops: the load did not reach {target} operations within {timeout:?} (at {}); last errors: {:?}",
+                load.ops(),
+                &errors[errors.len().saturating_sub(5)..]
+            );
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }

@@ -5,6 +5,7 @@
 //! `./tessera-data/cluster.toml`, which `tessera dev` writes).
 
 mod admin;
+mod rebalance;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -108,6 +109,21 @@ enum Cmd {
         #[arg(long, value_parser = admin::parse_node)]
         to: NodeId,
     },
+    /// Even out replicas and leaders over the nodes: print the plan (moves,
+    /// leader transfers) and, unless --dry-run, carry it out round after
+    /// round with progress bars. Ctrl-C stops after the steps in flight;
+    /// running it again continues from the cluster's current state.
+    Rebalance {
+        /// Only print the plan.
+        #[arg(long)]
+        dry_run: bool,
+        /// Replica moves at once.
+        #[arg(long, default_value_t = 4)]
+        max_concurrent_moves: usize,
+        /// Print JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move every replica off NODE (to the nodes with the fewest replicas)
     /// so it can be stopped.
     Drain {
@@ -176,6 +192,11 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Cmd::TransferLeader { shard, to } => admin::transfer_leader(&client, shard, to).await?,
         Cmd::Drain { node } => admin::drain(&client, node).await?,
+        Cmd::Rebalance {
+            dry_run,
+            max_concurrent_moves,
+            json,
+        } => rebalance::run(&client, dry_run, max_concurrent_moves, json).await?,
         Cmd::Bench(_) => unreachable!("bench runs before the connect above"),
     }
     Ok(())

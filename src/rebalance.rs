@@ -1,0 +1,219 @@
+//! Rebalancing a running cluster: read its state through a [`Client`],
+//! plan with `shard-router`'s pure planner, execute the steps (moves and
+//! leader transfers) with a bounded number of moves at once, and plan
+//! again until the plan is empty.
+//!
+//! Every step is an idempotent admin request that the cluster re-checks,
+//! so an interrupted run started again continues from the cluster's state.
+
+use crate::client::{Client, ClientError};
+use crate::{NodeId, ShardId};
+use shard_router::planner::{self, ClusterState, NodeState, Plan, PlannerConfig, ShardState, Step};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// The cluster as its nodes report it: every node that answers is up, each
+/// shard's newest descriptor, its leader, its largest replica size.
+///
+/// # Errors
+/// A string when no node answers.
+pub async fn cluster_state(client: &Client) -> Result<ClusterState, String> {
+    let nodes = client.refresh_nodes().await?;
+    let mut state = ClusterState::default();
+    let mut shards: BTreeMap<ShardId, ShardState> = BTreeMap::new();
+    for (id, _) in nodes {
+        let status = client.node_status(id).await;
+        state.nodes.push(NodeState {
+            id,
+            up: status.is_ok(),
+            draining: false,
+        });
+        let Ok(status) = status else { continue };
+        for s in status.shards {
+            let entry = shards.entry(s.descriptor.id).or_insert_with(|| ShardState {
+                descriptor: s.descriptor.clone(),
+                leader: None,
+                bytes: 0,
+                load: 0,
+            });
+            if s.descriptor.epoch > entry.descriptor.epoch {
+                entry.descriptor = s.descriptor.clone();
+            }
+            entry.bytes = entry.bytes.max(s.size_bytes);
+            if s.leader == Some(id) {
+                entry.leader = Some(id);
+            }
+        }
+    }
+    // A replica list names voters only; a leader outside it is stale.
+    for s in shards.values_mut() {
+        if s.leader
+            .is_some_and(|l| !s.descriptor.replicas.contains(&l))
+        {
+            s.leader = None;
+        }
+    }
+    state.shards = shards.into_values().collect();
+    Ok(state)
+}
+
+/// What a rebalance run reports as it goes.
+pub trait Progress: Send + Sync {
+    /// A round's plan, before it runs.
+    fn planned(&self, _round: usize, _plan: &Plan) {}
+    /// A step started.
+    fn started(&self, _step: &Step) {}
+    /// A step finished (`Err` with the reason when it failed).
+    fn finished(&self, _step: &Step, _result: &Result<(), String>) {}
+}
+
+/// A [`Progress`] that reports nothing.
+pub struct Quiet;
+impl Progress for Quiet {}
+
+/// The outcome of [`rebalance`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Rounds planned (the last one empty unless stopped or out of rounds).
+    pub rounds: usize,
+    /// Replica moves done.
+    pub moves: usize,
+    /// Leader transfers done.
+    pub transfers: usize,
+    /// Bytes of the shards moved (approximate: their sizes).
+    pub bytes_moved: u64,
+    /// Steps that failed (each retried by the next round's plan).
+    pub failed: usize,
+    /// Whether the run was stopped before the plan came out empty.
+    pub interrupted: bool,
+    /// Whether the last plan was empty: the cluster is balanced.
+    pub balanced: bool,
+}
+
+/// Plans and executes until the plan is empty, `max_rounds` ran, or
+/// `stop` is set (Ctrl-C): steps in flight then finish, no new one starts.
+///
+/// # Errors
+/// [`ClientError`] only when the cluster state cannot be read at all.
+pub async fn rebalance(
+    client: &Client,
+    cfg: &PlannerConfig,
+    max_rounds: usize,
+    stop: Arc<AtomicBool>,
+    progress: Arc<dyn Progress>,
+) -> Result<Summary, ClientError> {
+    let mut summary = Summary::default();
+    for round in 1..=max_rounds {
+        if stop.load(Ordering::Relaxed) {
+            summary.interrupted = true;
+            return Ok(summary);
+        }
+        let state = cluster_state(client)
+            .await
+            .map_err(|last_error| ClientError::Timeout {
+                deadline: std::time::Duration::ZERO,
+                last_error,
+            })?;
+        let plan = planner::plan(&state, cfg);
+        summary.rounds = round;
+        progress.planned(round, &plan);
+        if plan.is_empty() {
+            summary.balanced = true;
+            return Ok(summary);
+        }
+        // One chain of steps per shard, in plan order (a transfer before
+        // the move it prepares); chains run side by side, at most
+        // `max_concurrent_moves` at once.
+        let mut chains: BTreeMap<ShardId, Vec<Step>> = BTreeMap::new();
+        let mut order = Vec::new();
+        for step in plan.steps {
+            let shard = step.shard();
+            if !chains.contains_key(&shard) {
+                order.push(shard);
+            }
+            chains.entry(shard).or_default().push(step);
+        }
+        let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_concurrent_moves.max(1)));
+        let mut tasks = tokio::task::JoinSet::new();
+        for shard in order {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let chain = chains.remove(&shard).unwrap_or_default();
+            let permit = permits.clone().acquire_owned().await.expect("never closed");
+            let (client, progress, stop) = (client.clone(), progress.clone(), stop.clone());
+            tasks.spawn(async move {
+                let _permit = permit;
+                let mut done = Vec::new();
+                for step in chain {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    progress.started(&step);
+                    let r = run_step(&client, &step).await;
+                    progress.finished(&step, &r);
+                    let ok = r.is_ok();
+                    done.push((step, r));
+                    if !ok {
+                        break;
+                    }
+                }
+                done
+            });
+        }
+        while let Some(r) = tasks.join_next().await {
+            for (step, result) in r.unwrap_or_default() {
+                match (&step, result) {
+                    (Step::MoveReplica { bytes, .. }, Ok(())) => {
+                        summary.moves += 1;
+                        summary.bytes_moved += bytes;
+                    }
+                    (Step::TransferLeader { .. }, Ok(())) => summary.transfers += 1,
+                    (Step::Split { .. }, Ok(())) => {}
+                    (_, Err(_)) => summary.failed += 1,
+                }
+            }
+        }
+    }
+    summary.interrupted = stop.load(Ordering::Relaxed);
+    Ok(summary)
+}
+
+async fn run_step(client: &Client, step: &Step) -> Result<(), String> {
+    match step {
+        Step::MoveReplica {
+            shard, from, to, ..
+        } => client
+            .move_replica(*shard, *from, *to)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string()),
+        Step::TransferLeader { shard, to, .. } => client
+            .transfer_leader(*shard, *to)
+            .await
+            .map_err(|e| e.to_string()),
+        Step::Split { shard, .. } => Err(format!(
+            "{shard}: splits are planned only with a size limit; run `tessera-ctl split KEY`"
+        )),
+    }
+}
+
+/// Replica and leader counts per node, for reports and tests.
+pub fn counts(state: &ClusterState) -> BTreeMap<NodeId, (usize, usize)> {
+    let mut out: BTreeMap<NodeId, (usize, usize)> = state
+        .nodes
+        .iter()
+        .filter(|n| n.up)
+        .map(|n| (n.id, (0, 0)))
+        .collect();
+    for s in &state.shards {
+        for r in &s.descriptor.replicas {
+            out.entry(*r).or_default().0 += 1;
+        }
+        if let Some(l) = s.leader {
+            out.entry(l).or_default().1 += 1;
+        }
+    }
+    out
+}

@@ -1,0 +1,122 @@
+//! Rebalancing a live cluster (issue: rebalance tool): 3 nodes with 64
+//! shards, two nodes join, the planner's steps run through the client's
+//! admin API while clients write; every node ends within ±1 of the mean
+//! replica and leader counts, clients see no errors and lose nothing; the
+//! plan for a balanced cluster is empty.
+
+mod common;
+
+use common::cluster::{init_tracing, TestCluster, Timings};
+use common::load::{wait_ops, Load};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+use tessera::client::ClientOptions;
+use tessera::node::meta;
+use tessera::rebalance;
+use tessera::shard_router::planner::{self, PlannerConfig};
+use tessera::{Client, ShardId};
+
+const WAIT: Duration = Duration::from_secs(120);
+
+fn client(c: &TestCluster) -> Client {
+    let issued = c.ca.issue_client("test").unwrap();
+    let opts = ClientOptions {
+        deadline: Duration::from_secs(90),
+        ..ClientOptions::default()
+    };
+    Client::from_identity(&c.ca.identity(&issued), c.config_addrs(), opts).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_join_and_rebalance_evens_out_replicas_and_leaders() {
+    init_tracing();
+    let mut c = TestCluster::start(
+        &[1, 2, 3],
+        &[],
+        Some((64, vec![1, 2, 3])),
+        Timings::many_active_groups(),
+    )
+    .await;
+    for s in 1..=64 {
+        c.wait_leader(ShardId(s), WAIT).await.unwrap();
+    }
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let cl = client(&c);
+    // A 3-node cluster with 3 replicas per shard is balanced in replicas;
+    // leaders are spread at bootstrap: nothing to do.
+    let cfg = PlannerConfig::default();
+    let state = rebalance::cluster_state(&cl).await.unwrap();
+    assert_eq!(state.shards.len(), 64);
+    let plan = planner::plan(&state, &cfg);
+    assert!(
+        plan.is_empty(),
+        "balanced cluster, yet a plan: {:?}",
+        plan.steps
+    );
+
+    let load = Load::start(&cl, 4, 64);
+    wait_ops(&load, 100, WAIT).await;
+    c.add_node(4).await;
+    c.add_node(5).await;
+    c.wait_until("every node knows every other", WAIT, |c| {
+        c.up().all(|n| n.transport().peer_ids().len() == 4)
+    })
+    .await
+    .unwrap();
+    let summary = rebalance::rebalance(
+        &cl,
+        &cfg,
+        60,
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(rebalance::Quiet),
+    )
+    .await
+    .unwrap();
+    tracing::info!(?summary, "rebalanced");
+    assert!(summary.balanced, "the plan came out empty: {summary:?}");
+    assert!(
+        summary.moves >= 60,
+        "replicas moved onto the new nodes: {summary:?}"
+    );
+    wait_ops(&load, 100, WAIT).await;
+    let r = load.finish().await;
+    assert!(
+        r.errors.is_empty(),
+        "clients saw errors: {:?}",
+        &r.errors[..r.errors.len().min(10)]
+    );
+    for (k, v) in &r.acked {
+        assert_eq!(
+            cl.get(k).await.unwrap().as_ref(),
+            Some(v),
+            "acknowledged {k:?}"
+        );
+    }
+    let after = rebalance::cluster_state(&cl).await.unwrap();
+    let counts = rebalance::counts(&after);
+    let n = counts.len() as f64;
+    assert_eq!(counts.len(), 5);
+    let mean_r = counts.values().map(|c| c.0).sum::<usize>() as f64 / n;
+    let mean_l = counts.values().map(|c| c.1).sum::<usize>() as f64 / n;
+    for (node, (reps, leads)) in &counts {
+        assert!(
+            (*reps as f64 - mean_r).abs() <= 1.0,
+            "{node}: {reps} replicas, mean {mean_r}"
+        );
+        assert!(
+            (*leads as f64 - mean_l).abs() <= 1.0,
+            "{node}: {leads} leaders, mean {mean_l}"
+        );
+    }
+    assert_eq!(
+        counts.values().map(|c| c.0).sum::<usize>(),
+        64 * 3,
+        "still 3 replicas each"
+    );
+    assert!(
+        planner::plan(&after, &cfg).is_empty(),
+        "balanced: dry run is empty"
+    );
+    c.shutdown().await;
+}
