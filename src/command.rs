@@ -214,6 +214,9 @@ pub enum CommandResponse {
     Allocated(ShardId),
     /// A [`Command::RecordRoutes`] was applied.
     Recorded,
+    /// The command cannot be carried out yet (nothing changed): e.g. an id
+    /// allocation before the meta shard holds the bootstrap routes.
+    NotReady(String),
 }
 
 #[cfg(test)]

@@ -64,6 +64,16 @@ enum Cmd {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
         shards: u64,
     },
+    /// Prepare a new node for a `tessera dev` folder: a certificate from the
+    /// folder's CA, `DIR/node-N/node.toml` pointing at the existing nodes
+    /// (it joins them when started), and an entry in `DIR/cluster.toml`.
+    /// Start it with `tessera serve --config DIR/node-N/node.toml`; give it
+    /// replicas with `tessera-ctl move-replica` or `tessera-ctl rebalance`.
+    AddNode {
+        /// The dev cluster's folder.
+        #[arg(long, default_value = "./tessera-data")]
+        data_dir: PathBuf,
+    },
     /// List the shard replicas in a stopped node's data folder with their
     /// Raft state (RocksDB allows one process per folder).
     Inspect {
@@ -101,6 +111,7 @@ fn main() -> Result<()> {
             shards,
         } => rt.block_on(dev(data_dir, nodes, shards)),
         Cmd::Inspect { data_dir } => inspect(data_dir),
+        Cmd::AddNode { data_dir } => add_node(&data_dir),
         Cmd::TortureStore { data_dir, shards } => rt.block_on(torture::run(data_dir, shards)),
     }
 }
@@ -207,6 +218,73 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
     let tmp = dir.join("cluster.toml.tmp");
     cluster.save(&tmp)?;
     std::fs::rename(&tmp, dir.join("cluster.toml"))?;
+    Ok(())
+}
+
+fn add_node(dir: &Path) -> Result<()> {
+    let cluster_path = dir.join("cluster.toml");
+    let mut cluster = ClusterFile::load(&cluster_path)
+        .with_context(|| format!("{} is not a dev cluster folder", dir.display()))?;
+    let certs = dir.join("certs");
+    let key = std::fs::read_to_string(certs.join("ca-key.pem"))
+        .with_context(|| format!("read {}", certs.join("ca-key.pem").display()))?;
+    let ca = ClusterCa::from_key_pem("dev", &key)?;
+    let id = NodeId(cluster.nodes.iter().map(|n| n.id.0).max().unwrap_or(0) + 1);
+    let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let t = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let (addr, metrics) = (u.local_addr()?, t.local_addr()?);
+    drop((u, t));
+    let issued = ca.issue_node(id)?;
+    write_pem(
+        &certs.join(format!("node-{}.pem", id.0)),
+        &issued.cert_pem,
+        false,
+    )?;
+    write_pem(
+        &certs.join(format!("node-{}-key.pem", id.0)),
+        &issued.key_pem,
+        true,
+    )?;
+    let node_dir = dir.join(format!("node-{}", id.0));
+    std::fs::create_dir_all(&node_dir)?;
+    let cfg = NodeConfig {
+        node_id: id,
+        listen_addr: addr,
+        data_dir: PathBuf::from("data"),
+        metrics_addr: Some(metrics),
+        tls: TlsFiles {
+            ca_cert: PathBuf::from("../certs/ca.pem"),
+            cert: PathBuf::from(format!("../certs/node-{}.pem", id.0)),
+            key: PathBuf::from(format!("../certs/node-{}-key.pem", id.0)),
+        },
+        peers: cluster
+            .nodes
+            .iter()
+            .map(|n| PeerAddr {
+                id: n.id,
+                addr: n.addr,
+            })
+            .collect(),
+        raft: Default::default(),
+        transport: Default::default(),
+        storage: Default::default(),
+        bootstrap: None,
+        split: Default::default(),
+    };
+    let config = node_dir.join("node.toml");
+    std::fs::write(&config, cfg.to_toml())?;
+    cluster.nodes.push(ClusterNode {
+        id,
+        addr,
+        metrics_addr: Some(metrics),
+    });
+    let tmp = dir.join("cluster.toml.tmp");
+    cluster.save(&tmp)?;
+    std::fs::rename(&tmp, &cluster_path)?;
+    println!(
+        "{id}: start it with `tessera serve --config {}`",
+        config.display()
+    );
     Ok(())
 }
 

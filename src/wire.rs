@@ -55,9 +55,14 @@ fn check_len(len: usize, max: usize) -> Result<(), WireError> {
     limits::check_frame_len(len, max).map_err(|_| WireError::FrameTooLarge { len, max })
 }
 
-/// Decodes one payload (without its length prefix).
+/// Decodes one payload (without its length prefix); bytes left over after
+/// the value make it undecodable (found by the `frame` fuzz target).
 pub fn decode_payload<T: DeserializeOwned>(payload: &[u8]) -> Result<T, WireError> {
-    Ok(postcard::from_bytes(payload)?)
+    let (v, rest) = postcard::take_from_bytes(payload)?;
+    if !rest.is_empty() {
+        return Err(WireError::Decode(postcard::Error::DeserializeUnexpectedEnd));
+    }
+    Ok(v)
 }
 
 /// Reads one frame's payload; `Ok(None)` at a clean end of stream.

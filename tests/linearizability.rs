@@ -218,10 +218,9 @@ async fn finish_and_check(
     tracing::info!("phase: final reads of every key");
     let reader = client(c, Duration::from_secs(30));
     for k in keys {
-        assert!(
-            recorded_get(rec, &reader, k).await.is_some(),
-            "final read failed"
-        );
+        if recorded_get(rec, &reader, k).await.is_none() {
+            panic!("final read of {k:?} failed: {:?}", reader.get(k).await);
+        }
     }
     let ops = rec.ops();
     let acked = ops.iter().filter(|o| o.ret.is_some()).count();
@@ -268,6 +267,68 @@ async fn one_way_loss_and_flapping_links_stay_linearizable() {
             faults += 1;
         }
     }
+    finish_and_check(&c, &rec, &keys, clients, faults).await;
+    c.shutdown().await;
+}
+
+/// RELIABILITY scenarios 4 and 5 under the history checker: splits and a
+/// replica move back and forth while a node is restarted and another is
+/// isolated; admin steps that fail under the faults are retried once the
+/// fault is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splits_and_moves_during_faults_stay_linearizable() {
+    init_tracing();
+    let mut c = TestCluster::start(
+        &[1, 2, 3, 4],
+        &[],
+        Some((2, vec![1, 2, 3])),
+        Timings::fast(),
+    )
+    .await;
+    for s in c.node(1).shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    c.wait_leader(tessera::node::meta::META_SHARD, WAIT)
+        .await
+        .unwrap();
+    let (rec, keys, clients) = start_workload(&c, Duration::from_secs(10));
+    let admin = client(&c, Duration::from_secs(60));
+    let mut faults = 0u32;
+    // Split between the workload's keys (first bytes 0, 30, ..., 210).
+    for (i, at) in [45u8, 105, 165, 15].into_iter().enumerate() {
+        tracing::info!(at, "phase: split");
+        admin.split(&[at]).await.expect("split");
+        match i {
+            0 => {
+                c.kill(3).await;
+                c.restart(3).await;
+                faults += 1;
+            }
+            1 => {
+                c.faults
+                    .isolate(NodeId(2), &[NodeId(1), NodeId(3), NodeId(4)]);
+                tokio::time::sleep(Duration::from_millis(1500)).await;
+                c.faults.heal();
+                faults += 1;
+            }
+            _ => {}
+        }
+    }
+    tracing::info!("phase: move a replica to n4 and back");
+    let shard = admin.routes().await.unwrap()[0].id;
+    let d = admin
+        .move_replica(shard, NodeId(3), NodeId(4))
+        .await
+        .expect("move to n4");
+    assert!(d.replicas.contains(&NodeId(4)));
+    c.kill(1).await;
+    c.restart(1).await;
+    faults += 1;
+    let d = admin
+        .move_replica(shard, NodeId(4), NodeId(3))
+        .await
+        .expect("move back to n3");
+    assert!(!d.replicas.contains(&NodeId(4)));
     finish_and_check(&c, &rec, &keys, clients, faults).await;
     c.shutdown().await;
 }

@@ -144,11 +144,7 @@ async fn move_survives_the_target_dying_mid_snapshot() {
         moved.epoch
     );
     let r = load.finish().await;
-    assert!(
-        r.errors.is_empty(),
-        "clients saw errors: {:?}",
-        &r.errors[..r.errors.len().min(10)]
-    );
+    r.assert_no_errors();
     // The source dropped its replica and its data.
     c.wait_until("the source drops its replica", WAIT, |c| {
         c.node(from).raft(shard).is_none()
@@ -280,18 +276,8 @@ async fn three_to_five_nodes_join_move_and_drain() {
     c.kill(3).await;
     wait_ops(&load, 100, WAIT).await;
     let r = load.finish().await;
-    assert!(
-        r.errors.is_empty(),
-        "clients saw errors: {:?}",
-        &r.errors[..r.errors.len().min(10)]
-    );
-    for (k, v) in &r.acked {
-        assert_eq!(
-            cl.get(k).await.unwrap().as_ref(),
-            Some(v),
-            "acknowledged {k:?}"
-        );
-    }
+    r.assert_no_errors();
+    r.assert_acknowledged_readable(&cl).await;
     // Every shard still has 3 replicas, none on node 3, and identical data.
     for s in 1..=6 {
         let shard = ShardId(s);

@@ -81,18 +81,8 @@ async fn two_nodes_join_and_rebalance_evens_out_replicas_and_leaders() {
     );
     wait_ops(&load, 100, WAIT).await;
     let r = load.finish().await;
-    assert!(
-        r.errors.is_empty(),
-        "clients saw errors: {:?}",
-        &r.errors[..r.errors.len().min(10)]
-    );
-    for (k, v) in &r.acked {
-        assert_eq!(
-            cl.get(k).await.unwrap().as_ref(),
-            Some(v),
-            "acknowledged {k:?}"
-        );
-    }
+    r.assert_no_errors();
+    r.assert_acknowledged_readable(&cl).await;
     let after = rebalance::cluster_state(&cl).await.unwrap();
     let counts = rebalance::counts(&after);
     let n = counts.len() as f64;

@@ -270,7 +270,14 @@ pub fn encode_msg<T: Serialize>(msg: &T) -> Vec<u8> {
 /// # Errors
 /// [`ProtoError::Decode`].
 pub fn decode_msg<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ProtoError> {
-    postcard::from_bytes(b).map_err(|e| ProtoError::Decode(e.to_string()))
+    let (v, rest) = postcard::take_from_bytes(b).map_err(|e| ProtoError::Decode(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(ProtoError::Decode(format!(
+            "{} bytes left over after the message",
+            rest.len()
+        )));
+    }
+    Ok(v)
 }
 
 #[cfg(test)]

@@ -428,6 +428,10 @@ impl Node {
                 }
                 Err(e) => return Err(call_error(shard, e)),
             }
+            let (_, learners) = membership();
+            if !learners.contains(&to) {
+                self.seed_replica(&raft, shard, to, timeout).await?;
+            }
             let added = tokio::time::timeout(
                 timeout,
                 raft.add_learner(to, BasicNode::new(self.addr_of(to)), true),
@@ -519,6 +523,56 @@ impl Node {
         self.engine
             .descriptor(shard)
             .map_err(|_| AdminError::UnknownShard { shard })
+    }
+
+    /// Streams this leader's current snapshot of `shard` (built first if
+    /// there is none) to the empty replica on `to`, which installs it. A
+    /// learner must start from a snapshot: replaying the log from its start
+    /// would apply old commands against today's range and epoch.
+    async fn seed_replica(
+        &self,
+        raft: &super::ShardRaft,
+        shard: ShardId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<(), AdminError> {
+        let snapshot = match raft
+            .get_snapshot()
+            .await
+            .map_err(|e| raft_error(shard, e))?
+        {
+            Some(s) => s,
+            None => {
+                raft.trigger()
+                    .snapshot()
+                    .await
+                    .map_err(|e| raft_error(shard, e))?;
+                raft.wait(Some(Duration::from_secs(60)))
+                    .metrics(|m| m.snapshot.is_some(), "move: a first snapshot")
+                    .await
+                    .map_err(|e| raft_error(shard, e))?;
+                raft.get_snapshot()
+                    .await
+                    .map_err(|e| raft_error(shard, e))?
+                    .ok_or_else(|| AdminError::Unavailable {
+                        shard,
+                        reason: "no snapshot after building one".into(),
+                    })?
+            }
+        };
+        let vote = raft.metrics().borrow().vote;
+        self.transport
+            .send_snapshot(
+                to,
+                shard,
+                vote,
+                snapshot.meta.clone(),
+                &snapshot.snapshot,
+                timeout,
+            )
+            .await
+            .map_err(|e| call_error(shard, e))?;
+        Ok(())
     }
 
     /// Hands leadership of `shard` (led here) to `to`, waiting until it

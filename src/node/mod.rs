@@ -266,13 +266,19 @@ async fn record_initial_routes(
     marker: PathBuf,
 ) {
     use crate::command::{Command, Op};
-    let ops: Vec<Op> = descs
+    let mut ops: Vec<Op> = descs
         .iter()
         .map(|d| Op::Put {
             key: meta::route_key(d.id),
             value: postcard::to_stdvec(d).expect("descriptor encodes"),
         })
         .collect();
+    // The next shard id to hand out (splits), above every bootstrap shard.
+    let next = descs.iter().map(|d| d.id.0).max().unwrap_or(0) + 1;
+    ops.push(Op::Put {
+        key: meta::next_id_key(),
+        value: postcard::to_stdvec(&next).expect("u64 encodes"),
+    });
     loop {
         let Some(n) = node.upgrade() else { return };
         if let Some(raft) = n.raft(meta::META_SHARD) {

@@ -170,12 +170,12 @@ impl StateMachine {
                 let next = match self.read_current(&counter, overlay)? {
                     Some(b) => decode::<u64>(&b, || "shard id counter".into())?,
                     None => {
-                        // First allocation: above every recorded shard.
-                        let mut max = 0u64;
-                        for (k, _) in self.meta_records(overlay)? {
-                            max = max.max(k.0);
-                        }
-                        max + 1
+                        // The counter is written with the bootstrap routes;
+                        // before that, any guess could collide with a
+                        // bootstrap shard not recorded yet.
+                        return Ok(CommandResponse::NotReady(
+                            "the meta shard has not recorded the bootstrap shards yet".into(),
+                        ));
                     }
                 };
                 let id = ShardId(next.max(1));
@@ -256,27 +256,6 @@ fn epoch_newer(a: Epoch, b: Epoch) -> bool {
 }
 
 impl StateMachine {
-    /// The route records of the meta range, as of this apply (the batch's
-    /// own writes included): `(shard, descriptor bytes)`.
-    fn meta_records(
-        &self,
-        overlay: &HashMap<Vec<u8>, Option<Vec<u8>>>,
-    ) -> Result<Vec<(ShardId, Vec<u8>)>, StoreError> {
-        let r = meta::meta_range();
-        let mut out = std::collections::BTreeMap::new();
-        for (k, v) in self.engine.scan(&r.start, &r.end, usize::MAX)? {
-            if let Some(id) = meta::route_key_shard(&k) {
-                out.insert(id, v);
-            }
-        }
-        for (k, v) in overlay {
-            if let (Some(id), Some(v)) = (meta::route_key_shard(k), v) {
-                out.insert(id, v.clone());
-            }
-        }
-        Ok(out.into_iter().collect())
-    }
-
     /// Applies a split at log id `at`: the parent shrinks in memory and in
     /// the batch; the child's whole starting state (descriptor, applied =
     /// `at`, membership, vote, purged = `at`) goes into the same batch, so a

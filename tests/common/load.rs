@@ -33,6 +33,30 @@ pub struct LoadResult {
     pub errors: Vec<String>,
 }
 
+impl LoadResult {
+    /// The clients saw no error at all (retries inside the client are fine).
+    pub fn assert_no_errors(&self) {
+        assert!(
+            self.errors.is_empty(),
+            "clients saw {} errors, first: {:?}",
+            self.errors.len(),
+            &self.errors[..self.errors.len().min(10)]
+        );
+    }
+
+    /// Every acknowledged write reads back (linearizable reads).
+    pub async fn assert_acknowledged_readable(&self, cl: &Client) {
+        for (k, v) in &self.acked {
+            assert_eq!(
+                cl.get(k).await.unwrap().as_ref(),
+                Some(v),
+                "acknowledged write {:?}",
+                String::from_utf8_lossy(k)
+            );
+        }
+    }
+}
+
 impl Load {
     /// Starts `n` clients on clones of `client` (one request in flight each).
     pub fn start(client: &Client, n: usize, value_bytes: usize) -> Load {

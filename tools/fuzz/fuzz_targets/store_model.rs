@@ -184,7 +184,9 @@ struct Model {
 impl Model {
     fn apply(&mut self, cmd: &Command) -> CommandResponse {
         let range = descriptor().range;
-        let Command::Write { ops } = cmd;
+        let Command::Write { ops } = cmd else {
+            unreachable!("the model drives writes only");
+        };
         if let Some(op) = ops.iter().find(|op| !range.contains(op.key())) {
             return CommandResponse::KeyNotInRange {
                 key: op.key().to_vec(),
