@@ -212,3 +212,57 @@ async fn recursive_splits_persist_across_restarts() {
     }
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_over_the_size_limit_splits_by_itself() {
+    init_tracing();
+    let t = Timings {
+        split: tessera::node::SplitConfig {
+            max_bytes: 64 << 10,
+            check_interval_ms: 200,
+        },
+        ..Timings::fast()
+    };
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), t).await;
+    c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let cl = client(&c);
+    let mut acked = BTreeMap::new();
+    // ~200 KiB over the key space: the one shard is 3x over the limit.
+    for i in 0..200u64 {
+        let k = common::load::load_key((i % 8) as usize, i);
+        let v = vec![b'v'; 1024];
+        cl.put(&k, &v).await.unwrap();
+        acked.insert(k, v);
+    }
+    c.wait_until(
+        "the shard splits itself until every half is under the limit",
+        WAIT,
+        |c| {
+            let hosted = hosted(c);
+            let shards = &hosted[&NodeId(1)];
+            shards.len() >= 3
+                && shards.iter().all(|d| {
+                    let end = if d.range.end.is_empty() {
+                        meta::system_prefix()
+                    } else {
+                        d.range.end.clone()
+                    };
+                    let bytes: usize = c
+                        .node(1)
+                        .engine()
+                        .scan(&d.range.start, &end, usize::MAX)
+                        .unwrap()
+                        .iter()
+                        .map(|(k, v)| k.len() + v.len())
+                        .sum();
+                    bytes < (64 << 10)
+                })
+        },
+    )
+    .await
+    .unwrap();
+    let routes = check_ownership_and_data(&c, &cl, &acked).await;
+    assert!(routes.len() >= 3, "{} shards", routes.len());
+    c.shutdown().await;
+}

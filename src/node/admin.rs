@@ -824,7 +824,8 @@ pub(crate) async fn auto_split(node: Weak<Node>) {
     if max == 0 {
         return;
     }
-    let mut checked: HashMap<ShardId, u64> = HashMap::new();
+    // Per shard: bytes applied when last measured, and the size then.
+    let mut checked: HashMap<ShardId, (u64, u64)> = HashMap::new();
     loop {
         tokio::time::sleep(every).await;
         let Some(n) = node.upgrade() else { return };
@@ -832,22 +833,30 @@ pub(crate) async fn auto_split(node: Weak<Node>) {
             let Ok(d) = n.engine.descriptor(shard) else {
                 continue;
             };
-            // Cheap test first: on-disk estimate plus what was applied
-            // since the last look must reach the limit.
+            // Cheap test first: the last measured size plus what was
+            // applied since (or RocksDB's on-disk estimate) must reach the
+            // limit before the range is scanned.
             let written = n.engine.written(shard);
-            let fresh = written - checked.get(&shard).copied().unwrap_or(0).min(written);
-            let estimate = n.engine.approximate_size(&d.range);
-            if estimate < max && estimate + fresh < max && checked.contains_key(&shard) {
-                continue;
+            if let Some(&(at, measured)) = checked.get(&shard) {
+                let fresh = written.saturating_sub(at);
+                let estimate = n.engine.approximate_size(&d.range);
+                if measured + fresh < max && estimate < max {
+                    continue;
+                }
             }
-            checked.insert(shard, written);
             let engine = n.engine.clone();
             let range = d.range.clone();
             let point = tokio::task::spawn_blocking(move || engine.split_point(&range, max)).await;
-            let Ok(Ok(Some((bytes, key)))) = point else {
+            let Ok(Ok((bytes, key))) = point else {
+                continue;
+            };
+            checked.insert(shard, (written, bytes));
+            let Some(key) = key else {
                 continue;
             };
             tracing::info!(%shard, bytes, key = %shard_router::descriptor::escape(&key), "shard over the size limit: splitting");
+            // The parent keeps about half.
+            checked.insert(shard, (written, bytes / 2));
             match n.split_shard(shard, key).await {
                 Ok((l, r)) => {
                     tracing::info!(left = %l.id, right = %r.id, "automatic split done");

@@ -472,14 +472,14 @@ impl Engine {
             .unwrap_or(0)
     }
 
-    /// The shard's size if at least `max` bytes (data files and memtables
-    /// both counted), with the key at which half of it lies; `None` when it
-    /// is smaller. Reads at most the whole range once.
+    /// The range's exact size (data files and memtables both counted) and,
+    /// when it is at least `max` bytes, the key at which half of it lies.
+    /// Reads the whole range once.
     pub fn split_point(
         &self,
         range: &crate::KeyRange,
         max: u64,
-    ) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
+    ) -> Result<(u64, Option<Vec<u8>>), StoreError> {
         let end = if range.end.is_empty() {
             vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
         } else {
@@ -506,14 +506,14 @@ impl Engine {
         it.status()
             .map_err(|e| StoreError::rocks("split scan", e))?;
         if total < max {
-            return Ok(None);
+            return Ok((total, None));
         }
         let half = total / 2;
         let key = sizes
             .iter()
             .find(|(t, k)| *t >= half && k.as_slice() > range.start.as_slice())
             .map(|(_, k)| k.clone());
-        Ok(key.map(|k| (total, k)))
+        Ok((total, key))
     }
 
     /// Shards created by splits since the last call.
