@@ -104,6 +104,7 @@ fn client_throughput(c: &mut Criterion) {
     let shard_counts: &[u64] = if quick { &[1, 64] } else { &[1, 16, 64] };
     let client_counts: &[u64] = if quick { &[1, 64] } else { &[1, 16, 64] };
     let rt = rt();
+    let _runtime = rt.enter();
     for &shards in shard_counts {
         let cl_ = rt.block_on(cluster(&[1, 2, 3], &[1, 2, 3], shards));
         let cl = client(&cl_);
@@ -133,6 +134,7 @@ fn client_throughput(c: &mut Criterion) {
 
 fn admin(c: &mut Criterion) {
     let rt = rt();
+    let _runtime = rt.enter();
     // Splits under a write load.
     let tc = rt.block_on(cluster(&[1, 2, 3], &[1, 2, 3], 1));
     let cl = client(&tc);
