@@ -157,48 +157,20 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
     }
     drop(held);
     for (i, id) in ids.iter().enumerate() {
-        let issued = ca.issue_node(*id)?;
-        write_pem(
-            &certs.join(format!("node-{}.pem", id.0)),
-            &issued.cert_pem,
-            false,
-        )?;
-        write_pem(
-            &certs.join(format!("node-{}-key.pem", id.0)),
-            &issued.key_pem,
-            true,
-        )?;
-        let node_dir = dir.join(format!("node-{}", id.0));
-        std::fs::create_dir_all(&node_dir)?;
-        let cfg = NodeConfig {
-            node_id: *id,
-            listen_addr: addrs[i].0,
-            data_dir: PathBuf::from("data"),
-            metrics_addr: Some(addrs[i].1),
-            tls: TlsFiles {
-                ca_cert: PathBuf::from("../certs/ca.pem"),
-                cert: PathBuf::from(format!("../certs/node-{}.pem", id.0)),
-                key: PathBuf::from(format!("../certs/node-{}-key.pem", id.0)),
-            },
-            peers: ids
-                .iter()
-                .enumerate()
-                .filter(|(_, p)| *p != id)
-                .map(|(j, p)| PeerAddr {
-                    id: *p,
-                    addr: addrs[j].0,
-                })
-                .collect(),
-            raft: Default::default(),
-            transport: Default::default(),
-            storage: Default::default(),
-            bootstrap: Some(Bootstrap {
-                shards,
-                members: ids.clone(),
-            }),
-            split: Default::default(),
-        };
-        std::fs::write(node_dir.join("node.toml"), cfg.to_toml())?;
+        let peers = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| *p != id)
+            .map(|(j, p)| PeerAddr {
+                id: *p,
+                addr: addrs[j].0,
+            })
+            .collect();
+        let bootstrap = Some(Bootstrap {
+            shards,
+            members: ids.clone(),
+        });
+        write_dev_node(dir, &ca, *id, addrs[i], peers, bootstrap)?;
     }
     let cluster = ClusterFile {
         ca_cert: PathBuf::from("certs/ca.pem"),
@@ -221,19 +193,17 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
     Ok(())
 }
 
-fn add_node(dir: &Path) -> Result<()> {
-    let cluster_path = dir.join("cluster.toml");
-    let mut cluster = ClusterFile::load(&cluster_path)
-        .with_context(|| format!("{} is not a dev cluster folder", dir.display()))?;
+/// Writes node `id`'s certificate and key under `dir/certs` and its
+/// `dir/node-N/node.toml` (paths relative to it); returns the config's path.
+fn write_dev_node(
+    dir: &Path,
+    ca: &ClusterCa,
+    id: NodeId,
+    (addr, metrics): (std::net::SocketAddr, std::net::SocketAddr),
+    peers: Vec<PeerAddr>,
+    bootstrap: Option<Bootstrap>,
+) -> Result<PathBuf> {
     let certs = dir.join("certs");
-    let key = std::fs::read_to_string(certs.join("ca-key.pem"))
-        .with_context(|| format!("read {}", certs.join("ca-key.pem").display()))?;
-    let ca = ClusterCa::from_key_pem("dev", &key)?;
-    let id = NodeId(cluster.nodes.iter().map(|n| n.id.0).max().unwrap_or(0) + 1);
-    let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let t = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let (addr, metrics) = (u.local_addr()?, t.local_addr()?);
-    drop((u, t));
     let issued = ca.issue_node(id)?;
     write_pem(
         &certs.join(format!("node-{}.pem", id.0)),
@@ -257,22 +227,40 @@ fn add_node(dir: &Path) -> Result<()> {
             cert: PathBuf::from(format!("../certs/node-{}.pem", id.0)),
             key: PathBuf::from(format!("../certs/node-{}-key.pem", id.0)),
         },
-        peers: cluster
-            .nodes
-            .iter()
-            .map(|n| PeerAddr {
-                id: n.id,
-                addr: n.addr,
-            })
-            .collect(),
+        peers,
         raft: Default::default(),
         transport: Default::default(),
         storage: Default::default(),
-        bootstrap: None,
+        bootstrap,
         split: Default::default(),
     };
     let config = node_dir.join("node.toml");
     std::fs::write(&config, cfg.to_toml())?;
+    Ok(config)
+}
+
+fn add_node(dir: &Path) -> Result<()> {
+    let cluster_path = dir.join("cluster.toml");
+    let mut cluster = ClusterFile::load(&cluster_path)
+        .with_context(|| format!("{} is not a dev cluster folder", dir.display()))?;
+    let certs = dir.join("certs");
+    let key = std::fs::read_to_string(certs.join("ca-key.pem"))
+        .with_context(|| format!("read {}", certs.join("ca-key.pem").display()))?;
+    let ca = ClusterCa::from_key_pem("dev", &key)?;
+    let id = NodeId(cluster.nodes.iter().map(|n| n.id.0).max().unwrap_or(0) + 1);
+    let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
+    let t = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let (addr, metrics) = (u.local_addr()?, t.local_addr()?);
+    drop((u, t));
+    let peers = cluster
+        .nodes
+        .iter()
+        .map(|n| PeerAddr {
+            id: n.id,
+            addr: n.addr,
+        })
+        .collect();
+    let config = write_dev_node(dir, &ca, id, (addr, metrics), peers, None)?;
     cluster.nodes.push(ClusterNode {
         id,
         addr,
