@@ -201,3 +201,76 @@ key = "n-key.pem"
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("node_id"), "{err}");
 }
+
+/// Nodes join and receive replicas through the command line alone:
+/// `tessera add-node`, `tessera serve`, `tessera-ctl split`, `move-replica`
+/// and `rebalance` (whose dry run on the balanced cluster is empty).
+#[test]
+fn a_node_added_with_the_cli_joins_and_takes_replicas() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tessera-data");
+    let cluster = data.join("cluster.toml");
+    let (mut dev, _) = start_dev(&data);
+    let plan: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&cluster, &["rebalance", "--dry-run", "--json"])).unwrap();
+    assert_eq!(plan["steps"].as_array().unwrap().len(), 0, "{plan}");
+    let added = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["add-node", "--data-dir"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    assert!(String::from_utf8_lossy(&added.stdout).contains("n4"));
+    let mut n4 = Command::new(env!("CARGO_BIN_EXE_tessera"))
+        .args(["serve", "--config"])
+        .arg(data.join("node-4").join("node.toml"))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ctl(&cluster, &["status", "--json"]);
+        let up = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+            .ok()
+            .and_then(|s| {
+                s["nodes"]
+                    .as_array()
+                    .map(|n| n.iter().filter(|n| n["up"] == true).count())
+            });
+        if up == Some(4) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "n4 did not join within 60 s: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let split = ctl_ok(&cluster, &["split", "k"]);
+    assert!(
+        split.contains("left:") && split.contains("right:"),
+        "{split}"
+    );
+    let moved = ctl_ok(
+        &cluster,
+        &["move-replica", "--shard", "1", "--from", "3", "--to", "4"],
+    );
+    assert!(moved.contains("moved s1"), "{moved}");
+    let summary: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&cluster, &["rebalance", "--json"])).unwrap();
+    assert_eq!(summary["balanced"], true, "{summary}");
+    let nodes = summary["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 4, "{summary}");
+    assert!(
+        nodes.iter().all(|n| n["replicas"].as_u64().unwrap() >= 6),
+        "{summary}"
+    );
+    ctl_ok(&cluster, &["put", "after-join", "yes"]);
+    assert_eq!(ctl_ok(&cluster, &["get", "after-join"]), "yes\n");
+    let _ = n4.kill();
+    let _ = dev.kill();
+    let _ = (n4.wait(), dev.wait());
+}
