@@ -233,6 +233,7 @@ fn write_dev_node(
         storage: Default::default(),
         bootstrap,
         split: Default::default(),
+        replica_gc: Default::default(),
     };
     let config = node_dir.join("node.toml");
     std::fs::write(&config, cfg.to_toml())?;

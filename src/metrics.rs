@@ -65,6 +65,12 @@ pub struct MetricsSnapshot {
     pub shards_led: u64,
     /// 1 when this node leads the meta shard.
     pub meta_leader: u64,
+    /// Replicas destroyed by replica GC (removed from their shard).
+    pub replicas_destroyed: u64,
+    /// Empty replicas created by replica repair (a split or move missed).
+    pub replicas_repaired: u64,
+    /// Tombstones of removed replicas held by this node.
+    pub tombstones: u64,
 }
 
 impl NetMetrics {
@@ -100,7 +106,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 14] = [
+        let rows: [(&str, &str, &str, u64); 17] = [
             (
                 "tessera_raft_messages_sent_total",
                 "counter",
@@ -184,6 +190,24 @@ impl MetricsSnapshot {
                 "gauge",
                 "1 when this node leads the meta shard",
                 self.meta_leader,
+            ),
+            (
+                "tessera_replicas_destroyed_total",
+                "counter",
+                "Replicas destroyed by replica GC (no longer members of their shard)",
+                self.replicas_destroyed,
+            ),
+            (
+                "tessera_replicas_repaired_total",
+                "counter",
+                "Replicas created by replica repair (a split or move this node missed)",
+                self.replicas_repaired,
+            ),
+            (
+                "tessera_tombstones",
+                "gauge",
+                "Tombstones of removed replicas on this node",
+                self.tombstones,
             ),
         ];
         let mut out = String::new();

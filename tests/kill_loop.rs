@@ -128,6 +128,7 @@ fn write_cluster(dir: &Path) -> (ClusterCa, Vec<(NodeId, SocketAddr)>, Vec<PathB
                 members: ids.clone(),
             }),
             split: Default::default(),
+            replica_gc: Default::default(),
         };
         let path = dir.join(format!("n{}.toml", id.0));
         std::fs::write(&path, cfg.to_toml()).unwrap();

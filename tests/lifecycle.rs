@@ -52,8 +52,15 @@ async fn check_every_replica_serves(
     for r in &d.replicas {
         tracing::info!(shard = %d.id, leader = %r, "phase: make this replica the leader and scan");
         cl.transfer_leader(d.id, *r).await.unwrap();
-        let got = cl.scan(&d.range.start, &d.range.end, 100_000).await.unwrap();
-        assert_eq!(got, want, "{} led by {r}: scan differs from the model", d.id);
+        let got = cl
+            .scan(&d.range.start, &d.range.end, 100_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            got, want,
+            "{} led by {r}: scan differs from the model",
+            d.id
+        );
         // The leader's local copy is what it served.
         assert_eq!(
             local_pairs(c, r.0, d),
@@ -116,7 +123,10 @@ async fn split_then_move_away_and_back_keeps_the_childs_data() {
         .unwrap();
 
     tracing::info!("phase: the child's data on every replica");
-    assert_eq!(cl.get(b"k150").await.unwrap().as_deref(), Some(&b"after"[..]));
+    assert_eq!(
+        cl.get(b"k150").await.unwrap().as_deref(),
+        Some(&b"after"[..])
+    );
     assert_eq!(cl.get(b"k160").await.unwrap().as_deref(), Some(&b"new"[..]));
     let child = c.node(1).engine().descriptor(child.id).unwrap();
     check_every_replica_serves(&c, &cl, &child, &model).await;
@@ -128,9 +138,170 @@ async fn split_then_move_away_and_back_keeps_the_childs_data() {
         c.node(4).shard_ids()
     );
     assert!(
-        local_pairs(&c, 4, &tessera::ShardDescriptor::new(ShardId(99), tessera::KeyRange::full(), vec![]))
-            .is_empty(),
+        local_pairs(
+            &c,
+            4,
+            &tessera::ShardDescriptor::new(ShardId(99), tessera::KeyRange::full(), vec![])
+        )
+        .is_empty(),
         "n4 keeps no user data"
     );
+    c.shutdown().await;
+}
+
+/// Timings for the repair and GC tests: a short log (a replica that was
+/// down catches up by snapshot) and a quick replica GC.
+fn gc_timings() -> Timings {
+    Timings {
+        snapshot_logs_since_last: 20,
+        snapshot_logs_to_keep: 0,
+        replica_gc: tessera::node::ReplicaGcConfig {
+            interval_ms: 300,
+            grace_ms: 1500,
+        },
+        ..Timings::fast()
+    }
+}
+
+/// A replica down during a split comes back behind the parent's compacted
+/// log: it installs a snapshot taken after the split and never applies the
+/// split itself. Replica repair must still give it the child, and the
+/// child's data must be the same on every replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_missed_a_split_gets_the_child() {
+    init_tracing();
+    let mut c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), gc_timings()).await;
+    c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let cl = client(&c);
+    let mut model = BTreeMap::new();
+    for i in 0..10u32 {
+        let (k, v) = (format!("m{i:03}").into_bytes(), b"old".to_vec());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+
+    tracing::info!("phase: n3 down; split at m005; writes to both halves");
+    c.kill(3).await;
+    let (parent, child) = cl.split(b"m005").await.unwrap();
+    // openraft purges in batches of 256 entries: enough writes for one.
+    for i in 0..320u32 {
+        let (k, v) = (
+            format!("a{i:03}").into_bytes(),
+            format!("p{i}").into_bytes(),
+        );
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    for i in 5..10u32 {
+        let (k, v) = (format!("m{i:03}").into_bytes(), b"new".to_vec());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    let leader = c.wait_leader(parent.id, WAIT).await.unwrap();
+    let purged = c
+        .node(leader.0)
+        .raft(parent.id)
+        .and_then(|r| r.metrics().borrow().purged)
+        .map_or(0, |l| l.index);
+    let split_at = c
+        .node(leader.0)
+        .raft(child.id)
+        .and_then(|r| r.metrics().borrow().purged)
+        .map_or(0, |l| l.index);
+    assert!(
+        purged > split_at,
+        "the parent's log is compacted past the split ({purged} <= {split_at})"
+    );
+
+    tracing::info!("phase: n3 back; it must host the child with the same data");
+    c.restart(3).await;
+    c.wait_until("n3 hosts the child", WAIT, |c| {
+        c.node(3).shard_ids().contains(&child.id)
+    })
+    .await
+    .unwrap();
+    let child = c.node(1).engine().descriptor(child.id).unwrap();
+    assert!(child.replicas.contains(&NodeId(3)));
+    check_every_replica_serves(&c, &cl, &child, &model).await;
+    let parent = c.node(1).engine().descriptor(parent.id).unwrap();
+    check_every_replica_serves(&c, &cl, &parent, &model).await;
+    assert!(
+        c.node(3).metrics().replicas_repaired >= 1,
+        "the repair is counted"
+    );
+    c.shutdown().await;
+}
+
+/// A replica removed while its node was down comes back with its old
+/// configuration: it must not disturb the shard's leader, and replica GC
+/// destroys it and leaves a tombstone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_removed_while_down_is_destroyed_and_never_disturbs_the_leader() {
+    init_tracing();
+    let mut c =
+        TestCluster::start(&[1, 2, 3, 4], &[], Some((1, vec![1, 2, 3])), gc_timings()).await;
+    c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let cl = client(&c);
+    for i in 0..10u32 {
+        cl.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
+    }
+
+    tracing::info!("phase: n3 down; its replica moves to n4");
+    c.kill(3).await;
+    let d = cl
+        .move_replica(ShardId(1), NodeId(3), NodeId(4))
+        .await
+        .unwrap();
+    assert!(!d.replicas.contains(&NodeId(3)));
+    let leader = c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    let term = |c: &TestCluster| {
+        c.node(leader.0)
+            .raft(ShardId(1))
+            .map(|r| r.metrics().borrow().current_term)
+    };
+    let term_before = term(&c);
+    // The meta shard records the move (the route reporter, within seconds).
+    c.wait_until("the meta shard records the move", WAIT, |c| {
+        c.node(1).meta_routes().is_some_and(|r| {
+            r.iter()
+                .any(|m| m.id == ShardId(1) && !m.replicas.contains(&NodeId(3)))
+        })
+    })
+    .await
+    .unwrap();
+
+    tracing::info!("phase: n3 back with its stale replica");
+    c.restart(3).await;
+    c.wait_until("n3's removed replica is destroyed", WAIT, |c| {
+        !c.node(3).shard_ids().contains(&ShardId(1))
+    })
+    .await
+    .unwrap();
+    let m = c.node(3).metrics();
+    assert!(m.replicas_destroyed >= 1, "destroy counted: {m:?}");
+    assert!(m.tombstones >= 1, "tombstone left: {m:?}");
+    assert!(
+        c.node(3).engine().tombstone(ShardId(1)).unwrap().is_some(),
+        "tombstone stored"
+    );
+    assert_eq!(
+        c.wait_leader(ShardId(1), WAIT).await.unwrap(),
+        leader,
+        "the leader kept its place"
+    );
+    assert_eq!(
+        term(&c),
+        term_before,
+        "no election was forced by the removed replica"
+    );
+    // Nothing of the shard's data is left on n3, and writes still work.
+    let full = tessera::ShardDescriptor::new(ShardId(99), tessera::KeyRange::full(), vec![]);
+    assert!(
+        local_pairs(&c, 3, &full).is_empty(),
+        "n3 keeps no user data"
+    );
+    cl.put(b"k-after", b"v").await.unwrap();
     c.shutdown().await;
 }

@@ -217,7 +217,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             Err(
                 e @ (CallError::Unreachable { .. }
                 | CallError::Refused {
-                    refusal: Refusal::UnknownShard(_),
+                    refusal:
+                        Refusal::UnknownShard(_)
+                        | Refusal::StaleSnapshot { .. }
+                        | Refusal::Tombstoned { .. },
                     ..
                 }),
             ) => Err(StreamingError::Unreachable(Unreachable::new(&io_err(&e)))),

@@ -68,9 +68,13 @@ pub enum PeerRequest {
     /// is added as a learner); a no-op when it exists.
     CreateReplica(ShardDescriptor),
     /// The receiving replica was removed from its group: stop it and delete
-    /// its log, state and data. Refused while it is still a member of the
-    /// membership it has applied.
-    DropReplica,
+    /// its log, state and data. `after` is the requester's committed
+    /// membership, which no longer lists the receiver; refused while the
+    /// receiver knows a newer membership that does.
+    DropReplica {
+        /// The log id of the requester's membership.
+        after: Option<crate::raft::LogId>,
+    },
     /// Campaign for leadership once caught up to `index` (leader transfer).
     Campaign {
         /// The leader's last log index when it asked.
@@ -109,6 +113,26 @@ pub enum Refusal {
     /// A proposal reached a replica that does not lead.
     #[error("not the leader (hint: {0:?})")]
     NotLeader(Option<NodeId>),
+    /// A snapshot older than the receiving replica's own descriptor (taken
+    /// before a split or membership change the replica already knows).
+    #[error("stale snapshot of {shard}: epoch {snapshot:?} is older than the replica's {local:?}")]
+    StaleSnapshot {
+        /// The shard.
+        shard: ShardId,
+        /// The snapshot's epoch.
+        snapshot: crate::Epoch,
+        /// The receiving replica's epoch.
+        local: crate::Epoch,
+    },
+    /// The replica was removed from the receiving node at a newer
+    /// configuration than the request's.
+    #[error("{shard} was removed from the receiving node at conf_ver {conf_ver}")]
+    Tombstoned {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration version of the removal.
+        conf_ver: u64,
+    },
 }
 
 /// The answer to one [`PeerRequest`].

@@ -109,13 +109,27 @@ impl Registry {
                 }
                 match node.create_replica_local(&d).await {
                     Ok(()) => PeerResponse::Done,
+                    Err(super::NodeError::Store(crate::storage::StoreError::Tombstoned {
+                        shard,
+                        conf_ver,
+                    })) => refused(Refusal::Tombstoned { shard, conf_ver }),
                     Err(e) => refused(Refusal::Failed(e.to_string())),
                 }
             }
-            PeerRequest::DropReplica => {
+            PeerRequest::DropReplica { after } => {
                 let Some(node) = self.node() else {
                     return refused(Refusal::Failed("node stopping".into()));
                 };
+                if let Some(raft) = self.get(shard) {
+                    let m = raft.metrics().borrow().membership_config.clone();
+                    if m.membership().get_node(&self.me).is_some() && *m.log_id() > after {
+                        return refused(Refusal::Failed(format!(
+                            "{} is a member of {shard} in membership {:?}, newer than the request's {after:?}",
+                            self.me,
+                            m.log_id()
+                        )));
+                    }
+                }
                 match node.drop_replica_local(shard).await {
                     Ok(()) => PeerResponse::Done,
                     Err(e) => refused(Refusal::Failed(e.to_string())),
@@ -157,6 +171,9 @@ fn refusal_error(shard: ShardId, r: Refusal) -> AdminError {
         Refusal::NotLeader(hint) => AdminError::NotLeader { shard, hint },
         Refusal::UnknownShard(_) => AdminError::UnknownShard { shard },
         Refusal::Failed(reason) => AdminError::Unavailable { shard, reason },
+        r @ (Refusal::StaleSnapshot { .. } | Refusal::Tombstoned { .. }) => {
+            AdminError::Refused(r.to_string())
+        }
     }
 }
 
@@ -267,6 +284,22 @@ impl Node {
             return Err(AdminError::Refused("the meta shard is not split".into()));
         }
         let raft = self.led(shard)?;
+        let joint = raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .len()
+            > 1;
+        if joint {
+            // The child would inherit the joint configuration (the state
+            // machine refuses such a split too).
+            return Err(AdminError::Unavailable {
+                shard,
+                reason: "a membership change is in progress; split again after it".into(),
+            });
+        }
         let d = self
             .engine
             .descriptor(shard)
@@ -428,10 +461,10 @@ impl Node {
                 }
                 Err(e) => return Err(call_error(shard, e)),
             }
-            let (_, learners) = membership();
-            if !learners.contains(&to) {
-                self.seed_replica(&raft, shard, to, timeout).await?;
-            }
+            // Always seeded: the replica may be new, or one just replaced
+            // because it was left from an older configuration; a learner
+            // already past the seed ignores it.
+            self.seed_replica(&raft, shard, to, timeout).await?;
             let added = tokio::time::timeout(
                 timeout,
                 raft.add_learner(to, BasicNode::new(self.addr_of(to)), true),
@@ -441,22 +474,38 @@ impl Node {
                 Ok(Ok(_)) => {}
                 Ok(Err(e)) => return Err(werr(e)),
                 Err(_) => {
-                    // Roll back: the learner leaves the group, its replica
-                    // is dropped (best effort: a node that is down keeps an
-                    // orphan replica that no group replicates to).
-                    let _ = raft
+                    // Roll back: the learner leaves the group; only then is
+                    // its replica dropped (a node that is down keeps it until
+                    // its replica GC finds it removed).
+                    let removed = raft
                         .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([to])), false)
                         .await;
-                    let _ = self
-                        .transport
-                        .call(to, shard, PeerRequest::DropReplica, Duration::from_secs(10))
-                        .await;
-                    return Err(AdminError::Unavailable {
-                        shard,
-                        reason: format!(
-                            "{to} did not catch up within {timeout:?}; the move was rolled back"
+                    let reason = match removed {
+                        Err(e) => format!(
+                            "{to} did not catch up within {timeout:?}, and removing the learner failed ({e}): it is still a learner; run the move again or remove it"
                         ),
-                    });
+                        Ok(_) => {
+                            let after = *raft.metrics().borrow().membership_config.log_id();
+                            let dropped = self
+                                .transport
+                                .call(
+                                    to,
+                                    shard,
+                                    PeerRequest::DropReplica { after },
+                                    Duration::from_secs(10),
+                                )
+                                .await;
+                            match dropped {
+                                Ok(PeerResponse::Done) => format!(
+                                    "{to} did not catch up within {timeout:?}; the move was rolled back"
+                                ),
+                                other => format!(
+                                    "{to} did not catch up within {timeout:?}; the learner was removed but its replica was not dropped yet ({other:?})"
+                                ),
+                            }
+                        }
+                    };
+                    return Err(AdminError::Unavailable { shard, reason });
                 }
             }
             raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([to])), false)
@@ -494,6 +543,7 @@ impl Node {
             return Ok(d);
         }
         // The old replica no longer receives anything; delete it.
+        let after = *raft.metrics().borrow().membership_config.log_id();
         let mut dropped = false;
         for _ in 0..5 {
             match self
@@ -501,7 +551,7 @@ impl Node {
                 .call(
                     from,
                     shard,
-                    PeerRequest::DropReplica,
+                    PeerRequest::DropReplica { after },
                     Duration::from_secs(10),
                 )
                 .await
@@ -536,29 +586,54 @@ impl Node {
         to: NodeId,
         timeout: Duration,
     ) -> Result<(), AdminError> {
-        let snapshot = match raft
-            .get_snapshot()
-            .await
-            .map_err(|e| raft_error(shard, e))?
-        {
-            Some(s) => s,
-            None => {
-                raft.trigger()
-                    .snapshot()
-                    .await
-                    .map_err(|e| raft_error(shard, e))?;
-                raft.wait(Some(Duration::from_secs(60)))
-                    .metrics(|m| m.snapshot.is_some(), "move: a first snapshot")
-                    .await
-                    .map_err(|e| raft_error(shard, e))?;
-                raft.get_snapshot()
-                    .await
-                    .map_err(|e| raft_error(shard, e))?
-                    .ok_or_else(|| AdminError::Unavailable {
-                        shard,
-                        reason: "no snapshot after building one".into(),
-                    })?
+        // The seed must know every split and membership change the shard
+        // has made: an older snapshot would install a range and
+        // configuration that no longer exist. Build a fresh one if needed.
+        let current = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })?
+            .epoch;
+        let mut built = 0;
+        let snapshot = loop {
+            if let Some(s) = raft
+                .get_snapshot()
+                .await
+                .map_err(|e| raft_error(shard, e))?
+            {
+                let epoch = crate::storage::snapshot::read_header(s.snapshot.path())
+                    .map(|h| h.descriptor.epoch);
+                match epoch {
+                    Ok(e) if e.version >= current.version && e.conf_ver >= current.conf_ver => {
+                        break s;
+                    }
+                    Ok(e) => {
+                        tracing::info!(%shard, snapshot = ?e, current = ?current, "move: the latest snapshot predates the current epoch, building one")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%shard, error = %e, "move: unreadable snapshot, building one")
+                    }
+                }
             }
+            if built == 3 {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: "no snapshot at the current epoch after building three".into(),
+                });
+            }
+            built += 1;
+            let applied = raft.metrics().borrow().last_applied.map(|l| l.index);
+            raft.trigger()
+                .snapshot()
+                .await
+                .map_err(|e| raft_error(shard, e))?;
+            raft.wait(Some(Duration::from_secs(60)))
+                .metrics(
+                    |m| m.snapshot.map(|l| l.index) >= applied && m.snapshot.is_some(),
+                    "move: a snapshot at the current epoch",
+                )
+                .await
+                .map_err(|e| raft_error(shard, e))?;
         };
         let vote = raft.metrics().borrow().vote;
         self.transport
@@ -657,7 +732,18 @@ impl Node {
         d: &ShardDescriptor,
     ) -> Result<(), super::NodeError> {
         match self.engine.create_shard(d).await {
-            Ok(()) | Err(crate::storage::StoreError::ShardExists { .. }) => {}
+            Ok(()) => {}
+            Err(crate::storage::StoreError::ShardExists { .. }) => {
+                let local = self.engine.descriptor(d.id)?;
+                if local.epoch.conf_ver < d.epoch.conf_ver {
+                    // Left from an older configuration (removed while this
+                    // node was down, or never dropped): its log and state
+                    // would mislead the group. Replace it with an empty one.
+                    tracing::info!(node = %self.id, shard = %d.id, local = ?local.epoch, wanted = ?d.epoch, "replacing a replica left from an older configuration");
+                    self.drop_replica_local(d.id).await?;
+                    self.engine.create_shard(d).await?;
+                }
+            }
             Err(e) => return Err(e.into()),
         }
         self.start_group(d.id).await?;

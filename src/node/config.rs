@@ -131,6 +131,28 @@ impl Default for SplitConfig {
     }
 }
 
+/// Replica garbage collection and repair: each node compares the replicas
+/// it hosts with the meta shard's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicaGcConfig {
+    /// How often the table is compared. Default: 10000 ms. Minimum: 1.
+    pub interval_ms: u64,
+    /// How long a replica must look removed (a newer configuration without
+    /// this node, and nothing applied meanwhile) before it is destroyed.
+    /// It stops campaigning at once. Default: 30000 ms.
+    pub grace_ms: u64,
+}
+
+impl Default for ReplicaGcConfig {
+    fn default() -> Self {
+        ReplicaGcConfig {
+            interval_ms: 10_000,
+            grace_ms: 30_000,
+        }
+    }
+}
+
 /// Shards created on first start (identically on every member).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,6 +196,9 @@ pub struct NodeConfig {
     /// Automatic splits.
     #[serde(default)]
     pub split: SplitConfig,
+    /// Replica garbage collection and repair.
+    #[serde(default)]
+    pub replica_gc: ReplicaGcConfig,
 }
 
 impl NodeConfig {
@@ -229,6 +254,9 @@ impl NodeConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "must not be empty"));
+        }
+        if self.replica_gc.interval_ms == 0 {
+            return Err(invalid("replica_gc.interval_ms", "must be at least 1"));
         }
         if self.split.check_interval_ms == 0 {
             return Err(invalid("split.check_interval_ms", "must be at least 1"));
@@ -350,6 +378,7 @@ mod tests {
                 members: vec![NodeId(1), NodeId(2)],
             }),
             split: Default::default(),
+            replica_gc: Default::default(),
         }
     }
 

@@ -10,10 +10,11 @@ mod admin;
 mod config;
 pub mod meta;
 mod peers_file;
+mod replica_gc;
 mod serve_client;
 
 pub use admin::AdminError;
-pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings, SplitConfig};
+pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings, ReplicaGcConfig, SplitConfig};
 
 use crate::metrics::{MetricsSnapshot, NetMetrics};
 use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
@@ -206,14 +207,50 @@ impl Registry {
         data: SnapshotData,
     ) -> Result<Vote, Refusal> {
         let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        // Never older than what this replica already is: a snapshot taken
+        // before a split or membership change it has applied would bring
+        // back a range and configuration that no longer exist. (An empty
+        // replica has applied nothing: whatever it installs is trimmed to
+        // the keys no newer replica here owns, and its log replays the rest.)
+        let local = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| Refusal::UnknownShard(shard))?;
+        let stateful = self
+            .engine
+            .ownership()
+            .get(shard)
+            .is_some_and(|c| c.initialized);
+        let header = crate::storage::snapshot::read_header(data.path())
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        let theirs = header.descriptor.epoch;
+        if stateful
+            && (theirs.version < local.epoch.version || theirs.conf_ver < local.epoch.conf_ver)
+        {
+            tracing::warn!(%shard, snapshot = ?theirs, local = ?local.epoch, "stale snapshot refused");
+            return Err(Refusal::StaleSnapshot {
+                shard,
+                snapshot: theirs,
+                local: local.epoch,
+            });
+        }
         let snapshot = openraft::Snapshot {
             meta,
             snapshot: Box::new(data),
         };
-        raft.install_full_snapshot(vote, snapshot)
+        let installed = raft
+            .install_full_snapshot(vote, snapshot)
             .await
             .map(|r| r.vote)
-            .map_err(|e| Refusal::Failed(e.to_string()))
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        if theirs.version > local.epoch.version {
+            // The shard split while this replica was away: the children it
+            // is a member of are found and created by replica repair.
+            if let Some(n) = self.node() {
+                n.gc_wake.notify_one();
+            }
+        }
+        Ok(installed)
     }
 }
 
@@ -259,48 +296,60 @@ pub fn initial_shards(n: u64, members: &[NodeId]) -> Vec<ShardDescriptor> {
 }
 
 /// Writes the bootstrap descriptors into the meta shard once it has a
-/// leader (retried until it succeeds or the node stops), then marks it done.
+/// leader (retried until it succeeds or the node stops), then marks it done
+/// with a synced marker. Idempotent: descriptors are recorded only where
+/// none is newer, and the shard-id counter only when it is absent, so a
+/// crash before the marker and a second run never hand out used ids again.
 async fn record_initial_routes(
     node: std::sync::Weak<Node>,
     descs: Vec<ShardDescriptor>,
     marker: PathBuf,
 ) {
     use crate::command::{Command, Op};
-    let mut ops: Vec<Op> = descs
-        .iter()
-        .map(|d| Op::Put {
-            key: meta::route_key(d.id),
-            value: postcard::to_stdvec(d).expect("descriptor encodes"),
-        })
-        .collect();
     // The next shard id to hand out (splits), above every bootstrap shard.
     let next = descs.iter().map(|d| d.id.0).max().unwrap_or(0) + 1;
-    ops.push(Op::Put {
-        key: meta::next_id_key(),
-        value: postcard::to_stdvec(&next).expect("u64 encodes"),
-    });
-    loop {
+    let commands = [
+        Command::RecordRoutes {
+            descriptors: descs.clone(),
+        },
+        Command::Write {
+            ops: vec![Op::Cas {
+                key: meta::next_id_key(),
+                expected: None,
+                new: Some(postcard::to_stdvec(&next).expect("u64 encodes")),
+            }],
+        },
+    ];
+    let mut done = 0;
+    while done < commands.len() {
         let Some(n) = node.upgrade() else { return };
         if let Some(raft) = n.raft(meta::META_SHARD) {
             let w = tokio::time::timeout(
                 Duration::from_secs(5),
-                raft.client_write(Command::Write { ops: ops.clone() }),
+                raft.client_write(commands[done].clone()),
             )
             .await;
             if let Ok(Ok(_)) = w {
-                if let Err(e) = std::fs::write(&marker, b"initial routes recorded\n") {
-                    tracing::warn!(error = %e, "could not mark the routes recorded");
-                }
-                tracing::info!(
-                    shards = descs.len(),
-                    "initial routes recorded in the meta shard"
-                );
-                return;
+                done += 1;
+                continue;
             }
         }
         drop(n);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    let written = std::fs::write(&marker, b"initial routes recorded\n")
+        .and_then(|_| std::fs::File::open(&marker)?.sync_all())
+        .and_then(|_| match marker.parent() {
+            Some(dir) => std::fs::File::open(dir)?.sync_all(),
+            None => Ok(()),
+        });
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "could not mark the routes recorded (recording again is harmless)");
+    }
+    tracing::info!(
+        shards = descs.len(),
+        "initial routes recorded in the meta shard"
+    );
 }
 
 /// A running node.
@@ -318,6 +367,10 @@ pub struct Node {
     lifecycle: tokio::sync::Mutex<()>,
     /// Background tasks (route reporter, split starter), ended at shutdown.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Replica GC and repair counters.
+    gc_counters: replica_gc::GcCounters,
+    /// Wakes replica GC and repair early (a snapshot showed a missed split).
+    gc_wake: Arc<tokio::sync::Notify>,
 }
 
 impl Node {
@@ -340,6 +393,7 @@ impl Node {
             })
         })?);
         let engine = Engine::open(config.storage_config())?;
+        engine.set_node_id(id);
         // Peers learned at run time (joined nodes) join the configured ones.
         let mut config = config;
         for p in peers_file::load(&config.data_dir).map_err(|reason| {
@@ -378,10 +432,16 @@ impl Node {
             metrics_task: std::sync::Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(()),
             tasks: std::sync::Mutex::new(Vec::new()),
+            gc_counters: Default::default(),
+            gc_wake: Arc::new(tokio::sync::Notify::new()),
         };
         let hosted = node.engine.shards()?;
         for d in &hosted {
-            node.start_group(d.id).await?;
+            // One replica that cannot open (a corrupt snapshot file, say)
+            // must not keep every other shard of the node down.
+            if let Err(e) = node.start_group(d.id).await {
+                tracing::error!(node = %id, shard = %d.id, error = %e, "replica not started");
+            }
         }
         tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
         let node = Arc::new(node);
@@ -394,6 +454,11 @@ impl Node {
             )));
             tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
             tasks.push(tokio::spawn(admin::auto_split(Arc::downgrade(&node))));
+            tasks.push(tokio::spawn(replica_gc::run(
+                Arc::downgrade(&node),
+                identity.clone(),
+                node.gc_wake.clone(),
+            )));
             if !node.config.peers.is_empty() {
                 tasks.push(tokio::spawn(admin::announce(
                     Arc::downgrade(&node),
@@ -591,6 +656,15 @@ impl Node {
             .raft(meta::META_SHARD)
             .is_some_and(|r| leadership(&r, self.id).0) as u64;
         s.shards_led = self.shards_led().len() as u64;
+        s.replicas_destroyed = self
+            .gc_counters
+            .destroyed
+            .load(std::sync::atomic::Ordering::Relaxed);
+        s.replicas_repaired = self
+            .gc_counters
+            .repaired
+            .load(std::sync::atomic::Ordering::Relaxed);
+        s.tombstones = self.engine.tombstone_count();
         s
     }
 

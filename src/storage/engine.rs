@@ -8,12 +8,13 @@ use super::state_machine::StateMachine;
 use super::writer::{self, Cf, Counters, FailLatch, GroupLimits, OnDurable, WriteOp, WriteRequest};
 use super::StorageStats;
 use crate::raft::{Entry, LogId, Vote};
-use crate::{ShardDescriptor, ShardId};
+use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
     IteratorMode, Options, DB,
 };
 use serde::de::DeserializeOwned;
+use shard_router::ownership::{Claim, Ownership};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +50,16 @@ pub(crate) struct Inner {
     /// Shards created by a split applied here, not yet started by the node.
     created: Mutex<Vec<ShardId>>,
     created_signal: Arc<tokio::sync::Notify>,
+    /// Which hosted replica owns which user keys (the node's one authority
+    /// for every write of user data that is not a plain apply). Applies hold
+    /// it shared while they write; installs and deletes hold it exclusively
+    /// while they change claims and clear ranges.
+    ownership: std::sync::RwLock<Ownership>,
+    /// The node this engine belongs to, once told (children of a split are
+    /// created only on their members).
+    node_id: std::sync::OnceLock<NodeId>,
+    /// Tombstones held (a gauge for metrics).
+    tombstones: AtomicU64,
 }
 
 impl Inner {
@@ -142,6 +153,7 @@ impl Engine {
         let db = DB::open_cf_descriptors(&db_opts, &db_dir, cfs)
             .map_err(|e| StoreError::rocks("open", e))?;
         let db = Arc::new(db);
+        let (ownership, tombstones) = load_ownership(&db)?;
         let counters = Arc::new(Counters::default());
         let latch = Arc::new(FailLatch::default());
         let (tx, rx) = mpsc::channel(config.write_queue_max);
@@ -173,8 +185,48 @@ impl Engine {
                 created: Mutex::new(Vec::new()),
                 written: Mutex::new(std::collections::HashMap::new()),
                 created_signal: Arc::new(tokio::sync::Notify::new()),
+                ownership: std::sync::RwLock::new(ownership),
+                node_id: std::sync::OnceLock::new(),
+                tombstones: AtomicU64::new(tombstones),
             }),
         })
+    }
+
+    /// Tells the engine which node it belongs to (once; later calls with
+    /// another id are ignored).
+    pub fn set_node_id(&self, id: NodeId) {
+        let _ = self.inner.node_id.set(id);
+    }
+
+    /// The node this engine belongs to, when told.
+    pub fn node_id(&self) -> Option<NodeId> {
+        self.inner.node_id.get().copied()
+    }
+
+    /// The node's range ownership (who owns which keys), for reading.
+    pub(crate) fn ownership(&self) -> std::sync::RwLockReadGuard<'_, Ownership> {
+        self.inner.ownership.read().expect("ownership poisoned")
+    }
+
+    /// The node's range ownership, for changing claims.
+    pub(crate) fn ownership_mut(&self) -> std::sync::RwLockWriteGuard<'_, Ownership> {
+        self.inner.ownership.write().expect("ownership poisoned")
+    }
+
+    /// The replica hosted here that owns `key` (see
+    /// [`shard_router::ownership`]): at most one, by construction.
+    pub fn owner_of(&self, key: &[u8]) -> Option<ShardId> {
+        self.ownership().owner(key)
+    }
+
+    /// How many tombstones of removed replicas this node holds.
+    pub fn tombstone_count(&self) -> u64 {
+        self.inner.tombstones.load(Ordering::Relaxed)
+    }
+
+    /// The configuration version a removed replica's tombstone records.
+    pub fn tombstone(&self, shard: ShardId) -> Result<Option<u64>, StoreError> {
+        self.read_meta(shard, MetaTag::Tombstone)
     }
 
     /// Drops this handle and waits until every other one (stores, log
@@ -241,17 +293,38 @@ impl Engine {
         {
             return Err(StoreError::ShardExists { shard: id });
         }
+        let tombstone = self.tombstone(id)?;
+        if let Some(conf_ver) = tombstone {
+            if descriptor.epoch.conf_ver < conf_ver {
+                return Err(StoreError::Tombstoned {
+                    shard: id,
+                    conf_ver,
+                });
+            }
+        }
         let (tx, rx) = oneshot::channel();
         let on_durable: OnDurable = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        let op = WriteOp::Put {
-            cf: Cf::ShardMeta,
-            key: keys::meta_key(id, MetaTag::Descriptor).to_vec(),
-            value: encode(descriptor),
-        };
-        self.submit(vec![op], None, Some(on_durable)).await?;
-        rx.await.map_err(|_| self.writer_gone())?
+        let ops = vec![
+            WriteOp::Put {
+                cf: Cf::ShardMeta,
+                key: keys::meta_key(id, MetaTag::Descriptor).to_vec(),
+                value: encode(descriptor),
+            },
+            WriteOp::Delete {
+                cf: Cf::ShardMeta,
+                key: keys::meta_key(id, MetaTag::Tombstone).to_vec(),
+            },
+        ];
+        // An empty replica owns nothing until it applies or installs.
+        self.ownership_mut().set(id, claim_of(descriptor, false));
+        self.submit(ops, None, Some(on_durable)).await?;
+        rx.await.map_err(|_| self.writer_gone())??;
+        if tombstone.is_some() {
+            self.inner.tombstones.fetch_sub(1, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Opens the Raft log store and state machine of a hosted shard, resuming
@@ -276,9 +349,11 @@ impl Engine {
         Ok((log, sm))
     }
 
-    /// Deletes a replica that is not open: its log, Raft state, metadata,
-    /// snapshots and its range of user data, in one durable write through
-    /// the log writer (ordered after anything it queued for the shard).
+    /// Deletes a replica that is not open: its log, Raft state, metadata and
+    /// snapshots, and the part of its range of user data that no other live
+    /// replica here owns, in one synced write after everything the log
+    /// writer queued before. A tombstone records the configuration version it
+    /// was removed at (see [`Engine::create_shard`]).
     ///
     /// # Errors
     /// [`StoreError::ShardOpen`] while its stores are open,
@@ -294,40 +369,65 @@ impl Engine {
             return Err(StoreError::ShardOpen { shard });
         }
         let d = self.descriptor(shard)?;
-        let (from, to) = (
-            shard.to_be_bytes().to_vec(),
-            keys::shard_prefix_end(shard).to_vec(),
-        );
-        let mut ops: Vec<WriteOp> = [Cf::RaftLog, Cf::RaftState, Cf::ShardMeta]
-            .into_iter()
-            .map(|cf| WriteOp::DeleteRange {
-                cf,
-                from: from.clone(),
-                to: to.clone(),
-            })
-            .collect();
-        let end = if d.range.is_unbounded() {
-            vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
-        } else {
-            d.range.end.clone()
-        };
-        ops.push(WriteOp::DeleteRange {
-            cf: Cf::Data,
-            from: d.range.start.clone(),
-            to: end,
-        });
+        // A barrier: whatever the shard's stores queued is written first.
         let (tx, rx) = oneshot::channel();
         let on_durable: OnDurable = Box::new(move |r| {
             let _ = tx.send(r);
         });
-        self.submit(ops, None, Some(on_durable)).await?;
+        self.submit(Vec::new(), None, Some(on_durable)).await?;
         rx.await.map_err(|_| self.writer_gone())??;
+        let engine = self.clone();
+        tokio::task::spawn_blocking(move || engine.delete_replica_now(shard, &d))
+            .await
+            .map_err(|e| StoreError::Failed {
+                cause: format!("delete task: {e}"),
+            })??;
         let dir = self.shard_snapshot_dir(shard);
         if let Err(e) = std::fs::remove_dir_all(&dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(%shard, error = %e, "could not remove the snapshot folder");
             }
         }
+        Ok(())
+    }
+
+    /// The synced write of [`Engine::delete_shard`], under the ownership
+    /// lock so no other replica's claim changes in between.
+    fn delete_replica_now(&self, shard: ShardId, d: &ShardDescriptor) -> Result<(), StoreError> {
+        self.latch().check()?;
+        let mut own = self.ownership_mut();
+        let version = own.get(shard).map_or(d.epoch.version, |c| c.version);
+        let initialized = own.get(shard).is_some_and(|c| c.initialized);
+        let pieces = if initialized {
+            own.writable(shard, &user_range(&d.range), version)
+        } else {
+            Vec::new()
+        };
+        let (from, to) = (shard.to_be_bytes(), keys::shard_prefix_end(shard));
+        let mut b = rocksdb::WriteBatch::default();
+        for cf in [Cf::RaftLog, Cf::RaftState, Cf::ShardMeta] {
+            b.delete_range_cf(self.cf(cf), from, to);
+        }
+        for p in &pieces {
+            b.delete_range_cf(self.cf(Cf::Data), &p.start, &range_end(p));
+        }
+        // A removal bumps the configuration version past every one that
+        // listed this replica as a voter: a table still naming it at its
+        // last known version is older than the removal.
+        let tombstone = d.epoch.conf_ver + 1;
+        b.put_cf(
+            self.cf(Cf::ShardMeta),
+            keys::meta_key(shard, MetaTag::Tombstone),
+            encode(&tombstone),
+        );
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db()
+            .write_opt(b, &wo)
+            .map_err(|e| StoreError::rocks("delete replica", e))?;
+        own.remove(shard);
+        self.inner.tombstones.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%shard, range = %d.range, cleared = pieces.len(), tombstone, "replica deleted, tombstone left");
         Ok(())
     }
 
@@ -396,11 +496,7 @@ impl Engine {
     /// Approximate bytes of user data in `range` on disk (flushed data only;
     /// compressed size).
     pub fn approximate_size(&self, range: &crate::KeyRange) -> u64 {
-        let end = if range.end.is_empty() {
-            vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
-        } else {
-            range.end.clone()
-        };
+        let end = range_end(range);
         let r = rocksdb::Range::new(&range.start, &end);
         self.inner
             .db()
@@ -480,13 +576,8 @@ impl Engine {
         range: &crate::KeyRange,
         max: u64,
     ) -> Result<(u64, Option<Vec<u8>>), StoreError> {
-        let end = if range.end.is_empty() {
-            vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
-        } else {
-            range.end.clone()
-        };
         let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(end);
+        ro.set_iterate_upper_bound(range_end(range));
         ro.fill_cache(false);
         let mut it = self.inner.db().raw_iterator_cf_opt(self.cf(Cf::Data), ro);
         it.seek(&range.start);
@@ -619,6 +710,61 @@ impl Engine {
         let v = it.value().expect("valid iterator has a value");
         decode(v, || format!("last log entry of {shard}")).map(Some)
     }
+}
+
+/// A replica's claim on the node's key space.
+pub(crate) fn claim_of(d: &ShardDescriptor, initialized: bool) -> Claim {
+    Claim {
+        range: user_range(&d.range),
+        version: d.epoch.version,
+        initialized,
+    }
+}
+
+/// `range` with an unbounded end cut at the end of the user key space: the
+/// keys above it (the meta shard's records) belong to no data shard.
+pub(crate) fn user_range(range: &KeyRange) -> KeyRange {
+    KeyRange::new(range.start.clone(), range_end(range))
+}
+
+/// The exclusive end key of `range` in the data CF (an unbounded range ends
+/// above every valid user key).
+pub(crate) fn range_end(range: &KeyRange) -> Vec<u8> {
+    if range.is_unbounded() {
+        vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
+    } else {
+        range.end.clone()
+    }
+}
+
+/// Every hosted replica's claim, from `shard_meta`: a replica with an
+/// applied log id (or an install in progress) holds state and owns its
+/// range.
+/// Also counts the tombstones.
+fn load_ownership(db: &DB) -> Result<(Ownership, u64), StoreError> {
+    let cf = db
+        .cf_handle(keys::CF_SHARD_META)
+        .expect("column family created at open");
+    let mut own = Ownership::default();
+    let mut descs: Vec<ShardDescriptor> = Vec::new();
+    let mut stateful: HashSet<ShardId> = HashSet::new();
+    let mut tombstones = 0u64;
+    for item in db.iterator_cf(cf, IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| StoreError::rocks("scan shard_meta", e))?;
+        if let Some((shard, tag)) = keys::split_tagged(&k) {
+            if tag == MetaTag::Descriptor as u8 {
+                descs.push(decode(&v, || format!("descriptor of {shard}"))?);
+            } else if tag == MetaTag::Applied as u8 || tag == MetaTag::Installing as u8 {
+                stateful.insert(shard);
+            } else if tag == MetaTag::Tombstone as u8 {
+                tombstones += 1;
+            }
+        }
+    }
+    for d in descs {
+        own.set(d.id, claim_of(&d, stateful.contains(&d.id)));
+    }
+    Ok((own, tombstones))
 }
 
 /// Encodes a record; our own types always encode.

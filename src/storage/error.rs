@@ -57,6 +57,15 @@ pub enum StoreError {
         /// The shard.
         shard: ShardId,
     },
+    /// The replica was removed from this node at configuration version
+    /// `conf_ver`; only a newer configuration may create it again.
+    #[error("shard {shard} was removed here at conf_ver {conf_ver}")]
+    Tombstoned {
+        /// The shard.
+        shard: ShardId,
+        /// The configuration version of the removal.
+        conf_ver: u64,
+    },
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] super::config::ConfigError),

@@ -49,6 +49,9 @@ pub enum MetaTag {
     Snapshot = 4,
     /// A snapshot install in progress (file name and metadata), cleared when done.
     Installing = 5,
+    /// A removed replica's tombstone: the configuration version it was
+    /// removed at. Only a newer configuration may create the replica again.
+    Tombstone = 6,
 }
 
 /// `shard ‖ index`, the key of one log entry.

@@ -165,6 +165,15 @@ pub struct SnapshotReader {
     done: bool,
 }
 
+/// The header of the snapshot file at `path` (its range, epoch and
+/// metadata), without reading the data.
+///
+/// # Errors
+/// [`StoreError::Io`] or [`StoreError::Corrupt`] for an unreadable file.
+pub fn read_header(path: impl Into<PathBuf>) -> Result<SnapshotHeader, StoreError> {
+    Ok(SnapshotReader::open(path)?.header)
+}
+
 impl SnapshotReader {
     /// Opens `path` and reads its magic and header.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, StoreError> {

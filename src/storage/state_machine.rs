@@ -2,13 +2,14 @@
 //! column family, the shard's applied state in `shard_meta`, snapshots as
 //! files under `snapshots/<shard>/`.
 
-use super::engine::{decode, encode, sync_dir, Engine, ShardGuard};
+use super::engine::{
+    claim_of, decode, encode, range_end, sync_dir, user_range, Engine, ShardGuard,
+};
 use super::error::StoreError;
 use super::keys::{self, MetaTag, StateTag};
 use super::snapshot::{Pair, SnapshotData, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::writer::Cf;
 use crate::command::{Command, CommandResponse, Op, OpResult};
-use crate::limits::KEY_BYTES_MAX;
 use crate::node::meta;
 use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
 use crate::{Epoch, KeyRange, ShardDescriptor, ShardId};
@@ -51,6 +52,10 @@ pub struct StateMachine {
     membership: StoredMembership,
     descriptor: ShardDescriptor,
     current: Current,
+    /// Parts of this replica's range that newer replicas on this node own
+    /// (it lags behind a split they come from), with the ownership
+    /// generation they were computed at.
+    shadows: (u64, Vec<KeyRange>),
 }
 
 fn sm_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
@@ -59,19 +64,6 @@ fn sm_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
 
 fn snap_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
     StorageIOError::new(ErrorSubject::Snapshot(None), verb, e).into()
-}
-
-/// The smallest key above every valid user key (keys are at most 8 KiB).
-fn key_space_end() -> Vec<u8> {
-    vec![0xff; KEY_BYTES_MAX + 1]
-}
-
-fn range_end(range: &KeyRange) -> Vec<u8> {
-    if range.is_unbounded() {
-        key_space_end()
-    } else {
-        range.end.clone()
-    }
 }
 
 fn snapshot_file_name(meta: &SnapshotMeta) -> Result<String, StoreError> {
@@ -122,7 +114,28 @@ impl StateMachine {
             shard,
             _guard: guard,
             current,
+            shadows: (u64::MAX, Vec::new()),
         })
+    }
+
+    /// Refreshes [`StateMachine::shadows`] when ownership changed.
+    fn refresh_shadows(&mut self, own: &shard_router::Ownership) {
+        if self.shadows.0 != own.generation() {
+            self.shadows = (
+                own.generation(),
+                own.shadows(
+                    self.shard,
+                    &user_range(&self.descriptor.range),
+                    self.descriptor.epoch.version,
+                ),
+            );
+        }
+    }
+
+    /// Whether a newer replica on this node owns `key` (old writes replayed
+    /// by this lagging replica must not touch it).
+    fn shadowed(&self, key: &[u8]) -> bool {
+        self.shadows.1.iter().any(|r| r.contains(key))
     }
 
     /// The shard this state machine belongs to.
@@ -238,6 +251,9 @@ impl StateMachine {
                             (key, new)
                         }
                     };
+                    if self.shadowed(&key) {
+                        continue;
+                    }
                     match &new {
                         Some(v) => batch.put_cf(data, &key, v),
                         None => batch.delete_cf(data, &key),
@@ -296,6 +312,10 @@ impl StateMachine {
         if child == self.shard || child > ShardId::MAX || child == meta::META_SHARD {
             return refuse(format!("bad child id {child}"));
         }
+        if self.membership.membership().get_joint_config().len() > 1 {
+            // The child would inherit a joint configuration nobody finishes.
+            return refuse("a membership change is in progress; split again after it".into());
+        }
         let epoch = Epoch {
             version: current.epoch.version + 1,
             conf_ver: current.epoch.conf_ver,
@@ -320,8 +340,18 @@ impl StateMachine {
             .engine
             .read_meta::<ShardDescriptor>(child, MetaTag::Descriptor)?
             .is_some();
+        let member = self
+            .engine
+            .node_id()
+            .is_none_or(|me| self.membership.membership().get_node(&me).is_some());
+        let tombstone = self.engine.tombstone(child)?;
         if exists {
             tracing::info!(parent = %self.shard, %child, "split: child already hosted here, kept");
+        } else if !member || tombstone.is_some() {
+            // This replica replays a split of a configuration this node is
+            // not part of (it was seeded from an old snapshot), or the child
+            // was removed from here since: the child's own group decides.
+            tracing::info!(parent = %self.shard, %child, member, ?tombstone, "split: child not created here");
         } else {
             let state_cf = self.engine.cf(Cf::RaftState);
             batch.put_cf(
@@ -381,6 +411,11 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let werr = |e: StoreError| sm_err(ErrorVerb::Write, &e);
         // Fail-stop: after a failed log sync nothing more is acknowledged.
         self.engine.latch().check().map_err(werr)?;
+        // Held (shared) until the batch is written: an install or delete of
+        // another replica cannot change who owns what in between.
+        let engine = self.engine.clone();
+        let own = engine.ownership();
+        self.refresh_shadows(&own);
         let mut batch = WriteBatch::default();
         let mut overlay = HashMap::new();
         let mut responses = Vec::new();
@@ -399,8 +434,15 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                     if let Command::Write { ops } = &cmd {
                         written += ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
                     }
-                    self.apply_command(cmd, entry.log_id, &mut batch, &mut overlay, &mut created)
-                        .map_err(werr)?
+                    let before = self.descriptor.epoch;
+                    let r = self
+                        .apply_command(cmd, entry.log_id, &mut batch, &mut overlay, &mut created)
+                        .map_err(werr)?;
+                    if self.descriptor.epoch != before {
+                        self.shadows.0 = u64::MAX;
+                        self.refresh_shadows(&own);
+                    }
+                    r
                 }
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(entry.log_id), m);
@@ -452,6 +494,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .db()
             .write_opt(batch, &wo)
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
+        let claim = claim_of(&self.descriptor, true);
+        let claims_changed = own.get(self.shard) != Some(&claim) || !created.is_empty();
+        drop(own);
+        if claims_changed {
+            let mut own = engine.ownership_mut();
+            own.set(self.shard, claim);
+            for child in &created {
+                if let Ok(d) = self.engine.descriptor(*child) {
+                    own.set(*child, claim_of(&d, true));
+                }
+            }
+        }
         self.applied = Some(last);
         self.engine.count_applied(commands);
         if written > 0 {
@@ -625,12 +679,17 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             meta: meta.clone(),
             file,
         };
+        // Synced: the old file is removed right after, and a crash must not
+        // leave the record naming it.
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
         self.engine
             .db()
-            .put_cf(
+            .put_cf_opt(
                 self.engine.cf(Cf::ShardMeta),
                 keys::meta_key(self.shard, MetaTag::Snapshot),
                 encode(&rec),
+                &wo,
             )
             .map_err(|e| werr(StoreError::rocks("record snapshot", e)))?;
         if let Some(old) = cur.replace(rec) {
@@ -733,10 +792,21 @@ fn install_file(
     current: &Current,
 ) -> Result<(), StoreError> {
     engine.latch().check()?;
-    // Pass 1: the whole file is sound before anything is touched.
+    // Pass 1: the whole file is sound before anything is touched: frames,
+    // checksums, totals, and every pair inside the snapshot's range.
     let mut r = SnapshotReader::open(path)?;
-    while r.next_chunk()?.is_some() {}
     let header = r.header().clone();
+    while let Some(chunk) = r.next_chunk()? {
+        if chunk
+            .iter()
+            .any(|(k, _)| !header.descriptor.range.contains(k))
+        {
+            return Err(StoreError::corrupt(
+                path.display().to_string(),
+                "pair outside the snapshot's range",
+            ));
+        }
+    }
     if header.meta.last_log_id != meta.last_log_id
         || header.meta.last_membership != meta.last_membership
     {
@@ -760,32 +830,47 @@ fn install_file(
     unsynced.set_sync(false);
     let rocks = |op| move |e| StoreError::rocks(op, e);
 
-    let mut b = WriteBatch::default();
-    let marker = InstallMarker {
-        meta: meta.clone(),
-        file: file.clone(),
+    // Only keys no other live replica here owns (one newer than the
+    // snapshot: a split's child hosted here) are cleared and written; from
+    // the marker on, this replica owns its range (applies replayed by an
+    // older overlapping replica leave it alone).
+    let pieces = {
+        let mut own = engine.ownership_mut();
+        let pieces = own.writable(
+            shard,
+            &user_range(&descriptor.range),
+            descriptor.epoch.version,
+        );
+        let mut b = WriteBatch::default();
+        let marker = InstallMarker {
+            meta: meta.clone(),
+            file: file.clone(),
+        };
+        b.put_cf(
+            meta_cf,
+            keys::meta_key(shard, MetaTag::Installing),
+            encode(&marker),
+        );
+        for p in &pieces {
+            b.delete_range_cf(data, &p.start, &range_end(p));
+        }
+        db.write_opt(b, &synced)
+            .map_err(rocks("install: clear range"))?;
+        own.set(shard, claim_of(&descriptor, true));
+        pieces
     };
-    b.put_cf(
-        meta_cf,
-        keys::meta_key(shard, MetaTag::Installing),
-        encode(&marker),
-    );
-    b.delete_range_cf(data, &descriptor.range.start, &range_end(&descriptor.range));
-    db.write_opt(b, &synced)
-        .map_err(rocks("install: clear range"))?;
+    if pieces != [user_range(&descriptor.range)] {
+        tracing::warn!(%shard, range = %descriptor.range, kept = ?pieces, "snapshot overlaps newer replicas here: installing only the keys this replica owns");
+    }
 
     // Pass 2: the data, one bounded batch per chunk.
     let mut r = SnapshotReader::open(path)?;
     while let Some(chunk) = r.next_chunk()? {
         let mut b = WriteBatch::default();
         for (k, v) in chunk {
-            if !descriptor.range.contains(&k) {
-                return Err(StoreError::corrupt(
-                    path.display().to_string(),
-                    "pair outside the snapshot's range",
-                ));
+            if pieces.iter().any(|p| p.contains(&k)) {
+                b.put_cf(data, k, v);
             }
-            b.put_cf(data, k, v);
         }
         fail::fail_point!("snapshot::install_chunk", |_| Err(StoreError::Failed {
             cause: "injected install failure".into()

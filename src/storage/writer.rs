@@ -49,6 +49,10 @@ pub(crate) enum WriteOp {
         key: Vec<u8>,
         value: Vec<u8>,
     },
+    Delete {
+        cf: Cf,
+        key: Vec<u8>,
+    },
     DeleteRange {
         cf: Cf,
         from: Vec<u8>,
@@ -60,6 +64,7 @@ impl WriteOp {
     fn bytes(&self) -> usize {
         match self {
             WriteOp::Put { key, value, .. } => key.len() + value.len(),
+            WriteOp::Delete { key, .. } => key.len(),
             WriteOp::DeleteRange { from, to, .. } => from.len() + to.len(),
         }
     }
@@ -208,6 +213,7 @@ fn write_group(
         for op in req.ops.drain(..) {
             match op {
                 WriteOp::Put { cf, key, value } => batch.put_cf(&handle(db, cf), key, value),
+                WriteOp::Delete { cf, key } => batch.delete_cf(&handle(db, cf), key),
                 WriteOp::DeleteRange { cf, from, to } => {
                     batch.delete_range_cf(&handle(db, cf), from, to)
                 }

@@ -25,6 +25,7 @@ pub struct Timings {
     pub snapshot_logs_to_keep: u64,
     pub client_connections_max: usize,
     pub split: tessera::node::SplitConfig,
+    pub replica_gc: tessera::node::ReplicaGcConfig,
 }
 
 impl Timings {
@@ -39,6 +40,7 @@ impl Timings {
             snapshot_logs_to_keep: 1000,
             client_connections_max: 4096,
             split: tessera::node::SplitConfig::default(),
+            replica_gc: tessera::node::ReplicaGcConfig::default(),
         }
     }
 
@@ -64,6 +66,7 @@ impl Timings {
             snapshot_logs_to_keep: 1000,
             client_connections_max: 4096,
             split: tessera::node::SplitConfig::default(),
+            replica_gc: tessera::node::ReplicaGcConfig::default(),
         }
     }
 }
@@ -185,6 +188,7 @@ impl TestCluster {
                     members: members.iter().map(|&m| NodeId(m)).collect(),
                 }),
                 split: t.split,
+                replica_gc: t.replica_gc,
             };
             configs.insert(id, cfg);
         }

@@ -205,6 +205,8 @@ async fn run(cli: Cli) -> Result<()> {
 struct ShardRow {
     status: ShardStatus,
     leader: Option<NodeId>,
+    /// The nodes that actually host a replica (compare with `replicas`).
+    hosted_on: Vec<NodeId>,
 }
 
 async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Result<()> {
@@ -231,7 +233,9 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
             let row = shards.entry(s.descriptor.id).or_insert_with(|| ShardRow {
                 status: s.clone(),
                 leader: None,
+                hosted_on: Vec::new(),
             });
+            row.hosted_on.push(id);
             // The newest descriptor wins; the leader is the replica that
             // says it leads.
             if s.descriptor.epoch > row.status.descriptor.epoch {
@@ -260,6 +264,7 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                     "end": escape(&d.range.end),
                     "leader": r.leader.map(|l| l.0),
                     "replicas": d.replicas.iter().map(|n| n.0).collect::<Vec<_>>(),
+                    "hosted_on": r.hosted_on.iter().map(|n| n.0).collect::<Vec<_>>(),
                     "epoch": {"version": d.epoch.version, "conf_ver": d.epoch.conf_ver},
                     "size_bytes": r.status.size_bytes,
                 })
@@ -281,14 +286,14 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
     writeln!(out)?;
     writeln!(
         out,
-        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}",
-        "shard", "range", "leader", "replicas", "epoch", "size_bytes"
+        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}  {}",
+        "shard", "range", "leader", "replicas", "epoch", "size_bytes", "hosted_on"
     )?;
     for r in shards.values() {
         let d = &r.status.descriptor;
         writeln!(
             out,
-            "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}",
+            "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}  {}",
             d.id.to_string(),
             d.range.to_string(),
             r.leader.map_or("-".to_string(), |l| l.to_string()),
@@ -298,7 +303,12 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                 .collect::<Vec<_>>()
                 .join(","),
             format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
-            r.status.size_bytes
+            r.status.size_bytes,
+            r.hosted_on
+                .iter()
+                .map(|n| n.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
         )?;
     }
     Ok(())

@@ -1,0 +1,352 @@
+//! Replica GC and repair: a node compares the replicas it hosts with the
+//! meta shard's table and
+//! - destroys replicas that a newer configuration no longer lists (removed
+//!   while this node was down, or a drop that failed), after a grace period
+//!   in which they stop campaigning and apply nothing;
+//! - creates empty replicas of shards the table lists on this node that it
+//!   does not host (a split it never applied because a snapshot overtook
+//!   it, a move whose create step it missed): their own group's leader then
+//!   brings them up to date with a snapshot.
+//!
+//! The decisions are a pure function ([`plan`]) of the hosted replicas, the
+//! table and what was seen last round; [`run`] only gathers and executes.
+
+use super::Node;
+use crate::{NodeId, ShardDescriptor, ShardId};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+/// A replica hosted here, as the GC sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct Hosted {
+    /// Its own descriptor.
+    pub descriptor: ShardDescriptor,
+    /// Its last applied log index.
+    pub applied: u64,
+}
+
+/// A replica that looked removed, and when it was first seen so.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Suspect {
+    /// When first seen removed.
+    pub since: Instant,
+    /// Its applied index then: a replica that applies anything meanwhile
+    /// is still served by a leader.
+    pub applied: u64,
+}
+
+/// What one round decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Action {
+    /// Looks removed: stop campaigning, check again later.
+    Suspect(ShardId),
+    /// No longer looks removed: may campaign again.
+    Clear(ShardId),
+    /// Removed for the whole grace period: destroy it.
+    Destroy(ShardId),
+    /// Listed here but not hosted: create an empty replica.
+    Create(ShardDescriptor),
+}
+
+/// One round's decisions. `tombstones` holds the configuration version of
+/// each removed replica's tombstone; `suspects` what earlier rounds saw.
+pub(crate) fn plan(
+    me: NodeId,
+    hosted: &[Hosted],
+    table: &[ShardDescriptor],
+    tombstones: &HashMap<ShardId, u64>,
+    suspects: &HashMap<ShardId, Suspect>,
+    now: Instant,
+    grace: Duration,
+) -> Vec<Action> {
+    let table: BTreeMap<ShardId, &ShardDescriptor> = table.iter().map(|d| (d.id, d)).collect();
+    let mut out = Vec::new();
+    for h in hosted {
+        let local = &h.descriptor;
+        let removed = table
+            .get(&local.id)
+            .is_some_and(|m| m.epoch.conf_ver > local.epoch.conf_ver && !m.replicas.contains(&me));
+        match (removed, suspects.get(&local.id)) {
+            (true, Some(s)) if s.applied == h.applied && now >= s.since + grace => {
+                out.push(Action::Destroy(local.id))
+            }
+            // Still applying (or not long enough): keep watching.
+            (true, Some(s)) if s.applied == h.applied => {}
+            (true, _) => out.push(Action::Suspect(local.id)),
+            (false, Some(_)) => out.push(Action::Clear(local.id)),
+            (false, None) => {}
+        }
+    }
+    for (id, m) in &table {
+        if *id == super::meta::META_SHARD
+            || !m.replicas.contains(&me)
+            || hosted.iter().any(|h| h.descriptor.id == *id)
+        {
+            continue;
+        }
+        // A tombstone newer than the table's entry: the table lags behind
+        // this replica's removal.
+        if tombstones.get(id).is_some_and(|t| m.epoch.conf_ver < *t) {
+            continue;
+        }
+        out.push(Action::Create((*m).clone()));
+    }
+    out
+}
+
+/// The table to compare with: this node's meta replica, else any node's.
+async fn table(n: &Node, client: &crate::Client) -> Option<Vec<ShardDescriptor>> {
+    if let Some(t) = n.meta_routes() {
+        return Some(t);
+    }
+    client.routes().await.ok()
+}
+
+/// Runs replica GC and repair every `replica_gc.interval_ms`, and at once
+/// when `wake` is notified (a snapshot showed a split this node missed).
+pub(crate) async fn run(
+    node: Weak<Node>,
+    identity: crate::tls::TlsIdentity,
+    wake: Arc<tokio::sync::Notify>,
+) {
+    let (every, grace) = {
+        let Some(n) = node.upgrade() else { return };
+        let c = n.config.replica_gc;
+        (
+            Duration::from_millis(c.interval_ms),
+            Duration::from_millis(c.grace_ms),
+        )
+    };
+    let mut suspects: HashMap<ShardId, Suspect> = HashMap::new();
+    let mut client = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wake.notified() => {}
+        }
+        let Some(n) = node.upgrade() else { return };
+        if client.is_none() {
+            let nodes = n
+                .transport
+                .peers()
+                .iter()
+                .map(|p| (p.id, p.addr))
+                .chain(std::iter::once((n.id, n.addr())))
+                .collect();
+            client = crate::Client::from_identity(&identity, nodes, Default::default()).ok();
+        }
+        let Some(c) = client.as_ref() else { continue };
+        let Some(table) = table(&n, c).await else {
+            continue;
+        };
+        let hosted: Vec<Hosted> = n
+            .shard_ids()
+            .into_iter()
+            .filter_map(|s| {
+                let descriptor = n.engine.descriptor(s).ok()?;
+                let applied = n
+                    .raft(s)?
+                    .metrics()
+                    .borrow()
+                    .last_applied
+                    .map_or(0, |l| l.index);
+                Some(Hosted {
+                    descriptor,
+                    applied,
+                })
+            })
+            .collect();
+        let tombstones: HashMap<ShardId, u64> = table
+            .iter()
+            .filter_map(|d| Some((d.id, n.engine.tombstone(d.id).ok()??)))
+            .collect();
+        let now = Instant::now();
+        for action in plan(n.id, &hosted, &table, &tombstones, &suspects, now, grace) {
+            match action {
+                Action::Suspect(s) => {
+                    let applied = hosted
+                        .iter()
+                        .find(|h| h.descriptor.id == s)
+                        .map_or(0, |h| h.applied);
+                    suspects.insert(
+                        s,
+                        Suspect {
+                            since: now,
+                            applied,
+                        },
+                    );
+                    if let Some(r) = n.raft(s) {
+                        r.runtime_config().elect(false);
+                    }
+                    tracing::info!(node = %n.id, shard = %s, "replica GC: this replica looks removed; it stops campaigning");
+                }
+                Action::Clear(s) => {
+                    suspects.remove(&s);
+                    if let Some(r) = n.raft(s) {
+                        r.runtime_config().elect(true);
+                    }
+                }
+                Action::Destroy(s) => {
+                    suspects.remove(&s);
+                    match n.drop_replica_local(s).await {
+                        Ok(()) => {
+                            n.gc_counters
+                                .destroyed
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            tracing::info!(node = %n.id, shard = %s, "replica GC: removed replica destroyed");
+                        }
+                        Err(e) => {
+                            tracing::warn!(node = %n.id, shard = %s, error = %e, "replica GC: destroy failed")
+                        }
+                    }
+                }
+                Action::Create(d) => match n.create_replica_local(&d).await {
+                    Ok(()) => {
+                        n.gc_counters
+                            .repaired
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tracing::info!(node = %n.id, shard = %d.id, range = %d.range, "replica repair: created an empty replica; its leader brings it up to date");
+                    }
+                    Err(e) => {
+                        tracing::warn!(node = %n.id, shard = %d.id, error = %e, "replica repair: create failed")
+                    }
+                },
+            }
+        }
+    }
+}
+
+/// Counters of the GC, for metrics.
+#[derive(Debug, Default)]
+pub(crate) struct GcCounters {
+    pub destroyed: std::sync::atomic::AtomicU64,
+    pub repaired: std::sync::atomic::AtomicU64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Epoch, KeyRange};
+
+    fn desc(id: u64, conf_ver: u64, replicas: &[u64]) -> ShardDescriptor {
+        let mut d = ShardDescriptor::new(
+            ShardId(id),
+            KeyRange::full(),
+            replicas.iter().map(|&n| NodeId(n)).collect(),
+        );
+        d.epoch = Epoch {
+            version: 1,
+            conf_ver,
+        };
+        d
+    }
+
+    fn hosted(id: u64, conf_ver: u64, applied: u64) -> Hosted {
+        Hosted {
+            descriptor: desc(id, conf_ver, &[1, 2, 3]),
+            applied,
+        }
+    }
+
+    const GRACE: Duration = Duration::from_secs(30);
+
+    #[test]
+    fn a_removed_replica_is_destroyed_only_after_a_quiet_grace_period() {
+        let me = NodeId(3);
+        let t0 = Instant::now();
+        let table = vec![desc(7, 5, &[1, 2, 4])];
+        let h = vec![hosted(7, 3, 100)];
+        let none = HashMap::new();
+        let mut suspects = HashMap::new();
+        assert_eq!(
+            plan(me, &h, &table, &none, &suspects, t0, GRACE),
+            vec![Action::Suspect(ShardId(7))]
+        );
+        suspects.insert(
+            ShardId(7),
+            Suspect {
+                since: t0,
+                applied: 100,
+            },
+        );
+        // Not long enough yet.
+        assert!(plan(me, &h, &table, &none, &suspects, t0 + GRACE / 2, GRACE).is_empty());
+        // It applied something meanwhile: a leader still serves it.
+        let busy = vec![hosted(7, 3, 101)];
+        assert_eq!(
+            plan(me, &busy, &table, &none, &suspects, t0 + GRACE, GRACE),
+            vec![Action::Suspect(ShardId(7))]
+        );
+        assert_eq!(
+            plan(me, &h, &table, &none, &suspects, t0 + GRACE, GRACE),
+            vec![Action::Destroy(ShardId(7))]
+        );
+    }
+
+    #[test]
+    fn a_lagging_table_never_destroys_or_recreates() {
+        let me = NodeId(3);
+        let t0 = Instant::now();
+        let none = HashMap::new();
+        // The table is older than the replica (a learner being added, or
+        // the table not updated yet): nothing to do.
+        let table = vec![desc(7, 3, &[1, 2, 4])];
+        assert!(plan(me, &[hosted(7, 3, 1)], &table, &none, &none_s(), t0, GRACE).is_empty());
+        // A suspect the table no longer condemns is cleared.
+        let mut s = HashMap::new();
+        s.insert(
+            ShardId(7),
+            Suspect {
+                since: t0,
+                applied: 1,
+            },
+        );
+        assert_eq!(
+            plan(me, &[hosted(7, 3, 1)], &table, &none, &s, t0 + GRACE, GRACE),
+            vec![Action::Clear(ShardId(7))]
+        );
+        // Removed here at conf_ver 6: a table entry from conf_ver 5 still
+        // naming this node is older than the removal.
+        let mut tomb = HashMap::new();
+        tomb.insert(ShardId(8), 6);
+        let table = vec![desc(8, 5, &[1, 2, 3])];
+        assert!(plan(me, &[], &table, &tomb, &none_s(), t0, GRACE).is_empty());
+        let table = vec![desc(8, 6, &[1, 2, 3])];
+        assert_eq!(
+            plan(me, &[], &table, &tomb, &none_s(), t0, GRACE),
+            vec![Action::Create(desc(8, 6, &[1, 2, 3]))]
+        );
+    }
+
+    #[test]
+    fn a_shard_listed_here_but_not_hosted_is_created() {
+        let me = NodeId(3);
+        let table = vec![desc(1, 1, &[1, 2, 3]), desc(2, 1, &[1, 2, 4])];
+        let acts = plan(
+            me,
+            &[hosted(1, 1, 5)],
+            &table,
+            &HashMap::new(),
+            &none_s(),
+            Instant::now(),
+            GRACE,
+        );
+        assert!(acts.is_empty(), "{acts:?}");
+        let table = vec![desc(1, 1, &[1, 2, 3]), desc(9, 1, &[1, 2, 3])];
+        let acts = plan(
+            me,
+            &[hosted(1, 1, 5)],
+            &table,
+            &HashMap::new(),
+            &none_s(),
+            Instant::now(),
+            GRACE,
+        );
+        assert_eq!(acts, vec![Action::Create(desc(9, 1, &[1, 2, 3]))]);
+    }
+
+    fn none_s() -> HashMap<ShardId, Suspect> {
+        HashMap::new()
+    }
+}
