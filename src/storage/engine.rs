@@ -411,10 +411,13 @@ impl Engine {
         for p in &pieces {
             b.delete_range_cf(self.cf(Cf::Data), &p.start, &range_end(p));
         }
-        // A removal bumps the configuration version past every one that
-        // listed this replica as a voter: a table still naming it at its
-        // last known version is older than the removal.
-        let tombstone = d.epoch.conf_ver + 1;
+        // The configuration version of the removal: the replica's own when
+        // it applied its removal (its descriptor no longer lists this node);
+        // otherwise the removal came after it, and bumped the version past
+        // every configuration that listed this node as a voter. A table
+        // still naming it below that is older than the removal.
+        let listed = self.node_id().is_some_and(|me| d.replicas.contains(&me));
+        let tombstone = d.epoch.conf_ver + u64::from(listed);
         b.put_cf(
             self.cf(Cf::ShardMeta),
             keys::meta_key(shard, MetaTag::Tombstone),
