@@ -144,6 +144,7 @@ fn ctl_round_trip(cluster: &Path) {
         assert!(s["leader"].is_u64(), "{s}");
         assert_eq!(s["replicas"].as_array().unwrap().len(), 3);
         assert!(s["epoch"].is_object() && s["size_bytes"].is_u64() && s["id"].is_u64());
+        assert_eq!(hosted_on(s), replicas(s), "every replica is hosted: {s}");
     }
     let table = ctl_ok(cluster, &["status"]);
     assert!(table.contains("up") && table.contains("shard"), "{table}");
@@ -268,9 +269,44 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
         nodes.iter().all(|n| n["replicas"].as_u64().unwrap() >= 6),
         "{summary}"
     );
+    // After the split, the move and the rebalance, every shard is hosted
+    // by exactly its replicas (no orphan left, none missing).
+    let status: serde_json::Value =
+        serde_json::from_str(&ctl_ok(&cluster, &["status", "--json"])).unwrap();
+    for s in status["shards"].as_array().unwrap() {
+        assert_eq!(
+            hosted_on(s),
+            replicas(s),
+            "hosted where it is a member: {s}"
+        );
+    }
     ctl_ok(&cluster, &["put", "after-join", "yes"]);
     assert_eq!(ctl_ok(&cluster, &["get", "after-join"]), "yes\n");
     let _ = n4.kill();
     let _ = dev.kill();
     let _ = (n4.wait(), dev.wait());
+}
+
+/// A shard's `replicas` in `status --json`, sorted.
+fn replicas(s: &serde_json::Value) -> Vec<u64> {
+    let mut v: Vec<u64> = s["replicas"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    v.sort();
+    v
+}
+
+/// The nodes `status --json` says actually host a shard, sorted.
+fn hosted_on(s: &serde_json::Value) -> Vec<u64> {
+    let mut v: Vec<u64> = s["hosted_on"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_u64().unwrap())
+        .collect();
+    v.sort();
+    v
 }

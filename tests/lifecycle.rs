@@ -335,3 +335,89 @@ async fn a_replica_removed_while_down_is_destroyed_and_never_disturbs_the_leader
     cl.put(b"k-after", b"v").await.unwrap();
     c.shutdown().await;
 }
+
+/// A snapshot taken before a split, sent to a replica that applied the
+/// split, is refused with a typed error and changes nothing there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_older_than_the_replica_is_refused() {
+    use tessera::net::proto::Refusal;
+    use tessera::net::CallError;
+    use tessera::storage::snapshot::SnapshotData;
+    init_tracing();
+    let t = Timings {
+        snapshot_logs_since_last: 20,
+        ..Timings::fast()
+    };
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), t).await;
+    c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let cl = client(&c);
+    let mut model = BTreeMap::new();
+    for i in 0..30u32 {
+        let (k, v) = (
+            format!("k{i:03}").into_bytes(),
+            format!("v{i}").into_bytes(),
+        );
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    let leader = c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    let raft = c.node(leader.0).raft(ShardId(1)).unwrap();
+    let snap = raft
+        .get_snapshot()
+        .await
+        .unwrap()
+        .expect("a snapshot after 30 writes");
+    // Keep a copy: the shard replaces its snapshot files later.
+    let old = c.dir.path().join("pre-split.snap");
+    std::fs::copy(snap.snapshot.path(), &old).unwrap();
+
+    tracing::info!("phase: split, then send the pre-split snapshot to a follower");
+    let (parent, child) = cl.split(b"k015").await.unwrap();
+    let follower = [1u64, 2, 3].into_iter().find(|n| *n != leader.0).unwrap();
+    c.wait_until("the follower applied the split", WAIT, |c| {
+        c.node(follower)
+            .engine()
+            .descriptor(parent.id)
+            .is_ok_and(|d| d.epoch == parent.epoch)
+    })
+    .await
+    .unwrap();
+    let vote = raft.metrics().borrow().vote;
+    let sent = c
+        .node(leader.0)
+        .transport()
+        .send_snapshot(
+            NodeId(follower),
+            ShardId(1),
+            vote,
+            snap.meta.clone(),
+            &SnapshotData::from_file(&old),
+            WAIT,
+        )
+        .await;
+    match sent {
+        Err(CallError::Refused {
+            refusal:
+                Refusal::StaleSnapshot {
+                    shard,
+                    snapshot,
+                    local,
+                },
+            ..
+        }) => {
+            assert_eq!(shard, ShardId(1));
+            assert!(
+                snapshot.version < local.version,
+                "{snapshot:?} vs {local:?}"
+            );
+        }
+        other => panic!("a stale snapshot must be refused as such, got {other:?}"),
+    }
+    tracing::info!("phase: the follower's data is untouched");
+    let parent = c.node(1).engine().descriptor(parent.id).unwrap();
+    let child = c.node(1).engine().descriptor(child.id).unwrap();
+    check_every_replica_holds(&c, &parent, &model).await;
+    check_every_replica_holds(&c, &child, &model).await;
+    c.shutdown().await;
+}
