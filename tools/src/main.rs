@@ -73,7 +73,9 @@ enum Cmd {
     /// (p50, p99, p99.9).
     Bench(bench::BenchArgs),
     /// Show nodes (up/down) and shards (id, range, leader, replicas, epoch,
-    /// approximate size).
+    /// approximate size, and `hosted_on`: the nodes that actually host a
+    /// replica; it differs from `replicas` while a replica is missing or
+    /// left over).
     Status {
         /// Print one JSON object instead of tables.
         #[arg(long)]
