@@ -421,3 +421,86 @@ async fn a_snapshot_older_than_the_replica_is_refused() {
     check_every_replica_holds(&c, &child, &model).await;
     c.shutdown().await;
 }
+
+/// `DropReplica` sent to a node that is still a member (in a membership
+/// newer than the request's) is refused, and the replica stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drop_replica_is_refused_while_a_member() {
+    use tessera::net::proto::PeerRequest;
+    use tessera::net::CallError;
+    init_tracing();
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), Timings::fast()).await;
+    let leader = c.wait_leader(ShardId(1), WAIT).await.unwrap();
+    let cl = client(&c);
+    cl.put(b"k", b"v").await.unwrap();
+    let member = [1u64, 2, 3].into_iter().find(|n| *n != leader.0).unwrap();
+    let asked = c
+        .node(leader.0)
+        .transport()
+        .call(
+            NodeId(member),
+            ShardId(1),
+            PeerRequest::DropReplica { after: None },
+            WAIT,
+        )
+        .await;
+    assert!(
+        matches!(asked, Err(CallError::Refused { .. })),
+        "a member's replica must not be dropped: {asked:?}"
+    );
+    assert!(c.node(member).shard_ids().contains(&ShardId(1)));
+    assert_eq!(
+        c.node(member).engine().get(b"k").unwrap().as_deref(),
+        Some(&b"v"[..])
+    );
+    c.shutdown().await;
+}
+
+/// The bootstrap's route recording runs again when its marker is lost (a
+/// crash right after it committed): shard ids handed out since are never
+/// handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recording_the_bootstrap_routes_again_never_reuses_shard_ids() {
+    init_tracing();
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((2, vec![1, 2, 3])), Timings::fast()).await;
+    for s in [ShardId(1), ShardId(2), meta::META_SHARD] {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    let cl = client(&c);
+    let (_, first) = cl.split(b"\x20").await.unwrap();
+    let initializer = meta::meta_descriptor(&[NodeId(1), NodeId(2), NodeId(3)])
+        .leader_hint
+        .unwrap();
+    let marker = c.config(initializer.0).data_dir.join("routes-recorded");
+    assert!(marker.exists(), "the bootstrap marked its routes recorded");
+
+    tracing::info!("phase: lose the marker and restart the node that records the routes");
+    std::fs::remove_file(&marker).unwrap();
+    c.kill(initializer.0).await;
+    c.restart(initializer.0).await;
+    c.wait_until("the routes are recorded again", WAIT, |c| {
+        c.config(initializer.0)
+            .data_dir
+            .join("routes-recorded")
+            .exists()
+    })
+    .await
+    .unwrap();
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let (_, second) = cl.split(b"\xa0").await.unwrap();
+    assert_ne!(first.id, second.id, "a shard id was handed out twice");
+    let routes = cl.routes().await.unwrap();
+    let map = tessera::shard_router::RangeMap::new(routes.clone()).expect("routes tile");
+    map.check().unwrap();
+    assert_eq!(
+        routes.len(),
+        4,
+        "2 bootstrap shards split twice: {routes:?}"
+    );
+    cl.put(b"\x21", b"a").await.unwrap();
+    cl.put(b"\xa1", b"b").await.unwrap();
+    assert_eq!(cl.get(b"\x21").await.unwrap().as_deref(), Some(&b"a"[..]));
+    assert_eq!(cl.get(b"\xa1").await.unwrap().as_deref(), Some(&b"b"[..]));
+    c.shutdown().await;
+}

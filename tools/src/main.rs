@@ -288,8 +288,8 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
     writeln!(out)?;
     writeln!(
         out,
-        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}  {}",
-        "shard", "range", "leader", "replicas", "epoch", "size_bytes", "hosted_on"
+        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}  hosted_on",
+        "shard", "range", "leader", "replicas", "epoch", "size_bytes"
     )?;
     for r in shards.values() {
         let d = &r.status.descriptor;
