@@ -144,7 +144,11 @@ fn ctl_round_trip(cluster: &Path) {
         assert!(s["leader"].is_u64(), "{s}");
         assert_eq!(s["replicas"].as_array().unwrap().len(), 3);
         assert!(s["epoch"].is_object() && s["size_bytes"].is_u64() && s["id"].is_u64());
-        assert_eq!(hosted_on(s), replicas(s), "every replica is hosted: {s}");
+        assert_eq!(
+            ids(s, "hosted_on"),
+            ids(s, "replicas"),
+            "every replica is hosted: {s}"
+        );
     }
     let table = ctl_ok(cluster, &["status"]);
     assert!(table.contains("up") && table.contains("shard"), "{table}");
@@ -275,8 +279,8 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
         serde_json::from_str(&ctl_ok(&cluster, &["status", "--json"])).unwrap();
     for s in status["shards"].as_array().unwrap() {
         assert_eq!(
-            hosted_on(s),
-            replicas(s),
+            ids(s, "hosted_on"),
+            ids(s, "replicas"),
             "hosted where it is a member: {s}"
         );
     }
@@ -287,21 +291,10 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
     let _ = (n4.wait(), dev.wait());
 }
 
-/// A shard's `replicas` in `status --json`, sorted.
-fn replicas(s: &serde_json::Value) -> Vec<u64> {
-    let mut v: Vec<u64> = s["replicas"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n.as_u64().unwrap())
-        .collect();
-    v.sort();
-    v
-}
-
-/// The nodes `status --json` says actually host a shard, sorted.
-fn hosted_on(s: &serde_json::Value) -> Vec<u64> {
-    let mut v: Vec<u64> = s["hosted_on"]
+/// The node ids in field `field` (`replicas`, `hosted_on`) of a shard in
+/// `status --json`, sorted.
+fn ids(s: &serde_json::Value, field: &str) -> Vec<u64> {
+    let mut v: Vec<u64> = s[field]
         .as_array()
         .unwrap()
         .iter()

@@ -8,19 +8,18 @@ mod common;
 use common::cluster::{init_tracing, TestCluster, Timings};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tessera::client::ClientOptions;
 use tessera::node::meta;
 use tessera::{Client, NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn client(c: &TestCluster) -> Client {
-    let issued = c.ca.issue_client("test").unwrap();
-    let opts = ClientOptions {
-        deadline: Duration::from_secs(60),
-        ..ClientOptions::default()
-    };
-    Client::from_identity(&c.ca.identity(&issued), c.config_addrs(), opts).unwrap()
+/// The pairs of `model` inside `d`'s range, in key order.
+fn model_in(d: &ShardDescriptor, model: &BTreeMap<Vec<u8>, Vec<u8>>) -> Vec<(Vec<u8>, Vec<u8>)> {
+    model
+        .iter()
+        .filter(|(k, _)| d.range.contains(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 /// Every key/value `node` holds locally in `d`'s range (no Raft barrier).
@@ -44,11 +43,7 @@ async fn check_every_replica_serves(
     d: &ShardDescriptor,
     want: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) {
-    let want: Vec<(Vec<u8>, Vec<u8>)> = want
-        .iter()
-        .filter(|(k, _)| d.range.contains(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let want = model_in(d, want);
     for r in &d.replicas {
         tracing::info!(shard = %d.id, leader = %r, "phase: make this replica the leader and scan");
         cl.transfer_leader(d.id, *r).await.unwrap();
@@ -78,11 +73,7 @@ async fn check_every_replica_holds(
     d: &ShardDescriptor,
     want: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) {
-    let want: Vec<(Vec<u8>, Vec<u8>)> = want
-        .iter()
-        .filter(|(k, _)| d.range.contains(k))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
+    let want = model_in(d, want);
     let leader = c.wait_leader(d.id, WAIT).await.unwrap();
     let last = c
         .node(leader.0)
@@ -115,7 +106,7 @@ async fn split_then_move_away_and_back_keeps_the_childs_data() {
     let c = TestCluster::start(&[1, 2, 3, 4], &[], Some((1, vec![1, 2, 3])), t).await;
     c.wait_leader(ShardId(1), WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     let mut model: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
 
     tracing::info!("phase: writes before the split, enough for a snapshot");
@@ -203,7 +194,7 @@ async fn a_replica_that_missed_a_split_gets_the_child() {
     let mut c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), gc_timings()).await;
     c.wait_leader(ShardId(1), WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     let mut model = BTreeMap::new();
     for i in 0..10u32 {
         let (k, v) = (format!("m{i:03}").into_bytes(), b"old".to_vec());
@@ -273,7 +264,7 @@ async fn a_replica_removed_while_down_is_destroyed_and_never_disturbs_the_leader
         TestCluster::start(&[1, 2, 3, 4], &[], Some((1, vec![1, 2, 3])), gc_timings()).await;
     c.wait_leader(ShardId(1), WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     for i in 0..10u32 {
         cl.put(format!("k{i}").as_bytes(), b"v").await.unwrap();
     }
@@ -304,13 +295,22 @@ async fn a_replica_removed_while_down_is_destroyed_and_never_disturbs_the_leader
 
     tracing::info!("phase: n3 back with its stale replica");
     c.restart(3).await;
-    c.wait_until("n3's removed replica is destroyed", WAIT, |c| {
-        !c.node(3).shard_ids().contains(&ShardId(1))
-    })
+    c.wait_until(
+        "n3's removed replica is destroyed by replica GC",
+        WAIT,
+        |c| c.node(3).metrics().replicas_destroyed >= 1,
+    )
     .await
     .unwrap();
+    assert!(!c.node(3).shard_ids().contains(&ShardId(1)));
+    assert!(c
+        .node(3)
+        .engine()
+        .shards()
+        .unwrap()
+        .iter()
+        .all(|d| d.id != ShardId(1)));
     let m = c.node(3).metrics();
-    assert!(m.replicas_destroyed >= 1, "destroy counted: {m:?}");
     assert!(m.tombstones >= 1, "tombstone left: {m:?}");
     assert!(
         c.node(3).engine().tombstone(ShardId(1)).unwrap().is_some(),
@@ -351,7 +351,7 @@ async fn a_snapshot_older_than_the_replica_is_refused() {
     let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), t).await;
     c.wait_leader(ShardId(1), WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     let mut model = BTreeMap::new();
     for i in 0..30u32 {
         let (k, v) = (
@@ -431,9 +431,17 @@ async fn drop_replica_is_refused_while_a_member() {
     init_tracing();
     let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), Timings::fast()).await;
     let leader = c.wait_leader(ShardId(1), WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     cl.put(b"k", b"v").await.unwrap();
     let member = [1u64, 2, 3].into_iter().find(|n| *n != leader.0).unwrap();
+    let last = c
+        .node(leader.0)
+        .raft(ShardId(1))
+        .and_then(|r| r.metrics().borrow().last_log_index)
+        .unwrap();
+    c.wait_applied(ShardId(1), last, &[member], WAIT)
+        .await
+        .unwrap();
     let asked = c
         .node(leader.0)
         .transport()
@@ -467,7 +475,7 @@ async fn recording_the_bootstrap_routes_again_never_reuses_shard_ids() {
     for s in [ShardId(1), ShardId(2), meta::META_SHARD] {
         c.wait_leader(s, WAIT).await.unwrap();
     }
-    let cl = client(&c);
+    let cl = c.client();
     let (_, first) = cl.split(b"\x20").await.unwrap();
     let initializer = meta::meta_descriptor(&[NodeId(1), NodeId(2), NodeId(3)])
         .leader_hint

@@ -8,20 +8,10 @@ use common::cluster::{init_tracing, TestCluster, Timings};
 use common::load::{wait_ops, Load};
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tessera::client::ClientOptions;
 use tessera::node::meta;
-use tessera::{Client, NodeId, ShardDescriptor, ShardId};
+use tessera::{NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
-
-fn client(c: &TestCluster) -> Client {
-    let issued = c.ca.issue_client("test").unwrap();
-    let opts = ClientOptions {
-        deadline: Duration::from_secs(60),
-        ..ClientOptions::default()
-    };
-    Client::from_identity(&c.ca.identity(&issued), c.config_addrs(), opts).unwrap()
-}
 
 /// A hash of `range`'s data on `node`, with the shard's applied index.
 fn range_hash(c: &TestCluster, node: u64, d: &ShardDescriptor) -> (u64, u64) {
@@ -81,7 +71,7 @@ async fn move_survives_the_target_dying_mid_snapshot() {
     let shard = ShardId(1);
     c.wait_leader(shard, WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     // ~4 MiB of data: the snapshot is several 1 MiB chunks.
     let big = vec![b'z'; 16 * 1024];
     let mut seed = BTreeMap::new();
@@ -103,7 +93,7 @@ async fn move_survives_the_target_dying_mid_snapshot() {
     // to kill the target inside it.
     fail::cfg("snapshot::receive_chunk", "return(300)").unwrap();
     let mover = {
-        let admin = client(&c);
+        let admin = c.client();
         tokio::spawn(async move { admin.move_replica(shard, NodeId(from), NodeId(4)).await })
     };
     let snap_dir = c
@@ -199,7 +189,7 @@ async fn three_to_five_nodes_join_move_and_drain() {
         c.wait_leader(ShardId(s), WAIT).await.unwrap();
     }
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     let load = Load::start(&cl, 4, 64);
     wait_ops(&load, 100, WAIT).await;
     // Two nodes join: they know only the first three, which learn them.
@@ -211,7 +201,7 @@ async fn three_to_five_nodes_join_move_and_drain() {
     .await
     .unwrap();
     tracing::info!("phase: nodes joined");
-    let admin = client(&c);
+    let admin = c.client();
     let nodes = admin.refresh_nodes().await.unwrap();
     assert_eq!(nodes.len(), 5, "the client learns the new nodes: {nodes:?}");
     // Leader transfer, then replicas onto the new nodes (some from leaders).

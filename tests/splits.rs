@@ -9,7 +9,6 @@ use common::cluster::{init_tracing, TestCluster, Timings};
 use common::load::{wait_ops, Load};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use tessera::client::ClientOptions;
 use tessera::node::meta;
 use tessera::shard_router::RangeMap;
 use tessera::{Client, NodeId, ShardDescriptor, ShardId};
@@ -24,16 +23,6 @@ async fn ready(ids: &[u64], members: &[u64], shards: u64) -> TestCluster {
     }
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
     c
-}
-
-fn client(c: &TestCluster) -> Client {
-    let issued = c.ca.issue_client("test").unwrap();
-    let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.config_addrs();
-    let opts = ClientOptions {
-        deadline: Duration::from_secs(60),
-        ..ClientOptions::default()
-    };
-    Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap()
 }
 
 /// The hosted data shards' descriptors of every running node, checked to
@@ -111,10 +100,10 @@ async fn check_ownership_and_data(
 async fn splits_under_load_lose_nothing_and_serve_each_key_once() {
     init_tracing();
     let mut c = ready(&[1, 2, 3], &[1, 2, 3], 1).await;
-    let cl = client(&c);
+    let cl = c.client();
     let load = Load::start(&cl, 8, 64);
     wait_ops(&load, 200, WAIT).await;
-    let admin = client(&c);
+    let admin = c.client();
     for key in ["m", "f", "t", "c"] {
         // A node down during two of the splits: it applies them from the
         // log when it comes back (RELIABILITY scenario 4).
@@ -160,7 +149,7 @@ async fn splits_under_load_lose_nothing_and_serve_each_key_once() {
 async fn recursive_splits_persist_across_restarts() {
     init_tracing();
     let mut c = ready(&[1, 2, 3], &[1, 2, 3], 2).await;
-    let cl = client(&c);
+    let cl = c.client();
     let mut acked = BTreeMap::new();
     for i in 0..260u64 {
         let k = common::load::load_key((i % 8) as usize, i);
@@ -196,7 +185,7 @@ async fn recursive_splits_persist_across_restarts() {
     for d in &before {
         c.wait_leader(d.id, WAIT).await.unwrap();
     }
-    let cl = client(&c);
+    let cl = c.client();
     let after = check_ownership_and_data(&c, &cl, &acked).await;
     let ranges = |v: &[ShardDescriptor]| -> BTreeSet<(ShardId, Vec<u8>, Vec<u8>)> {
         v.iter()
@@ -226,7 +215,7 @@ async fn a_shard_over_the_size_limit_splits_by_itself() {
     let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), t).await;
     c.wait_leader(ShardId(1), WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
-    let cl = client(&c);
+    let cl = c.client();
     let mut acked = BTreeMap::new();
     // ~200 KiB over the key space: the one shard is 3x over the limit.
     for i in 0..200u64 {

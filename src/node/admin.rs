@@ -485,17 +485,7 @@ impl Node {
                             "{to} did not catch up within {timeout:?}, and removing the learner failed ({e}): it is still a learner; run the move again or remove it"
                         ),
                         Ok(_) => {
-                            let after = *raft.metrics().borrow().membership_config.log_id();
-                            let dropped = self
-                                .transport
-                                .call(
-                                    to,
-                                    shard,
-                                    PeerRequest::DropReplica { after },
-                                    Duration::from_secs(10),
-                                )
-                                .await;
-                            match dropped {
+                            match self.ask_drop(&raft, shard, to).await {
                                 Ok(PeerResponse::Done) => format!(
                                     "{to} did not catch up within {timeout:?}; the move was rolled back"
                                 ),
@@ -543,19 +533,9 @@ impl Node {
             return Ok(d);
         }
         // The old replica no longer receives anything; delete it.
-        let after = *raft.metrics().borrow().membership_config.log_id();
         let mut dropped = false;
         for _ in 0..5 {
-            match self
-                .transport
-                .call(
-                    from,
-                    shard,
-                    PeerRequest::DropReplica { after },
-                    Duration::from_secs(10),
-                )
-                .await
-            {
+            match self.ask_drop(&raft, shard, from).await {
                 Ok(PeerResponse::Done)
                 | Err(CallError::Refused {
                     refusal: Refusal::UnknownShard(_),
@@ -573,6 +553,25 @@ impl Node {
         self.engine
             .descriptor(shard)
             .map_err(|_| AdminError::UnknownShard { shard })
+    }
+
+    /// Asks `node` to drop its replica of `shard`, which this leader's
+    /// membership (committed, named in the request) no longer lists.
+    async fn ask_drop(
+        &self,
+        raft: &super::ShardRaft,
+        shard: ShardId,
+        node: NodeId,
+    ) -> Result<PeerResponse, CallError> {
+        let after = *raft.metrics().borrow().membership_config.log_id();
+        self.transport
+            .call(
+                node,
+                shard,
+                PeerRequest::DropReplica { after },
+                Duration::from_secs(10),
+            )
+            .await
     }
 
     /// Streams this leader's current snapshot of `shard` (built first if

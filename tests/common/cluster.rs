@@ -206,6 +206,18 @@ impl TestCluster {
         c
     }
 
+    /// A client of the cluster (every configured node) with a 60 s deadline.
+    #[allow(dead_code)]
+    pub fn client(&self) -> tessera::Client {
+        let issued = self.ca.issue_client("test").expect("client cert");
+        let opts = tessera::client::ClientOptions {
+            deadline: Duration::from_secs(60),
+            ..Default::default()
+        };
+        tessera::Client::from_identity(&self.ca.identity(&issued), self.config_addrs(), opts)
+            .expect("client")
+    }
+
     pub fn node(&self, id: u64) -> &Arc<Node> {
         self.nodes
             .get(&NodeId(id))
