@@ -74,14 +74,8 @@ async fn check_every_replica_holds(
     want: &BTreeMap<Vec<u8>, Vec<u8>>,
 ) {
     let want = model_in(d, want);
-    let leader = c.wait_leader(d.id, WAIT).await.unwrap();
-    let last = c
-        .node(leader.0)
-        .raft(d.id)
-        .and_then(|r| r.metrics().borrow().last_log_index)
-        .unwrap();
     let on: Vec<u64> = d.replicas.iter().map(|n| n.0).collect();
-    c.wait_applied(d.id, last, &on, WAIT).await.unwrap();
+    c.wait_caught_up(d.id, &on, WAIT).await.unwrap();
     for n in on {
         assert_eq!(
             local_pairs(c, n, d),
@@ -434,14 +428,7 @@ async fn drop_replica_is_refused_while_a_member() {
     let cl = c.client();
     cl.put(b"k", b"v").await.unwrap();
     let member = [1u64, 2, 3].into_iter().find(|n| *n != leader.0).unwrap();
-    let last = c
-        .node(leader.0)
-        .raft(ShardId(1))
-        .and_then(|r| r.metrics().borrow().last_log_index)
-        .unwrap();
-    c.wait_applied(ShardId(1), last, &[member], WAIT)
-        .await
-        .unwrap();
+    c.wait_caught_up(ShardId(1), &[member], WAIT).await.unwrap();
     let asked = c
         .node(leader.0)
         .transport()

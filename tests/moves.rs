@@ -35,14 +35,8 @@ fn range_hash(c: &TestCluster, node: u64, d: &ShardDescriptor) -> (u64, u64) {
 /// Waits until every replica of `d` applied the same last index, then
 /// checks the range's data hashes are equal on all of them.
 async fn assert_identical_replicas(c: &TestCluster, d: &ShardDescriptor) {
-    let leader = c.wait_leader(d.id, WAIT).await.unwrap();
-    let last = c
-        .node(leader.0)
-        .raft(d.id)
-        .and_then(|r| r.metrics().borrow().last_log_index)
-        .unwrap();
     let on: Vec<u64> = d.replicas.iter().map(|n| n.0).collect();
-    c.wait_applied(d.id, last, &on, WAIT).await.unwrap();
+    c.wait_caught_up(d.id, &on, WAIT).await.unwrap();
     let hashes: Vec<(u64, u64)> = on.iter().map(|&n| range_hash(c, n, d)).collect();
     assert!(
         hashes.windows(2).all(|w| w == [w[0], w[0]]),

@@ -508,6 +508,24 @@ impl TestCluster {
         }
     }
 
+    /// Waits until every node of `on` applied everything in the log of
+    /// `shard`'s leader (as it is when the leader is found).
+    #[allow(dead_code)]
+    pub async fn wait_caught_up(
+        &self,
+        shard: ShardId,
+        on: &[u64],
+        timeout: Duration,
+    ) -> Result<(), String> {
+        let leader = self.wait_leader(shard, timeout).await?;
+        let last = self
+            .node(leader.0)
+            .raft(shard)
+            .and_then(|r| r.metrics().borrow().last_log_index)
+            .unwrap_or(0);
+        self.wait_applied(shard, last, on, timeout).await
+    }
+
     /// Waits until `shard` has applied `index` on every node of `on`.
     pub async fn wait_applied(
         &self,
