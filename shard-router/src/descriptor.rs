@@ -84,6 +84,15 @@ pub struct Epoch {
     pub conf_ver: u64,
 }
 
+impl Epoch {
+    /// Whether this epoch knows every split and membership change `other`
+    /// knows (both parts at least as large). Unlike the derived order, a
+    /// newer `version` does not excuse an older `conf_ver`.
+    pub fn covers(&self, other: &Epoch) -> bool {
+        self.version >= other.version && self.conf_ver >= other.conf_ver
+    }
+}
+
 /// Everything the cluster knows about one shard.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct ShardDescriptor {

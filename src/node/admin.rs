@@ -603,7 +603,7 @@ impl Node {
                 let epoch = crate::storage::snapshot::read_header(s.snapshot.path())
                     .map(|h| h.descriptor.epoch);
                 match epoch {
-                    Ok(e) if e.version >= current.version && e.conf_ver >= current.conf_ver => {
+                    Ok(e) if e.covers(&current) => {
                         break s;
                     }
                     Ok(e) => {

@@ -224,9 +224,7 @@ impl Registry {
         let header = crate::storage::snapshot::read_header(data.path())
             .map_err(|e| Refusal::Failed(e.to_string()))?;
         let theirs = header.descriptor.epoch;
-        if stateful
-            && (theirs.version < local.epoch.version || theirs.conf_ver < local.epoch.conf_ver)
-        {
+        if stateful && !theirs.covers(&local.epoch) {
             tracing::warn!(%shard, snapshot = ?theirs, local = ?local.epoch, "stale snapshot refused");
             return Err(Refusal::StaleSnapshot {
                 shard,

@@ -268,7 +268,7 @@ impl StateMachine {
 
 /// Whether epoch `a` supersedes `b` (both parts only grow).
 fn epoch_newer(a: Epoch, b: Epoch) -> bool {
-    a.version >= b.version && a.conf_ver >= b.conf_ver && a != b
+    a.covers(&b) && a != b
 }
 
 impl StateMachine {
