@@ -6,17 +6,16 @@
 //! each case (`appends/syncs`).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use openraft::{CommittedLeaderId, EntryPayload};
 use std::io::Write;
 use std::time::{Duration, Instant};
 use tessera::command::Command;
-use tessera::raft::{Entry, LogId};
+use tessera::raft::{log_id, Entry, EntryPayload};
 use tessera::storage::{CommitMode, Engine, LogStore, StorageConfig};
 use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
 
 fn entry(index: u64) -> Entry {
     Entry {
-        log_id: LogId::new(CommittedLeaderId::new(1, NodeId(1)), index),
+        log_id: log_id(1, NodeId(1), index),
         // A put of a 16-byte key and a 60-byte value: about 100 bytes encoded.
         payload: EntryPayload::Normal(Command::put(format!("k{index:015}"), vec![b'v'; 60])),
     }

@@ -182,6 +182,33 @@ pub enum OpResult {
     },
 }
 
+/// A short summary for logs (openraft prints entries): the first key of a
+/// write, escaped, and how many operations it has; never values.
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use shard_router::descriptor::escape;
+        match self {
+            Command::Write { ops } => match ops.first() {
+                Some(op) => write!(f, "write({} ops, first {})", ops.len(), escape(op.key())),
+                None => write!(f, "write(0 ops)"),
+            },
+            Command::Split {
+                key,
+                child,
+                version,
+            } => write!(
+                f,
+                "split(at {}, child {child}, version {version})",
+                escape(key)
+            ),
+            Command::AllocShardId => write!(f, "alloc-shard-id"),
+            Command::RecordRoutes { descriptors } => {
+                write!(f, "record-routes({} descriptors)", descriptors.len())
+            }
+        }
+    }
+}
+
 /// What applying one log entry produced.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub enum CommandResponse {

@@ -11,6 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -319,7 +320,8 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
                 // replicated write committed by a quorum.
                 let key = boot_key(&found, *shard)?;
                 let attempt = async {
-                    raft.ensure_linearizable().await?;
+                    raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                        .await?;
                     let n = match found.engine().get(&key)? {
                         Some(v) => {
                             u64::from_be_bytes(v.as_slice().try_into().context("boot counter")?)
@@ -354,7 +356,7 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
     loop {
         let meta_led = running.values().any(|n| {
             n.raft(tessera::node::meta::META_SHARD)
-                .is_some_and(|r| r.metrics().borrow().current_leader.is_some())
+                .is_some_and(|r| r.metrics().borrow_watched().current_leader.is_some())
         });
         if meta_led {
             break;

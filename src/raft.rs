@@ -1,34 +1,53 @@
 //! The openraft type configuration shared by every shard's Raft group.
+//!
+//! openraft is pinned at `=0.10.0-alpha.37`: its core submits log I/O without
+//! waiting for the flush, batches client writes, and has pre-vote and leader
+//! transfer (see `docs/DESIGN-NOTES.md`).
 
 use crate::command::{Command, CommandResponse};
 use crate::storage::snapshot::SnapshotData;
+use crate::storage::StateMachine;
 use crate::NodeId;
+use openraft::type_config::alias;
+use openraft::vote::RaftLeaderId;
 
 openraft::declare_raft_types!(
-    /// Tessera's Raft types: commands in, command responses out, logical
-    /// range snapshots on disk.
+    /// Tessera's Raft types: commands in, command responses out.
     pub TypeConfig:
         D = Command,
         R = CommandResponse,
         NodeId = NodeId,
         Node = openraft::BasicNode,
-        Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = SnapshotData,
         AsyncRuntime = openraft::TokioRuntime,
 );
 
+/// One shard replica's Raft handle.
+pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 /// A log id in Tessera's types.
-pub type LogId = openraft::LogId<NodeId>;
+pub type LogId = alias::LogIdOf<TypeConfig>;
+/// The leader id a log id carries.
+pub type CommittedLeaderId = alias::CommittedLeaderIdOf<TypeConfig>;
 /// A vote in Tessera's types.
-pub type Vote = openraft::Vote<NodeId>;
+pub type Vote = alias::VoteOf<TypeConfig>;
 /// A log entry in Tessera's types.
-pub type Entry = openraft::Entry<TypeConfig>;
+pub type Entry = alias::EntryOf<TypeConfig>;
+/// A log entry's payload.
+pub type EntryPayload = alias::EntryPayloadOf<TypeConfig>;
+/// A membership configuration.
+pub type Membership = openraft::Membership<NodeId, openraft::BasicNode>;
 /// Membership as stored by the state machine.
-pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNode>;
+pub type StoredMembership = alias::StoredMembershipOf<TypeConfig>;
 /// Snapshot metadata in Tessera's types.
-pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
-/// openraft's storage error in Tessera's types.
-pub type StorageError = openraft::StorageError<NodeId>;
+pub type SnapshotMeta = alias::SnapshotMetaOf<TypeConfig>;
+/// A snapshot: its metadata and its file.
+pub type Snapshot = alias::SnapshotOf<TypeConfig, SnapshotData>;
+/// A group's metrics.
+pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+/// The log id of `index` written by the leader of `term` on `node`.
+pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(term, node), index)
+}
 
 /// A network for single-replica groups: every RPC fails as `Unreachable`.
 ///
@@ -46,45 +65,45 @@ impl openraft::RaftNetworkFactory<TypeConfig> for NoNetwork {
     }
 }
 
-fn unreachable_err() -> openraft::error::Unreachable {
+fn unreachable_err() -> openraft::error::Unreachable<TypeConfig> {
     openraft::error::Unreachable::new(&std::io::Error::new(
         std::io::ErrorKind::NotConnected,
         "no network: single-replica group",
     ))
 }
 
-impl openraft::RaftNetwork<TypeConfig> for NoNetwork {
+impl openraft::RaftNetworkV2<TypeConfig> for NoNetwork {
+    type SnapshotData = SnapshotData;
+
     async fn append_entries(
         &mut self,
         _rpc: openraft::raft::AppendEntriesRequest<TypeConfig>,
         _option: openraft::network::RPCOption,
     ) -> Result<
-        openraft::raft::AppendEntriesResponse<NodeId>,
-        openraft::error::RPCError<NodeId, openraft::BasicNode, openraft::error::RaftError<NodeId>>,
+        openraft::raft::AppendEntriesResponse<TypeConfig>,
+        openraft::error::RPCError<TypeConfig>,
     > {
         Err(openraft::error::RPCError::Unreachable(unreachable_err()))
     }
 
     async fn vote(
         &mut self,
-        _rpc: openraft::raft::VoteRequest<NodeId>,
+        _rpc: openraft::raft::VoteRequest<TypeConfig>,
         _option: openraft::network::RPCOption,
-    ) -> Result<
-        openraft::raft::VoteResponse<NodeId>,
-        openraft::error::RPCError<NodeId, openraft::BasicNode, openraft::error::RaftError<NodeId>>,
-    > {
+    ) -> Result<openraft::raft::VoteResponse<TypeConfig>, openraft::error::RPCError<TypeConfig>>
+    {
         Err(openraft::error::RPCError::Unreachable(unreachable_err()))
     }
 
     async fn full_snapshot(
         &mut self,
         _vote: Vote,
-        _snapshot: openraft::Snapshot<TypeConfig>,
+        _snapshot: Snapshot,
         _cancel: impl std::future::Future<Output = openraft::error::ReplicationClosed> + Send + 'static,
         _option: openraft::network::RPCOption,
     ) -> Result<
-        openraft::raft::SnapshotResponse<NodeId>,
-        openraft::error::StreamingError<TypeConfig, openraft::error::Fatal<NodeId>>,
+        openraft::raft::SnapshotResponse<TypeConfig>,
+        openraft::error::StreamingError<TypeConfig>,
     > {
         Err(openraft::error::StreamingError::Unreachable(
             unreachable_err(),

@@ -11,10 +11,9 @@
 
 use anyhow::{Context, Result};
 use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
-use openraft::{CommittedLeaderId, EntryPayload};
 use std::path::PathBuf;
 use tessera::command::Command;
-use tessera::raft::{Entry, LogId, Vote};
+use tessera::raft::{log_id, Entry, EntryPayload, Vote};
 use tessera::storage::{Engine, StorageConfig};
 use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use tokio::sync::oneshot;
@@ -62,7 +61,7 @@ async fn drive(
     let pending = reader
         .try_get_log_entries(applied.map_or(1, |l| l.index + 1)..=last)
         .await?;
-    sm.apply(pending).await?;
+    sm.apply_entries(pending).await?;
     println!("A {s} {last}");
     for round in 0u64.. {
         if round % 10 == 0 {
@@ -74,7 +73,7 @@ async fn drive(
         let n = 1 + round % 4;
         let entries: Vec<Entry> = (last + 1..=last + n)
             .map(|i| Entry {
-                log_id: LogId::new(CommittedLeaderId::new(term, node), i),
+                log_id: log_id(term, node, i),
                 payload: EntryPayload::Normal(Command::put(
                     torture_key(s, i),
                     i.to_string().into_bytes(),
@@ -92,7 +91,7 @@ async fn drive(
         })
         .await?;
         rx.await.context("flush callback dropped")??;
-        sm.apply(entries).await?;
+        sm.apply_entries(entries).await?;
         println!("A {s} {last}");
         if round % 20 == 19 && last > 5 {
             let upto = last - 5;

@@ -4,6 +4,7 @@
 mod common;
 
 use common::cluster::{init_tracing, spread_shards, whole_range_shard, TestCluster, Timings};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use std::time::Duration;
 use tessera::{NodeId, ShardDescriptor, ShardId};
 
@@ -171,7 +172,10 @@ async fn a_leader_partitioned_into_the_minority_commits_nothing() {
     let idx = c.put_via(new, d.id, b"after", b"2").await.unwrap();
     c.wait_applied(d.id, idx, &others, WAIT).await.unwrap();
     assert!(
-        old_raft.ensure_linearizable().await.is_err(),
+        old_raft
+            .ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+            .await
+            .is_err(),
         "the deposed leader must not serve a linearizable read"
     );
 
@@ -209,9 +213,9 @@ async fn heartbeats_of_1000_idle_shards_share_frames() {
         |c| {
             descs.iter().all(|d| {
                 [2u64, 3].iter().all(|n| {
-                    c.node(*n)
-                        .raft(d.id)
-                        .is_some_and(|r| r.metrics().borrow().current_leader == Some(NodeId(1)))
+                    c.node(*n).raft(d.id).is_some_and(|r| {
+                        r.metrics().borrow_watched().current_leader == Some(NodeId(1))
+                    })
                 })
             })
         },
@@ -264,8 +268,12 @@ async fn a_follower_behind_the_purged_log_catches_up_by_a_snapshot_over_quic() {
     }
     c.wait_until("the log was purged past n3's position", WAIT, |c| {
         c.up().all(|n| {
-            n.raft(d.id)
-                .is_some_and(|r| r.metrics().borrow().purged.is_some_and(|p| p.index > 100))
+            n.raft(d.id).is_some_and(|r| {
+                r.metrics()
+                    .borrow_watched()
+                    .purged
+                    .is_some_and(|p| p.index > 100)
+            })
         })
     })
     .await

@@ -53,7 +53,9 @@ async fn failed_sync_fail_stops_and_keeps_what_was_acknowledged() {
         "append after fail-stop: {r:?}"
     );
     assert!(
-        sm.apply(vec![normal(1, 11, put(11))]).await.is_err(),
+        sm.apply_entries(vec![normal(1, 11, put(11))])
+            .await
+            .is_err(),
         "apply after fail-stop"
     );
 

@@ -6,6 +6,7 @@
 mod common;
 
 use common::cluster::{init_tracing, TestCluster, Timings};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tessera::node::meta;
@@ -115,7 +116,7 @@ async fn split_then_move_away_and_back_keeps_the_childs_data() {
     c.wait_until("shard 1 has a snapshot on its leader", WAIT, |c| {
         c.up().any(|n| {
             n.raft(ShardId(1))
-                .is_some_and(|r| r.metrics().borrow().snapshot.is_some())
+                .is_some_and(|r| r.metrics().borrow_watched().snapshot.is_some())
         })
     })
     .await
@@ -217,12 +218,12 @@ async fn a_replica_that_missed_a_split_gets_the_child() {
     let purged = c
         .node(leader.0)
         .raft(parent.id)
-        .and_then(|r| r.metrics().borrow().purged)
+        .and_then(|r| r.metrics().borrow_watched().purged)
         .map_or(0, |l| l.index);
     let split_at = c
         .node(leader.0)
         .raft(child.id)
-        .and_then(|r| r.metrics().borrow().purged)
+        .and_then(|r| r.metrics().borrow_watched().purged)
         .map_or(0, |l| l.index);
     assert!(
         purged > split_at,
@@ -274,7 +275,7 @@ async fn a_replica_removed_while_down_is_destroyed_and_never_disturbs_the_leader
     let term = |c: &TestCluster| {
         c.node(leader.0)
             .raft(ShardId(1))
-            .map(|r| r.metrics().borrow().current_term)
+            .map(|r| r.metrics().borrow_watched().current_term)
     };
     let term_before = term(&c);
     // The meta shard records the move (the route reporter, within seconds).
@@ -377,7 +378,7 @@ async fn a_snapshot_older_than_the_replica_is_refused() {
     })
     .await
     .unwrap();
-    let vote = raft.metrics().borrow().vote;
+    let vote = raft.metrics().borrow_watched().vote;
     let sent = c
         .node(leader.0)
         .transport()

@@ -6,6 +6,7 @@ mod common;
 
 use common::cluster::{init_tracing, TestCluster, Timings};
 use common::load::{wait_ops, Load};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tessera::node::meta;
@@ -27,7 +28,7 @@ fn range_hash(c: &TestCluster, node: u64, d: &ShardDescriptor) -> (u64, u64) {
     pairs.hash(&mut h);
     let applied = n
         .raft(d.id)
-        .and_then(|r| r.metrics().borrow().last_applied)
+        .and_then(|r| r.metrics().borrow_watched().last_applied)
         .map_or(0, |l| l.index);
     (h.finish(), applied)
 }

@@ -156,7 +156,7 @@ impl Local {
                     .map(|(_, e)| e.clone())
                     .collect();
                 if !todo.is_empty() {
-                    sm.apply(todo).await.unwrap();
+                    sm.apply_entries(todo).await.unwrap();
                     progressed = true;
                 }
             }
@@ -185,7 +185,6 @@ impl Local {
         let meta = SnapshotMeta {
             last_log_id: Some(log_id(1, at)),
             last_membership: StoredMembership::default(),
-            snapshot_id: format!("model-{}", self.snapshots),
         };
         let header = SnapshotHeader {
             descriptor: d.clone(),
@@ -203,7 +202,7 @@ impl Local {
         }
         let snap = w.finish(&path).unwrap();
         let (log, mut sm) = self.engine().open_shard(id).unwrap();
-        sm.install_snapshot(&meta, Box::new(snap)).await.unwrap();
+        sm.install_snapshot(&meta, snap).await.unwrap();
         self.open.insert(id, (log, sm));
         self.catch_up(c).await;
     }
@@ -258,7 +257,7 @@ async fn walk(seed: u64, steps: usize) {
     let (log, mut sm) = create_and_open(&engine, &d1).await;
     // A first entry gives the root shard state.
     let first = c.append(ShardId(1), Command::put(b"k00".to_vec(), b"init".to_vec()));
-    sm.apply(vec![first]).await.unwrap();
+    sm.apply_entries(vec![first]).await.unwrap();
     let mut local = Local {
         dir,
         engine: Some(engine),
@@ -281,7 +280,7 @@ async fn walk(seed: u64, steps: usize) {
                 let v = format!("s{step}").into_bytes();
                 let e = c.append(id, Command::put(k, v));
                 if let Some((_, sm)) = local.open.get_mut(&id) {
-                    sm.apply(vec![e]).await.unwrap();
+                    sm.apply_entries(vec![e]).await.unwrap();
                     local.catch_up(&c).await;
                 }
                 "write"
@@ -308,7 +307,7 @@ async fn walk(seed: u64, steps: usize) {
                     },
                 );
                 if let Some((_, sm)) = local.open.get_mut(&id) {
-                    sm.apply(vec![e]).await.unwrap();
+                    sm.apply_entries(vec![e]).await.unwrap();
                     local.catch_up(&c).await;
                 }
                 "split"

@@ -5,12 +5,13 @@
 mod common;
 
 use common::*;
-use openraft::{BasicNode, Config, Raft, SnapshotPolicy};
+use openraft::async_runtime::watch::WatchReceiver as _;
+use openraft::{BasicNode, Config, SnapshotPolicy};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera::command::{Command, CommandResponse, Op, OpResult};
-use tessera::raft::{NoNetwork, TypeConfig};
+use tessera::raft::{NoNetwork, Raft};
 use tessera::storage::Engine;
 use tessera::{NodeId, ShardId};
 
@@ -33,7 +34,7 @@ fn config() -> Arc<Config> {
     )
 }
 
-async fn start(engine: &Engine, shard: u64) -> Raft<TypeConfig> {
+async fn start(engine: &Engine, shard: u64) -> Raft {
     let (log, sm) = engine.open_shard(ShardId(shard)).unwrap();
     let raft = Raft::new(NodeId(1), config(), NoNetwork, log, sm)
         .await
@@ -124,7 +125,7 @@ async fn groups_commit_snapshot_purge_and_restart() {
     }
     let applied: Vec<_> = groups
         .iter()
-        .map(|r| r.metrics().borrow().last_applied)
+        .map(|r| r.metrics().borrow_watched().last_applied)
         .collect();
 
     eprintln!("--- restart everything from disk");
@@ -140,8 +141,10 @@ async fn groups_commit_snapshot_purge_and_restart() {
         groups.push(start(&engine, s).await);
     }
     for ((s, raft), before) in (1..=SHARDS).zip(&groups).zip(applied) {
-        raft.ensure_linearizable().await.unwrap();
-        let now = raft.metrics().borrow().last_applied;
+        raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex)
+            .await
+            .unwrap();
+        let now = raft.metrics().borrow_watched().last_applied;
         assert!(
             now >= before,
             "shard {s}: applied went back from {before:?} to {now:?}"

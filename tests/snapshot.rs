@@ -245,7 +245,7 @@ async fn damaged_snapshot_files_are_refused_before_anything_changes() {
             .join(format!("bad-{}.snap", name.replace(' ', "-")));
         std::fs::write(&path, &content).unwrap();
         let err = dst
-            .install_snapshot(&snap.meta, Box::new(SnapshotData::from_file(&path)))
+            .install_snapshot(&snap.meta, SnapshotData::from_file(&path))
             .await
             .expect_err(name);
         assert!(err.to_string().contains("corrupt"), "{name}: {err}");

@@ -154,8 +154,15 @@ async fn three_shards_never_see_each_other() {
                 let lo = m.applied.max(m.purged.unwrap_or(0)) + 1;
                 if lo <= m.last() {
                     let at = rng.gen_range(lo..=m.last());
-                    let id = m.log[&at].log_id;
-                    log.truncate(id).await.unwrap();
+                    // Everything from `at` on goes: truncate after `at - 1`
+                    // (present, or the purged boundary; only its index
+                    // matters to the store).
+                    let prev = m
+                        .log
+                        .get(&(at - 1))
+                        .map(|e| e.log_id)
+                        .or_else(|| (at > 1).then(|| log_id(m.term, at - 1)));
+                    log.truncate_after(prev).await.unwrap();
                     m.log.split_off(&at);
                     m.term += 1; // a new leader rewrites the tail
                 }

@@ -5,10 +5,10 @@ mod common;
 
 use common::*;
 use openraft::storage::{RaftLogReader, RaftLogStorage};
-use openraft::testing::{StoreBuilder, Suite};
+use openraft::testing::log::{StoreBuilder, Suite};
 use std::sync::atomic::{AtomicU64, Ordering};
 use tessera::command::Command;
-use tessera::raft::{StorageError, TypeConfig, Vote};
+use tessera::raft::{TypeConfig, Vote};
 use tessera::storage::{Engine, LogStore, StateMachine};
 use tessera::{NodeId, ShardId};
 
@@ -18,7 +18,9 @@ struct SharedDbBuilder {
 }
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachine, ()> for SharedDbBuilder {
-    async fn build(&self) -> Result<((), LogStore, StateMachine), StorageError> {
+    async fn build(
+        &self,
+    ) -> Result<((), LogStore, StateMachine), openraft::StorageError<TypeConfig>> {
         let id = self.next_id.fetch_add(1, Ordering::SeqCst);
         let d = prefix_shard(id, format!("suite-{id:06}/").as_bytes());
         let (log, sm) = create_and_open(&self.engine, &d).await;
@@ -59,10 +61,10 @@ fn openraft_suite_passes_beside_other_shards() {
     });
 
     tracing_phase("run the suite on fresh shards in the same db");
-    Suite::test_all(SharedDbBuilder {
+    rt.block_on(Suite::test_all(SharedDbBuilder {
         engine: engine.clone(),
         next_id: AtomicU64::new(100),
-    })
+    }))
     .expect("openraft storage suite");
 
     tracing_phase("neighbours are untouched");

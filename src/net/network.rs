@@ -8,16 +8,16 @@
 use super::proto::{PeerRequest, PeerResponse, Refusal};
 use super::transport::{CallError, Transport};
 use crate::command::Command;
-use crate::raft::{Entry, TypeConfig, Vote};
+use crate::raft::{Entry, EntryPayload, Snapshot, TypeConfig, Vote};
+use crate::storage::snapshot::SnapshotData;
 use crate::{NodeId, ShardId};
-use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, ReplicationClosed, StreamingError, Unreachable,
-};
-use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
+use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, EntryPayload, Snapshot};
+use openraft::raft::{TransferLeaderRequest, TransferLeaderResponse};
+use openraft::BasicNode;
 use std::time::Duration;
 
 /// Makes one [`PeerClient`] per target for a shard's group.
@@ -65,11 +65,7 @@ fn io_err(e: &CallError) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
-fn rpc_error<E: std::error::Error>(
-    e: CallError,
-    action: openraft::RPCTypes,
-    me: NodeId,
-) -> RPCError<NodeId, BasicNode, E> {
+fn rpc_error(e: CallError, action: openraft::RPCTypes, me: NodeId) -> RPCError<TypeConfig> {
     match e {
         CallError::Timeout { peer, after } => RPCError::Timeout(openraft::error::Timeout {
             action,
@@ -89,10 +85,7 @@ fn rpc_error<E: std::error::Error>(
     }
 }
 
-fn unexpected_answer(
-    to: &str,
-    other: PeerResponse,
-) -> RPCError<NodeId, BasicNode, RaftError<NodeId>> {
+fn unexpected_answer(to: &str, other: PeerResponse) -> RPCError<TypeConfig> {
     RPCError::Network(NetworkError::new(&std::io::Error::other(format!(
         "unexpected answer to {to}: {other:?}"
     ))))
@@ -127,12 +120,35 @@ fn entries_that_fit(entries: &[Entry], budget: usize) -> usize {
     entries.len()
 }
 
-impl RaftNetwork<TypeConfig> for PeerClient {
+impl PeerClient {
+    /// Sends a vote or pre-vote request and takes its answer.
+    async fn ask_vote(
+        &mut self,
+        req: PeerRequest,
+        action: openraft::RPCTypes,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        let me = self.transport.node_id();
+        let resp = self
+            .transport
+            .call(self.target, self.shard, req, option.hard_ttl())
+            .await
+            .map_err(|e| rpc_error(e, action, me))?;
+        match resp {
+            PeerResponse::Vote(r) => Ok(r),
+            other => Err(unexpected_answer("Vote", other)),
+        }
+    }
+}
+
+impl RaftNetworkV2<TypeConfig> for PeerClient {
+    type SnapshotData = SnapshotData;
+
     async fn append_entries(
         &mut self,
         mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
         let keep = entries_that_fit(&rpc.entries, self.message_bytes_max);
         let cut = if keep < rpc.entries.len() {
             rpc.entries.truncate(keep);
@@ -162,33 +178,51 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
     async fn vote(
         &mut self,
-        rpc: VoteRequest<NodeId>,
+        rpc: VoteRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.ask_vote(PeerRequest::Vote(rpc), openraft::RPCTypes::Vote, option)
+            .await
+    }
+
+    async fn pre_vote(
+        &mut self,
+        rpc: VoteRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
+        self.ask_vote(PeerRequest::PreVote(rpc), openraft::RPCTypes::Vote, option)
+            .await
+    }
+
+    async fn transfer_leader(
+        &mut self,
+        req: TransferLeaderRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let me = self.transport.node_id();
         let resp = self
             .transport
             .call(
                 self.target,
                 self.shard,
-                PeerRequest::Vote(rpc),
+                PeerRequest::TransferLeader(req),
                 option.hard_ttl(),
             )
             .await
-            .map_err(|e| rpc_error(e, openraft::RPCTypes::Vote, me))?;
+            .map_err(|e| rpc_error(e, openraft::RPCTypes::TransferLeader, me))?;
         match resp {
-            PeerResponse::Vote(r) => Ok(r),
-            other => Err(unexpected_answer("Vote", other)),
+            PeerResponse::TransferLeader(r) => Ok(r),
+            other => Err(unexpected_answer("TransferLeader", other)),
         }
     }
 
     async fn full_snapshot(
         &mut self,
         vote: Vote,
-        snapshot: Snapshot<TypeConfig>,
+        snapshot: Snapshot,
         cancel: impl std::future::Future<Output = ReplicationClosed> + Send + 'static,
         option: RPCOption,
-    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+    ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
         // A snapshot may take far longer than one heartbeat: allow at least
         // a minute, more for a long hard TTL.
         let deadline = option.hard_ttl().max(Duration::from_secs(60));
@@ -232,11 +266,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::raft::LogId;
 
     fn entry(i: u64, value_bytes: usize) -> Entry {
         Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, NodeId(1)), i),
+            log_id: crate::raft::log_id(1, NodeId(1), i),
             payload: EntryPayload::Normal(Command::put(vec![1], vec![0; value_bytes])),
         }
     }

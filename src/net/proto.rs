@@ -20,6 +20,7 @@ use crate::command::{Command, CommandResponse};
 use crate::raft::{SnapshotMeta, TypeConfig, Vote};
 use crate::{NodeId, ShardDescriptor, ShardId};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::raft::{TransferLeaderRequest, TransferLeaderResponse};
 use serde::{Deserialize, Serialize};
 
 /// Connection close codes (application error codes of QUIC `CONNECTION_CLOSE`).
@@ -60,7 +61,12 @@ pub enum PeerRequest {
     /// AppendEntries (a heartbeat when it carries no entries).
     Append(AppendEntriesRequest<TypeConfig>),
     /// RequestVote.
-    Vote(VoteRequest<NodeId>),
+    Vote(VoteRequest<TypeConfig>),
+    /// A pre-vote: would the receiver vote for this candidate (no state
+    /// changes on either side)?
+    PreVote(VoteRequest<TypeConfig>),
+    /// The leader hands leadership to a node (openraft's leader transfer).
+    TransferLeader(TransferLeaderRequest<TypeConfig>),
     /// Propose a command to the receiving node's replica of the shard, which
     /// must lead it (forwarded proposals: meta-shard updates, admin steps).
     Propose(Command),
@@ -74,11 +80,6 @@ pub enum PeerRequest {
     DropReplica {
         /// The log id of the requester's membership.
         after: Option<crate::raft::LogId>,
-    },
-    /// Campaign for leadership once caught up to `index` (leader transfer).
-    Campaign {
-        /// The leader's last log index when it asked.
-        index: u64,
     },
     /// Learn of a node (a node joined the cluster).
     AddPeer {
@@ -139,9 +140,11 @@ pub enum Refusal {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum PeerResponse {
     /// AppendEntries answered.
-    Append(AppendEntriesResponse<NodeId>),
-    /// RequestVote answered.
-    Vote(VoteResponse<NodeId>),
+    Append(AppendEntriesResponse<TypeConfig>),
+    /// RequestVote or a pre-vote answered.
+    Vote(VoteResponse<TypeConfig>),
+    /// A leader transfer acknowledged.
+    TransferLeader(TransferLeaderResponse<TypeConfig>),
     /// A [`PeerRequest::Propose`] was committed and applied.
     Proposed(CommandResponse),
     /// An admin request was carried out.

@@ -9,7 +9,9 @@ use super::{leadership, meta, Node, Registry};
 use crate::command::{Command, CommandResponse};
 use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
 use crate::net::{CallError, PeerAddr};
+use crate::raft::TypeConfig;
 use crate::{NodeId, ShardDescriptor, ShardId};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use std::collections::{BTreeSet, HashMap};
@@ -84,22 +86,6 @@ impl Registry {
                 Ok(r) => PeerResponse::Proposed(r),
                 Err(r) => refused(r),
             },
-            PeerRequest::Campaign { index } => {
-                let Some(raft) = self.get(shard) else {
-                    return refused(Refusal::UnknownShard(shard));
-                };
-                let caught_up = raft
-                    .wait(Some(Duration::from_secs(10)))
-                    .applied_index_at_least(Some(index), "campaign: catch up first")
-                    .await;
-                if let Err(e) = caught_up {
-                    return refused(Refusal::Failed(e.to_string()));
-                }
-                match raft.trigger().elect().await {
-                    Ok(()) => PeerResponse::Done,
-                    Err(e) => refused(Refusal::Failed(e.to_string())),
-                }
-            }
             PeerRequest::CreateReplica(d) => {
                 let Some(node) = self.node() else {
                     return refused(Refusal::Failed("node stopping".into()));
@@ -121,7 +107,7 @@ impl Registry {
                     return refused(Refusal::Failed("node stopping".into()));
                 };
                 if let Some(raft) = self.get(shard) {
-                    let m = raft.metrics().borrow().membership_config.clone();
+                    let m = raft.metrics().borrow_watched().membership_config.clone();
                     if m.membership().get_node(&self.me).is_some() && *m.log_id() > after {
                         return refused(Refusal::Failed(format!(
                             "{} is a member of {shard} in membership {:?}, newer than the request's {after:?}",
@@ -142,7 +128,10 @@ impl Registry {
                 node.learn_peer(PeerAddr { id, addr });
                 PeerResponse::Done
             }
-            PeerRequest::Append(_) | PeerRequest::Vote(_) => {
+            PeerRequest::Append(_)
+            | PeerRequest::Vote(_)
+            | PeerRequest::PreVote(_)
+            | PeerRequest::TransferLeader(_) => {
                 refused(Refusal::Failed("not an admin request".into()))
             }
         }
@@ -199,7 +188,7 @@ impl Node {
         let deadline = Instant::now() + timeout;
         let mut hint = self
             .raft(shard)
-            .and_then(|r| r.metrics().borrow().current_leader);
+            .and_then(|r| r.metrics().borrow_watched().current_leader);
         let mut others: Vec<NodeId> = std::iter::once(self.id)
             .chain(self.transport.peer_ids())
             .collect();
@@ -286,7 +275,7 @@ impl Node {
         let raft = self.led(shard)?;
         let joint = raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .get_joint_config()
@@ -367,7 +356,7 @@ impl Node {
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         };
-        let _ = child_raft.trigger().elect().await;
+        let _ = child_raft.trigger().elect(false).await;
         let _ = child_raft
             .wait(Some(Duration::from_secs(10)))
             .metrics(
@@ -419,7 +408,7 @@ impl Node {
             return Err(AdminError::Refused(format!("{to} is not a known node")));
         }
         let membership = || {
-            let m = raft.metrics().borrow().membership_config.clone();
+            let m = raft.metrics().borrow_watched().membership_config.clone();
             let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
             let learners: BTreeSet<NodeId> = m.membership().learner_ids().collect();
             (voters, learners)
@@ -430,7 +419,7 @@ impl Node {
                 "{from} holds no replica of {shard}"
             )));
         }
-        let werr = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match e {
+        let werr = |e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader {
                 shard,
                 hint: f.leader_id,
@@ -516,14 +505,14 @@ impl Node {
                 .engine
                 .descriptor(shard)
                 .map_err(|_| AdminError::UnknownShard { shard })?;
-            let index = raft.metrics().borrow().last_log_index.unwrap_or(0);
-            let _ = self
-                .transport
-                .call(
-                    to,
-                    shard,
-                    PeerRequest::Campaign { index },
-                    Duration::from_secs(5),
+            // Best effort: without it the target elects itself after an
+            // election timeout.
+            let _ = raft.trigger().transfer_leader(to).await;
+            let _ = raft
+                .wait(Some(Duration::from_secs(5)))
+                .metrics(
+                    |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
+                    "move: the target leads",
                 )
                 .await;
             drop(raft);
@@ -563,7 +552,7 @@ impl Node {
         shard: ShardId,
         node: NodeId,
     ) -> Result<PeerResponse, CallError> {
-        let after = *raft.metrics().borrow().membership_config.log_id();
+        let after = *raft.metrics().borrow_watched().membership_config.log_id();
         self.transport
             .call(
                 node,
@@ -621,7 +610,11 @@ impl Node {
                 });
             }
             built += 1;
-            let applied = raft.metrics().borrow().last_applied.map(|l| l.index);
+            let applied = raft
+                .metrics()
+                .borrow_watched()
+                .last_applied
+                .map(|l| l.index);
             raft.trigger()
                 .snapshot()
                 .await
@@ -634,7 +627,7 @@ impl Node {
                 .await
                 .map_err(|e| raft_error(shard, e))?;
         };
-        let vote = raft.metrics().borrow().vote;
+        let vote = raft.metrics().borrow_watched().vote;
         self.transport
             .send_snapshot(
                 to,
@@ -652,36 +645,30 @@ impl Node {
     /// Hands leadership of `shard` (led here) to `to`, waiting until it
     /// leads (or another node does).
     ///
-    /// The target campaigns once it has applied what this leader had; an
-    /// election lost to a log that grew meanwhile (writes keep coming) is
-    /// tried again, a few times.
+    /// openraft's leader transfer: the leader stops accepting writes, tells
+    /// every member, and `to` campaigns once its log holds what the leader
+    /// had flushed. Tried again a few times when another node wins.
     async fn hand_over(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
         let raft = self.led(shard)?;
         let mut last = String::new();
-        for _ in 0..8 {
-            let index = raft.metrics().borrow().last_log_index.unwrap_or(0);
-            match self
-                .transport
-                .call(
-                    to,
-                    shard,
-                    PeerRequest::Campaign { index },
-                    Duration::from_secs(15),
-                )
-                .await
-            {
-                Ok(PeerResponse::Done) => {}
-                Ok(other) => last = format!("{to} answered {other:?}"),
-                Err(e) => last = e.to_string(),
+        for _ in 0..5 {
+            if let Err(e) = raft.trigger().transfer_leader(to).await {
+                return Err(raft_error(shard, e));
             }
             let moved = raft
-                .wait(Some(Duration::from_secs(2)))
+                .wait(Some(Duration::from_secs(5)))
                 .metrics(
                     |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
                     "transfer: another node leads",
                 )
                 .await;
-            if moved.is_ok() {
+            match moved {
+                Ok(m) if m.current_leader == Some(to) => return Ok(()),
+                Ok(m) => last = format!("{:?} leads instead", m.current_leader),
+                Err(e) => last = e.to_string(),
+            }
+            if !leadership(&raft, self.id).0 {
+                // Another node won; the caller checks who.
                 return Ok(());
             }
         }
@@ -702,7 +689,7 @@ impl Node {
         }
         let voter = raft
             .metrics()
-            .borrow()
+            .borrow_watched()
             .membership_config
             .membership()
             .voter_ids()
@@ -713,7 +700,7 @@ impl Node {
             )));
         }
         self.hand_over(shard, to).await?;
-        let now = raft.metrics().borrow().current_leader;
+        let now = raft.metrics().borrow_watched().current_leader;
         if now == Some(to) {
             Ok(())
         } else {

@@ -19,6 +19,9 @@
 //! heartbeat_interval_ms = 300
 //! election_timeout_ms_min = 1500
 //! election_timeout_ms_max = 3000
+//! pre_vote = true
+//! proposal_batch_max = 4096
+//! replicate_before_flush = true
 //!
 //! [bootstrap]                         # optional: create shards on first start
 //! shards = 16
@@ -95,6 +98,17 @@ pub struct RaftTimings {
     /// follower within this distance catches up from the log, beyond it
     /// from a snapshot). Default: 1000.
     pub snapshot_logs_to_keep: u64,
+    /// Pre-vote: a node whose election timer fires first asks whether it
+    /// could win before it bumps its term, so a node that was partitioned or
+    /// restarted cannot depose a healthy leader. Default: true.
+    pub pre_vote: bool,
+    /// Client writes gathered into one proposal (one log append, one
+    /// AppendEntries) at most. Default: 4096.
+    pub proposal_batch_max: u64,
+    /// Replicate entries as soon as they are submitted to the log, before
+    /// the local flush (the leader's and the followers' syncs overlap).
+    /// Default: true.
+    pub replicate_before_flush: bool,
 }
 
 impl Default for RaftTimings {
@@ -106,6 +120,9 @@ impl Default for RaftTimings {
             max_payload_entries: 256,
             snapshot_logs_since_last: 10_000,
             snapshot_logs_to_keep: 1000,
+            pre_vote: true,
+            proposal_batch_max: 4096,
+            replicate_before_flush: true,
         }
     }
 }
@@ -295,6 +312,9 @@ impl NodeConfig {
                 "must be above election_timeout_ms_min",
             ));
         }
+        if r.proposal_batch_max == 0 {
+            return Err(invalid("raft.proposal_batch_max", "must be at least 1"));
+        }
         if r.max_payload_entries == 0 {
             return Err(invalid("raft.max_payload_entries", "must be at least 1"));
         }
@@ -346,6 +366,9 @@ impl NodeConfig {
             max_payload_entries: r.max_payload_entries,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(r.snapshot_logs_since_last),
             max_in_snapshot_log_to_keep: r.snapshot_logs_to_keep,
+            enable_pre_vote: Some(r.pre_vote),
+            api_batch_capacity: r.proposal_batch_max,
+            broadcast_submitted_on_append: Some(r.replicate_before_flush),
             ..Default::default()
         }
     }

@@ -19,13 +19,14 @@ pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings, ReplicaGcConfi
 use crate::metrics::{MetricsSnapshot, NetMetrics};
 use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
 use crate::net::{Faults, NetworkFactory, PeerAddr, Transport, TransportError, Wiring};
-use crate::raft::{SnapshotMeta, TypeConfig, Vote};
+use crate::raft::{SnapshotMeta, Vote};
 use crate::storage::snapshot::SnapshotData;
 use crate::storage::{Engine, StoreError};
 use crate::tls::{TlsError, TlsIdentity};
 use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use dashmap::DashMap;
-use openraft::{BasicNode, Raft, ServerState};
+use openraft::async_runtime::watch::WatchReceiver as _;
+use openraft::{BasicNode, ServerState};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// One shard replica's Raft group.
-pub type ShardRaft = Raft<TypeConfig>;
+pub type ShardRaft = crate::raft::Raft;
 
 /// What can stop a node from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -169,7 +170,13 @@ impl Registry {
 
     /// Hands one Raft request to its group.
     pub async fn handle_request(&self, shard: ShardId, req: PeerRequest) -> PeerResponse {
-        if !matches!(req, PeerRequest::Append(_) | PeerRequest::Vote(_)) {
+        if !matches!(
+            req,
+            PeerRequest::Append(_)
+                | PeerRequest::Vote(_)
+                | PeerRequest::PreVote(_)
+                | PeerRequest::TransferLeader(_)
+        ) {
             return self.handle_admin(shard, req).await;
         }
         let Some(raft) = self.get(shard) else {
@@ -182,6 +189,14 @@ impl Registry {
             },
             PeerRequest::Vote(v) => match raft.vote(v).await {
                 Ok(r) => PeerResponse::Vote(r),
+                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
+            },
+            PeerRequest::PreVote(v) => match raft.pre_vote(v).await {
+                Ok(r) => PeerResponse::Vote(r),
+                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
+            },
+            PeerRequest::TransferLeader(t) => match raft.handle_transfer_leader(t).await {
+                Ok(r) => PeerResponse::TransferLeader(r),
                 Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
             },
             other => self.handle_admin(shard, other).await,
@@ -232,9 +247,9 @@ impl Registry {
                 local: local.epoch,
             });
         }
-        let snapshot = openraft::Snapshot {
+        let snapshot = crate::raft::Snapshot {
             meta,
-            snapshot: Box::new(data),
+            snapshot: data,
         };
         let installed = raft
             .install_full_snapshot(vote, snapshot)
@@ -256,7 +271,7 @@ impl Registry {
 /// knows of (read under the metrics borrow, nothing cloned).
 pub(crate) fn leadership(raft: &ShardRaft, me: NodeId) -> (bool, Option<NodeId>) {
     let m = raft.metrics();
-    let m = m.borrow();
+    let m = m.borrow_watched();
     (
         m.state == ServerState::Leader && m.current_leader == Some(me),
         m.current_leader,
@@ -521,7 +536,7 @@ impl Node {
             shard,
             self.config.transport.frame_bytes_max / 2,
         );
-        let raft = Raft::new(self.id, self.raft_config.clone(), net, log, sm)
+        let raft = ShardRaft::new(self.id, self.raft_config.clone(), net, log, sm)
             .await
             .map_err(|e| NodeError::Raft {
                 shard,

@@ -13,6 +13,7 @@
 
 use super::Node;
 use crate::{NodeId, ShardDescriptor, ShardId};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -148,7 +149,7 @@ pub(crate) async fn run(
                 let applied = n
                     .raft(s)?
                     .metrics()
-                    .borrow()
+                    .borrow_watched()
                     .last_applied
                     .map_or(0, |l| l.index);
                 Some(Hosted {

@@ -7,6 +7,7 @@ use crate::api::{ApiError, NodeStatus, Request, Response, ShardStatus, SCAN_LIMI
 use crate::command::{Command, CommandResponse};
 use crate::limits::FRAME_BYTES_MAX;
 use crate::{wire, Epoch, ShardDescriptor, ShardId};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use std::sync::Arc;
 
@@ -123,7 +124,11 @@ impl Registry {
 
     fn with_leader(&self, mut d: ShardDescriptor) -> ShardDescriptor {
         if let Some(r) = self.get(d.id) {
-            d.leader_hint = r.metrics().borrow().current_leader.or(d.leader_hint);
+            d.leader_hint = r
+                .metrics()
+                .borrow_watched()
+                .current_leader
+                .or(d.leader_hint);
         }
         d
     }
@@ -132,11 +137,11 @@ impl Registry {
     /// linger.
     async fn read_barrier(&self, shard: ShardId, raft: &super::ShardRaft) -> Result<(), ApiError> {
         let _expedite = self.expedite();
-        raft.ensure_linearizable()
+        raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
             .await
             .map(|_| ())
             .map_err(|e| match e {
-                RaftError::APIError(openraft::error::CheckIsLeaderError::ForwardToLeader(f)) => {
+                RaftError::APIError(openraft::error::LinearizableReadError::ForwardToLeader(f)) => {
                     ApiError::NotLeader {
                         shard,
                         leader_hint: f.leader_id,
@@ -318,7 +323,7 @@ impl Registry {
                     let Ok(d) = self.descriptor(shard) else {
                         continue;
                     };
-                    let m = raft.metrics().borrow().clone();
+                    let m = raft.metrics().borrow_watched().clone();
                     shards.push(ShardStatus {
                         size_bytes: self.engine.approximate_size(&d.range),
                         descriptor: d,

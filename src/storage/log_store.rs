@@ -4,11 +4,11 @@ use super::engine::{decode, encode, Engine, ShardGuard};
 use super::error::StoreError;
 use super::keys::{self, StateTag};
 use super::writer::{Cf, OnDurable, WriteOp};
-use crate::raft::{Entry, LogId, StorageError, TypeConfig, Vote};
+use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::ShardId;
-use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, StorageIOError};
+use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use std::fmt::Debug;
+use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::sync::Arc;
 use tokio::sync::oneshot;
@@ -103,23 +103,17 @@ impl LogStore {
     }
 }
 
-fn io_err(subject: ErrorSubject<crate::NodeId>, verb: ErrorVerb, e: &StoreError) -> StorageError {
-    StorageIOError::new(subject, verb, e).into()
-}
-
-fn read_logs_err(e: StoreError) -> StorageError {
-    io_err(ErrorSubject::Logs, ErrorVerb::Read, &e)
-}
-
-fn write_logs_err(e: StoreError) -> StorageError {
-    io_err(ErrorSubject::Logs, ErrorVerb::Write, &e)
+/// openraft's storage traits speak `io::Error`; the typed cause is kept
+/// inside it.
+pub(crate) fn to_io(e: StoreError) -> io::Error {
+    io::Error::other(e)
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
-    ) -> Result<Vec<Entry>, StorageError> {
+    ) -> Result<Vec<Entry>, io::Error> {
         let start = match range.start_bound() {
             Bound::Included(&s) => s,
             Bound::Excluded(&s) => s.saturating_add(1),
@@ -130,30 +124,33 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(&e) => e,
             Bound::Unbounded => u64::MAX,
         };
-        self.read_range(start, end, false).map_err(read_logs_err)
+        self.read_range(start, end, false).map_err(to_io)
     }
 
     async fn limited_get_log_entries(
         &mut self,
         start: u64,
         end: u64,
-    ) -> Result<Vec<Entry>, StorageError> {
-        self.read_range(start, end, true).map_err(read_logs_err)
+    ) -> Result<Vec<Entry>, io::Error> {
+        self.read_range(start, end, true).map_err(to_io)
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
+        self.engine
+            .read_state(self.shard, StateTag::Vote)
+            .map_err(to_io)
     }
 }
 
 impl RaftLogStorage<TypeConfig> for LogStore {
     type LogReader = LogStore;
 
-    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, io::Error> {
         let last_purged_log_id: Option<LogId> = self
             .engine
             .read_state(self.shard, StateTag::Purged)
-            .map_err(read_logs_err)?;
-        let last = self
-            .engine
-            .last_log_entry(self.shard)
-            .map_err(read_logs_err)?;
+            .map_err(to_io)?;
+        let last = self.engine.last_log_entry(self.shard).map_err(to_io)?;
         Ok(LogState {
             last_purged_log_id,
             last_log_id: last.map(|e| e.log_id).or(last_purged_log_id),
@@ -164,8 +161,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         self.clone()
     }
 
-    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
-        let verr = |e: StoreError| io_err(ErrorSubject::Vote, ErrorVerb::Write, &e);
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), io::Error> {
+        let verr = to_io;
         let (tx, rx) = oneshot::channel();
         let cb: OnDurable = Box::new(move |r| {
             let _ = tx.send(r);
@@ -188,57 +185,50 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(verr)
     }
 
-    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
-        self.engine
-            .read_state(self.shard, StateTag::Vote)
-            .map_err(|e| io_err(ErrorSubject::Vote, ErrorVerb::Read, &e))
-    }
-
-    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
         let op = WriteOp::Put {
             cf: Cf::RaftState,
             key: keys::state_key(self.shard, StateTag::Committed).to_vec(),
             value: encode(&committed),
         };
-        self.write(vec![op]).await.map_err(write_logs_err)
+        self.write(vec![op]).await.map_err(to_io)
     }
 
-    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+    async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {
         let c: Option<Option<LogId>> = self
             .engine
             .read_state(self.shard, StateTag::Committed)
-            .map_err(read_logs_err)?;
+            .map_err(to_io)?;
         Ok(c.flatten())
     }
 
     async fn append<I>(
         &mut self,
         entries: I,
-        callback: LogFlushed<TypeConfig>,
-    ) -> Result<(), StorageError>
+        callback: IOFlushed<TypeConfig>,
+    ) -> Result<(), io::Error>
     where
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
         let entries: Vec<Entry> = entries.into_iter().collect();
-        self.append_entries(entries, move |r| {
-            callback.log_io_completed(r.map_err(std::io::Error::other))
-        })
-        .await
-        .map_err(write_logs_err)
+        self.append_entries(entries, move |r| callback.io_completed(r.map_err(to_io)))
+            .await
+            .map_err(to_io)
     }
 
-    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
-        tracing::debug!(shard = %self.shard, %log_id, "truncate log");
+    async fn truncate_after(&mut self, last: Option<LogId>) -> Result<(), io::Error> {
+        tracing::debug!(shard = %self.shard, ?last, "truncate log after");
+        let from = last.map_or(0, |l| l.index + 1);
         let op = WriteOp::DeleteRange {
             cf: Cf::RaftLog,
-            from: keys::log_key(self.shard, log_id.index).to_vec(),
+            from: keys::log_key(self.shard, from).to_vec(),
             to: keys::shard_prefix_end(self.shard).to_vec(),
         };
-        self.write(vec![op]).await.map_err(write_logs_err)
+        self.write(vec![op]).await.map_err(to_io)
     }
 
-    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+    async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         tracing::debug!(shard = %self.shard, %log_id, "purge log");
         // One batch: the purged marker and the deletion land together, so the
         // log never has a hole below a present entry.
@@ -254,6 +244,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 to: keys::log_key(self.shard, log_id.index + 1).to_vec(),
             },
         ];
-        self.write(ops).await.map_err(write_logs_err)
+        self.write(ops).await.map_err(to_io)
     }
 }

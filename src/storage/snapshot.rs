@@ -34,7 +34,7 @@ pub type Pair = (Vec<u8>, Vec<u8>);
 pub struct SnapshotHeader {
     /// The shard (range and epoch) the data belongs to.
     pub descriptor: ShardDescriptor,
-    /// openraft's metadata: last included log id, membership, snapshot id.
+    /// openraft's metadata: last included log id and membership.
     pub meta: SnapshotMeta,
 }
 

@@ -7,17 +7,22 @@ use super::engine::{
 };
 use super::error::StoreError;
 use super::keys::{self, MetaTag, StateTag};
+use super::log_store::to_io;
 use super::snapshot::{Pair, SnapshotData, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::writer::Cf;
 use crate::command::{Command, CommandResponse, Op, OpResult};
 use crate::node::meta;
-use crate::raft::{Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig, Vote};
+use crate::raft::{
+    Entry, EntryPayload, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
+};
 use crate::{Epoch, KeyRange, ShardDescriptor, ShardId};
-use openraft::storage::{RaftStateMachine, Snapshot};
-use openraft::{EntryPayload, ErrorSubject, ErrorVerb, RaftSnapshotBuilder, StorageIOError};
+use futures_util::StreamExt;
+use openraft::storage::{ApplyResponder, EntryResponder, RaftStateMachine};
+use openraft::RaftSnapshotBuilder;
 use rocksdb::{WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
@@ -58,28 +63,21 @@ pub struct StateMachine {
     shadows: (u64, Vec<KeyRange>),
 }
 
-fn sm_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
-    StorageIOError::new(ErrorSubject::StateMachine, verb, e).into()
-}
+/// Entries applied in one `WriteBatch` at most (a long catch-up after a
+/// restart is applied in bounded pieces).
+const APPLY_CHUNK_MAX: usize = 1024;
 
-fn snap_err(verb: ErrorVerb, e: &StoreError) -> StorageError {
-    StorageIOError::new(ErrorSubject::Snapshot(None), verb, e).into()
-}
-
-fn snapshot_file_name(meta: &SnapshotMeta) -> Result<String, StoreError> {
-    let id = &meta.snapshot_id;
-    let ok = !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !ok {
-        return Err(StoreError::corrupt(
-            "snapshot id",
-            format!("unsafe snapshot id {id:?}"),
-        ));
-    }
-    Ok(format!("{id}.snap"))
+/// A fresh file name for a snapshot of the state at `applied`: unique on this
+/// node (sequence and clock), and sortable by what it covers.
+fn new_snapshot_name(engine: &Engine, applied: Option<LogId>, kind: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{}-{nanos}{kind}.snap",
+        applied.map_or(0, |l| l.index),
+        engine.next_snapshot_seq()
+    )
 }
 
 impl StateMachine {
@@ -92,7 +90,7 @@ impl StateMachine {
         std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))?;
         let current: Current = Arc::new(Mutex::new(engine.read_meta(shard, MetaTag::Snapshot)?));
         if let Some(m) = engine.read_meta::<InstallMarker>(shard, MetaTag::Installing)? {
-            tracing::warn!(%shard, snapshot = %m.meta.snapshot_id, "resuming an interrupted snapshot install");
+            tracing::warn!(%shard, snapshot = %m.file, "resuming an interrupted snapshot install");
             install_file(&engine, shard, &dir.join(&m.file), &m.meta, &current)?;
         }
         let descriptor = engine
@@ -396,19 +394,43 @@ impl StateMachine {
     }
 }
 
-impl RaftStateMachine<TypeConfig> for StateMachine {
-    type SnapshotBuilder = SnapshotBuilder;
-
-    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), StorageError> {
-        Ok((self.applied, self.membership.clone()))
+impl StateMachine {
+    /// Applies committed `entries` in order, in batches, and returns what
+    /// each produced (what openraft's `apply` does, without responders: for
+    /// tools and tests that drive a state machine directly).
+    pub async fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<CommandResponse>, io::Error> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut it = entries.into_iter().peekable();
+        while it.peek().is_some() {
+            let mut chunk: Vec<Entry> = it.by_ref().take(APPLY_CHUNK_MAX).collect();
+            out.extend(self.apply_chunk(&mut chunk)?);
+        }
+        Ok(out)
     }
 
-    async fn apply<I>(&mut self, entries: I) -> Result<Vec<CommandResponse>, StorageError>
-    where
-        I: IntoIterator<Item = Entry> + Send,
-        I::IntoIter: Send,
-    {
-        let werr = |e: StoreError| sm_err(ErrorVerb::Write, &e);
+    /// Applies `chunk` (drained) in one unsynced batch and answers its
+    /// responders.
+    fn apply_answered(
+        &mut self,
+        chunk: &mut Vec<Entry>,
+        responders: &mut Vec<Option<ApplyResponder<TypeConfig>>>,
+    ) -> Result<(), io::Error> {
+        let responses = self.apply_chunk(chunk)?;
+        for (resp, responder) in responses.into_iter().zip(responders.drain(..)) {
+            if let Some(r) = responder {
+                r.send(resp);
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies `chunk` (drained) in one unsynced batch: the data, the
+    /// applied log id, membership and descriptor changes together.
+    fn apply_chunk(&mut self, chunk: &mut Vec<Entry>) -> Result<Vec<CommandResponse>, io::Error> {
+        let werr = to_io;
         // Fail-stop: after a failed log sync nothing more is acknowledged.
         self.engine.latch().check().map_err(werr)?;
         // Held (shared) until the batch is written: an install or delete of
@@ -425,7 +447,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let mut created = Vec::new();
         let mut descriptor_changed = false;
         let mut written = 0u64;
-        for entry in entries {
+        for entry in chunk.drain(..) {
             last = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
@@ -516,26 +538,65 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         Ok(responses)
     }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotData = SnapshotData;
+    type SnapshotBuilder = SnapshotBuilder;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok((self.applied, self.membership.clone()))
+    }
+
+    async fn apply<S>(&mut self, mut entries: S) -> Result<(), io::Error>
+    where
+        S: futures_util::Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>>
+            + Unpin
+            + Send,
+    {
+        // One batch per piece the stream has ready (bounded), answered right
+        // after its write.
+        let mut chunk: Vec<Entry> = Vec::new();
+        let mut responders: Vec<Option<ApplyResponder<TypeConfig>>> = Vec::new();
+        loop {
+            let next = if chunk.is_empty() {
+                entries.next().await
+            } else {
+                match futures_util::FutureExt::now_or_never(entries.next()) {
+                    Some(n) => n,
+                    None => {
+                        self.apply_answered(&mut chunk, &mut responders)?;
+                        continue;
+                    }
+                }
+            };
+            match next {
+                Some(item) => {
+                    let (entry, responder) = item?;
+                    chunk.push(entry);
+                    responders.push(responder);
+                    if chunk.len() >= APPLY_CHUNK_MAX {
+                        self.apply_answered(&mut chunk, &mut responders)?;
+                    }
+                }
+                None => {
+                    self.apply_answered(&mut chunk, &mut responders)?;
+                    return Ok(());
+                }
+            }
+        }
+    }
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         SnapshotBuilder::start(self.engine.clone(), self.shard, self.current.clone())
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
-        let dir = self.engine.shard_snapshot_dir(self.shard);
-        let path = dir.join(format!(
-            "receiving-{}.snap",
-            self.engine.next_snapshot_seq()
-        ));
-        Ok(Box::new(SnapshotData::from_file(path)))
-    }
-
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta,
-        snapshot: Box<SnapshotData>,
-    ) -> Result<(), StorageError> {
-        let werr = |e: StoreError| snap_err(ErrorVerb::Write, &e);
+        snapshot: SnapshotData,
+    ) -> Result<(), io::Error> {
+        let werr = to_io;
         let (engine, shard, current, meta2) = (
             self.engine.clone(),
             self.shard,
@@ -544,19 +605,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         );
         tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
             let dir = engine.shard_snapshot_dir(shard);
-            let mut target = dir.join(snapshot_file_name(&meta2)?);
-            if snapshot.path() != target && target.exists() {
-                // Never overwrite a file that may be the current snapshot.
-                let seq = engine.next_snapshot_seq();
-                target = dir.join(format!("{}-r{seq}.snap", meta2.snapshot_id));
-            }
-            if snapshot.path() != target {
-                link_or_copy(snapshot.path(), &target)?;
-            }
+            // The received file is linked in under a fresh name (never over
+            // a file that may be the current snapshot).
+            let target = dir.join(new_snapshot_name(&engine, meta2.last_log_id, "-i"));
+            link_or_copy(snapshot.path(), &target)?;
             install_file(&engine, shard, &target, &meta2, &current)?;
             // A file received into this shard's folder is now linked as the
             // current snapshot under its own name.
-            if snapshot.path() != target && snapshot.path().parent() == Some(dir.as_path()) {
+            if snapshot.path().parent() == Some(dir.as_path()) {
                 let _ = std::fs::remove_file(snapshot.path());
             }
             Ok(())
@@ -579,7 +635,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
-    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
         let cur = self
             .current
             .lock()
@@ -588,7 +644,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let dir = self.engine.shard_snapshot_dir(self.shard);
         Ok(cur.map(|r| Snapshot {
             meta: r.meta,
-            snapshot: Box::new(SnapshotData::from_file(dir.join(r.file))),
+            snapshot: SnapshotData::from_file(dir.join(r.file)),
         }))
     }
 }
@@ -639,8 +695,10 @@ impl SnapshotBuilder {
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError> {
-        let werr = |e: StoreError| snap_err(ErrorVerb::Write, &e);
+    type SnapshotData = SnapshotData;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        let werr = to_io;
         let rx = std::mem::replace(
             &mut self.pending,
             Err(StoreError::Failed {
@@ -667,7 +725,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             let c = cur.clone().expect("checked above");
             return Ok(Snapshot {
                 meta: c.meta,
-                snapshot: Box::new(SnapshotData::from_file(dir.join(c.file))),
+                snapshot: SnapshotData::from_file(dir.join(c.file)),
             });
         }
         let file = path
@@ -697,10 +755,10 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
                 let _ = std::fs::remove_file(dir.join(old.file));
             }
         }
-        tracing::debug!(shard = %self.shard, snapshot = %meta.snapshot_id, "snapshot built");
+        tracing::debug!(shard = %self.shard, snapshot = %path.display(), "snapshot built");
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(SnapshotData::from_file(path)),
+            snapshot: SnapshotData::from_file(path),
         })
     }
 }
@@ -728,23 +786,13 @@ fn export(
         Some(b) => decode(&b, || format!("membership of {shard}"))?,
         None => StoredMembership::default(),
     };
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let snapshot_id = format!(
-        "{}-{}-{}",
-        applied.map_or(0, |l| l.index),
-        engine.next_snapshot_seq(),
-        nanos
-    );
     let meta = SnapshotMeta {
         last_log_id: applied,
         last_membership: membership,
-        snapshot_id,
     };
     let dir = engine.shard_snapshot_dir(shard);
     std::fs::create_dir_all(&dir).map_err(|e| StoreError::io("create folder", &dir, e))?;
-    let name = snapshot_file_name(&meta)?;
+    let name = new_snapshot_name(engine, applied, "");
     let header = SnapshotHeader {
         descriptor: descriptor.clone(),
         meta: meta.clone(),
@@ -916,7 +964,7 @@ fn install_file(
         }
     }
     drop(cur);
-    tracing::info!(%shard, snapshot = %meta.snapshot_id, range = %descriptor.range, "snapshot installed");
+    tracing::info!(%shard, snapshot = %path.display(), range = %descriptor.range, "snapshot installed");
     Ok(())
 }
 

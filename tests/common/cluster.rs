@@ -2,6 +2,7 @@
 //! transport's fault layer (blocked links, message loss), kill and restart
 //! from the data folder, and typed, bounded waits that fail with a message.
 
+use openraft::async_runtime::watch::WatchReceiver as _;
 use openraft::ServerState;
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -344,7 +345,7 @@ impl TestCluster {
                 let Some(raft) = node.raft(shard) else {
                     continue;
                 };
-                let m = raft.metrics().borrow().clone();
+                let m = raft.metrics().borrow_watched().clone();
                 max_term = max_term.max(m.current_term);
                 if m.state == ServerState::Leader {
                     best = Some((m.current_term, node.id()));
@@ -448,7 +449,11 @@ impl TestCluster {
             let left = deadline.saturating_duration_since(Instant::now());
             let leader = self.wait_leader(shard, left).await?;
             let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
-            let r = tokio::time::timeout(Duration::from_secs(5), raft.ensure_linearizable()).await;
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
+            )
+            .await;
             match r {
                 Ok(Ok(_)) => return Ok(leader),
                 other => tracing::debug!(%shard, ?other, "read barrier retried"),
@@ -462,9 +467,9 @@ impl TestCluster {
         }
     }
 
-    /// Moves leadership of `shard` to `to` (openraft 0.9 has no transfer:
-    /// once `to` holds the leader's log, it campaigns; repeated until it
-    /// leads or `timeout` passes).
+    /// Moves leadership of `shard` to `to` with openraft's leader transfer
+    /// (asked of whoever leads; repeated until `to` leads or `timeout`
+    /// passes).
     pub async fn transfer_leader(
         &self,
         shard: ShardId,
@@ -481,15 +486,9 @@ impl TestCluster {
             }
             let left = deadline.saturating_duration_since(Instant::now());
             let leader = self.wait_leader(shard, left).await?;
-            let last = self.nodes[&leader]
-                .raft(shard)
-                .and_then(|r| r.metrics().borrow().last_log_index)
-                .unwrap_or(0);
-            let _ = target
-                .wait(Some(left))
-                .applied_index_at_least(Some(last), "transfer_leader: target catches up")
-                .await;
-            let _ = target.trigger().elect().await;
+            if let Some(r) = self.nodes[&leader].raft(shard) {
+                let _ = r.trigger().transfer_leader(to).await;
+            }
             let won = target
                 .wait(Some(Duration::from_secs(5).min(left)))
                 .metrics(
@@ -521,7 +520,7 @@ impl TestCluster {
         let last = self
             .node(leader.0)
             .raft(shard)
-            .and_then(|r| r.metrics().borrow().last_log_index)
+            .and_then(|r| r.metrics().borrow_watched().last_log_index)
             .unwrap_or(0);
         self.wait_applied(shard, last, on, timeout).await
     }

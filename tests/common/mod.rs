@@ -4,17 +4,16 @@
 pub mod cluster;
 pub mod load;
 
-use openraft::storage::{RaftLogStorage, RaftStateMachine};
-use openraft::{CommittedLeaderId, EntryPayload, Membership};
+use openraft::storage::RaftLogStorage;
 use std::collections::BTreeSet;
 use tessera::command::{Command, CommandResponse};
-use tessera::raft::{Entry, LogId};
+use tessera::raft::{Entry, EntryPayload, LogId, Membership};
 use tessera::storage::{Engine, LogStore, StateMachine, StorageConfig, StoreError};
 use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use tokio::sync::oneshot;
 
 pub fn log_id(term: u64, index: u64) -> LogId {
-    LogId::new(CommittedLeaderId::new(term, NodeId(1)), index)
+    tessera::raft::log_id(term, NodeId(1), index)
 }
 
 pub fn blank(term: u64, index: u64) -> Entry {
@@ -35,7 +34,7 @@ pub fn membership(term: u64, index: u64, voters: &[u64]) -> Entry {
     let set: BTreeSet<NodeId> = voters.iter().map(|&v| NodeId(v)).collect();
     Entry {
         log_id: log_id(term, index),
-        payload: EntryPayload::Membership(Membership::new(vec![set], None)),
+        payload: EntryPayload::Membership(Membership::new_with_defaults(vec![set], [])),
     }
 }
 
@@ -70,7 +69,7 @@ pub async fn append_durable(log: &LogStore, entries: Vec<Entry>) -> Result<(), S
 }
 
 pub async fn apply(sm: &mut StateMachine, entries: Vec<Entry>) -> Vec<CommandResponse> {
-    sm.apply(entries).await.expect("apply")
+    sm.apply_entries(entries).await.expect("apply")
 }
 
 pub async fn last_index(log: &mut LogStore) -> Option<u64> {
