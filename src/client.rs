@@ -58,6 +58,10 @@ pub enum ClientError {
     /// The local QUIC endpoint could not be created.
     #[error("client endpoint: {0}")]
     Endpoint(std::io::Error),
+    /// The server answered something this request cannot produce (a
+    /// client and server of mismatched versions).
+    #[error("unexpected answer: {0}")]
+    Protocol(String),
 }
 
 /// Client settings.
@@ -576,6 +580,26 @@ impl Client {
         })
         .await
         .map(|_| ())
+    }
+
+    /// Sets `key` to `value` and returns the value it replaced (one read
+    /// more than [`Self::put`] on the leader).
+    ///
+    /// # Errors
+    /// As [`Self::put`].
+    pub async fn swap(&self, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, ClientError> {
+        match self
+            .write_one(Op::Swap {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            })
+            .await?
+        {
+            OpResult::Put { prev } => Ok(prev),
+            other => Err(ClientError::Protocol(format!(
+                "a swap answered with {other:?}"
+            ))),
+        }
     }
 
     /// Removes `key`; returns whether it existed.

@@ -34,20 +34,31 @@ pub enum Op {
         /// The value to install; `None` deletes the key.
         new: Option<Vec<u8>>,
     },
+    /// Set `key` to `value` and return the value it replaced (a put that
+    /// reads first: ask for it only when the old value is wanted).
+    Swap {
+        /// The key.
+        key: Vec<u8>,
+        /// The new value.
+        value: Vec<u8>,
+    },
 }
 
 impl Op {
     /// The key this operation touches.
     pub fn key(&self) -> &[u8] {
         match self {
-            Op::Put { key, .. } | Op::Delete { key } | Op::Cas { key, .. } => key,
+            Op::Put { key, .. }
+            | Op::Delete { key }
+            | Op::Cas { key, .. }
+            | Op::Swap { key, .. } => key,
         }
     }
 
     /// Key and value bytes carried by the operation.
     pub fn payload_bytes(&self) -> usize {
         match self {
-            Op::Put { key, value } => key.len() + value.len(),
+            Op::Put { key, value } | Op::Swap { key, value } => key.len() + value.len(),
             Op::Delete { key } => key.len(),
             Op::Cas { key, expected, new } => {
                 key.len() + expected.as_ref().map_or(0, Vec::len) + new.as_ref().map_or(0, Vec::len)
@@ -59,7 +70,7 @@ impl Op {
     pub fn validate(&self) -> Result<(), LimitError> {
         limits::check_key(self.key())?;
         match self {
-            Op::Put { value, .. } => limits::check_value(value),
+            Op::Put { value, .. } | Op::Swap { value, .. } => limits::check_value(value),
             Op::Delete { .. } => Ok(()),
             Op::Cas { expected, new, .. } => {
                 if let Some(v) = expected {
@@ -163,9 +174,10 @@ pub fn validate_ops(ops: &[Op]) -> Result<(), LimitError> {
 /// The outcome of one [`Op`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OpResult {
-    /// A put happened; `prev` is the value it replaced.
+    /// A put happened. `prev` is the value it replaced for an
+    /// [`Op::Swap`]; a plain [`Op::Put`] does not read it and says `None`.
     Put {
-        /// The previous value, if any.
+        /// The previous value, if any (swaps only).
         prev: Option<Vec<u8>>,
     },
     /// A delete happened; `prev` is the value it removed.

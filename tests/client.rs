@@ -316,6 +316,15 @@ async fn cas_and_batches_behave_like_a_register_per_key() {
     assert!(deleted.succeeded);
     assert_eq!(cl.get(&k).await.unwrap(), None);
 
+    // A swap answers what it replaced; a put then a swap sees the put.
+    assert_eq!(cl.swap(&k, b"s1").await.unwrap(), None);
+    cl.put(&k, b"p2").await.unwrap();
+    assert_eq!(
+        cl.swap(&k, b"s3").await.unwrap().as_deref(),
+        Some(&b"p2"[..])
+    );
+    assert_eq!(cl.get(&k).await.unwrap().as_deref(), Some(&b"s3"[..]));
+
     // A batch spanning many shards lands whole; batch_get reads it back in order.
     let keys: Vec<Vec<u8>> = (0..200u32).map(key).collect();
     let vals: Vec<Vec<u8>> = (0..200u32).map(|i| format!("b{i}").into_bytes()).collect();

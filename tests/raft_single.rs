@@ -71,11 +71,26 @@ async fn groups_commit_snapshot_purge_and_restart() {
     eprintln!("--- writes, overwrites and compare-and-swap through raft");
     for (s, raft) in (1..=SHARDS).zip(&groups) {
         for i in 0..WRITES {
+            // Swaps answer the value they replaced; plain puts do not read it.
+            let (op, prev) = if i % 2 == 0 {
+                let op = Op::Swap {
+                    key: key(s, i % 40),
+                    value: format!("v{i}").into_bytes(),
+                };
+                (op, (i >= 40).then(|| format!("v{}", i - 40).into_bytes()))
+            } else {
+                (
+                    Op::Put {
+                        key: key(s, i % 40),
+                        value: format!("v{i}").into_bytes(),
+                    },
+                    None,
+                )
+            };
             let r = raft
-                .client_write(Command::put(key(s, i % 40), format!("v{i}")))
+                .client_write(Command::Write { ops: vec![op] })
                 .await
                 .unwrap();
-            let prev = (i >= 40).then(|| format!("v{}", i - 40).into_bytes());
             assert_eq!(r.data, CommandResponse::Write(vec![OpResult::Put { prev }]));
         }
         let cas = |expected: &str, new: &str| Command::Write {

@@ -202,7 +202,9 @@ async fn three_shards_never_see_each_other() {
                                     Op::Delete { key } => {
                                         m.data.remove(key);
                                     }
-                                    Op::Cas { .. } => unreachable!("no cas generated"),
+                                    Op::Cas { .. } | Op::Swap { .. } => {
+                                        unreachable!("no cas or swap generated")
+                                    }
                                 }
                             }
                         }

@@ -4,5 +4,6 @@
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 bash "$root/tools/setup.sh"
+source "$root/tools/rocksdb.sh"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}"
 exec cargo run --quiet --release --manifest-path "$root/Cargo.toml" --bin tessera -- dev "$@"

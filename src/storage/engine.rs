@@ -60,6 +60,11 @@ pub(crate) struct Inner {
     node_id: std::sync::OnceLock<NodeId>,
     /// Tombstones held (a gauge for metrics).
     tombstones: AtomicU64,
+    /// Each hosted shard's descriptor as last written: the request path
+    /// checks epochs here, without a read. Writers publish after their batch
+    /// is written; a miss reads under the write lock, so a value read before
+    /// a publish can never overwrite it.
+    descriptors: std::sync::RwLock<std::collections::HashMap<ShardId, ShardDescriptor>>,
 }
 
 impl Inner {
@@ -321,6 +326,7 @@ impl Engine {
         self.ownership_mut().set(id, claim_of(descriptor, false));
         self.submit(ops, None, Some(on_durable)).await?;
         rx.await.map_err(|_| self.writer_gone())??;
+        self.publish_descriptor(descriptor);
         if tombstone.is_some() {
             self.inner.tombstones.fetch_sub(1, Ordering::Relaxed);
         }
@@ -428,19 +434,59 @@ impl Engine {
         self.db()
             .write_opt(b, &wo)
             .map_err(|e| StoreError::rocks("delete replica", e))?;
+        self.unpublish_descriptor(shard);
         own.remove(shard);
         self.inner.tombstones.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%shard, range = %d.range, cleared = pieces.len(), tombstone, "replica deleted, tombstone left");
         Ok(())
     }
 
-    /// A hosted shard's descriptor (one point read).
+    /// A hosted shard's descriptor (from memory; read once after open).
     ///
     /// # Errors
     /// [`StoreError::UnknownShard`] when the shard is not hosted here.
     pub fn descriptor(&self, shard: ShardId) -> Result<ShardDescriptor, StoreError> {
-        self.read_meta::<ShardDescriptor>(shard, MetaTag::Descriptor)?
-            .ok_or(StoreError::UnknownShard { shard })
+        if let Some(d) = self
+            .inner
+            .descriptors
+            .read()
+            .expect("descriptors poisoned")
+            .get(&shard)
+        {
+            return Ok(d.clone());
+        }
+        let mut cache = self
+            .inner
+            .descriptors
+            .write()
+            .expect("descriptors poisoned");
+        if let Some(d) = cache.get(&shard) {
+            return Ok(d.clone());
+        }
+        let d = self
+            .read_meta::<ShardDescriptor>(shard, MetaTag::Descriptor)?
+            .ok_or(StoreError::UnknownShard { shard })?;
+        cache.insert(shard, d.clone());
+        Ok(d)
+    }
+
+    /// Publishes a descriptor just written to `shard_meta` (call after the
+    /// write, never before).
+    pub(crate) fn publish_descriptor(&self, d: &ShardDescriptor) {
+        self.inner
+            .descriptors
+            .write()
+            .expect("descriptors poisoned")
+            .insert(d.id, d.clone());
+    }
+
+    /// Forgets a deleted shard's descriptor (after the delete is written).
+    fn unpublish_descriptor(&self, shard: ShardId) {
+        self.inner
+            .descriptors
+            .write()
+            .expect("descriptors poisoned")
+            .remove(&shard);
     }
 
     /// What a shard replica has on disk.

@@ -3,6 +3,7 @@
 use super::engine::{decode, encode, Engine, ShardGuard};
 use super::error::StoreError;
 use super::keys::{self, StateTag};
+use super::log_tail::{LogTail, TailLimits};
 use super::writer::{Cf, OnDurable, WriteOp};
 use crate::raft::{Entry, LogId, TypeConfig, Vote};
 use crate::ShardId;
@@ -10,7 +11,7 @@ use openraft::storage::{IOFlushed, LogState, RaftLogReader, RaftLogStorage};
 use std::fmt::Debug;
 use std::io;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::oneshot;
 
 /// Entries returned by one bounded read (`limited_get_log_entries`).
@@ -18,11 +19,18 @@ const READ_ENTRIES_MAX: usize = 4096;
 /// Bytes returned by one bounded read (at least one entry is always returned).
 const READ_BYTES_MAX: usize = 8 << 20;
 
-/// The Raft log (and vote) of one shard replica. Cloning gives a log reader.
+/// The Raft log (and vote) of one shard replica. Cloning gives a log reader
+/// that shares the in-memory tail and vote.
 #[derive(Clone)]
 pub struct LogStore {
     engine: Engine,
     shard: ShardId,
+    /// The newest entries, as stored (replication and apply read them from
+    /// here). Only this store writes the shard's log (the guard), so the
+    /// tail cannot go stale behind its back.
+    tail: Arc<Mutex<LogTail<Entry>>>,
+    /// The vote as last saved or read (`None`: not read yet).
+    vote: Arc<Mutex<Option<Option<Vote>>>>,
     _guard: Arc<ShardGuard>,
 }
 
@@ -31,8 +39,14 @@ impl LogStore {
         LogStore {
             engine,
             shard,
+            tail: Arc::new(Mutex::new(LogTail::new(TailLimits::default()))),
+            vote: Arc::new(Mutex::new(None)),
             _guard: guard,
         }
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, LogTail<Entry>> {
+        self.tail.lock().expect("log tail poisoned")
     }
 
     /// The shard this log belongs to.
@@ -54,19 +68,70 @@ impl LogStore {
         F: FnOnce(Result<(), StoreError>) + Send + 'static,
     {
         let n = entries.len() as u64;
+        let Some(start) = entries.first().map(|e| e.log_id.index) else {
+            let cb: OnDurable = Box::new(on_durable);
+            return self.engine.submit(Vec::new(), Some(0), Some(cb)).await;
+        };
+        let mut sizes = Vec::with_capacity(entries.len());
         let ops = entries
             .iter()
-            .map(|e| WriteOp::Put {
-                cf: Cf::RaftLog,
-                key: keys::log_key(self.shard, e.log_id.index).to_vec(),
-                value: encode(e),
+            .map(|e| {
+                let value = encode(e);
+                sizes.push(value.len());
+                WriteOp::Put {
+                    cf: Cf::RaftLog,
+                    key: keys::log_key(self.shard, e.log_id.index).to_vec(),
+                    value,
+                }
             })
             .collect();
         let cb: OnDurable = Box::new(on_durable);
-        self.engine.submit(ops, Some(n), Some(cb)).await
+        let written = self.engine.submit(ops, Some(n), Some(cb)).await;
+        match &written {
+            Ok(()) => self.tail().append(start, sizes.into_iter().zip(entries)),
+            // Whatever happened to the write, the tail must not claim it.
+            Err(_) => self.tail().truncate_from(start),
+        }
+        written
     }
 
+    /// Entries `[start, end)`: from the in-memory tail where it holds them,
+    /// from RocksDB below it.
     fn read_range(&self, start: u64, end: u64, bounded: bool) -> Result<Vec<Entry>, StoreError> {
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let (max_entries, max_bytes) = if bounded {
+            (READ_ENTRIES_MAX, READ_BYTES_MAX)
+        } else {
+            (usize::MAX, usize::MAX)
+        };
+        let tail_first = {
+            let tail = self.tail();
+            if let Some(hit) = tail.read(start, end, max_entries, max_bytes) {
+                return Ok(hit);
+            }
+            tail.first()
+        };
+        // Below the tail: RocksDB up to where the tail starts, then the tail
+        // (read again: it may have shed entries meanwhile, which are then in
+        // RocksDB and read from there next time).
+        let db_end = tail_first.map_or(end, |f| f.min(end));
+        let mut out = self.read_db(start, db_end, bounded)?;
+        let full = bounded && out.len() >= READ_ENTRIES_MAX;
+        let next = start + out.len() as u64;
+        if !full && next == db_end && db_end < end {
+            if let Some(more) = self
+                .tail()
+                .read(db_end, end, max_entries - out.len(), max_bytes)
+            {
+                out.extend(more);
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_db(&self, start: u64, end: u64, bounded: bool) -> Result<Vec<Entry>, StoreError> {
         let mut out = Vec::new();
         if start >= end {
             return Ok(out);
@@ -136,9 +201,18 @@ impl RaftLogReader<TypeConfig> for LogStore {
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, io::Error> {
-        self.engine
+        // Held across the read: a save in flight sets the cache last, so a
+        // value read here before it cannot overwrite it.
+        let mut cached = self.vote.lock().expect("vote poisoned");
+        if let Some(v) = *cached {
+            return Ok(v);
+        }
+        let v: Option<Vote> = self
+            .engine
             .read_state(self.shard, StateTag::Vote)
-            .map_err(to_io)
+            .map_err(to_io)?;
+        *cached = Some(v);
+        Ok(v)
     }
 }
 
@@ -172,6 +246,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             key: keys::state_key(self.shard, StateTag::Vote).to_vec(),
             value: encode(vote),
         };
+        // Unknown until the save is durable (or failed).
+        *self.vote.lock().expect("vote poisoned") = None;
         self.engine
             .submit(vec![op], None, Some(cb))
             .await
@@ -182,7 +258,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                     cause: "log writer stopped".into(),
                 })
             })?
-            .map_err(verr)
+            .map_err(verr)?;
+        *self.vote.lock().expect("vote poisoned") = Some(Some(*vote));
+        Ok(())
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
@@ -220,6 +298,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn truncate_after(&mut self, last: Option<LogId>) -> Result<(), io::Error> {
         tracing::debug!(shard = %self.shard, ?last, "truncate log after");
         let from = last.map_or(0, |l| l.index + 1);
+        self.tail().truncate_from(from);
         let op = WriteOp::DeleteRange {
             cf: Cf::RaftLog,
             from: keys::log_key(self.shard, from).to_vec(),
@@ -230,6 +309,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
         tracing::debug!(shard = %self.shard, %log_id, "purge log");
+        self.tail().purge_to(log_id.index);
         // One batch: the purged marker and the deletion land together, so the
         // log never has a hole below a present entry.
         let ops = vec![

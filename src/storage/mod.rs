@@ -17,6 +17,7 @@ mod engine;
 mod error;
 pub mod keys;
 mod log_store;
+pub mod log_tail;
 pub mod snapshot;
 mod state_machine;
 mod writer;

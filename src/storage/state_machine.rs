@@ -230,9 +230,18 @@ impl StateMachine {
                 let data = self.engine.cf(Cf::Data);
                 let mut results = Vec::with_capacity(ops.len());
                 for op in ops {
-                    let current = self.read_current(op.key(), overlay)?;
+                    // A plain put needs no read: nothing is answered from
+                    // the old value.
+                    let current = match &op {
+                        Op::Put { .. } => None,
+                        _ => self.read_current(op.key(), overlay)?,
+                    };
                     let (key, new) = match op {
                         Op::Put { key, value } => {
+                            results.push(OpResult::Put { prev: None });
+                            (key, Some(value))
+                        }
+                        Op::Swap { key, value } => {
                             results.push(OpResult::Put { prev: current });
                             (key, Some(value))
                         }
@@ -446,6 +455,7 @@ impl StateMachine {
         let mut commands = 0u64;
         let mut created = Vec::new();
         let mut descriptor_changed = false;
+        let descriptor_before = self.descriptor.clone();
         let mut written = 0u64;
         for entry in chunk.drain(..) {
             last = Some(entry.log_id);
@@ -516,6 +526,9 @@ impl StateMachine {
             .db()
             .write_opt(batch, &wo)
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
+        if self.descriptor != descriptor_before {
+            self.engine.publish_descriptor(&self.descriptor);
+        }
         let claim = claim_of(&self.descriptor, true);
         let claims_changed = own.get(self.shard) != Some(&claim) || !created.is_empty();
         drop(own);
@@ -955,6 +968,7 @@ fn install_file(
     );
     b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Installing));
     db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
+    engine.publish_descriptor(&descriptor);
     // Only the snapshot this one replaces is removed here: a snapshot build
     // may be writing its own file in the same folder right now. Everything
     // else stale is swept when the shard is next opened.
