@@ -20,7 +20,8 @@
 //!   connection per node pair, coalesced Raft traffic, snapshot streams.
 //! - [`node`] (feature `server`): a node: storage + transport + the registry
 //!   of its shards' Raft groups; its TOML configuration.
-//! - [`metrics`] (feature `server`): node counters as Prometheus text.
+//! - [`metrics`]: node counters as Prometheus text (served by nodes, read by
+//!   `tessera-ctl bench`).
 //!
 //! Identifiers and shard descriptors come from the pure `shard-router` crate and
 //! are re-exported here.
@@ -31,7 +32,6 @@ pub mod client;
 pub mod cluster_file;
 pub mod command;
 pub mod limits;
-#[cfg(feature = "server")]
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod net;

@@ -57,6 +57,11 @@ pub struct MetricsSnapshot {
     pub snapshots_received: u64,
     /// WAL syncs of the node's log writer.
     pub syncs: u64,
+    /// Log append requests written (one per openraft `append`, any number
+    /// of entries).
+    pub log_appends: u64,
+    /// Log entries appended.
+    pub log_entries: u64,
     /// Client commands applied by the node's state machines.
     pub commands_applied: u64,
     /// Shard replicas hosted.
@@ -106,7 +111,19 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 17] = [
+        let rows: [(&str, &str, &str, u64); 19] = [
+            (
+                "tessera_log_appends_total",
+                "counter",
+                "Raft log appends written by the node-wide log writer",
+                self.log_appends,
+            ),
+            (
+                "tessera_log_entries_total",
+                "counter",
+                "Raft log entries appended",
+                self.log_entries,
+            ),
             (
                 "tessera_raft_messages_sent_total",
                 "counter",
@@ -216,12 +233,38 @@ impl MetricsSnapshot {
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name}{{node=\"{}\"}} {v}", node.0);
         }
+        // The process, not the node: nodes sharing one process (`tessera
+        // dev`) report the same figures; the pid tells them apart.
+        if let Some(cpu) = process_cpu_seconds() {
+            let _ = writeln!(
+                out,
+                "# HELP process_cpu_seconds_total User and system CPU time of the process"
+            );
+            let _ = writeln!(out, "# TYPE process_cpu_seconds_total counter");
+            let _ = writeln!(out, "process_cpu_seconds_total {cpu:.2}");
+        }
+        let _ = writeln!(out, "# HELP tessera_process_id The serving process's id");
+        let _ = writeln!(out, "# TYPE tessera_process_id gauge");
+        let _ = writeln!(out, "tessera_process_id {}", std::process::id());
         out
     }
 }
 
-/// Reads one metric's value from Prometheus text (first sample of `name`).
-pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
+/// CPU seconds (user + system) this process used, from `/proc/self/stat`
+/// (clock ticks of USER_HZ, 100 on Linux). `None` elsewhere.
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the command name (which may hold spaces, in parentheses).
+    let rest = stat.rsplit_once(')')?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line: 12 and 13 here.
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// The first sample's value text of metric `name`.
+fn sample<'a>(text: &'a str, name: &str) -> Option<&'a str> {
     text.lines()
         .filter(|l| !l.starts_with('#'))
         .find(|l| {
@@ -229,7 +272,16 @@ pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
                 .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
         })
         .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
+}
+
+/// Reads one metric's value as a float (first sample of `name`).
+pub fn parse_metric_f64(text: &str, name: &str) -> Option<f64> {
+    sample(text, name)?.parse().ok()
+}
+
+/// Reads one metric's value from Prometheus text (first sample of `name`).
+pub fn parse_metric(text: &str, name: &str) -> Option<u64> {
+    sample(text, name)?.parse().ok()
 }
 
 /// Serves `GET /metrics` on `addr` with whatever `render` returns; other
@@ -327,5 +379,11 @@ mod tests {
         );
         assert_eq!(parse_metric(&text, "tessera_shards_led"), Some(3));
         assert_eq!(parse_metric(&text, "tessera_shards"), None);
+        assert_eq!(
+            parse_metric(&text, "tessera_process_id"),
+            Some(u64::from(std::process::id()))
+        );
+        let cpu = parse_metric_f64(&text, "process_cpu_seconds_total").expect("on Linux");
+        assert!(cpu >= 0.0);
     }
 }

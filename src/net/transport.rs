@@ -838,24 +838,43 @@ async fn pump(
             m = rx.recv() => match m {
                 Some(m) => {
                     let now = Instant::now();
+                    let urgent = m.urgency == Urgency::Urgent;
                     let len = m.bytes.len();
                     co.push(m.bytes, len, m.urgency, now);
                     // Gather whatever else is already queued (bounded: a
-                    // few frames' worth, then write).
-                    while co.len() < limits.frame_msgs_max * 4 {
-                        match rx.try_recv() {
-                            Ok(m) => {
-                                let len = m.bytes.len();
-                                co.push(m.bytes, len, m.urgency, now);
-                            }
-                            Err(_) => break,
-                        }
+                    // few frames' worth, then write). Before an urgent
+                    // flush, let the tasks that became ready in this
+                    // scheduling round queue theirs too: one frame for all
+                    // of them instead of one each.
+                    let cap = limits.frame_msgs_max * 4;
+                    gather(rx, &mut co, cap, now);
+                    if urgent && co.len() < cap {
+                        tokio::task::yield_now().await;
+                        gather(rx, &mut co, cap, Instant::now());
                     }
                 }
                 None => (force, closed) = (true, true),
             },
             _ = sleep_until_opt(deadline) => {}
             _ = flush.notified() => force = true,
+        }
+    }
+}
+
+/// Moves what is already queued in `rx` into `co`, up to `cap` messages.
+fn gather(
+    rx: &mut mpsc::Receiver<Outbound>,
+    co: &mut Coalescer<Vec<u8>>,
+    cap: usize,
+    now: Instant,
+) {
+    while co.len() < cap {
+        match rx.try_recv() {
+            Ok(m) => {
+                let len = m.bytes.len();
+                co.push(m.bytes, len, m.urgency, now);
+            }
+            Err(_) => break,
         }
     }
 }

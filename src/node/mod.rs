@@ -663,6 +663,8 @@ impl Node {
         self.net_metrics.fill(&mut s);
         let st = self.engine.stats();
         s.syncs = st.syncs;
+        s.log_appends = st.append_requests;
+        s.log_entries = st.entries_appended;
         s.commands_applied = st.commands_applied;
         s.shards_hosted = self.registry.shard_ids().len() as u64;
         s.meta_leader = self

@@ -193,6 +193,7 @@ impl Engine {
                 ownership: std::sync::RwLock::new(ownership),
                 node_id: std::sync::OnceLock::new(),
                 tombstones: AtomicU64::new(tombstones),
+                descriptors: Default::default(),
             }),
         })
     }

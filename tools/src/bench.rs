@@ -34,10 +34,13 @@ pub(crate) struct BenchArgs {
     /// pre-written keys) or `mixed` (half and half).
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
-    /// Concurrent clients, each with its own connections and one
-    /// request in flight.
+    /// Concurrent clients, each with its own connections.
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Requests each client keeps in flight at once (pipelined on its
+    /// connections), for both targets.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    in_flight: usize,
     /// Seconds to run.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -123,6 +126,94 @@ fn bench_key(i: u64) -> Vec<u8> {
     k
 }
 
+/// What the cluster spent on the run, read from the nodes' metrics.
+mod cost {
+    use anyhow::{Context, Result};
+    use std::collections::BTreeMap;
+    use std::path::Path;
+    use tessera::metrics::{fetch, parse_metric, parse_metric_f64};
+
+    /// One node's counters at one moment.
+    #[derive(Debug, Clone, Default)]
+    pub(super) struct NodeCounters {
+        syncs: u64,
+        appends: u64,
+        entries: u64,
+        messages: u64,
+        frames: u64,
+        pid: u64,
+        cpu: f64,
+    }
+
+    /// Every node of the cluster file that serves metrics, by node id.
+    pub(super) async fn scrape(cluster: &Path) -> Result<BTreeMap<u64, NodeCounters>> {
+        let file = tessera::cluster_file::ClusterFile::load(cluster)
+            .with_context(|| format!("read cluster file {}", cluster.display()))?;
+        let mut out = BTreeMap::new();
+        for n in file.nodes {
+            let Some(addr) = n.metrics_addr else { continue };
+            let Ok(text) = fetch(addr).await else {
+                continue;
+            };
+            let g = |name| parse_metric(&text, name).unwrap_or(0);
+            out.insert(
+                n.id.0,
+                NodeCounters {
+                    syncs: g("tessera_storage_syncs_total"),
+                    appends: g("tessera_log_appends_total"),
+                    entries: g("tessera_log_entries_total"),
+                    messages: g("tessera_raft_messages_sent_total"),
+                    frames: g("tessera_raft_frames_sent_total"),
+                    pid: g("tessera_process_id"),
+                    cpu: parse_metric_f64(&text, "process_cpu_seconds_total").unwrap_or(0.0),
+                },
+            );
+        }
+        Ok(out)
+    }
+
+    /// `cost: ...` lines: appends per sync of each node, Raft messages per
+    /// frame, and cluster CPU per acknowledged operation (each process
+    /// counted once: `tessera dev` runs every node in one).
+    pub(super) fn report(
+        before: &BTreeMap<u64, NodeCounters>,
+        after: &BTreeMap<u64, NodeCounters>,
+        ops: u64,
+    ) -> String {
+        if after.is_empty() {
+            return "cost: no node serves metrics (metrics_addr in the cluster file)".into();
+        }
+        let mut per_node = Vec::new();
+        let (mut messages, mut frames) = (0u64, 0u64);
+        let mut cpu_by_pid: BTreeMap<u64, f64> = BTreeMap::new();
+        for (id, a) in after {
+            let b = before.get(id).cloned().unwrap_or_default();
+            let syncs = a.syncs.saturating_sub(b.syncs);
+            let appends = a.appends.saturating_sub(b.appends);
+            let entries = a.entries.saturating_sub(b.entries);
+            per_node.push(format!(
+                "n{id} {:.1} ({:.1} entries)",
+                appends as f64 / syncs.max(1) as f64,
+                entries as f64 / syncs.max(1) as f64
+            ));
+            messages += a.messages.saturating_sub(b.messages);
+            frames += a.frames.saturating_sub(b.frames);
+            if b.pid == a.pid {
+                cpu_by_pid.insert(a.pid, a.cpu - b.cpu);
+            }
+        }
+        let cpu: f64 = cpu_by_pid.values().sum();
+        format!(
+            "cost: appends per sync {}; Raft messages per frame {:.1}; cluster CPU {:.0} µs per op ({:.2} CPU s over {} processes)",
+            per_node.join(", "),
+            messages as f64 / frames.max(1) as f64,
+            cpu * 1e6 / ops.max(1) as f64,
+            cpu,
+            cpu_by_pid.len()
+        )
+    }
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")
 }
@@ -143,6 +234,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         value_size,
         target,
         endpoints,
+        in_flight,
     } = args;
     let endpoints: Vec<String> = endpoints
         .iter()
@@ -159,8 +251,11 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         }
         _ => {}
     }
-    if clients == 0 || keys == 0 || duration == 0 {
-        bail!("--clients, --keys and --duration must be at least 1");
+    if clients == 0 || keys == 0 || duration == 0 || in_flight == 0 {
+        bail!("--clients, --in-flight, --keys and --duration must be at least 1");
+    }
+    if clients.saturating_mul(in_flight) > 65_536 {
+        bail!("--clients × --in-flight is over 65536 requests in flight");
     }
     // Tessera's value limit bounds both targets, so they run the same values.
     tessera::limits::check_value(&vec![0; value_size])?;
@@ -186,10 +281,18 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
             t.await?.context("pre-write the keys to read")?;
         }
     }
+    let cost_before = match target {
+        Target::Tessera => Some(cost::scrape(cluster).await?),
+        Target::Etcd => None,
+    };
     let stop = Instant::now() + Duration::from_secs(duration);
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for (w, mut cl) in workers.into_iter().enumerate() {
+    let streams = workers
+        .into_iter()
+        .enumerate()
+        .flat_map(|(w, cl)| (0..in_flight).map(move |f| (w * in_flight + f, cl.clone())));
+    for (w, mut cl) in streams {
         let value = value.clone();
         let readable = if workload == Workload::Write {
             keys
@@ -249,7 +352,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
     };
     writeln!(
         out,
-        "workload {workload:?}, {clients} clients, {duration} s, {keys} keys, {value_size}-byte values{against}"
+        "workload {workload:?}, {clients} clients × {in_flight} in flight, {duration} s, {keys} keys, {value_size}-byte values{against}"
     )?;
     writeln!(out, "{:.0} ops/s", total.len() as f64 / secs)?;
     writeln!(
@@ -260,6 +363,10 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         ms(0.999),
         total.len()
     )?;
+    if let Some(before) = cost_before {
+        let after = cost::scrape(cluster).await?;
+        writeln!(out, "{}", cost::report(&before, &after, total.len()))?;
+    }
     if let Some(e) = first_error {
         eprintln!("bench: {errors} errors; the first: {e}");
     }
