@@ -117,10 +117,8 @@ impl LogStore {
         // (read again: it may have shed entries meanwhile, which are then in
         // RocksDB and read from there next time).
         let db_end = tail_first.map_or(end, |f| f.min(end));
-        let mut out = self.read_db(start, db_end, bounded)?;
-        let full = bounded && out.len() >= READ_ENTRIES_MAX;
-        let next = start + out.len() as u64;
-        if !full && next == db_end && db_end < end {
+        let (mut out, cut) = self.read_db(start, db_end, bounded)?;
+        if !cut && db_end < end {
             if let Some(more) = self
                 .tail()
                 .read(db_end, end, max_entries - out.len(), max_bytes)
@@ -131,10 +129,17 @@ impl LogStore {
         Ok(out)
     }
 
-    fn read_db(&self, start: u64, end: u64, bounded: bool) -> Result<Vec<Entry>, StoreError> {
+    /// Entries `[start, end)` from RocksDB, and whether the read stopped at
+    /// its bounds before `end`.
+    fn read_db(
+        &self,
+        start: u64,
+        end: u64,
+        bounded: bool,
+    ) -> Result<(Vec<Entry>, bool), StoreError> {
         let mut out = Vec::new();
         if start >= end {
-            return Ok(out);
+            return Ok((out, false));
         }
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(keys::log_key(self.shard, end).to_vec());
@@ -155,12 +160,13 @@ impl LogStore {
             bytes += v.len();
             out.push(entry);
             if bounded && (out.len() >= READ_ENTRIES_MAX || bytes >= READ_BYTES_MAX) {
-                break;
+                it.status().map_err(|e| StoreError::rocks("read log", e))?;
+                return Ok((out, true));
             }
             it.next();
         }
         it.status().map_err(|e| StoreError::rocks("read log", e))?;
-        Ok(out)
+        Ok((out, false))
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {
