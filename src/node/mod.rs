@@ -575,6 +575,11 @@ impl Node {
                 .map(|n| (*n, BasicNode::new(self.addr_of(*n))))
                 .collect();
             raft.initialize(members).await.map_err(|e| rerr(&e))?;
+            // openraft 0.10 waits an election timeout after initialising;
+            // the initialiser campaigns at once instead (the other members'
+            // replicas may not exist yet: an election they miss is retried
+            // at the next timeout).
+            raft.trigger().elect(false).await.map_err(|e| rerr(&e))?;
         }
         Ok(())
     }
