@@ -39,9 +39,11 @@ publish = false
 [dependencies]
 librocksdb-sys = { version = "=$version", default-features = false, features = ["$features", "bindgen-runtime"] }
 
+# Optimised, symbols but no DWARF: every test binary links this archive,
+# and debug info would make each link process over a gigabyte.
 [profile.release]
 opt-level = 2
-debug = 1
+debug = 0
 
 [workspace]
 TOML
