@@ -182,23 +182,24 @@ impl Registry {
         let Some(raft) = self.get(shard) else {
             return PeerResponse::Refused(Refusal::UnknownShard(shard));
         };
+        /// openraft's answer, or its error as a refusal.
+        fn answered<T, E: std::fmt::Display>(
+            r: Result<T, E>,
+            wrap: fn(T) -> PeerResponse,
+        ) -> PeerResponse {
+            r.map_or_else(
+                |e| PeerResponse::Refused(Refusal::Failed(e.to_string())),
+                wrap,
+            )
+        }
         match req {
-            PeerRequest::Append(r) => match raft.append_entries(r).await {
-                Ok(r) => PeerResponse::Append(r),
-                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
-            },
-            PeerRequest::Vote(v) => match raft.vote(v).await {
-                Ok(r) => PeerResponse::Vote(r),
-                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
-            },
-            PeerRequest::PreVote(v) => match raft.pre_vote(v).await {
-                Ok(r) => PeerResponse::Vote(r),
-                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
-            },
-            PeerRequest::TransferLeader(t) => match raft.handle_transfer_leader(t).await {
-                Ok(r) => PeerResponse::TransferLeader(r),
-                Err(e) => PeerResponse::Refused(Refusal::Failed(e.to_string())),
-            },
+            PeerRequest::Append(r) => answered(raft.append_entries(r).await, PeerResponse::Append),
+            PeerRequest::Vote(v) => answered(raft.vote(v).await, PeerResponse::Vote),
+            PeerRequest::PreVote(v) => answered(raft.pre_vote(v).await, PeerResponse::Vote),
+            PeerRequest::TransferLeader(t) => answered(
+                raft.handle_transfer_leader(t).await,
+                PeerResponse::TransferLeader,
+            ),
             other => self.handle_admin(shard, other).await,
         }
     }
