@@ -32,7 +32,7 @@ fuzz_target!(|data: &[u8]| {
         let _ = r.req.urgency();
         if let PeerRequest::Append(a) = &r.req {
             for e in &a.entries {
-                if let openraft::EntryPayload::Normal(cmd) = &e.payload {
+                if let tessera::raft::EntryPayload::Normal(cmd) = &e.payload {
                     let _ = cmd.validate();
                 }
             }

@@ -19,7 +19,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use openraft::{CommittedLeaderId, LogId, SnapshotMeta, StoredMembership};
+use tessera::raft::{log_id, SnapshotMeta, StoredMembership};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 use tessera::storage::snapshot::{Frame, Pair, SnapshotHeader, SnapshotReader, SnapshotWriter, MAGIC};
@@ -65,9 +65,8 @@ fn header() -> SnapshotHeader {
             vec![NodeId(1)],
         ),
         meta: SnapshotMeta {
-            last_log_id: Some(LogId::new(CommittedLeaderId::new(3, NodeId(1)), 42)),
+            last_log_id: Some(log_id(3, NodeId(1), 42)),
             last_membership: StoredMembership::default(),
-            snapshot_id: "42-0-1".into(),
         },
     }
 }

@@ -25,14 +25,14 @@
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use openraft::storage::{RaftLogReader, RaftLogStorage, RaftStateMachine};
-use openraft::{CommittedLeaderId, EntryPayload, RaftSnapshotBuilder};
+use openraft::RaftSnapshotBuilder;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tessera::command::{Command, CommandResponse, Op, OpResult};
-use tessera::raft::{Entry, LogId, SnapshotMeta, Vote};
+use tessera::raft::{log_id, Entry, EntryPayload, LogId, SnapshotMeta, Vote};
 use tessera::storage::snapshot::SnapshotReader;
 use tessera::storage::{Engine, LogStore, StateMachine, StorageConfig};
 use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
@@ -197,6 +197,11 @@ impl Model {
             let cur = self.data.get(op.key()).cloned();
             match op {
                 Op::Put { key, value } => {
+                    // A plain put does not read the value it replaces.
+                    results.push(OpResult::Put { prev: None });
+                    self.data.insert(key.clone(), value.clone());
+                }
+                Op::Swap { key, value } => {
                     results.push(OpResult::Put { prev: cur });
                     self.data.insert(key.clone(), value.clone());
                 }
@@ -378,7 +383,7 @@ async fn append(s: &mut Store, m: &mut Model, cmd: Command) {
     }
     let index = m.last.map_or(1, |l| l.index + 1);
     let entry = Entry {
-        log_id: LogId::new(CommittedLeaderId::new(m.term, NODE), index),
+        log_id: log_id(m.term, NODE, index),
         payload: EntryPayload::Normal(cmd),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -398,7 +403,7 @@ async fn apply_pending(s: &mut Store, m: &mut Model) {
     if entries.is_empty() {
         return;
     }
-    let got = s.sm.apply(entries.clone()).await.unwrap();
+    let got = s.sm.apply_entries(entries.clone()).await.unwrap();
     assert_eq!(got.len(), entries.len());
     for (e, r) in entries.iter().zip(got) {
         let EntryPayload::Normal(cmd) = &e.payload else {
@@ -446,8 +451,9 @@ async fn install_snapshot(s: &mut Store, m: &mut Model) {
     assert_eq!(cur.meta, meta, "current snapshot");
     s.sm.install_snapshot(&cur.meta, cur.snapshot).await.unwrap();
     let next = meta.last_log_id.map_or(0, |l| l.index + 1);
+    // Everything from `next` on goes (only the index matters to the store).
     s.log
-        .truncate(LogId::new(CommittedLeaderId::new(m.term, NODE), next))
+        .truncate_after(next.checked_sub(1).map(|i| log_id(m.term, NODE, i)))
         .await
         .unwrap();
     if let Some(l) = meta.last_log_id {
