@@ -9,7 +9,9 @@
 # archive by itself; a missing or half-written one is rebuilt. Set
 # TESSERA_ROCKSDB_CACHE to move the cache, or ROCKSDB_COMPILE=1 to let cargo
 # compile RocksDB per profile as it would by default.
-set -euo pipefail
+#
+# Meant to be sourced (it exports two variables); it changes no shell
+# options of the caller, and returns non-zero when the build fails.
 _tessera_rocksdb() {
   local root version features key cache lib
   root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,9 +28,8 @@ _tessera_rocksdb() {
     echo "rocksdb: building RocksDB $version ($features) once for this machine into $cache" >&2
     local work start
     start=$(date +%s)
-    work="$(mktemp -d)"
-    mkdir -p "$work/src"
-    : >"$work/src/lib.rs"
+    work="$(mktemp -d)" || return 1
+    mkdir -p "$work/src" && : >"$work/src/lib.rs" || return 1
     cat >"$work/Cargo.toml" <<TOML
 [package]
 name = "tessera-rocksdb-build"
@@ -55,10 +56,9 @@ TOML
     local built
     built="$(ls "$work"/target/release/build/librocksdb-sys-*/out/librocksdb.a 2>/dev/null | head -n1)"
     [ -n "$built" ] || { echo "rocksdb: no librocksdb.a in $work" >&2; return 1; }
-    mkdir -p "$cache"
-    rm -f "$cache/complete"
-    cp "$built" "$cache/librocksdb.a.tmp"
-    mv "$cache/librocksdb.a.tmp" "$lib"
+    mkdir -p "$cache" && rm -f "$cache/complete" &&
+      cp "$built" "$cache/librocksdb.a.tmp" &&
+      mv "$cache/librocksdb.a.tmp" "$lib" || return 1
     printf 'librocksdb-sys %s, features %s, built %s in %ss\n' \
       "$version" "$features" "$(date -u +%FT%TZ)" "$(( $(date +%s) - start ))" >"$cache/complete"
     rm -rf "$work"
@@ -67,4 +67,4 @@ TOML
   export ROCKSDB_LIB_DIR="$cache"
   export ROCKSDB_STATIC=1
 }
-_tessera_rocksdb
+_tessera_rocksdb || { echo "rocksdb: no cached RocksDB; see the messages above" >&2; return 1 2>/dev/null || exit 1; }
