@@ -117,29 +117,28 @@ impl LogStore {
         // (read again: it may have shed entries meanwhile, which are then in
         // RocksDB and read from there next time).
         let db_end = tail_first.map_or(end, |f| f.min(end));
-        let (mut out, cut) = self.read_db(start, db_end, bounded)?;
+        let (mut out, bytes, cut) = self.read_db(start, db_end, bounded)?;
         if !cut && db_end < end {
-            if let Some(more) = self
-                .tail()
-                .read(db_end, end, max_entries - out.len(), max_bytes)
-            {
+            // What is left of the bounds goes to the tail's part.
+            let left = (max_entries - out.len(), max_bytes.saturating_sub(bytes));
+            if let Some(more) = self.tail().read(db_end, end, left.0, left.1) {
                 out.extend(more);
             }
         }
         Ok(out)
     }
 
-    /// Entries `[start, end)` from RocksDB, and whether the read stopped at
-    /// its bounds before `end`.
+    /// Entries `[start, end)` from RocksDB, their encoded bytes, and whether
+    /// the read stopped at its bounds before `end`.
     fn read_db(
         &self,
         start: u64,
         end: u64,
         bounded: bool,
-    ) -> Result<(Vec<Entry>, bool), StoreError> {
+    ) -> Result<(Vec<Entry>, usize, bool), StoreError> {
         let mut out = Vec::new();
         if start >= end {
-            return Ok((out, false));
+            return Ok((out, 0, false));
         }
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_upper_bound(keys::log_key(self.shard, end).to_vec());
@@ -148,7 +147,7 @@ impl LogStore {
             .db()
             .raw_iterator_cf_opt(self.engine.cf(Cf::RaftLog), ro);
         it.seek(keys::log_key(self.shard, start));
-        let mut bytes = 0usize;
+        let (mut bytes, mut cut) = (0usize, false);
         while it.valid() {
             let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
             let index = keys::log_key_index(self.shard, k);
@@ -160,13 +159,13 @@ impl LogStore {
             bytes += v.len();
             out.push(entry);
             if bounded && (out.len() >= READ_ENTRIES_MAX || bytes >= READ_BYTES_MAX) {
-                it.status().map_err(|e| StoreError::rocks("read log", e))?;
-                return Ok((out, true));
+                cut = true;
+                break;
             }
             it.next();
         }
         it.status().map_err(|e| StoreError::rocks("read log", e))?;
-        Ok((out, false))
+        Ok((out, bytes, cut))
     }
 
     async fn write(&self, ops: Vec<WriteOp>) -> Result<(), StoreError> {

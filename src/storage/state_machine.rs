@@ -455,7 +455,9 @@ impl StateMachine {
         let mut commands = 0u64;
         let mut created = Vec::new();
         let mut descriptor_changed = false;
-        let descriptor_before = self.descriptor.clone();
+        // Applies change a descriptor only through its epoch (a split bumps
+        // the version, a change of voters the configuration version).
+        let epoch_before = self.descriptor.epoch;
         let mut written = 0u64;
         for entry in chunk.drain(..) {
             last = Some(entry.log_id);
@@ -526,7 +528,7 @@ impl StateMachine {
             .db()
             .write_opt(batch, &wo)
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
-        if self.descriptor != descriptor_before {
+        if self.descriptor.epoch != epoch_before {
             self.engine.publish_descriptor(&self.descriptor);
         }
         let claim = claim_of(&self.descriptor, true);
