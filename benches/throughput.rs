@@ -54,7 +54,7 @@ async fn cluster(ids: &[u64], members: &[u64], shards: u64) -> TestCluster {
 }
 
 fn client(c: &TestCluster) -> Client {
-    let issued = c.ca.issue_client("bench").unwrap();
+    let issued = c.ca.issue_admin("bench").unwrap();
     Client::from_identity(
         &c.ca.identity(&issued),
         c.config_addrs(),

@@ -12,10 +12,12 @@
 
 use crate::command::{Op, OpResult};
 use crate::limits::LimitError;
+use crate::session::SessionStamp;
 use crate::{Epoch, NodeId, ShardDescriptor, ShardId};
 use serde::{Deserialize, Serialize};
 
-/// Most pairs one scan request returns (the client pages past it).
+/// Most pairs one scan request returns (the client pages past it; a page
+/// is also bounded in bytes by the node's `api.response_bytes_max`).
 pub const SCAN_LIMIT_MAX: u32 = 10_000;
 
 /// A client request.
@@ -38,6 +40,10 @@ pub enum Request {
         epoch: Epoch,
         /// The operations (1..=1024, at most 4 MiB).
         ops: Vec<Op>,
+        /// The client session's stamp, the same on every attempt of this
+        /// write: applied at most once, a retry answered with the first
+        /// results ([`crate::session`]). `None`: at least once.
+        session: Option<SessionStamp>,
     },
     /// A linearizable scan of `[start, end)` within one shard.
     Scan {
@@ -124,12 +130,15 @@ pub struct NodeStatus {
 /// A server's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
-    /// Values of a [`Request::Get`], in request order.
+    /// Values of a [`Request::Get`], in request order: the first keys'
+    /// (at least one), as many as fit the node's response bound; the client
+    /// asks again for the rest.
     Values(Vec<Option<Vec<u8>>>),
     /// Results of a [`Request::Write`], one per operation.
     Written(Vec<OpResult>),
-    /// Pairs of a [`Request::Scan`], in key order; `more` when the limit
-    /// cut the shard's range short.
+    /// Pairs of a [`Request::Scan`], in key order; `more` when the limit or
+    /// the node's response bound cut the shard's range short (the next
+    /// page starts right after the last key).
     Pairs {
         /// The pairs.
         pairs: Vec<(Vec<u8>, Vec<u8>)>,
@@ -205,9 +214,58 @@ pub enum ApiError {
     /// A malformed request or an unexpected failure.
     #[error("{0}")]
     Invalid(String),
+    /// A retried session write that was applied before, but whose results
+    /// were too large to keep: it took effect exactly once, nothing was
+    /// applied now, and its results are unknown.
+    #[error("{shard}: the write was applied earlier; its results were not kept")]
+    AppliedEarlier {
+        /// The shard.
+        shard: ShardId,
+    },
+    /// An admin request (split, move, leader transfer) from a connection
+    /// whose certificate is not an admin certificate; nothing was done.
+    #[error("permission denied: {request} needs an admin certificate")]
+    PermissionDenied {
+        /// What was asked.
+        request: String,
+    },
+    /// A session write that was not applied: its client had given it up
+    /// (it acknowledged later writes), or its stamp is malformed.
+    #[error("{shard}: session write refused: {reason}")]
+    SessionRefused {
+        /// The shard.
+        shard: ShardId,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl Request {
+    /// Whether only an admin certificate may ask this (splits, replica
+    /// moves, leader transfers).
+    pub fn is_admin(&self) -> bool {
+        matches!(
+            self,
+            Request::Split { .. } | Request::MoveReplica { .. } | Request::TransferLeader { .. }
+        )
+    }
+
+    /// The request's kind, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Request::Get { .. } => "get",
+            Request::Write { .. } => "write",
+            Request::Scan { .. } => "scan",
+            Request::Routes => "routes",
+            Request::NodeStatus => "node status",
+            Request::Split { .. } => "split",
+            Request::MoveReplica { .. } => "move-replica",
+            Request::TransferLeader { .. } => "transfer-leader",
+            Request::Join { .. } => "join",
+            Request::Peers => "peers",
+        }
+    }
+
     /// Checks the request against the limits (done by the client before
     /// sending and again by the server before any work).
     ///

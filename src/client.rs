@@ -22,6 +22,7 @@ use crate::api::{ApiError, NodeStatus, Request, Response, SCAN_LIMIT_MAX};
 use crate::cluster_file::{ClusterFile, ClusterFileError};
 use crate::command::{Op, OpResult};
 use crate::limits::{self, LimitError, FRAME_BYTES_MAX};
+use crate::session::{ClientId, SessionStamp, SESSION_WINDOW};
 use crate::tls::{self, TlsError, TlsFiles, TlsIdentity};
 use crate::{wire, NodeId, ShardDescriptor, ShardId};
 use shard_router::RouteCache;
@@ -73,6 +74,15 @@ pub struct ClientOptions {
     pub attempt_timeout: Duration,
     /// First retry backoff, doubled per retry up to 500 ms. Default: 10 ms.
     pub backoff_min: Duration,
+    /// Writes apply exactly once: each carries this client's session
+    /// stamp, and a retry of a write that was applied (its reply lost, or
+    /// its attempt timed out after it committed) is answered with the first
+    /// application's results instead of being applied again. Off: a retry
+    /// may apply a write twice (at least once). Default: on.
+    ///
+    /// Servers remember a session for 10 minutes of inactivity
+    /// ([`crate::session::SESSION_TTL_MS`]); keep `deadline` well below.
+    pub exactly_once: bool,
 }
 
 impl Default for ClientOptions {
@@ -81,6 +91,7 @@ impl Default for ClientOptions {
             deadline: Duration::from_secs(30),
             attempt_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(10),
+            exactly_once: true,
         }
     }
 }
@@ -102,6 +113,49 @@ struct Inner {
     routes: Mutex<RouteCache>,
     opts: ClientOptions,
     retries: std::sync::atomic::AtomicU64,
+    session: Mutex<SessionState>,
+    /// Signalled when a write of the session finishes (room in its window).
+    session_room: tokio::sync::Notify,
+}
+
+/// This client's session: its id, the next sequence number, and the
+/// writes still open (neither answered, failed nor abandoned).
+struct SessionState {
+    id: ClientId,
+    next: u64,
+    open: std::collections::BTreeSet<u64>,
+}
+
+/// One open write of the session; finished when dropped (the call ended,
+/// however it ended: the write will never be sent again).
+struct OpenWrite {
+    inner: Arc<Inner>,
+    seq: u64,
+}
+
+impl OpenWrite {
+    /// The stamp of an attempt: everything below the oldest open write is
+    /// finished.
+    fn stamp(&self) -> SessionStamp {
+        let s = self.inner.session.lock().expect("session poisoned");
+        SessionStamp {
+            client: s.id,
+            seq: self.seq,
+            acked: s.open.first().copied().unwrap_or(self.seq).min(self.seq),
+        }
+    }
+}
+
+impl Drop for OpenWrite {
+    fn drop(&mut self) {
+        self.inner
+            .session
+            .lock()
+            .expect("session poisoned")
+            .open
+            .remove(&self.seq);
+        self.inner.session_room.notify_waiters();
+    }
 }
 
 /// A connection to a Tessera cluster (cheap to clone; share one).
@@ -175,6 +229,12 @@ impl Client {
                 routes: Mutex::new(RouteCache::new()),
                 opts,
                 retries: std::sync::atomic::AtomicU64::new(0),
+                session: Mutex::new(SessionState {
+                    id: rand::random::<ClientId>(),
+                    next: 1,
+                    open: std::collections::BTreeSet::new(),
+                }),
+                session_room: tokio::sync::Notify::new(),
             }),
         })
     }
@@ -290,7 +350,15 @@ impl Client {
                 .await
                 .map_err(|e| e.to_string())?
                 .ok_or("no answer")?;
-            wire::decode_payload::<Response>(&payload).map_err(|e| e.to_string())
+            let resp = wire::decode_payload::<Response>(&payload).map_err(|e| e.to_string())?;
+            // Tests: the reply of a write that took effect is lost on its
+            // way back (the client sees a transport error and retries).
+            fail::fail_point!(
+                "client::lose_write_reply",
+                matches!(resp, Response::Written(_)),
+                |_| Err(format!("{node}: the reply was lost (injected)"))
+            );
+            Ok(resp)
         };
         tokio::time::timeout(timeout, work)
             .await
@@ -360,9 +428,11 @@ impl Client {
             ApiError::Unavailable { shard, reason } => {
                 AttemptError::Retry(format!("{shard} unavailable: {reason}"))
             }
-            e @ (ApiError::Limit(_) | ApiError::Invalid(_)) => {
-                AttemptError::Fatal(ClientError::Refused(e))
-            }
+            e @ (ApiError::Limit(_)
+            | ApiError::Invalid(_)
+            | ApiError::AppliedEarlier { .. }
+            | ApiError::PermissionDenied { .. }
+            | ApiError::SessionRefused { .. }) => AttemptError::Fatal(ClientError::Refused(e)),
         }
     }
 
@@ -522,37 +592,102 @@ impl Client {
         for k in keys {
             limits::check_key(k)?;
         }
-        let mut out = Vec::with_capacity(keys.len());
-        for k in keys {
-            let v = self
+        let mut out: Vec<Option<Option<Vec<u8>>>> = vec![None; keys.len()];
+        // Positions still to read; each request takes the first one and
+        // every other one its shard owns (read from one snapshot there).
+        let mut pending: Vec<usize> = (0..keys.len()).collect();
+        while let Some(&first) = pending.first() {
+            let sent: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+            let values = self
                 .with_route(
-                    k,
-                    |d| Request::Get {
-                        shard: d.id,
-                        epoch: d.epoch,
-                        keys: vec![k.to_vec()],
+                    keys[first],
+                    |d| {
+                        let mut s = sent.lock().expect("sent poisoned");
+                        *s = pending
+                            .iter()
+                            .copied()
+                            .filter(|&i| i == first || d.range.contains(keys[i]))
+                            .collect();
+                        Request::Get {
+                            shard: d.id,
+                            epoch: d.epoch,
+                            keys: s.iter().map(|&i| keys[i].to_vec()).collect(),
+                        }
                     },
                     |r| match r {
-                        Response::Values(mut v) if v.len() == 1 => Ok(v.pop().flatten()),
+                        // The node answers a prefix when the values are
+                        // larger than one response.
+                        Response::Values(v)
+                            if !v.is_empty()
+                                && v.len() <= sent.lock().expect("sent poisoned").len() =>
+                        {
+                            Ok(v)
+                        }
                         other => Err(unexpected(other)),
                     },
                 )
                 .await?;
-            out.push(v);
+            let sent = sent.into_inner().expect("sent poisoned");
+            for (&i, v) in sent.iter().zip(values) {
+                out[i] = Some(v);
+            }
+            pending.retain(|&i| out[i].is_none());
         }
-        Ok(out)
+        Ok(out
+            .into_iter()
+            .map(|v| v.expect("every key read"))
+            .collect())
+    }
+
+    /// Opens a write of this client's session (`None` when exactly-once
+    /// is off), waiting while [`SESSION_WINDOW`] writes are open.
+    async fn open_write(&self) -> Result<Option<OpenWrite>, ClientError> {
+        if !self.inner.opts.exactly_once {
+            return Ok(None);
+        }
+        let deadline = self.inner.opts.deadline;
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let room = self.inner.session_room.notified();
+            {
+                let mut s = self.inner.session.lock().expect("session poisoned");
+                let oldest = s.open.first().copied().unwrap_or(s.next);
+                if s.next - oldest < SESSION_WINDOW {
+                    let seq = s.next;
+                    s.next += 1;
+                    s.open.insert(seq);
+                    return Ok(Some(OpenWrite {
+                        inner: self.inner.clone(),
+                        seq,
+                    }));
+                }
+            }
+            tokio::time::timeout_at(until, room)
+                .await
+                .map_err(|_| ClientError::Timeout {
+                    deadline,
+                    last_error: format!("{SESSION_WINDOW} writes of this client are in flight"),
+                })?;
+        }
+    }
+
+    /// A write request of `ops` to shard `d`, stamped when `open`.
+    fn write_request(d: &ShardDescriptor, ops: Vec<Op>, open: Option<&OpenWrite>) -> Request {
+        Request::Write {
+            shard: d.id,
+            epoch: d.epoch,
+            ops,
+            session: open.map(OpenWrite::stamp),
+        }
     }
 
     async fn write_one(&self, op: Op) -> Result<OpResult, ClientError> {
         crate::command::validate_ops(std::slice::from_ref(&op))?;
         let key = op.key().to_vec();
+        let open = self.open_write().await?;
         self.with_route(
             &key,
-            |d| Request::Write {
-                shard: d.id,
-                epoch: d.epoch,
-                ops: vec![op.clone()],
-            },
+            |d| Self::write_request(d, vec![op.clone()], open.as_ref()),
             |r| match r {
                 Response::Written(mut v) if v.len() == 1 => Ok(v.pop().expect("one")),
                 other => Err(unexpected(other)),
@@ -693,15 +828,11 @@ impl Client {
                 .into_iter()
                 .partition(|op| route.range.contains(op.key()));
             pending = rest;
-            let group2 = group.clone();
+            let open = self.open_write().await?;
             let r = self
                 .with_route(
                     &first,
-                    |d| Request::Write {
-                        shard: d.id,
-                        epoch: d.epoch,
-                        ops: group2.clone(),
-                    },
+                    |d| Self::write_request(d, group.clone(), open.as_ref()),
                     |r| match r {
                         Response::Written(_) => Ok(()),
                         other => Err(unexpected(other)),
@@ -724,7 +855,9 @@ impl Client {
 
     /// Up to `limit` pairs with keys in `[start, end)` (empty `end`: to the
     /// end of the key space), in key order, across shard boundaries. Each
-    /// shard's part is a linearizable read.
+    /// shard's part is a linearizable read. The pairs are collected in
+    /// memory: for a range of unknown size, page through it with
+    /// [`Self::scanner`].
     ///
     /// # Examples
     /// ```no_run
@@ -743,54 +876,50 @@ impl Client {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClientError> {
+        let mut scanner = self.scanner(start, end)?;
+        let mut out = Vec::new();
+        while out.len() < limit {
+            match scanner.next_page(limit - out.len()).await? {
+                Some(page) => out.extend(page),
+                None => break,
+            }
+        }
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The pairs with keys in `[start, end)` (empty `end`: to the end of
+    /// the key space), page by page in key order: each page is one node's
+    /// answer, bounded in pairs and in bytes (`api.response_bytes_max`), so
+    /// a range of any size is read in bounded memory.
+    ///
+    /// # Examples
+    /// ```no_run
+    /// # async fn demo(client: tessera::Client) -> Result<(), tessera::client::ClientError> {
+    /// let mut pages = client.scanner(b"", b"")?;
+    /// while let Some(page) = pages.next_page(1000).await? {
+    ///     for (k, v) in page {
+    ///         println!("{:?} = {} bytes", k, v.len());
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for an oversized bound.
+    pub fn scanner(&self, start: &[u8], end: &[u8]) -> Result<Scanner, ClientError> {
         if start.len() > limits::KEY_BYTES_MAX {
             limits::check_key(start)?;
         }
         if end.len() > limits::KEY_BYTES_MAX + 1 {
             limits::check_key(end)?;
         }
-        let mut out = Vec::new();
-        let mut cursor = start.to_vec();
-        while out.len() < limit {
-            if !end.is_empty() && cursor.as_slice() >= end {
-                break;
-            }
-            let want = (limit - out.len()).min(SCAN_LIMIT_MAX as usize) as u32;
-            let cur = cursor.clone();
-            let (pairs, more, shard_end) = self
-                .with_route(
-                    &cursor,
-                    |d| Request::Scan {
-                        shard: d.id,
-                        epoch: d.epoch,
-                        start: cur.clone(),
-                        end: end.to_vec(),
-                        limit: want,
-                    },
-                    |r| match r {
-                        Response::Pairs { pairs, more } => Ok((pairs, more)),
-                        other => Err(unexpected(other)),
-                    },
-                )
-                .await
-                .map(|(p, m)| {
-                    let shard_end = self.route(&cursor).map(|d| d.range.end).unwrap_or_default();
-                    (p, m, shard_end)
-                })?;
-            let last = pairs.last().map(|(k, _)| k.clone());
-            out.extend(pairs);
-            if more {
-                let mut next = last.expect("more implies pairs");
-                next.push(0);
-                cursor = next;
-            } else if shard_end.is_empty() {
-                break;
-            } else {
-                cursor = shard_end;
-            }
-        }
-        out.truncate(limit);
-        Ok(out)
+        Ok(Scanner {
+            client: self.clone(),
+            cursor: start.to_vec(),
+            end: end.to_vec(),
+            done: false,
+        })
     }
 
     /// Every shard descriptor the nodes report (refreshing the cache).
@@ -817,6 +946,77 @@ impl Client {
             Response::NodeStatus(s) => Ok(s),
             other => Err(format!("unexpected answer {other:?}")),
         }
+    }
+}
+
+/// A scan read page by page (see [`Client::scanner`]).
+pub struct Scanner {
+    client: Client,
+    /// The first key not read yet.
+    cursor: Vec<u8>,
+    end: Vec<u8>,
+    done: bool,
+}
+
+impl Scanner {
+    /// The next page: at most `max_pairs` pairs (and at most
+    /// [`SCAN_LIMIT_MAX`]), at least one; `None` once the range is read.
+    /// Each page is a linearizable read of one shard.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when the cluster could not serve it within
+    /// the deadline (the scanner can be asked again).
+    pub async fn next_page(
+        &mut self,
+        max_pairs: usize,
+    ) -> Result<Option<Vec<(Vec<u8>, Vec<u8>)>>, ClientError> {
+        let want = max_pairs.clamp(1, SCAN_LIMIT_MAX as usize) as u32;
+        while !self.done {
+            if !self.end.is_empty() && self.cursor >= self.end {
+                break;
+            }
+            let (cur, end) = (self.cursor.clone(), self.end.clone());
+            let (pairs, more) = self
+                .client
+                .with_route(
+                    &cur,
+                    |d| Request::Scan {
+                        shard: d.id,
+                        epoch: d.epoch,
+                        start: cur.clone(),
+                        end: end.clone(),
+                        limit: want,
+                    },
+                    |r| match r {
+                        Response::Pairs { pairs, more } if pairs.len() <= want as usize => {
+                            Ok((pairs, more))
+                        }
+                        other => Err(unexpected(other)),
+                    },
+                )
+                .await?;
+            if more {
+                let mut next = match pairs.last() {
+                    Some((k, _)) => k.clone(),
+                    None => return Err(ClientError::Protocol("more pairs, but none sent".into())),
+                };
+                next.push(0);
+                self.cursor = next;
+            } else {
+                // The shard is read: go on at the end of its range.
+                match self.client.route(&cur).map(|d| d.range.end) {
+                    Some(shard_end) if !shard_end.is_empty() && shard_end > cur => {
+                        self.cursor = shard_end
+                    }
+                    _ => self.done = true,
+                }
+            }
+            if !pairs.is_empty() {
+                return Ok(Some(pairs));
+            }
+        }
+        self.done = true;
+        Ok(None)
     }
 }
 

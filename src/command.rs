@@ -6,6 +6,7 @@
 //! error.
 
 use crate::limits::{self, LimitError, BATCH_BYTES_MAX, BATCH_OPS_MAX};
+use crate::session::SessionStamp;
 use crate::{ShardDescriptor, ShardId};
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +119,20 @@ pub enum Command {
         /// The descriptors.
         descriptors: Vec<ShardDescriptor>,
     },
+    /// Applies nothing: proves that the shard commits (`tessera dev`'s
+    /// start-up check), without a key in the user's key space.
+    Noop,
+    /// A [`Command::Write`] of a client session: applied at most once per
+    /// stamp; a retry is answered with the first application's results
+    /// (see [`crate::session`]).
+    SessionWrite {
+        /// The client, this write's sequence number and what it finished.
+        stamp: SessionStamp,
+        /// Log time: the proposing leader's clock, in ms since the epoch.
+        at_ms: u64,
+        /// The operations, at least one.
+        ops: Vec<Op>,
+    },
 }
 
 impl Command {
@@ -141,9 +156,9 @@ impl Command {
     /// Checks every operation and the batch against [`crate::limits`].
     pub fn validate(&self) -> Result<(), LimitError> {
         match self {
-            Command::Write { ops } => validate_ops(ops),
+            Command::Write { ops } | Command::SessionWrite { ops, .. } => validate_ops(ops),
             Command::Split { key, .. } => limits::check_key(key),
-            Command::AllocShardId | Command::RecordRoutes { .. } => Ok(()),
+            Command::AllocShardId | Command::RecordRoutes { .. } | Command::Noop => Ok(()),
         }
     }
 }
@@ -204,6 +219,14 @@ impl std::fmt::Display for Command {
                 Some(op) => write!(f, "write({} ops, first {})", ops.len(), escape(op.key())),
                 None => write!(f, "write(0 ops)"),
             },
+            Command::SessionWrite { stamp, ops, .. } => write!(
+                f,
+                "write({} ops, first {}, client {:032x} seq {})",
+                ops.len(),
+                ops.first().map_or_else(String::new, |op| escape(op.key())),
+                stamp.client,
+                stamp.seq
+            ),
             Command::Split {
                 key,
                 child,
@@ -214,6 +237,7 @@ impl std::fmt::Display for Command {
                 escape(key)
             ),
             Command::AllocShardId => write!(f, "alloc-shard-id"),
+            Command::Noop => write!(f, "noop"),
             Command::RecordRoutes { descriptors } => {
                 write!(f, "record-routes({} descriptors)", descriptors.len())
             }
@@ -256,6 +280,12 @@ pub enum CommandResponse {
     /// The command cannot be carried out yet (nothing changed): e.g. an id
     /// allocation before the meta shard holds the bootstrap routes.
     NotReady(String),
+    /// A [`Command::SessionWrite`] applied earlier, whose results were too
+    /// large to keep: it took effect once; nothing was applied now.
+    AppliedEarlier,
+    /// A [`Command::SessionWrite`] its client had given up on (below what
+    /// it acknowledged) or with a malformed stamp: nothing was applied.
+    Abandoned,
 }
 
 #[cfg(test)]

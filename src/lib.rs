@@ -9,6 +9,8 @@
 //!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
 //!   group-commit log writer, logical range snapshots.
 //! - [`raft`] (feature `server`): the openraft type configuration.
+//! - [`session`]: client sessions, which make retried writes apply exactly
+//!   once (pure: the per-shard table every replica keeps alike).
 //! - [`api`]: the client protocol (requests, responses, typed routing errors).
 //! - [`client`]: [`Client`], the async client library (range routing,
 //!   route cache corrected by typed errors, retries under a deadline).
@@ -40,6 +42,7 @@ pub mod node;
 #[cfg(feature = "server")]
 pub mod raft;
 pub mod rebalance;
+pub mod session;
 #[cfg(feature = "server")]
 pub mod storage;
 pub mod tls;

@@ -18,6 +18,9 @@ pub const BATCH_OPS_MAX: usize = 1024;
 pub const BATCH_BYTES_MAX: usize = 4 * 1024 * 1024;
 /// Largest frame on the wire or in a snapshot file (16 MiB).
 pub const FRAME_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// Default bound on the key and value bytes of one response (scan pages,
+/// multi-key gets); nodes take theirs from `api.response_bytes_max`.
+pub const RESPONSE_BYTES_DEFAULT: usize = 4 * 1024 * 1024;
 
 /// A request over one of the limits above.
 #[derive(Debug, Clone, PartialEq, Eq, Error, serde::Serialize, serde::Deserialize)]

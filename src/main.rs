@@ -11,7 +11,6 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
-use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -143,9 +142,14 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
     let ca = ClusterCa::generate("dev")?;
     write_pem(&certs.join("ca.pem"), &ca.cert_pem(), false)?;
     write_pem(&certs.join("ca-key.pem"), &ca.key_pem(), true)?;
+    // A plain client certificate (data only) for applications, and the
+    // admin certificate the cluster file names (data and admin commands).
     let client = ca.issue_client("dev")?;
     write_pem(&certs.join("client.pem"), &client.cert_pem, false)?;
     write_pem(&certs.join("client-key.pem"), &client.key_pem, true)?;
+    let admin = ca.issue_admin("dev")?;
+    write_pem(&certs.join("admin.pem"), &admin.cert_pem, false)?;
+    write_pem(&certs.join("admin-key.pem"), &admin.key_pem, true)?;
     let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
     // Hold every socket until all are chosen so no two nodes get one port.
     let mut addrs = Vec::new();
@@ -175,8 +179,8 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
     }
     let cluster = ClusterFile {
         ca_cert: PathBuf::from("certs/ca.pem"),
-        client_cert: PathBuf::from("certs/client.pem"),
-        client_key: PathBuf::from("certs/client-key.pem"),
+        client_cert: PathBuf::from("certs/admin.pem"),
+        client_key: PathBuf::from("certs/admin-key.pem"),
         nodes: ids
             .iter()
             .enumerate()
@@ -235,6 +239,7 @@ fn write_dev_node(
         bootstrap,
         split: Default::default(),
         replica_gc: Default::default(),
+        api: Default::default(),
     };
     let config = node_dir.join("node.toml");
     std::fs::write(&config, cfg.to_toml())?;
@@ -307,65 +312,46 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
     shard_ids.sort();
     shard_ids.dedup();
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut boot = 0u64;
     let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
     for shard in &shard_ids {
-        let (leader, n) = loop {
-            if let Some(found) = running
-                .values()
-                .find_map(|node| node.shards_led().contains(shard).then(|| node.clone()))
-            {
-                let raft = found.raft(*shard).context("leader hosts the shard")?;
-                // A per-shard boot counter: a linearizable read, then a
-                // replicated write committed by a quorum.
-                let key = boot_key(&found, *shard)?;
-                let attempt = async {
-                    raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-                        .await?;
-                    let n = match found.engine().get(&key)? {
-                        Some(v) => {
-                            u64::from_be_bytes(v.as_slice().try_into().context("boot counter")?)
-                        }
-                        None => 0,
-                    };
-                    let resp = raft
-                        .client_write(Command::put(key.clone(), (n + 1).to_be_bytes().to_vec()))
-                        .await?;
-                    anyhow::Ok((resp, n))
-                };
-                match tokio::time::timeout(Duration::from_secs(5), attempt).await {
-                    Ok(Ok((resp, n))) => {
-                        if !matches!(resp.data, CommandResponse::Write(_)) {
-                            bail!("boot counter write on {shard} was refused: {:?}", resp.data);
-                        }
-                        break (found.id(), n);
-                    }
-                    Ok(Err(e)) => tracing::debug!(%shard, error = %e, "boot write retried"),
-                    Err(_) => tracing::debug!(%shard, "boot write timed out; retrying"),
-                }
+        // Every shard proves a linearizable read and a replicated write (a
+        // no-op: nothing lands in the user's key space).
+        let (leader, ()) = on_leader(&running, *shard, deadline, |_, raft| async move {
+            raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                .await?;
+            let resp = raft.client_write(Command::Noop).await?;
+            if !matches!(resp.data, CommandResponse::Empty) {
+                bail!("the no-op was answered {:?}", resp.data);
             }
-            if Instant::now() > deadline {
-                bail!("{shard} has no working leader after 60 s");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
+            Ok(())
+        })
+        .await?;
         *leaders.entry(leader).or_default() += 1;
-        boot = boot.max(n + 1);
     }
-    // The meta shard (the authoritative route table) has a leader too.
-    loop {
-        let meta_led = running.values().any(|n| {
-            n.raft(tessera::node::meta::META_SHARD)
-                .is_some_and(|r| r.metrics().borrow_watched().current_leader.is_some())
-        });
-        if meta_led {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the meta shard has no leader after 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The boot counter lives in the meta shard (the authoritative route
+    // table), outside the user's key space.
+    let (_, boot) = on_leader(
+        &running,
+        tessera::node::meta::META_SHARD,
+        deadline,
+        |node, raft| async move {
+            let key = tessera::node::meta::dev_boot_key();
+            raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                .await?;
+            let n = match node.engine().get(&key)? {
+                Some(v) => u64::from_be_bytes(v.as_slice().try_into().context("boot counter")?),
+                None => 0,
+            };
+            let resp = raft
+                .client_write(Command::put(key, (n + 1).to_be_bytes().to_vec()))
+                .await?;
+            if !matches!(resp.data, CommandResponse::Write(_)) {
+                bail!("the boot counter write was answered {:?}", resp.data);
+            }
+            Ok(n + 1)
+        },
+    )
+    .await?;
     let spread: Vec<String> = leaders.iter().map(|(n, c)| format!("{n}: {c}")).collect();
     println!(
         "ready: {} shards on {} nodes over QUIC (leaders {}), boot #{boot}, cluster file {}",
@@ -414,15 +400,35 @@ fn inspect(data_dir: PathBuf) -> Result<()> {
     Ok(())
 }
 
-fn boot_key(node: &Node, shard: ShardId) -> Result<Vec<u8>> {
-    let d = node
-        .engine()
-        .shard_state(shard)
-        .context("shard state")?
-        .descriptor;
-    let mut key = d.range.start.clone();
-    key.extend_from_slice(b"\0tessera-dev-boot");
-    Ok(key)
+/// Runs `attempt` on the node leading `shard` until it succeeds (5 s per
+/// try), retrying until `deadline`; returns the leader and the result.
+async fn on_leader<T, F, Fut>(
+    running: &BTreeMap<NodeId, Arc<Node>>,
+    shard: ShardId,
+    deadline: Instant,
+    attempt: F,
+) -> Result<(NodeId, T)>
+where
+    F: Fn(Arc<Node>, tessera::node::ShardRaft) -> Fut,
+    Fut: std::future::Future<Output = Result<T>>,
+{
+    loop {
+        if let Some(found) = running
+            .values()
+            .find(|node| node.shards_led().contains(&shard))
+        {
+            let raft = found.raft(shard).context("leader hosts the shard")?;
+            match tokio::time::timeout(Duration::from_secs(5), attempt(found.clone(), raft)).await {
+                Ok(Ok(v)) => return Ok((found.id(), v)),
+                Ok(Err(e)) => tracing::debug!(%shard, error = %e, "start-up check retried"),
+                Err(_) => tracing::debug!(%shard, "start-up check timed out; retrying"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{shard} has no working leader after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn wait_for_shutdown_signal() {

@@ -8,7 +8,9 @@
 //!   checks the id a peer claims with [`verify_claimed_node`] against the
 //!   certificate the peer presented.
 //! - Client certificates carry `client.tessera`: valid against the CA, never
-//!   valid as a node.
+//!   valid as a node. Admin certificates carry `admin.tessera` instead: the
+//!   only ones whose connections may split shards, move replicas and
+//!   transfer leadership ([`peer_is_admin`]); data requests take either.
 //! - Two ALPN protocols: [`PEER_ALPN`] (node to node) and [`CLIENT_ALPN`]
 //!   (clients). A handshake offering neither fails.
 
@@ -26,6 +28,8 @@ pub const PEER_ALPN: &[u8] = b"tessera-peer/1";
 pub const CLIENT_ALPN: &[u8] = b"tessera-client/1";
 /// The DNS name in every client certificate.
 pub const CLIENT_NAME: &str = "client.tessera";
+/// The DNS name in every admin certificate (a client that may administer).
+pub const ADMIN_NAME: &str = "admin.tessera";
 
 /// The DNS name a node's certificate carries and dialers verify.
 pub fn node_server_name(node: NodeId) -> String {
@@ -247,6 +251,28 @@ pub fn verify_claimed_node(conn: &quinn::Connection, claimed: NodeId) -> Result<
     cert_is_for_node(leaf, claimed)
 }
 
+/// Whether the certificate `conn`'s peer presented is an admin
+/// certificate (its DNS name is [`ADMIN_NAME`]; the chain was verified
+/// against the cluster CA during the handshake).
+pub fn peer_is_admin(conn: &quinn::Connection) -> bool {
+    let Some(certs) = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+    else {
+        return false;
+    };
+    certs.first().is_some_and(cert_is_admin)
+}
+
+/// Whether `cert` is valid for [`ADMIN_NAME`].
+pub fn cert_is_admin(cert: &CertificateDer<'_>) -> bool {
+    let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {
+        return false;
+    };
+    let name = ServerName::try_from(ADMIN_NAME).expect("a valid DNS name");
+    ee.verify_is_valid_for_subject_name(&name).is_ok()
+}
+
 /// Checks that `cert` names node `claimed`.
 ///
 /// # Errors
@@ -407,6 +433,19 @@ pub mod issue {
             )
         }
 
+        /// An admin certificate: a client that may also split, move
+        /// replicas and transfer leadership.
+        ///
+        /// # Errors
+        /// [`TlsError::Config`] if signing fails.
+        pub fn issue_admin(&self, name: &str) -> Result<Issued, TlsError> {
+            self.issue(
+                ADMIN_NAME.to_string(),
+                format!("tessera admin {name}"),
+                false,
+            )
+        }
+
         /// The identity of a party holding `issued`, trusting this CA.
         pub fn identity(&self, issued: &Issued) -> TlsIdentity {
             TlsIdentity::from_der(
@@ -456,6 +495,11 @@ mod tests {
         ));
         let client = ca.issue_client("c").unwrap();
         assert!(cert_is_for_node(&client.cert_der, NodeId(1)).is_err());
+        assert!(!cert_is_admin(&client.cert_der));
+        let admin = ca.issue_admin("a").unwrap();
+        assert!(cert_is_admin(&admin.cert_der));
+        assert!(cert_is_for_node(&admin.cert_der, NodeId(1)).is_err());
+        assert!(!cert_is_admin(&ca.issue_node(NodeId(1)).unwrap().cert_der));
     }
 
     #[test]

@@ -228,6 +228,7 @@ async fn oversized_input_is_refused_by_client_and_server() {
                 key: b"k".to_vec(),
                 value: big_value.clone(),
             }],
+            session: None,
         },
         Request::Write {
             shard: d.id,
@@ -235,6 +236,7 @@ async fn oversized_input_is_refused_by_client_and_server() {
             ops: vec![Op::Delete {
                 key: big_key.clone(),
             }],
+            session: None,
         },
         Request::Get {
             shard: d.id,
@@ -245,6 +247,7 @@ async fn oversized_input_is_refused_by_client_and_server() {
             shard: d.id,
             epoch: d.epoch,
             ops: Vec::new(),
+            session: None,
         },
     ];
     for r in raw {
@@ -373,4 +376,94 @@ async fn client_connections_beyond_the_limit_are_refused() {
     assert_eq!(first.get(b"k").await.unwrap().as_deref(), Some(&b"v"[..]));
     drop((first, second));
     c.shutdown().await;
+}
+
+/// Roles in certificates: a plain client certificate reads and writes but
+/// gets a typed permission error for admin commands (nothing changes); the
+/// admin certificate may split, move replicas and transfer leadership.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_commands_need_an_admin_certificate() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 2).await;
+    let plain = client(&c);
+    plain.put(b"m-key", b"v").await.unwrap();
+    let before = plain.routes().await.unwrap();
+    let denied = |r: Result<(), ClientError>, what: &str| match r {
+        Err(ClientError::Refused(ApiError::PermissionDenied { request })) => {
+            assert_eq!(request, what)
+        }
+        other => panic!("{what} with a plain client certificate: {other:?}"),
+    };
+    denied(plain.split(b"m").await.map(|_| ()), "split");
+    let d = before[0].clone();
+    let (from, to) = (d.replicas[0], d.replicas[1]);
+    denied(plain.transfer_leader(d.id, to).await, "transfer-leader");
+    denied(
+        plain.move_replica(d.id, from, NodeId(9)).await.map(|_| ()),
+        "move-replica",
+    );
+    let shape = |ds: Vec<tessera::ShardDescriptor>| -> Vec<_> {
+        ds.into_iter()
+            .map(|d| (d.id, d.range, d.epoch, d.replicas))
+            .collect()
+    };
+    assert_eq!(
+        shape(plain.routes().await.unwrap()),
+        shape(before),
+        "a refused admin command changed the shards"
+    );
+
+    tracing::info!("phase: the admin certificate may");
+    let admin = c.client();
+    let (left, right) = admin.split(b"m").await.unwrap();
+    assert_eq!(left.range.end, b"m".to_vec());
+    assert_eq!(right.range.start, b"m".to_vec());
+    // Data requests work with either certificate, across the new boundary.
+    assert_eq!(plain.get(b"m-key").await.unwrap(), Some(b"v".to_vec()));
+    assert_eq!(admin.get(b"m-key").await.unwrap(), Some(b"v".to_vec()));
+}
+
+/// Responses are bounded in bytes: 20 MiB of values in one shard (more
+/// than a 16 MiB frame) come back through scans and a multi-key get, page
+/// by page, each page within the node's response bound (4 MiB by default,
+/// plus the pair that crosses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_larger_than_a_frame_come_back_in_bounded_pages() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 1).await;
+    let cl = client(&c);
+    let value = |i: u8| vec![i; VALUE_BYTES_MAX];
+    let keys: Vec<Vec<u8>> = (0..20u8)
+        .map(|i| format!("big-{i:02}").into_bytes())
+        .collect();
+    for (i, k) in keys.iter().enumerate() {
+        cl.put(k, &value(i as u8)).await.unwrap();
+    }
+
+    tracing::info!("phase: a scanner pages through the range");
+    let bound = tessera::limits::RESPONSE_BYTES_DEFAULT + KEY_BYTES_MAX + VALUE_BYTES_MAX;
+    let mut pages = cl.scanner(b"big-", b"big.").unwrap();
+    let (mut seen, mut n_pages) = (Vec::new(), 0);
+    while let Some(page) = pages.next_page(10_000).await.unwrap() {
+        n_pages += 1;
+        let bytes: usize = page.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(bytes <= bound, "a page of {bytes} bytes");
+        seen.extend(page);
+    }
+    assert!(n_pages >= 5, "20 MiB in {n_pages} pages");
+    let want: Vec<(Vec<u8>, Vec<u8>)> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| (k.clone(), value(i as u8)))
+        .collect();
+    assert!(seen == want, "the pages differ from what was written");
+    assert!(cl.scan(b"big-", b"big.", 100).await.unwrap() == want);
+
+    tracing::info!("phase: one multi-key get of every key");
+    let refs: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    let got = cl.batch_get(&refs).await.unwrap();
+    assert_eq!(got.len(), keys.len());
+    for (i, v) in got.into_iter().enumerate() {
+        assert!(v == Some(value(i as u8)), "value {i} differs");
+    }
 }

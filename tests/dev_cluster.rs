@@ -67,6 +67,7 @@ fn dev_cluster_resumes_after_sigkill() {
         );
     }
     ctl_round_trip(&data.join("cluster.toml"));
+    plain_client_has_no_admin_rights(&data);
     first.kill().unwrap();
     first.wait().unwrap();
 
@@ -112,6 +113,21 @@ fn ctl_ok(cluster: &Path, args: &[&str]) -> String {
 }
 
 fn ctl_round_trip(cluster: &Path) {
+    // A fresh cluster's key space is the user's, and empty.
+    assert_eq!(ctl_ok(cluster, &["scan"]), "");
+    // Arbitrary bytes are printed escaped (no control byte reaches the
+    // terminal, no tab splits a line), exactly with --raw.
+    ctl_ok(cluster, &["put", "bin\tkey", "red\x1b[31m\\"]);
+    assert_eq!(ctl_ok(cluster, &["get", "bin\tkey"]), "red\\x1b[31m\\\\\n");
+    assert_eq!(
+        ctl(cluster, &["get", "--raw", "bin\tkey"]).stdout,
+        b"red\x1b[31m\\\n"
+    );
+    assert_eq!(
+        ctl_ok(cluster, &["scan"]),
+        "bin\\x09key\tred\\x1b[31m\\\\\n"
+    );
+    ctl_ok(cluster, &["delete", "bin\tkey"]);
     ctl_ok(cluster, &["put", "greeting", "hello"]);
     for (k, v) in [("a1", "x"), ("m2", "y"), ("z3", "z")] {
         ctl_ok(cluster, &["put", k, v]);
@@ -302,4 +318,27 @@ fn ids(s: &serde_json::Value, field: &str) -> Vec<u64> {
         .collect();
     v.sort();
     v
+}
+
+/// `tessera dev`'s cluster file names the admin certificate; the plain
+/// client certificate beside it reads and writes through `tessera-ctl` but
+/// is refused admin commands with a permission error.
+fn plain_client_has_no_admin_rights(data: &Path) {
+    let admin = std::fs::read_to_string(data.join("cluster.toml")).unwrap();
+    assert!(admin.contains("certs/admin.pem"), "{admin}");
+    let plain = data.join("cluster-plain.toml");
+    std::fs::write(
+        &plain,
+        admin
+            .replace("certs/admin.pem", "certs/client.pem")
+            .replace("certs/admin-key.pem", "certs/client-key.pem"),
+    )
+    .unwrap();
+    ctl_ok(&plain, &["put", "plain", "yes"]);
+    assert_eq!(ctl_ok(&plain, &["get", "plain"]), "yes\n");
+    let split = ctl(&plain, &["split", "plain"]);
+    assert!(!split.status.success());
+    let err = String::from_utf8_lossy(&split.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    ctl_ok(&plain, &["delete", "plain"]);
 }

@@ -129,6 +129,7 @@ fn write_cluster(dir: &Path) -> (ClusterCa, Vec<(NodeId, SocketAddr)>, Vec<PathB
             }),
             split: Default::default(),
             replica_gc: Default::default(),
+            api: Default::default(),
         };
         let path = dir.join(format!("n{}.toml", id.0));
         std::fs::write(&path, cfg.to_toml()).unwrap();

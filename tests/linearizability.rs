@@ -19,11 +19,16 @@ use tessera::{Client, NodeId};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn client(c: &TestCluster, deadline: Duration) -> Client {
-    let issued = c.ca.issue_client("lin").unwrap();
+    client_with(c, deadline, true)
+}
+
+fn client_with(c: &TestCluster, deadline: Duration, exactly_once: bool) -> Client {
+    let issued = c.ca.issue_admin("lin").unwrap();
     let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.config_addrs().into_iter().collect();
     let opts = ClientOptions {
         deadline,
         attempt_timeout: Duration::from_secs(1),
+        exactly_once,
         ..Default::default()
     };
     Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap()
@@ -106,11 +111,65 @@ async fn the_real_build_serves_no_stale_read_behind_a_partition() {
     assert!(bad.is_empty(), "not linearizable: {bad:?}");
 }
 
+async fn recorded_delete(rec: &Recorder, cl: &Client, key: &[u8]) {
+    let call = rec.now();
+    let r = cl.delete(key).await;
+    rec.push(Op {
+        key: key.to_vec(),
+        kind: Kind::Delete {
+            existed: r.as_ref().ok().copied(),
+        },
+        call,
+        ret: r.is_ok().then(|| rec.now()),
+    });
+}
+
+/// A CAS from `expected` to `new`; returns the key's value after it.
+async fn recorded_cas(
+    rec: &Recorder,
+    cl: &Client,
+    key: &[u8],
+    expected: Option<Vec<u8>>,
+    new: Vec<u8>,
+) -> Option<Option<Vec<u8>>> {
+    let call = rec.now();
+    let r = cl.cas(key, expected.as_deref(), Some(&new)).await;
+    let outcome = r.as_ref().ok().map(|o| (o.succeeded, o.current.clone()));
+    let after = outcome.as_ref().map(|(ok, current)| match ok {
+        true => Some(new.clone()),
+        false => current.clone(),
+    });
+    rec.push(Op {
+        key: key.to_vec(),
+        kind: Kind::Cas {
+            expected,
+            new: Some(new),
+            outcome,
+        },
+        call,
+        ret: r.is_ok().then(|| rec.now()),
+    });
+    after
+}
+
 /// 4 clients doing random put/get/delete/cas on 8 keys until `run` passes,
-/// recording a history.
+/// recording a history. A CAS expects what its client last saw of the key
+/// (or absent), so both outcomes happen.
 fn start_workload(
     c: &TestCluster,
     run: Duration,
+) -> (
+    Arc<Recorder>,
+    Vec<Vec<u8>>,
+    Vec<tokio::task::JoinHandle<Client>>,
+) {
+    start_workload_with(c, run, true)
+}
+
+fn start_workload_with(
+    c: &TestCluster,
+    run: Duration,
+    exactly_once: bool,
 ) -> (
     Arc<Recorder>,
     Vec<Vec<u8>>,
@@ -122,8 +181,11 @@ fn start_workload(
     let stop_at = Instant::now() + run;
     let mut clients = Vec::new();
     for w in 0..4u32 {
-        let (rec, keys, cl) = (rec.clone(), keys.clone(), client(c, Duration::from_secs(3)));
+        let (rec, keys) = (rec.clone(), keys.clone());
+        let cl = client_with(c, Duration::from_secs(3), exactly_once);
         clients.push(tokio::spawn(async move {
+            let mut seen: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> =
+                std::collections::HashMap::new();
             let mut n = 0u32;
             while Instant::now() < stop_at && n < 90 {
                 n += 1;
@@ -131,40 +193,27 @@ fn start_workload(
                     let mut rng = rand::thread_rng();
                     (
                         keys[rng.gen_range(0..keys.len())].clone(),
-                        rng.gen_range(0..3),
+                        rng.gen_range(0..4),
                     )
                 };
                 let unique = format!("w{w}-{n}").into_bytes();
                 match choice {
                     0 => {
-                        recorded_put(&rec, &cl, &k, unique).await;
+                        if recorded_put(&rec, &cl, &k, unique.clone()).await {
+                            seen.insert(k, Some(unique));
+                        }
                     }
                     1 => {
-                        recorded_get(&rec, &cl, &k).await;
+                        if let Some(v) = recorded_get(&rec, &cl, &k).await {
+                            seen.insert(k, v);
+                        }
                     }
-                    2 => {
-                        let call = rec.now();
-                        let r = cl.delete(&k).await;
-                        rec.push(Op {
-                            key: k.clone(),
-                            kind: Kind::Delete,
-                            call,
-                            ret: r.is_ok().then(|| rec.now()),
-                        });
-                    }
+                    2 => recorded_delete(&rec, &cl, &k).await,
                     _ => {
-                        let call = rec.now();
-                        let r = cl.cas(&k, None, Some(&unique)).await;
-                        rec.push(Op {
-                            key: k.clone(),
-                            kind: Kind::Cas {
-                                expected: None,
-                                new: Some(unique),
-                                succeeded: r.as_ref().ok().map(|o| o.succeeded),
-                            },
-                            call,
-                            ret: r.is_ok().then(|| rec.now()),
-                        });
+                        let expected = seen.get(&k).cloned().flatten();
+                        if let Some(v) = recorded_cas(&rec, &cl, &k, expected, unique).await {
+                            seen.insert(k, v);
+                        }
                     }
                 }
             }
@@ -211,6 +260,19 @@ async fn finish_and_check(
     clients: Vec<tokio::task::JoinHandle<Client>>,
     faults: u32,
 ) {
+    let bad = finish_and_judge(c, rec, keys, clients, faults).await;
+    assert!(bad.is_empty(), "not linearizable on keys {bad:?}");
+}
+
+/// Joins the clients, reads every key once more, and returns the keys
+/// whose history is not linearizable (printing their histories).
+async fn finish_and_judge(
+    c: &TestCluster,
+    rec: &Recorder,
+    keys: &[Vec<u8>],
+    clients: Vec<tokio::task::JoinHandle<Client>>,
+    faults: u32,
+) -> Vec<Vec<u8>> {
     let mut done = Vec::new();
     for t in clients {
         done.push(t.await.unwrap());
@@ -241,8 +303,8 @@ async fn finish_and_check(
             }
         }
     }
-    assert!(bad.is_empty(), "not linearizable on keys {bad:?}");
     drop((done, reader));
+    bad
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,4 +404,76 @@ async fn splits_and_moves_during_faults_stay_linearizable() {
     assert!(!d.replicas.contains(&NodeId(4)));
     finish_and_check(&c, &rec, &keys, clients, faults).await;
     c.shutdown().await;
+}
+
+/// RELIABILITY scenario 9: the replies of writes that took effect are lost
+/// on their way back (a failpoint in the client: it sees a transport error
+/// and retries the same write) while 4 clients run put/get/delete/CAS and
+/// two shards split. Returns the keys that are not linearizable and the
+/// history.
+#[cfg(feature = "failpoints")]
+async fn with_lost_replies(exactly_once: bool) -> (Vec<Vec<u8>>, Vec<Op>) {
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
+    for s in c.node(1).shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    c.wait_leader(tessera::node::meta::META_SHARD, WAIT)
+        .await
+        .unwrap();
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("client::lose_write_reply", "30%return").unwrap();
+    tracing::info!(exactly_once, "phase: writes whose replies are lost, splits");
+    let (rec, keys, clients) = start_workload_with(&c, Duration::from_secs(8), exactly_once);
+    let admin = client(&c, Duration::from_secs(60));
+    // Between the workload's keys (first bytes 0, 30, ..., 210): sessions
+    // move to the children.
+    for at in [45u8, 165] {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        admin.split(&[at]).await.expect("split");
+    }
+    // Final reads are not writes: the failpoint leaves them alone.
+    let bad = finish_and_judge(&c, &rec, &keys, clients, 2).await;
+    fail::remove("client::lose_write_reply");
+    scenario.teardown();
+    c.shutdown().await;
+    (bad, rec.ops())
+}
+
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_replies_of_committed_writes_apply_exactly_once() {
+    init_tracing();
+    let (bad, ops) = with_lost_replies(true).await;
+    let cas = |ok: bool| {
+        ops.iter()
+            .filter(|o| matches!(&o.kind, Kind::Cas { outcome: Some((s, _)), .. } if *s == ok))
+            .count()
+    };
+    let deletes = ops
+        .iter()
+        .filter(|o| matches!(o.kind, Kind::Delete { existed: Some(_) }))
+        .count();
+    println!(
+        "CAS succeeded {}, failed {}, deletes answered {deletes}",
+        cas(true),
+        cas(false)
+    );
+    assert!(
+        cas(true) > 0 && cas(false) > 0 && deletes > 0,
+        "the workload must exercise CAS with both outcomes and deletes"
+    );
+    assert!(bad.is_empty(), "not linearizable on keys {bad:?}");
+}
+
+/// The mutation check: the same faults against clients with exactly-once
+/// off (a retry may apply a write again) must be caught by the checker.
+#[cfg(feature = "failpoints")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_checker_catches_retried_writes_applied_twice() {
+    init_tracing();
+    let (bad, _) = with_lost_replies(false).await;
+    assert!(
+        !bad.is_empty(),
+        "writes retried after lost replies were applied twice, unnoticed"
+    );
 }

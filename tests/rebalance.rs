@@ -20,7 +20,7 @@ use tessera::{Client, ShardId};
 const WAIT: Duration = Duration::from_secs(120);
 
 fn client(c: &TestCluster) -> Client {
-    let issued = c.ca.issue_client("test").unwrap();
+    let issued = c.ca.issue_admin("test").unwrap();
     let opts = ClientOptions {
         deadline: Duration::from_secs(90),
         ..ClientOptions::default()

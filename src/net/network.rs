@@ -98,8 +98,11 @@ fn entry_bytes(e: &Entry) -> usize {
         EntryPayload::Normal(Command::Write { ops }) => {
             ops.iter().map(|op| op.payload_bytes() + 16).sum::<usize>()
         }
+        EntryPayload::Normal(Command::SessionWrite { ops, .. }) => {
+            48 + ops.iter().map(|op| op.payload_bytes() + 16).sum::<usize>()
+        }
         EntryPayload::Normal(Command::Split { key, .. }) => key.len() + 32,
-        EntryPayload::Normal(Command::AllocShardId) => 8,
+        EntryPayload::Normal(Command::AllocShardId | Command::Noop) => 8,
         EntryPayload::Normal(Command::RecordRoutes { descriptors }) => descriptors
             .iter()
             .map(|d| d.range.start.len() + d.range.end.len() + 64 + 9 * d.replicas.len())

@@ -172,6 +172,25 @@ impl Default for ReplicaGcConfig {
     }
 }
 
+/// The client protocol's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Most key and value bytes in one response: a scan or multi-key get
+    /// answers the pairs or values that fit (at least one) and the client
+    /// asks for the rest. Default: 4 MiB. Minimum: one largest pair
+    /// (8 KiB key + 1 MiB value). Maximum: 12 MiB (a frame is 16 MiB).
+    pub response_bytes_max: usize,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            response_bytes_max: crate::limits::RESPONSE_BYTES_DEFAULT,
+        }
+    }
+}
+
 /// Shards created on first start (identically on every member).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -218,6 +237,9 @@ pub struct NodeConfig {
     /// Replica garbage collection and repair.
     #[serde(default)]
     pub replica_gc: ReplicaGcConfig,
+    /// Client protocol bounds.
+    #[serde(default)]
+    pub api: ApiConfig,
 }
 
 impl NodeConfig {
@@ -276,6 +298,14 @@ impl NodeConfig {
         }
         if self.replica_gc.interval_ms == 0 {
             return Err(invalid("replica_gc.interval_ms", "must be at least 1"));
+        }
+        let pair = crate::limits::KEY_BYTES_MAX + crate::limits::VALUE_BYTES_MAX;
+        let most = crate::limits::FRAME_BYTES_MAX - 4 * 1024 * 1024;
+        if !(pair..=most).contains(&self.api.response_bytes_max) {
+            return Err(invalid(
+                "api.response_bytes_max",
+                format!("must be within {pair}..={most}"),
+            ));
         }
         if self.split.check_interval_ms == 0 {
             return Err(invalid("split.check_interval_ms", "must be at least 1"));
@@ -404,6 +434,7 @@ mod tests {
             }),
             split: Default::default(),
             replica_gc: Default::default(),
+            api: Default::default(),
         }
     }
 

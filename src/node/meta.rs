@@ -53,6 +53,15 @@ pub fn next_id_key() -> Vec<u8> {
     k
 }
 
+/// The meta key holding `tessera dev`'s boot counter (inside the meta
+/// range, never a route record, outside the user's key space).
+pub fn dev_boot_key() -> Vec<u8> {
+    let mut k = meta_range().start;
+    k.extend_from_slice(&[0xff; 8]);
+    k.extend_from_slice(b"dev-boot");
+    k
+}
+
 /// The meta shard's descriptor for a cluster of `members` (3 replicas at
 /// most, the first member initialises it).
 pub fn meta_descriptor(members: &[NodeId]) -> ShardDescriptor {

@@ -14,7 +14,9 @@ mod replica_gc;
 mod serve_client;
 
 pub use admin::AdminError;
-pub use config::{Bootstrap, ConfigError, NodeConfig, RaftTimings, ReplicaGcConfig, SplitConfig};
+pub use config::{
+    ApiConfig, Bootstrap, ConfigError, NodeConfig, RaftTimings, ReplicaGcConfig, SplitConfig,
+};
 
 use crate::metrics::{MetricsSnapshot, NetMetrics};
 use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
@@ -84,6 +86,8 @@ pub struct Registry {
     flush: tokio::sync::Notify,
     /// The node, for requests that need more than the groups.
     node: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// Most key and value bytes in one response (`api.response_bytes_max`).
+    response_bytes_max: usize,
 }
 
 /// Held while a read barrier waits; see [`Registry::expedited`].
@@ -96,7 +100,7 @@ impl Drop for Expedite<'_> {
 }
 
 impl Registry {
-    fn new(me: NodeId, engine: Engine, faults: Arc<Faults>) -> Self {
+    fn new(me: NodeId, engine: Engine, faults: Arc<Faults>, response_bytes_max: usize) -> Self {
         Registry {
             me,
             engine,
@@ -105,6 +109,7 @@ impl Registry {
             faults,
             flush: tokio::sync::Notify::new(),
             node: std::sync::OnceLock::new(),
+            response_bytes_max,
         }
     }
 
@@ -420,7 +425,12 @@ impl Node {
                 config.peers.push(p);
             }
         }
-        let registry = Arc::new(Registry::new(id, engine.clone(), faults.clone()));
+        let registry = Arc::new(Registry::new(
+            id,
+            engine.clone(),
+            faults.clone(),
+            config.api.response_bytes_max,
+        ));
         let net_metrics = Arc::new(NetMetrics::default());
         let transport = Transport::start(
             id,

@@ -27,6 +27,13 @@ fn admin_error(e: super::AdminError) -> ApiError {
     }
 }
 
+/// Milliseconds since the Unix epoch by this node's clock (0 before it).
+fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
 /// Serves every stream a client opens on `conn`, one request per stream.
 pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {
     loop {
@@ -44,6 +51,11 @@ pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Conne
                             "a join for {node} must come with {node}'s certificate"
                         )))
                     }
+                    Ok(req) if req.is_admin() && !crate::tls::peer_is_admin(&conn) => {
+                        Response::Error(ApiError::PermissionDenied {
+                            request: req.name().into(),
+                        })
+                    }
                     Ok(req) => match req.validate() {
                         Ok(()) => registry.serve(req).await,
                         Err(e) => Response::Error(ApiError::Limit(e)),
@@ -53,7 +65,14 @@ pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Conne
                 Ok(None) => return,
                 Err(e) => Response::Error(ApiError::Invalid(format!("bad request frame: {e}"))),
             };
-            if let Ok(frame) = wire::encode_frame(&resp, FRAME_BYTES_MAX) {
+            // Responses are bounded where they are built; one that still
+            // does not fit a frame is answered with an error, never dropped.
+            let frame = wire::encode_frame(&resp, FRAME_BYTES_MAX).or_else(|e| {
+                let refusal =
+                    Response::Error(ApiError::Invalid(format!("the answer is too large: {e}")));
+                wire::encode_frame(&refusal, FRAME_BYTES_MAX)
+            });
+            if let Ok(frame) = frame {
                 let _ = send.write_all(&frame).await;
             }
             let _ = send.finish();
@@ -162,10 +181,12 @@ impl Registry {
         }
     }
 
+    /// The values of `keys` from one RocksDB snapshot: as many (in order,
+    /// at least one) as fit the response bound; the client asks again for
+    /// the rest.
     fn read_local(&self, keys: &[Vec<u8>]) -> Result<Response, ApiError> {
-        keys.iter()
-            .map(|k| self.engine.get(k))
-            .collect::<Result<Vec<_>, _>>()
+        self.engine
+            .get_many(keys, self.response_bytes_max)
             .map(Response::Values)
             .map_err(|e| ApiError::Invalid(e.to_string()))
     }
@@ -192,7 +213,12 @@ impl Registry {
                 self.recheck(&d)?;
                 self.read_local(&keys)
             }
-            Request::Write { shard, epoch, ops } => {
+            Request::Write {
+                shard,
+                epoch,
+                ops,
+                session,
+            } => {
                 let (raft, d) = self.check(shard, epoch)?;
                 if let Some(op) = ops.iter().find(|op| !d.range.contains(op.key())) {
                     return Err(ApiError::KeyNotInRange {
@@ -200,14 +226,35 @@ impl Registry {
                         key: op.key().to_vec(),
                     });
                 }
+                let cmd = match session {
+                    None => Command::Write { ops },
+                    Some(stamp) if !stamp.is_valid() => {
+                        return Err(ApiError::SessionRefused {
+                            shard,
+                            reason: format!("malformed session stamp {stamp:?}"),
+                        })
+                    }
+                    // Log time is this leader's clock; the state machine
+                    // never lets it go backwards.
+                    Some(stamp) => Command::SessionWrite {
+                        stamp,
+                        at_ms: wall_clock_ms(),
+                        ops,
+                    },
+                };
                 let _expedite = self.expedite();
-                match raft.client_write(Command::Write { ops }).await {
+                match raft.client_write(cmd).await {
                     Ok(resp) => match resp.data {
                         CommandResponse::Write(results) => Ok(Response::Written(results)),
                         // The range changed between the check and the apply.
                         CommandResponse::KeyNotInRange { key } => {
                             Err(ApiError::KeyNotInRange { shard, key })
                         }
+                        CommandResponse::AppliedEarlier => Err(ApiError::AppliedEarlier { shard }),
+                        CommandResponse::Abandoned => Err(ApiError::SessionRefused {
+                            shard,
+                            reason: "the client acknowledged later writes; not applied".into(),
+                        }),
                         other => Err(ApiError::Invalid(format!("write applied as {other:?}"))),
                     },
                     Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
@@ -247,13 +294,13 @@ impl Registry {
                 };
                 self.read_barrier(shard, &raft).await?;
                 self.recheck(&d)?;
-                let mut pairs = if from >= to {
-                    Vec::new()
+                let (pairs, more) = if from >= to {
+                    (Vec::new(), false)
                 } else {
-                    self.engine.scan(&from, &to, limit + 1).map_err(internal)?
+                    self.engine
+                        .scan_page(&from, &to, limit, self.response_bytes_max)
+                        .map_err(internal)?
                 };
-                let more = pairs.len() > limit;
-                pairs.truncate(limit);
                 Ok(Response::Pairs { pairs, more })
             }
             Request::Routes => {

@@ -10,7 +10,7 @@ use super::StorageStats;
 use crate::raft::{Entry, LogId, Vote};
 use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use rocksdb::{
-    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction,
+    BlockBasedOptions, Cache, ColumnFamily, ColumnFamilyDescriptor, DBCompressionType,
     IteratorMode, Options, DB,
 };
 use serde::de::DeserializeOwned;
@@ -526,19 +526,61 @@ impl Engine {
         end: &[u8],
         limit: usize,
     ) -> Result<Vec<super::snapshot::Pair>, StoreError> {
+        Ok(self.scan_page(start, end, limit, usize::MAX)?.0)
+    }
+
+    /// One page of [`Engine::scan`]: up to `limit` pairs whose key and
+    /// value bytes add up to at most `bytes_max` (at least one pair when
+    /// any is there), and whether pairs remain in `[start, end)`.
+    pub fn scan_page(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+        bytes_max: usize,
+    ) -> Result<(Vec<super::snapshot::Pair>, bool), StoreError> {
         let mut ro = rocksdb::ReadOptions::default();
         if !end.is_empty() {
             ro.set_iterate_upper_bound(end.to_vec());
         }
-        let it = self.inner.db().iterator_cf_opt(
-            self.cf(Cf::Data),
-            ro,
-            IteratorMode::From(start, Direction::Forward),
-        );
+        let mut it = self.inner.db().raw_iterator_cf_opt(self.cf(Cf::Data), ro);
+        it.seek(start);
         let mut out = Vec::new();
-        for item in it.take(limit) {
-            let (k, v) = item.map_err(|e| StoreError::rocks("scan", e))?;
+        let mut bytes = 0usize;
+        while it.valid() {
+            let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
+            bytes = bytes.saturating_add(k.len() + v.len());
+            if out.len() == limit || (bytes > bytes_max && !out.is_empty()) {
+                return Ok((out, true));
+            }
             out.push((k.to_vec(), v.to_vec()));
+            it.next();
+        }
+        it.status().map_err(|e| StoreError::rocks("scan", e))?;
+        Ok((out, false))
+    }
+
+    /// The values of `keys`, in order, all read from one RocksDB snapshot;
+    /// stops before the value that would take the total past `bytes_max`
+    /// (at least one value), so the answer may cover only a prefix of
+    /// `keys`.
+    pub fn get_many(
+        &self,
+        keys: &[Vec<u8>],
+        bytes_max: usize,
+    ) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let snap = self.inner.db().snapshot();
+        let mut out = Vec::with_capacity(keys.len());
+        let mut bytes = 0usize;
+        for k in keys {
+            let v = snap
+                .get_cf(self.cf(Cf::Data), k)
+                .map_err(|e| StoreError::rocks("get", e))?;
+            bytes = bytes.saturating_add(k.len() + v.as_ref().map_or(0, Vec::len));
+            if bytes > bytes_max && !out.is_empty() {
+                break;
+            }
+            out.push(v);
         }
         Ok(out)
     }

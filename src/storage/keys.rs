@@ -52,6 +52,9 @@ pub enum MetaTag {
     /// A removed replica's tombstone: the configuration version it was
     /// removed at. Only a newer configuration may create the replica again.
     Tombstone = 6,
+    /// Prefix of the shard's client sessions: `shard ‖ 7 ‖ client id` (BE
+    /// u128), one row per session (see [`crate::session`]).
+    Session = 7,
 }
 
 /// `shard ‖ index`, the key of one log entry.
@@ -90,6 +93,30 @@ pub fn meta_key(shard: ShardId, tag: MetaTag) -> [u8; 9] {
     tagged(shard, tag as u8)
 }
 
+/// `shard ‖ 7 ‖ client`, the key of one client session of `shard`.
+pub fn session_key(shard: ShardId, client: u128) -> [u8; 25] {
+    let mut k = [0u8; 25];
+    k[..9].copy_from_slice(&meta_key(shard, MetaTag::Session));
+    k[9..].copy_from_slice(&client.to_be_bytes());
+    k
+}
+
+/// `[start, end)` of every session row of `shard`.
+pub fn session_bounds(shard: ShardId) -> ([u8; 9], [u8; 9]) {
+    (
+        meta_key(shard, MetaTag::Session),
+        tagged(shard, MetaTag::Session as u8 + 1),
+    )
+}
+
+/// The client id of a session key of `shard` (`None` for any other key).
+pub fn session_client(shard: ShardId, key: &[u8]) -> Option<u128> {
+    if key.len() != 25 || key[..9] != meta_key(shard, MetaTag::Session) {
+        return None;
+    }
+    Some(u128::from_be_bytes(key[9..].try_into().ok()?))
+}
+
 /// Decodes `shard ‖ tag` keys.
 pub fn split_tagged(key: &[u8]) -> Option<(ShardId, u8)> {
     if key.len() != 9 {
@@ -126,6 +153,17 @@ mod tests {
         fn tagged_keys_round_trip(s in 0u64..u64::MAX, t in any::<u8>()) {
             let k = tagged(ShardId(s), t);
             prop_assert_eq!(split_tagged(&k), Some((ShardId(s), t)));
+        }
+
+        #[test]
+        fn session_keys_stay_inside_their_shard(s in 0u64..u64::MAX, c in any::<u128>()) {
+            let shard = ShardId(s);
+            let k = session_key(shard, c);
+            let (from, to) = session_bounds(shard);
+            prop_assert!(from.as_slice() <= k.as_slice() && k.as_slice() < to.as_slice());
+            prop_assert!(k.as_slice() < shard_prefix_end(shard).as_slice());
+            prop_assert_eq!(session_client(shard, &k), Some(c));
+            prop_assert_eq!(split_tagged(&k), None);
         }
     }
 

@@ -4,8 +4,12 @@
 //! ```text
 //! magic "TSNAP\0\0\x01"
 //! frame*  = len: u32 BE | crc32(payload): u32 BE | payload (postcard `Frame`)
-//! frames  = Header, Chunk*, Footer
+//! frames  = Header, Sessions*, Chunk*, Footer
 //! ```
+//!
+//! `Sessions` frames carry the shard's client sessions (exactly-once
+//! writes, [`crate::session`]); files written before sessions existed have
+//! none and install an empty table.
 //!
 //! A snapshot is produced from a RocksDB snapshot one chunk at a time and
 //! installed one chunk at a time: no shard is ever held whole in memory. A
@@ -17,6 +21,7 @@ use super::engine::{encode, sync_dir};
 use super::error::StoreError;
 use crate::limits::FRAME_BYTES_MAX;
 use crate::raft::SnapshotMeta;
+use crate::session::{ClientId, Session, SESSIONS_MAX};
 use crate::ShardDescriptor;
 use serde::{Deserialize, Serialize};
 use std::fs::File;
@@ -52,6 +57,9 @@ pub enum Frame {
         /// Key and value bytes in all chunks.
         data_bytes: u64,
     },
+    /// Client sessions, in client order (after the header, before the
+    /// chunks; appended as a new variant so older files still read).
+    Sessions(Vec<(ClientId, Session)>),
 }
 
 /// openraft's `SnapshotData` for Tessera: a complete snapshot file on disk.
@@ -111,6 +119,29 @@ impl SnapshotWriter {
         self.write_frame(&Frame::Chunk(pairs))
     }
 
+    /// Writes the shard's client sessions in frames of about `frame_bytes`
+    /// (before any chunk).
+    pub fn write_sessions(
+        &mut self,
+        rows: Vec<(ClientId, Session)>,
+        frame_bytes: usize,
+    ) -> Result<(), StoreError> {
+        let mut frame = Vec::new();
+        let mut bytes = 0usize;
+        for (c, s) in rows {
+            bytes += encode(&s).len() + 16;
+            frame.push((c, s));
+            if bytes >= frame_bytes {
+                self.write_frame(&Frame::Sessions(std::mem::take(&mut frame)))?;
+                bytes = 0;
+            }
+        }
+        if !frame.is_empty() {
+            self.write_frame(&Frame::Sessions(frame))?;
+        }
+        Ok(())
+    }
+
     /// Writes the footer, syncs the file, renames it to `path` and syncs the
     /// folder: once this returns, the snapshot survives a crash.
     pub fn finish(mut self, path: impl Into<PathBuf>) -> Result<SnapshotData, StoreError> {
@@ -163,6 +194,7 @@ pub struct SnapshotReader {
     pairs: u64,
     data_bytes: u64,
     done: bool,
+    sessions: Vec<(ClientId, Session)>,
 }
 
 /// The header of the snapshot file at `path` (its range, epoch and
@@ -198,7 +230,14 @@ impl SnapshotReader {
             pairs: 0,
             data_bytes: 0,
             done: false,
+            sessions: Vec::new(),
         })
+    }
+
+    /// The client sessions read so far (all of them once
+    /// [`Self::next_chunk`] returned `None`), taken out of the reader.
+    pub fn take_sessions(&mut self) -> Vec<(ClientId, Session)> {
+        std::mem::take(&mut self.sessions)
     }
 
     /// The header.
@@ -216,7 +255,15 @@ impl SnapshotReader {
             return Ok(None);
         }
         let corrupt = |d: &str| StoreError::corrupt(self.path.display().to_string(), d);
-        match read_frame(&mut self.input, &self.path)? {
+        let mut frame = read_frame(&mut self.input, &self.path)?;
+        while let Some(Frame::Sessions(rows)) = frame {
+            if self.pairs > 0 || self.sessions.len() + rows.len() > SESSIONS_MAX {
+                return Err(corrupt("sessions after the data, or too many"));
+            }
+            self.sessions.extend(rows);
+            frame = read_frame(&mut self.input, &self.path)?;
+        }
+        match frame {
             Some(Frame::Chunk(pairs)) => {
                 self.pairs += pairs.len() as u64;
                 self.data_bytes += pairs
@@ -242,6 +289,7 @@ impl SnapshotReader {
                 Ok(None)
             }
             Some(Frame::Header(_)) => Err(corrupt("second header")),
+            Some(Frame::Sessions(_)) => unreachable!("read above"),
             None => Err(corrupt("truncated: no footer")),
         }
     }

@@ -15,6 +15,7 @@ use crate::node::meta;
 use crate::raft::{
     Entry, EntryPayload, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };
+use crate::session::{Changes, ClientId, Saved, Session, SessionTable, Verdict};
 use crate::{Epoch, KeyRange, ShardDescriptor, ShardId};
 use futures_util::StreamExt;
 use openraft::storage::{ApplyResponder, EntryResponder, RaftStateMachine};
@@ -61,6 +62,8 @@ pub struct StateMachine {
     /// (it lags behind a split they come from), with the ownership
     /// generation they were computed at.
     shadows: (u64, Vec<KeyRange>),
+    /// The shard's client sessions (exactly-once writes), as of `applied`.
+    sessions: SessionTable,
 }
 
 /// Entries applied in one `WriteBatch` at most (a long catch-up after a
@@ -102,7 +105,9 @@ impl StateMachine {
             .as_ref()
             .map(|r| r.file.clone());
         remove_snapshot_files_except(&dir, keep.as_deref());
+        let sessions = load_sessions(&engine, shard)?;
         Ok(StateMachine {
+            sessions,
             applied: engine.read_meta(shard, MetaTag::Applied)?,
             membership: engine
                 .read_meta(shard, MetaTag::Membership)?
@@ -218,59 +223,142 @@ impl StateMachine {
                 }
                 Ok(CommandResponse::Recorded)
             }
-            Command::Write { ops } => {
-                if let Some(op) = ops
-                    .iter()
-                    .find(|op| !self.descriptor.range.contains(op.key()))
-                {
-                    return Ok(CommandResponse::KeyNotInRange {
-                        key: op.key().to_vec(),
-                    });
-                }
-                let data = self.engine.cf(Cf::Data);
-                let mut results = Vec::with_capacity(ops.len());
-                for op in ops {
-                    // A plain put needs no read: nothing is answered from
-                    // the old value.
-                    let current = match &op {
-                        Op::Put { .. } => None,
-                        _ => self.read_current(op.key(), overlay)?,
-                    };
-                    let (key, new) = match op {
-                        Op::Put { key, value } => {
-                            results.push(OpResult::Put { prev: None });
-                            (key, Some(value))
-                        }
-                        Op::Swap { key, value } => {
-                            results.push(OpResult::Put { prev: current });
-                            (key, Some(value))
-                        }
-                        Op::Delete { key } => {
-                            results.push(OpResult::Delete { prev: current });
-                            (key, None)
-                        }
-                        Op::Cas { key, expected, new } => {
-                            let succeeded = current == expected;
-                            results.push(OpResult::Cas { succeeded, current });
-                            if !succeeded {
-                                continue;
-                            }
-                            (key, new)
-                        }
-                    };
-                    if self.shadowed(&key) {
-                        continue;
+            Command::Noop => Ok(CommandResponse::Empty),
+            Command::Write { ops } => self.apply_ops(ops, batch, overlay),
+            Command::SessionWrite { stamp, at_ms, ops } => {
+                let (resp, results) = match self.sessions.verdict(&stamp) {
+                    Verdict::Apply => {
+                        let resp = self.apply_ops(ops, batch, overlay)?;
+                        let CommandResponse::Write(results) = &resp else {
+                            // Nothing applied (a key outside the range):
+                            // nothing to remember, the retry goes elsewhere.
+                            return Ok(resp);
+                        };
+                        let results = Some(results.clone());
+                        (resp, results)
                     }
-                    match &new {
-                        Some(v) => batch.put_cf(data, &key, v),
-                        None => batch.delete_cf(data, &key),
-                    }
-                    overlay.insert(key, new);
-                }
-                Ok(CommandResponse::Write(results))
+                    Verdict::Duplicate(Saved::Results(r)) => (CommandResponse::Write(r), None),
+                    Verdict::Duplicate(Saved::Omitted) => (CommandResponse::AppliedEarlier, None),
+                    Verdict::Stale => (CommandResponse::Abandoned, None),
+                };
+                let changes = self.sessions.record(&stamp, at_ms, results.as_deref());
+                self.persist_sessions(changes, batch);
+                Ok(resp)
             }
         }
     }
+
+    /// Writes what a session table change touched into `batch`.
+    fn persist_sessions(&self, changes: Changes, batch: &mut WriteBatch) {
+        let cf = self.engine.cf(Cf::ShardMeta);
+        for c in changes.removed {
+            batch.delete_cf(cf, keys::session_key(self.shard, c));
+        }
+        for c in changes.written {
+            if let Some(s) = self.sessions.get(c) {
+                batch.put_cf(cf, keys::session_key(self.shard, c), encode(s));
+            }
+        }
+    }
+
+    /// Applies a batch of operations (all keys checked against the range
+    /// first: one outside it writes nothing).
+    fn apply_ops(
+        &mut self,
+        ops: Vec<Op>,
+        batch: &mut WriteBatch,
+        overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<CommandResponse, StoreError> {
+        if let Some(op) = ops
+            .iter()
+            .find(|op| !self.descriptor.range.contains(op.key()))
+        {
+            return Ok(CommandResponse::KeyNotInRange {
+                key: op.key().to_vec(),
+            });
+        }
+        let data = self.engine.cf(Cf::Data);
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            // A plain put needs no read: nothing is answered from
+            // the old value.
+            let current = match &op {
+                Op::Put { .. } => None,
+                _ => self.read_current(op.key(), overlay)?,
+            };
+            let (key, new) = match op {
+                Op::Put { key, value } => {
+                    results.push(OpResult::Put { prev: None });
+                    (key, Some(value))
+                }
+                Op::Swap { key, value } => {
+                    results.push(OpResult::Put { prev: current });
+                    (key, Some(value))
+                }
+                Op::Delete { key } => {
+                    results.push(OpResult::Delete { prev: current });
+                    (key, None)
+                }
+                Op::Cas { key, expected, new } => {
+                    let succeeded = current == expected;
+                    results.push(OpResult::Cas { succeeded, current });
+                    if !succeeded {
+                        continue;
+                    }
+                    (key, new)
+                }
+            };
+            if self.shadowed(&key) {
+                continue;
+            }
+            match &new {
+                Some(v) => batch.put_cf(data, &key, v),
+                None => batch.delete_cf(data, &key),
+            }
+            overlay.insert(key, new);
+        }
+        Ok(CommandResponse::Write(results))
+    }
+}
+
+/// An iterator over every session row of `shard` in `shard_meta`, made
+/// by the caller from the DB or from a RocksDB snapshot of it.
+fn session_iter<'a>(
+    make: impl FnOnce(rocksdb::ReadOptions) -> rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB>,
+    shard: ShardId,
+) -> rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB> {
+    let (from, to) = keys::session_bounds(shard);
+    let mut ro = rocksdb::ReadOptions::default();
+    ro.set_iterate_upper_bound(to.to_vec());
+    let mut it = make(ro);
+    it.seek(from);
+    it
+}
+
+/// Reads the rows of a [`session_iter`].
+fn read_sessions(
+    mut it: rocksdb::DBRawIteratorWithThreadMode<'_, rocksdb::DB>,
+    shard: ShardId,
+) -> Result<Vec<(ClientId, Session)>, StoreError> {
+    let mut rows = Vec::new();
+    while it.valid() {
+        let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
+        let client = keys::session_client(shard, k).ok_or_else(|| {
+            StoreError::corrupt(format!("sessions of {shard}"), "bad session key")
+        })?;
+        rows.push((client, decode(v, || format!("session of {shard}"))?));
+        it.next();
+    }
+    it.status()
+        .map_err(|e| StoreError::rocks("read sessions", e))?;
+    Ok(rows)
+}
+
+/// The shard's session table as stored.
+fn load_sessions(engine: &Engine, shard: ShardId) -> Result<SessionTable, StoreError> {
+    let cf = engine.cf(Cf::ShardMeta);
+    let it = session_iter(|ro| engine.db().raw_iterator_cf_opt(cf, ro), shard);
+    Ok(SessionTable::from_rows(read_sessions(it, shard)?))
 }
 
 /// Whether epoch `a` supersedes `b` (both parts only grow).
@@ -395,6 +483,12 @@ impl StateMachine {
                 keys::state_key(child, StateTag::Committed),
                 encode(&Some(at)),
             );
+            // The child inherits the sessions: a write applied here before
+            // the split and retried against the child is answered, not
+            // applied again.
+            for (c, sess) in self.sessions.rows() {
+                batch.put_cf(meta_cf, keys::session_key(child, c), encode(&sess));
+            }
             created.push(child);
         }
         tracing::info!(parent = %self.shard, %child, left = %left.range, right = %right.range, at = %at, "split applied");
@@ -465,7 +559,7 @@ impl StateMachine {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => {
                     commands += 1;
-                    if let Command::Write { ops } = &cmd {
+                    if let Command::Write { ops } | Command::SessionWrite { ops, .. } = &cmd {
                         written += ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
                     }
                     let before = self.descriptor.epoch;
@@ -641,6 +735,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         .map_err(werr)?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
+        self.sessions = load_sessions(&self.engine, self.shard).map_err(werr)?;
         self.descriptor = self
             .engine
             .read_meta(self.shard, MetaTag::Descriptor)
@@ -814,6 +909,8 @@ fn export(
     };
     let mut w = SnapshotWriter::create(dir.join(format!("{name}.tmp")), &header)?;
     let chunk_max = engine.config().snapshot_chunk_bytes_max;
+    let sessions = session_iter(|ro| snap.raw_iterator_cf_opt(meta_cf, ro), shard);
+    w.write_sessions(read_sessions(sessions, shard)?, chunk_max)?;
     let mut ro = rocksdb::ReadOptions::default();
     ro.set_iterate_upper_bound(range_end(&descriptor.range));
     ro.fill_cache(false);
@@ -870,6 +967,7 @@ fn install_file(
             ));
         }
     }
+    let sessions = r.take_sessions();
     if header.meta.last_log_id != meta.last_log_id
         || header.meta.last_membership != meta.last_membership
     {
@@ -968,6 +1066,12 @@ fn install_file(
         keys::meta_key(shard, MetaTag::Snapshot),
         encode(&rec),
     );
+    // The snapshot's sessions replace the replica's.
+    let (from, to) = keys::session_bounds(shard);
+    b.delete_range_cf(meta_cf, from, to);
+    for (c, sess) in &sessions {
+        b.put_cf(meta_cf, keys::session_key(shard, *c), encode(sess));
+    }
     b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Installing));
     db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
     engine.publish_descriptor(&descriptor);

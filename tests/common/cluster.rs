@@ -193,6 +193,7 @@ impl TestCluster {
                 }),
                 split: t.split,
                 replica_gc: t.replica_gc,
+                api: Default::default(),
             };
             configs.insert(id, cfg);
         }
@@ -213,7 +214,7 @@ impl TestCluster {
     /// A client of the cluster (every configured node) with a 60 s deadline.
     #[allow(dead_code)]
     pub fn client(&self) -> tessera::Client {
-        let issued = self.ca.issue_client("test").expect("client cert");
+        let issued = self.ca.issue_admin("test").expect("admin cert");
         let opts = tessera::client::ClientOptions {
             deadline: Duration::from_secs(60),
             ..Default::default()

@@ -17,15 +17,16 @@ use std::time::Instant;
 pub enum Kind {
     /// A put of a value.
     Put(Vec<u8>),
-    /// A delete.
-    Delete,
+    /// A delete and, when it returned, whether the key existed.
+    Delete { existed: Option<bool> },
     /// A read and what it returned.
     Get(Option<Vec<u8>>),
-    /// A compare-and-swap and, when it returned, whether it succeeded.
+    /// A compare-and-swap and, when it returned, whether it succeeded and
+    /// the value it found.
     Cas {
         expected: Option<Vec<u8>>,
         new: Option<Vec<u8>>,
-        succeeded: Option<bool>,
+        outcome: Option<(bool, Option<Vec<u8>>)>,
     },
 }
 
@@ -48,18 +49,25 @@ fn step(state: &State, op: &Op) -> Option<State> {
     let determinate = op.ret.is_some();
     match &op.kind {
         Kind::Put(v) => Some(Some(v.clone())),
-        Kind::Delete => Some(None),
+        Kind::Delete { existed } => match (determinate, existed) {
+            (true, Some(e)) => (*e == state.is_some()).then_some(None),
+            _ => Some(None),
+        },
         Kind::Get(seen) => (!determinate || seen == state).then(|| state.clone()),
         Kind::Cas {
             expected,
             new,
-            succeeded,
+            outcome,
         } => {
             let matches = expected == state;
-            match (determinate, succeeded) {
-                (true, Some(true)) => matches.then(|| new.clone()),
-                (true, Some(false)) => (!matches).then(|| state.clone()),
-                _ => Some(if matches { new.clone() } else { state.clone() }),
+            let after = if matches { new.clone() } else { state.clone() };
+            match (determinate, outcome) {
+                // It saw the value it reports, and succeeded exactly when
+                // that was the expected one.
+                (true, Some((ok, current))) => {
+                    (current == state && *ok == matches).then_some(after)
+                }
+                _ => Some(after),
             }
         }
     }
@@ -173,14 +181,42 @@ mod tests {
         }
     }
 
+    fn bytes(v: Option<&str>) -> Option<Vec<u8>> {
+        v.map(|s| s.as_bytes().to_vec())
+    }
+
+    /// A CAS; `seen` is what a returned one reports as the current value.
     fn cas(exp: Option<&str>, new: &str, ok: Option<bool>, call: u64, ret: Option<u64>) -> Op {
+        let seen = match ok {
+            Some(true) => exp,
+            _ => None,
+        };
+        cas_seen(exp, new, ok.map(|ok| (ok, seen)), call, ret)
+    }
+
+    fn cas_seen(
+        exp: Option<&str>,
+        new: &str,
+        outcome: Option<(bool, Option<&str>)>,
+        call: u64,
+        ret: Option<u64>,
+    ) -> Op {
         Op {
             key: b"k".to_vec(),
             kind: Kind::Cas {
-                expected: exp.map(|s| s.as_bytes().to_vec()),
+                expected: bytes(exp),
                 new: Some(new.as_bytes().to_vec()),
-                succeeded: ok,
+                outcome: outcome.map(|(ok, seen)| (ok, bytes(seen))),
             },
+            call,
+            ret,
+        }
+    }
+
+    fn delete(existed: Option<bool>, call: u64, ret: Option<u64>) -> Op {
+        Op {
+            key: b"k".to_vec(),
+            kind: Kind::Delete { existed },
             call,
             ret,
         }
@@ -212,9 +248,16 @@ mod tests {
         // CAS chain.
         assert!(check_key(&[
             cas(None, "a", Some(true), 0, Some(1)),
-            cas(None, "b", Some(false), 2, Some(3)),
+            cas_seen(None, "b", Some((false, Some("a"))), 2, Some(3)),
             cas(Some("a"), "c", Some(true), 4, Some(5)),
             get(Some("c"), 6, 7),
+        ]));
+        // Deletes report whether the key existed.
+        assert!(check_key(&[
+            delete(Some(false), 0, Some(1)),
+            put("a", 2, Some(3)),
+            delete(Some(true), 4, Some(5)),
+            get(None, 6, 7),
         ]));
         // The empty history.
         assert!(check_key(&[]));
@@ -241,6 +284,27 @@ mod tests {
         assert!(!check_key(&[
             cas(None, "a", Some(true), 0, Some(1)),
             cas(None, "b", Some(true), 2, Some(3)),
+        ]));
+        // A failed CAS that saw its own new value: the signature of a
+        // write applied twice (the retry of a CAS whose reply was lost).
+        assert!(!check_key(&[cas_seen(
+            None,
+            "a",
+            Some((false, Some("a"))),
+            0,
+            Some(1)
+        )]));
+        // A failed CAS reporting a value other than the current one.
+        assert!(!check_key(&[
+            put("a", 0, Some(1)),
+            cas_seen(Some("b"), "c", Some((false, Some("b"))), 2, Some(3)),
+        ]));
+        // A delete that found a key no one wrote, and one that missed a
+        // key that was there.
+        assert!(!check_key(&[delete(Some(true), 0, Some(1))]));
+        assert!(!check_key(&[
+            put("a", 0, Some(1)),
+            delete(Some(false), 2, Some(3))
         ]));
         // A phantom value nobody wrote.
         assert!(!check_key(&[get(Some("z"), 0, 1)]));

@@ -46,25 +46,33 @@ enum Cmd {
         value: String,
     },
     /// Print the value of KEY; a missing key prints `not found` on stderr
-    /// and exits 1.
+    /// and exits 1. Bytes that are not printable ASCII are printed as
+    /// `\xNN` and a backslash as `\\` (`--raw`: the exact bytes).
     Get {
         /// The key.
         key: String,
+        /// Print the value's exact bytes, unescaped.
+        #[arg(long)]
+        raw: bool,
     },
     /// Remove KEY.
     Delete {
         /// The key.
         key: String,
     },
-    /// Print pairs in key order, one `key<TAB>value` line each.
+    /// Print pairs in key order, one `key<TAB>value` line each, escaped as
+    /// `get` does (`--raw`: the exact bytes).
     Scan {
+        /// Print keys and values unescaped.
+        #[arg(long)]
+        raw: bool,
         /// First key (inclusive); default: the start of the key space.
         #[arg(long, default_value = "")]
         start: String,
         /// End key (exclusive); default: the end of the key space.
         #[arg(long, default_value = "")]
         end: String,
-        /// Most pairs to print.
+        /// Most pairs to print (read page by page, so any number is fine).
         #[arg(long, default_value_t = 1000)]
         limit: usize,
     },
@@ -152,6 +160,24 @@ async fn main() {
     }
 }
 
+/// Bytes as printed: exact with `raw`, else terminal-safe (printable
+/// ASCII as is, a backslash as `\\`, anything else as `\xNN`, so no control
+/// byte reaches the terminal and a tab or newline never splits a line).
+fn shown(bytes: &[u8], raw: bool) -> std::borrow::Cow<'_, [u8]> {
+    if raw {
+        return std::borrow::Cow::Borrowed(bytes);
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    for &b in bytes {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b' '..=b'~' => out.push(b),
+            _ => out.extend_from_slice(format!("\\x{b:02x}").as_bytes()),
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 async fn run(cli: Cli) -> Result<()> {
     // `bench` opens its own connections (and, against etcd, needs no
     // cluster file).
@@ -163,10 +189,10 @@ async fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("open cluster file {}", cli.cluster.display()))?;
     match cli.cmd {
         Cmd::Put { key, value } => client.put(key.as_bytes(), value.as_bytes()).await?,
-        Cmd::Get { key } => match client.get(key.as_bytes()).await? {
+        Cmd::Get { key, raw } => match client.get(key.as_bytes()).await? {
             Some(v) => {
                 let mut out = std::io::stdout().lock();
-                out.write_all(&v)?;
+                out.write_all(&shown(&v, raw))?;
                 out.write_all(b"\n")?;
             }
             None => {
@@ -177,14 +203,29 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Delete { key } => {
             client.delete(key.as_bytes()).await?;
         }
-        Cmd::Scan { start, end, limit } => {
-            let pairs = client.scan(start.as_bytes(), end.as_bytes(), limit).await?;
-            let mut out = std::io::stdout().lock();
-            for (k, v) in pairs {
-                out.write_all(&k)?;
-                out.write_all(b"\t")?;
-                out.write_all(&v)?;
-                out.write_all(b"\n")?;
+        Cmd::Scan {
+            start,
+            end,
+            limit,
+            raw,
+        } => {
+            // Page by page: memory stays bounded by one node's answer,
+            // whatever the range holds.
+            let mut pages = client.scanner(start.as_bytes(), end.as_bytes())?;
+            let mut left = limit;
+            while left > 0 {
+                let Some(page) = pages.next_page(left).await? else {
+                    break;
+                };
+                left -= page.len().min(left);
+                let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                for (k, v) in page {
+                    out.write_all(&shown(&k, raw))?;
+                    out.write_all(b"\t")?;
+                    out.write_all(&shown(&v, raw))?;
+                    out.write_all(b"\n")?;
+                }
+                out.flush()?;
             }
         }
         Cmd::Status { json } => status(&client, &cli.cluster, json).await?,
