@@ -11,6 +11,7 @@
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
+use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -413,11 +414,13 @@ where
     Fut: std::future::Future<Output = Result<T>>,
 {
     loop {
-        if let Some(found) = running
-            .values()
-            .find(|node| node.shards_led().contains(&shard))
-        {
-            let raft = found.raft(shard).context("leader hosts the shard")?;
+        // (`shards_led` leaves the meta shard out: ask the groups.)
+        let led = running.values().find_map(|node| {
+            let raft = node.raft(shard)?;
+            let leads = raft.metrics().borrow_watched().current_leader == Some(node.id());
+            leads.then(|| (node.clone(), raft))
+        });
+        if let Some((found, raft)) = led {
             match tokio::time::timeout(Duration::from_secs(5), attempt(found.clone(), raft)).await {
                 Ok(Ok(v)) => return Ok((found.id(), v)),
                 Ok(Err(e)) => tracing::debug!(%shard, error = %e, "start-up check retried"),

@@ -254,5 +254,26 @@ async fn garbage_truncated_and_oversized_frames_cost_only_the_sender() {
         decode_answer(&answer),
         PeerResponse::Refused(Refusal::UnknownShard(ShardId(4242)))
     ));
+    tracing::info!("phase: a member asking votes for another node is refused");
+    let answer = attack(
+        client_cfg(&c.ca, &n2, PEER_ALPN),
+        addr,
+        3,
+        2,
+        vec![vote_batch(1, d.id.0)],
+    )
+    .await
+    .unwrap();
+    assert!(
+        matches!(
+            decode_answer(&answer),
+            PeerResponse::Refused(Refusal::NotTheSender {
+                claimed: NodeId(1),
+                sender: NodeId(2),
+                ..
+            })
+        ),
+        "a vote for n1 sent by n2 was handed to the group"
+    );
     c.shutdown().await;
 }

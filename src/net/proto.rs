@@ -125,6 +125,18 @@ pub enum Refusal {
         /// The receiving replica's epoch.
         local: crate::Epoch,
     },
+    /// A vote, append or snapshot speaking for node `claimed` arrived over
+    /// the connection of node `sender` (each node's certificate names it):
+    /// nothing was handed to the group.
+    #[error("{shard}: a message speaking for {claimed} came from {sender}")]
+    NotTheSender {
+        /// The shard.
+        shard: ShardId,
+        /// The node the message's vote names.
+        claimed: NodeId,
+        /// The node whose connection carried it.
+        sender: NodeId,
+    },
     /// The replica was removed from the receiving node at a newer
     /// configuration than the request's.
     #[error("{shard} was removed from the receiving node at conf_ver {conf_ver}")]

@@ -1132,7 +1132,10 @@ async fn serve_raft_requests(
             let (inner, tx) = (inner.clone(), tx.clone());
             tokio::spawn(async move {
                 let urgency = env.req.urgency();
-                let resp = inner.registry.handle_request(env.shard, env.req).await;
+                let resp = inner
+                    .registry
+                    .handle_request(from, env.shard, env.req)
+                    .await;
                 drop(permit);
                 if inner.faults.is_blocked(inner.me, from) || inner.faults.should_drop() {
                     return;
@@ -1254,7 +1257,7 @@ async fn receive_snapshot(
             .fetch_add(got, Ordering::Relaxed);
         inner
             .registry
-            .install_snapshot(shard, vote, meta, SnapshotData::from_file(&path))
+            .install_snapshot(from, shard, vote, meta, SnapshotData::from_file(&path))
             .await
             .map(|vote| SnapshotReply::Done { vote })
             .or_else(|refusal| Ok(SnapshotReply::Refused(refusal)))

@@ -160,6 +160,11 @@ fn refusal_error(shard: ShardId, r: Refusal) -> AdminError {
         Refusal::NotLeader(hint) => AdminError::NotLeader { shard, hint },
         Refusal::UnknownShard(_) => AdminError::UnknownShard { shard },
         Refusal::Failed(reason) => AdminError::Unavailable { shard, reason },
+        // Leadership moved while a seed snapshot was on its way: try again.
+        r @ Refusal::NotTheSender { .. } => AdminError::Unavailable {
+            shard,
+            reason: r.to_string(),
+        },
         r @ (Refusal::StaleSnapshot { .. } | Refusal::Tombstoned { .. }) => {
             AdminError::Refused(r.to_string())
         }

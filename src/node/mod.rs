@@ -173,8 +173,29 @@ impl Registry {
         serve_client::serve_connection(self, conn).await;
     }
 
-    /// Hands one Raft request to its group.
-    pub async fn handle_request(&self, shard: ShardId, req: PeerRequest) -> PeerResponse {
+    /// Hands one Raft request from node `from` to its group. A vote or an
+    /// append must speak for its sender: only the candidate asks for votes
+    /// and only the leader appends (each peer connection is bound to one
+    /// node by its certificate).
+    pub async fn handle_request(
+        &self,
+        from: NodeId,
+        shard: ShardId,
+        req: PeerRequest,
+    ) -> PeerResponse {
+        let claimed = match &req {
+            PeerRequest::Append(r) => Some(r.vote.leader_id.node_id),
+            PeerRequest::Vote(v) | PeerRequest::PreVote(v) => Some(v.vote.leader_id.node_id),
+            _ => None,
+        };
+        if let Some(claimed) = claimed.filter(|c| *c != from) {
+            tracing::warn!(%shard, %claimed, sender = %from, "a Raft message for another node refused");
+            return PeerResponse::Refused(Refusal::NotTheSender {
+                shard,
+                claimed,
+                sender: from,
+            });
+        }
         if !matches!(
             req,
             PeerRequest::Append(_)
@@ -216,18 +237,29 @@ impl Registry {
             .then(|| self.engine.shard_snapshot_dir(shard))
     }
 
-    /// Hands a fully received snapshot file to its group.
+    /// Hands a fully received snapshot file from node `from` to its group.
     ///
     /// # Errors
-    /// [`Refusal`] when the shard is not hosted or its group failed.
+    /// [`Refusal`] when the shard is not hosted, the snapshot speaks for
+    /// another leader than its sender, is older than the replica, or its
+    /// group failed.
     pub async fn install_snapshot(
         &self,
+        from: NodeId,
         shard: ShardId,
         vote: Vote,
         meta: SnapshotMeta,
         data: SnapshotData,
     ) -> Result<Vote, Refusal> {
         let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        // Only a leader sends its snapshot, under its own vote.
+        if vote.leader_id.node_id != from {
+            return Err(Refusal::NotTheSender {
+                shard,
+                claimed: vote.leader_id.node_id,
+                sender: from,
+            });
+        }
         // Never older than what this replica already is: a snapshot taken
         // before a split or membership change it has applied would bring
         // back a range and configuration that no longer exist. (An empty

@@ -58,6 +58,10 @@ pub(crate) struct BenchArgs {
     /// with --target etcd.
     #[arg(long, value_name = "HOST:PORT,...", value_delimiter = ',')]
     endpoints: Vec<String>,
+    /// Tessera only: writes without the client session (a retry may apply
+    /// a write twice), to measure what exactly-once costs.
+    #[arg(long)]
+    at_least_once: bool,
 }
 
 /// One client's connection to the store under test. Reads are
@@ -70,13 +74,24 @@ enum Conn {
 }
 
 impl Conn {
-    async fn connect(cluster: &Path, target: Target, endpoints: &[String]) -> Result<Conn> {
+    async fn connect(
+        cluster: &Path,
+        target: Target,
+        endpoints: &[String],
+        at_least_once: bool,
+    ) -> Result<Conn> {
         Ok(match target {
-            Target::Tessera => Conn::Tessera(
-                tessera::Client::connect(cluster)
-                    .await
-                    .with_context(|| format!("open cluster file {}", cluster.display()))?,
-            ),
+            Target::Tessera => {
+                let opts = tessera::client::ClientOptions {
+                    exactly_once: !at_least_once,
+                    ..Default::default()
+                };
+                Conn::Tessera(
+                    tessera::Client::connect_with(cluster, opts)
+                        .await
+                        .with_context(|| format!("open cluster file {}", cluster.display()))?,
+                )
+            }
             Target::Etcd => {
                 // The same per-call bound as Tessera's client (30 s, its
                 // default deadline); etcd-client dials lazily, so an
@@ -235,6 +250,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         target,
         endpoints,
         in_flight,
+        at_least_once,
     } = args;
     let endpoints: Vec<String> = endpoints
         .iter()
@@ -249,6 +265,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         Target::Tessera if !endpoints.is_empty() => {
             bail!("--endpoints is for --target etcd; a Tessera cluster is named by --cluster")
         }
+        Target::Etcd if at_least_once => bail!("--at-least-once is for --target tessera"),
         _ => {}
     }
     if clients == 0 || keys == 0 || duration == 0 || in_flight == 0 {
@@ -261,7 +278,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
     tessera::limits::check_value(&vec![0; value_size])?;
     let mut workers = Vec::with_capacity(clients);
     for _ in 0..clients {
-        workers.push(Conn::connect(cluster, target, &endpoints).await?);
+        workers.push(Conn::connect(cluster, target, &endpoints, at_least_once).await?);
     }
     let value = vec![b'v'; value_size];
     if workload != Workload::Write {
