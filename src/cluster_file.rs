@@ -73,12 +73,28 @@ impl ClusterFile {
     /// # Errors
     /// [`ClusterFileError`] naming the file.
     pub fn load(path: &Path) -> Result<ClusterFile, ClusterFileError> {
+        let mut f = Self::load_as_written(path)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for p in [&mut f.ca_cert, &mut f.client_cert, &mut f.client_key] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(f)
+    }
+
+    /// Reads a cluster file with its paths as written (relative ones
+    /// relative to its folder): what to edit and [`Self::save`] back.
+    ///
+    /// # Errors
+    /// [`ClusterFileError`] naming the file.
+    pub fn load_as_written(path: &Path) -> Result<ClusterFile, ClusterFileError> {
         let text = std::fs::read_to_string(path).map_err(|source| ClusterFileError::Io {
             action: "read",
             path: path.to_owned(),
             source,
         })?;
-        let mut f: ClusterFile = toml::from_str(&text).map_err(|e| ClusterFileError::Parse {
+        let f: ClusterFile = toml::from_str(&text).map_err(|e| ClusterFileError::Parse {
             path: path.to_owned(),
             reason: e.to_string(),
         })?;
@@ -87,12 +103,6 @@ impl ClusterFile {
                 path: path.to_owned(),
                 reason: "lists no nodes".into(),
             });
-        }
-        let base = path.parent().unwrap_or(Path::new("."));
-        for p in [&mut f.ca_cert, &mut f.client_cert, &mut f.client_key] {
-            if p.is_relative() {
-                *p = base.join(&*p);
-            }
         }
         Ok(f)
     }

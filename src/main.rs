@@ -249,7 +249,9 @@ fn write_dev_node(
 
 fn add_node(dir: &Path) -> Result<()> {
     let cluster_path = dir.join("cluster.toml");
-    let mut cluster = ClusterFile::load(&cluster_path)
+    // Edited as written: resolved paths saved back would be resolved again
+    // on the next load (`dir/dir/certs/...` for a relative `dir`).
+    let mut cluster = ClusterFile::load_as_written(&cluster_path)
         .with_context(|| format!("{} is not a dev cluster folder", dir.display()))?;
     let certs = dir.join("certs");
     let key = std::fs::read_to_string(certs.join("ca-key.pem"))

@@ -302,6 +302,27 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
     }
     ctl_ok(&cluster, &["put", "after-join", "yes"]);
     assert_eq!(ctl_ok(&cluster, &["get", "after-join"]), "yes\n");
+
+    // add-node with the folder given as a relative path, twice: the
+    // cluster file's certificate paths stay as written (they once grew a
+    // `tessera-data/` prefix per call) and clients still load them.
+    for _ in 0..2 {
+        let added = Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .current_dir(dir.path())
+            .args(["add-node", "--data-dir", "tessera-data"])
+            .output()
+            .unwrap();
+        assert!(added.status.success(), "{added:?}");
+    }
+    let text = std::fs::read_to_string(&cluster).unwrap();
+    for path in [
+        "\"certs/ca.pem\"",
+        "\"certs/admin.pem\"",
+        "\"certs/admin-key.pem\"",
+    ] {
+        assert!(text.contains(path), "{path} rewritten: {text}");
+    }
+    assert_eq!(ctl_ok(&cluster, &["get", "after-join"]), "yes\n");
     let _ = n4.kill();
     let _ = dev.kill();
     let _ = (n4.wait(), dev.wait());
