@@ -469,7 +469,7 @@ impl Client {
         loop {
             let attempt: Result<T, AttemptError> = async {
                 let find = || match target_shard {
-                    Target::Key(key) => self.route(key),
+                    Target::Key(key) | Target::Group(key) => self.route(key),
                     Target::Shard(id) => self.cached(id),
                 };
                 let d = match find() {
@@ -485,7 +485,7 @@ impl Client {
                                     ShardDescriptor::new(id, crate::KeyRange::full(), nodes)
                                 })
                                 .clone(),
-                            (None, Target::Key(_)) => {
+                            (None, Target::Key(_) | Target::Group(_)) => {
                                 return Err(AttemptError::Retry("no route yet".into()))
                             }
                         }
@@ -513,6 +513,12 @@ impl Client {
                             "{}: looking for its leader",
                             d.id
                         )))
+                    }
+                    Ok(Response::Error(e @ ApiError::KeyNotInRange { .. }))
+                        if matches!(target_shard, Target::Group(_)) =>
+                    {
+                        let _ = self.correct(&d, e.clone());
+                        Err(AttemptError::Fatal(ClientError::Refused(e)))
                     }
                     Ok(Response::Error(e)) => Err(self.correct(&d, e)),
                     Ok(resp) => accept(resp),
@@ -830,18 +836,24 @@ impl Client {
             pending = rest;
             let open = self.open_write().await?;
             let r = self
-                .with_route(
-                    &first,
+                .with_target(
+                    Target::Group(&first),
                     |d| Self::write_request(d, group.clone(), open.as_ref()),
                     |r| match r {
                         Response::Written(_) => Ok(()),
                         other => Err(unexpected(other)),
                     },
+                    self.inner.opts.deadline,
+                    self.inner.opts.attempt_timeout,
                 )
                 .await;
+            drop(open);
             match r {
                 Ok(()) => {}
-                // The shard shrank under us: write the group key by key.
+                // The shard shrank under us and nothing of the group was
+                // applied (a session write's earlier application would
+                // have been answered, not refused): write the group key by
+                // key, each a new write.
                 Err(ClientError::Refused(ApiError::KeyNotInRange { .. })) => {
                     for op in group {
                         self.write_one(op).await?;
@@ -1024,6 +1036,11 @@ impl Scanner {
 #[derive(Clone, Copy)]
 enum Target<'a> {
     Key(&'a [u8]),
+    /// The shard owning this key, for a request whose other keys must be
+    /// in the same shard: when one of them is not (the shard split), the
+    /// call ends with `KeyNotInRange` (after the cache is corrected) so
+    /// the caller regroups, instead of sending the same keys again.
+    Group(&'a [u8]),
     Shard(ShardId),
 }
 

@@ -409,7 +409,7 @@ async fn admin_commands_need_an_admin_certificate() {
     };
     assert_eq!(
         shape(plain.routes().await.unwrap()),
-        shape(before),
+        shape(before.clone()),
         "a refused admin command changed the shards"
     );
 
@@ -421,6 +421,26 @@ async fn admin_commands_need_an_admin_certificate() {
     // Data requests work with either certificate, across the new boundary.
     assert_eq!(plain.get(b"m-key").await.unwrap(), Some(b"v".to_vec()));
     assert_eq!(admin.get(b"m-key").await.unwrap(), Some(b"v".to_vec()));
+    // A batch the plain client groups by its pre-split route straddles
+    // the new boundary: regrouped, not retried whole until the deadline.
+    let straddling = plain_after_split(&c, &before);
+    straddling
+        .batch_put(&[(b"a-key", b"1"), (b"z-key", b"2")])
+        .await
+        .unwrap();
+    assert_eq!(
+        straddling.batch_get(&[b"a-key", b"z-key"]).await.unwrap(),
+        vec![Some(b"1".to_vec()), Some(b"2".to_vec())]
+    );
+}
+
+/// A plain client whose route cache holds `routes` (from before a split).
+fn plain_after_split(c: &TestCluster, routes: &[tessera::ShardDescriptor]) -> Client {
+    let cl = client(c);
+    for d in routes {
+        cl.learn_route(d.clone());
+    }
+    cl
 }
 
 /// Responses are bounded in bytes: 20 MiB of values in one shard (more

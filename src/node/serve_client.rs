@@ -220,7 +220,13 @@ impl Registry {
                 session,
             } => {
                 let (raft, d) = self.check(shard, epoch)?;
-                if let Some(op) = ops.iter().find(|op| !d.range.contains(op.key())) {
+                // A session write goes to the state machine even with a key
+                // outside the range: if an earlier attempt was applied here
+                // before a split, its retry must be answered from the
+                // session, not refused (the client would write it again).
+                if let (None, Some(op)) =
+                    (&session, ops.iter().find(|op| !d.range.contains(op.key())))
+                {
                     return Err(ApiError::KeyNotInRange {
                         shard,
                         key: op.key().to_vec(),
