@@ -26,6 +26,10 @@ pub fn torture_key(shard: u64, index: u64) -> Vec<u8> {
 }
 
 pub async fn run(data_dir: PathBuf, shards: u64) -> Result<()> {
+    // Failpoints from the environment (`FAILPOINTS`, builds with the
+    // `failpoints` feature): the crash test's mutation check removes the
+    // sync this way.
+    let _failpoints = fail::FailScenario::setup();
     let engine = Engine::open(StorageConfig::new(&data_dir))?;
     let node = NodeId(1);
     let mut tasks = Vec::new();

@@ -257,6 +257,9 @@ fn write_group(
     }
     let synced = (|| -> Result<(), String> {
         fail::fail_point!("log_writer::sync", |_| Err("injected sync failure".into()));
+        // The mutation check of the crash test: a build that reports
+        // durability without syncing must be caught by it.
+        fail::fail_point!("log_writer::skip_sync", |_| Ok(()));
         db.flush_wal(true).map_err(|e| e.into_string())
     })();
     match synced {
