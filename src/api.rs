@@ -103,6 +103,23 @@ pub enum Request {
     /// Every node the answering node knows, itself included. Answered
     /// [`Response::Peers`].
     Peers,
+    /// Admin, to `shard`'s leader: commit a digest entry; every replica
+    /// hashes its state as of it ([`crate::digest`]). Answered
+    /// [`Response::DigestAt`] with the entry's log index.
+    MarkDigest {
+        /// The shard.
+        shard: ShardId,
+        /// Its epoch as the client knows it.
+        epoch: Epoch,
+    },
+    /// This node's digest of its replica of `shard` at log `index`.
+    /// Answered [`Response::Digest`].
+    Digest {
+        /// The shard.
+        shard: ShardId,
+        /// The digest entry's log index.
+        index: u64,
+    },
 }
 
 /// One shard as a node sees it.
@@ -162,6 +179,13 @@ pub enum Response {
     Done,
     /// Nodes and their addresses.
     Peers(Vec<(NodeId, std::net::SocketAddr)>),
+    /// The log index of a committed digest entry.
+    DigestAt {
+        /// The entry's index.
+        index: u64,
+    },
+    /// A replica's digest (or why there is none yet).
+    Digest(crate::digest::DigestStatus),
     /// The request was refused.
     Error(ApiError),
 }
@@ -242,11 +266,14 @@ pub enum ApiError {
 
 impl Request {
     /// Whether only an admin certificate may ask this (splits, replica
-    /// moves, leader transfers).
+    /// moves, leader transfers, digests: they hash whole shards).
     pub fn is_admin(&self) -> bool {
         matches!(
             self,
-            Request::Split { .. } | Request::MoveReplica { .. } | Request::TransferLeader { .. }
+            Request::Split { .. }
+                | Request::MoveReplica { .. }
+                | Request::TransferLeader { .. }
+                | Request::MarkDigest { .. }
         )
     }
 
@@ -263,6 +290,8 @@ impl Request {
             Request::TransferLeader { .. } => "transfer-leader",
             Request::Join { .. } => "join",
             Request::Peers => "peers",
+            Request::MarkDigest { .. } => "verify",
+            Request::Digest { .. } => "digest",
         }
     }
 
@@ -299,7 +328,9 @@ impl Request {
             | Request::MoveReplica { .. }
             | Request::TransferLeader { .. }
             | Request::Join { .. }
-            | Request::Peers => Ok(()),
+            | Request::Peers
+            | Request::MarkDigest { .. }
+            | Request::Digest { .. } => Ok(()),
         }
     }
 }

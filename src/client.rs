@@ -21,6 +21,7 @@
 use crate::api::{ApiError, NodeStatus, Request, Response, SCAN_LIMIT_MAX};
 use crate::cluster_file::{ClusterFile, ClusterFileError};
 use crate::command::{Op, OpResult};
+use crate::digest::{DigestStatus, ShardDigest, ShardVerification};
 use crate::limits::{self, LimitError, FRAME_BYTES_MAX};
 use crate::session::{ClientId, SessionStamp, SESSION_WINDOW};
 use crate::tls::{self, TlsError, TlsFiles, TlsIdentity};
@@ -1053,6 +1054,82 @@ const MOVE_ATTEMPT: Duration = Duration::from_secs(320);
 const ADMIN_ATTEMPT: Duration = Duration::from_secs(30);
 
 impl Client {
+    /// Checks that every replica of `shard` holds the same state (admin):
+    /// the leader commits a digest entry, each replica hashes its state as
+    /// of that entry ([`crate::digest`]), and the digests are collected
+    /// (each replica's within the deadline).
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] (`PermissionDenied` without an admin
+    /// certificate); [`ClientError::Timeout`] when no leader took the entry.
+    /// A replica that cannot answer is reported in the result, not as an
+    /// error.
+    pub async fn verify_shard(&self, shard: ShardId) -> Result<ShardVerification, ClientError> {
+        let index = self
+            .with_target(
+                Target::Shard(shard),
+                |d| Request::MarkDigest {
+                    shard: d.id,
+                    epoch: d.epoch,
+                },
+                |r| match r {
+                    Response::DigestAt { index } => Ok(index),
+                    other => Err(unexpected(other)),
+                },
+                self.inner.opts.deadline,
+                ADMIN_ATTEMPT,
+            )
+            .await?;
+        let replicas = self.cached(shard).map(|d| d.replicas).unwrap_or_default();
+        let until = Instant::now() + self.inner.opts.deadline;
+        let mut out = Vec::with_capacity(replicas.len());
+        for node in replicas {
+            out.push((node, self.replica_digest(node, shard, index, until).await));
+        }
+        Ok(ShardVerification {
+            shard,
+            index,
+            replicas: out,
+        })
+    }
+
+    /// One replica's digest at `index`, waiting (until `until`) while it
+    /// catches up to the entry or hashes.
+    async fn replica_digest(
+        &self,
+        node: NodeId,
+        shard: ShardId,
+        index: u64,
+        until: Instant,
+    ) -> Result<ShardDigest, String> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let last = match self
+                .call_node(node, &Request::Digest { shard, index })
+                .await
+            {
+                Ok(Response::Digest(DigestStatus::Done(d))) => return Ok(d),
+                Ok(Response::Digest(DigestStatus::Failed(e))) => {
+                    return Err(format!("hashing failed: {e}"))
+                }
+                Ok(Response::Digest(DigestStatus::Unknown)) => {
+                    return Err(format!("applied past {index} without a digest there"))
+                }
+                Ok(Response::Error(ApiError::UnknownShard { .. })) => {
+                    return Err("hosts no replica of the shard".into())
+                }
+                Ok(Response::Digest(s)) => format!("{s:?}"),
+                Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                Err(e) => e,
+            };
+            if Instant::now() + backoff > until {
+                return Err(format!("no digest in time (last: {last})"));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
     fn cached(&self, shard: ShardId) -> Option<ShardDescriptor> {
         self.inner
             .routes

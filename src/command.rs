@@ -122,6 +122,10 @@ pub enum Command {
     /// Applies nothing: proves that the shard commits (`tessera dev`'s
     /// start-up check), without a key in the user's key space.
     Noop,
+    /// Every replica hashes its state as of this entry (in the
+    /// background) for `tessera-ctl verify`; changes nothing
+    /// ([`crate::digest`]).
+    Digest,
     /// A [`Command::Write`] of a client session: applied at most once per
     /// stamp; a retry is answered with the first application's results
     /// (see [`crate::session`]).
@@ -158,7 +162,10 @@ impl Command {
         match self {
             Command::Write { ops } | Command::SessionWrite { ops, .. } => validate_ops(ops),
             Command::Split { key, .. } => limits::check_key(key),
-            Command::AllocShardId | Command::RecordRoutes { .. } | Command::Noop => Ok(()),
+            Command::AllocShardId
+            | Command::RecordRoutes { .. }
+            | Command::Noop
+            | Command::Digest => Ok(()),
         }
     }
 }
@@ -238,6 +245,7 @@ impl std::fmt::Display for Command {
             ),
             Command::AllocShardId => write!(f, "alloc-shard-id"),
             Command::Noop => write!(f, "noop"),
+            Command::Digest => write!(f, "digest"),
             Command::RecordRoutes { descriptors } => {
                 write!(f, "record-routes({} descriptors)", descriptors.len())
             }

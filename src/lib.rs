@@ -9,6 +9,7 @@
 //!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
 //!   group-commit log writer, logical range snapshots.
 //! - [`raft`] (feature `server`): the openraft type configuration.
+//! - [`digest`]: replica digests at one log index (`tessera-ctl verify`).
 //! - [`session`]: client sessions, which make retried writes apply exactly
 //!   once (pure: the per-shard table every replica keeps alike).
 //! - [`api`]: the client protocol (requests, responses, typed routing errors).
@@ -33,6 +34,7 @@ pub mod api;
 pub mod client;
 pub mod cluster_file;
 pub mod command;
+pub mod digest;
 pub mod limits;
 pub mod metrics;
 #[cfg(feature = "server")]

@@ -137,6 +137,11 @@ fn ctl_round_trip(cluster: &Path) {
     assert_eq!(missing.status.code(), Some(1));
     assert_eq!(String::from_utf8_lossy(&missing.stderr).trim(), "not found");
     ctl_ok(cluster, &["delete", "m2"]);
+    let verified = ctl_ok(cluster, &["verify"]);
+    assert!(
+        verified.contains("every replica of every shard agrees"),
+        "{verified}"
+    );
     assert_eq!(
         ctl_ok(cluster, &["scan", "--start", "a", "--end", "zz"]),
         "a1\tx\ngreeting\thello\nz3\tz\n"

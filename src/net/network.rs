@@ -102,7 +102,7 @@ fn entry_bytes(e: &Entry) -> usize {
             48 + ops.iter().map(|op| op.payload_bytes() + 16).sum::<usize>()
         }
         EntryPayload::Normal(Command::Split { key, .. }) => key.len() + 32,
-        EntryPayload::Normal(Command::AllocShardId | Command::Noop) => 8,
+        EntryPayload::Normal(Command::AllocShardId | Command::Noop | Command::Digest) => 8,
         EntryPayload::Normal(Command::RecordRoutes { descriptors }) => descriptors
             .iter()
             .map(|d| d.range.start.len() + d.range.end.len() + 64 + 9 * d.replicas.len())

@@ -367,6 +367,33 @@ impl Registry {
                 all.sort();
                 Ok(Response::Peers(all))
             }
+            Request::MarkDigest { shard, epoch } => {
+                let (raft, _) = self.check(shard, epoch)?;
+                match raft.client_write(Command::Digest).await {
+                    Ok(resp) => Ok(Response::DigestAt {
+                        index: resp.log_id.index,
+                    }),
+                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                        Err(ApiError::NotLeader {
+                            shard,
+                            leader_hint: f.leader_id,
+                        })
+                    }
+                    Err(e) => Err(ApiError::Unavailable {
+                        shard,
+                        reason: e.to_string(),
+                    }),
+                }
+            }
+            Request::Digest { shard, index } => {
+                let raft = self.get(shard).ok_or(ApiError::UnknownShard { shard })?;
+                let applied = raft
+                    .metrics()
+                    .borrow_watched()
+                    .last_applied
+                    .map_or(0, |l| l.index);
+                Ok(Response::Digest(self.engine.digest(shard, index, applied)))
+            }
             Request::NodeStatus => {
                 let mut shards = Vec::new();
                 for shard in self.shard_ids() {

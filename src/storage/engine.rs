@@ -7,6 +7,7 @@ use super::log_store::LogStore;
 use super::state_machine::StateMachine;
 use super::writer::{self, Cf, Counters, FailLatch, GroupLimits, OnDurable, WriteOp, WriteRequest};
 use super::StorageStats;
+use crate::digest::DigestStatus;
 use crate::raft::{Entry, LogId, Vote};
 use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use rocksdb::{
@@ -65,7 +66,12 @@ pub(crate) struct Inner {
     /// is written; a miss reads under the write lock, so a value read before
     /// a publish can never overwrite it.
     descriptors: std::sync::RwLock<std::collections::HashMap<ShardId, ShardDescriptor>>,
+    /// Replica digests by (shard, log index), the last few of each shard.
+    digests: Mutex<std::collections::BTreeMap<(ShardId, u64), DigestStatus>>,
 }
+
+/// Digests a node keeps per shard (older ones are answered `Unknown`).
+const DIGESTS_PER_SHARD: usize = 4;
 
 impl Inner {
     fn db(&self) -> &Arc<DB> {
@@ -210,6 +216,7 @@ impl Engine {
                 node_id: std::sync::OnceLock::new(),
                 tombstones: AtomicU64::new(tombstones),
                 descriptors: Default::default(),
+                digests: Default::default(),
             }),
         })
     }
@@ -799,6 +806,101 @@ impl Engine {
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::rocks("get", e)),
         }
+    }
+
+    /// Starts the digest of `shard` at log index `index`: called by its
+    /// state machine right after writing the batch that ends with the digest
+    /// entry, it returns once a RocksDB snapshot of that state is taken and
+    /// hashes `range` and the shard's sessions in the background.
+    pub(crate) fn start_digest(&self, shard: ShardId, index: u64, range: KeyRange) {
+        self.set_digest(shard, index, DigestStatus::Computing);
+        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let engine = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tessera-digest".into())
+            .spawn(move || {
+                let db = engine.db().clone();
+                let snap = db.snapshot();
+                let _ = taken_tx.send(());
+                let status = match engine.digest_of(&snap, shard, &range) {
+                    Ok(d) => DigestStatus::Done(d),
+                    Err(e) => DigestStatus::Failed(e.to_string()),
+                };
+                engine.set_digest(shard, index, status);
+            });
+        match spawned {
+            // The thread signals right after taking the snapshot (or dies
+            // trying, which closes the channel).
+            Ok(_) => {
+                let _ = taken_rx.recv();
+            }
+            Err(e) => self.set_digest(shard, index, DigestStatus::Failed(e.to_string())),
+        }
+    }
+
+    fn digest_of(
+        &self,
+        snap: &rocksdb::SnapshotWithThreadMode<'_, DB>,
+        shard: ShardId,
+        range: &KeyRange,
+    ) -> Result<crate::digest::ShardDigest, StoreError> {
+        let mut d = crate::digest::Digester::default();
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(range_end(range));
+        ro.fill_cache(false);
+        let mut it = snap.raw_iterator_cf_opt(self.cf(Cf::Data), ro);
+        it.seek(&range.start);
+        while it.valid() {
+            d.pair(it.key().expect("valid"), it.value().expect("valid"));
+            it.next();
+        }
+        it.status().map_err(|e| StoreError::rocks("digest", e))?;
+        let (from, to) = keys::session_bounds(shard);
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(to.to_vec());
+        let mut it = snap.raw_iterator_cf_opt(self.cf(Cf::ShardMeta), ro);
+        it.seek(from);
+        while it.valid() {
+            d.session(it.key().expect("valid"), it.value().expect("valid"));
+            it.next();
+        }
+        it.status().map_err(|e| StoreError::rocks("digest", e))?;
+        Ok(d.finish())
+    }
+
+    fn set_digest(&self, shard: ShardId, index: u64, status: DigestStatus) {
+        let mut all = self.inner.digests.lock().expect("digests poisoned");
+        all.insert((shard, index), status);
+        let mine: Vec<(ShardId, u64)> = all
+            .range((shard, 0)..=(shard, u64::MAX))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &mine[..mine.len().saturating_sub(DIGESTS_PER_SHARD)] {
+            all.remove(k);
+        }
+    }
+
+    /// The digest of `shard` at log index `index`, given what the replica
+    /// has `applied`.
+    pub fn digest(&self, shard: ShardId, index: u64, applied: u64) -> DigestStatus {
+        let all = self.inner.digests.lock().expect("digests poisoned");
+        match all.get(&(shard, index)) {
+            Some(s) => s.clone(),
+            None if applied < index => DigestStatus::NotYet { applied },
+            None => DigestStatus::Unknown,
+        }
+    }
+
+    /// Tests only (builds with the `failpoints` feature): writes a user
+    /// pair on this node alone, behind Raft's back, as a diverged replica
+    /// would hold it.
+    #[cfg(feature = "failpoints")]
+    #[doc(hidden)]
+    pub fn write_behind_raft(&self, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.inner
+            .db()
+            .put_cf(self.cf(Cf::Data), key, value)
+            .map_err(|e| StoreError::rocks("write behind raft", e))
     }
 
     /// The last log entry of `shard`, if its log is not empty.

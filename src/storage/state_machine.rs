@@ -223,7 +223,7 @@ impl StateMachine {
                 }
                 Ok(CommandResponse::Recorded)
             }
-            Command::Noop => Ok(CommandResponse::Empty),
+            Command::Noop | Command::Digest => Ok(CommandResponse::Empty),
             Command::Write { ops } => self.apply_ops(ops, batch, overlay),
             Command::SessionWrite { stamp, at_ms, ops } => {
                 let (resp, results) = match self.sessions.verdict(&stamp) {
@@ -509,7 +509,9 @@ impl StateMachine {
         let mut it = entries.into_iter().peekable();
         while it.peek().is_some() {
             let mut chunk: Vec<Entry> = it.by_ref().take(APPLY_CHUNK_MAX).collect();
-            out.extend(self.apply_chunk(&mut chunk)?);
+            while !chunk.is_empty() {
+                out.extend(self.apply_chunk(&mut chunk)?);
+            }
         }
         Ok(out)
     }
@@ -521,18 +523,45 @@ impl StateMachine {
         chunk: &mut Vec<Entry>,
         responders: &mut Vec<Option<ApplyResponder<TypeConfig>>>,
     ) -> Result<(), io::Error> {
-        let responses = self.apply_chunk(chunk)?;
-        for (resp, responder) in responses.into_iter().zip(responders.drain(..)) {
-            if let Some(r) = responder {
-                r.send(resp);
+        while !chunk.is_empty() {
+            let responses = self.apply_chunk(chunk)?;
+            let n = responses.len();
+            for (resp, responder) in responses.into_iter().zip(responders.drain(..n)) {
+                if let Some(r) = responder {
+                    r.send(resp);
+                }
             }
         }
         Ok(())
     }
 
-    /// Applies `chunk` (drained) in one unsynced batch: the data, the
-    /// applied log id, membership and descriptor changes together.
+    /// Applies the first entries of `chunk` (removed from it) in one
+    /// unsynced batch: the data, the applied log id, membership and
+    /// descriptor changes together. A digest entry ends the batch: the
+    /// state right after it is what the digest hashes.
     fn apply_chunk(&mut self, chunk: &mut Vec<Entry>) -> Result<Vec<CommandResponse>, io::Error> {
+        let cut = chunk
+            .iter()
+            .position(|e| matches!(e.payload, EntryPayload::Normal(Command::Digest)))
+            .map_or(chunk.len(), |i| i + 1);
+        let rest = chunk.split_off(cut);
+        let digest_at = match chunk.last() {
+            Some(e) if matches!(e.payload, EntryPayload::Normal(Command::Digest)) => {
+                Some(e.log_id.index)
+            }
+            _ => None,
+        };
+        let responses = self.apply_batch(chunk)?;
+        *chunk = rest;
+        if let Some(index) = digest_at {
+            self.engine
+                .start_digest(self.shard, index, user_range(&self.descriptor.range));
+        }
+        Ok(responses)
+    }
+
+    /// Applies `chunk` (drained) in one unsynced batch.
+    fn apply_batch(&mut self, chunk: &mut Vec<Entry>) -> Result<Vec<CommandResponse>, io::Error> {
         let werr = to_io;
         // Fail-stop: after a failed log sync nothing more is acknowledged.
         self.engine.latch().check().map_err(werr)?;

@@ -114,3 +114,80 @@ pub async fn drain(client: &Client, node: NodeId) -> Result<()> {
         moved += 1;
     }
 }
+
+/// `tessera-ctl verify`: every replica's digest of each shard (or of
+/// `only`) at one log index; true when every shard's replicas agree.
+pub async fn verify(client: &Client, only: Option<ShardId>, json: bool) -> Result<bool> {
+    let mut ids: Vec<ShardId> = match only {
+        Some(s) => vec![s],
+        None => client
+            .routes()
+            .await
+            .context("read the shards")?
+            .iter()
+            .map(|d| d.id)
+            .collect(),
+    };
+    ids.sort();
+    ids.dedup();
+    let mut all_agree = true;
+    let mut rows = Vec::new();
+    for id in ids {
+        let v = client
+            .verify_shard(id)
+            .await
+            .with_context(|| format!("verify {id}"))?;
+        let agrees = v.agrees();
+        all_agree &= agrees;
+        if json {
+            let replicas: Vec<serde_json::Value> = v
+                .replicas
+                .iter()
+                .map(|(n, d)| match d {
+                    Ok(d) => serde_json::json!({
+                        "node": n.0, "pairs": d.pairs, "bytes": d.bytes,
+                        "sessions": d.sessions, "hash": format!("{:016x}", d.hash),
+                    }),
+                    Err(e) => serde_json::json!({ "node": n.0, "error": e }),
+                })
+                .collect();
+            rows.push(serde_json::json!({
+                "shard": id.0, "index": v.index, "agree": agrees, "replicas": replicas,
+            }));
+            continue;
+        }
+        let first = v.replicas.iter().find_map(|(_, d)| d.as_ref().ok());
+        match (agrees, first) {
+            (true, Some(d)) => println!(
+                "{id} at index {}: {} replicas agree ({} pairs, {} bytes, {} sessions, hash {:016x})",
+                v.index,
+                v.replicas.len(),
+                d.pairs,
+                d.bytes,
+                d.sessions,
+                d.hash
+            ),
+            _ => {
+                println!("{id} at index {}: REPLICAS DIFFER", v.index);
+                for (n, d) in &v.replicas {
+                    match d {
+                        Ok(d) => println!(
+                            "  {n}: {} pairs, {} bytes, {} sessions, hash {:016x}",
+                            d.pairs, d.bytes, d.sessions, d.hash
+                        ),
+                        Err(e) => println!("  {n}: {e}"),
+                    }
+                }
+            }
+        }
+    }
+    if json {
+        let out = serde_json::json!({ "agree": all_agree, "shards": rows });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if all_agree {
+        println!("verify: every replica of every shard agrees");
+    } else {
+        println!("verify: replicas differ (see above)");
+    }
+    Ok(all_agree)
+}
