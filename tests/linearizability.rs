@@ -284,6 +284,13 @@ async fn finish_and_judge(
             panic!("final read of {k:?} failed: {:?}", reader.get(k).await);
         }
     }
+    // After the faults every replica of every shard holds the same state
+    // (what `tessera-ctl verify` checks).
+    tracing::info!("phase: verify every shard's replicas");
+    for d in reader.routes().await.expect("routes") {
+        let v = reader.verify_shard(d.id).await.expect("verify");
+        assert!(v.agrees(), "replicas differ after the faults: {v:?}");
+    }
     let ops = rec.ops();
     let acked = ops.iter().filter(|o| o.ret.is_some()).count();
     println!(
