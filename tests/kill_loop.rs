@@ -181,9 +181,13 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
 
     let rec = Arc::new(Recorder::default());
     // 8 keys per 10 s of run, so no key sees more than ~128 operations.
-    let nkeys = (8 * secs / 10).max(8) as u8;
+    // (Two index bytes: a long run needs more than 255 keys.)
+    let nkeys = (8 * secs / 10).clamp(8, u64::from(u16::MAX)) as u16;
     let keys: Vec<Vec<u8>> = (0..nkeys)
-        .map(|i| vec![i.wrapping_mul(29), b'k', i])
+        .map(|i| {
+            let [hi, lo] = i.to_be_bytes();
+            vec![lo.wrapping_mul(29), b'k', hi, lo]
+        })
         .collect();
     let stop_at = Instant::now() + Duration::from_secs(secs);
     let per_client = 6 * secs as u32;

@@ -27,6 +27,24 @@ fn admin_error(e: super::AdminError) -> ApiError {
     }
 }
 
+/// What a failed proposal tells the client: where the leader is, or that
+/// the shard cannot serve now.
+fn write_error(
+    shard: ShardId,
+    e: RaftError<crate::raft::TypeConfig, ClientWriteError<crate::raft::TypeConfig>>,
+) -> ApiError {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => ApiError::NotLeader {
+            shard,
+            leader_hint: f.leader_id,
+        },
+        e => ApiError::Unavailable {
+            shard,
+            reason: e.to_string(),
+        },
+    }
+}
+
 /// Milliseconds since the Unix epoch by this node's clock (0 before it).
 fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
@@ -263,16 +281,7 @@ impl Registry {
                         }),
                         other => Err(ApiError::Invalid(format!("write applied as {other:?}"))),
                     },
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                        Err(ApiError::NotLeader {
-                            shard,
-                            leader_hint: f.leader_id,
-                        })
-                    }
-                    Err(e) => Err(ApiError::Unavailable {
-                        shard,
-                        reason: e.to_string(),
-                    }),
+                    Err(e) => Err(write_error(shard, e)),
                 }
             }
             Request::Scan {
@@ -373,16 +382,7 @@ impl Registry {
                     Ok(resp) => Ok(Response::DigestAt {
                         index: resp.log_id.index,
                     }),
-                    Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                        Err(ApiError::NotLeader {
-                            shard,
-                            leader_hint: f.leader_id,
-                        })
-                    }
-                    Err(e) => Err(ApiError::Unavailable {
-                        shard,
-                        reason: e.to_string(),
-                    }),
+                    Err(e) => Err(write_error(shard, e)),
                 }
             }
             Request::Digest { shard, index } => {
