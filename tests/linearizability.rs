@@ -34,31 +34,6 @@ fn client_with(c: &TestCluster, deadline: Duration, exactly_once: bool) -> Clien
     Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap()
 }
 
-async fn recorded_put(rec: &Recorder, cl: &Client, key: &[u8], value: Vec<u8>) -> bool {
-    let call = rec.now();
-    let r = cl.put(key, &value).await;
-    let ret = r.is_ok().then(|| rec.now());
-    rec.push(Op {
-        key: key.to_vec(),
-        kind: Kind::Put(value),
-        call,
-        ret,
-    });
-    r.is_ok()
-}
-
-async fn recorded_get(rec: &Recorder, cl: &Client, key: &[u8]) -> Option<Option<Vec<u8>>> {
-    let call = rec.now();
-    let r = cl.get(key).await.ok()?;
-    rec.push(Op {
-        key: key.to_vec(),
-        kind: Kind::Get(r.clone()),
-        call,
-        ret: Some(rec.now()),
-    });
-    Some(r)
-}
-
 /// A client whose cache still names the old leader reads after that leader
 /// was cut off and a newer write was acknowledged by the majority.
 async fn read_behind_a_partition(unsafe_reads: bool) -> (Vec<Vec<u8>>, usize) {
@@ -73,7 +48,7 @@ async fn read_behind_a_partition(unsafe_reads: bool) -> (Vec<Vec<u8>>, usize) {
     let mut at_old = d.clone();
     at_old.leader_hint = Some(old);
     stale.learn_route(at_old.clone());
-    assert!(recorded_put(&rec, &stale, b"a", b"v1".to_vec()).await);
+    assert!(rec.put(&stale, b"a", b"v1".to_vec()).await);
 
     tracing::info!(%old, "phase: cut the leader off; the majority moves on");
     c.faults.isolate(old, &[NodeId(1), NodeId(2), NodeId(3)]);
@@ -82,13 +57,13 @@ async fn read_behind_a_partition(unsafe_reads: bool) -> (Vec<Vec<u8>>, usize) {
     let mut at_new = d.clone();
     at_new.leader_hint = Some(new);
     fresh.learn_route(at_new);
-    assert!(recorded_put(&rec, &fresh, b"a", b"v2".to_vec()).await);
+    assert!(rec.put(&fresh, b"a", b"v2".to_vec()).await);
 
     tracing::info!("phase: the stale client reads through the old leader");
     stale.learn_route(at_old);
-    let _ = recorded_get(&rec, &stale, b"a").await;
+    let _ = rec.get(&stale, b"a").await;
     c.faults.heal();
-    let last = recorded_get(&rec, &fresh, b"a").await;
+    let last = rec.get(&fresh, b"a").await;
     assert_eq!(last, Some(Some(b"v2".to_vec())));
     let ops = rec.ops().len();
     drop((stale, fresh));
@@ -109,47 +84,6 @@ async fn the_real_build_serves_no_stale_read_behind_a_partition() {
     init_tracing();
     let (bad, _) = read_behind_a_partition(false).await;
     assert!(bad.is_empty(), "not linearizable: {bad:?}");
-}
-
-async fn recorded_delete(rec: &Recorder, cl: &Client, key: &[u8]) {
-    let call = rec.now();
-    let r = cl.delete(key).await;
-    rec.push(Op {
-        key: key.to_vec(),
-        kind: Kind::Delete {
-            existed: r.as_ref().ok().copied(),
-        },
-        call,
-        ret: r.is_ok().then(|| rec.now()),
-    });
-}
-
-/// A CAS from `expected` to `new`; returns the key's value after it.
-async fn recorded_cas(
-    rec: &Recorder,
-    cl: &Client,
-    key: &[u8],
-    expected: Option<Vec<u8>>,
-    new: Vec<u8>,
-) -> Option<Option<Vec<u8>>> {
-    let call = rec.now();
-    let r = cl.cas(key, expected.as_deref(), Some(&new)).await;
-    let outcome = r.as_ref().ok().map(|o| (o.succeeded, o.current.clone()));
-    let after = outcome.as_ref().map(|(ok, current)| match ok {
-        true => Some(new.clone()),
-        false => current.clone(),
-    });
-    rec.push(Op {
-        key: key.to_vec(),
-        kind: Kind::Cas {
-            expected,
-            new: Some(new),
-            outcome,
-        },
-        call,
-        ret: r.is_ok().then(|| rec.now()),
-    });
-    after
 }
 
 /// 4 clients doing random put/get/delete/cas on 8 keys until `run` passes,
@@ -189,33 +123,9 @@ fn start_workload_with(
             let mut n = 0u32;
             while Instant::now() < stop_at && n < 90 {
                 n += 1;
-                let (k, choice) = {
-                    let mut rng = rand::thread_rng();
-                    (
-                        keys[rng.gen_range(0..keys.len())].clone(),
-                        rng.gen_range(0..4),
-                    )
-                };
+                let k = keys[rand::thread_rng().gen_range(0..keys.len())].clone();
                 let unique = format!("w{w}-{n}").into_bytes();
-                match choice {
-                    0 => {
-                        if recorded_put(&rec, &cl, &k, unique.clone()).await {
-                            seen.insert(k, Some(unique));
-                        }
-                    }
-                    1 => {
-                        if let Some(v) = recorded_get(&rec, &cl, &k).await {
-                            seen.insert(k, v);
-                        }
-                    }
-                    2 => recorded_delete(&rec, &cl, &k).await,
-                    _ => {
-                        let expected = seen.get(&k).cloned().flatten();
-                        if let Some(v) = recorded_cas(&rec, &cl, &k, expected, unique).await {
-                            seen.insert(k, v);
-                        }
-                    }
-                }
+                rec.random_op(&cl, &k, unique, &mut seen).await;
             }
             cl
         }));
@@ -280,7 +190,7 @@ async fn finish_and_judge(
     tracing::info!("phase: final reads of every key");
     let reader = client(c, Duration::from_secs(30));
     for k in keys {
-        if recorded_get(rec, &reader, k).await.is_none() {
+        if rec.get(&reader, k).await.is_none() {
             panic!("final read of {k:?} failed: {:?}", reader.get(k).await);
         }
     }

@@ -8,7 +8,8 @@
 //! recorder. A history is checked per key against a register that starts
 //! absent.
 
-use std::collections::{BTreeMap, HashSet};
+use rand::Rng;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -156,6 +157,110 @@ impl Recorder {
     /// The history so far.
     pub fn ops(&self) -> Vec<Op> {
         self.ops.lock().unwrap().clone()
+    }
+}
+
+/// Recorded client calls: each pushes its operation with the time it was
+/// called and, when it returned, the time it returned (failed or timed-out
+/// writes are indeterminate; failed reads are dropped).
+impl Recorder {
+    /// A put; whether it was acknowledged.
+    pub async fn put(&self, cl: &tessera::Client, key: &[u8], value: Vec<u8>) -> bool {
+        let call = self.now();
+        let r = cl.put(key, &value).await;
+        self.push(Op {
+            key: key.to_vec(),
+            kind: Kind::Put(value),
+            call,
+            ret: r.is_ok().then(|| self.now()),
+        });
+        r.is_ok()
+    }
+
+    /// A read; what it returned.
+    pub async fn get(&self, cl: &tessera::Client, key: &[u8]) -> Option<Option<Vec<u8>>> {
+        let call = self.now();
+        let r = cl.get(key).await.ok()?;
+        self.push(Op {
+            key: key.to_vec(),
+            kind: Kind::Get(r.clone()),
+            call,
+            ret: Some(self.now()),
+        });
+        Some(r)
+    }
+
+    /// A delete, checked against whether the key existed.
+    pub async fn delete(&self, cl: &tessera::Client, key: &[u8]) {
+        let call = self.now();
+        let r = cl.delete(key).await;
+        self.push(Op {
+            key: key.to_vec(),
+            kind: Kind::Delete {
+                existed: r.as_ref().ok().copied(),
+            },
+            call,
+            ret: r.is_ok().then(|| self.now()),
+        });
+    }
+
+    /// A CAS from `expected` to `new`; the key's value after it.
+    pub async fn cas(
+        &self,
+        cl: &tessera::Client,
+        key: &[u8],
+        expected: Option<Vec<u8>>,
+        new: Vec<u8>,
+    ) -> Option<Option<Vec<u8>>> {
+        let call = self.now();
+        let r = cl.cas(key, expected.as_deref(), Some(&new)).await;
+        let outcome = r.as_ref().ok().map(|o| (o.succeeded, o.current.clone()));
+        let after = outcome.as_ref().map(|(ok, current)| match ok {
+            true => Some(new.clone()),
+            false => current.clone(),
+        });
+        self.push(Op {
+            key: key.to_vec(),
+            kind: Kind::Cas {
+                expected,
+                new: Some(new),
+                outcome,
+            },
+            call,
+            ret: r.is_ok().then(|| self.now()),
+        });
+        after
+    }
+
+    /// One operation of the mixed workload on `key`: put, get, delete or
+    /// CAS (expecting what this client last saw of the key, in `seen`, so
+    /// both outcomes happen), writing the unique value `unique`.
+    pub async fn random_op(
+        &self,
+        cl: &tessera::Client,
+        key: &[u8],
+        unique: Vec<u8>,
+        seen: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) {
+        let choice = rand::thread_rng().gen_range(0..4);
+        let after = match choice {
+            0 => self
+                .put(cl, key, unique.clone())
+                .await
+                .then_some(Some(unique)),
+            1 => self.get(cl, key).await,
+            2 => {
+                self.delete(cl, key).await;
+                None
+            }
+            _ => {
+                let expected = seen.get(key).cloned().flatten();
+                self.cas(cl, key, expected, unique).await
+            }
+        };
+        if let Some(v) = after {
+            seen.insert(key.to_vec(), v);
+        }
     }
 }
 
