@@ -9,8 +9,32 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
+/// A child process killed when dropped: a failing assertion must not leave
+/// a cluster running (and eating the CPU of every later test).
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Reaped {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 /// Starts `tessera dev` and returns it with its `ready` line (bounded wait).
-fn start_dev(dir: &Path) -> (Child, String) {
+fn start_dev(dir: &Path) -> (Reaped, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
         .args(["dev", "--shards", "8", "--data-dir"])
         .arg(dir)
@@ -32,7 +56,7 @@ fn start_dev(dir: &Path) -> (Child, String) {
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains("ready") => return (child, line),
+            Ok(line) if line.contains("ready") => return (Reaped(child), line),
             Ok(_) => continue,
             Err(e) => {
                 let _ = child.kill();
@@ -247,14 +271,16 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
         .unwrap();
     assert!(added.status.success(), "{added:?}");
     assert!(String::from_utf8_lossy(&added.stdout).contains("n4"));
-    let mut n4 = Command::new(env!("CARGO_BIN_EXE_tessera"))
-        .args(["serve", "--config"])
-        .arg(data.join("node-4").join("node.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut n4 = Reaped(
+        Command::new(env!("CARGO_BIN_EXE_tessera"))
+            .args(["serve", "--config"])
+            .arg(data.join("node-4").join("node.toml"))
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {
         let out = ctl(&cluster, &["status", "--json"]);
