@@ -142,7 +142,8 @@ impl OpenWrite {
         SessionStamp {
             client: s.id,
             seq: self.seq,
-            acked: s.open.first().copied().unwrap_or(self.seq).min(self.seq),
+            // This write is open itself, so the oldest is at most it.
+            acked: s.open.first().copied().unwrap_or(self.seq),
         }
     }
 }

@@ -855,11 +855,9 @@ impl Engine {
             it.next();
         }
         it.status().map_err(|e| StoreError::rocks("digest", e))?;
-        let (from, to) = keys::session_bounds(shard);
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(to.to_vec());
-        let mut it = snap.raw_iterator_cf_opt(self.cf(Cf::ShardMeta), ro);
-        it.seek(from);
+        let meta = self.cf(Cf::ShardMeta);
+        let mut it =
+            super::state_machine::session_iter(|ro| snap.raw_iterator_cf_opt(meta, ro), shard);
         while it.valid() {
             d.session(it.key().expect("valid"), it.value().expect("valid"));
             it.next();

@@ -323,7 +323,7 @@ impl StateMachine {
 
 /// An iterator over every session row of `shard` in `shard_meta`, made
 /// by the caller from the DB or from a RocksDB snapshot of it.
-fn session_iter<'a>(
+pub(crate) fn session_iter<'a>(
     make: impl FnOnce(rocksdb::ReadOptions) -> rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB>,
     shard: ShardId,
 ) -> rocksdb::DBRawIteratorWithThreadMode<'a, rocksdb::DB> {
