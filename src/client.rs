@@ -297,20 +297,21 @@ impl Client {
     }
 
     async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
-        let mut conns = self.inner.conns.lock().await;
-        if let Some(c) = conns.get(&node) {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
+        {
+            let conns = self.inner.conns.lock().await;
+            if let Some(c) = conns.get(&node) {
+                if c.close_reason().is_none() {
+                    return Ok(c.clone());
+                }
             }
         }
+        // The table is not held while dialing: a dead node's handshake
+        // timing out must not hold up requests to the live ones.
         let addr = match self.node_addr(node) {
             Some(a) => a,
             None => {
-                // A node that joined later: ask the others for it (without
-                // holding the connection table).
-                drop(conns);
+                // A node that joined later: ask the others for it.
                 let _ = Box::pin(self.refresh_nodes()).await;
-                conns = self.inner.conns.lock().await;
                 self.node_addr(node)
                     .ok_or_else(|| format!("{node} is not a known node"))?
             }
@@ -324,6 +325,14 @@ impl Client {
             .await
             .map_err(|_| format!("connect to {node} timed out"))?
             .map_err(|e| format!("connect to {node}: {e}"))?;
+        let mut conns = self.inner.conns.lock().await;
+        if let Some(c) = conns.get(&node) {
+            if c.close_reason().is_none() {
+                // Another request dialed it meanwhile: keep one connection.
+                conn.close(0u32.into(), b"duplicate");
+                return Ok(c.clone());
+            }
+        }
         conns.insert(node, conn.clone());
         Ok(conn)
     }
