@@ -118,6 +118,11 @@ fn main() -> Result<()> {
 }
 
 async fn serve(config: PathBuf) -> Result<()> {
+    // Failpoints from the environment (`FAILPOINTS`; active only in builds
+    // with the `failpoints` feature): the fault tests give a restarted node
+    // a slow or failing disk this way.
+    #[cfg(feature = "failpoints")]
+    let _failpoints = fail::FailScenario::setup();
     let cfg = NodeConfig::load(&config)?;
     let identity = TlsIdentity::load(&cfg.tls)?;
     let node = Node::start(cfg, &identity, Arc::new(Faults::none())).await?;

@@ -14,132 +14,15 @@
 #[path = "common/linearizability.rs"]
 mod lin;
 
+#[allow(dead_code)]
+#[path = "common/procs.rs"]
+mod procs;
+
 use lin::{check, Kind, Op, Recorder};
+use procs::{admin_client, loopback_nodes, write_cluster, Proc};
 use rand::Rng;
-use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tessera::client::ClientOptions;
-use tessera::net::PeerAddr;
-use tessera::node::{Bootstrap, NodeConfig, RaftTimings};
-use tessera::tls::issue::{write_pem, ClusterCa};
-use tessera::tls::TlsFiles;
-use tessera::{Client, NodeId};
-
-struct Proc {
-    config: PathBuf,
-    child: Option<Child>,
-}
-
-impl Proc {
-    /// Starts `tessera serve` and waits (bounded) for its `serving` line.
-    fn start(&mut self) {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
-            .args(["serve", "--config"])
-            .arg(&self.config)
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn tessera serve");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("tessera serve printed no `serving` line within 30 s");
-        assert!(line.starts_with("serving"), "{line}");
-        self.child = Some(child);
-    }
-
-    fn sigkill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().unwrap();
-            c.wait().unwrap();
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.sigkill();
-    }
-}
-
-fn pick_addr() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-/// Certificates and one config per node under `dir`.
-fn write_cluster(dir: &Path) -> (ClusterCa, Vec<(NodeId, SocketAddr)>, Vec<PathBuf>) {
-    let ca = ClusterCa::generate("kill-loop").unwrap();
-    write_pem(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
-    let ids: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    let addrs: BTreeMap<NodeId, SocketAddr> = ids.iter().map(|i| (*i, pick_addr())).collect();
-    let mut configs = Vec::new();
-    for id in &ids {
-        let issued = ca.issue_node(*id).unwrap();
-        write_pem(&dir.join(format!("n{}.pem", id.0)), &issued.cert_pem, false).unwrap();
-        write_pem(
-            &dir.join(format!("n{}-key.pem", id.0)),
-            &issued.key_pem,
-            true,
-        )
-        .unwrap();
-        let cfg = NodeConfig {
-            node_id: *id,
-            listen_addr: addrs[id],
-            data_dir: PathBuf::from(format!("n{}", id.0)),
-            metrics_addr: None,
-            tls: TlsFiles {
-                ca_cert: "ca.pem".into(),
-                cert: format!("n{}.pem", id.0).into(),
-                key: format!("n{}-key.pem", id.0).into(),
-            },
-            peers: ids
-                .iter()
-                .filter(|p| *p != id)
-                .map(|p| PeerAddr {
-                    id: *p,
-                    addr: addrs[p],
-                })
-                .collect(),
-            raft: RaftTimings {
-                heartbeat_interval_ms: 100,
-                election_timeout_ms_min: 600,
-                election_timeout_ms_max: 1200,
-                ..Default::default()
-            },
-            transport: tessera::net::TransportConfig {
-                heartbeat_linger_ms: 20,
-                ..Default::default()
-            },
-            storage: Default::default(),
-            bootstrap: Some(Bootstrap {
-                shards: 4,
-                members: ids.clone(),
-            }),
-            split: Default::default(),
-            replica_gc: Default::default(),
-            api: Default::default(),
-        };
-        let path = dir.join(format!("n{}.toml", id.0));
-        std::fs::write(&path, cfg.to_toml()).unwrap();
-        configs.push(path);
-    }
-    (ca, addrs.into_iter().collect(), configs)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
@@ -148,31 +31,18 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().unwrap();
-    let (ca, nodes, configs) = write_cluster(dir.path());
-    let mut procs: Vec<Proc> = configs
-        .into_iter()
-        .map(|config| Proc {
-            config,
-            child: None,
-        })
+    let nodes = loopback_nodes(3);
+    let (ca, configs) = write_cluster(dir.path(), "kill-loop", &nodes, 4);
+    let mut procs: Vec<Proc> = nodes
+        .iter()
+        .zip(configs)
+        .map(|((id, _), config)| Proc::new(*id, config, None))
         .collect();
     for p in &mut procs {
-        p.start();
+        p.start(None);
     }
     // An admin certificate: the run ends with a verify.
-    let issued = ca.issue_admin("kill-loop").unwrap();
-    let mk = |deadline: Duration| {
-        Client::from_identity(
-            &ca.identity(&issued),
-            nodes.clone(),
-            ClientOptions {
-                deadline,
-                attempt_timeout: Duration::from_secs(1),
-                ..Default::default()
-            },
-        )
-        .unwrap()
-    };
+    let mk = |deadline: Duration| admin_client(&ca, &nodes, deadline, Duration::from_secs(1));
     // Service is up before the faults start.
     mk(Duration::from_secs(60))
         .put(b"warmup", b"1")
@@ -211,7 +81,7 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let victim = rand::thread_rng().gen_range(0..procs.len());
         procs[victim].sigkill();
-        procs[victim].start();
+        procs[victim].start(None);
         kills += 1;
         // Service resumes: a write is acknowledged within 10 s.
         probe

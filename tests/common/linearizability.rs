@@ -132,6 +132,8 @@ pub fn check(ops: &[Op]) -> Vec<Vec<u8>> {
 pub struct Recorder {
     start: Instant,
     ops: Mutex<Vec<Op>>,
+    /// Client errors seen, by kind.
+    errors: Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl Default for Recorder {
@@ -139,6 +141,7 @@ impl Default for Recorder {
         Recorder {
             start: Instant::now(),
             ops: Mutex::new(Vec::new()),
+            errors: Mutex::new(Default::default()),
         }
     }
 }
@@ -152,6 +155,29 @@ impl Recorder {
     /// Adds a finished (or indeterminate) operation.
     pub fn push(&self, op: Op) {
         self.ops.lock().unwrap().push(op);
+    }
+
+    /// Counts a client error by its kind (a timeout, or the refusal's
+    /// reason).
+    pub fn error(&self, e: &tessera::client::ClientError) {
+        use tessera::client::ClientError;
+        let head = |s: String| -> String {
+            s.chars()
+                .take_while(|c| c.is_alphanumeric() || *c == '_')
+                .collect()
+        };
+        let kind = match e {
+            ClientError::Timeout { .. } => "timeout".to_string(),
+            ClientError::Refused(a) => format!("refused: {}", head(format!("{a:?}"))),
+            other => head(format!("{other:?}")),
+        };
+        *self.errors.lock().unwrap().entry(kind).or_default() += 1;
+    }
+
+    /// Client errors seen so far, by kind.
+    #[allow(dead_code)] // not every test that records prints them
+    pub fn errors(&self) -> std::collections::BTreeMap<String, u64> {
+        self.errors.lock().unwrap().clone()
     }
 
     /// The history so far.
@@ -168,6 +194,9 @@ impl Recorder {
     pub async fn put(&self, cl: &tessera::Client, key: &[u8], value: Vec<u8>) -> bool {
         let call = self.now();
         let r = cl.put(key, &value).await;
+        if let Err(e) = &r {
+            self.error(e);
+        }
         self.push(Op {
             key: key.to_vec(),
             kind: Kind::Put(value),
@@ -180,7 +209,7 @@ impl Recorder {
     /// A read; what it returned.
     pub async fn get(&self, cl: &tessera::Client, key: &[u8]) -> Option<Option<Vec<u8>>> {
         let call = self.now();
-        let r = cl.get(key).await.ok()?;
+        let r = cl.get(key).await.map_err(|e| self.error(&e)).ok()?;
         self.push(Op {
             key: key.to_vec(),
             kind: Kind::Get(r.clone()),
@@ -194,6 +223,9 @@ impl Recorder {
     pub async fn delete(&self, cl: &tessera::Client, key: &[u8]) {
         let call = self.now();
         let r = cl.delete(key).await;
+        if let Err(e) = &r {
+            self.error(e);
+        }
         self.push(Op {
             key: key.to_vec(),
             kind: Kind::Delete {
@@ -214,6 +246,9 @@ impl Recorder {
     ) -> Option<Option<Vec<u8>>> {
         let call = self.now();
         let r = cl.cas(key, expected.as_deref(), Some(&new)).await;
+        if let Err(e) = &r {
+            self.error(e);
+        }
         let outcome = r.as_ref().ok().map(|o| (o.succeeded, o.current.clone()));
         let after = outcome.as_ref().map(|(ok, current)| match ok {
             true => Some(new.clone()),
