@@ -209,17 +209,7 @@ async fn finish_and_judge(
     );
     assert!(acked > 20, "too little got through: {acked}");
     let bad = check(&ops);
-    if !bad.is_empty() {
-        // The offending histories, in call order, for the report.
-        for k in &bad {
-            let mut h: Vec<&Op> = ops.iter().filter(|o| &o.key == k).collect();
-            h.sort_by_key(|o| o.call);
-            eprintln!("history of {k:?}:");
-            for o in h {
-                eprintln!("  {:?} call {} ret {:?}", o.kind, o.call, o.ret);
-            }
-        }
-    }
+    lin::report(&ops, &bad, &[]);
     drop((done, reader));
     bad
 }

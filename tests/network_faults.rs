@@ -123,93 +123,98 @@ async fn some_leader(client: &Client) -> usize {
 }
 
 /// Puts one fault in force; returns what healing it needs beyond the
-/// network's heal: the node to restart clean, if any.
+/// network's heal (the node to restart clean, if any) and what was done.
 async fn inflict(
     kind: Nemesis,
     lab: &mut Lab,
     cluster: &mut Cluster,
     probe: &Client,
-) -> Option<usize> {
+) -> (Option<usize>, String) {
     let mut nodes: Vec<usize> = (1..=NODES).collect();
     nodes.shuffle(&mut rand::thread_rng());
     let everyone: Vec<usize> = (0..=NODES).collect();
-    match kind {
-        Nemesis::PartitionHalves => lab.apply(&Fault::Drop(cut(&nodes[..2], &nodes[2..]))),
+    let fault = match kind {
+        Nemesis::PartitionHalves => Fault::Drop(cut(&nodes[..2], &nodes[2..])),
         Nemesis::PartitionOneWay => {
-            let x = nodes[0];
-            lab.apply(&Fault::Drop(nodes[1..].iter().map(|&y| (x, y)).collect()));
+            Fault::Drop(nodes[1..].iter().map(|&y| (nodes[0], y)).collect())
         }
         Nemesis::MinorityFromLeader => {
             let leader = some_leader(probe).await;
             let others: Vec<usize> = nodes.iter().copied().filter(|&n| n != leader).collect();
             let size = rand::thread_rng().gen_range(1..=2);
-            lab.apply(&Fault::Drop(cut(&[leader], &others[..size])));
+            Fault::Drop(cut(&[leader], &others[..size]))
         }
-        Nemesis::BridgeNode => lab.apply(&Fault::Drop(cut(&nodes[1..3], &nodes[3..5]))),
+        Nemesis::BridgeNode => Fault::Drop(cut(&nodes[1..3], &nodes[3..5])),
         Nemesis::IsolatedFromAll => {
             let x = nodes[0];
             let rest: Vec<usize> = everyone.into_iter().filter(|&h| h != x).collect();
-            lab.apply(&Fault::Drop(cut(&[x], &rest)));
+            Fault::Drop(cut(&[x], &rest))
         }
-        Nemesis::Loss => lab.apply(&Fault::Loss(15)),
-        Nemesis::Duplicate => lab.apply(&Fault::Duplicate(10)),
-        Nemesis::DelayReorder => lab.apply(&Fault::Delay {
+        Nemesis::Loss => Fault::Loss(15),
+        Nemesis::Duplicate => Fault::Duplicate(10),
+        Nemesis::DelayReorder => Fault::Delay {
             ms: 30,
             jitter_ms: 40,
-        }),
-        Nemesis::Kill9 => {
-            cluster.proc(nodes[0]).sigkill();
-            return Some(nodes[0]);
-        }
-        Nemesis::SlowDisk => {
+        },
+        Nemesis::Kill9 | Nemesis::SlowDisk | Nemesis::FailingDisk => {
+            let failpoints = match kind {
+                Nemesis::SlowDisk => Some("log_writer::sync=sleep(40)"),
+                Nemesis::FailingDisk => Some("log_writer::sync=20%return"),
+                _ => None,
+            };
             let p = cluster.proc(nodes[0]);
             p.sigkill();
-            p.start(Some("log_writer::sync=sleep(40)"));
-            return Some(nodes[0]);
+            if failpoints.is_some() {
+                p.start(failpoints);
+            }
+            return (
+                Some(nodes[0]),
+                format!("{kind:?} n{} {failpoints:?}", nodes[0]),
+            );
         }
-        Nemesis::FailingDisk => {
-            let p = cluster.proc(nodes[0]);
-            p.sigkill();
-            p.start(Some("log_writer::sync=20%return"));
-            return Some(nodes[0]);
-        }
-    }
-    None
+    };
+    lab.apply(&fault);
+    (None, format!("{kind:?} {fault:?}"))
 }
 
-/// One admin command against the cluster as it is now; whether it worked.
-async fn admin(kind: Admin, client: &Client) -> bool {
+/// One admin command against the cluster as it is now; what it did, or
+/// why it failed.
+async fn admin(kind: Admin, client: &Client) -> Result<String, String> {
     let mut rng = rand::rngs::StdRng::from_entropy();
-    let routes = match client.routes().await {
-        Ok(r) => r,
-        Err(_) => return false,
-    };
-    let Some(d) = routes.choose(&mut rng).cloned() else {
-        return false;
-    };
+    let routes = client.routes().await.map_err(|e| e.to_string())?;
+    let d = routes.choose(&mut rng).cloned().ok_or("no routes")?;
     match kind {
         Admin::Split => {
             let key = [rng.gen::<u8>(), b'k', rng.gen::<u8>()];
-            client.split(&key).await.is_ok()
+            let what = format!("split at {key:?}");
+            client
+                .split(&key)
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            Ok(what)
         }
         Admin::Move => {
-            let Some(&from) = d.replicas.choose(&mut rng) else {
-                return false;
-            };
+            let from = *d.replicas.choose(&mut rng).ok_or("no replicas")?;
             let spare: Vec<NodeId> = (1..=NODES as u64)
                 .map(NodeId)
                 .filter(|n| !d.replicas.contains(n))
                 .collect();
-            let Some(&to) = spare.choose(&mut rng) else {
-                return false;
-            };
-            client.move_replica(d.id, from, to).await.is_ok()
+            let to = *spare.choose(&mut rng).ok_or("no spare node")?;
+            let what = format!("move {} {from} -> {to}", d.id);
+            client
+                .move_replica(d.id, from, to)
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            Ok(what)
         }
         Admin::TransferLeader => {
-            let Some(&to) = d.replicas.choose(&mut rng) else {
-                return false;
-            };
-            client.transfer_leader(d.id, to).await.is_ok()
+            let to = *d.replicas.choose(&mut rng).ok_or("no replicas")?;
+            let what = format!("transfer {} to {to}", d.id);
+            client
+                .transfer_leader(d.id, to)
+                .await
+                .map_err(|e| format!("{what}: {e}"))?;
+            Ok(what)
         }
     }
 }
@@ -258,7 +263,10 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
     let mut workers = Vec::new();
     for w in 0..8u32 {
         let (rec, issued, stop) = (rec.clone(), issued.clone(), stop.clone());
-        let cl = mk(Duration::from_secs(3), Duration::from_secs(1));
+        // A deadline longer than a fault (at most 5 s) and the election
+        // after it: few indeterminate operations, which keeps the checker's
+        // search small.
+        let cl = mk(Duration::from_secs(12), Duration::from_secs(1));
         workers.push(tokio::spawn(async move {
             let mut seen = std::collections::HashMap::new();
             let mut n = 0u32;
@@ -279,6 +287,11 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
     let mut faults: BTreeMap<Nemesis, u64> = BTreeMap::new();
     let mut rounds = 0;
     let mut combined = 0;
+    let events: Arc<Mutex<Vec<(u64, String)>>> = Default::default();
+    let note = {
+        let (rec, events) = (rec.clone(), events.clone());
+        move |what: String| events.lock().unwrap().push((rec.now(), what))
+    };
     // Whole rounds of every fault, until the run's time is up.
     while rounds == 0 || started.elapsed() < run_for {
         rounds += 1;
@@ -307,7 +320,9 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
             };
             let mut restart = Vec::new();
             for &kind in &step {
-                restart.extend(inflict(kind, &mut lab, &mut cluster, &probe).await);
+                let (r, what) = inflict(kind, &mut lab, &mut cluster, &probe).await;
+                note(what);
+                restart.extend(r);
                 *faults.entry(kind).or_default() += 1;
             }
             if step.len() > 1 {
@@ -315,18 +330,25 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
             }
             // An admin command during the fault, one at a time.
             if admin_task.as_ref().is_none_or(|t| t.is_finished()) {
-                let (c, log) = (admin_client.clone(), admin_log.clone());
+                let (c, log, note) = (admin_client.clone(), admin_log.clone(), note.clone());
                 admin_task = Some(tokio::spawn(async move {
-                    let ok = admin(admin_kind, &c).await;
-                    *log.lock().unwrap().entry((admin_kind, ok)).or_default() += 1;
+                    note(format!("admin {admin_kind:?} starts"));
+                    let r = admin(admin_kind, &c).await;
+                    note(format!("admin {admin_kind:?}: {r:?}"));
+                    *log.lock()
+                        .unwrap()
+                        .entry((admin_kind, r.is_ok()))
+                        .or_default() += 1;
                 }));
             }
             tokio::time::sleep(Duration::from_millis(hold)).await;
             lab.heal();
+            note("heal".into());
             for host in restart {
                 let p = cluster.proc(host);
                 p.sigkill();
                 p.start(None);
+                note(format!("n{host} restarted clean"));
             }
             // Service is back after every heal.
             probe
@@ -375,7 +397,7 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
         ops.len()
     );
     println!("faults: {faults:?}, {combined} of them as pairs of a network and a process fault");
-    println!("admin (kind, succeeded): {:?}", admin_log.lock().unwrap());
+    println!("admin: (kind, succeeded): {:?}", admin_log.lock().unwrap());
     println!("client errors: {:?}", rec.errors());
     assert!(
         EVERY_FAULT.iter().all(|k| faults.contains_key(k)),
@@ -391,6 +413,7 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
             format!("NOT linearizable on keys {bad:?}")
         }
     );
+    lin::report(&ops, &bad, &events.lock().unwrap());
     assert!(bad.is_empty(), "not linearizable on keys {bad:?}");
     let shards = verify_all(&reader).await;
     println!("verify: every replica of {shards} shards agrees");

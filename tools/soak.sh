@@ -20,7 +20,7 @@ start=$(date +%s)
 set +e
 TESSERA_SOAK_SECS="$secs" cargo test -p tessera --features failpoints \
   --test network_faults -- --nocapture --test-threads=1 five_nodes 2>&1 |
-  grep -E '^(network faults|faults|admin|client errors|checker|verify):|test five_nodes|^test result|panicked|not linearizable|differ'
+  grep -E '^(network faults|faults|admin|client errors|checker|verify):|test five_nodes|^test result|panicked|not linearizable|differ|^history of|^  '
 status=${PIPESTATUS[0]}
 set -e
 echo "soak: ${secs} s asked, $(( $(date +%s) - start )) s in all, exit ${status}"
