@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tessera::client::ClientOptions;
-use tessera::node::meta;
+use tessera::meta;
 use tessera::{Client, NodeId, ShardId};
 
 fn rt() -> tokio::runtime::Runtime {

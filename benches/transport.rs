@@ -18,7 +18,7 @@ mod cluster;
 use cluster::{TestCluster, Timings};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use std::time::{Duration, Instant};
-use tessera::net::proto::PeerRequest;
+use tessera::raft::rpc::{self, CallError, PeerRequest};
 use tessera::raft::Vote;
 use tessera::{NodeId, ShardId};
 
@@ -63,18 +63,15 @@ fn peer_rpc(c: &mut Criterion) {
                                         Vote::new(1, NodeId(1)),
                                         None,
                                     ));
-                                    let r = t
-                                        .call(
-                                            NodeId(2),
-                                            ShardId(1_000_000 + s),
-                                            req,
-                                            Duration::from_secs(30),
-                                        )
-                                        .await;
-                                    assert!(
-                                        matches!(r, Err(tessera::net::CallError::Refused { .. })),
-                                        "{r:?}"
-                                    );
+                                    let r = rpc::call(
+                                        &t,
+                                        NodeId(2),
+                                        ShardId(1_000_000 + s),
+                                        &req,
+                                        Duration::from_secs(30),
+                                    )
+                                    .await;
+                                    assert!(matches!(r, Err(CallError::Refused { .. })), "{r:?}");
                                 }
                             })
                         })

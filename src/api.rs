@@ -235,7 +235,7 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
-    /// A malformed request or an unexpected failure.
+    /// A malformed request (the client's fault: retrying it cannot help).
     #[error("{0}")]
     Invalid(String),
     /// A retried session write that was applied before, but whose results
@@ -262,6 +262,11 @@ pub enum ApiError {
         /// Why.
         reason: String,
     },
+    /// The server failed (a storage error, an answer too large to frame, a
+    /// node stopping): not the request's fault. A write may or may not
+    /// have taken effect.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl Request {
@@ -317,7 +322,7 @@ impl Request {
                 if start.len() > limits::KEY_BYTES_MAX {
                     limits::check_key(start)?;
                 }
-                if end.len() > limits::KEY_BYTES_MAX + 1 {
+                if end.len() > limits::USER_KEYS_END_BYTES {
                     limits::check_key(end)?;
                 }
                 Ok(())

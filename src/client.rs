@@ -66,6 +66,50 @@ pub enum ClientError {
     Protocol(String),
 }
 
+/// Why one request to one node got no answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NodeCallError {
+    /// The node is in no list this client knows (nor in the answers of the
+    /// nodes it asked).
+    #[error("{0} is not a known node")]
+    UnknownNode(NodeId),
+    /// No connection could be made.
+    #[error("connect to {node}: {reason}")]
+    Connect {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The node did not answer within the attempt's timeout.
+    #[error("{node} did not answer within {after:?}")]
+    Timeout {
+        /// The node.
+        node: NodeId,
+        /// The timeout.
+        after: Duration,
+    },
+    /// The request or its answer was lost on the way, or did not decode.
+    #[error("{node}: {reason}")]
+    Stream {
+        /// The node.
+        node: NodeId,
+        /// Why.
+        reason: String,
+    },
+    /// The node answered something this request cannot produce.
+    #[error("{node} answered unexpectedly: {answer}")]
+    Unexpected {
+        /// The node.
+        node: NodeId,
+        /// The answer.
+        answer: String,
+    },
+    /// No node answered (the last one's error).
+    #[error("no node answered (last: {0})")]
+    NoneAnswered(Box<NodeCallError>),
+}
+
 /// Client settings.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -274,8 +318,8 @@ impl Client {
     ///
     /// # Errors
     /// The last node's error when none answered.
-    pub async fn refresh_nodes(&self) -> Result<Vec<(NodeId, SocketAddr)>, String> {
-        let mut last = String::from("no node answered");
+    pub async fn refresh_nodes(&self) -> Result<Vec<(NodeId, SocketAddr)>, NodeCallError> {
+        let mut last = None;
         for (node, _) in self.nodes() {
             match self.call_node(node, &Request::Peers).await {
                 Ok(Response::Peers(all)) => {
@@ -289,14 +333,21 @@ impl Client {
                     nodes.sort();
                     return Ok(nodes.clone());
                 }
-                Ok(other) => last = format!("{node}: unexpected answer {other:?}"),
-                Err(e) => last = e,
+                Ok(other) => {
+                    last = Some(NodeCallError::Unexpected {
+                        node,
+                        answer: format!("{other:?}"),
+                    })
+                }
+                Err(e) => last = Some(e),
             }
         }
-        Err(last)
+        Err(NodeCallError::NoneAnswered(Box::new(
+            last.unwrap_or(NodeCallError::UnknownNode(NodeId(0))),
+        )))
     }
 
-    async fn connection(&self, node: NodeId) -> Result<quinn::Connection, String> {
+    async fn connection(&self, node: NodeId) -> Result<quinn::Connection, NodeCallError> {
         {
             let conns = self.inner.conns.lock().await;
             if let Some(c) = conns.get(&node) {
@@ -313,18 +364,19 @@ impl Client {
                 // A node that joined later: ask the others for it.
                 let _ = Box::pin(self.refresh_nodes()).await;
                 self.node_addr(node)
-                    .ok_or_else(|| format!("{node} is not a known node"))?
+                    .ok_or(NodeCallError::UnknownNode(node))?
             }
         };
+        let connect = |reason: String| NodeCallError::Connect { node, reason };
         let connecting = self
             .inner
             .endpoint
             .connect_with(self.inner.quic.clone(), addr, &tls::node_server_name(node))
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| connect(e.to_string()))?;
         let conn = tokio::time::timeout(self.inner.opts.attempt_timeout, connecting)
             .await
-            .map_err(|_| format!("connect to {node} timed out"))?
-            .map_err(|e| format!("connect to {node}: {e}"))?;
+            .map_err(|_| connect("timed out".into()))?
+            .map_err(|e| connect(e.to_string()))?;
         let mut conns = self.inner.conns.lock().await;
         if let Some(c) = conns.get(&node) {
             if c.close_reason().is_none() {
@@ -338,7 +390,10 @@ impl Client {
     }
 
     /// Sends one request to one node and waits for its answer.
-    pub async fn call_node(&self, node: NodeId, req: &Request) -> Result<Response, String> {
+    ///
+    /// # Errors
+    /// [`NodeCallError`].
+    pub async fn call_node(&self, node: NodeId, req: &Request) -> Result<Response, NodeCallError> {
         self.call_node_within(node, req, self.inner.opts.attempt_timeout)
             .await
     }
@@ -350,30 +405,37 @@ impl Client {
         node: NodeId,
         req: &Request,
         timeout: Duration,
-    ) -> Result<Response, String> {
-        let frame = wire::encode_frame(req, FRAME_BYTES_MAX).map_err(|e| e.to_string())?;
+    ) -> Result<Response, NodeCallError> {
+        let stream = |reason: String| NodeCallError::Stream { node, reason };
+        let frame = wire::encode_frame(req, FRAME_BYTES_MAX).map_err(|e| stream(e.to_string()))?;
         let conn = self.connection(node).await?;
         let work = async {
-            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
-            send.write_all(&frame).await.map_err(|e| e.to_string())?;
+            let (mut send, mut recv) = conn.open_bi().await.map_err(|e| stream(e.to_string()))?;
+            send.write_all(&frame)
+                .await
+                .map_err(|e| stream(e.to_string()))?;
             let _ = send.finish();
             let payload = wire::read_frame(&mut recv, FRAME_BYTES_MAX)
                 .await
-                .map_err(|e| e.to_string())?
-                .ok_or("no answer")?;
-            let resp = wire::decode_payload::<Response>(&payload).map_err(|e| e.to_string())?;
+                .map_err(|e| stream(e.to_string()))?
+                .ok_or_else(|| stream("no answer".into()))?;
+            let resp =
+                wire::decode_payload::<Response>(&payload).map_err(|e| stream(e.to_string()))?;
             // Tests: the reply of a write that took effect is lost on its
             // way back (the client sees a transport error and retries).
             fail::fail_point!(
                 "client::lose_write_reply",
                 matches!(resp, Response::Written(_)),
-                |_| Err(format!("{node}: the reply was lost (injected)"))
+                |_| Err(stream("the reply was lost (injected)".into()))
             );
             Ok(resp)
         };
         tokio::time::timeout(timeout, work)
             .await
-            .map_err(|_| format!("{node} did not answer in time"))?
+            .map_err(|_| NodeCallError::Timeout {
+                node,
+                after: timeout,
+            })?
     }
 
     /// Asks nodes for their routes and learns them.
@@ -390,7 +452,7 @@ impl Client {
                     learned = true;
                 }
                 Ok(other) => last = format!("{node}: unexpected answer {other:?}"),
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
         }
         if learned {
@@ -439,6 +501,9 @@ impl Client {
             ApiError::Unavailable { shard, reason } => {
                 AttemptError::Retry(format!("{shard} unavailable: {reason}"))
             }
+            // A node that failed or is stopping: another replica may serve
+            // it (a write retried under its session applies once).
+            ApiError::Internal(reason) => AttemptError::Retry(format!("internal error: {reason}")),
             e @ (ApiError::Limit(_)
             | ApiError::Invalid(_)
             | ApiError::AppliedEarlier { .. }
@@ -544,7 +609,7 @@ impl Client {
                             .lock()
                             .expect("routes poisoned")
                             .set_leader(d.id, Some(next));
-                        Err(AttemptError::Retry(e))
+                        Err(AttemptError::Retry(e.to_string()))
                     }
                 }
             }
@@ -934,7 +999,7 @@ impl Client {
         if start.len() > limits::KEY_BYTES_MAX {
             limits::check_key(start)?;
         }
-        if end.len() > limits::KEY_BYTES_MAX + 1 {
+        if end.len() > limits::USER_KEYS_END_BYTES {
             limits::check_key(end)?;
         }
         Ok(Scanner {
@@ -963,11 +1028,14 @@ impl Client {
     /// One node's status (its shards, leaders, sizes).
     ///
     /// # Errors
-    /// The node's error as a string when it is down.
-    pub async fn node_status(&self, node: NodeId) -> Result<NodeStatus, String> {
+    /// [`NodeCallError`] when it is down or answers something else.
+    pub async fn node_status(&self, node: NodeId) -> Result<NodeStatus, NodeCallError> {
         match self.call_node(node, &Request::NodeStatus).await? {
             Response::NodeStatus(s) => Ok(s),
-            other => Err(format!("unexpected answer {other:?}")),
+            other => Err(NodeCallError::Unexpected {
+                node,
+                answer: format!("{other:?}"),
+            }),
         }
     }
 }
@@ -1130,7 +1198,7 @@ impl Client {
                 }
                 Ok(Response::Digest(s)) => format!("{s:?}"),
                 Ok(other) => return Err(format!("unexpected answer {other:?}")),
-                Err(e) => e,
+                Err(e) => e.to_string(),
             };
             if Instant::now() + backoff > until {
                 return Err(format!("no digest in time (last: {last})"));

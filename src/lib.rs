@@ -9,6 +9,8 @@
 //!   replica, openraft `storage-v2` log and state-machine stores, the node-wide
 //!   group-commit log writer, logical range snapshots.
 //! - [`raft`] (feature `server`): the openraft type configuration.
+//! - [`meta`]: the meta shard's id and the layout of its route records
+//!   (above every user key).
 //! - [`digest`]: replica digests at one log index (`tessera-ctl verify`).
 //! - [`session`]: client sessions, which make retried writes apply exactly
 //!   once (pure: the per-shard table every replica keeps alike).
@@ -36,6 +38,7 @@ pub mod cluster_file;
 pub mod command;
 pub mod digest;
 pub mod limits;
+pub mod meta;
 pub mod metrics;
 #[cfg(feature = "server")]
 pub mod net;

@@ -10,6 +10,18 @@ use thiserror::Error;
 pub const KEY_BYTES_MIN: usize = 1;
 /// Largest key, in bytes (8 KiB).
 pub const KEY_BYTES_MAX: usize = 8 * 1024;
+
+/// Length of the end of the user key space: the key of `KEY_BYTES_MAX + 1`
+/// bytes of `0xff`, which sorts after every valid user key. Internal
+/// records (the meta shard's) live at or above it; a scan may name it as
+/// its end bound.
+pub const USER_KEYS_END_BYTES: usize = KEY_BYTES_MAX + 1;
+
+/// The end of the user key space (see [`USER_KEYS_END_BYTES`]): the one
+/// definition every layer uses.
+pub fn user_keys_end() -> Vec<u8> {
+    vec![0xff; USER_KEYS_END_BYTES]
+}
 /// Largest value, in bytes (1 MiB).
 pub const VALUE_BYTES_MAX: usize = 1024 * 1024;
 /// Most operations in one batch.

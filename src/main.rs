@@ -340,10 +340,10 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
     // table), outside the user's key space.
     let (_, boot) = on_leader(
         &running,
-        tessera::node::meta::META_SHARD,
+        tessera::meta::META_SHARD,
         deadline,
         |node, raft| async move {
-            let key = tessera::node::meta::dev_boot_key();
+            let key = tessera::meta::dev_boot_key();
             raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
                 .await?;
             let n = match node.engine().get(&key)? {

@@ -6,7 +6,7 @@
 //! Every step is an idempotent admin request that the cluster re-checks,
 //! so an interrupted run started again continues from the cluster's state.
 
-use crate::client::{Client, ClientError};
+use crate::client::{Client, ClientError, NodeCallError};
 use crate::{NodeId, ShardId};
 use shard_router::planner::{self, ClusterState, NodeState, Plan, PlannerConfig, ShardState, Step};
 use std::collections::BTreeMap;
@@ -17,8 +17,8 @@ use std::sync::Arc;
 /// shard's newest descriptor, its leader, its largest replica size.
 ///
 /// # Errors
-/// A string when no node answers.
-pub async fn cluster_state(client: &Client) -> Result<ClusterState, String> {
+/// [`NodeCallError::NoneAnswered`] when no node answers.
+pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallError> {
     let nodes = client.refresh_nodes().await?;
     let mut state = ClusterState::default();
     let mut shards: BTreeMap<ShardId, ShardState> = BTreeMap::new();
@@ -113,7 +113,7 @@ pub async fn rebalance(
             .await
             .map_err(|last_error| ClientError::Timeout {
                 deadline: std::time::Duration::ZERO,
-                last_error,
+                last_error: last_error.to_string(),
             })?;
         let plan = planner::plan(&state, cfg);
         summary.rounds = round;

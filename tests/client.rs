@@ -166,7 +166,7 @@ async fn stale_routes_are_corrected_without_wrong_answers() {
         table.iter().any(|d| !d.replicas.contains(&NodeId(1))),
         "n1 answered only for its own replicas"
     );
-    assert!(c.node(1).raft(tessera::node::meta::META_SHARD).is_some());
+    assert!(c.node(1).raft(tessera::meta::META_SHARD).is_some());
     drop((cl, stale));
     c.shutdown().await;
 }
@@ -507,7 +507,7 @@ async fn verify_finds_the_replica_that_differs() {
         let v = admin.verify_shard(d.id).await.unwrap();
         assert!(v.agrees(), "{v:?}");
         assert_eq!(v.replicas.len(), d.replicas.len());
-        if d.id != tessera::node::meta::META_SHARD {
+        if d.id != tessera::meta::META_SHARD {
             pairs += v.replicas[0].1.as_ref().unwrap().pairs;
         }
     }
@@ -516,7 +516,7 @@ async fn verify_finds_the_replica_that_differs() {
     tracing::info!("phase: one replica diverges behind Raft's back");
     let d = shards
         .iter()
-        .find(|d| d.id != tessera::node::meta::META_SHARD)
+        .find(|d| d.id != tessera::meta::META_SHARD)
         .unwrap();
     let victim = *d.replicas.last().unwrap();
     let mut k = d.range.start.clone();

@@ -1,5 +1,8 @@
 //! A real multi-node cluster over QUIC: elections and commits on many
 //! shards, restarts from disk, a partitioned leader, coalesced heartbeats.
+// The fault layer's switches exist only with the `failpoints` feature
+// (on in the test command).
+#![cfg(feature = "failpoints")]
 
 mod common;
 

@@ -9,7 +9,7 @@ use common::cluster::{init_tracing, TestCluster, Timings};
 use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tessera::node::meta;
+use tessera::meta;
 use tessera::{Client, NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -335,9 +335,8 @@ async fn a_replica_removed_while_down_is_destroyed_and_never_disturbs_the_leader
 /// split, is refused with a typed error and changes nothing there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_older_than_the_replica_is_refused() {
-    use tessera::net::proto::Refusal;
-    use tessera::net::CallError;
-    use tessera::storage::snapshot::SnapshotData;
+    use tessera::raft::rpc::{self, CallError, Refusal, SnapshotHead};
+    use tessera::raft::SnapshotData;
     init_tracing();
     let t = Timings {
         snapshot_logs_since_last: 20,
@@ -379,18 +378,19 @@ async fn a_snapshot_older_than_the_replica_is_refused() {
     .await
     .unwrap();
     let vote = raft.metrics().borrow_watched().vote;
-    let sent = c
-        .node(leader.0)
-        .transport()
-        .send_snapshot(
-            NodeId(follower),
-            ShardId(1),
-            vote,
-            snap.meta.clone(),
-            &SnapshotData::from_file(&old),
-            WAIT,
-        )
-        .await;
+    let head = SnapshotHead {
+        vote,
+        meta: snap.meta.clone(),
+    };
+    let sent = rpc::send_snapshot(
+        c.node(leader.0).transport(),
+        NodeId(follower),
+        ShardId(1),
+        &head,
+        &SnapshotData::from_file(&old),
+        WAIT,
+    )
+    .await;
     match sent {
         Err(CallError::Refused {
             refusal:
@@ -421,8 +421,7 @@ async fn a_snapshot_older_than_the_replica_is_refused() {
 /// newer than the request's) is refused, and the replica stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drop_replica_is_refused_while_a_member() {
-    use tessera::net::proto::PeerRequest;
-    use tessera::net::CallError;
+    use tessera::raft::rpc::{self, CallError, PeerRequest};
     init_tracing();
     let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), Timings::fast()).await;
     let leader = c.wait_leader(ShardId(1), WAIT).await.unwrap();
@@ -430,16 +429,14 @@ async fn drop_replica_is_refused_while_a_member() {
     cl.put(b"k", b"v").await.unwrap();
     let member = [1u64, 2, 3].into_iter().find(|n| *n != leader.0).unwrap();
     c.wait_caught_up(ShardId(1), &[member], WAIT).await.unwrap();
-    let asked = c
-        .node(leader.0)
-        .transport()
-        .call(
-            NodeId(member),
-            ShardId(1),
-            PeerRequest::DropReplica { after: None },
-            WAIT,
-        )
-        .await;
+    let asked = rpc::call(
+        c.node(leader.0).transport(),
+        NodeId(member),
+        ShardId(1),
+        &PeerRequest::DropReplica { after: None },
+        WAIT,
+    )
+    .await;
     assert!(
         matches!(asked, Err(CallError::Refused { .. })),
         "a member's replica must not be dropped: {asked:?}"

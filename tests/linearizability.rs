@@ -2,6 +2,9 @@
 //! linearizability per key, and proof that the checker can fail: a
 //! deliberately broken build (reads served by any replica from its local
 //! state) is caught.
+// The fault layer's switches exist only with the `failpoints` feature
+// (on in the test command).
+#![cfg(feature = "failpoints")]
 
 mod common;
 
@@ -268,7 +271,7 @@ async fn splits_and_moves_during_faults_stay_linearizable() {
     for s in c.node(1).shard_ids() {
         c.wait_leader(s, WAIT).await.unwrap();
     }
-    c.wait_leader(tessera::node::meta::META_SHARD, WAIT)
+    c.wait_leader(tessera::meta::META_SHARD, WAIT)
         .await
         .unwrap();
     let (rec, keys, clients) = start_workload(&c, Duration::from_secs(10));
@@ -324,7 +327,7 @@ async fn with_lost_replies(exactly_once: bool) -> (Vec<Vec<u8>>, Vec<Op>) {
     for s in c.node(1).shard_ids() {
         c.wait_leader(s, WAIT).await.unwrap();
     }
-    c.wait_leader(tessera::node::meta::META_SHARD, WAIT)
+    c.wait_leader(tessera::meta::META_SHARD, WAIT)
         .await
         .unwrap();
     let scenario = fail::FailScenario::setup();

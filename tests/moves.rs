@@ -9,7 +9,7 @@ use common::load::{wait_ops, Load};
 use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::time::Duration;
-use tessera::node::meta;
+use tessera::meta;
 use tessera::{NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);

@@ -257,6 +257,12 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
         let [hi, lo] = (i as u16).to_be_bytes();
         vec![lo.wrapping_mul(29), b'k', hi, lo]
     };
+    let client_deadline = Duration::from_millis(
+        std::env::var("TESSERA_SOAK_CLIENT_DEADLINE_MS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(12_000),
+    );
     let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let rec = Arc::new(Recorder::default());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -265,8 +271,9 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
         let (rec, issued, stop) = (rec.clone(), issued.clone(), stop.clone());
         // A deadline longer than a fault (at most 5 s) and the election
         // after it: few indeterminate operations, which keeps the checker's
-        // search small.
-        let cl = mk(Duration::from_secs(12), Duration::from_secs(1));
+        // search small. `TESSERA_SOAK_CLIENT_DEADLINE_MS` shortens it (more
+        // operations given up mid-fault and left in flight).
+        let cl = mk(client_deadline, Duration::from_secs(1));
         workers.push(tokio::spawn(async move {
             let mut seen = std::collections::HashMap::new();
             let mut n = 0u32;

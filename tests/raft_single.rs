@@ -11,7 +11,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera::command::{Command, CommandResponse, Op, OpResult};
-use tessera::raft::{NoNetwork, Raft};
+use tessera::node::ShardRaft as Raft;
+use tessera::raft::NoNetwork;
 use tessera::storage::Engine;
 use tessera::{NodeId, ShardId};
 

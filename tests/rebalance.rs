@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera::client::ClientOptions;
-use tessera::node::meta;
+use tessera::meta;
 use tessera::rebalance;
 use tessera::shard_router::planner::{self, PlannerConfig};
 use tessera::{Client, ShardId};

@@ -9,7 +9,7 @@ use common::cluster::{init_tracing, TestCluster, Timings};
 use common::load::{wait_ops, Load};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
-use tessera::node::meta;
+use tessera::meta;
 use tessera::shard_router::RangeMap;
 use tessera::{Client, NodeId, ShardDescriptor, ShardId};
 

@@ -13,9 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tessera::limits::FRAME_BYTES_MAX;
-use tessera::net::proto::{
-    self, Hello, PeerRequest, PeerResponse, Refusal, RequestEnvelope, ResponseEnvelope, StreamKind,
-};
+use tessera::net::proto::{self, Hello, RequestHead, StreamKind};
+use tessera::raft::rpc::{PeerRequest, PeerResponse, Refusal};
 use tessera::raft::Vote;
 use tessera::tls::issue::{ClusterCa, Issued};
 use tessera::tls::{self, TlsIdentity, PEER_ALPN};
@@ -32,15 +31,17 @@ fn client_cfg(ca: &ClusterCa, issued: &Issued, alpn: &[u8]) -> quinn::ClientConf
 }
 
 fn vote_batch(claim: u64, shard: u64) -> Vec<u8> {
-    let env = RequestEnvelope {
+    let head = RequestHead {
         id: 1,
         shard: ShardId(shard),
-        req: PeerRequest::Vote(openraft::raft::VoteRequest::new(
-            Vote::new(1, NodeId(claim)),
-            None,
-        )),
+        urgent: true,
     };
-    proto::encode_batch(&[proto::encode_msg(&env)])
+    let req = PeerRequest::Vote(openraft::raft::VoteRequest::new(
+        Vote::new(1, NodeId(claim)),
+        None,
+    ));
+    let body = postcard::to_stdvec(&req).unwrap();
+    proto::encode_batch(&[proto::encode_request(&head, &body)])
 }
 
 /// Connects as `claim`, sends a Hello and `frames` on the first stream, and
@@ -86,9 +87,9 @@ async fn attack(
 fn decode_answer(payload: &[u8]) -> PeerResponse {
     let parts = proto::decode_batch(payload, 16).unwrap();
     assert_eq!(parts.len(), 1);
-    proto::decode_msg::<ResponseEnvelope>(parts[0])
-        .unwrap()
-        .resp
+    let (id, body) = proto::decode_response(parts[0]).unwrap();
+    assert_eq!(id, 1);
+    postcard::from_bytes(body).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,21 +1,34 @@
-//! The fault layer: blocked links and random message loss, consulted by the
-//! transport on every send. Off (and free) unless a test turns it on.
+//! The fault layer of the in-process test clusters: blocked links and random
+//! message loss, consulted by the transport on every send, and a
+//! deliberately broken read path for the checker's own tests.
+//!
+//! A test switch: it exists only in builds with the `failpoints` feature
+//! (the test command's). Without it [`Faults`] has no state and no setters,
+//! and every check is a constant `false` the compiler removes, so a release
+//! build carries none of it.
 
 use crate::NodeId;
+#[cfg(feature = "failpoints")]
 use std::collections::HashSet;
+#[cfg(feature = "failpoints")]
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+#[cfg(feature = "failpoints")]
 use std::sync::Mutex;
 
 /// Faults shared by the nodes of a test cluster.
 #[derive(Debug, Default)]
 pub struct Faults {
+    #[cfg(feature = "failpoints")]
     active: AtomicBool,
+    #[cfg(feature = "failpoints")]
     blocked: Mutex<HashSet<(NodeId, NodeId)>>,
     /// Messages dropped per million.
+    #[cfg(feature = "failpoints")]
     drop_ppm: AtomicU32,
     /// The deliberately broken build for checker tests: reads are served by
     /// whichever replica is asked, from its local state, without a read
     /// index. Never set outside tests.
+    #[cfg(feature = "failpoints")]
     unsafe_local_reads: AtomicBool,
 }
 
@@ -25,6 +38,50 @@ impl Faults {
         Faults::default()
     }
 
+    /// Whether reads skip the leader check and the read index.
+    #[inline]
+    pub fn unsafe_local_reads(&self) -> bool {
+        #[cfg(feature = "failpoints")]
+        return self.unsafe_local_reads.load(Ordering::Relaxed);
+        #[cfg(not(feature = "failpoints"))]
+        false
+    }
+
+    /// Whether `from` may not send to `to`.
+    #[inline]
+    pub fn is_blocked(&self, from: NodeId, to: NodeId) -> bool {
+        #[cfg(feature = "failpoints")]
+        return self.active.load(Ordering::Relaxed)
+            && self
+                .blocked
+                .lock()
+                .expect("faults poisoned")
+                .contains(&(from, to));
+        #[cfg(not(feature = "failpoints"))]
+        {
+            let _ = (from, to);
+            false
+        }
+    }
+
+    /// Whether to drop the message being sent.
+    #[inline]
+    pub fn should_drop(&self) -> bool {
+        #[cfg(feature = "failpoints")]
+        {
+            if !self.active.load(Ordering::Relaxed) {
+                return false;
+            }
+            let ppm = self.drop_ppm.load(Ordering::Relaxed);
+            ppm > 0 && rand::random::<u32>() % 1_000_000 < ppm
+        }
+        #[cfg(not(feature = "failpoints"))]
+        false
+    }
+}
+
+#[cfg(feature = "failpoints")]
+impl Faults {
     fn refresh(&self) {
         let any = !self.blocked.lock().expect("faults poisoned").is_empty()
             || self.drop_ppm.load(Ordering::Relaxed) > 0;
@@ -72,29 +129,5 @@ impl Faults {
     /// the linearizability checker can fail).
     pub fn set_unsafe_local_reads(&self, on: bool) {
         self.unsafe_local_reads.store(on, Ordering::Relaxed);
-    }
-
-    /// Whether reads skip the leader check and the read index.
-    pub fn unsafe_local_reads(&self) -> bool {
-        self.unsafe_local_reads.load(Ordering::Relaxed)
-    }
-
-    /// Whether `from` may not send to `to`.
-    pub fn is_blocked(&self, from: NodeId, to: NodeId) -> bool {
-        self.active.load(Ordering::Relaxed)
-            && self
-                .blocked
-                .lock()
-                .expect("faults poisoned")
-                .contains(&(from, to))
-    }
-
-    /// Whether to drop the message being sent.
-    pub fn should_drop(&self) -> bool {
-        if !self.active.load(Ordering::Relaxed) {
-            return false;
-        }
-        let ppm = self.drop_ppm.load(Ordering::Relaxed);
-        ppm > 0 && rand::random::<u32>() % 1_000_000 < ppm
     }
 }

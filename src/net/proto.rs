@@ -3,24 +3,22 @@
 //! ```text
 //! stream  = frame(Hello) frame*            every stream opens with a Hello
 //! Raft stream (one per direction):
-//!   opener → acceptor: batch frames of RequestEnvelope
-//!   acceptor → opener: batch frames of ResponseEnvelope
+//!   opener → acceptor: batch frames of requests  (RequestHead ‖ body)
+//!   acceptor → opener: batch frames of responses (id: u64 ‖ body)
 //! Snapshot stream (one per transfer):
 //!   opener → acceptor: SnapshotFrame::Head, Chunk*, End
-//!   acceptor → opener: one SnapshotReply
-//! batch   = tag 0xB1 | count: u32 BE | (len: u32 BE | postcard message)*
+//!   acceptor → opener: one frame, the reply (body)
+//! batch   = tag 0xB1 | count: u32 BE | (len: u32 BE | message)*
 //! ```
+//!
+//! Heads are postcard; bodies are opaque to the transport (the node's Raft
+//! layer encodes them, [`crate::raft::rpc`]).
 //!
 //! Frames are [`crate::wire`] frames (length checked before allocation).
 //! Decoding a batch checks every length against what is left and the count
 //! against a maximum: a garbage or truncated batch is a [`ProtoError`].
 
-use super::coalesce::Urgency;
-use crate::command::{Command, CommandResponse};
-use crate::raft::{SnapshotMeta, TypeConfig, Vote};
-use crate::{NodeId, ShardDescriptor, ShardId};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
-use openraft::raft::{TransferLeaderRequest, TransferLeaderResponse};
+use crate::{NodeId, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// Connection close codes (application error codes of QUIC `CONNECTION_CLOSE`).
@@ -55,134 +53,16 @@ pub struct Hello {
     pub kind: StreamKind,
 }
 
-/// A Raft request for one shard's group.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum PeerRequest {
-    /// AppendEntries (a heartbeat when it carries no entries).
-    Append(AppendEntriesRequest<TypeConfig>),
-    /// RequestVote.
-    Vote(VoteRequest<TypeConfig>),
-    /// A pre-vote: would the receiver vote for this candidate (no state
-    /// changes on either side)?
-    PreVote(VoteRequest<TypeConfig>),
-    /// The leader hands leadership to a node (openraft's leader transfer).
-    TransferLeader(TransferLeaderRequest<TypeConfig>),
-    /// Propose a command to the receiving node's replica of the shard, which
-    /// must lead it (forwarded proposals: meta-shard updates, admin steps).
-    Propose(Command),
-    /// Create an empty replica of the shard here (a move's target, before it
-    /// is added as a learner); a no-op when it exists.
-    CreateReplica(ShardDescriptor),
-    /// The receiving replica was removed from its group: stop it and delete
-    /// its log, state and data. `after` is the requester's committed
-    /// membership, which no longer lists the receiver; refused while the
-    /// receiver knows a newer membership that does.
-    DropReplica {
-        /// The log id of the requester's membership.
-        after: Option<crate::raft::LogId>,
-    },
-    /// Learn of a node (a node joined the cluster).
-    AddPeer {
-        /// The node.
-        id: NodeId,
-        /// Its QUIC address.
-        addr: std::net::SocketAddr,
-    },
-}
-
-impl PeerRequest {
-    /// How soon it must leave: heartbeats (AppendEntries without entries)
-    /// may wait for company, everything else goes at once.
-    pub fn urgency(&self) -> Urgency {
-        match self {
-            PeerRequest::Append(a) if a.entries.is_empty() => Urgency::Lazy,
-            _ => Urgency::Urgent,
-        }
-    }
-}
-
-/// Why a peer did not answer a request with a Raft response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
-pub enum Refusal {
-    /// The shard has no replica on the receiving node (not created yet, or
-    /// moved away).
-    #[error("shard {0} is not hosted by the receiving node")]
-    UnknownShard(ShardId),
-    /// The receiving group failed (shut down, fatal storage error).
-    #[error("receiving group failed: {0}")]
-    Failed(String),
-    /// A proposal reached a replica that does not lead.
-    #[error("not the leader (hint: {0:?})")]
-    NotLeader(Option<NodeId>),
-    /// A snapshot older than the receiving replica's own descriptor (taken
-    /// before a split or membership change the replica already knows).
-    #[error("stale snapshot of {shard}: epoch {snapshot:?} is older than the replica's {local:?}")]
-    StaleSnapshot {
-        /// The shard.
-        shard: ShardId,
-        /// The snapshot's epoch.
-        snapshot: crate::Epoch,
-        /// The receiving replica's epoch.
-        local: crate::Epoch,
-    },
-    /// A vote, append or snapshot speaking for node `claimed` arrived over
-    /// the connection of node `sender` (each node's certificate names it):
-    /// nothing was handed to the group.
-    #[error("{shard}: a message speaking for {claimed} came from {sender}")]
-    NotTheSender {
-        /// The shard.
-        shard: ShardId,
-        /// The node the message's vote names.
-        claimed: NodeId,
-        /// The node whose connection carried it.
-        sender: NodeId,
-    },
-    /// The replica was removed from the receiving node at a newer
-    /// configuration than the request's.
-    #[error("{shard} was removed from the receiving node at conf_ver {conf_ver}")]
-    Tombstoned {
-        /// The shard.
-        shard: ShardId,
-        /// The configuration version of the removal.
-        conf_ver: u64,
-    },
-}
-
-/// The answer to one [`PeerRequest`].
-#[derive(Debug, Serialize, Deserialize)]
-pub enum PeerResponse {
-    /// AppendEntries answered.
-    Append(AppendEntriesResponse<TypeConfig>),
-    /// RequestVote or a pre-vote answered.
-    Vote(VoteResponse<TypeConfig>),
-    /// A leader transfer acknowledged.
-    TransferLeader(TransferLeaderResponse<TypeConfig>),
-    /// A [`PeerRequest::Propose`] was committed and applied.
-    Proposed(CommandResponse),
-    /// An admin request was carried out.
-    Done,
-    /// Not answered by Raft.
-    Refused(Refusal),
-}
-
-/// A request on the Raft stream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RequestEnvelope {
+/// The head of a request on the Raft stream; the request's body (opaque
+/// to the transport) follows it in the same batch message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestHead {
     /// Matches the response to the request (unique per stream).
     pub id: u64,
     /// The shard whose group the request is for.
     pub shard: ShardId,
-    /// The request.
-    pub req: PeerRequest,
-}
-
-/// A response on the Raft stream.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct ResponseEnvelope {
-    /// The request's id.
-    pub id: u64,
-    /// The answer.
-    pub resp: PeerResponse,
+    /// Whether it (and so its reply) must leave at once.
+    pub urgent: bool,
 }
 
 /// Frames of a snapshot stream, opener to acceptor.
@@ -192,10 +72,9 @@ pub enum SnapshotFrame {
     Head {
         /// The shard.
         shard: ShardId,
-        /// The sending leader's vote.
-        vote: Vote,
-        /// The snapshot's metadata.
-        meta: SnapshotMeta,
+        /// What the receiving node needs besides the file (opaque to the
+        /// transport: the sender's vote and the snapshot's metadata).
+        head: Vec<u8>,
     },
     /// Bytes of the snapshot file, in order.
     Chunk(Vec<u8>),
@@ -204,18 +83,6 @@ pub enum SnapshotFrame {
         /// Total bytes sent in chunks.
         bytes: u64,
     },
-}
-
-/// The acceptor's answer to a snapshot stream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub enum SnapshotReply {
-    /// Installed (or refused by Raft with a higher vote, which `vote` shows).
-    Done {
-        /// The receiver's vote after the install.
-        vote: Vote,
-    },
-    /// Not installed.
-    Refused(Refusal),
 }
 
 /// A malformed batch.
@@ -319,6 +186,36 @@ pub fn decode_msg<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ProtoEr
     Ok(v)
 }
 
+/// One request message: its head, then its body.
+pub fn encode_request(head: &RequestHead, body: &[u8]) -> Vec<u8> {
+    let mut out = postcard::to_stdvec(head).expect("postcard encodes a request head");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits one request message into its head and body.
+///
+/// # Errors
+/// [`ProtoError::Decode`] when the head is not valid.
+pub fn decode_request(b: &[u8]) -> Result<(RequestHead, &[u8]), ProtoError> {
+    postcard::take_from_bytes(b).map_err(|e| ProtoError::Decode(e.to_string()))
+}
+
+/// One response message: the request's id, then the body.
+pub fn encode_response(id: u64, body: &[u8]) -> Vec<u8> {
+    let mut out = postcard::to_stdvec(&id).expect("postcard encodes an id");
+    out.extend_from_slice(body);
+    out
+}
+
+/// Splits one response message into the request's id and the body.
+///
+/// # Errors
+/// [`ProtoError::Decode`] when the id is not valid.
+pub fn decode_response(b: &[u8]) -> Result<(u64, &[u8]), ProtoError> {
+    postcard::take_from_bytes(b).map_err(|e| ProtoError::Decode(e.to_string()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,10 +235,24 @@ mod tests {
         fn garbage_batches_are_errors_not_panics(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
             if let Ok(parts) = decode_batch(&bytes, 16) {
                 for p in parts {
-                    let _ = decode_msg::<RequestEnvelope>(p);
+                    let _ = decode_request(p);
+                    let _ = decode_response(p);
                 }
             }
         }
+    }
+
+    #[test]
+    fn envelopes_round_trip() {
+        let head = RequestHead {
+            id: 7,
+            shard: ShardId(3),
+            urgent: true,
+        };
+        let m = encode_request(&head, b"body");
+        assert_eq!(decode_request(&m).unwrap(), (head, &b"body"[..]));
+        let r = encode_response(u64::MAX, b"");
+        assert_eq!(decode_response(&r).unwrap(), (u64::MAX, &b""[..]));
     }
 
     #[test]

@@ -5,10 +5,11 @@
 //! Every step is idempotent and re-checks the group's state first, so an
 //! interrupted operation run again continues from where the cluster is.
 
-use super::{leadership, meta, Node, Registry};
+use super::{leadership, Node, Registry};
 use crate::command::{Command, CommandResponse};
-use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
-use crate::net::{CallError, PeerAddr};
+use crate::meta;
+use crate::net::PeerAddr;
+use crate::raft::rpc::{self, CallError, PeerRequest, PeerResponse, Refusal, SnapshotHead};
 use crate::raft::TypeConfig;
 use crate::{NodeId, ShardDescriptor, ShardId};
 use openraft::async_runtime::watch::WatchReceiver as _;
@@ -213,15 +214,14 @@ impl Node {
                     .await
                     .map_err(|r| refusal_error(shard, r))
             } else {
-                match self
-                    .transport
-                    .call(
-                        target,
-                        shard,
-                        PeerRequest::Propose(cmd.clone()),
-                        left.min(Duration::from_secs(5)),
-                    )
-                    .await
+                match rpc::call(
+                    &self.transport,
+                    target,
+                    shard,
+                    &PeerRequest::Propose(cmd.clone()),
+                    left.min(Duration::from_secs(5)),
+                )
+                .await
                 {
                     Ok(PeerResponse::Proposed(r)) => Ok(r),
                     Ok(other) => Err(AdminError::Unavailable {
@@ -436,15 +436,14 @@ impl Node {
                 .engine
                 .descriptor(shard)
                 .map_err(|_| AdminError::UnknownShard { shard })?;
-            match self
-                .transport
-                .call(
-                    to,
-                    shard,
-                    PeerRequest::CreateReplica(d),
-                    Duration::from_secs(10),
-                )
-                .await
+            match rpc::call(
+                &self.transport,
+                to,
+                shard,
+                &PeerRequest::CreateReplica(d),
+                Duration::from_secs(10),
+            )
+            .await
             {
                 Ok(PeerResponse::Done) => {}
                 Ok(other) => {
@@ -558,14 +557,14 @@ impl Node {
         node: NodeId,
     ) -> Result<PeerResponse, CallError> {
         let after = *raft.metrics().borrow_watched().membership_config.log_id();
-        self.transport
-            .call(
-                node,
-                shard,
-                PeerRequest::DropReplica { after },
-                Duration::from_secs(10),
-            )
-            .await
+        rpc::call(
+            &self.transport,
+            node,
+            shard,
+            &PeerRequest::DropReplica { after },
+            Duration::from_secs(10),
+        )
+        .await
     }
 
     /// Streams this leader's current snapshot of `shard` (built first if
@@ -633,17 +632,20 @@ impl Node {
                 .map_err(|e| raft_error(shard, e))?;
         };
         let vote = raft.metrics().borrow_watched().vote;
-        self.transport
-            .send_snapshot(
-                to,
-                shard,
-                vote,
-                snapshot.meta.clone(),
-                &snapshot.snapshot,
-                timeout,
-            )
-            .await
-            .map_err(|e| call_error(shard, e))?;
+        let head = SnapshotHead {
+            vote,
+            meta: snapshot.meta.clone(),
+        };
+        rpc::send_snapshot(
+            &self.transport,
+            to,
+            shard,
+            &head,
+            &snapshot.snapshot,
+            timeout,
+        )
+        .await
+        .map_err(|e| call_error(shard, e))?;
         Ok(())
     }
 
@@ -786,18 +788,17 @@ impl Node {
             if peer == p.id {
                 continue;
             }
-            let _ = self
-                .transport
-                .call(
-                    peer,
-                    meta::META_SHARD,
-                    PeerRequest::AddPeer {
-                        id: p.id,
-                        addr: p.addr,
-                    },
-                    Duration::from_secs(5),
-                )
-                .await;
+            let _ = rpc::call(
+                &self.transport,
+                peer,
+                meta::META_SHARD,
+                &PeerRequest::AddPeer {
+                    id: p.id,
+                    addr: p.addr,
+                },
+                Duration::from_secs(5),
+            )
+            .await;
         }
         let mut all = self.transport.peers();
         all.push(PeerAddr {

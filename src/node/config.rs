@@ -358,7 +358,7 @@ impl NodeConfig {
         }
         self.transport
             .validate()
-            .map_err(|(f, reason)| invalid(format!("transport.{f}"), reason))?;
+            .map_err(|e| invalid(format!("transport.{}", e.field), e.reason))?;
         if self.transport.heartbeat_linger_ms * 4 > r.heartbeat_interval_ms {
             return Err(invalid(
                 "transport.heartbeat_linger_ms",

@@ -8,7 +8,7 @@
 
 mod admin;
 mod config;
-pub mod meta;
+
 mod peers_file;
 mod replica_gc;
 mod serve_client;
@@ -18,11 +18,15 @@ pub use config::{
     ApiConfig, Bootstrap, ConfigError, NodeConfig, RaftTimings, ReplicaGcConfig, SplitConfig,
 };
 
+use crate::meta;
 use crate::metrics::{MetricsSnapshot, NetMetrics};
-use crate::net::proto::{PeerRequest, PeerResponse, Refusal};
-use crate::net::{Faults, NetworkFactory, PeerAddr, Transport, TransportError, Wiring};
-use crate::raft::{SnapshotMeta, Vote};
-use crate::storage::snapshot::SnapshotData;
+use crate::net::{
+    Answer, ClientConn, Expedite, Expediter, Faults, Inbound, PeerAddr, Transport, TransportError,
+    Wiring,
+};
+use crate::raft::network::NetworkFactory;
+use crate::raft::rpc::{self, PeerRequest, PeerResponse, Refusal, SnapshotHead, SnapshotReply};
+use crate::raft::{SnapshotData, SnapshotMeta, Vote};
 use crate::storage::{Engine, StoreError};
 use crate::tls::{TlsError, TlsIdentity};
 use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
@@ -36,7 +40,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// One shard replica's Raft group.
-pub type ShardRaft = crate::raft::Raft;
+pub type ShardRaft = openraft::Raft<crate::raft::TypeConfig, crate::storage::StateMachine>;
 
 /// What can stop a node from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -78,25 +82,17 @@ pub struct Registry {
     me: NodeId,
     engine: Engine,
     groups: DashMap<ShardId, ShardRaft>,
-    /// Read barriers in progress: while any is, heartbeats skip the linger.
-    expedite: std::sync::atomic::AtomicUsize,
-    /// The fault layer (its broken-read switch is consulted on reads).
+    /// Client requests waiting on groups: while any is, heartbeats skip the
+    /// linger (shared with the transport).
+    expediter: Arc<Expediter>,
+    /// The fault layer (its broken-read switch is consulted on reads, in
+    /// builds with the `failpoints` feature).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
     faults: Arc<Faults>,
-    /// Wakes every coalescing queue to send what lingers (see `expedite`).
-    flush: tokio::sync::Notify,
     /// The node, for requests that need more than the groups.
     node: std::sync::OnceLock<std::sync::Weak<Node>>,
     /// Most key and value bytes in one response (`api.response_bytes_max`).
     response_bytes_max: usize,
-}
-
-/// Held while a read barrier waits; see [`Registry::expedited`].
-pub(crate) struct Expedite<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for Expedite<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
-    }
 }
 
 impl Registry {
@@ -105,9 +101,8 @@ impl Registry {
             me,
             engine,
             groups: DashMap::new(),
-            expedite: std::sync::atomic::AtomicUsize::new(0),
+            expediter: Arc::new(Expediter::default()),
             faults,
-            flush: tokio::sync::Notify::new(),
             node: std::sync::OnceLock::new(),
             response_bytes_max,
         }
@@ -118,21 +113,7 @@ impl Registry {
     /// behind its group's lingering heartbeat), and what already lingers is
     /// sent now.
     pub(crate) fn expedite(&self) -> Expedite<'_> {
-        self.expedite
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        self.flush.notify_waiters();
-        Expedite(&self.expedite)
-    }
-
-    /// What coalescing queues listen to for an immediate flush.
-    pub fn flush_signal(&self) -> &tokio::sync::Notify {
-        &self.flush
-    }
-
-    /// Whether a client request is waiting (so heartbeats should leave at
-    /// once).
-    pub fn expedited(&self) -> bool {
-        self.expedite.load(std::sync::atomic::Ordering::Acquire) > 0
+        self.expediter.expedite()
     }
 
     /// Hosted data shards (the meta shard excluded), in id order.
@@ -168,9 +149,16 @@ impl Registry {
         )
     }
 
-    /// Serves a client connection (client ALPN) until it closes.
-    pub(crate) async fn serve_client(self: Arc<Self>, conn: quinn::Connection) {
-        serve_client::serve_connection(self, conn).await;
+    /// Serves the client connections the transport hands over, each until
+    /// it closes (holding its permit).
+    async fn serve_clients(self: Arc<Self>, mut conns: tokio::sync::mpsc::Receiver<ClientConn>) {
+        while let Some(ClientConn { conn, permit }) = conns.recv().await {
+            let registry = self.clone();
+            tokio::spawn(async move {
+                serve_client::serve_connection(registry, conn).await;
+                drop(permit);
+            });
+        }
     }
 
     /// Hands one Raft request from node `from` to its group. A vote or an
@@ -302,6 +290,50 @@ impl Registry {
             }
         }
         Ok(installed)
+    }
+}
+
+/// The node's side of the transport: decodes inbound bodies as Raft
+/// messages ([`rpc`]) and hands them to the registry.
+struct NodeInbound(Arc<Registry>);
+
+impl Inbound for NodeInbound {
+    fn request(&self, from: NodeId, shard: ShardId, body: Vec<u8>) -> Answer {
+        let registry = self.0.clone();
+        Box::pin(async move {
+            let resp = match postcard::from_bytes::<PeerRequest>(&body) {
+                Ok(req) => {
+                    drop(body);
+                    registry.handle_request(from, shard, req).await
+                }
+                Err(e) => {
+                    PeerResponse::Refused(Refusal::Failed(format!("undecodable request: {e}")))
+                }
+            };
+            rpc::encode_response(&resp)
+        })
+    }
+
+    fn snapshot_folder(&self, shard: ShardId) -> Result<PathBuf, Vec<u8>> {
+        self.0.snapshot_dir(shard).ok_or_else(|| {
+            rpc::encode_snapshot_reply(&SnapshotReply::Refused(Refusal::UnknownShard(shard)))
+        })
+    }
+
+    fn snapshot(&self, from: NodeId, shard: ShardId, head: Vec<u8>, file: PathBuf) -> Answer {
+        let registry = self.0.clone();
+        Box::pin(async move {
+            let reply = match postcard::from_bytes::<SnapshotHead>(&head) {
+                Ok(SnapshotHead { vote, meta }) => registry
+                    .install_snapshot(from, shard, vote, meta, SnapshotData::from_file(file))
+                    .await
+                    .map_or_else(SnapshotReply::Refused, |vote| SnapshotReply::Done { vote }),
+                Err(e) => SnapshotReply::Refused(Refusal::Failed(format!(
+                    "undecodable snapshot head: {e}"
+                ))),
+            };
+            rpc::encode_snapshot_reply(&reply)
+        })
     }
 }
 
@@ -447,10 +479,10 @@ impl Node {
         engine.set_node_id(id);
         // Peers learned at run time (joined nodes) join the configured ones.
         let mut config = config;
-        for p in peers_file::load(&config.data_dir).map_err(|reason| {
+        for p in peers_file::load(&config.data_dir).map_err(|e| {
             NodeError::Config(ConfigError::Invalid {
                 field: "peers.toml".into(),
-                reason,
+                reason: e.to_string(),
             })
         })? {
             if p.id != id && !config.peers.iter().any(|c| c.id == p.id) {
@@ -464,6 +496,7 @@ impl Node {
             config.api.response_bytes_max,
         ));
         let net_metrics = Arc::new(NetMetrics::default());
+        let (clients, client_conns) = tokio::sync::mpsc::channel(64);
         let transport = Transport::start(
             id,
             config.listen_addr,
@@ -471,11 +504,14 @@ impl Node {
             identity,
             config.transport.clone(),
             Wiring {
-                registry: registry.clone(),
+                inbound: Arc::new(NodeInbound(registry.clone())),
+                expediter: registry.expediter.clone(),
+                clients,
                 metrics: net_metrics.clone(),
                 faults,
             },
         )?;
+        let client_task = tokio::spawn(registry.clone().serve_clients(client_conns));
         let node = Node {
             id,
             config,
@@ -487,7 +523,7 @@ impl Node {
             metrics_addr: std::sync::OnceLock::new(),
             metrics_task: std::sync::Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(()),
-            tasks: std::sync::Mutex::new(Vec::new()),
+            tasks: std::sync::Mutex::new(vec![client_task]),
             gc_counters: Default::default(),
             gc_wake: Arc::new(tokio::sync::Notify::new()),
         };

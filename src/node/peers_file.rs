@@ -3,7 +3,29 @@
 
 use crate::net::PeerAddr;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// `peers.toml` could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum PeersFileError {
+    /// Reading, writing or syncing failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not a valid peer list.
+    #[error("{path}: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
 
 const FILE: &str = "peers.toml";
 
@@ -17,14 +39,17 @@ struct PeersFile {
 ///
 /// # Errors
 /// An unreadable or invalid file, with its path.
-pub fn load(data_dir: &Path) -> Result<Vec<PeerAddr>, String> {
+pub fn load(data_dir: &Path) -> Result<Vec<PeerAddr>, PeersFileError> {
     let path = data_dir.join(FILE);
     match std::fs::read_to_string(&path) {
         Ok(text) => toml::from_str::<PeersFile>(&text)
             .map(|f| f.peers)
-            .map_err(|e| format!("{}: {e}", path.display())),
+            .map_err(|e| PeersFileError::Invalid {
+                path,
+                reason: e.to_string(),
+            }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
+        Err(source) => Err(PeersFileError::Io { path, source }),
     }
 }
 
@@ -32,13 +57,16 @@ pub fn load(data_dir: &Path) -> Result<Vec<PeerAddr>, String> {
 ///
 /// # Errors
 /// The I/O error, with its path.
-pub fn save(data_dir: &Path, peers: &[PeerAddr]) -> Result<(), String> {
+pub fn save(data_dir: &Path, peers: &[PeerAddr]) -> Result<(), PeersFileError> {
     let path = data_dir.join(FILE);
     let tmp = data_dir.join(format!("{FILE}.tmp"));
     let text = toml::to_string(&PeersFile {
         peers: peers.to_vec(),
     })
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| PeersFileError::Invalid {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     let write = || -> std::io::Result<()> {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp)?;
@@ -47,5 +75,5 @@ pub fn save(data_dir: &Path, peers: &[PeerAddr]) -> Result<(), String> {
         std::fs::rename(&tmp, &path)?;
         std::fs::File::open(data_dir)?.sync_all()
     };
-    write().map_err(|e| format!("{}: {e}", path.display()))
+    write().map_err(|source| PeersFileError::Io { path, source })
 }

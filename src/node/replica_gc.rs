@@ -80,7 +80,7 @@ pub(crate) fn plan(
         }
     }
     for (id, m) in &table {
-        if *id == super::meta::META_SHARD
+        if *id == crate::meta::META_SHARD
             || !m.replicas.contains(&me)
             || hosted.iter().any(|h| h.descriptor.id == *id)
         {

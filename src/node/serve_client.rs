@@ -87,7 +87,7 @@ pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Conne
             // does not fit a frame is answered with an error, never dropped.
             let frame = wire::encode_frame(&resp, FRAME_BYTES_MAX).or_else(|e| {
                 let refusal =
-                    Response::Error(ApiError::Invalid(format!("the answer is too large: {e}")));
+                    Response::Error(ApiError::Internal(format!("the answer is too large: {e}")));
                 wire::encode_frame(&refusal, FRAME_BYTES_MAX)
             });
             if let Ok(frame) = frame {
@@ -107,7 +107,7 @@ impl Registry {
 
     fn node_or_stopping(&self) -> Result<std::sync::Arc<super::Node>, ApiError> {
         self.node()
-            .ok_or_else(|| ApiError::Invalid("the node is stopping".into()))
+            .ok_or_else(|| ApiError::Internal("the node is stopping".into()))
     }
 
     /// Looks up the group, checks the epoch and that this replica leads.
@@ -206,12 +206,13 @@ impl Registry {
         self.engine
             .get_many(keys, self.response_bytes_max)
             .map(Response::Values)
-            .map_err(|e| ApiError::Invalid(e.to_string()))
+            .map_err(|e| ApiError::Internal(e.to_string()))
     }
 
     async fn serve_inner(&self, req: Request) -> Result<Response, ApiError> {
-        let internal = |e: crate::storage::StoreError| ApiError::Invalid(e.to_string());
+        let internal = |e: crate::storage::StoreError| ApiError::Internal(e.to_string());
         match req {
+            #[cfg(feature = "failpoints")]
             Request::Get { shard, epoch, keys } if self.faults.unsafe_local_reads() => {
                 // The deliberately broken build (tests only): any replica
                 // answers from its local state, no leader check, no read
@@ -279,7 +280,7 @@ impl Registry {
                             shard,
                             reason: "the client acknowledged later writes; not applied".into(),
                         }),
-                        other => Err(ApiError::Invalid(format!("write applied as {other:?}"))),
+                        other => Err(ApiError::Internal(format!("write applied as {other:?}"))),
                     },
                     Err(e) => Err(write_error(shard, e)),
                 }
@@ -301,7 +302,7 @@ impl Registry {
                 };
                 // Never past the user key space (the meta shard's records
                 // sort above it).
-                let system = super::meta::system_prefix();
+                let system = crate::meta::system_prefix();
                 let to = if to.is_empty() || to > system {
                     system
                 } else {

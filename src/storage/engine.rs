@@ -939,7 +939,7 @@ pub(crate) fn user_range(range: &KeyRange) -> KeyRange {
 /// above every valid user key).
 pub(crate) fn range_end(range: &KeyRange) -> Vec<u8> {
     if range.is_unbounded() {
-        vec![0xff; crate::limits::KEY_BYTES_MAX + 1]
+        crate::limits::user_keys_end()
     } else {
         range.end.clone()
     }

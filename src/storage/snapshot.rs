@@ -62,28 +62,7 @@ pub enum Frame {
     Sessions(Vec<(ClientId, Session)>),
 }
 
-/// openraft's `SnapshotData` for Tessera: a complete snapshot file on disk.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SnapshotData {
-    path: PathBuf,
-}
-
-impl SnapshotData {
-    /// Refers to a snapshot file (checked when read).
-    pub fn from_file(path: impl Into<PathBuf>) -> Self {
-        SnapshotData { path: path.into() }
-    }
-
-    /// The file.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Opens the file for reading, checking its magic and header.
-    pub fn reader(&self) -> Result<SnapshotReader, StoreError> {
-        SnapshotReader::open(&self.path)
-    }
-}
+pub use crate::raft::SnapshotData;
 
 /// Writes a snapshot file: header first, chunks, then [`Self::finish`].
 pub struct SnapshotWriter {
@@ -162,7 +141,7 @@ impl SnapshotWriter {
         if let Some(dir) = path.parent() {
             sync_dir(dir)?;
         }
-        Ok(SnapshotData { path })
+        Ok(SnapshotData::from_file(path))
     }
 
     fn write_frame(&mut self, frame: &Frame) -> Result<(), StoreError> {

@@ -11,7 +11,7 @@ use super::log_store::to_io;
 use super::snapshot::{Pair, SnapshotData, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::writer::Cf;
 use crate::command::{Command, CommandResponse, Op, OpResult};
-use crate::node::meta;
+use crate::meta;
 use crate::raft::{
     Entry, EntryPayload, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
 };

@@ -1,15 +1,20 @@
-//! The openraft type configuration shared by every shard's Raft group.
+//! The Raft layer: openraft's type configuration shared by every shard's
+//! group (a leaf: it imports no storage, transport or node code), the
+//! messages between nodes ([`rpc`]) and openraft's network on top of the
+//! transport ([`network`]).
 //!
 //! openraft is pinned at `=0.10.0-alpha.37`: its core submits log I/O without
 //! waiting for the flush, batches client writes, and has pre-vote and leader
 //! transfer (see `docs/DESIGN-NOTES.md`).
 
+pub mod network;
+pub mod rpc;
+
 use crate::command::{Command, CommandResponse};
-use crate::storage::snapshot::SnapshotData;
-use crate::storage::StateMachine;
 use crate::NodeId;
 use openraft::type_config::alias;
 use openraft::vote::RaftLeaderId;
+use std::path::{Path, PathBuf};
 
 openraft::declare_raft_types!(
     /// Tessera's Raft types: commands in, command responses out.
@@ -21,8 +26,6 @@ openraft::declare_raft_types!(
         AsyncRuntime = openraft::TokioRuntime,
 );
 
-/// One shard replica's Raft handle.
-pub type Raft = openraft::Raft<TypeConfig, StateMachine>;
 /// A log id in Tessera's types.
 pub type LogId = alias::LogIdOf<TypeConfig>;
 /// The leader id a log id carries.
@@ -43,6 +46,25 @@ pub type SnapshotMeta = alias::SnapshotMetaOf<TypeConfig>;
 pub type Snapshot = alias::SnapshotOf<TypeConfig, SnapshotData>;
 /// A group's metrics.
 pub type RaftMetrics = openraft::RaftMetrics<TypeConfig>;
+
+/// openraft's `SnapshotData` for Tessera: a complete snapshot file on disk
+/// (written and read by [`crate::storage::snapshot`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotData {
+    path: PathBuf,
+}
+
+impl SnapshotData {
+    /// Refers to a snapshot file (checked when read).
+    pub fn from_file(path: impl Into<PathBuf>) -> Self {
+        SnapshotData { path: path.into() }
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
 
 /// The log id of `index` written by the leader of `term` on `node`.
 pub fn log_id(term: u64, node: NodeId, index: u64) -> LogId {

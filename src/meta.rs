@@ -9,7 +9,6 @@
 //! descriptor. Being an ordinary shard, it is replicated, snapshotted and
 //! restarted like every other.
 
-use crate::limits::KEY_BYTES_MAX;
 use crate::{KeyRange, NodeId, ShardDescriptor, ShardId};
 
 /// The meta shard's id.
@@ -17,7 +16,7 @@ pub const META_SHARD: ShardId = ShardId(0);
 
 /// The first key above every valid user key.
 pub fn system_prefix() -> Vec<u8> {
-    vec![0xff; KEY_BYTES_MAX + 1]
+    crate::limits::user_keys_end()
 }
 
 /// The meta shard's key range: the route records.
@@ -77,7 +76,7 @@ mod tests {
 
     #[test]
     fn route_records_sort_above_every_user_key_and_inside_the_meta_range() {
-        let biggest_user_key = vec![0xffu8; KEY_BYTES_MAX];
+        let biggest_user_key = vec![0xffu8; crate::limits::KEY_BYTES_MAX];
         let r = meta_range();
         for id in [0u64, 1, 77, u64::MAX - 1] {
             let k = route_key(ShardId(id));

@@ -5,11 +5,10 @@
 //! `Timeout`. An AppendEntries too large for one frame is cut to fit and
 //! answered with `PartialSuccess` for what was sent.
 
-use super::proto::{PeerRequest, PeerResponse, Refusal};
-use super::transport::{CallError, Transport};
+use super::rpc::{self, CallError, PeerRequest, PeerResponse, Refusal, SnapshotHead};
 use crate::command::Command;
-use crate::raft::{Entry, EntryPayload, Snapshot, TypeConfig, Vote};
-use crate::storage::snapshot::SnapshotData;
+use crate::net::Transport;
+use crate::raft::{Entry, EntryPayload, Snapshot, SnapshotData, TypeConfig, Vote};
 use crate::{NodeId, ShardId};
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Unreachable};
 use openraft::network::{RPCOption, RaftNetworkFactory, RaftNetworkV2};
@@ -77,8 +76,7 @@ fn rpc_error(e: CallError, action: openraft::RPCTypes, me: NodeId) -> RPCError<T
             refusal: Refusal::Failed(_),
             ..
         }
-        | CallError::Stream { .. }
-        | CallError::Cancelled => RPCError::Network(NetworkError::new(&io_err(&e))),
+        | CallError::Stream { .. } => RPCError::Network(NetworkError::new(&io_err(&e))),
         CallError::Unreachable { .. } | CallError::Refused { .. } => {
             RPCError::Unreachable(Unreachable::new(&io_err(&e)))
         }
@@ -132,11 +130,15 @@ impl PeerClient {
         option: RPCOption,
     ) -> Result<VoteResponse<TypeConfig>, RPCError<TypeConfig>> {
         let me = self.transport.node_id();
-        let resp = self
-            .transport
-            .call(self.target, self.shard, req, option.hard_ttl())
-            .await
-            .map_err(|e| rpc_error(e, action, me))?;
+        let resp = rpc::call(
+            &self.transport,
+            self.target,
+            self.shard,
+            &req,
+            option.hard_ttl(),
+        )
+        .await
+        .map_err(|e| rpc_error(e, action, me))?;
         match resp {
             PeerResponse::Vote(r) => Ok(r),
             other => Err(unexpected_answer("Vote", other)),
@@ -160,16 +162,15 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             None
         };
         let me = self.transport.node_id();
-        let resp = self
-            .transport
-            .call(
-                self.target,
-                self.shard,
-                PeerRequest::Append(rpc),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(|e| rpc_error(e, openraft::RPCTypes::AppendEntries, me))?;
+        let resp = rpc::call(
+            &self.transport,
+            self.target,
+            self.shard,
+            &PeerRequest::Append(rpc),
+            option.hard_ttl(),
+        )
+        .await
+        .map_err(|e| rpc_error(e, openraft::RPCTypes::AppendEntries, me))?;
         match resp {
             PeerResponse::Append(AppendEntriesResponse::Success) if cut.is_some() => {
                 Ok(AppendEntriesResponse::PartialSuccess(cut))
@@ -203,16 +204,15 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         option: RPCOption,
     ) -> Result<TransferLeaderResponse<TypeConfig>, RPCError<TypeConfig>> {
         let me = self.transport.node_id();
-        let resp = self
-            .transport
-            .call(
-                self.target,
-                self.shard,
-                PeerRequest::TransferLeader(req),
-                option.hard_ttl(),
-            )
-            .await
-            .map_err(|e| rpc_error(e, openraft::RPCTypes::TransferLeader, me))?;
+        let resp = rpc::call(
+            &self.transport,
+            self.target,
+            self.shard,
+            &PeerRequest::TransferLeader(req),
+            option.hard_ttl(),
+        )
+        .await
+        .map_err(|e| rpc_error(e, openraft::RPCTypes::TransferLeader, me))?;
         match resp {
             PeerResponse::TransferLeader(r) => Ok(r),
             other => Err(unexpected_answer("TransferLeader", other)),
@@ -229,11 +229,15 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         // A snapshot may take far longer than one heartbeat: allow at least
         // a minute, more for a long hard TTL.
         let deadline = option.hard_ttl().max(Duration::from_secs(60));
-        let send = self.transport.send_snapshot(
+        let head = SnapshotHead {
+            vote,
+            meta: snapshot.meta.clone(),
+        };
+        let send = rpc::send_snapshot(
+            &self.transport,
             self.target,
             self.shard,
-            vote,
-            snapshot.meta.clone(),
+            &head,
             &snapshot.snapshot,
             deadline,
         );
