@@ -1,5 +1,8 @@
 //! The node-wide storage handle.
 
+mod digests;
+mod splits;
+
 use super::config::StorageConfig;
 use super::error::StoreError;
 use super::keys::{self, MetaTag, StateTag, ALL_CFS};
@@ -650,88 +653,6 @@ impl Engine {
         self.inner.snapshot_dir.join(shard.0.to_string())
     }
 
-    /// Records a shard created by an applied split (its state is durable
-    /// in the same batch as the split) for the node to start.
-    pub(crate) fn note_created(&self, shard: ShardId) {
-        self.inner
-            .created
-            .lock()
-            .expect("created poisoned")
-            .push(shard);
-        self.inner.created_signal.notify_one();
-    }
-
-    /// Counts user bytes applied to `shard`.
-    pub(crate) fn note_written(&self, shard: ShardId, bytes: u64) {
-        *self
-            .inner
-            .written
-            .lock()
-            .expect("written poisoned")
-            .entry(shard)
-            .or_default() += bytes;
-    }
-
-    /// User bytes applied to `shard` since the engine opened.
-    pub fn written(&self, shard: ShardId) -> u64 {
-        self.inner
-            .written
-            .lock()
-            .expect("written poisoned")
-            .get(&shard)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// The range's exact size (data files and memtables both counted) and,
-    /// when it is at least `max` bytes, the key at which half of it lies.
-    /// Reads the whole range once.
-    pub fn split_point(
-        &self,
-        range: &crate::KeyRange,
-        max: u64,
-    ) -> Result<(u64, Option<Vec<u8>>), StoreError> {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(range_end(range));
-        ro.fill_cache(false);
-        let mut it = self.inner.db().raw_iterator_cf_opt(self.cf(Cf::Data), ro);
-        it.seek(&range.start);
-        let mut sizes: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut total = 0u64;
-        let mut step = 0u64;
-        while it.valid() {
-            let (k, v) = (it.key().expect("valid"), it.value().expect("valid"));
-            total += (k.len() + v.len()) as u64;
-            // A sample every ~1/1024 of the limit keeps memory small.
-            if total >= step {
-                sizes.push((total, k.to_vec()));
-                step = total + (max / 1024).max(1);
-            }
-            it.next();
-        }
-        it.status()
-            .map_err(|e| StoreError::rocks("split scan", e))?;
-        if total < max {
-            return Ok((total, None));
-        }
-        let half = total / 2;
-        let key = sizes
-            .iter()
-            .find(|(t, k)| *t >= half && k.as_slice() > range.start.as_slice())
-            .map(|(_, k)| k.clone());
-        Ok((total, key))
-    }
-
-    /// Shards created by splits since the last call.
-    pub fn take_created(&self) -> Vec<ShardId> {
-        std::mem::take(&mut *self.inner.created.lock().expect("created poisoned"))
-    }
-
-    /// Notified after [`Engine::note_created`].
-    pub fn created_signal(&self) -> Arc<tokio::sync::Notify> {
-        self.inner.created_signal.clone()
-    }
-
     pub(crate) fn next_snapshot_seq(&self) -> u64 {
         self.inner.snapshot_seq.fetch_add(1, Ordering::AcqRel)
     }
@@ -805,87 +726,6 @@ impl Engine {
             Ok(Some(v)) => decode(&v, what).map(Some),
             Ok(None) => Ok(None),
             Err(e) => Err(StoreError::rocks("get", e)),
-        }
-    }
-
-    /// Starts the digest of `shard` at log index `index`: called by its
-    /// state machine right after writing the batch that ends with the digest
-    /// entry, it returns once a RocksDB snapshot of that state is taken and
-    /// hashes `range` and the shard's sessions in the background.
-    pub(crate) fn start_digest(&self, shard: ShardId, index: u64, range: KeyRange) {
-        self.set_digest(shard, index, DigestStatus::Computing);
-        let (taken_tx, taken_rx) = std::sync::mpsc::sync_channel::<()>(1);
-        let engine = self.clone();
-        let spawned = std::thread::Builder::new()
-            .name("tessera-digest".into())
-            .spawn(move || {
-                let db = engine.db().clone();
-                let snap = db.snapshot();
-                let _ = taken_tx.send(());
-                let status = match engine.digest_of(&snap, shard, &range) {
-                    Ok(d) => DigestStatus::Done(d),
-                    Err(e) => DigestStatus::Failed(e.to_string()),
-                };
-                engine.set_digest(shard, index, status);
-            });
-        match spawned {
-            // The thread signals right after taking the snapshot (or dies
-            // trying, which closes the channel).
-            Ok(_) => {
-                let _ = taken_rx.recv();
-            }
-            Err(e) => self.set_digest(shard, index, DigestStatus::Failed(e.to_string())),
-        }
-    }
-
-    fn digest_of(
-        &self,
-        snap: &rocksdb::SnapshotWithThreadMode<'_, DB>,
-        shard: ShardId,
-        range: &KeyRange,
-    ) -> Result<crate::digest::ShardDigest, StoreError> {
-        let mut d = crate::digest::Digester::default();
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(range_end(range));
-        ro.fill_cache(false);
-        let mut it = snap.raw_iterator_cf_opt(self.cf(Cf::Data), ro);
-        it.seek(&range.start);
-        while it.valid() {
-            d.pair(it.key().expect("valid"), it.value().expect("valid"));
-            it.next();
-        }
-        it.status().map_err(|e| StoreError::rocks("digest", e))?;
-        let meta = self.cf(Cf::ShardMeta);
-        let mut it =
-            super::state_machine::session_iter(|ro| snap.raw_iterator_cf_opt(meta, ro), shard);
-        while it.valid() {
-            d.session(it.key().expect("valid"), it.value().expect("valid"));
-            it.next();
-        }
-        it.status().map_err(|e| StoreError::rocks("digest", e))?;
-        Ok(d.finish())
-    }
-
-    fn set_digest(&self, shard: ShardId, index: u64, status: DigestStatus) {
-        let mut all = self.inner.digests.lock().expect("digests poisoned");
-        all.insert((shard, index), status);
-        let mine: Vec<(ShardId, u64)> = all
-            .range((shard, 0)..=(shard, u64::MAX))
-            .map(|(k, _)| *k)
-            .collect();
-        for k in &mine[..mine.len().saturating_sub(DIGESTS_PER_SHARD)] {
-            all.remove(k);
-        }
-    }
-
-    /// The digest of `shard` at log index `index`, given what the replica
-    /// has `applied`.
-    pub fn digest(&self, shard: ShardId, index: u64, applied: u64) -> DigestStatus {
-        let all = self.inner.digests.lock().expect("digests poisoned");
-        match all.get(&(shard, index)) {
-            Some(s) => s.clone(),
-            None if applied < index => DigestStatus::NotYet { applied },
-            None => DigestStatus::Unknown,
         }
     }
 

@@ -10,6 +10,8 @@
 //! the limits, and that it leads the shard. Stale routes are answered with a
 //! typed [`ApiError`] carrying what the client needs to correct itself.
 
+pub mod call;
+
 use crate::command::{Op, OpResult};
 use crate::limits::LimitError;
 use crate::session::SessionStamp;

@@ -1,0 +1,241 @@
+//! The admin API: routes and node status, `verify`, splits, replica
+//! moves and leader transfers.
+
+use super::*;
+
+/// Overall deadline of an admin call (a move streams a whole shard).
+pub(super) const ADMIN_DEADLINE: Duration = Duration::from_secs(600);
+/// One attempt of a replica move: the server waits up to 300 s for its
+/// learner.
+pub(super) const MOVE_ATTEMPT: Duration = Duration::from_secs(320);
+/// One attempt of a split or leader transfer (elections included).
+pub(super) const ADMIN_ATTEMPT: Duration = Duration::from_secs(30);
+
+impl Client {
+    /// Every shard descriptor the nodes report (refreshing the cache).
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when no node answers.
+    pub async fn routes(&self) -> Result<Vec<ShardDescriptor>, ClientError> {
+        self.refresh_routes()
+            .await
+            .map_err(|last_error| ClientError::Timeout {
+                deadline: self.inner.opts.attempt_timeout,
+                last_error,
+            })?;
+        let cache = self.inner.routes.lock().expect("routes poisoned");
+        Ok(cache.iter().cloned().collect())
+    }
+
+    /// One node's status (its shards, leaders, sizes).
+    ///
+    /// # Errors
+    /// [`NodeCallError`] when it is down or answers something else.
+    pub async fn node_status(&self, node: NodeId) -> Result<NodeStatus, NodeCallError> {
+        match self.call_node(node, &Request::NodeStatus).await? {
+            Response::NodeStatus(s) => Ok(s),
+            other => Err(NodeCallError::Unexpected {
+                node,
+                answer: format!("{other:?}"),
+            }),
+        }
+    }
+}
+
+impl Client {
+    /// Checks that every replica of `shard` holds the same state (admin):
+    /// the leader commits a digest entry, each replica hashes its state as
+    /// of that entry ([`crate::digest`]), and the digests are collected
+    /// (each replica's within the deadline).
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] (`PermissionDenied` without an admin
+    /// certificate); [`ClientError::Timeout`] when no leader took the entry.
+    /// A replica that cannot answer is reported in the result, not as an
+    /// error.
+    pub async fn verify_shard(&self, shard: ShardId) -> Result<ShardVerification, ClientError> {
+        let index = self
+            .with_target(
+                Target::Shard(shard),
+                |d| Request::MarkDigest {
+                    shard: d.id,
+                    epoch: d.epoch,
+                },
+                |r| match r {
+                    Response::DigestAt { index } => Ok(index),
+                    other => Err(unexpected(other)),
+                },
+                self.inner.opts.deadline,
+                ADMIN_ATTEMPT,
+            )
+            .await?;
+        let replicas = self.cached(shard).map(|d| d.replicas).unwrap_or_default();
+        let until = Instant::now() + self.inner.opts.deadline;
+        let mut out = Vec::with_capacity(replicas.len());
+        for node in replicas {
+            out.push((node, self.replica_digest(node, shard, index, until).await));
+        }
+        Ok(ShardVerification {
+            shard,
+            index,
+            replicas: out,
+        })
+    }
+
+    /// One replica's digest at `index`, waiting (until `until`) while it
+    /// catches up to the entry or hashes.
+    pub(super) async fn replica_digest(
+        &self,
+        node: NodeId,
+        shard: ShardId,
+        index: u64,
+        until: Instant,
+    ) -> Result<ShardDigest, String> {
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            let last = match self
+                .call_node(node, &Request::Digest { shard, index })
+                .await
+            {
+                Ok(Response::Digest(DigestStatus::Done(d))) => return Ok(d),
+                Ok(Response::Digest(DigestStatus::Failed(e))) => {
+                    return Err(format!("hashing failed: {e}"))
+                }
+                Ok(Response::Digest(DigestStatus::Unknown)) => {
+                    return Err(format!("applied past {index} without a digest there"))
+                }
+                Ok(Response::Error(ApiError::UnknownShard { .. })) => {
+                    return Err("hosts no replica of the shard".into())
+                }
+                Ok(Response::Digest(s)) => format!("{s:?}"),
+                Ok(other) => return Err(format!("unexpected answer {other:?}")),
+                Err(e) => e.to_string(),
+            };
+            if Instant::now() + backoff > until {
+                return Err(format!("no digest in time (last: {last})"));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    pub(super) fn cached(&self, shard: ShardId) -> Option<ShardDescriptor> {
+        self.inner
+            .routes
+            .lock()
+            .expect("routes poisoned")
+            .iter()
+            .find(|d| d.id == shard)
+            .cloned()
+    }
+
+    /// Splits the shard owning `key` at `key` (admin): the shard keeps the
+    /// keys below it, a new shard takes `key` and above. Returns the two
+    /// halves. Splitting at a key that already starts a shard answers that
+    /// shard and its left neighbour (so a retried split is harmless).
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for a bad key; [`ClientError::Refused`] for
+    /// the first key of the key space; [`ClientError::Timeout`].
+    pub async fn split(
+        &self,
+        key: &[u8],
+    ) -> Result<(ShardDescriptor, ShardDescriptor), ClientError> {
+        crate::limits::check_key(key)?;
+        let r = self
+            .with_target(
+                Target::Key(key),
+                |d| Request::Split {
+                    shard: d.id,
+                    epoch: d.epoch,
+                    key: key.to_vec(),
+                },
+                |resp| match resp {
+                    Response::Split { left, right } => Ok((left, right)),
+                    other => Err(unexpected(other)),
+                },
+                self.inner.opts.deadline.max(ADMIN_ATTEMPT),
+                ADMIN_ATTEMPT,
+            )
+            .await;
+        match r {
+            Ok((left, right)) => {
+                self.learn_route(left.clone());
+                self.learn_route(right.clone());
+                Ok((left, right))
+            }
+            Err(ClientError::Refused(ApiError::Invalid(reason))) => {
+                let _ = self.refresh_routes().await;
+                let right = self.route(key).filter(|d| d.range.start == key);
+                let left = self
+                    .inner
+                    .routes
+                    .lock()
+                    .expect("routes poisoned")
+                    .iter()
+                    .find(|d| d.range.end == key)
+                    .cloned();
+                match (left, right) {
+                    (Some(l), Some(r)) => Ok((l, r)),
+                    _ => Err(ClientError::Refused(ApiError::Invalid(reason))),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Moves `shard`'s replica from node `from` to node `to` (admin):
+    /// learner on `to`, snapshot streamed, promoted, `from` removed and its
+    /// data deleted. Returns the shard's new descriptor. Safe to run again
+    /// after an interruption: it continues from the group's state.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] for a move that makes no sense (`from` holds
+    /// no replica, unknown `to`); [`ClientError::Timeout`].
+    pub async fn move_replica(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+    ) -> Result<ShardDescriptor, ClientError> {
+        let d = self
+            .with_target(
+                Target::Shard(shard),
+                |_| Request::MoveReplica { shard, from, to },
+                |resp| match resp {
+                    Response::Descriptor(d) => Ok(d),
+                    other => Err(unexpected(other)),
+                },
+                ADMIN_DEADLINE,
+                MOVE_ATTEMPT,
+            )
+            .await?;
+        self.learn_route(d.clone());
+        Ok(d)
+    }
+
+    /// Makes voter `to` the leader of `shard` (admin).
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] when `to` is not a voter of the shard;
+    /// [`ClientError::Timeout`].
+    pub async fn transfer_leader(&self, shard: ShardId, to: NodeId) -> Result<(), ClientError> {
+        self.with_target(
+            Target::Shard(shard),
+            |_| Request::TransferLeader { shard, to },
+            |resp| match resp {
+                Response::Done => Ok(()),
+                other => Err(unexpected(other)),
+            },
+            ADMIN_DEADLINE.min(Duration::from_secs(120)),
+            ADMIN_ATTEMPT,
+        )
+        .await?;
+        self.inner
+            .routes
+            .lock()
+            .expect("routes poisoned")
+            .set_leader(shard, Some(to));
+        Ok(())
+    }
+}

@@ -1,0 +1,324 @@
+//! Replica moves (learner, promote, remove) and the replica lifecycle
+//! steps they are made of: create an empty replica, seed it with a
+//! snapshot, drop the source.
+
+use super::*;
+
+impl Node {
+    /// Moves `shard`'s replica from `from` to `to` (run on its leader):
+    /// an empty replica on `to`, added as a learner (it catches up by a
+    /// snapshot streamed over QUIC), promoted, `from` removed and its data
+    /// deleted. When `from` leads, leadership goes to `to` first and the
+    /// answer is [`AdminError::NotLeader`] naming it: run it again there.
+    ///
+    /// # Errors
+    /// [`AdminError`]; a learner that does not catch up within `timeout` is
+    /// removed again (the move rolls back) and the error says so.
+    pub async fn move_replica(
+        &self,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<ShardDescriptor, AdminError> {
+        let raft = self.led(shard)?;
+        if from == to {
+            return Err(AdminError::Refused(
+                "source and target are the same node".into(),
+            ));
+        }
+        if to != self.id && !self.transport.peer_ids().contains(&to) {
+            return Err(AdminError::Refused(format!("{to} is not a known node")));
+        }
+        let membership = || {
+            let m = raft.metrics().borrow_watched().membership_config.clone();
+            let voters: BTreeSet<NodeId> = m.membership().voter_ids().collect();
+            let learners: BTreeSet<NodeId> = m.membership().learner_ids().collect();
+            (voters, learners)
+        };
+        let (voters, _) = membership();
+        if !voters.contains(&from) && !voters.contains(&to) {
+            return Err(AdminError::Refused(format!(
+                "{from} holds no replica of {shard}"
+            )));
+        }
+        let werr = |e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => AdminError::NotLeader {
+                shard,
+                hint: f.leader_id,
+            },
+            other => raft_error(shard, other),
+        };
+        if !voters.contains(&to) {
+            let d = self
+                .engine
+                .descriptor(shard)
+                .map_err(|_| AdminError::UnknownShard { shard })?;
+            match rpc::call(
+                &self.transport,
+                to,
+                shard,
+                &PeerRequest::CreateReplica(d),
+                Duration::from_secs(10),
+            )
+            .await
+            {
+                Ok(PeerResponse::Done) => {}
+                Ok(other) => {
+                    return Err(AdminError::Unavailable {
+                        shard,
+                        reason: format!("{to} answered {other:?}"),
+                    })
+                }
+                Err(e) => return Err(call_error(shard, e)),
+            }
+            // Always seeded: the replica may be new, or one just replaced
+            // because it was left from an older configuration; a learner
+            // already past the seed ignores it.
+            self.seed_replica(&raft, shard, to, timeout).await?;
+            let added = tokio::time::timeout(
+                timeout,
+                raft.add_learner(to, BasicNode::new(self.addr_of(to)), true),
+            )
+            .await;
+            match added {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(werr(e)),
+                Err(_) => {
+                    // Roll back: the learner leaves the group; only then is
+                    // its replica dropped (a node that is down keeps it until
+                    // its replica GC finds it removed).
+                    let removed = raft
+                        .change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([to])), false)
+                        .await;
+                    let reason = match removed {
+                        Err(e) => format!(
+                            "{to} did not catch up within {timeout:?}, and removing the learner failed ({e}): it is still a learner; run the move again or remove it"
+                        ),
+                        Ok(_) => {
+                            match self.ask_drop(&raft, shard, to).await {
+                                Ok(PeerResponse::Done) => format!(
+                                    "{to} did not catch up within {timeout:?}; the move was rolled back"
+                                ),
+                                other => format!(
+                                    "{to} did not catch up within {timeout:?}; the learner was removed but its replica was not dropped yet ({other:?})"
+                                ),
+                            }
+                        }
+                    };
+                    return Err(AdminError::Unavailable { shard, reason });
+                }
+            }
+            raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([to])), false)
+                .await
+                .map_err(werr)?;
+        }
+        let (voters, _) = membership();
+        if voters.contains(&from) {
+            raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([from])), false)
+                .await
+                .map_err(werr)?;
+        }
+        if from == self.id {
+            // This leader removed itself: it steps down now that the new
+            // configuration is committed; the target campaigns at once
+            // rather than after an election timeout.
+            let d = self
+                .engine
+                .descriptor(shard)
+                .map_err(|_| AdminError::UnknownShard { shard })?;
+            // Best effort: without it the target elects itself after an
+            // election timeout.
+            let _ = raft.trigger().transfer_leader(to).await;
+            let _ = raft
+                .wait(Some(Duration::from_secs(5)))
+                .metrics(
+                    |m| m.current_leader.is_some() && m.current_leader != Some(self.id),
+                    "move: the target leads",
+                )
+                .await;
+            drop(raft);
+            self.drop_replica_local(shard)
+                .await
+                .map_err(|e| raft_error(shard, e))?;
+            return Ok(d);
+        }
+        // The old replica no longer receives anything; delete it.
+        let mut dropped = false;
+        for _ in 0..5 {
+            match self.ask_drop(&raft, shard, from).await {
+                Ok(PeerResponse::Done)
+                | Err(CallError::Refused {
+                    refusal: Refusal::UnknownShard(_),
+                    ..
+                }) => {
+                    dropped = true;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if !dropped {
+            tracing::warn!(%shard, node = %from, "move: the old replica could not be dropped now");
+        }
+        self.engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })
+    }
+
+    /// Asks `node` to drop its replica of `shard`, which this leader's
+    /// membership (committed, named in the request) no longer lists.
+    pub(crate) async fn ask_drop(
+        &self,
+        raft: &crate::node::ShardRaft,
+        shard: ShardId,
+        node: NodeId,
+    ) -> Result<PeerResponse, CallError> {
+        let after = *raft.metrics().borrow_watched().membership_config.log_id();
+        rpc::call(
+            &self.transport,
+            node,
+            shard,
+            &PeerRequest::DropReplica { after },
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Streams this leader's current snapshot of `shard` (built first if
+    /// there is none) to the empty replica on `to`, which installs it. A
+    /// learner must start from a snapshot: replaying the log from its start
+    /// would apply old commands against today's range and epoch.
+    pub(crate) async fn seed_replica(
+        &self,
+        raft: &crate::node::ShardRaft,
+        shard: ShardId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<(), AdminError> {
+        // The seed must know every split and membership change the shard
+        // has made: an older snapshot would install a range and
+        // configuration that no longer exist. Build a fresh one if needed.
+        let current = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })?
+            .epoch;
+        let mut built = 0;
+        let snapshot = loop {
+            if let Some(s) = raft
+                .get_snapshot()
+                .await
+                .map_err(|e| raft_error(shard, e))?
+            {
+                let epoch = crate::storage::snapshot::read_header(s.snapshot.path())
+                    .map(|h| h.descriptor.epoch);
+                match epoch {
+                    Ok(e) if e.covers(&current) => {
+                        break s;
+                    }
+                    Ok(e) => {
+                        tracing::info!(%shard, snapshot = ?e, current = ?current, "move: the latest snapshot predates the current epoch, building one")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%shard, error = %e, "move: unreadable snapshot, building one")
+                    }
+                }
+            }
+            if built == 3 {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: "no snapshot at the current epoch after building three".into(),
+                });
+            }
+            built += 1;
+            let applied = raft
+                .metrics()
+                .borrow_watched()
+                .last_applied
+                .map(|l| l.index);
+            raft.trigger()
+                .snapshot()
+                .await
+                .map_err(|e| raft_error(shard, e))?;
+            raft.wait(Some(Duration::from_secs(60)))
+                .metrics(
+                    |m| m.snapshot.map(|l| l.index) >= applied && m.snapshot.is_some(),
+                    "move: a snapshot at the current epoch",
+                )
+                .await
+                .map_err(|e| raft_error(shard, e))?;
+        };
+        let vote = raft.metrics().borrow_watched().vote;
+        let head = SnapshotHead {
+            vote,
+            meta: snapshot.meta.clone(),
+        };
+        rpc::send_snapshot(
+            &self.transport,
+            to,
+            shard,
+            &head,
+            &snapshot.snapshot,
+            timeout,
+        )
+        .await
+        .map_err(|e| call_error(shard, e))?;
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Creates an empty replica of `d` here (no-op when it exists) and
+    /// starts its group uninitialised: its leader brings it up to date.
+    pub(crate) async fn create_replica_local(
+        &self,
+        d: &ShardDescriptor,
+    ) -> Result<(), crate::node::NodeError> {
+        match self.engine.create_shard(d).await {
+            Ok(()) => {}
+            Err(crate::storage::StoreError::ShardExists { .. }) => {
+                let local = self.engine.descriptor(d.id)?;
+                if local.epoch.conf_ver < d.epoch.conf_ver {
+                    // Left from an older configuration (removed while this
+                    // node was down, or never dropped): its log and state
+                    // would mislead the group. Replace it with an empty one.
+                    tracing::info!(node = %self.id, shard = %d.id, local = ?local.epoch, wanted = ?d.epoch, "replacing a replica left from an older configuration");
+                    self.drop_replica_local(d.id).await?;
+                    self.engine.create_shard(d).await?;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.start_group(d.id).await?;
+        Ok(())
+    }
+
+    /// Stops this node's replica of `shard` and deletes its log, state,
+    /// snapshots and data.
+    pub(crate) async fn drop_replica_local(
+        &self,
+        shard: ShardId,
+    ) -> Result<(), crate::node::NodeError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if let Some((_, raft)) = self.registry.groups.remove(&shard) {
+            let _ = raft.shutdown().await;
+        }
+        // The group's stores close as its tasks end.
+        let started = Instant::now();
+        loop {
+            match self.engine.delete_shard(shard).await {
+                Ok(()) => break,
+                Err(crate::storage::StoreError::ShardOpen { .. })
+                    if started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(crate::storage::StoreError::UnknownShard { .. }) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        tracing::info!(node = %self.id, %shard, "replica dropped");
+        Ok(())
+    }
+}

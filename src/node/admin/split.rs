@@ -1,0 +1,190 @@
+//! Splits: a leader splits its shard at a key (one replicated step), and
+//! the automatic split of shards that outgrew `split.max_bytes`.
+
+use super::*;
+
+impl Node {
+    /// Splits `shard` (led here) at `key`: a fresh id from the meta shard,
+    /// the split command through the shard's log, both descriptors recorded
+    /// in the meta shard, and the new shard campaigning here. Returns the
+    /// two halves once the new one has a leader.
+    ///
+    /// # Errors
+    /// [`AdminError::Refused`] for a key not strictly inside the range (or
+    /// the meta shard); [`AdminError::NotLeader`] when this node does not
+    /// lead; [`AdminError::Unavailable`] when a step timed out.
+    pub async fn split_shard(
+        &self,
+        shard: ShardId,
+        key: Vec<u8>,
+    ) -> Result<(ShardDescriptor, ShardDescriptor), AdminError> {
+        if shard == meta::META_SHARD {
+            return Err(AdminError::Refused("the meta shard is not split".into()));
+        }
+        let raft = self.led(shard)?;
+        let joint = raft
+            .metrics()
+            .borrow_watched()
+            .membership_config
+            .membership()
+            .get_joint_config()
+            .len()
+            > 1;
+        if joint {
+            // The child would inherit the joint configuration (the state
+            // machine refuses such a split too).
+            return Err(AdminError::Unavailable {
+                shard,
+                reason: "a membership change is in progress; split again after it".into(),
+            });
+        }
+        let d = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })?;
+        if key <= d.range.start || !d.range.contains(&key) {
+            return Err(AdminError::Refused(format!(
+                "split key {} is not strictly inside {shard}'s range {}",
+                shard_router::descriptor::escape(&key),
+                d.range
+            )));
+        }
+        let child = match self
+            .propose(meta::META_SHARD, Command::AllocShardId, PROPOSE_TIMEOUT)
+            .await?
+        {
+            CommandResponse::Allocated(id) => id,
+            other => {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: format!("id allocation answered {other:?}"),
+                })
+            }
+        };
+        let cmd = Command::Split {
+            key,
+            child,
+            version: d.epoch.version,
+        };
+        let _expedite = self.registry.expedite();
+        let resp = match raft.client_write(cmd).await {
+            Ok(r) => r.data,
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                return Err(AdminError::NotLeader {
+                    shard,
+                    hint: f.leader_id,
+                })
+            }
+            Err(e) => return Err(raft_error(shard, e)),
+        };
+        let (left, mut right) = match resp {
+            CommandResponse::Split { left, right } => (left, right),
+            CommandResponse::SplitRefused { reason, .. } => {
+                return Err(AdminError::Refused(reason))
+            }
+            other => {
+                return Err(AdminError::Unavailable {
+                    shard,
+                    reason: format!("split answered {other:?}"),
+                })
+            }
+        };
+        right.leader_hint = Some(self.id);
+        // The new group starts from the split's log id on every replica;
+        // campaigning here makes its first leader this node.
+        let started = Instant::now();
+        let child_raft = loop {
+            if let Some(r) = self.raft(child) {
+                break r;
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                return Err(AdminError::Unavailable {
+                    shard: child,
+                    reason: "the new shard's group did not start".into(),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let _ = child_raft.trigger().elect(false).await;
+        let _ = child_raft
+            .wait(Some(Duration::from_secs(10)))
+            .metrics(
+                |m| m.current_leader.is_some(),
+                "split: the new shard elects",
+            )
+            .await;
+        if let Err(e) = self
+            .propose(
+                meta::META_SHARD,
+                Command::RecordRoutes {
+                    descriptors: vec![left.clone(), right.clone()],
+                },
+                PROPOSE_TIMEOUT,
+            )
+            .await
+        {
+            // The route reporter records them later; clients are corrected
+            // by the shards themselves meanwhile.
+            tracing::warn!(%shard, %child, error = %e, "split: routes not recorded yet");
+        }
+        tracing::info!(%shard, %child, left = %left.range, right = %right.range, "split done");
+        Ok((left, right))
+    }
+}
+
+/// Splits the shards this node leads once they outgrow
+/// `split.max_bytes`, at their middle key, checking every
+/// `split.check_interval_ms`.
+pub(crate) async fn auto_split(node: Weak<Node>) {
+    let (max, every) = {
+        let Some(n) = node.upgrade() else { return };
+        (
+            n.config.split.max_bytes,
+            Duration::from_millis(n.config.split.check_interval_ms),
+        )
+    };
+    if max == 0 {
+        return;
+    }
+    // Per shard: bytes applied when last measured, and the size then.
+    let mut checked: HashMap<ShardId, (u64, u64)> = HashMap::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(n) = node.upgrade() else { return };
+        for shard in n.shards_led() {
+            let Ok(d) = n.engine.descriptor(shard) else {
+                continue;
+            };
+            // Cheap test first: the last measured size plus what was
+            // applied since (or RocksDB's on-disk estimate) must reach the
+            // limit before the range is scanned.
+            let written = n.engine.written(shard);
+            if let Some(&(at, measured)) = checked.get(&shard) {
+                let fresh = written.saturating_sub(at);
+                let estimate = n.engine.approximate_size(&d.range);
+                if measured + fresh < max && estimate < max {
+                    continue;
+                }
+            }
+            let engine = n.engine.clone();
+            let range = d.range.clone();
+            let point = tokio::task::spawn_blocking(move || engine.split_point(&range, max)).await;
+            let Ok(Ok((bytes, key))) = point else {
+                continue;
+            };
+            checked.insert(shard, (written, bytes));
+            let Some(key) = key else {
+                continue;
+            };
+            tracing::info!(%shard, bytes, key = %shard_router::descriptor::escape(&key), "shard over the size limit: splitting");
+            // The parent keeps about half.
+            checked.insert(shard, (written, bytes / 2));
+            match n.split_shard(shard, key).await {
+                Ok((l, r)) => {
+                    tracing::info!(left = %l.id, right = %r.id, "automatic split done");
+                }
+                Err(e) => tracing::warn!(%shard, error = %e, "automatic split failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,333 @@
+//! Applying committed entries: commands to user data and session rows,
+//! in bounded batches, one unsynced write per batch.
+
+use super::*;
+
+impl StateMachine {
+    pub(super) fn apply_command(
+        &mut self,
+        cmd: Command,
+        at: LogId,
+        batch: &mut WriteBatch,
+        overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+        created: &mut Vec<ShardId>,
+    ) -> Result<CommandResponse, StoreError> {
+        match cmd {
+            Command::Split {
+                key,
+                child,
+                version,
+            } => self.apply_split(key, child, version, at, batch, created),
+            Command::AllocShardId => {
+                let counter = meta::next_id_key();
+                let next = match self.read_current(&counter, overlay)? {
+                    Some(b) => decode::<u64>(&b, || "shard id counter".into())?,
+                    None => {
+                        // The counter is written with the bootstrap routes;
+                        // before that, any guess could collide with a
+                        // bootstrap shard not recorded yet.
+                        return Ok(CommandResponse::NotReady(
+                            "the meta shard has not recorded the bootstrap shards yet".into(),
+                        ));
+                    }
+                };
+                let id = ShardId(next.max(1));
+                if id > ShardId::MAX {
+                    return Err(StoreError::Failed {
+                        cause: "shard ids exhausted".into(),
+                    });
+                }
+                let v = encode(&(id.0 + 1));
+                batch.put_cf(self.engine.cf(Cf::Data), &counter, &v);
+                overlay.insert(counter, Some(v));
+                Ok(CommandResponse::Allocated(id))
+            }
+            Command::RecordRoutes { descriptors } => {
+                for d in descriptors {
+                    let key = meta::route_key(d.id);
+                    let newer = match self.read_current(&key, overlay)? {
+                        None => true,
+                        Some(b) => match postcard::from_bytes::<ShardDescriptor>(&b) {
+                            Ok(c) => epoch_newer(d.epoch, c.epoch),
+                            Err(_) => true,
+                        },
+                    };
+                    if newer && self.descriptor.range.contains(&key) {
+                        let v = encode(&d);
+                        batch.put_cf(self.engine.cf(Cf::Data), &key, &v);
+                        overlay.insert(key, Some(v));
+                    }
+                }
+                Ok(CommandResponse::Recorded)
+            }
+            Command::Noop | Command::Digest => Ok(CommandResponse::Empty),
+            Command::Write { ops } => self.apply_ops(ops, batch, overlay),
+            Command::SessionWrite { stamp, at_ms, ops } => {
+                let (resp, results) = match self.sessions.verdict(&stamp) {
+                    Verdict::Apply => {
+                        let resp = self.apply_ops(ops, batch, overlay)?;
+                        let CommandResponse::Write(results) = &resp else {
+                            // Nothing applied (a key outside the range):
+                            // nothing to remember, the retry goes elsewhere.
+                            return Ok(resp);
+                        };
+                        let results = Some(results.clone());
+                        (resp, results)
+                    }
+                    Verdict::Duplicate(Saved::Results(r)) => (CommandResponse::Write(r), None),
+                    Verdict::Duplicate(Saved::Omitted) => (CommandResponse::AppliedEarlier, None),
+                    Verdict::Stale => (CommandResponse::Abandoned, None),
+                };
+                let changes = self.sessions.record(&stamp, at_ms, results.as_deref());
+                self.persist_sessions(changes, batch);
+                Ok(resp)
+            }
+        }
+    }
+
+    /// Applies a batch of operations (all keys checked against the range
+    /// first: one outside it writes nothing).
+    pub(super) fn apply_ops(
+        &mut self,
+        ops: Vec<Op>,
+        batch: &mut WriteBatch,
+        overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<CommandResponse, StoreError> {
+        if let Some(op) = ops
+            .iter()
+            .find(|op| !self.descriptor.range.contains(op.key()))
+        {
+            return Ok(CommandResponse::KeyNotInRange {
+                key: op.key().to_vec(),
+            });
+        }
+        let data = self.engine.cf(Cf::Data);
+        let mut results = Vec::with_capacity(ops.len());
+        for op in ops {
+            // A plain put needs no read: nothing is answered from
+            // the old value.
+            let current = match &op {
+                Op::Put { .. } => None,
+                _ => self.read_current(op.key(), overlay)?,
+            };
+            let (key, new) = match op {
+                Op::Put { key, value } => {
+                    results.push(OpResult::Put { prev: None });
+                    (key, Some(value))
+                }
+                Op::Swap { key, value } => {
+                    results.push(OpResult::Put { prev: current });
+                    (key, Some(value))
+                }
+                Op::Delete { key } => {
+                    results.push(OpResult::Delete { prev: current });
+                    (key, None)
+                }
+                Op::Cas { key, expected, new } => {
+                    let succeeded = current == expected;
+                    results.push(OpResult::Cas { succeeded, current });
+                    if !succeeded {
+                        continue;
+                    }
+                    (key, new)
+                }
+            };
+            if self.shadowed(&key) {
+                continue;
+            }
+            match &new {
+                Some(v) => batch.put_cf(data, &key, v),
+                None => batch.delete_cf(data, &key),
+            }
+            overlay.insert(key, new);
+        }
+        Ok(CommandResponse::Write(results))
+    }
+}
+
+impl StateMachine {
+    /// Applies committed `entries` in order, in batches, and returns what
+    /// each produced (what openraft's `apply` does, without responders: for
+    /// tools and tests that drive a state machine directly).
+    pub async fn apply_entries(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<CommandResponse>, io::Error> {
+        let mut out = Vec::with_capacity(entries.len());
+        let mut it = entries.into_iter().peekable();
+        while it.peek().is_some() {
+            let mut chunk: Vec<Entry> = it.by_ref().take(APPLY_CHUNK_MAX).collect();
+            while !chunk.is_empty() {
+                out.extend(self.apply_chunk(&mut chunk)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Applies `chunk` (drained) in one unsynced batch and answers its
+    /// responders.
+    pub(super) fn apply_answered(
+        &mut self,
+        chunk: &mut Vec<Entry>,
+        responders: &mut Vec<Option<ApplyResponder<TypeConfig>>>,
+    ) -> Result<(), io::Error> {
+        while !chunk.is_empty() {
+            let responses = self.apply_chunk(chunk)?;
+            let n = responses.len();
+            for (resp, responder) in responses.into_iter().zip(responders.drain(..n)) {
+                if let Some(r) = responder {
+                    r.send(resp);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies the first entries of `chunk` (removed from it) in one
+    /// unsynced batch: the data, the applied log id, membership and
+    /// descriptor changes together. A digest entry ends the batch: the
+    /// state right after it is what the digest hashes.
+    pub(super) fn apply_chunk(
+        &mut self,
+        chunk: &mut Vec<Entry>,
+    ) -> Result<Vec<CommandResponse>, io::Error> {
+        let cut = chunk
+            .iter()
+            .position(|e| matches!(e.payload, EntryPayload::Normal(Command::Digest)))
+            .map_or(chunk.len(), |i| i + 1);
+        let rest = chunk.split_off(cut);
+        let digest_at = match chunk.last() {
+            Some(e) if matches!(e.payload, EntryPayload::Normal(Command::Digest)) => {
+                Some(e.log_id.index)
+            }
+            _ => None,
+        };
+        let responses = self.apply_batch(chunk)?;
+        *chunk = rest;
+        if let Some(index) = digest_at {
+            self.engine
+                .start_digest(self.shard, index, user_range(&self.descriptor.range));
+        }
+        Ok(responses)
+    }
+
+    /// Applies `chunk` (drained) in one unsynced batch.
+    pub(super) fn apply_batch(
+        &mut self,
+        chunk: &mut Vec<Entry>,
+    ) -> Result<Vec<CommandResponse>, io::Error> {
+        let werr = to_io;
+        // Fail-stop: after a failed log sync nothing more is acknowledged.
+        self.engine.latch().check().map_err(werr)?;
+        // Held (shared) until the batch is written: an install or delete of
+        // another replica cannot change who owns what in between.
+        let engine = self.engine.clone();
+        let own = engine.ownership();
+        self.refresh_shadows(&own);
+        let mut batch = WriteBatch::default();
+        let mut overlay = HashMap::new();
+        let mut responses = Vec::new();
+        let mut last = None;
+        let mut membership_changed = false;
+        let mut commands = 0u64;
+        let mut created = Vec::new();
+        let mut descriptor_changed = false;
+        // Applies change a descriptor only through its epoch (a split bumps
+        // the version, a change of voters the configuration version).
+        let epoch_before = self.descriptor.epoch;
+        let mut written = 0u64;
+        for entry in chunk.drain(..) {
+            last = Some(entry.log_id);
+            let resp = match entry.payload {
+                EntryPayload::Blank => CommandResponse::Empty,
+                EntryPayload::Normal(cmd) => {
+                    commands += 1;
+                    if let Command::Write { ops } | Command::SessionWrite { ops, .. } = &cmd {
+                        written += ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
+                    }
+                    let before = self.descriptor.epoch;
+                    let r = self
+                        .apply_command(cmd, entry.log_id, &mut batch, &mut overlay, &mut created)
+                        .map_err(werr)?;
+                    if self.descriptor.epoch != before {
+                        self.shadows.0 = u64::MAX;
+                        self.refresh_shadows(&own);
+                    }
+                    r
+                }
+                EntryPayload::Membership(m) => {
+                    self.membership = StoredMembership::new(Some(entry.log_id), m);
+                    membership_changed = true;
+                    // The descriptor names the voters; a change of them is
+                    // a new configuration version.
+                    let voters: Vec<crate::NodeId> =
+                        self.membership.membership().voter_ids().collect();
+                    let mut before = self.descriptor.replicas.clone();
+                    before.sort();
+                    if before != voters {
+                        self.descriptor.replicas = voters;
+                        self.descriptor.epoch.conf_ver += 1;
+                        descriptor_changed = true;
+                    }
+                    CommandResponse::Empty
+                }
+            };
+            responses.push(resp);
+        }
+        let Some(last) = last else {
+            return Ok(responses);
+        };
+        let meta = self.engine.cf(Cf::ShardMeta);
+        batch.put_cf(
+            meta,
+            keys::meta_key(self.shard, MetaTag::Applied),
+            encode(&last),
+        );
+        if membership_changed {
+            batch.put_cf(
+                meta,
+                keys::meta_key(self.shard, MetaTag::Membership),
+                encode(&self.membership),
+            );
+        }
+        if descriptor_changed {
+            batch.put_cf(
+                meta,
+                keys::meta_key(self.shard, MetaTag::Descriptor),
+                encode(&self.descriptor),
+            );
+        }
+        // Not synced by itself: the entries are durable in the log, and the WAL
+        // keeps this write ordered after them; a crash replays from the log.
+        let mut wo = WriteOptions::default();
+        wo.set_sync(false);
+        self.engine
+            .db()
+            .write_opt(batch, &wo)
+            .map_err(|e| werr(StoreError::rocks("apply", e)))?;
+        if self.descriptor.epoch != epoch_before {
+            self.engine.publish_descriptor(&self.descriptor);
+        }
+        let claim = claim_of(&self.descriptor, true);
+        let claims_changed = own.get(self.shard) != Some(&claim) || !created.is_empty();
+        drop(own);
+        if claims_changed {
+            let mut own = engine.ownership_mut();
+            own.set(self.shard, claim);
+            for child in &created {
+                if let Ok(d) = self.engine.descriptor(*child) {
+                    own.set(*child, claim_of(&d, true));
+                }
+            }
+        }
+        self.applied = Some(last);
+        self.engine.count_applied(commands);
+        if written > 0 {
+            self.engine.note_written(self.shard, written);
+        }
+        for child in created {
+            self.engine.note_created(child);
+        }
+        Ok(responses)
+    }
+}
