@@ -14,6 +14,9 @@
 #[allow(dead_code)]
 #[path = "../tests/common/cluster.rs"]
 mod cluster;
+#[allow(dead_code)]
+#[path = "../tests/common/wait.rs"]
+mod wait;
 
 use cluster::{TestCluster, Timings};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};

@@ -147,18 +147,14 @@ async fn stale_routes_are_corrected_without_wrong_answers() {
 
     tracing::info!("phase: the meta shard's table covers shards n1 does not host");
     let meta_hosts: Vec<NodeId> = (1..=3).map(NodeId).collect();
-    let mut table = Vec::new();
-    // Bounded wait (15 s) for the initial routes to be recorded.
-    for _ in 0..300 {
-        match cl.call_node(meta_hosts[0], &Request::Routes).await.unwrap() {
-            Response::Routes(r) if r.len() == 8 => {
-                table = r;
-                break;
-            }
-            _ => tokio::time::sleep(Duration::from_millis(50)).await,
+    let table = common::wait::until("the meta shard records 8 routes", WAIT, || async {
+        match cl.call_node(meta_hosts[0], &Request::Routes).await {
+            Ok(Response::Routes(r)) if r.len() == 8 => Ok(r),
+            other => Err(format!("{other:?}")),
         }
-    }
-    assert_eq!(table.len(), 8, "meta routes recorded within 15 s");
+    })
+    .await
+    .unwrap();
     let map =
         tessera::shard_router::RangeMap::new(table.clone()).expect("routes cover the key space");
     assert_eq!(map.len(), 8);

@@ -3,6 +3,10 @@
 //! same folder, resumes every shard with its data; `tessera serve` refuses
 //! a bad config naming the field.
 
+#[allow(dead_code)]
+#[path = "common/wait.rs"]
+mod wait;
+
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -281,26 +285,25 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
             .spawn()
             .unwrap(),
     );
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = ctl(&cluster, &["status", "--json"]);
-        let up = serde_json::from_slice::<serde_json::Value>(&out.stdout)
-            .ok()
-            .and_then(|s| {
-                s["nodes"]
-                    .as_array()
-                    .map(|n| n.iter().filter(|n| n["up"] == true).count())
-            });
-        if up == Some(4) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "n4 did not join within 60 s: {}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait::until_blocking(
+        "n4 joins (status shows 4 nodes up)",
+        Duration::from_secs(60),
+        || {
+            let out = ctl(&cluster, &["status", "--json"]);
+            let up = serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .ok()
+                .and_then(|s| {
+                    s["nodes"]
+                        .as_array()
+                        .map(|n| n.iter().filter(|n| n["up"] == true).count())
+                });
+            match up {
+                Some(4) => Ok(()),
+                _ => Err(String::from_utf8_lossy(&out.stdout).into_owned()),
+            }
+        },
+    )
+    .unwrap();
     let split = ctl_ok(&cluster, &["split", "k"]);
     assert!(
         split.contains("left:") && split.contains("right:"),

@@ -31,6 +31,9 @@ mod netns;
 #[allow(dead_code)]
 #[path = "common/procs.rs"]
 mod procs;
+#[allow(dead_code)]
+#[path = "common/wait.rs"]
+mod wait;
 
 use lin::{check, Kind, Op, Recorder};
 use netns::{Fault, Lab, CLIENTS};
@@ -430,22 +433,18 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
 /// `verify` over every shard: each must agree within 60 s (a replica that
 /// was just restarted may still be catching up). Returns the shard count.
 async fn verify_all(client: &Client) -> usize {
-    let deadline = Instant::now() + Duration::from_secs(60);
     let routes = client.routes().await.expect("routes");
     for d in &routes {
-        loop {
-            let last = match client.verify_shard(d.id).await {
-                Ok(v) if v.agrees() => break,
-                Ok(v) => format!("{v:?}"),
-                Err(e) => e.to_string(),
-            };
-            assert!(
-                Instant::now() < deadline,
-                "replicas of {} differ after the faults: {last}",
-                d.id
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
+        let what = format!("every replica of {} agrees under verify", d.id);
+        wait::until(&what, Duration::from_secs(60), || async {
+            match client.verify_shard(d.id).await {
+                Ok(v) if v.agrees() => Ok(()),
+                Ok(v) => Err(format!("{v:?}")),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("replicas differ after the faults: {e}"));
     }
     routes.len()
 }

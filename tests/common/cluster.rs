@@ -2,6 +2,7 @@
 //! transport's fault layer (blocked links, message loss), kill and restart
 //! from the data folder, and typed, bounded waits that fail with a message.
 
+use super::wait::{self, WaitError};
 use openraft::async_runtime::watch::WatchReceiver as _;
 use openraft::ServerState;
 use std::collections::BTreeMap;
@@ -337,9 +338,9 @@ impl TestCluster {
         shard: ShardId,
         among: &[u64],
         timeout: Duration,
-    ) -> Result<NodeId, String> {
-        let deadline = Instant::now() + timeout;
-        loop {
+    ) -> Result<NodeId, WaitError> {
+        let what = format!("wait_leader: a leader of {shard} among {among:?}");
+        wait::until(&what, timeout, || async {
             let mut best: Option<(u64, NodeId)> = None;
             let mut max_term = 0;
             for &i in among {
@@ -355,22 +356,22 @@ impl TestCluster {
                     best = Some((m.current_term, node.id()));
                 }
             }
-            if let Some((term, leader)) = best {
-                if term == max_term {
-                    return Ok(leader);
-                }
+            match best {
+                Some((term, leader)) if term == max_term => Ok(leader),
+                other => Err(format!(
+                    "leader at term: {other:?}, highest term {max_term}"
+                )),
             }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "wait_leader: no leader of {shard} among {among:?} within {timeout:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// The leader of `shard` among all running nodes.
-    pub async fn wait_leader(&self, shard: ShardId, timeout: Duration) -> Result<NodeId, String> {
+    pub async fn wait_leader(
+        &self,
+        shard: ShardId,
+        timeout: Duration,
+    ) -> Result<NodeId, WaitError> {
         let among: Vec<u64> = self.nodes.keys().map(|n| n.0).collect();
         self.wait_leader_among(shard, &among, timeout).await
     }
@@ -383,11 +384,15 @@ impl TestCluster {
         key: &[u8],
         value: &[u8],
         timeout: Duration,
-    ) -> Result<u64, String> {
+    ) -> Result<u64, WaitError> {
         let deadline = Instant::now() + timeout;
-        loop {
+        let what = format!("put to {shard} acknowledged");
+        wait::until(&what, timeout, || async {
             let left = deadline.saturating_duration_since(Instant::now());
-            let leader = self.wait_leader(shard, left).await?;
+            let leader = self
+                .wait_leader(shard, left)
+                .await
+                .map_err(|e| e.to_string())?;
             let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
             let attempt = tokio::time::timeout(
                 left.min(Duration::from_secs(5)),
@@ -395,22 +400,15 @@ impl TestCluster {
             )
             .await;
             match attempt {
-                Ok(Ok(resp)) => {
-                    return match resp.data {
-                        CommandResponse::Write(_) => Ok(resp.log_id.index),
-                        other => Err(format!("put refused by the state machine: {other:?}")),
-                    }
-                }
-                Ok(Err(e)) => tracing::debug!(%shard, error = %e, "put retried"),
-                Err(_) => tracing::debug!(%shard, "put timed out; retrying"),
+                Ok(Ok(resp)) => match resp.data {
+                    CommandResponse::Write(_) => Ok(resp.log_id.index),
+                    other => panic!("put refused by the state machine: {other:?}"),
+                },
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("attempt timed out".into()),
             }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "put to {shard} not acknowledged within {timeout:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Writes through node `via` (which must lead `shard`), retrying until
@@ -421,23 +419,24 @@ impl TestCluster {
         shard: ShardId,
         key: &[u8],
         value: &[u8],
-    ) -> Result<u64, String> {
-        let raft = self.nodes[&via].raft(shard).ok_or("shard not hosted")?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+    ) -> Result<u64, WaitError> {
+        let timeout = Duration::from_secs(60);
+        let what = format!("put via {via} to {shard} acknowledged");
+        let raft = self.nodes[&via]
+            .raft(shard)
+            .ok_or_else(|| WaitError::new(&what, timeout, Some("shard not hosted".into())))?;
+        wait::until(&what, timeout, || async {
             let r = tokio::time::timeout(
                 Duration::from_secs(5),
                 raft.client_write(Command::put(key.to_vec(), value.to_vec())),
             )
             .await;
-            if let Ok(Ok(resp)) = r {
-                return Ok(resp.log_id.index);
+            match r {
+                Ok(Ok(resp)) => Ok(resp.log_id.index),
+                other => Err(format!("{other:?}")),
             }
-            if Instant::now() > deadline {
-                return Err(format!("put via {via} to {shard} not acknowledged: {r:?}"));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// A linearizable read barrier on `shard`'s current leader, retried
@@ -447,28 +446,27 @@ impl TestCluster {
         &self,
         shard: ShardId,
         timeout: Duration,
-    ) -> Result<NodeId, String> {
+    ) -> Result<NodeId, WaitError> {
         let deadline = Instant::now() + timeout;
-        loop {
+        let what = format!("wait_linearizable: a read barrier on {shard}");
+        wait::until(&what, timeout, || async {
             let left = deadline.saturating_duration_since(Instant::now());
-            let leader = self.wait_leader(shard, left).await?;
+            let leader = self
+                .wait_leader(shard, left)
+                .await
+                .map_err(|e| e.to_string())?;
             let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
-            let r = tokio::time::timeout(
+            match tokio::time::timeout(
                 Duration::from_secs(5),
                 raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
             )
-            .await;
-            match r {
-                Ok(Ok(_)) => return Ok(leader),
-                other => tracing::debug!(%shard, ?other, "read barrier retried"),
+            .await
+            {
+                Ok(Ok(_)) => Ok(leader),
+                other => Err(format!("{other:?}")),
             }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "wait_linearizable: no read barrier on {shard} within {timeout:?}"
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
     }
 
     /// Moves leadership of `shard` to `to` with openraft's leader transfer
@@ -479,36 +477,35 @@ impl TestCluster {
         shard: ShardId,
         to: NodeId,
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), WaitError> {
         let deadline = Instant::now() + timeout;
+        let what = format!("transfer_leader: {to} leads {shard}");
         let target = self.nodes[&to]
             .raft(shard)
-            .ok_or("target lacks the shard")?;
-        loop {
+            .ok_or_else(|| WaitError::new(&what, timeout, Some("target lacks the shard".into())))?;
+        wait::until(&what, timeout, || async {
             if self.nodes[&to].shards_led().contains(&shard) {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            let leader = self.wait_leader(shard, left).await?;
+            let leader = self
+                .wait_leader(shard, left)
+                .await
+                .map_err(|e| e.to_string())?;
             if let Some(r) = self.nodes[&leader].raft(shard) {
                 let _ = r.trigger().transfer_leader(to).await;
             }
-            let won = target
+            target
                 .wait(Some(Duration::from_secs(5).min(left)))
                 .metrics(
                     |m| m.state == openraft::ServerState::Leader,
                     "transfer_leader: target leads",
                 )
-                .await;
-            if won.is_ok() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "transfer_leader: {to} did not take {shard} within {timeout:?}"
-                ));
-            }
-        }
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("{leader} still leads: {e}"))
+        })
+        .await
     }
 
     /// Waits until every node of `on` applied everything in the log of
@@ -519,7 +516,7 @@ impl TestCluster {
         shard: ShardId,
         on: &[u64],
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), WaitError> {
         let leader = self.wait_leader(shard, timeout).await?;
         let last = self
             .node(leader.0)
@@ -529,43 +526,48 @@ impl TestCluster {
         self.wait_applied(shard, last, on, timeout).await
     }
 
-    /// Waits until `shard` has applied `index` on every node of `on`.
+    /// Waits (openraft's `wait()`) until `shard` has applied `index` on
+    /// every node of `on`.
     pub async fn wait_applied(
         &self,
         shard: ShardId,
         index: u64,
         on: &[u64],
         timeout: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), WaitError> {
         for &i in on {
+            let what = format!("wait_applied: {shard} on n{i} applies {index}");
             let raft = self
                 .nodes
                 .get(&NodeId(i))
                 .and_then(|n| n.raft(shard))
-                .ok_or_else(|| format!("wait_applied: n{i} does not host {shard}"))?;
+                .ok_or_else(|| WaitError::new(&what, timeout, Some("not hosted".into())))?;
             raft.wait(Some(timeout))
                 .applied_index_at_least(Some(index), "wait_applied")
                 .await
-                .map_err(|e| format!("wait_applied: {shard} on n{i} did not apply {index}: {e}"))?;
+                .map_err(|e| WaitError::new(&what, timeout, Some(e.to_string())))?;
         }
         Ok(())
     }
 
-    /// Waits until `f` holds, polling; fails with `what` after `timeout`.
+    /// Waits until `f` holds; fails naming `what` after `timeout`.
     pub async fn wait_until(
         &self,
         what: &str,
         timeout: Duration,
         mut f: impl FnMut(&Self) -> bool,
-    ) -> Result<(), String> {
-        let deadline = Instant::now() + timeout;
-        while !f(self) {
-            if Instant::now() > deadline {
-                return Err(format!("{what}: not reached within {timeout:?}"));
+    ) -> Result<(), WaitError> {
+        wait::until(what, timeout, || {
+            let ok = f(self);
+            async move {
+                if ok {
+                    Ok(())
+                } else {
+                    Err("not yet".to_string())
+                }
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Ok(())
+        })
+        .await
     }
 
     /// Stops every running node.
