@@ -1,0 +1,274 @@
+//! The registry of a node's Raft groups, looked up by shard id, and the
+//! node's side of the transport ([`NodeInbound`]): inbound Raft messages
+//! and snapshots, decoded and handed to their group.
+
+use super::*;
+
+/// The Raft groups hosted by a node, looked up by shard id; what inbound
+/// Raft traffic is dispatched to.
+pub struct Registry {
+    pub(super) me: NodeId,
+    pub(super) engine: Engine,
+    pub(super) groups: DashMap<ShardId, ShardRaft>,
+    /// Client requests waiting on groups: while any is, heartbeats skip the
+    /// linger (shared with the transport).
+    pub(super) expediter: Arc<Expediter>,
+    /// The fault layer (its broken-read switch is consulted on reads, in
+    /// builds with the `failpoints` feature).
+    #[cfg_attr(not(feature = "failpoints"), allow(dead_code))]
+    pub(super) faults: Arc<Faults>,
+    /// The node, for requests that need more than the groups.
+    pub(super) node: std::sync::OnceLock<std::sync::Weak<Node>>,
+    /// Most key and value bytes in one response (`api.response_bytes_max`).
+    pub(super) response_bytes_max: usize,
+}
+
+impl Registry {
+    pub(super) fn new(
+        me: NodeId,
+        engine: Engine,
+        faults: Arc<Faults>,
+        response_bytes_max: usize,
+    ) -> Self {
+        Registry {
+            me,
+            engine,
+            groups: DashMap::new(),
+            expediter: Arc::new(Expediter::default()),
+            faults,
+            node: std::sync::OnceLock::new(),
+            response_bytes_max,
+        }
+    }
+
+    /// Held while a client request waits on a group: heartbeats skip the
+    /// linger (a read barrier waits for them; a write's replication may wait
+    /// behind its group's lingering heartbeat), and what already lingers is
+    /// sent now.
+    pub(crate) fn expedite(&self) -> Expedite<'_> {
+        self.expediter.expedite()
+    }
+
+    /// Hosted data shards (the meta shard excluded), in id order.
+    pub(super) fn shard_ids(&self) -> Vec<ShardId> {
+        let mut ids: Vec<ShardId> = self
+            .groups
+            .iter()
+            .map(|e| *e.key())
+            .filter(|s| *s != meta::META_SHARD)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    pub(super) fn get(&self, shard: ShardId) -> Option<ShardRaft> {
+        self.groups.get(&shard).map(|r| r.clone())
+    }
+
+    /// The descriptors recorded in this node's replica of the meta shard
+    /// (`None` when it hosts none). Routes are hints: every data request is
+    /// checked against the serving shard's own descriptor, so a lagging
+    /// replica of the meta shard costs a retry, never a wrong answer.
+    pub fn meta_routes(&self) -> Option<Vec<ShardDescriptor>> {
+        self.get(meta::META_SHARD)?;
+        let r = meta::meta_range();
+        let pairs = self.engine.scan(&r.start, &r.end, usize::MAX).ok()?;
+        Some(
+            pairs
+                .iter()
+                .filter(|(k, _)| meta::route_key_shard(k).is_some())
+                .filter_map(|(_, v)| postcard::from_bytes::<ShardDescriptor>(v).ok())
+                .collect(),
+        )
+    }
+
+    /// Serves the client connections the transport hands over, each until
+    /// it closes (holding its permit).
+    pub(super) async fn serve_clients(
+        self: Arc<Self>,
+        mut conns: tokio::sync::mpsc::Receiver<ClientConn>,
+    ) {
+        while let Some(ClientConn { conn, permit }) = conns.recv().await {
+            let registry = self.clone();
+            tokio::spawn(async move {
+                serve_client::serve_connection(registry, conn).await;
+                drop(permit);
+            });
+        }
+    }
+
+    /// Hands one Raft request from node `from` to its group. A vote or an
+    /// append must speak for its sender: only the candidate asks for votes
+    /// and only the leader appends (each peer connection is bound to one
+    /// node by its certificate).
+    pub async fn handle_request(
+        &self,
+        from: NodeId,
+        shard: ShardId,
+        req: PeerRequest,
+    ) -> PeerResponse {
+        let claimed = match &req {
+            PeerRequest::Append(r) => Some(r.vote.leader_id.node_id),
+            PeerRequest::Vote(v) | PeerRequest::PreVote(v) => Some(v.vote.leader_id.node_id),
+            _ => None,
+        };
+        if let Some(claimed) = claimed.filter(|c| *c != from) {
+            tracing::warn!(%shard, %claimed, sender = %from, "a Raft message for another node refused");
+            return PeerResponse::Refused(Refusal::NotTheSender {
+                shard,
+                claimed,
+                sender: from,
+            });
+        }
+        if !matches!(
+            req,
+            PeerRequest::Append(_)
+                | PeerRequest::Vote(_)
+                | PeerRequest::PreVote(_)
+                | PeerRequest::TransferLeader(_)
+        ) {
+            return self.handle_admin(shard, req).await;
+        }
+        let Some(raft) = self.get(shard) else {
+            return PeerResponse::Refused(Refusal::UnknownShard(shard));
+        };
+        /// openraft's answer, or its error as a refusal.
+        fn answered<T, E: std::fmt::Display>(
+            r: Result<T, E>,
+            wrap: fn(T) -> PeerResponse,
+        ) -> PeerResponse {
+            r.map_or_else(
+                |e| PeerResponse::Refused(Refusal::Failed(e.to_string())),
+                wrap,
+            )
+        }
+        match req {
+            PeerRequest::Append(r) => answered(raft.append_entries(r).await, PeerResponse::Append),
+            PeerRequest::Vote(v) => answered(raft.vote(v).await, PeerResponse::Vote),
+            PeerRequest::PreVote(v) => answered(raft.pre_vote(v).await, PeerResponse::Vote),
+            PeerRequest::TransferLeader(t) => answered(
+                raft.handle_transfer_leader(t).await,
+                PeerResponse::TransferLeader,
+            ),
+            other => self.handle_admin(shard, other).await,
+        }
+    }
+
+    /// Where a received snapshot of a hosted shard is written.
+    pub fn snapshot_dir(&self, shard: ShardId) -> Option<PathBuf> {
+        self.groups
+            .contains_key(&shard)
+            .then(|| self.engine.shard_snapshot_dir(shard))
+    }
+
+    /// Hands a fully received snapshot file from node `from` to its group.
+    ///
+    /// # Errors
+    /// [`Refusal`] when the shard is not hosted, the snapshot speaks for
+    /// another leader than its sender, is older than the replica, or its
+    /// group failed.
+    pub async fn install_snapshot(
+        &self,
+        from: NodeId,
+        shard: ShardId,
+        vote: Vote,
+        meta: SnapshotMeta,
+        data: SnapshotData,
+    ) -> Result<Vote, Refusal> {
+        let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        // Only a leader sends its snapshot, under its own vote.
+        if vote.leader_id.node_id != from {
+            return Err(Refusal::NotTheSender {
+                shard,
+                claimed: vote.leader_id.node_id,
+                sender: from,
+            });
+        }
+        // Never older than what this replica already is: a snapshot taken
+        // before a split or membership change it has applied would bring
+        // back a range and configuration that no longer exist. (An empty
+        // replica has applied nothing: whatever it installs is trimmed to
+        // the keys no newer replica here owns, and its log replays the rest.)
+        let local = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| Refusal::UnknownShard(shard))?;
+        let stateful = self
+            .engine
+            .ownership()
+            .get(shard)
+            .is_some_and(|c| c.initialized);
+        let header = crate::storage::snapshot::read_header(data.path())
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        let theirs = header.descriptor.epoch;
+        if stateful && !theirs.covers(&local.epoch) {
+            tracing::warn!(%shard, snapshot = ?theirs, local = ?local.epoch, "stale snapshot refused");
+            return Err(Refusal::StaleSnapshot {
+                shard,
+                snapshot: theirs,
+                local: local.epoch,
+            });
+        }
+        let snapshot = crate::raft::Snapshot {
+            meta,
+            snapshot: data,
+        };
+        let installed = raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map(|r| r.vote)
+            .map_err(|e| Refusal::Failed(e.to_string()))?;
+        if theirs.version > local.epoch.version {
+            // The shard split while this replica was away: the children it
+            // is a member of are found and created by replica repair.
+            if let Some(n) = self.node() {
+                n.gc_wake.notify_one();
+            }
+        }
+        Ok(installed)
+    }
+}
+
+/// The node's side of the transport: decodes inbound bodies as Raft
+/// messages ([`rpc`]) and hands them to the registry.
+pub(super) struct NodeInbound(pub(super) Arc<Registry>);
+
+impl Inbound for NodeInbound {
+    fn request(&self, from: NodeId, shard: ShardId, body: Vec<u8>) -> Answer {
+        let registry = self.0.clone();
+        Box::pin(async move {
+            let resp = match postcard::from_bytes::<PeerRequest>(&body) {
+                Ok(req) => {
+                    drop(body);
+                    registry.handle_request(from, shard, req).await
+                }
+                Err(e) => {
+                    PeerResponse::Refused(Refusal::Failed(format!("undecodable request: {e}")))
+                }
+            };
+            rpc::encode_response(&resp)
+        })
+    }
+
+    fn snapshot_folder(&self, shard: ShardId) -> Result<PathBuf, Vec<u8>> {
+        self.0.snapshot_dir(shard).ok_or_else(|| {
+            rpc::encode_snapshot_reply(&SnapshotReply::Refused(Refusal::UnknownShard(shard)))
+        })
+    }
+
+    fn snapshot(&self, from: NodeId, shard: ShardId, head: Vec<u8>, file: PathBuf) -> Answer {
+        let registry = self.0.clone();
+        Box::pin(async move {
+            let reply = match postcard::from_bytes::<SnapshotHead>(&head) {
+                Ok(SnapshotHead { vote, meta }) => registry
+                    .install_snapshot(from, shard, vote, meta, SnapshotData::from_file(file))
+                    .await
+                    .map_or_else(SnapshotReply::Refused, |vote| SnapshotReply::Done { vote }),
+                Err(e) => SnapshotReply::Refused(Refusal::Failed(format!(
+                    "undecodable snapshot head: {e}"
+                ))),
+            };
+            rpc::encode_snapshot_reply(&reply)
+        })
+    }
+}
