@@ -13,7 +13,8 @@ use libfuzzer_sys::fuzz_target;
 use tessera::api::{Request, Response};
 use tessera::command::Command;
 use tessera::limits::FRAME_BYTES_MAX;
-use tessera::net::proto::{decode_batch, decode_msg, encode_batch, RequestEnvelope, ResponseEnvelope};
+use tessera::net::proto::{decode_batch, decode_msg, decode_request, encode_batch};
+use tessera::raft::rpc::{PeerRequest, PeerResponse};
 use tessera::wire::{decode_payload, encode_frame, read_frame, WireError};
 use tessera_fuzz::{block_on, reencode, roundtrip_eq};
 
@@ -61,11 +62,13 @@ fn check_batch(payload: &[u8], max_msgs: usize) {
     );
     assert_eq!(&frame[4..], payload, "a batch re-encodes to its bytes");
     for p in parts {
-        if let Ok(r) = decode_msg::<RequestEnvelope>(p) {
-            let _ = r.req.urgency();
-            reencode(&r);
+        if let Ok((_, body)) = decode_request(p) {
+            if let Ok(r) = decode_msg::<PeerRequest>(body) {
+                let _ = r.urgency();
+                reencode(&r);
+            }
         }
-        if let Ok(r) = decode_msg::<ResponseEnvelope>(p) {
+        if let Ok(r) = decode_msg::<PeerResponse>(p) {
             reencode(&r);
         }
     }
