@@ -201,7 +201,8 @@ fn ctl_round_trip(cluster: &Path) {
     }
     let table = ctl_ok(cluster, &["status"]);
     assert!(table.contains("up") && table.contains("shard"), "{table}");
-    for workload in ["write", "read", "mixed"] {
+    // The mixed run shares one connection set among its 4 clients.
+    for (workload, connections) in [("write", "4"), ("read", "4"), ("mixed", "1")] {
         let out = ctl_ok(
             cluster,
             &[
@@ -210,11 +211,17 @@ fn ctl_round_trip(cluster: &Path) {
                 workload,
                 "--clients",
                 "4",
+                "--connections",
+                connections,
                 "--duration",
                 "1",
                 "--keys",
                 "50",
             ],
+        );
+        assert!(
+            out.contains(&format!("over {connections} connection sets")),
+            "{out}"
         );
         let rate = out
             .lines()

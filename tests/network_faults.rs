@@ -203,7 +203,7 @@ async fn admin(kind: Admin, client: &Client) -> Result<String, String> {
                 .filter(|n| !d.replicas.contains(n))
                 .collect();
             let to = *spare.choose(&mut rng).ok_or("no spare node")?;
-            let what = format!("move {} {from} -> {to}", d.id);
+            let what = format!("move {} {:?} {from} -> {to}", d.id, d.range);
             client
                 .move_replica(d.id, from, to)
                 .await
@@ -212,7 +212,7 @@ async fn admin(kind: Admin, client: &Client) -> Result<String, String> {
         }
         Admin::TransferLeader => {
             let to = *d.replicas.choose(&mut rng).ok_or("no replicas")?;
-            let what = format!("transfer {} to {to}", d.id);
+            let what = format!("transfer {} {:?} to {to}", d.id, d.range);
             client
                 .transfer_leader(d.id, to)
                 .await
@@ -387,7 +387,19 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
     let keys: Vec<Vec<u8>> = (0..groups * 8).map(key).collect();
     for k in &keys {
         let call = rec.now();
-        let v = reader.get(k).await.expect("final read");
+        let v = match reader.get(k).await {
+            Ok(v) => v,
+            Err(e) => {
+                // Service did not come back for this key: say where it was.
+                let routes = reader.routes().await;
+                let mut status = Vec::new();
+                for (id, _) in &nodes {
+                    status.push((*id, reader.node_status(*id).await));
+                }
+                lin::report(&rec.ops(), std::slice::from_ref(k), &events.lock().unwrap());
+                panic!("final read of {k:?} failed: {e}\nroutes: {routes:?}\nnodes: {status:#?}");
+            }
+        };
         rec.push(Op {
             key: k.clone(),
             kind: Kind::Get(v),
@@ -424,6 +436,15 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
         }
     );
     lin::report(&ops, &bad, &events.lock().unwrap());
+    if !bad.is_empty() {
+        // Where the keys live now (the shards, their replicas and epochs).
+        if let Ok(routes) = reader.routes().await {
+            for k in &bad {
+                let d = routes.iter().find(|d| d.range.contains(k));
+                eprintln!("{k:?} is in {d:?}");
+            }
+        }
+    }
     assert!(bad.is_empty(), "not linearizable on keys {bad:?}");
     let shards = verify_all(&reader).await;
     println!("verify: every replica of {shards} shards agrees");

@@ -18,9 +18,11 @@ source tools/rocksdb.sh
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}"
 start=$(date +%s)
 set +e
-TESSERA_SOAK_SECS="$secs" cargo test -p tessera --features failpoints \
-  --test network_faults -- --nocapture --test-threads=1 five_nodes 2>&1 |
-  grep -E '^(network faults|faults|admin|client errors|checker|verify):|test five_nodes|^test result|panicked|not linearizable|differ|^history of|^  '
+log="${SOAK_LOG:-/tmp/tessera-soak.log}"
+echo "soak: full output in $log"
+TESSERA_SOAK_SECS="$secs" RUST_BACKTRACE=0 cargo test -p tessera --features failpoints \
+  --test network_faults -- --nocapture --test-threads=1 five_nodes 2>&1 | tee "$log" |
+  grep -E '^(network faults|faults|admin|client errors|checker|verify):|test five_nodes|^test result|panicked|not linearizable|differ|^history of|^  |^final read|is in Some'
 status=${PIPESTATUS[0]}
 set -e
 echo "soak: ${secs} s asked, $(( $(date +%s) - start )) s in all, exit ${status}"

@@ -159,6 +159,22 @@ impl Registry {
         Ok(())
     }
 
+    /// Refuses a read of `range` through `d` when this node's bytes there
+    /// are not `d`'s own (another replica here claims them at the same or a
+    /// newer version: a stale or orphaned replica awaiting its drop, or a
+    /// snapshot installed around a newer neighbour). Answering would serve
+    /// that other replica's state; the client retries instead.
+    fn check_owned(&self, d: &ShardDescriptor, range: &crate::KeyRange) -> Result<(), ApiError> {
+        if self.engine.owns_range(d.id, range, d.epoch.version) {
+            Ok(())
+        } else {
+            Err(ApiError::Unavailable {
+                shard: d.id,
+                reason: "another replica on this node claims keys of the read".into(),
+            })
+        }
+    }
+
     fn with_leader(&self, mut d: ShardDescriptor) -> ShardDescriptor {
         if let Some(r) = self.get(d.id) {
             d.leader_hint = r
@@ -230,6 +246,11 @@ impl Registry {
                 }
                 self.read_barrier(shard, &raft).await?;
                 self.recheck(&d)?;
+                for k in &keys {
+                    let mut end = k.clone();
+                    end.push(0);
+                    self.check_owned(&d, &crate::KeyRange::new(k.clone(), end))?;
+                }
                 self.read_local(&keys)
             }
             Request::Write {
@@ -310,6 +331,9 @@ impl Registry {
                 };
                 self.read_barrier(shard, &raft).await?;
                 self.recheck(&d)?;
+                if from < to {
+                    self.check_owned(&d, &crate::KeyRange::new(from.clone(), to.clone()))?;
+                }
                 let (pairs, more) = if from >= to {
                     (Vec::new(), false)
                 } else {

@@ -34,9 +34,16 @@ pub(crate) struct BenchArgs {
     /// pre-written keys) or `mixed` (half and half).
     #[arg(long, value_enum, default_value_t = Workload::Mixed)]
     workload: Workload,
-    /// Concurrent clients, each with its own connections.
+    /// Concurrent clients, each with its own connections (see
+    /// --connections).
     #[arg(long, default_value_t = 16)]
     clients: usize,
+    /// Connection sets the clients share, round robin (Tessera: one
+    /// `Client` each, i.e. one QUIC connection per node carrying many
+    /// concurrent requests; etcd: one gRPC channel each). Default: one per
+    /// client.
+    #[arg(long, value_name = "N")]
+    connections: Option<usize>,
     /// Requests each client keeps in flight at once (pipelined on its
     /// connections), for both targets.
     #[arg(long, default_value_t = 1, value_name = "N")]
@@ -251,6 +258,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         endpoints,
         in_flight,
         at_least_once,
+        connections,
     } = args;
     let endpoints: Vec<String> = endpoints
         .iter()
@@ -268,18 +276,20 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         Target::Etcd if at_least_once => bail!("--at-least-once is for --target tessera"),
         _ => {}
     }
-    if clients == 0 || keys == 0 || duration == 0 || in_flight == 0 {
-        bail!("--clients, --in-flight, --keys and --duration must be at least 1");
+    if clients == 0 || keys == 0 || duration == 0 || in_flight == 0 || connections == Some(0) {
+        bail!("--clients, --in-flight, --connections, --keys and --duration must be at least 1");
     }
     if clients.saturating_mul(in_flight) > 65_536 {
         bail!("--clients × --in-flight is over 65536 requests in flight");
     }
     // Tessera's value limit bounds both targets, so they run the same values.
     tessera::limits::check_value(&vec![0; value_size])?;
-    let mut workers = Vec::with_capacity(clients);
-    for _ in 0..clients {
-        workers.push(Conn::connect(cluster, target, &endpoints, at_least_once).await?);
+    let sets = connections.unwrap_or(clients).clamp(1, clients);
+    let mut shared = Vec::with_capacity(sets);
+    for _ in 0..sets {
+        shared.push(Conn::connect(cluster, target, &endpoints, at_least_once).await?);
     }
+    let workers: Vec<Conn> = (0..clients).map(|i| shared[i % sets].clone()).collect();
     let value = vec![b'v'; value_size];
     if workload != Workload::Write {
         // Reads find values: pre-write up to 1,000 keys, spread over the clients.
@@ -369,7 +379,7 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
     };
     writeln!(
         out,
-        "workload {workload:?}, {clients} clients × {in_flight} in flight, {duration} s, {keys} keys, {value_size}-byte values{against}"
+        "workload {workload:?}, {clients} clients × {in_flight} in flight over {sets} connection sets, {duration} s, {keys} keys, {value_size}-byte values{against}"
     )?;
     writeln!(out, "{:.0} ops/s", total.len() as f64 / secs)?;
     writeln!(

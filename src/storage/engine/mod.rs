@@ -251,6 +251,18 @@ impl Engine {
         self.ownership().owner(key)
     }
 
+    /// Whether this node's bytes for `range` are `shard`'s own (at range
+    /// version `version`): no other replica here claims part of it at the
+    /// same or a newer version. Where one does, `shard`'s applies skip those
+    /// keys (they are the other replica's), so a read of them through
+    /// `shard` would answer another replica's state.
+    pub fn owns_range(&self, shard: ShardId, range: &KeyRange, version: u64) -> bool {
+        let pieces = self
+            .ownership()
+            .writable(shard, &user_range(range), version);
+        pieces.len() == 1 && pieces[0] == user_range(range)
+    }
+
     /// How many tombstones of removed replicas this node holds.
     pub fn tombstone_count(&self) -> u64 {
         self.inner.tombstones.load(Ordering::Relaxed)
