@@ -397,6 +397,9 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
                     status.push((*id, reader.node_status(*id).await));
                 }
                 lin::report(&rec.ops(), std::slice::from_ref(k), &events.lock().unwrap());
+                for (t, what) in events.lock().unwrap().iter() {
+                    eprintln!("timeline {:.1} {what}", *t as f64 / 1e6);
+                }
                 panic!("final read of {k:?} failed: {e}\nroutes: {routes:?}\nnodes: {status:#?}");
             }
         };
@@ -437,6 +440,9 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
     );
     lin::report(&ops, &bad, &events.lock().unwrap());
     if !bad.is_empty() {
+        for (t, what) in events.lock().unwrap().iter() {
+            eprintln!("timeline {:.1} {what}", *t as f64 / 1e6);
+        }
         // Where the keys live now (the shards, their replicas and epochs).
         if let Ok(routes) = reader.routes().await {
             for k in &bad {
