@@ -268,6 +268,12 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
     );
     let issued = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let rec = Arc::new(Recorder::default());
+    // The timeline's zero on the wall clock, to read node logs against it.
+    let unix_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    eprintln!("timeline zero is unix {} ms", unix_ms - u128::from(rec.now() / 1_000_000));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..8u32 {

@@ -19,10 +19,13 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}"
 start=$(date +%s)
 set +e
 log="${SOAK_LOG:-/tmp/tessera-soak.log}"
-echo "soak: full output in $log"
-TESSERA_SOAK_SECS="$secs" RUST_BACKTRACE=0 cargo test -p tessera --features failpoints \
+# Every node's log (info level), to read a failure against the timeline.
+nodelogs="${TESSERA_NODE_LOG_DIR:-/tmp/tessera-soak-nodes}"
+rm -rf "$nodelogs" && mkdir -p "$nodelogs"
+echo "soak: full output in $log, node logs in $nodelogs"
+TESSERA_NODE_LOG_DIR="$nodelogs" TESSERA_SOAK_SECS="$secs" RUST_BACKTRACE=0 cargo test -p tessera --features failpoints \
   --test network_faults -- --nocapture --test-threads=1 five_nodes 2>&1 | tee "$log" |
-  grep -E '^(network faults|faults|admin|client errors|checker|verify):|test five_nodes|^test result|panicked|not linearizable|differ|^history of|^  |^final read|is in Some'
+  grep -E '^(network faults|faults|admin|client errors|checker|verify):|test five_nodes|^test result|panicked|not linearizable|differ|^history of|^  |^final read|is in Some|^timeline zero'
 status=${PIPESTATUS[0]}
 set -e
 echo "soak: ${secs} s asked, $(( $(date +%s) - start )) s in all, exit ${status}"

@@ -48,10 +48,27 @@ impl Proc {
         };
         cmd.args(["serve", "--config"])
             .arg(&self.config)
-            .env("RUST_LOG", "error")
             .env_remove("FAILPOINTS")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null());
+            .stdout(Stdio::piped());
+        // `TESSERA_NODE_LOG_DIR`: each node's log appended to `<dir>/n<id>.log`
+        // (at `TESSERA_NODE_RUST_LOG`, default `info`), for reading a failed
+        // soak against its timeline. Otherwise errors only, discarded.
+        match std::env::var_os("TESSERA_NODE_LOG_DIR") {
+            Some(dir) => {
+                let path = Path::new(&dir).join(format!("n{}.log", self.id.0));
+                let file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&path)
+                    .unwrap_or_else(|e| panic!("node log {}: {e}", path.display()));
+                let level =
+                    std::env::var("TESSERA_NODE_RUST_LOG").unwrap_or_else(|_| "info".into());
+                cmd.env("RUST_LOG", level).stderr(file);
+            }
+            None => {
+                cmd.env("RUST_LOG", "error").stderr(Stdio::null());
+            }
+        }
         if let Some(f) = failpoints {
             cmd.env("FAILPOINTS", f);
         }
