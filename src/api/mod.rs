@@ -135,6 +135,8 @@ pub struct ShardStatus {
     pub size_bytes: u64,
     /// The last applied log index.
     pub applied_index: u64,
+    /// The replica's current Raft term.
+    pub term: u64,
 }
 
 /// A node's answer to [`Request::NodeStatus`].

@@ -127,6 +127,8 @@ impl Registry {
         if d.epoch != epoch {
             return Err(self.mismatch(d));
         }
+        self.quiesce
+            .touch(shard, &raft, super::quiesce::Wake::Client);
         Ok((raft, d))
     }
 
@@ -434,6 +436,7 @@ impl Registry {
                         descriptor: d,
                         leader: m.current_leader,
                         applied_index: m.last_applied.map_or(0, |l| l.index),
+                        term: m.current_term,
                     });
                 }
                 Ok(Response::NodeStatus(NodeStatus {
