@@ -76,6 +76,14 @@ pub struct MetricsSnapshot {
     pub replicas_repaired: u64,
     /// Tombstones of removed replicas held by this node.
     pub tombstones: u64,
+    /// Replicas asleep (quiescent) right now.
+    pub groups_quiescent: u64,
+    /// Times a replica went to sleep.
+    pub hibernations: u64,
+    /// Wake-ups of sleeping replicas, by cause (label, count).
+    pub wakes: Vec<(&'static str, u64)>,
+    /// Elections seen: term increases of hosted groups.
+    pub elections: u64,
 }
 
 impl NetMetrics {
@@ -111,7 +119,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 19] = [
+        let rows: [(&str, &str, &str, u64); 22] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -226,12 +234,42 @@ impl MetricsSnapshot {
                 "Tombstones of removed replicas on this node",
                 self.tombstones,
             ),
+            (
+                "tessera_groups_quiescent",
+                "gauge",
+                "Replicas asleep: no ticks, no heartbeats, no election timer",
+                self.groups_quiescent,
+            ),
+            (
+                "tessera_hibernations_total",
+                "counter",
+                "Times a replica on this node went to sleep",
+                self.hibernations,
+            ),
+            (
+                "tessera_elections_total",
+                "counter",
+                "Elections seen on this node (term increases of hosted groups)",
+                self.elections,
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, v) in rows {
             let _ = writeln!(out, "# HELP {name} {help}");
             let _ = writeln!(out, "# TYPE {name} {kind}");
             let _ = writeln!(out, "{name}{{node=\"{}\"}} {v}", node.0);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tessera_wakes_total Sleeping replicas woken, by cause"
+        );
+        let _ = writeln!(out, "# TYPE tessera_wakes_total counter");
+        for (cause, v) in &self.wakes {
+            let _ = writeln!(
+                out,
+                "tessera_wakes_total{{node=\"{}\",cause=\"{cause}\"}} {v}",
+                node.0
+            );
         }
         // The process, not the node: nodes sharing one process (`tessera
         // dev`) report the same figures; the pid tells them apart.

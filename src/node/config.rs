@@ -111,6 +111,13 @@ pub struct RaftTimings {
     /// clients, 2 cores) it gave 2,354 writes/s at 665 µs of CPU each, off
     /// 2,699 at 568 µs: replicating later sends fewer, larger messages.
     pub replicate_before_flush: bool,
+    /// Quiescence: a group whose leader appended nothing for this long,
+    /// with every follower up to date, stops ticking on every replica (no
+    /// heartbeats, no election timers) until a request or message wakes
+    /// it; nodes ping each other once per heartbeat interval instead. 0
+    /// turns it off. At least `election_timeout_ms_min` when on. Default:
+    /// 0 (off) until the network soak has run clean with it.
+    pub quiesce_after_ms: u64,
 }
 
 impl Default for RaftTimings {
@@ -125,6 +132,7 @@ impl Default for RaftTimings {
             pre_vote: true,
             proposal_batch_max: 4096,
             replicate_before_flush: false,
+            quiesce_after_ms: 0,
         }
     }
 }
@@ -344,6 +352,15 @@ impl NodeConfig {
                 "must be above election_timeout_ms_min",
             ));
         }
+        if r.quiesce_after_ms != 0 && r.quiesce_after_ms < r.election_timeout_ms_min {
+            return Err(invalid(
+                "raft.quiesce_after_ms",
+                format!(
+                    "{} is below election_timeout_ms_min ({}); 0 turns quiescence off",
+                    r.quiesce_after_ms, r.election_timeout_ms_min
+                ),
+            ));
+        }
         if r.proposal_batch_max == 0 {
             return Err(invalid("raft.proposal_batch_max", "must be at least 1"));
         }
@@ -401,6 +418,15 @@ impl NodeConfig {
             enable_pre_vote: Some(r.pre_vote),
             api_batch_capacity: r.proposal_batch_max,
             broadcast_submitted_on_append: Some(r.replicate_before_flush),
+            // Never: applies and the commit index are not synced by
+            // themselves (the log is, and they are replayed from it), so a
+            // leader restarting after a power cut may hold a stale state
+            // machine and a stale commit index. openraft's default lets it
+            // lead its old term again at once, without an election, and
+            // answer linearizable reads from that stale state (found by the
+            // network soak; tests/leader_power_cut.rs). A new election
+            // makes the new leader commit an entry of its own term first.
+            enable_leader_restore: Some(false),
             ..Default::default()
         }
     }

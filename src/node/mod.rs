@@ -10,6 +10,7 @@ mod admin;
 mod config;
 
 mod peers_file;
+mod quiesce;
 mod registry;
 mod replica_gc;
 mod serve_client;
@@ -236,6 +237,7 @@ impl Node {
             engine.clone(),
             faults.clone(),
             config.api.response_bytes_max,
+            config.raft.quiesce_after_ms > 0,
         ));
         let net_metrics = Arc::new(NetMetrics::default());
         let (clients, client_conns) = tokio::sync::mpsc::channel(64);
@@ -281,6 +283,14 @@ impl Node {
         let node = Arc::new(node);
         let _ = node.registry.node.set(Arc::downgrade(&node));
         {
+            let registry = Arc::downgrade(&node.registry);
+            node.engine.set_append_hook(Box::new(move |shard| {
+                if let Some(r) = registry.upgrade() {
+                    r.quiesce.on_append(shard, || r.get(shard));
+                }
+            }));
+        }
+        {
             let mut tasks = node.tasks.lock().expect("tasks poisoned");
             tasks.push(tokio::spawn(admin::start_created(
                 Arc::downgrade(&node),
@@ -288,6 +298,7 @@ impl Node {
             )));
             tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
             tasks.push(tokio::spawn(admin::auto_split(Arc::downgrade(&node))));
+            tasks.push(tokio::spawn(quiesce::run(Arc::downgrade(&node))));
             tasks.push(tokio::spawn(replica_gc::run(
                 Arc::downgrade(&node),
                 identity.clone(),
@@ -469,6 +480,12 @@ impl Node {
         self.registry.meta_routes()
     }
 
+    /// Whether this node's replica of `shard` is asleep (quiescent: no
+    /// ticks, heartbeats or election timer until something wakes it).
+    pub fn is_quiescent(&self, shard: ShardId) -> bool {
+        self.registry.quiesce.is_asleep(shard)
+    }
+
     /// Data shards this node leads right now.
     pub fn shards_led(&self) -> Vec<ShardId> {
         let mut led: Vec<ShardId> = self
@@ -506,6 +523,15 @@ impl Node {
             .repaired
             .load(std::sync::atomic::Ordering::Relaxed);
         s.tombstones = self.engine.tombstone_count();
+        let q = self.registry.quiesce.stats();
+        s.groups_quiescent = q.asleep;
+        s.hibernations = q.hibernations;
+        s.elections = q.elections;
+        s.wakes = quiesce::Wake::ALL
+            .iter()
+            .map(|w| w.label())
+            .zip(q.wakes)
+            .collect();
         s
     }
 

@@ -21,6 +21,8 @@ pub struct Registry {
     pub(super) node: std::sync::OnceLock<std::sync::Weak<Node>>,
     /// Most key and value bytes in one response (`api.response_bytes_max`).
     pub(super) response_bytes_max: usize,
+    /// Which replicas sleep (quiescence).
+    pub(crate) quiesce: super::quiesce::Quiescence,
 }
 
 impl Registry {
@@ -29,6 +31,7 @@ impl Registry {
         engine: Engine,
         faults: Arc<Faults>,
         response_bytes_max: usize,
+        quiesce: bool,
     ) -> Self {
         Registry {
             me,
@@ -38,6 +41,7 @@ impl Registry {
             faults,
             node: std::sync::OnceLock::new(),
             response_bytes_max,
+            quiesce: super::quiesce::Quiescence::new(quiesce),
         }
     }
 
@@ -110,6 +114,7 @@ impl Registry {
         let claimed = match &req {
             PeerRequest::Append(r) => Some(r.vote.leader_id.node_id),
             PeerRequest::Vote(v) | PeerRequest::PreVote(v) => Some(v.vote.leader_id.node_id),
+            PeerRequest::Hibernate { vote, .. } => Some(vote.leader_id.node_id),
             _ => None,
         };
         if let Some(claimed) = claimed.filter(|c| *c != from) {
@@ -132,6 +137,7 @@ impl Registry {
         let Some(raft) = self.get(shard) else {
             return PeerResponse::Refused(Refusal::UnknownShard(shard));
         };
+        self.quiesce.on_raft_request(shard, &raft, &req);
         /// openraft's answer, or its error as a refusal.
         fn answered<T, E: std::fmt::Display>(
             r: Result<T, E>,
@@ -209,6 +215,8 @@ impl Registry {
                 local: local.epoch,
             });
         }
+        self.quiesce
+            .touch(shard, &raft, super::quiesce::Wake::Raft);
         let snapshot = crate::raft::Snapshot {
             meta,
             snapshot: data,

@@ -49,6 +49,17 @@ pub enum PeerRequest {
         /// Its QUIC address.
         addr: std::net::SocketAddr,
     },
+    /// The group's leader asks this follower to sleep (quiescence): its
+    /// log ends at `last`, committed and applied, under `vote`.
+    Hibernate {
+        /// The leader's vote.
+        vote: Vote,
+        /// The last log id.
+        last: Option<crate::raft::LogId>,
+    },
+    /// A liveness ping between two nodes, standing in for the heartbeats
+    /// of every sleeping group between them.
+    Ping,
 }
 
 impl PeerRequest {
@@ -122,6 +133,12 @@ pub enum PeerResponse {
     Proposed(CommandResponse),
     /// An admin request was carried out.
     Done,
+    /// A [`PeerRequest::Ping`] answered, with a random id of the
+    /// responder's run (a new one tells a restart).
+    Pong {
+        /// The responder's boot id.
+        boot: u64,
+    },
     /// Not answered by Raft.
     Refused(Refusal),
 }

@@ -88,7 +88,10 @@ impl LogStore {
         let cb: OnDurable = Box::new(on_durable);
         let written = self.engine.submit(ops, Some(n), Some(cb)).await;
         match &written {
-            Ok(()) => self.tail().append(start, sizes.into_iter().zip(entries)),
+            Ok(()) => {
+                self.tail().append(start, sizes.into_iter().zip(entries));
+                self.engine.appended(self.shard);
+            }
             // Whatever happened to the write, the tail must not claim it.
             Err(_) => self.tail().truncate_from(start),
         }

@@ -23,7 +23,7 @@ mod state_machine;
 mod writer;
 
 pub use config::{CommitMode, StorageConfig};
-pub use engine::{Engine, ShardState};
+pub use engine::{AppendHook, Engine, ShardState};
 pub use error::StoreError;
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;

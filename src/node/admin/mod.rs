@@ -15,6 +15,7 @@ pub(crate) use joins::announce;
 pub(crate) use routes::{report_routes, start_created};
 pub(crate) use split::auto_split;
 
+use super::quiesce::Wake;
 use super::{leadership, Node, Registry};
 use crate::command::{Command, CommandResponse};
 use crate::meta;
@@ -79,6 +80,7 @@ impl Registry {
         if !leads {
             return Err(Refusal::NotLeader(hint));
         }
+        self.quiesce.touch(shard, &raft, Wake::Admin);
         let _expedite = self.expedite();
         match raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
@@ -138,6 +140,21 @@ impl Registry {
                 node.learn_peer(PeerAddr { id, addr });
                 PeerResponse::Done
             }
+            PeerRequest::Hibernate { vote, last } => {
+                let Some(raft) = self.get(shard) else {
+                    return refused(Refusal::UnknownShard(shard));
+                };
+                match self
+                    .quiesce
+                    .sleep_follower(shard, &raft, vote.leader_id.node_id, vote, last)
+                {
+                    Ok(()) => PeerResponse::Done,
+                    Err(reason) => refused(Refusal::Failed(reason)),
+                }
+            }
+            PeerRequest::Ping => PeerResponse::Pong {
+                boot: self.quiesce.boot,
+            },
             PeerRequest::Append(_)
             | PeerRequest::Vote(_)
             | PeerRequest::PreVote(_)
@@ -266,6 +283,7 @@ impl Node {
         if !leads {
             return Err(AdminError::NotLeader { shard, hint });
         }
+        self.registry.quiesce.touch(shard, &raft, Wake::Admin);
         Ok(raft)
     }
 }

@@ -304,6 +304,7 @@ impl Node {
         if let Some((_, raft)) = self.registry.groups.remove(&shard) {
             let _ = raft.shutdown().await;
         }
+        self.registry.quiesce.forget(shard);
         // The group's stores close as its tasks end.
         let started = Instant::now();
         loop {

@@ -62,6 +62,9 @@ pub(crate) struct Inner {
     /// The node this engine belongs to, once told (children of a split are
     /// created only on their members).
     node_id: std::sync::OnceLock<NodeId>,
+    /// Called with the shard after every non-empty log append (the node
+    /// wakes a sleeping group whose log grows).
+    append_hook: std::sync::OnceLock<AppendHook>,
     /// Tombstones held (a gauge for metrics).
     tombstones: AtomicU64,
     /// Each hosted shard's descriptor as last written: the request path
@@ -109,6 +112,9 @@ impl Drop for Inner {
         self.closed.send_replace(true);
     }
 }
+
+/// See [`Engine::set_append_hook`].
+pub type AppendHook = Box<dyn Fn(ShardId) + Send + Sync>;
 
 /// What one shard replica has on disk (for inspection and recovery checks).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -217,6 +223,7 @@ impl Engine {
                 created_signal: Arc::new(tokio::sync::Notify::new()),
                 ownership: std::sync::RwLock::new(ownership),
                 node_id: std::sync::OnceLock::new(),
+                append_hook: std::sync::OnceLock::new(),
                 tombstones: AtomicU64::new(tombstones),
                 descriptors: Default::default(),
                 digests: Default::default(),
@@ -228,6 +235,20 @@ impl Engine {
     /// another id are ignored).
     pub fn set_node_id(&self, id: NodeId) {
         let _ = self.inner.node_id.set(id);
+    }
+
+    /// Sets what is called with the shard after every non-empty log
+    /// append (once; later calls are ignored). It must be cheap and must
+    /// not block.
+    pub fn set_append_hook(&self, hook: AppendHook) {
+        let _ = self.inner.append_hook.set(hook);
+    }
+
+    /// Runs the append hook for `shard`, if one is set.
+    pub(crate) fn appended(&self, shard: ShardId) {
+        if let Some(h) = self.inner.append_hook.get() {
+            h(shard);
+        }
     }
 
     /// The node this engine belongs to, when told.
