@@ -5,7 +5,7 @@
 //!
 //! openraft is pinned at `=0.10.0-alpha.37`: its core submits log I/O without
 //! waiting for the flush, batches client writes, and has pre-vote and leader
-//! transfer (see `docs/DESIGN-NOTES.md`).
+//! transfer (see the README's design note on openraft 0.10).
 
 pub mod network;
 pub mod rpc;

@@ -28,6 +28,8 @@ pub struct Timings {
     pub client_connections_max: usize,
     pub split: tessera::node::SplitConfig,
     pub replica_gc: tessera::node::ReplicaGcConfig,
+    /// `raft.quiesce_after_ms` (0: quiescence off).
+    pub quiesce_after_ms: u64,
 }
 
 impl Timings {
@@ -43,6 +45,7 @@ impl Timings {
             client_connections_max: 4096,
             split: tessera::node::SplitConfig::default(),
             replica_gc: tessera::node::ReplicaGcConfig::default(),
+            quiesce_after_ms: 0,
         }
     }
 
@@ -72,6 +75,7 @@ impl Timings {
             client_connections_max: 4096,
             split: tessera::node::SplitConfig::default(),
             replica_gc: tessera::node::ReplicaGcConfig::default(),
+            quiesce_after_ms: 0,
         }
     }
 }
@@ -177,6 +181,7 @@ impl TestCluster {
                     election_timeout_ms_max: t.election_max_ms,
                     snapshot_logs_since_last: t.snapshot_logs_since_last,
                     snapshot_logs_to_keep: t.snapshot_logs_to_keep,
+                    quiesce_after_ms: t.quiesce_after_ms,
                     ..Default::default()
                 },
                 transport: TransportConfig {

@@ -163,6 +163,11 @@ pub fn write_cluster(
                 heartbeat_interval_ms: 100,
                 election_timeout_ms_min: 600,
                 election_timeout_ms_max: 1200,
+                // `TESSERA_QUIESCE_AFTER_MS`: the soak with quiescence on.
+                quiesce_after_ms: std::env::var("TESSERA_QUIESCE_AFTER_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
                 ..Default::default()
             },
             transport: tessera::net::TransportConfig {

@@ -1,0 +1,183 @@
+//! Quiescence: idle groups hibernate on every replica and wake on demand;
+//! node-pair pings stand in for the heartbeats of sleeping groups, so a
+//! dead leader's sleeping groups elect and nothing else does.
+
+mod common;
+
+use common::cluster::{init_tracing, spread_shards, TestCluster, Timings};
+use openraft::async_runtime::watch::WatchReceiver as _;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tessera::{NodeId, ShardDescriptor, ShardId};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn timings() -> Timings {
+    Timings {
+        quiesce_after_ms: 1000,
+        ..Timings::fast()
+    }
+}
+
+/// 6 shards on nodes 1–3, two led by each.
+async fn cluster() -> (TestCluster, Vec<ShardDescriptor>) {
+    let c = TestCluster::start(&[1, 2, 3], &[], None, timings()).await;
+    let shards = spread_shards(6, &[1, 2, 3], |i| i % 3 + 1);
+    c.create_shards(&shards).await;
+    for d in &shards {
+        c.wait_leader(d.id, WAIT).await.unwrap();
+    }
+    (c, shards)
+}
+
+/// Waits until every replica of `shards` on the running nodes sleeps.
+async fn wait_all_asleep(c: &TestCluster, shards: &[ShardDescriptor]) {
+    c.wait_until("every replica of every shard asleep", WAIT, |c| {
+        c.up()
+            .all(|n| shards.iter().all(|d| n.is_quiescent(d.id)))
+    })
+    .await
+    .unwrap();
+}
+
+/// The term of `shard` on each running node.
+fn terms(c: &TestCluster, shard: ShardId) -> BTreeMap<NodeId, u64> {
+    c.up()
+        .filter_map(|n| {
+            let r = n.raft(shard)?;
+            let term = r.metrics().borrow_watched().current_term;
+            Some((n.id(), term))
+        })
+        .collect()
+}
+
+/// A key inside `d`'s range (its start, a zero byte, `suffix`).
+fn key_of(d: &ShardDescriptor, suffix: &str) -> Vec<u8> {
+    let mut k = d.range.start.clone();
+    k.push(0);
+    k.extend_from_slice(suffix.as_bytes());
+    k
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_groups_sleep_and_a_client_wakes_them_without_an_election() {
+    init_tracing();
+    let (c, shards) = cluster().await;
+    let client = c.client();
+    wait_all_asleep(&c, &shards).await;
+    let before: Vec<_> = shards.iter().map(|d| terms(&c, d.id)).collect();
+    // A write and a linearizable read to every sleeping shard, through the
+    // client like any other.
+    for d in &shards {
+        let k = key_of(d, "woken");
+        client.put(&k, b"1").await.expect("write to a sleeping shard");
+        assert_eq!(client.get(&k).await.unwrap().as_deref(), Some(&b"1"[..]));
+    }
+    let woken: u64 = c
+        .up()
+        .map(|n| {
+            n.metrics()
+                .wakes
+                .iter()
+                .filter(|(cause, _)| *cause == "client")
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        })
+        .sum();
+    assert!(woken >= shards.len() as u64, "{woken} client wake-ups");
+    // They fall asleep again, and no group held an election throughout.
+    wait_all_asleep(&c, &shards).await;
+    let after: Vec<_> = shards.iter().map(|d| terms(&c, d.id)).collect();
+    assert_eq!(before, after, "terms changed: an election happened");
+    for d in &shards {
+        let k = key_of(d, "woken");
+        assert_eq!(client.get(&k).await.unwrap().as_deref(), Some(&b"1"[..]));
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_leaders_sleeping_groups_elect_and_the_others_stay_asleep() {
+    init_tracing();
+    let (mut c, shards) = cluster().await;
+    let client = c.client();
+    for d in &shards {
+        client.put(&key_of(d, "a"), b"1").await.unwrap();
+    }
+    wait_all_asleep(&c, &shards).await;
+    let leaders: BTreeMap<ShardId, NodeId> = shards
+        .iter()
+        .map(|d| {
+            let l = c
+                .up()
+                .find(|n| n.shards_led().contains(&d.id))
+                .map(|n| n.id())
+                .expect("a leader");
+            (d.id, l)
+        })
+        .collect();
+    let before: BTreeMap<ShardId, BTreeMap<NodeId, u64>> =
+        shards.iter().map(|d| (d.id, terms(&c, d.id))).collect();
+    let dead = NodeId(1);
+    assert!(leaders.values().any(|l| *l == dead), "n1 leads some shards");
+    c.kill(1).await;
+    let killed_at = Instant::now();
+    // Its groups elect new leaders among the survivors.
+    for (shard, leader) in &leaders {
+        if *leader == dead {
+            c.wait_leader_among(*shard, &[2, 3], WAIT).await.unwrap();
+        }
+    }
+    println!(
+        "new leaders of the dead leader's sleeping groups after {:?}",
+        killed_at.elapsed()
+    );
+    // The others held no election: same leader, same term, still asleep.
+    for (shard, leader) in &leaders {
+        if *leader != dead {
+            let mut t = before[shard].clone();
+            t.remove(&dead);
+            assert_eq!(terms(&c, *shard), t, "{shard} (led by {leader}) had an election");
+            assert!(c.node(leader.0).shards_led().contains(shard));
+        }
+    }
+    // Writes to every shard; then the dead node comes back and its
+    // replicas, which missed them, catch up.
+    for d in &shards {
+        client.put(&key_of(d, "b"), b"2").await.unwrap();
+    }
+    c.restart(1).await;
+    for d in &shards {
+        c.wait_caught_up(d.id, &[1, 2, 3], WAIT).await.unwrap();
+    }
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_follower_that_missed_entries_catches_up_when_woken() {
+    init_tracing();
+    let (mut c, shards) = cluster().await;
+    let client = c.client();
+    wait_all_asleep(&c, &shards).await;
+    // n3 is away while every shard takes writes (n3 leads two of them:
+    // they elect elsewhere first).
+    c.kill(3).await;
+    for d in &shards {
+        for i in 0..20 {
+            client.put(&key_of(d, &format!("m{i}")), b"x").await.unwrap();
+        }
+    }
+    c.restart(3).await;
+    for d in &shards {
+        c.wait_caught_up(d.id, &[1, 2, 3], WAIT).await.unwrap();
+    }
+    // Everyone falls asleep again, n3 included, and the data reads back.
+    wait_all_asleep(&c, &shards).await;
+    for d in &shards {
+        for i in 0..20 {
+            let k = key_of(d, &format!("m{i}"));
+            assert_eq!(client.get(&k).await.unwrap().as_deref(), Some(&b"x"[..]));
+        }
+    }
+    c.shutdown().await;
+}
