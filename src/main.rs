@@ -61,9 +61,14 @@ enum Cmd {
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..=9))]
         nodes: u64,
         /// Shards to create on first start, splitting the key space evenly
-        /// by first byte.
-        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=256))]
+        /// (by first byte up to 256 shards, by the first two beyond).
+        #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10000))]
         shards: u64,
+        /// Quiescence: idle shards stop ticking after this many ms without
+        /// writes (overrides `raft.quiesce_after_ms` of every node's config;
+        /// 0 turns it off; at least the election timeout).
+        #[arg(long)]
+        quiesce_after_ms: Option<u64>,
     },
     /// Prepare a new node for a `tessera dev` folder: a certificate from the
     /// folder's CA, `DIR/node-N/node.toml` pointing at the existing nodes
@@ -110,7 +115,8 @@ fn main() -> Result<()> {
             data_dir,
             nodes,
             shards,
-        } => rt.block_on(dev(data_dir, nodes, shards)),
+            quiesce_after_ms,
+        } => rt.block_on(dev(data_dir, nodes, shards, quiesce_after_ms)),
         Cmd::Inspect { data_dir } => inspect(data_dir),
         Cmd::AddNode { data_dir } => add_node(&data_dir),
         Cmd::TortureStore { data_dir, shards } => rt.block_on(torture::run(data_dir, shards)),
@@ -291,7 +297,12 @@ fn add_node(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
+async fn dev(
+    data_dir: PathBuf,
+    nodes: u64,
+    shards: u64,
+    quiesce_after_ms: Option<u64>,
+) -> Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data folder {}", data_dir.display()))?;
     let cluster_path = data_dir.join("cluster.toml");
@@ -309,7 +320,10 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64) -> Result<()> {
     let mut running: BTreeMap<NodeId, Arc<Node>> = BTreeMap::new();
     for n in &cluster.nodes {
         let path = data_dir.join(format!("node-{}", n.id.0)).join("node.toml");
-        let cfg = NodeConfig::load(&path)?;
+        let mut cfg = NodeConfig::load(&path)?;
+        if let Some(q) = quiesce_after_ms {
+            cfg.raft.quiesce_after_ms = q;
+        }
         let identity = TlsIdentity::load(&cfg.tls)?;
         let node = Node::start(cfg, &identity, Arc::new(Faults::none()))
             .await

@@ -19,7 +19,7 @@ mod lin;
 mod procs;
 
 use lin::{check, Kind, Op, Recorder};
-use procs::{admin_client, loopback_nodes, write_cluster, Proc};
+use procs::{admin_client, loopback_nodes, start_on_loopback, write_cluster};
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,14 +33,7 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
     let dir = tempfile::tempdir().unwrap();
     let nodes = loopback_nodes(3);
     let (ca, configs) = write_cluster(dir.path(), "kill-loop", &nodes, 4);
-    let mut procs: Vec<Proc> = nodes
-        .iter()
-        .zip(configs)
-        .map(|((id, _), config)| Proc::new(*id, config, None))
-        .collect();
-    for p in &mut procs {
-        p.start(None);
-    }
+    let mut procs = start_on_loopback(&nodes, configs);
     // An admin certificate: the run ends with a verify.
     let mk = |deadline: Duration| admin_client(&ca, &nodes, deadline, Duration::from_secs(1));
     // Service is up before the faults start.

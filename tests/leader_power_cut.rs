@@ -22,10 +22,10 @@ mod procs;
 #[path = "common/wait.rs"]
 mod wait;
 
-use procs::{admin_client, loopback_nodes, write_cluster, Proc};
+use procs::{admin_client, loopback_nodes, start_on_loopback, write_cluster};
 use std::time::Duration;
-use tessera::node::NodeConfig;
 use tessera::api::ShardStatus;
+use tessera::node::NodeConfig;
 use tessera::{Client, NodeId, ShardId};
 
 /// `node`'s status of `shard`.
@@ -54,14 +54,7 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_lead_the_same_term_again(
         c.raft.quiesce_after_ms = 0;
         std::fs::write(path, c.to_toml()).unwrap();
     }
-    let mut procs: Vec<Proc> = nodes
-        .iter()
-        .zip(configs)
-        .map(|((id, _), config)| Proc::new(*id, config, None))
-        .collect();
-    for p in &mut procs {
-        p.start(None);
-    }
+    let mut procs = start_on_loopback(&nodes, configs);
     let client = admin_client(&ca, &nodes, Duration::from_secs(60), Duration::from_secs(5));
     client.put(b"before", b"1").await.expect("service up");
     let shard = client

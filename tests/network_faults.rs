@@ -273,7 +273,10 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis();
-    eprintln!("timeline zero is unix {} ms", unix_ms - u128::from(rec.now() / 1_000_000));
+    eprintln!(
+        "timeline zero is unix {} ms",
+        unix_ms - u128::from(rec.now() / 1_000_000)
+    );
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut workers = Vec::new();
     for w in 0..8u32 {

@@ -33,8 +33,7 @@ async fn cluster() -> (TestCluster, Vec<ShardDescriptor>) {
 /// Waits until every replica of `shards` on the running nodes sleeps.
 async fn wait_all_asleep(c: &TestCluster, shards: &[ShardDescriptor]) {
     c.wait_until("every replica of every shard asleep", WAIT, |c| {
-        c.up()
-            .all(|n| shards.iter().all(|d| n.is_quiescent(d.id)))
+        c.up().all(|n| shards.iter().all(|d| n.is_quiescent(d.id)))
     })
     .await
     .unwrap();
@@ -70,7 +69,10 @@ async fn idle_groups_sleep_and_a_client_wakes_them_without_an_election() {
     // client like any other.
     for d in &shards {
         let k = key_of(d, "woken");
-        client.put(&k, b"1").await.expect("write to a sleeping shard");
+        client
+            .put(&k, b"1")
+            .await
+            .expect("write to a sleeping shard");
         assert_eq!(client.get(&k).await.unwrap().as_deref(), Some(&b"1"[..]));
     }
     let woken: u64 = c
@@ -137,7 +139,11 @@ async fn a_dead_leaders_sleeping_groups_elect_and_the_others_stay_asleep() {
         if *leader != dead {
             let mut t = before[shard].clone();
             t.remove(&dead);
-            assert_eq!(terms(&c, *shard), t, "{shard} (led by {leader}) had an election");
+            assert_eq!(
+                terms(&c, *shard),
+                t,
+                "{shard} (led by {leader}) had an election"
+            );
             assert!(c.node(leader.0).shards_led().contains(shard));
         }
     }
@@ -164,7 +170,10 @@ async fn a_sleeping_follower_that_missed_entries_catches_up_when_woken() {
     c.kill(3).await;
     for d in &shards {
         for i in 0..20 {
-            client.put(&key_of(d, &format!("m{i}")), b"x").await.unwrap();
+            client
+                .put(&key_of(d, &format!("m{i}")), b"x")
+                .await
+                .unwrap();
         }
     }
     c.restart(3).await;

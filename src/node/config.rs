@@ -203,7 +203,8 @@ impl Default for ApiConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Bootstrap {
-    /// Shards, splitting the key space evenly by first byte (1..=256).
+    /// Shards, splitting the key space evenly by first byte (by the first
+    /// two beyond 256; 1..=10000).
     pub shards: u64,
     /// The nodes of the initial cluster; each shard gets up to 3 of them.
     pub members: Vec<NodeId>,
@@ -386,8 +387,11 @@ impl NodeConfig {
             .validate()
             .map_err(|e| invalid(format!("storage.{}", e.field), e.reason))?;
         if let Some(b) = &self.bootstrap {
-            if b.shards == 0 || b.shards > 256 {
-                return Err(invalid("bootstrap.shards", "must be within 1..=256"));
+            if b.shards == 0 || b.shards > super::INITIAL_SHARDS_MAX {
+                return Err(invalid(
+                    "bootstrap.shards",
+                    format!("must be within 1..={}", super::INITIAL_SHARDS_MAX),
+                ));
             }
             if b.members.is_empty() {
                 return Err(invalid("bootstrap.members", "must not be empty"));

@@ -43,6 +43,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Most shards a cluster is bootstrapped with.
+pub const INITIAL_SHARDS_MAX: u64 = 10_000;
+
 /// One shard replica's Raft group.
 pub type ShardRaft = openraft::Raft<crate::raft::TypeConfig, crate::storage::StateMachine>;
 
@@ -91,11 +94,15 @@ pub(crate) fn leadership(raft: &ShardRaft, me: NodeId) -> (bool, Option<NodeId>)
     )
 }
 
-/// `n` descriptors covering the key space, split evenly by first byte; each
-/// shard on up to 3 of `members` (round robin), its first replica the one
-/// that initialises the group (so leadership starts spread out).
+/// `n` descriptors covering the key space, split evenly by first byte (by
+/// the first two bytes beyond 256 shards); each shard on up to 3 of
+/// `members` (round robin), its first replica the one that initialises the
+/// group (so leadership starts spread out).
 pub fn initial_shards(n: u64, members: &[NodeId]) -> Vec<ShardDescriptor> {
-    assert!((1..=256).contains(&n), "1..=256 initial shards");
+    assert!(
+        (1..=INITIAL_SHARDS_MAX).contains(&n),
+        "1..={INITIAL_SHARDS_MAX} initial shards"
+    );
     assert!(!members.is_empty(), "at least one member");
     let per_shard = members.len().min(3);
     (0..n)
@@ -103,8 +110,10 @@ pub fn initial_shards(n: u64, members: &[NodeId]) -> Vec<ShardDescriptor> {
             let bound = |j: u64| -> Vec<u8> {
                 if j == 0 || j == n {
                     Vec::new()
-                } else {
+                } else if n <= 256 {
                     vec![(j * 256 / n) as u8]
+                } else {
+                    ((j * 65536 / n) as u16).to_be_bytes().to_vec()
                 }
             };
             let replicas: Vec<NodeId> = (0..per_shard)
@@ -577,7 +586,7 @@ mod tests {
     #[test]
     fn initial_shards_cover_the_key_space_and_spread_replicas() {
         let m: Vec<NodeId> = (1..=4).map(NodeId).collect();
-        for n in [1u64, 3, 16, 256] {
+        for n in [1u64, 3, 16, 256, 257, 1000, INITIAL_SHARDS_MAX] {
             let s = initial_shards(n, &m);
             assert_eq!(s.len() as u64, n);
             assert!(s[0].range.start.is_empty());

@@ -259,11 +259,7 @@ impl Quiescence {
             *w = c.load(Ordering::Relaxed);
         }
         QuiesceStats {
-            asleep: self
-                .groups
-                .iter()
-                .filter(|g| g.asleep.is_some())
-                .count() as u64,
+            asleep: self.groups.iter().filter(|g| g.asleep.is_some()).count() as u64,
             hibernations: self.hibernations.load(Ordering::Relaxed),
             wakes,
             elections: self.elections.load(Ordering::Relaxed),
@@ -276,7 +272,9 @@ impl Quiescence {
 /// commit index it fell asleep at).
 pub(crate) fn benign(s: &Sleep, req: &PeerRequest) -> bool {
     match req {
-        PeerRequest::Append(a) => a.entries.is_empty() && a.vote == s.vote && a.leader_commit == s.last,
+        PeerRequest::Append(a) => {
+            a.entries.is_empty() && a.vote == s.vote && a.leader_commit == s.last
+        }
         _ => false,
     }
 }
@@ -440,9 +438,7 @@ async fn hibernate(
         .iter()
         .map(|f| rpc::call(&n.transport, *f, shard, &ask, Duration::from_secs(1)));
     let answers = futures_util::future::join_all(asks).await;
-    let all = answers
-        .iter()
-        .all(|a| matches!(a, Ok(PeerResponse::Done)));
+    let all = answers.iter().all(|a| matches!(a, Ok(PeerResponse::Done)));
     if !all {
         // Followers that slept are woken by the leader's next append;
         // meanwhile the awake leader keeps heartbeating.
@@ -605,22 +601,22 @@ mod tests {
     #[test]
     fn only_a_settled_group_hibernates() {
         assert!(may_hibernate(&settled()));
-        let cases: Vec<Box<dyn Fn(&mut LeaderView)>> = vec![
-            Box::new(|v| v.leads = false),
-            Box::new(|v| v.committed = log(6)),
-            Box::new(|v| v.applied = log(6)),
-            Box::new(|v| v.matched[1] = log(6)),
-            Box::new(|v| v.matched[0] = None),
-            Box::new(|v| v.matched.truncate(1)),
-            Box::new(|v| v.learners = 1),
-            Box::new(|v| v.joint = true),
-            Box::new(|v| v.last_log_index = Some(8)),
-            Box::new(|v| {
+        let cases: Vec<fn(&mut LeaderView)> = vec![
+            |v| v.leads = false,
+            |v| v.committed = log(6),
+            |v| v.applied = log(6),
+            |v| v.matched[1] = log(6),
+            |v| v.matched[0] = None,
+            |v| v.matched.truncate(1),
+            |v| v.learners = 1,
+            |v| v.joint = true,
+            |v| v.last_log_index = Some(8),
+            |v| {
                 v.last_log_index = None;
                 v.applied = None;
                 v.committed = None;
                 v.matched = vec![None, None];
-            }),
+            },
         ];
         for (i, change) in cases.iter().enumerate() {
             let mut v = settled();
@@ -656,10 +652,7 @@ mod tests {
         assert!(!benign(&s, &heartbeat(vote, log(8), 0)), "a new commit");
         let other = Vote::new_committed(3, NodeId(2));
         assert!(!benign(&s, &heartbeat(other, log(7), 0)), "another leader");
-        let ask = openraft::raft::VoteRequest {
-            vote: Vote::new(3, NodeId(2)),
-            last_log_id: log(7),
-        };
+        let ask = openraft::raft::VoteRequest::new(Vote::new(3, NodeId(2)), log(7));
         assert!(!benign(&s, &PeerRequest::Vote(ask.clone())));
         assert!(!benign(&s, &PeerRequest::PreVote(ask)));
     }

@@ -215,8 +215,7 @@ impl Registry {
                 local: local.epoch,
             });
         }
-        self.quiesce
-            .touch(shard, &raft, super::quiesce::Wake::Raft);
+        self.quiesce.touch(shard, &raft, super::quiesce::Wake::Raft);
         let snapshot = crate::raft::Snapshot {
             meta,
             snapshot: data,

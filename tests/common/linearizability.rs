@@ -191,10 +191,7 @@ fn canonical(ops: &[Op]) -> Vec<Op> {
                 },
                 other => other.clone(),
             };
-            Op {
-                kind,
-                ..op.clone()
-            }
+            Op { kind, ..op.clone() }
         })
         .collect()
 }
@@ -607,7 +604,13 @@ mod tests {
             put("w6-1368", 934712, None),
             put("w0-1339", 935354, None),
             get(Some("w3-1538"), 961452, 966451),
-            cas_seen(None, "w0-1351", Some((false, Some("w3-1538"))), 962996, Some(966446)),
+            cas_seen(
+                None,
+                "w0-1351",
+                Some((false, Some("w3-1538"))),
+                962996,
+                Some(966446),
+            ),
             put("w7-1430", 964935, Some(967773)),
             delete(Some(true), 965597, Some(968433)),
             put("w3-1538", 965704, Some(966222)),

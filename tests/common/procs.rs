@@ -111,6 +111,20 @@ impl Drop for Proc {
     }
 }
 
+/// One process per node on loopback, from the configs `write_cluster`
+/// wrote, each started (waiting for its `serving` line).
+pub fn start_on_loopback(nodes: &[(NodeId, SocketAddr)], configs: Vec<PathBuf>) -> Vec<Proc> {
+    let mut procs: Vec<Proc> = nodes
+        .iter()
+        .zip(configs)
+        .map(|((id, _), config)| Proc::new(*id, config, None))
+        .collect();
+    for p in &mut procs {
+        p.start(None);
+    }
+    procs
+}
+
 /// Free loopback addresses for `n` nodes (ids 1..=n).
 pub fn loopback_nodes(n: u64) -> Vec<(NodeId, SocketAddr)> {
     let held: Vec<std::net::UdpSocket> = (0..n)
