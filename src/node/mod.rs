@@ -158,16 +158,18 @@ async fn record_initial_routes(
     let mut done = 0;
     while done < commands.len() {
         let Some(n) = node.upgrade() else { return };
-        if let Some(raft) = n.raft(meta::META_SHARD) {
-            let w = tokio::time::timeout(
-                Duration::from_secs(5),
-                raft.client_write(commands[done].clone()),
-            )
-            .await;
-            if let Ok(Ok(_)) = w {
-                done += 1;
-                continue;
-            }
+        // Through the meta shard's leader wherever it is: this node need not
+        // lead it (after a restart it never leads before an election).
+        if n.propose(
+            meta::META_SHARD,
+            commands[done].clone(),
+            Duration::from_secs(5),
+        )
+        .await
+        .is_ok()
+        {
+            done += 1;
+            continue;
         }
         drop(n);
         tokio::time::sleep(Duration::from_millis(200)).await;
