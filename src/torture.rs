@@ -5,7 +5,8 @@
 //! - `V shard term` — `save_vote` returned: the vote is durable.
 //! - `F shard index term` — the flush callback fired for entries up to `index`.
 //! - `A shard index` — entries up to `index` were applied.
-//! - `P shard index` — the log was purged up to `index`.
+//! - `P shard index` — the log was purged up to `index` (written, not
+//!   synced: durable once a later `V` or `F` line shows a sync).
 //!
 //! Entry `i` of shard `s` puts key `torture_key(s, i)` = `i` as decimal.
 

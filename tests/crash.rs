@@ -128,14 +128,28 @@ async fn kill_round(
     lines.extend(rx.try_iter());
 
     let mut seen: HashMap<u64, Seen> = HashMap::new();
+    // A purge is written without a sync of its own (nothing is acknowledged
+    // on it): it is durable once a later vote or flush shows a WAL sync,
+    // which covers everything written before it.
+    let mut pending_purges: HashMap<u64, u64> = HashMap::new();
     for l in &lines {
         let f: Vec<u64> = l.split(' ').skip(1).map(|x| x.parse().unwrap()).collect();
+        let kind = &l[..1];
+        if kind == "V" || kind == "F" {
+            for (shard, upto) in pending_purges.drain() {
+                let s = seen.entry(shard).or_default();
+                s.purged = s.purged.max(upto);
+            }
+        }
         let s = seen.entry(f[0]).or_default();
-        match &l[..1] {
+        match kind {
             "V" => s.vote = s.vote.max(f[1]),
             "F" => s.flushed = s.flushed.max(f[1]),
             "A" => s.applied = s.applied.max(f[1]),
-            "P" => s.purged = s.purged.max(f[1]),
+            "P" => {
+                let p = pending_purges.entry(f[0]).or_default();
+                *p = (*p).max(f[1]);
+            }
             other => panic!("unknown line {other}"),
         }
     }
