@@ -293,7 +293,9 @@ impl Node {
         tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
         let node = Arc::new(node);
         let _ = node.registry.node.set(Arc::downgrade(&node));
-        {
+        // Only with quiescence on: otherwise nothing sleeps, and every log
+        // append would pay for the hook for nothing.
+        if node.config.raft.quiesce_after_ms > 0 {
             let registry = Arc::downgrade(&node.registry);
             node.engine.set_append_hook(Box::new(move |shard| {
                 if let Some(r) = registry.upgrade() {

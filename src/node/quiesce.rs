@@ -83,14 +83,20 @@ impl Wake {
 /// What a sleeping replica went to sleep under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Sleep {
-    /// The group's leader (this node, for a sleeping leader).
-    pub leader: NodeId,
-    /// The leader's vote.
+    /// The leader's vote (it names the leader: this node, for a sleeping
+    /// leader).
     pub vote: Vote,
     /// The last log id, committed and applied everywhere.
     pub last: Option<LogId>,
     /// When it fell asleep.
     pub since: Instant,
+}
+
+impl Sleep {
+    /// The group's leader.
+    pub fn leader(&self) -> NodeId {
+        self.vote.leader_id.node_id
+    }
 }
 
 #[derive(Debug, Default)]
@@ -169,17 +175,17 @@ impl Quiescence {
         }
     }
 
-    /// Puts the follower `shard` to sleep under `leader`'s `vote` at
+    /// Puts the follower `shard` to sleep under its leader's `vote` at
     /// `last`, when its own state agrees (same leader and vote, the whole
     /// log held and applied, no membership change under way).
     pub(crate) fn sleep_follower(
         &self,
         shard: ShardId,
         raft: &ShardRaft,
-        leader: NodeId,
         vote: Vote,
         last: Option<LogId>,
     ) -> Result<(), String> {
+        let leader = vote.leader_id.node_id;
         if !self.enabled {
             return Err("quiescence is off here".into());
         }
@@ -201,7 +207,6 @@ impl Quiescence {
         }
         let mut g = self.groups.entry(shard).or_default();
         g.asleep = Some(Sleep {
-            leader,
             vote,
             last,
             since: Instant::now(),
@@ -446,7 +451,6 @@ async fn hibernate(
         return;
     }
     let sleep = Sleep {
-        leader: n.id,
         vote,
         last,
         since: Instant::now(),
@@ -515,8 +519,8 @@ async fn ping_peers(
     let q = &n.registry.quiesce;
     for e in n.registry.groups.iter() {
         if let Some(s) = q.asleep(*e.key()) {
-            let dead = peers.get(&s.leader).is_some_and(|l| l.down);
-            if dead && s.since.elapsed() >= wake_all_after && s.leader != n.id {
+            let dead = peers.get(&s.leader()).is_some_and(|l| l.down);
+            if dead && s.since.elapsed() >= wake_all_after && s.leader() != n.id {
                 q.touch(*e.key(), e.value(), Wake::PeerDown);
             }
         }
@@ -527,11 +531,14 @@ async fn ping_peers(
 /// restart), the surviving voter with the lowest id campaigns at once;
 /// the others stay asleep until its vote request or append wakes them.
 fn wake_led_by(n: &Node, leader: NodeId, everyone: bool) {
+    if leader == n.id {
+        return;
+    }
     let q = &n.registry.quiesce;
     for e in n.registry.groups.iter() {
         let (shard, raft) = (*e.key(), e.value());
         let Some(s) = q.asleep(shard) else { continue };
-        if s.leader != leader || leader == n.id {
+        if s.leader() != leader {
             continue;
         }
         let voters: BTreeSet<NodeId> = raft
@@ -562,7 +569,7 @@ fn wake_leading_with(n: &Node, peer: NodeId) {
     for e in n.registry.groups.iter() {
         let (shard, raft) = (*e.key(), e.value());
         let Some(s) = q.asleep(shard) else { continue };
-        if s.leader != n.id {
+        if s.leader() != n.id {
             continue;
         }
         let with = raft
@@ -629,7 +636,6 @@ mod tests {
     fn only_the_sleeping_leaders_idle_heartbeat_keeps_a_replica_asleep() {
         let vote = Vote::new_committed(2, NodeId(1));
         let s = Sleep {
-            leader: NodeId(1),
             vote,
             last: log(7),
             since: Instant::now(),

@@ -144,10 +144,7 @@ impl Registry {
                 let Some(raft) = self.get(shard) else {
                     return refused(Refusal::UnknownShard(shard));
                 };
-                match self
-                    .quiesce
-                    .sleep_follower(shard, &raft, vote.leader_id.node_id, vote, last)
-                {
+                match self.quiesce.sleep_follower(shard, &raft, vote, last) {
                     Ok(()) => PeerResponse::Done,
                     Err(reason) => refused(Refusal::Failed(reason)),
                 }
