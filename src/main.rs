@@ -103,7 +103,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,openraft=warn,quinn=warn".into()),
+                .unwrap_or_else(|_| "info,openraft=error,quinn=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -317,7 +317,10 @@ async fn dev(
         tracing::info!(nodes, shards, dir = %data_dir.display(), "created a new dev cluster");
     }
     let cluster = ClusterFile::load(&cluster_path)?;
-    let mut running: BTreeMap<NodeId, Arc<Node>> = BTreeMap::new();
+    // All nodes start at once, as separate machines would: each connects
+    // to its peers while it creates its shards, so no group elects against
+    // peers that have not started yet.
+    let mut starting = tokio::task::JoinSet::new();
     for n in &cluster.nodes {
         let path = data_dir.join(format!("node-{}", n.id.0)).join("node.toml");
         let mut cfg = NodeConfig::load(&path)?;
@@ -325,31 +328,51 @@ async fn dev(
             cfg.raft.quiesce_after_ms = q;
         }
         let identity = TlsIdentity::load(&cfg.tls)?;
-        let node = Node::start(cfg, &identity, Arc::new(Faults::none()))
-            .await
-            .with_context(|| format!("start {}", n.id))?;
-        running.insert(n.id, node);
+        let id = n.id;
+        starting.spawn(async move {
+            let node = Node::start(cfg, &identity, Arc::new(Faults::none()))
+                .await
+                .with_context(|| format!("start {id}"))?;
+            anyhow::Ok((id, node))
+        });
+    }
+    let mut running: BTreeMap<NodeId, Arc<Node>> = BTreeMap::new();
+    while let Some(started) = starting.join_next().await {
+        let (id, node) = started.context("node start task")??;
+        running.insert(id, node);
     }
     let mut shard_ids: Vec<ShardId> = running.values().flat_map(|n| n.shard_ids()).collect();
     shard_ids.sort();
     shard_ids.dedup();
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut leaders: BTreeMap<NodeId, usize> = BTreeMap::new();
-    for shard in &shard_ids {
-        // Every shard proves a linearizable read and a replicated write (a
-        // no-op: nothing lands in the user's key space).
-        let (leader, ()) = on_leader(&running, *shard, deadline, |_, raft| async move {
-            raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
-                .await?;
-            let resp = raft.client_write(Command::Noop).await?;
-            if !matches!(resp.data, CommandResponse::Empty) {
-                bail!("the no-op was answered {:?}", resp.data);
-            }
-            Ok(())
-        })
-        .await?;
-        *leaders.entry(leader).or_default() += 1;
+    // Every shard proves a linearizable read and a replicated write (a
+    // no-op: nothing lands in the user's key space), many shards at once.
+    let nodes = Arc::new(running.clone());
+    let mut checks = tokio::task::JoinSet::new();
+    for shard in shard_ids.iter().copied() {
+        if checks.len() >= DEV_CHECKS_IN_FLIGHT {
+            count_check(&mut checks, &mut leaders).await?;
+        }
+        let nodes = nodes.clone();
+        checks.spawn(async move {
+            on_leader(&nodes, shard, deadline, |_, raft| async move {
+                raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
+                    .await?;
+                let resp = raft.client_write(Command::Noop).await?;
+                if !matches!(resp.data, CommandResponse::Empty) {
+                    bail!("the no-op was answered {:?}", resp.data);
+                }
+                Ok(())
+            })
+            .await
+        });
     }
+    while !checks.is_empty() {
+        count_check(&mut checks, &mut leaders).await?;
+    }
+    // Shutdown below wants the only handles to the nodes.
+    drop(nodes);
     // The boot counter lives in the meta shard (the authoritative route
     // table), outside the user's key space.
     let (_, boot) = on_leader(
@@ -418,6 +441,21 @@ fn inspect(data_dir: PathBuf) -> Result<()> {
             fmt(st.last_purged),
             fmt(st.applied),
         );
+    }
+    Ok(())
+}
+
+/// Shards `tessera dev` checks at once before it reports ready.
+const DEV_CHECKS_IN_FLIGHT: usize = 64;
+
+/// Waits for one start-up check and counts its shard's leader.
+async fn count_check(
+    checks: &mut tokio::task::JoinSet<Result<(NodeId, ())>>,
+    leaders: &mut BTreeMap<NodeId, usize>,
+) -> Result<()> {
+    if let Some(done) = checks.join_next().await {
+        let (leader, ()) = done.context("start-up check task")??;
+        *leaders.entry(leader).or_default() += 1;
     }
     Ok(())
 }

@@ -41,6 +41,8 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
                 entry.descriptor = s.descriptor.clone();
             }
             entry.bytes = entry.bytes.max(s.size_bytes);
+            // Recent operations, as the serving replica counts them.
+            entry.load += (s.reads_per_s + s.writes_per_s).round() as u64;
             if s.leader == Some(id) {
                 entry.leader = Some(id);
             }

@@ -545,3 +545,63 @@ async fn verify_finds_the_replica_that_differs() {
         Err(ClientError::Refused(ApiError::PermissionDenied { .. }))
     ));
 }
+
+/// Node status reports each shard's load where requests are served (keys
+/// read, write operations and bytes per second, decayed) and a size that
+/// counts data still in memtables: a freshly written shard is not 0 bytes,
+/// and shards nobody touched read no load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shard_load_and_unflushed_size_are_reported() {
+    init_tracing();
+    let c = ready(&[1, 2, 3], 4).await;
+    let cl = client(&c);
+    let value = vec![7u8; 1024];
+    let keys: Vec<Vec<u8>> = (0..200u32)
+        .map(|i| {
+            let mut k = vec![0x10];
+            k.extend_from_slice(format!("load-{i:04}").as_bytes());
+            k
+        })
+        .collect();
+    for k in &keys {
+        cl.put(k, &value).await.unwrap();
+    }
+    for k in &keys {
+        assert_eq!(cl.get(k).await.unwrap().as_deref(), Some(&value[..]));
+    }
+    let mut hot = None;
+    let mut cold = Vec::new();
+    for n in c.up() {
+        let st = cl.node_status(n.id()).await.unwrap();
+        for s in st.shards {
+            if s.leader != Some(n.id()) {
+                continue;
+            }
+            if s.descriptor.range.contains(&keys[0]) {
+                hot = Some(s);
+            } else {
+                cold.push(s);
+            }
+        }
+    }
+    let hot = hot.expect("the written shard's leader reports it");
+    assert!(hot.writes_per_s > 0.0 && hot.reads_per_s > 0.0, "{hot:?}");
+    // Every write carried a 1 KiB value and a key.
+    assert!(
+        hot.write_bytes_per_s >= 1024.0 * hot.writes_per_s,
+        "{hot:?}"
+    );
+    assert!(
+        hot.size_bytes >= 100 * 1024,
+        "200 KiB written and not flushed must count: {hot:?}"
+    );
+    assert_eq!(cold.len(), 3, "every other shard has a leader: {cold:?}");
+    for s in cold {
+        assert_eq!(
+            (s.reads_per_s, s.writes_per_s, s.write_bytes_per_s),
+            (0.0, 0.0, 0.0),
+            "no request reached {:?}",
+            s.descriptor.id
+        );
+    }
+}

@@ -37,6 +37,19 @@ impl std::ops::DerefMut for Reaped {
     }
 }
 
+/// A child's output lines, read by a thread, for bounded waits on them.
+fn lines_of(stdout: std::process::ChildStdout) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 /// Starts `tessera dev` and returns it with its `ready` line (bounded wait).
 fn start_dev(dir: &Path) -> (Reaped, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tessera"))
@@ -48,14 +61,7 @@ fn start_dev(dir: &Path) -> (Reaped, String) {
         .spawn()
         .expect("spawn tessera dev");
     let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let rx = lines_of(stdout);
     let deadline = std::time::Instant::now() + Duration::from_secs(120);
     loop {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
@@ -193,6 +199,9 @@ fn ctl_round_trip(cluster: &Path) {
         assert!(s["leader"].is_u64(), "{s}");
         assert_eq!(s["replicas"].as_array().unwrap().len(), 3);
         assert!(s["epoch"].is_object() && s["size_bytes"].is_u64() && s["id"].is_u64());
+        for rate in ["reads_per_s", "writes_per_s", "write_bytes_per_s"] {
+            assert!(s[rate].as_f64().is_some_and(|r| r >= 0.0), "{rate}: {s}");
+        }
         assert_eq!(
             ids(s, "hosted_on"),
             ids(s, "replicas"),
@@ -201,6 +210,26 @@ fn ctl_round_trip(cluster: &Path) {
     }
     let table = ctl_ok(cluster, &["status"]);
     assert!(table.contains("up") && table.contains("shard"), "{table}");
+    // The summary counts every shard; 8 are few enough to list them all.
+    assert!(
+        table.contains("8 shards: 0 without a leader, 0 with replicas missing or left over"),
+        "{table}"
+    );
+    let shard_row =
+        |l: &&str| l.starts_with('s') && l[1..].starts_with(|c: char| c.is_ascii_digit());
+    assert_eq!(table.lines().filter(shard_row).count(), 8, "{table}");
+    // Filters: one shard, or the shards with a replica on a node.
+    let one = ctl_ok(cluster, &["status", "--shard", "s3"]);
+    let rows: Vec<&str> = one.lines().filter(shard_row).collect();
+    assert!(rows.len() == 1 && rows[0].starts_with("s3 "), "{one}");
+    let on_n2 = ctl_ok(cluster, &["status", "--node", "2"]);
+    assert!(on_n2.contains("8 shards with a replica on n2"), "{on_n2}");
+    let missing = ctl(cluster, &["status", "--shard", "999"]);
+    assert!(!missing.status.success(), "an unknown shard is an error");
+    assert!(
+        String::from_utf8_lossy(&missing.stderr).contains("no node reports s999"),
+        "{missing:?}"
+    );
     // The mixed run shares one connection set among its 4 clients.
     for (workload, connections) in [("write", "4"), ("read", "4"), ("mixed", "1")] {
         let out = ctl_ok(
@@ -330,6 +359,7 @@ fn a_node_added_with_the_cli_joins_and_takes_replicas() {
         nodes.iter().all(|n| n["replicas"].as_u64().unwrap() >= 6),
         "{summary}"
     );
+    watch_rebalances_until_ctrl_c(&cluster);
     // After the split, the move and the rebalance, every shard is hosted
     // by exactly its replicas (no orphan left, none missing).
     let status: serde_json::Value =
@@ -403,4 +433,54 @@ fn plain_client_has_no_admin_rights(data: &Path) {
     let err = String::from_utf8_lossy(&split.stderr);
     assert!(err.contains("permission denied"), "{err}");
     ctl_ok(&plain, &["delete", "plain"]);
+}
+
+/// `rebalance --watch 1` passes again every second (each pass ends with its
+/// summary line) until Ctrl-C (SIGINT), on which it exits.
+fn watch_rebalances_until_ctrl_c(cluster: &Path) {
+    let bin = Path::new(env!("CARGO_BIN_EXE_tessera")).with_file_name("tessera-ctl");
+    let mut child = Reaped(
+        Command::new(bin)
+            .arg("--cluster")
+            .arg(cluster)
+            .args(["rebalance", "--watch", "1"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn rebalance --watch"),
+    );
+    let stdout = child.stdout.take().expect("stdout");
+    let rx = lines_of(stdout);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let (mut passes, mut watching) = (0, false);
+    while passes < 2 || !watching {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|e| panic!("rebalance --watch: {passes} passes within 120 s: {e}"));
+        passes += usize::from(line.starts_with("balanced:"));
+        watching |= line.starts_with("watching: next pass in 1 s");
+    }
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "rebalance --watch still running 60 s after SIGINT"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    // 0 when stopped between passes, 130 when a pass was under way.
+    assert!(
+        matches!(status.code(), Some(0) | Some(130)),
+        "rebalance --watch ended with {status:?}"
+    );
 }

@@ -202,13 +202,15 @@ async fn recursive_splits_persist_across_restarts() {
     c.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_over_the_size_limit_splits_by_itself() {
+/// Three nodes, one shard, automatic splits checked every 200 ms: by size
+/// over `max_bytes`, by load at `load_ops_per_s` (0: off).
+async fn one_shard_splitting(max_bytes: u64, load_ops_per_s: u64) -> (TestCluster, Client) {
     init_tracing();
     let t = Timings {
         split: tessera::node::SplitConfig {
-            max_bytes: 64 << 10,
+            max_bytes,
             check_interval_ms: 200,
+            load_ops_per_s,
         },
         ..Timings::fast()
     };
@@ -216,6 +218,12 @@ async fn a_shard_over_the_size_limit_splits_by_itself() {
     c.wait_leader(ShardId(1), WAIT).await.unwrap();
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
     let cl = c.client();
+    (c, cl)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_over_the_size_limit_splits_by_itself() {
+    let (c, cl) = one_shard_splitting(64 << 10, 0).await;
     let mut acked = BTreeMap::new();
     // ~200 KiB over the key space: the one shard is 3x over the limit.
     for i in 0..200u64 {
@@ -253,5 +261,50 @@ async fn a_shard_over_the_size_limit_splits_by_itself() {
     .unwrap();
     let routes = check_ownership_and_data(&c, &cl, &acked).await;
     assert!(routes.len() >= 3, "{} shards", routes.len());
+    c.shutdown().await;
+}
+
+/// A shard that stays hot splits by itself, at a key taken from its recent
+/// requests: with every write in a narrow hot range, the split falls inside
+/// that range (a split by size would cut at the middle of the data), and
+/// every acknowledged write is still read back from the right shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_that_stays_hot_splits_inside_its_hot_range() {
+    let (c, cl) = one_shard_splitting(0, 30).await;
+    // Cold data across the key space, written once.
+    let mut acked = BTreeMap::new();
+    for first in [b'a', b'z'] {
+        let k = vec![first, b'/', b'c'];
+        cl.put(&k, b"cold").await.unwrap();
+        acked.insert(k, b"cold".to_vec());
+    }
+    let hot_key = |i: u64| format!("m/hot/{:03}", i % 100).into_bytes();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (cl, stop) = (cl.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last = BTreeMap::new();
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let (k, v) = (hot_key(i), format!("v{i}").into_bytes());
+                cl.put(&k, &v).await.expect("hot write");
+                last.insert(k, v);
+                i += 1;
+            }
+            last
+        })
+    };
+    let (lo, hi) = (hot_key(0), hot_key(99));
+    c.wait_until("a split point falls inside the hot range", WAIT, |c| {
+        hosted(c)[&NodeId(1)]
+            .iter()
+            .any(|d| d.range.start > lo && d.range.start <= hi)
+    })
+    .await
+    .unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    acked.extend(writer.await.unwrap());
+    let routes = check_ownership_and_data(&c, &cl, &acked).await;
+    assert!(routes.len() >= 2, "{} shards", routes.len());
     c.shutdown().await;
 }

@@ -128,6 +128,52 @@ fn run(state: &mut ClusterState, cfg: &PlannerConfig, max_rounds: usize) -> (usi
     panic!("no fixpoint after {max_rounds} rounds: {state:?}");
 }
 
+/// Led load per eligible node (all nodes up in these tests).
+fn led_load(s: &ClusterState) -> BTreeMap<NodeId, u64> {
+    let mut led: BTreeMap<NodeId, u64> = s.nodes.iter().map(|n| (n.id, 0)).collect();
+    for sh in &s.shards {
+        if let Some(l) = sh.leader {
+            *led.entry(l).or_default() += sh.load;
+        }
+    }
+    led
+}
+
+/// Sum of squared deviations of the led load from its mean.
+fn load_spread(s: &ClusterState) -> f64 {
+    let led = led_load(s);
+    let mean = led.values().sum::<u64>() as f64 / led.len() as f64;
+    led.values().map(|v| (*v as f64 - mean).powi(2)).sum()
+}
+
+#[test]
+fn hot_leaders_are_spread_by_load_with_counts_kept_even() {
+    // Counts are even (3 nodes, 12 shards, 4 leaders each), but every hot
+    // shard is led by node 1.
+    let mut state = balanced(3, 12, 3);
+    for sh in &mut state.shards {
+        sh.load = if sh.leader == Some(NodeId(1)) { 100 } else { 1 };
+    }
+    let before = load_spread(&state);
+    let p = plan(&state, &PlannerConfig::default());
+    assert!(!p.is_empty(), "a node leading all the load is rebalanced");
+    assert!(
+        p.steps
+            .iter()
+            .all(|s| matches!(s, Step::TransferLeader { .. })),
+        "load is balanced by transfers only: {p:?}"
+    );
+    let mut s = state.clone();
+    let (rounds, _) = run(&mut s, &PlannerConfig::default(), 50);
+    assert!(rounds >= 1);
+    let im = imbalance(&s);
+    assert!(im.is_balanced(), "counts stay balanced: {im:?}");
+    assert!(load_spread(&s) < before / 4.0, "{:?}", led_load(&s));
+    // No load at all: nothing to do beyond counts.
+    let cold = balanced(3, 12, 3);
+    assert!(plan(&cold, &PlannerConfig::default()).is_empty());
+}
+
 #[test]
 fn balanced_cluster_gives_an_empty_plan() {
     let state = balanced(3, 64, 3);
@@ -768,6 +814,69 @@ proptest! {
         // Leaderless shards stay leaderless; the others keep a leader.
         for (a, b) in state.shards.iter().zip(&s.shards) {
             prop_assert_eq!(a.leader.is_some(), b.leader.is_some());
+        }
+    }
+
+    /// Once counts are balanced and nothing is left to drain, every round
+    /// (which then only transfers leaders for load) strictly lowers the
+    /// led-load spread; at the fixpoint every node leads at most 20% over
+    /// the mean, or no single count-keeping transfer off a node over that
+    /// would lower the spread.
+    #[test]
+    fn leader_load_rounds_only_lower_the_spread((state, cfg) in cluster(false)) {
+        let mut s = state.clone();
+        for round in 0..200 {
+            let p = plan(&s, &cfg);
+            if p.is_empty() {
+                break;
+            }
+            let im = imbalance(&s);
+            let settled = im.replicas_balanced() && im.leaders_balanced() && im.drained();
+            let before = load_spread(&s);
+            apply_checked(&mut s, &p, &cfg);
+            if settled {
+                prop_assert!(p.steps.iter().all(|st| matches!(st, Step::TransferLeader { .. })), "{:?}", p);
+                prop_assert!(load_spread(&s) < before, "round {}: {} -> {}", round, before, load_spread(&s));
+            }
+        }
+        prop_assert!(plan(&s, &cfg).is_empty(), "no fixpoint in 200 rounds");
+        let led = led_load(&s);
+        let eligible: Vec<NodeId> = s.nodes.iter().filter(|n| n.is_eligible()).map(|n| n.id).collect();
+        let total: u64 = eligible.iter().map(|n| led[n]).sum();
+        let mean = total as f64 / eligible.len() as f64;
+        let max = eligible.iter().map(|n| led[n]).max().unwrap_or(0);
+        if total > 0 && max as f64 > mean * 1.2 {
+            // No improving transfer keeps leader counts within one of the mean.
+            let counts = |s: &ClusterState| {
+                let mut c: BTreeMap<NodeId, usize> = eligible.iter().map(|n| (*n, 0)).collect();
+                for sh in &s.shards {
+                    if let Some(v) = sh.leader.and_then(|l| c.get_mut(&l)) {
+                        *v += 1;
+                    }
+                }
+                c
+            };
+            let lc = counts(&s);
+            let n = lc.len();
+            let total_leaders: usize = lc.values().sum();
+            for sh in &s.shards {
+                let Some(from) = sh.leader else { continue };
+                for to in sh.replicas() {
+                    let hot = eligible.contains(&from) && led[&from] as f64 > mean * 1.2;
+                    if *to == from || !eligible.contains(to) || !hot {
+                        continue;
+                    }
+                    let (a, b, x) = (led[&from], led[to], sh.load);
+                    if sh.load == 0 || a <= b || x >= a - b {
+                        continue;
+                    }
+                    let mut after = lc.clone();
+                    *after.get_mut(&from).unwrap() -= 1;
+                    *after.get_mut(to).unwrap() += 1;
+                    let even = after.values().all(|&c| c * n <= total_leaders + n && c * n + n >= total_leaders);
+                    prop_assert!(!even, "{:?} could still go from {} to {}", sh.id(), from, to);
+                }
+            }
         }
     }
 

@@ -125,22 +125,30 @@ pub enum Request {
 }
 
 /// One shard as a node sees it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ShardStatus {
     /// The descriptor (range, epoch, replicas, leader hint).
     pub descriptor: ShardDescriptor,
     /// The leader this replica knows of.
     pub leader: Option<NodeId>,
-    /// Approximate bytes of the shard's data on this node (flushed data).
+    /// Approximate bytes of the shard's data on this node (on disk,
+    /// compressed, plus what is still in memtables).
     pub size_bytes: u64,
     /// The last applied log index.
     pub applied_index: u64,
     /// The replica's current Raft term.
     pub term: u64,
+    /// Keys read per second through this replica (decayed over about 10 s;
+    /// requests are served by leaders, so followers read about 0).
+    pub reads_per_s: f64,
+    /// Write operations per second through this replica (decayed likewise).
+    pub writes_per_s: f64,
+    /// Key and value bytes written per second through this replica.
+    pub write_bytes_per_s: f64,
 }
 
 /// A node's answer to [`Request::NodeStatus`].
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NodeStatus {
     /// The node.
     pub node: NodeId,
@@ -149,7 +157,7 @@ pub struct NodeStatus {
 }
 
 /// A server's answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Response {
     /// Values of a [`Request::Get`], in request order: the first keys'
     /// (at least one), as many as fit the node's response bound; the client

@@ -145,8 +145,15 @@ pub struct SplitConfig {
     /// Largest shard before it is split (0: never split automatically).
     /// Default: 96 MiB (TiKV's region size).
     pub max_bytes: u64,
-    /// How often a leader checks its shards' sizes. Default: 10000 ms.
+    /// How often a leader checks its shards' sizes and loads. Default:
+    /// 10000 ms.
     pub check_interval_ms: u64,
+    /// Split a shard whose load (keys read plus write operations per
+    /// second, decayed over about 10 s, as its leader counts them) reaches
+    /// this, at the median of its recent request keys, so each half takes
+    /// about half of it. A single hot key cannot be split. 0: never split
+    /// by load. Default: 0.
+    pub load_ops_per_s: u64,
 }
 
 impl Default for SplitConfig {
@@ -154,6 +161,7 @@ impl Default for SplitConfig {
         SplitConfig {
             max_bytes: 96 << 20,
             check_interval_ms: 10_000,
+            load_ops_per_s: 0,
         }
     }
 }

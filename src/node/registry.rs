@@ -23,6 +23,8 @@ pub struct Registry {
     pub(super) response_bytes_max: usize,
     /// Which replicas sleep (quiescence).
     pub(crate) quiesce: super::quiesce::Quiescence,
+    /// Per-shard reads, writes and written bytes per second.
+    pub(crate) load: super::load::LoadTracker,
 }
 
 impl Registry {
@@ -32,6 +34,7 @@ impl Registry {
         faults: Arc<Faults>,
         response_bytes_max: usize,
         quiesce: bool,
+        sample_keys: bool,
     ) -> Self {
         Registry {
             me,
@@ -42,6 +45,7 @@ impl Registry {
             node: std::sync::OnceLock::new(),
             response_bytes_max,
             quiesce: super::quiesce::Quiescence::new(quiesce),
+            load: super::load::LoadTracker::new(sample_keys),
         }
     }
 

@@ -253,7 +253,12 @@ impl Registry {
                     end.push(0);
                     self.check_owned(&d, &crate::KeyRange::new(k.clone(), end))?;
                 }
-                self.read_local(&keys)
+                let values = self.read_local(&keys)?;
+                self.load.record_reads(shard, keys.len() as u64);
+                if let Some(k) = keys.first() {
+                    self.load.sample(shard, k);
+                }
+                Ok(values)
             }
             Request::Write {
                 shard,
@@ -274,6 +279,13 @@ impl Registry {
                         key: op.key().to_vec(),
                     });
                 }
+                let (n_ops, n_bytes) = (
+                    ops.len() as u64,
+                    ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>(),
+                );
+                if let Some(op) = ops.first() {
+                    self.load.sample(shard, op.key());
+                }
                 let cmd = match session {
                     None => Command::Write { ops },
                     Some(stamp) if !stamp.is_valid() => {
@@ -293,7 +305,10 @@ impl Registry {
                 let _expedite = self.expedite();
                 match raft.client_write(cmd).await {
                     Ok(resp) => match resp.data {
-                        CommandResponse::Write(results) => Ok(Response::Written(results)),
+                        CommandResponse::Write(results) => {
+                            self.load.record_write(shard, n_ops, n_bytes);
+                            Ok(Response::Written(results))
+                        }
                         // The range changed between the check and the apply.
                         CommandResponse::KeyNotInRange { key } => {
                             Err(ApiError::KeyNotInRange { shard, key })
@@ -343,6 +358,8 @@ impl Registry {
                         .scan_page(&from, &to, limit, self.response_bytes_max)
                         .map_err(internal)?
                 };
+                self.load.record_reads(shard, pairs.len().max(1) as u64);
+                self.load.sample(shard, &from);
                 Ok(Response::Pairs { pairs, more })
             }
             Request::Routes => {
@@ -431,7 +448,11 @@ impl Registry {
                         continue;
                     };
                     let m = raft.metrics().borrow_watched().clone();
+                    let load = self.load.rates(shard);
                     shards.push(ShardStatus {
+                        reads_per_s: load.reads_per_s,
+                        writes_per_s: load.writes_per_s,
+                        write_bytes_per_s: load.write_bytes_per_s,
                         size_bytes: self.engine.approximate_size(&d.range),
                         descriptor: d,
                         leader: m.current_leader,

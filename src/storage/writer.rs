@@ -191,6 +191,7 @@ pub(crate) fn run(
     }
 }
 
+#[allow(clippy::redundant_closure_call)] // the closures hold failpoints (empty without the feature)
 fn write_group(
     db: &DB,
     no_sync: &WriteOptions,

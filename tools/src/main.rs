@@ -81,13 +81,30 @@ enum Cmd {
     /// (p50, p99, p99.9).
     Bench(bench::BenchArgs),
     /// Show nodes (up/down) and shards (id, range, leader, replicas, epoch,
-    /// approximate size, and `hosted_on`: the nodes that actually host a
-    /// replica; it differs from `replicas` while a replica is missing or
-    /// left over).
+    /// approximate size with unflushed data, load: keys read, write
+    /// operations and bytes written per second, decayed over about 10 s,
+    /// and `hosted_on`: the nodes that actually host a replica; it differs
+    /// from `replicas` while a replica is missing or left over).
+    ///
+    /// The table starts with a summary (shards, shards without a leader or
+    /// with replicas missing or left over, size and load, per node replicas
+    /// and leaders). Every shard is listed when there are at most 100 (or
+    /// with `--all`); beyond that only the shards that need attention and
+    /// the 10 busiest. `--json` is always complete.
     Status {
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,
+        /// Only this shard (e.g. 7 or s7).
+        #[arg(long, value_parser = admin::parse_shard)]
+        shard: Option<ShardId>,
+        /// Only shards with a replica on this node (e.g. 2 or n2), listed
+        /// or hosted.
+        #[arg(long, value_parser = admin::parse_node)]
+        node: Option<NodeId>,
+        /// List every shard, however many.
+        #[arg(long)]
+        all: bool,
     },
     /// Split the shard owning KEY at KEY: it keeps the keys below KEY, a
     /// new shard (on the same replicas) takes KEY and above. No data is
@@ -133,6 +150,10 @@ enum Cmd {
         /// Print JSON instead of tables.
         #[arg(long)]
         json: bool,
+        /// Keep balancing: plan and execute again every this many seconds
+        /// (loads and sizes change) until Ctrl-C.
+        #[arg(long, value_name = "SECONDS", num_args = 0..=1, default_missing_value = "30")]
+        watch: Option<u64>,
     },
     /// Check that every replica of each shard holds the same data (admin):
     /// the leader commits a digest entry and every replica hashes its
@@ -241,7 +262,15 @@ async fn run(cli: Cli) -> Result<()> {
                 out.flush()?;
             }
         }
-        Cmd::Status { json } => status(&client, &cli.cluster, json).await?,
+        Cmd::Status {
+            json,
+            shard,
+            node,
+            all,
+        } => {
+            let filter = StatusFilter { shard, node, all };
+            status(&client, &cli.cluster, json, filter).await?
+        }
         Cmd::Split { key } => admin::split(&client, &key).await?,
         Cmd::MoveReplica { shard, from, to } => {
             admin::move_replica(&client, shard, from, to).await?
@@ -257,7 +286,11 @@ async fn run(cli: Cli) -> Result<()> {
             dry_run,
             max_concurrent_moves,
             json,
-        } => rebalance::run(&client, dry_run, max_concurrent_moves, json).await?,
+            watch,
+        } => {
+            let watch = watch.map(|s| std::time::Duration::from_secs(s.max(1)));
+            rebalance::run(&client, dry_run, max_concurrent_moves, json, watch).await?
+        }
         Cmd::Bench(_) => unreachable!("bench runs before the connect above"),
     }
     Ok(())
@@ -270,7 +303,66 @@ struct ShardRow {
     hosted_on: Vec<NodeId>,
 }
 
-async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Result<()> {
+/// Two decimals are plenty for a decayed rate (and keep the JSON short).
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+/// Shards listed in full by `status` without `--all`.
+const STATUS_LIST_ALL_MAX: usize = 100;
+/// Busiest shards `status` lists beyond that.
+const STATUS_BUSIEST: usize = 10;
+
+/// Which shards `status` shows.
+struct StatusFilter {
+    shard: Option<ShardId>,
+    node: Option<NodeId>,
+    all: bool,
+}
+
+impl StatusFilter {
+    fn keeps(&self, id: ShardId, r: &ShardRow) -> bool {
+        self.shard.is_none_or(|s| s == id)
+            && self.node.is_none_or(|n| {
+                r.status.descriptor.replicas.contains(&n) || r.hosted_on.contains(&n)
+            })
+    }
+
+    fn describe(&self) -> String {
+        match (self.shard, self.node) {
+            (Some(s), _) => format!(" ({s})"),
+            (None, Some(n)) => format!(" with a replica on {n}"),
+            (None, None) => String::new(),
+        }
+    }
+}
+
+impl ShardRow {
+    /// The nodes hosting a replica are exactly its voters.
+    fn hosting_matches(&self) -> bool {
+        let mut hosted = self.hosted_on.clone();
+        hosted.sort();
+        let mut listed = self.status.descriptor.replicas.clone();
+        listed.sort();
+        hosted == listed
+    }
+
+    /// No leader, or replicas missing or left over.
+    fn needs_attention(&self) -> bool {
+        self.leader.is_none() || !self.hosting_matches()
+    }
+
+    fn busy(&self) -> f64 {
+        self.status.reads_per_s + self.status.writes_per_s
+    }
+}
+
+async fn status(
+    client: &Client,
+    cluster: &std::path::Path,
+    json: bool,
+    filter: StatusFilter,
+) -> Result<()> {
     let file = ClusterFile::load(cluster)?;
     let mut nodes = Vec::new();
     let mut shards: BTreeMap<ShardId, ShardRow> = BTreeMap::new();
@@ -303,6 +395,13 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                 row.status.descriptor = s.descriptor.clone();
             }
             row.status.size_bytes = row.status.size_bytes.max(s.size_bytes);
+            // Requests are served by the leader; a former leader's rates
+            // still fade, so the sum follows a leadership change.
+            if row.hosted_on.len() > 1 {
+                row.status.reads_per_s += s.reads_per_s;
+                row.status.writes_per_s += s.writes_per_s;
+                row.status.write_bytes_per_s += s.write_bytes_per_s;
+            }
             if leads {
                 row.leader = Some(id);
             }
@@ -310,6 +409,10 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
     }
     if nodes.iter().all(|(_, _, up)| !up) {
         bail!("no node of {} answered", cluster.display());
+    }
+    shards.retain(|id, r| filter.keeps(*id, r));
+    if let (Some(shard), true) = (filter.shard, shards.is_empty()) {
+        bail!("no node reports {shard}");
     }
     let mut out = std::io::stdout().lock();
     if json {
@@ -328,33 +431,106 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                     "hosted_on": r.hosted_on.iter().map(|n| n.0).collect::<Vec<_>>(),
                     "epoch": {"version": d.epoch.version, "conf_ver": d.epoch.conf_ver},
                     "size_bytes": r.status.size_bytes,
+                    "reads_per_s": round2(r.status.reads_per_s),
+                    "writes_per_s": round2(r.status.writes_per_s),
+                    "write_bytes_per_s": round2(r.status.write_bytes_per_s),
                 })
             }).collect::<Vec<_>>(),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
-    writeln!(out, "{:<6} {:<22} {:<5}", "node", "addr", "state")?;
+    // Per node: replicas listed there, replicas hosted there, leaders.
+    let mut per_node: BTreeMap<NodeId, (usize, usize, usize)> = BTreeMap::new();
+    for r in shards.values() {
+        for n in &r.status.descriptor.replicas {
+            per_node.entry(*n).or_default().0 += 1;
+        }
+        for n in &r.hosted_on {
+            per_node.entry(*n).or_default().1 += 1;
+        }
+        if let Some(l) = r.leader {
+            per_node.entry(l).or_default().2 += 1;
+        }
+    }
+    writeln!(
+        out,
+        "{:<6} {:<22} {:<5} {:>9} {:>7} {:>8}",
+        "node", "addr", "state", "replicas", "hosted", "leaders"
+    )?;
     for (id, addr, up) in &nodes {
+        let (listed, hosted, leads) = per_node.get(id).copied().unwrap_or_default();
         writeln!(
             out,
-            "{:<6} {:<22} {:<5}",
+            "{:<6} {:<22} {:<5} {:>9} {:>7} {:>8}",
             id.to_string(),
             addr.to_string(),
-            if *up { "up" } else { "down" }
+            if *up { "up" } else { "down" },
+            listed,
+            hosted,
+            leads
         )?;
     }
+    let attention: Vec<&ShardRow> = shards.values().filter(|r| r.needs_attention()).collect();
+    let no_leader = shards.values().filter(|r| r.leader.is_none()).count();
+    let size: u64 = shards.values().map(|r| r.status.size_bytes).sum();
+    let (reads, writes, wbytes) = shards.values().fold((0.0, 0.0, 0.0), |a, r| {
+        (
+            a.0 + r.status.reads_per_s,
+            a.1 + r.status.writes_per_s,
+            a.2 + r.status.write_bytes_per_s,
+        )
+    });
     writeln!(out)?;
     writeln!(
         out,
-        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}  hosted_on",
-        "shard", "range", "leader", "replicas", "epoch", "size_bytes"
+        "{} shards{}: {} without a leader, {} with replicas missing or left over; {} bytes; {:.1} reads/s, {:.1} writes/s, {:.0} bytes written/s",
+        shards.len(),
+        filter.describe(),
+        no_leader,
+        shards.values().filter(|r| !r.hosting_matches()).count(),
+        size,
+        reads,
+        writes,
+        wbytes
     )?;
-    for r in shards.values() {
+    let listed: Vec<&ShardRow> = if filter.all || shards.len() <= STATUS_LIST_ALL_MAX {
+        shards.values().collect()
+    } else {
+        // The shards that need attention, then the busiest others.
+        let mut busiest: Vec<&ShardRow> =
+            shards.values().filter(|r| !r.needs_attention()).collect();
+        busiest.sort_by(|a, b| b.busy().total_cmp(&a.busy()));
+        busiest.truncate(STATUS_BUSIEST);
+        writeln!(
+            out,
+            "listing {} that need attention and the {} busiest; --all lists every shard",
+            attention.len(),
+            busiest.len()
+        )?;
+        let mut rows = attention.clone();
+        rows.extend(busiest);
+        rows
+    };
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12} {:>9} {:>9} {:>11}  hosted_on",
+        "shard",
+        "range",
+        "leader",
+        "replicas",
+        "epoch",
+        "size_bytes",
+        "reads/s",
+        "writes/s",
+        "w_bytes/s"
+    )?;
+    for r in listed {
         let d = &r.status.descriptor;
         writeln!(
             out,
-            "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12}  {}",
+            "{:<7} {:<26} {:<7} {:<12} {:<7} {:>12} {:>9.1} {:>9.1} {:>11.0}  {}",
             d.id.to_string(),
             d.range.to_string(),
             r.leader.map_or("-".to_string(), |l| l.to_string()),
@@ -365,6 +541,9 @@ async fn status(client: &Client, cluster: &std::path::Path, json: bool) -> Resul
                 .join(","),
             format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
             r.status.size_bytes,
+            r.status.reads_per_s,
+            r.status.writes_per_s,
+            r.status.write_bytes_per_s,
             r.hosted_on
                 .iter()
                 .map(|n| n.0.to_string())

@@ -1,5 +1,6 @@
 //! `tessera-ctl rebalance`: shows the plan (table or JSON) and, without
-//! `--dry-run`, executes it round after round with progress bars.
+//! `--dry-run`, executes it round after round with progress bars; with
+//! `--watch`, keeps doing so until Ctrl-C.
 
 use anyhow::{Context, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
@@ -81,15 +82,67 @@ impl Progress for Bars {
     }
 }
 
-pub async fn run(client: &Client, dry_run: bool, max_moves: usize, json: bool) -> Result<()> {
+/// Runs `rebalance`: the plan (`dry_run`), or passes until balanced; with
+/// `watch`, a new pass every `watch` until Ctrl-C.
+pub async fn run(
+    client: &Client,
+    dry_run: bool,
+    max_moves: usize,
+    json: bool,
+    watch: Option<std::time::Duration>,
+) -> Result<()> {
     let cfg = PlannerConfig {
         max_concurrent_moves: max_moves.max(1),
         ..PlannerConfig::default()
     };
+    let stop = Arc::new(AtomicBool::new(false));
+    if !dry_run {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                stop.store(true, Ordering::Relaxed);
+                eprintln!("interrupted: letting the steps in flight finish; run again to continue");
+            }
+        });
+    }
+    loop {
+        let interrupted = pass(client, &cfg, dry_run, json, stop.clone()).await?;
+        if interrupted {
+            std::process::exit(130);
+        }
+        let Some(every) = watch.filter(|_| !dry_run) else {
+            return Ok(());
+        };
+        if !json {
+            println!(
+                "watching: next pass in {} s (Ctrl-C to stop)",
+                every.as_secs_f64()
+            );
+        }
+        let until = Instant::now() + every;
+        while Instant::now() < until {
+            if stop.load(Ordering::Relaxed) {
+                // Between passes nothing is in flight: a clean stop.
+                return Ok(());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// One pass: plan (and print it), then, unless `dry_run`, execute rounds
+/// until balanced or `stop`; whether it was interrupted.
+async fn pass(
+    client: &Client,
+    cfg: &PlannerConfig,
+    dry_run: bool,
+    json: bool,
+    stop: Arc<AtomicBool>,
+) -> Result<bool> {
     let state = rebalance::cluster_state(client)
         .await
         .map_err(|e| anyhow::anyhow!("no node answered: {e}"))?;
-    let plan = planner::plan(&state, &cfg);
+    let plan = planner::plan(&state, cfg);
     if dry_run {
         if json {
             let imbalance = planner::imbalance(&state);
@@ -106,7 +159,7 @@ pub async fn run(client: &Client, dry_run: bool, max_moves: usize, json: bool) -
         } else {
             print_plan(&plan);
         }
-        return Ok(());
+        return Ok(false);
     }
     if !json {
         print_plan(&plan);
@@ -131,23 +184,10 @@ pub async fn run(client: &Client, dry_run: bool, max_moves: usize, json: bool) -
             )
             .with_prefix("bytes"),
     );
-    let stop = Arc::new(AtomicBool::new(false));
-    {
-        let stop = stop.clone();
-        let steps = steps.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                stop.store(true, Ordering::Relaxed);
-                steps.println(
-                    "interrupted: letting the steps in flight finish; run again to continue",
-                );
-            }
-        });
-    }
     let started = Instant::now();
     let summary = rebalance::rebalance(
         client,
-        &cfg,
+        cfg,
         50,
         stop,
         Arc::new(Bars {
@@ -199,8 +239,5 @@ pub async fn run(client: &Client, dry_run: bool, max_moves: usize, json: bool) -
             println!("  {n}: {r} replicas, {l} leaders");
         }
     }
-    if summary.interrupted {
-        std::process::exit(130);
-    }
-    Ok(())
+    Ok(summary.interrupted)
 }

@@ -69,10 +69,18 @@
 //!    the underloaded node does not lead back off it. The next round then
 //!    transfers. A shard without a known leader is never given one.
 //!
+//! 7. Leader load, once a round has nothing else to do: transfer
+//!    leaderships from nodes leading more [`ShardState::load`] to replicas on
+//!    nodes leading less, keeping leader counts balanced, until every node's
+//!    led load is within [`LEADER_LOAD_TOLERANCE`] of the mean or no transfer
+//!    strictly lowers the sum of squared deviations (at most
+//!    [`LEADER_LOAD_TRANSFERS_MAX`] per round).
+//!
 //! Every non-empty round makes progress on, in this order: replicas left to
 //! drain, replica-count spread, leaders left to drain, leader-count spread
 //! (a round of step 6 moves is followed by a round of transfers that uses
-//! them), so repeated plan-and-execute reaches an empty plan.
+//! them), then the sum of squared led-load deviations (with the loads held
+//! fixed), so repeated plan-and-execute reaches an empty plan.
 //!
 //! While draining replicas (or leaders) are still pending, the mean counts them
 //! as already landed on the eligible nodes, and only overfull nodes trigger
@@ -82,7 +90,8 @@
 //! shard's voter count (a move is one-for-one); [`misreplicated`] lists the
 //! shards whose count differs, for the operator.
 //!
-//! [`ShardState::load`] only breaks ties (colder shards move first).
+//! Besides step 7, [`ShardState::load`] only breaks ties (colder shards move
+//! first).
 
 mod imbalance;
 mod leader_path;
@@ -91,6 +100,7 @@ mod state;
 mod step;
 
 pub use imbalance::{imbalance, misreplicated, Imbalance, NodeLoad};
+pub use phases::{LEADER_LOAD_TOLERANCE, LEADER_LOAD_TRANSFERS_MAX};
 pub use state::{ClusterState, NodeState, ShardState, StateError};
 pub use step::{apply_step, check_step, Plan, Step, StepError};
 
@@ -143,5 +153,6 @@ pub fn plan(state: &ClusterState, cfg: &PlannerConfig) -> Plan {
     p.balance_replicas();
     p.balance_leaders();
     p.enable_leader_transfers();
+    p.balance_leader_load();
     Plan { steps: p.steps }
 }

@@ -23,6 +23,16 @@ fn out_of_balance(counts: &BTreeMap<NodeId, usize>, pending: usize) -> bool {
         .any(|&c| c * n > total + n || (pending == 0 && c * n + n < total))
 }
 
+/// How far above the mean a node's led load may be before leaderships are
+/// transferred off it: 20%.
+pub const LEADER_LOAD_TOLERANCE: f64 = 0.2;
+
+/// Most leader transfers for load in one round.
+pub const LEADER_LOAD_TRANSFERS_MAX: usize = 16;
+
+/// Leader transfers: (shard, from, to).
+type Transfers = Vec<(ShardId, NodeId, NodeId)>;
+
 pub(super) struct Planner<'a> {
     pub(super) nodes: Nodes,
     pub(super) cfg: &'a PlannerConfig,
@@ -348,6 +358,137 @@ impl Planner<'_> {
                 self.transferred.insert(shard);
             }
         }
+    }
+
+    /// Leader load: once the round has nothing else to do (nothing to
+    /// split or drain, replica and leader counts balanced), transfer
+    /// leaderships from nodes that lead more load to replicas on nodes that
+    /// lead less, until every eligible node's led load is within
+    /// [`LEADER_LOAD_TOLERANCE`] of the mean or no transfer helps. A
+    /// transfer of load `x` from a node leading `a` to one leading `b` is
+    /// taken only when `0 < x < a - b` (so it strictly lowers the sum of
+    /// squared deviations from the mean: with fixed loads, rounds cannot
+    /// cycle) and leader counts stay balanced; the largest such decrease
+    /// goes first, at most [`LEADER_LOAD_TRANSFERS_MAX`] per round.
+    pub(super) fn balance_leader_load(&mut self) {
+        if !self.steps.is_empty() {
+            return;
+        }
+        let mut lc = self.leader_counts();
+        if out_of_balance(&lc, 0) {
+            return;
+        }
+        let mut led: BTreeMap<NodeId, u64> = self.nodes.eligible.iter().map(|n| (*n, 0)).collect();
+        for s in &self.work.shards {
+            if let Some(v) = leader_of(s).and_then(|l| led.get_mut(&l)) {
+                *v = v.saturating_add(s.load);
+            }
+        }
+        let total: u64 = led.values().sum();
+        if total == 0 || led.len() < 2 {
+            return;
+        }
+        let mean = total as f64 / led.len() as f64;
+        let limit = mean * (1.0 + LEADER_LOAD_TOLERANCE);
+        let mut done = 0;
+        while done < LEADER_LOAD_TRANSFERS_MAX {
+            let hot: Vec<NodeId> = led
+                .iter()
+                .filter(|(_, v)| **v as f64 > limit)
+                .map(|(n, _)| *n)
+                .collect();
+            if hot.is_empty() {
+                break;
+            }
+            let Some(best) = self.best_load_transfer(&hot, &led, &lc) else {
+                break;
+            };
+            for (shard, from, to) in best {
+                let x = self.shard(shard).load;
+                *led.get_mut(&from).expect("eligible") -= x;
+                *led.get_mut(&to).expect("eligible") += x;
+                *lc.get_mut(&from).expect("eligible") -= 1;
+                *lc.get_mut(&to).expect("eligible") += 1;
+                self.push(Step::TransferLeader { shard, from, to });
+                self.transferred.insert(shard);
+                done += 1;
+            }
+        }
+    }
+
+    /// The transfer off one of the `hot` nodes that lowers the led-load
+    /// spread most while leader counts stay balanced: one shard's leadership
+    /// from a hot node to another replica's node, or, when that alone would
+    /// unbalance the counts, together with the coldest shard led there that
+    /// has a replica on the hot node, the other way. Ties: lowest shard ids.
+    fn best_load_transfer(
+        &self,
+        hot: &[NodeId],
+        led: &BTreeMap<NodeId, u64>,
+        lc: &BTreeMap<NodeId, usize>,
+    ) -> Option<Transfers> {
+        let movable = |s: &ShardState| self.available(s) && !self.transferred.contains(&s.id());
+        // Whether one transfer alone keeps leader counts balanced (a swap
+        // leaves them as they are, and they are balanced here).
+        let alone_keeps_counts = |from: NodeId, to: NodeId| {
+            let mut after = lc.clone();
+            *after.get_mut(&from).expect("eligible") -= 1;
+            *after.get_mut(&to).expect("eligible") += 1;
+            !out_of_balance(&after, 0)
+        };
+        // (decrease, then the lowest shard ids first) and the transfers.
+        type Ranked = (u128, Reverse<(ShardId, ShardId)>, Transfers);
+        let mut best: Option<Ranked> = None;
+        for s in &self.work.shards {
+            if s.load == 0 || !movable(s) {
+                continue;
+            }
+            let Some(from) = leader_of(s).filter(|l| hot.contains(l)) else {
+                continue;
+            };
+            for to in distinct_replicas(s) {
+                if to == from || !self.nodes.eligible(to) {
+                    continue;
+                }
+                let (a, b) = (led[&from], led[&to]);
+                if a <= b {
+                    continue;
+                }
+                let back = if alone_keeps_counts(from, to) {
+                    None
+                } else {
+                    // The coldest shard led by `to` that can come back.
+                    let coldest = self
+                        .work
+                        .shards
+                        .iter()
+                        .filter(|t| {
+                            t.id() != s.id()
+                                && t.load < s.load
+                                && movable(t)
+                                && leader_of(t) == Some(to)
+                                && distinct_replicas(t).contains(&from)
+                        })
+                        .min_by_key(|t| (t.load, t.id()));
+                    let Some(t) = coldest else { continue };
+                    Some((t.id(), t.load))
+                };
+                let d = s.load - back.map_or(0, |(_, y)| y);
+                if d == 0 || d >= a - b {
+                    continue;
+                }
+                let gain = u128::from(d) * u128::from(a - b - d);
+                let key = Reverse((s.id(), back.map_or(ShardId(0), |(t, _)| t)));
+                if best.as_ref().is_none_or(|(g, k, _)| (gain, key) > (*g, *k)) {
+                    let mut steps = vec![(s.id(), from, to)];
+                    if let Some((t, _)) = back {
+                        steps.push((t, to, from));
+                    }
+                    best = Some((gain, key, steps));
+                }
+            }
+        }
+        best.map(|(_, _, steps)| steps)
     }
 
     /// When transfers alone cannot even out leaders (no chain of transfers

@@ -12,7 +12,7 @@ impl Node {
         }
         self.transport.add_peer(p);
         if let Err(e) =
-            crate::node::peers_file::save(&self.config.data_dir, &self.transport.peers())
+            crate::node::peers_file::save_current(&self.config.data_dir, || self.transport.peers())
         {
             tracing::warn!(error = %e, "could not persist the peer list");
         }

@@ -305,6 +305,7 @@ impl Node {
             let _ = raft.shutdown().await;
         }
         self.registry.quiesce.forget(shard);
+        self.registry.load.forget(shard);
         // The group's stores close as its tasks end.
         let started = Instant::now();
         loop {

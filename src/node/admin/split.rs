@@ -132,18 +132,47 @@ impl Node {
     }
 }
 
+/// Splits `d` at the median of its recent request keys when its load
+/// (reads plus writes per second) reaches `hot`; whether it split.
+async fn split_if_hot(n: &Node, d: &ShardDescriptor, hot: u64) -> bool {
+    let rates = n.registry.load.rates(d.id);
+    let load = rates.reads_per_s + rates.writes_per_s;
+    if load < hot as f64 {
+        return false;
+    }
+    let Some(key) = crate::node::load::load_split_key(&n.registry.load.samples(d.id), &d.range)
+    else {
+        return false;
+    };
+    tracing::info!(shard = %d.id, load, key = %shard_router::descriptor::escape(&key), "shard over the load limit: splitting");
+    match n.split_shard(d.id, key).await {
+        Ok((l, r)) => {
+            // Both halves are measured afresh.
+            n.registry.load.forget(l.id);
+            tracing::info!(left = %l.id, right = %r.id, "load split done");
+            true
+        }
+        Err(e) => {
+            tracing::warn!(shard = %d.id, error = %e, "load split failed");
+            false
+        }
+    }
+}
+
 /// Splits the shards this node leads once they outgrow
-/// `split.max_bytes`, at their middle key, checking every
-/// `split.check_interval_ms`.
+/// `split.max_bytes`, at their middle key, and those whose load reaches
+/// `split.load_ops_per_s`, at the median of their recent request keys,
+/// checking every `split.check_interval_ms`.
 pub(crate) async fn auto_split(node: Weak<Node>) {
-    let (max, every) = {
+    let (max, hot, every) = {
         let Some(n) = node.upgrade() else { return };
         (
             n.config.split.max_bytes,
+            n.config.split.load_ops_per_s,
             Duration::from_millis(n.config.split.check_interval_ms),
         )
     };
-    if max == 0 {
+    if max == 0 && hot == 0 {
         return;
     }
     // Per shard: bytes applied when last measured, and the size then.
@@ -155,6 +184,12 @@ pub(crate) async fn auto_split(node: Weak<Node>) {
             let Ok(d) = n.engine.descriptor(shard) else {
                 continue;
             };
+            if hot > 0 && split_if_hot(&n, &d, hot).await {
+                continue;
+            }
+            if max == 0 {
+                continue;
+            }
             // Cheap test first: the last measured size plus what was
             // applied since (or RocksDB's on-disk estimate) must reach the
             // limit before the range is scanned.

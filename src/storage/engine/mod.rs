@@ -148,6 +148,8 @@ impl Drop for ShardGuard {
     }
 }
 
+type CChar = std::ffi::c_char;
+
 impl Engine {
     /// Opens (creating if needed) the node's database under
     /// `config.data_dir/db` and starts the log writer.
@@ -644,17 +646,42 @@ impl Engine {
         Ok(out)
     }
 
-    /// Approximate bytes of user data in `range` on disk (flushed data only;
-    /// compressed size).
+    /// Approximate bytes of user data in `range`: on disk (compressed) plus
+    /// what is still in memtables (without them, data not yet flushed
+    /// counted as nothing, and a freshly written shard read 0).
     pub fn approximate_size(&self, range: &crate::KeyRange) -> u64 {
+        use rocksdb::{AsColumnFamilyRef, AsRawPtr};
         let end = range_end(range);
-        let r = rocksdb::Range::new(&range.start, &end);
-        self.inner
-            .db()
-            .get_approximate_sizes_cf(self.cf(Cf::Data), &[r])
-            .first()
-            .copied()
-            .unwrap_or(0)
+        let (start_ptr, start_len) = (range.start.as_ptr().cast::<CChar>(), range.start.len());
+        let (end_ptr, end_len) = (end.as_ptr().cast::<CChar>(), end.len());
+        let mut size = 0u64;
+        let mut err: *mut CChar = std::ptr::null_mut();
+        let flags = (librocksdb_sys::rocksdb_size_approximation_flags_include_memtable
+            | librocksdb_sys::rocksdb_size_approximation_flags_include_files)
+            as u8;
+        // SAFETY: the database and column family handles live as long as
+        // `self` (the engine owns the DB, and handles are never dropped
+        // while it is open); the key pointers and lengths describe two live
+        // slices for the duration of the call; one range, one output slot.
+        unsafe {
+            librocksdb_sys::rocksdb_approximate_sizes_cf_with_flags(
+                self.inner.db().as_raw_ptr(),
+                self.cf(Cf::Data).inner(),
+                1,
+                &start_ptr,
+                &start_len,
+                &end_ptr,
+                &end_len,
+                flags,
+                &mut size,
+                &mut err,
+            );
+            if !err.is_null() {
+                librocksdb_sys::rocksdb_free(err.cast());
+                return 0;
+            }
+        }
+        size
     }
 
     // ---- crate-internal plumbing ----
