@@ -7,7 +7,7 @@
 
 use crate::limits::{self, LimitError, BATCH_BYTES_MAX, BATCH_OPS_MAX};
 use crate::session::SessionStamp;
-use crate::{ShardDescriptor, ShardId};
+use crate::{NodeId, ShardDescriptor, ShardId};
 use serde::{Deserialize, Serialize};
 
 /// One key operation.
@@ -137,6 +137,75 @@ pub enum Command {
         /// The operations, at least one.
         ops: Vec<Op>,
     },
+    /// Merge, step 1, on the right shard: freeze it for a merge into its
+    /// left neighbour `into`. From this entry on it applies no write, split
+    /// or merge of its own (its data is final), and its replicas refuse
+    /// reads. The entry's batch is synced, so a replica that reports it
+    /// applied holds the final data durably. Refused (an answer) unless the
+    /// shard is at epoch `(version, conf_ver)` with exactly `voters` and no
+    /// learners or joint configuration. A retry for the same `into` answers
+    /// the freeze already in place.
+    PrepareMerge {
+        /// The left neighbour taking the range.
+        into: ShardId,
+        /// The range version the merge was planned at.
+        version: u64,
+        /// The configuration version it was planned at.
+        conf_ver: u64,
+        /// The voters both shards must have.
+        voters: Vec<NodeId>,
+        /// The proposing leader's clock (ms since the epoch): how old an
+        /// abandoned freeze is.
+        at_ms: u64,
+    },
+    /// Merge, step 2, on the left shard: take over `right`'s range (its
+    /// data already sits in the shared data column family on every
+    /// replica) and its client sessions, in one replicated step. Refused
+    /// unless the left shard is still at range version `version`, adjacent
+    /// to `right`, with the same voters and no learners. Each replica
+    /// checks that its local replica of `right` applied the freeze at
+    /// index `frozen_at`; then that replica is retired.
+    CommitMerge {
+        /// The right shard, as frozen.
+        right: ShardDescriptor,
+        /// The log index of the right shard's freeze.
+        frozen_at: u64,
+        /// The left shard's range version the merge was planned at.
+        version: u64,
+    },
+    /// On the left shard: make sure no [`Command::CommitMerge`] planned
+    /// before this entry applies from now on (the range version grows),
+    /// unless the shard starting at `right_start` was merged already
+    /// (answered [`CommandResponse::Merged`]). Lets a freeze be lifted
+    /// safely.
+    CancelMerge {
+        /// The first key of the right shard.
+        right_start: Vec<u8>,
+    },
+    /// On the right shard: lift a freeze for a merge into `into` (after
+    /// the left shard refused or cancelled the merge).
+    AbortMerge {
+        /// The left neighbour named by the freeze.
+        into: ShardId,
+    },
+    /// Meta shard only: forget the route record of `shard`, merged into
+    /// its left neighbour, for good (later reports of it are ignored).
+    RetireRoute {
+        /// The merged shard.
+        shard: ShardId,
+    },
+}
+
+/// A right shard's freeze for a merge, as its replicas keep it (in
+/// `shard_meta` and in snapshots).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MergeMarker {
+    /// The left neighbour taking the range.
+    pub into: ShardId,
+    /// The freeze entry's log index.
+    pub at: u64,
+    /// The proposing leader's clock when it froze (ms since the epoch).
+    pub at_ms: u64,
 }
 
 impl Command {
@@ -162,7 +231,12 @@ impl Command {
         match self {
             Command::Write { ops } | Command::SessionWrite { ops, .. } => validate_ops(ops),
             Command::Split { key, .. } => limits::check_key(key),
-            Command::AllocShardId
+            Command::CancelMerge { right_start, .. } => limits::check_key(right_start),
+            Command::PrepareMerge { .. }
+            | Command::CommitMerge { .. }
+            | Command::AbortMerge { .. }
+            | Command::RetireRoute { .. }
+            | Command::AllocShardId
             | Command::RecordRoutes { .. }
             | Command::Noop
             | Command::Digest => Ok(()),
@@ -249,6 +323,23 @@ impl std::fmt::Display for Command {
             Command::RecordRoutes { descriptors } => {
                 write!(f, "record-routes({} descriptors)", descriptors.len())
             }
+            Command::PrepareMerge { into, version, .. } => {
+                write!(f, "prepare-merge(into {into}, version {version})")
+            }
+            Command::CommitMerge {
+                right,
+                frozen_at,
+                version,
+            } => write!(
+                f,
+                "commit-merge({} frozen at {frozen_at}, version {version})",
+                right.id
+            ),
+            Command::CancelMerge { right_start } => {
+                write!(f, "cancel-merge(at {})", escape(right_start))
+            }
+            Command::AbortMerge { into } => write!(f, "abort-merge(into {into})"),
+            Command::RetireRoute { shard } => write!(f, "retire-route({shard})"),
         }
     }
 }
@@ -294,6 +385,31 @@ pub enum CommandResponse {
     /// A [`Command::SessionWrite`] its client had given up on (below what
     /// it acknowledged) or with a malformed stamp: nothing was applied.
     Abandoned,
+    /// The shard is frozen for a merge into `into`: nothing was applied.
+    Frozen {
+        /// The left neighbour taking the range.
+        into: ShardId,
+    },
+    /// A [`Command::PrepareMerge`] took effect (or was in place already).
+    MergePrepared {
+        /// The freeze entry's log index.
+        at: u64,
+        /// The frozen shard.
+        descriptor: ShardDescriptor,
+    },
+    /// The merge happened: the left shard with the whole range.
+    Merged {
+        /// The left shard, grown.
+        left: ShardDescriptor,
+    },
+    /// A merge step was refused; nothing changed.
+    MergeRefused {
+        /// Why.
+        reason: String,
+    },
+    /// A [`Command::CancelMerge`] or [`Command::AbortMerge`] took effect:
+    /// the merge cannot happen any more, or the freeze is lifted.
+    MergeCancelled,
 }
 
 #[cfg(test)]

@@ -43,6 +43,14 @@ pub fn route_key_shard(key: &[u8]) -> Option<ShardId> {
     Some(ShardId(u64::from_be_bytes(id)))
 }
 
+/// The meta key marking `shard` merged away for good (inside the meta
+/// range, never a route record: longer than one).
+pub fn retired_key(shard: ShardId) -> Vec<u8> {
+    let mut k = route_key(shard);
+    k.extend_from_slice(b"/retired");
+    k
+}
+
 /// The meta key holding the next shard id to hand out (inside the meta
 /// range, never a route record: longer than one).
 pub fn next_id_key() -> Vec<u8> {

@@ -281,6 +281,66 @@ impl SessionTable {
     }
 }
 
+impl SessionTable {
+    /// Takes in the sessions of a shard merged into this one: per client,
+    /// the later `acked` and `last_ms`, and every saved write of either at
+    /// or above that `acked` (sequence numbers are unique per client, so
+    /// the two never disagree on one). The table's bounds hold afterwards:
+    /// results over a client's byte bound are kept as applied without
+    /// their values, a window overrun drops the oldest, and sessions over
+    /// [`SESSIONS_MAX`] are evicted least recently active first. Returns
+    /// the rows to persist.
+    pub fn absorb(&mut self, rows: impl IntoIterator<Item = (ClientId, Session)>) -> Changes {
+        let mut changes = Changes::default();
+        for (client, theirs) in rows {
+            self.clock_ms = self.clock_ms.max(theirs.last_ms);
+            let mut s = match self.remove(client) {
+                None => theirs,
+                Some(mut mine) => {
+                    mine.last_ms = mine.last_ms.max(theirs.last_ms);
+                    mine.acked = mine.acked.max(theirs.acked);
+                    for (seq, saved) in theirs.saved {
+                        mine.saved.entry(seq).or_insert(saved);
+                    }
+                    mine
+                }
+            };
+            s.saved = s.saved.split_off(&s.acked);
+            while s.saved.len() as u64 > SESSION_WINDOW {
+                s.saved.pop_first();
+            }
+            // Over the byte bounds: results lose their values (they stay
+            // known as applied), newest first, until both bounds hold.
+            let mut over = s
+                .saved_bytes()
+                .saturating_sub(SAVED_BYTES_MAX)
+                .max((self.saved_bytes + s.saved_bytes()).saturating_sub(TABLE_SAVED_BYTES_MAX));
+            for saved in s.saved.values_mut().rev() {
+                if over == 0 {
+                    break;
+                }
+                over = over.saturating_sub(saved.bytes());
+                *saved = Saved::Omitted;
+            }
+            self.saved_bytes += s.saved_bytes();
+            self.by_age.insert((s.last_ms, client));
+            self.sessions.insert(client, s);
+            changes.removed.retain(|c| *c != client);
+            changes.written.push(client);
+        }
+        while self.sessions.len() > SESSIONS_MAX {
+            let Some(&(_, old)) = self.by_age.first() else {
+                break;
+            };
+            self.remove(old);
+            changes.written.retain(|c| *c != old);
+            changes.removed.push(old);
+            changes.evicted += 1;
+        }
+        changes
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,6 +352,39 @@ mod tests {
 
     fn stamp(client: ClientId, seq: u64, acked: u64) -> SessionStamp {
         SessionStamp { client, seq, acked }
+    }
+
+    #[test]
+    fn a_merged_shards_sessions_answer_its_retries() {
+        let mut left = SessionTable::default();
+        let mut right = SessionTable::default();
+        left.record(&stamp(1, 5, 5), 10, Some(&put()));
+        right.record(&stamp(1, 6, 5), 20, Some(&put()));
+        right.record(&stamp(2, 1, 1), 30, Some(&put()));
+        let changes = left.absorb(right.rows());
+        assert_eq!(changes.written.len(), 2);
+        assert!(matches!(
+            left.verdict(&stamp(1, 5, 5)),
+            Verdict::Duplicate(_)
+        ));
+        assert!(matches!(
+            left.verdict(&stamp(1, 6, 5)),
+            Verdict::Duplicate(_)
+        ));
+        assert!(matches!(
+            left.verdict(&stamp(2, 1, 1)),
+            Verdict::Duplicate(_)
+        ));
+        assert_eq!(left.verdict(&stamp(1, 7, 6)), Verdict::Apply);
+        assert_eq!(left.clock_ms(), 30);
+        // A later ack on one side prunes the other's older answers.
+        let mut a = SessionTable::default();
+        a.record(&stamp(3, 1, 1), 1, Some(&put()));
+        let mut b = SessionTable::default();
+        b.record(&stamp(3, 4, 4), 2, Some(&put()));
+        a.absorb(b.rows());
+        assert_eq!(a.verdict(&stamp(3, 1, 1)), Verdict::Stale);
+        assert!(matches!(a.verdict(&stamp(3, 4, 4)), Verdict::Duplicate(_)));
     }
 
     #[test]

@@ -7,10 +7,10 @@ mod common;
 
 use common::cluster::{init_tracing, TestCluster, Timings};
 use common::load::{wait_ops, Load};
+use common::routes::{check_ownership_and_data, hosted};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 use tessera::meta;
-use tessera::shard_router::RangeMap;
 use tessera::{Client, NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -23,77 +23,6 @@ async fn ready(ids: &[u64], members: &[u64], shards: u64) -> TestCluster {
     }
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
     c
-}
-
-/// The hosted data shards' descriptors of every running node, checked to
-/// be disjoint on each node.
-fn hosted(c: &TestCluster) -> BTreeMap<NodeId, Vec<ShardDescriptor>> {
-    let mut out = BTreeMap::new();
-    for n in c.up() {
-        let descs: Vec<ShardDescriptor> = n
-            .shard_ids()
-            .into_iter()
-            .map(|s| n.engine().descriptor(s).unwrap())
-            .collect();
-        for (i, a) in descs.iter().enumerate() {
-            for b in &descs[i + 1..] {
-                let overlap = (b.range.end.is_empty() || a.range.start < b.range.end)
-                    && (a.range.end.is_empty() || b.range.start < a.range.end);
-                assert!(
-                    !overlap,
-                    "{}: {} {} overlaps {} {}",
-                    n.id(),
-                    a.id,
-                    a.range,
-                    b.id,
-                    b.range
-                );
-            }
-        }
-        out.insert(n.id(), descs);
-    }
-    out
-}
-
-/// Checks that the routes tile the key space, that every replica agrees
-/// with them, and that every acknowledged write is read back, by key and by
-/// one full scan.
-async fn check_ownership_and_data(
-    c: &TestCluster,
-    cl: &Client,
-    acked: &BTreeMap<Vec<u8>, Vec<u8>>,
-) -> Vec<ShardDescriptor> {
-    let routes = cl.routes().await.unwrap();
-    let map = RangeMap::new(routes.clone()).expect("routes tile the key space");
-    map.check().expect("no gap, no overlap");
-    // Every replica's descriptor is the routed one (after catching up).
-    c.wait_until("replicas agree with the routes", WAIT, |c| {
-        hosted(c).values().flatten().all(|d| {
-            routes
-                .iter()
-                .any(|r| r.id == d.id && r.range == d.range && r.epoch.version == d.epoch.version)
-        })
-    })
-    .await
-    .unwrap();
-    for (k, v) in acked {
-        let owners: Vec<ShardId> = routes
-            .iter()
-            .filter(|d| d.range.contains(k))
-            .map(|d| d.id)
-            .collect();
-        assert_eq!(owners.len(), 1, "key {k:?} owned by {owners:?}");
-        assert_eq!(
-            cl.get(k).await.unwrap().as_ref(),
-            Some(v),
-            "acknowledged write {k:?}"
-        );
-    }
-    let all = cl.scan(b"", b"", 100_000).await.unwrap();
-    let want: Vec<(Vec<u8>, Vec<u8>)> = acked.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
-    assert_eq!(all.len(), want.len(), "full scan has every key once");
-    assert_eq!(all, want, "full scan equals the model");
-    routes
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,6 +140,7 @@ async fn one_shard_splitting(max_bytes: u64, load_ops_per_s: u64) -> (TestCluste
             max_bytes,
             check_interval_ms: 200,
             load_ops_per_s,
+            ..Default::default()
         },
         ..Timings::fast()
     };

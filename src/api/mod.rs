@@ -86,6 +86,15 @@ pub enum Request {
         /// The node receiving one.
         to: NodeId,
     },
+    /// Admin: merge shard `right` into its left neighbour `left` (sent to
+    /// `left`'s leader; both must have their replicas on the same nodes).
+    /// Answered [`Response::Descriptor`] with the grown left shard.
+    Merge {
+        /// The shard taking the range.
+        left: ShardId,
+        /// The shard merged away.
+        right: ShardId,
+    },
     /// Admin: make `to` the leader of `shard` (sent to its leader).
     /// Answered [`Response::Done`].
     TransferLeader {
@@ -288,6 +297,7 @@ impl Request {
         matches!(
             self,
             Request::Split { .. }
+                | Request::Merge { .. }
                 | Request::MoveReplica { .. }
                 | Request::TransferLeader { .. }
                 | Request::MarkDigest { .. }
@@ -303,6 +313,7 @@ impl Request {
             Request::Routes => "routes",
             Request::NodeStatus => "node status",
             Request::Split { .. } => "split",
+            Request::Merge { .. } => "merge",
             Request::MoveReplica { .. } => "move-replica",
             Request::TransferLeader { .. } => "transfer-leader",
             Request::Join { .. } => "join",
@@ -342,6 +353,7 @@ impl Request {
             Request::Split { key, .. } => limits::check_key(key),
             Request::Routes
             | Request::NodeStatus
+            | Request::Merge { .. }
             | Request::MoveReplica { .. }
             | Request::TransferLeader { .. }
             | Request::Join { .. }

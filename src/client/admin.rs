@@ -214,6 +214,84 @@ impl Client {
         Ok(d)
     }
 
+    /// Merges the shard that starts at `key` into its left neighbour
+    /// (admin). When their replicas are on different nodes, the right
+    /// shard's are first moved onto the left shard's nodes (one move at a
+    /// time); then the left shard takes the range in one replicated step,
+    /// without copying data. Returns the grown left shard. Clients keep
+    /// working throughout: requests to the right shard are refused with
+    /// retryable errors for the moment of the merge, then routed anew.
+    ///
+    /// # Errors
+    /// [`ClientError::Limit`] for a bad key (the empty key: the first shard
+    /// has no left neighbour); [`ClientError::Refused`] when no shard
+    /// starts at `key`, when either shard is
+    /// splitting, moving, merging or changing membership, or for the meta
+    /// shard; [`ClientError::Timeout`].
+    pub async fn merge(&self, key: &[u8]) -> Result<ShardDescriptor, ClientError> {
+        crate::limits::check_key(key)?;
+        let invalid = |why: String| ClientError::Refused(ApiError::Invalid(why));
+        let shown = shard_router::descriptor::escape(key);
+        // Each round either moves one replica or merges; a replica set
+        // differs by at most every voter.
+        for _ in 0..16 {
+            let routes = self.routes().await?;
+            let right = routes.iter().find(|d| d.range.start == key).cloned();
+            let left = routes.iter().find(|d| d.range.end == key).cloned();
+            let (Some(left), Some(right)) = (left, right) else {
+                return Err(invalid(format!("no shard starts at {shown}")));
+            };
+            let missing = left.replicas.iter().find(|n| !right.replicas.contains(n));
+            let extra = right.replicas.iter().find(|n| !left.replicas.contains(n));
+            match (extra, missing) {
+                (Some(&from), Some(&to)) => {
+                    self.move_replica(right.id, from, to).await?;
+                    continue;
+                }
+                (None, None) => {}
+                _ => {
+                    return Err(invalid(format!(
+                        "{} is on {:?} and {} on {:?}: replica counts differ",
+                        left.id, left.replicas, right.id, right.replicas
+                    )))
+                }
+            }
+            let r = self
+                .with_target(
+                    Target::Shard(left.id),
+                    |_| Request::Merge {
+                        left: left.id,
+                        right: right.id,
+                    },
+                    |resp| match resp {
+                        Response::Descriptor(d) => Ok(d),
+                        other => Err(unexpected(other)),
+                    },
+                    self.inner.opts.deadline.max(ADMIN_ATTEMPT),
+                    ADMIN_ATTEMPT,
+                )
+                .await;
+            let merged = match r {
+                Ok(d) => d,
+                Err(ClientError::Refused(ApiError::Invalid(reason))) => {
+                    // A retried attempt after one that merged is refused
+                    // (the right shard is gone): answer the merge.
+                    let _ = self.refresh_routes().await;
+                    match self.route(key) {
+                        Some(d) if d.id == left.id && d.range.start.as_slice() < key => d,
+                        _ => return Err(invalid(reason)),
+                    }
+                }
+                Err(e) => return Err(e),
+            };
+            self.learn_route(merged.clone());
+            return Ok(merged);
+        }
+        Err(invalid(format!(
+            "the replicas of the shards around {shown} kept changing"
+        )))
+    }
+
     /// Makes voter `to` the leader of `shard` (admin).
     ///
     /// # Errors

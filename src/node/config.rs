@@ -154,6 +154,16 @@ pub struct SplitConfig {
     /// about half of it. A single hot key cannot be split. 0: never split
     /// by load. Default: 0.
     pub load_ops_per_s: u64,
+    /// Merge small, cold neighbours automatically: a leader merges the
+    /// right neighbour of a shard it leads into it when both hold less
+    /// than this many bytes, both are cold (see `merge_max_ops_per_s`),
+    /// this node leads both and their replicas are on the same nodes.
+    /// 0: never merge automatically (`tessera-ctl merge` still works).
+    /// Default: 0.
+    pub merge_max_bytes: u64,
+    /// A shard counts as cold for automatic merges while its load (as for
+    /// `load_ops_per_s`) stays below this. Default: 1.
+    pub merge_max_ops_per_s: u64,
 }
 
 impl Default for SplitConfig {
@@ -162,6 +172,8 @@ impl Default for SplitConfig {
             max_bytes: 96 << 20,
             check_interval_ms: 10_000,
             load_ops_per_s: 0,
+            merge_max_bytes: 0,
+            merge_max_ops_per_s: 1,
         }
     }
 }
@@ -326,6 +338,18 @@ impl NodeConfig {
         }
         if self.split.check_interval_ms == 0 {
             return Err(invalid("split.check_interval_ms", "must be at least 1"));
+        }
+        let s = self.split;
+        if s.merge_max_bytes > 0
+            && s.max_bytes > 0
+            && s.merge_max_bytes.saturating_mul(2) > s.max_bytes
+        {
+            // Two merged shards must stay under the split limit, or they
+            // would be split and merged again forever.
+            return Err(invalid(
+                "split.merge_max_bytes",
+                "must be at most half of split.max_bytes",
+            ));
         }
         let mut seen = HashSet::new();
         for (i, p) in self.peers.iter().enumerate() {

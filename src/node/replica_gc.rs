@@ -188,6 +188,11 @@ pub(crate) async fn run(
                         r.runtime_config().elect(true);
                     }
                 }
+                Action::Destroy(s) if n.engine.merging(s).is_some() => {
+                    // Frozen for a merge: its data is its left neighbour's
+                    // to take; only the merge (or its cancellation) ends it.
+                    tracing::info!(node = %n.id, shard = %s, "replica GC: a replica frozen for a merge is kept");
+                }
                 Action::Destroy(s) => {
                     suspects.remove(&s);
                     match n.drop_replica_local(s).await {

@@ -124,6 +124,9 @@ impl Registry {
             return Err(ApiError::NotLeader { shard, leader_hint });
         }
         let d = self.descriptor(shard)?;
+        if let Some(m) = self.engine.merging(shard) {
+            return Err(self.frozen(&d, m.into));
+        }
         if d.epoch != epoch {
             return Err(self.mismatch(d));
         }
@@ -151,10 +154,32 @@ impl Registry {
         ApiError::EpochMismatch { shard, current }
     }
 
+    /// A request to a shard frozen for a merge into `into`: once the left
+    /// neighbour here holds the range, the client is sent there; until
+    /// then it retries (the freeze lasts until the merge commits or is
+    /// cancelled).
+    fn frozen(&self, d: &ShardDescriptor, into: ShardId) -> ApiError {
+        if let Ok(left) = self.descriptor(into) {
+            if left.range.contains(&d.range.start) && left.range.start < d.range.start {
+                return ApiError::EpochMismatch {
+                    shard: d.id,
+                    current: vec![self.with_leader(left)],
+                };
+            }
+        }
+        ApiError::Unavailable {
+            shard: d.id,
+            reason: format!("merging into {into}"),
+        }
+    }
+
     /// After a read barrier: the shard must still be as it was checked (a
     /// split applied meanwhile moved keys to another shard).
     fn recheck(&self, before: &ShardDescriptor) -> Result<(), ApiError> {
         let now = self.descriptor(before.id)?;
+        if let Some(m) = self.engine.merging(before.id) {
+            return Err(self.frozen(&now, m.into));
+        }
         if now.epoch.version != before.epoch.version || now.range != before.range {
             return Err(self.mismatch(now));
         }
@@ -314,6 +339,10 @@ impl Registry {
                             Err(ApiError::KeyNotInRange { shard, key })
                         }
                         CommandResponse::AppliedEarlier => Err(ApiError::AppliedEarlier { shard }),
+                        CommandResponse::Frozen { into } => Err(ApiError::Unavailable {
+                            shard,
+                            reason: format!("merging into {into}"),
+                        }),
                         CommandResponse::Abandoned => Err(ApiError::SessionRefused {
                             shard,
                             reason: "the client acknowledged later writes; not applied".into(),
@@ -387,6 +416,11 @@ impl Registry {
                 let node = self.node_or_stopping()?;
                 let (left, right) = node.split_shard(shard, key).await.map_err(admin_error)?;
                 Ok(Response::Split { left, right })
+            }
+            Request::Merge { left, right } => {
+                let node = self.node_or_stopping()?;
+                let d = node.merge_shards(left, right).await.map_err(admin_error)?;
+                Ok(Response::Descriptor(d))
             }
             Request::MoveReplica { shard, from, to } => {
                 let node = self.node_or_stopping()?;

@@ -100,7 +100,18 @@ fn entry_bytes(e: &Entry) -> usize {
             48 + ops.iter().map(|op| op.payload_bytes() + 16).sum::<usize>()
         }
         EntryPayload::Normal(Command::Split { key, .. }) => key.len() + 32,
-        EntryPayload::Normal(Command::AllocShardId | Command::Noop | Command::Digest) => 8,
+        EntryPayload::Normal(
+            Command::AllocShardId
+            | Command::Noop
+            | Command::Digest
+            | Command::AbortMerge { .. }
+            | Command::RetireRoute { .. },
+        ) => 8,
+        EntryPayload::Normal(Command::PrepareMerge { voters, .. }) => 32 + 9 * voters.len(),
+        EntryPayload::Normal(Command::CancelMerge { right_start }) => right_start.len() + 16,
+        EntryPayload::Normal(Command::CommitMerge { right, .. }) => {
+            right.range.start.len() + right.range.end.len() + 80 + 9 * right.replicas.len()
+        }
         EntryPayload::Normal(Command::RecordRoutes { descriptors }) => descriptors
             .iter()
             .map(|d| d.range.start.len() + d.range.end.len() + 64 + 9 * d.replicas.len())

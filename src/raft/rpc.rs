@@ -60,6 +60,15 @@ pub enum PeerRequest {
     /// A liveness ping between two nodes, standing in for the heartbeats
     /// of every sleeping group between them.
     Ping,
+    /// A merge's coordinator asks: has the receiver's replica of the shard
+    /// applied its freeze for a merge into `into` at index `at`? Answered
+    /// `Done`, or refused with what is missing.
+    MergeReady {
+        /// The left shard of the merge.
+        into: ShardId,
+        /// The freeze's log index.
+        at: u64,
+    },
 }
 
 impl PeerRequest {

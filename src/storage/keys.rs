@@ -55,6 +55,11 @@ pub enum MetaTag {
     /// Prefix of the shard's client sessions: `shard ‖ 7 ‖ client id` (BE
     /// u128), one row per session (see [`crate::session`]).
     Session = 7,
+    /// A freeze for a merge into the left neighbour
+    /// ([`crate::command::MergeMarker`]), cleared when the merge is
+    /// cancelled; the replica is retired when its left neighbour takes the
+    /// range.
+    Merge = 8,
 }
 
 /// `shard ‖ index`, the key of one log entry.

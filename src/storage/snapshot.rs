@@ -60,6 +60,9 @@ pub enum Frame {
     /// Client sessions, in client order (after the header, before the
     /// chunks; appended as a new variant so older files still read).
     Sessions(Vec<(ClientId, Session)>),
+    /// The shard's merge freeze, when it is frozen (after the header,
+    /// before the chunks; a new variant, so older files still read).
+    Merge(crate::command::MergeMarker),
 }
 
 pub use crate::raft::SnapshotData;
@@ -121,6 +124,11 @@ impl SnapshotWriter {
         Ok(())
     }
 
+    /// Writes the shard's merge freeze (before any chunk).
+    pub fn write_merge(&mut self, marker: crate::command::MergeMarker) -> Result<(), StoreError> {
+        self.write_frame(&Frame::Merge(marker))
+    }
+
     /// Writes the footer, syncs the file, renames it to `path` and syncs the
     /// folder: once this returns, the snapshot survives a crash.
     pub fn finish(mut self, path: impl Into<PathBuf>) -> Result<SnapshotData, StoreError> {
@@ -174,6 +182,7 @@ pub struct SnapshotReader {
     data_bytes: u64,
     done: bool,
     sessions: Vec<(ClientId, Session)>,
+    merge: Option<crate::command::MergeMarker>,
 }
 
 /// The header of the snapshot file at `path` (its range, epoch and
@@ -210,6 +219,7 @@ impl SnapshotReader {
             data_bytes: 0,
             done: false,
             sessions: Vec::new(),
+            merge: None,
         })
     }
 
@@ -217,6 +227,12 @@ impl SnapshotReader {
     /// [`Self::next_chunk`] returned `None`), taken out of the reader.
     pub fn take_sessions(&mut self) -> Vec<(ClientId, Session)> {
         std::mem::take(&mut self.sessions)
+    }
+
+    /// The merge freeze, if the file has one (known once
+    /// [`Self::next_chunk`] returned `None`).
+    pub fn merge(&self) -> Option<&crate::command::MergeMarker> {
+        self.merge.as_ref()
     }
 
     /// The header.
@@ -235,11 +251,25 @@ impl SnapshotReader {
         }
         let corrupt = |d: &str| StoreError::corrupt(self.path.display().to_string(), d);
         let mut frame = read_frame(&mut self.input, &self.path)?;
-        while let Some(Frame::Sessions(rows)) = frame {
-            if self.pairs > 0 || self.sessions.len() + rows.len() > SESSIONS_MAX {
-                return Err(corrupt("sessions after the data, or too many"));
+        loop {
+            match frame {
+                Some(Frame::Sessions(rows)) => {
+                    if self.pairs > 0 || self.sessions.len() + rows.len() > SESSIONS_MAX {
+                        return Err(corrupt("sessions after the data, or too many"));
+                    }
+                    self.sessions.extend(rows);
+                }
+                Some(Frame::Merge(m)) => {
+                    if self.pairs > 0 || self.merge.is_some() {
+                        return Err(corrupt("a merge freeze after the data, or two"));
+                    }
+                    self.merge = Some(m);
+                }
+                other => {
+                    frame = other;
+                    break;
+                }
             }
-            self.sessions.extend(rows);
             frame = read_frame(&mut self.input, &self.path)?;
         }
         match frame {
@@ -268,7 +298,7 @@ impl SnapshotReader {
                 Ok(None)
             }
             Some(Frame::Header(_)) => Err(corrupt("second header")),
-            Some(Frame::Sessions(_)) => unreachable!("read above"),
+            Some(Frame::Sessions(_) | Frame::Merge(_)) => unreachable!("read above"),
             None => Err(corrupt("truncated: no footer")),
         }
     }

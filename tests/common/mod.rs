@@ -3,6 +3,7 @@
 
 pub mod cluster;
 pub mod load;
+pub mod routes;
 pub mod wait;
 
 use openraft::storage::RaftLogStorage;

@@ -47,6 +47,21 @@ pub async fn split(client: &Client, key: &str) -> Result<()> {
     Ok(())
 }
 
+pub async fn merge(client: &Client, key: &str) -> Result<()> {
+    let started = std::time::Instant::now();
+    let d = client
+        .merge(key.as_bytes())
+        .await
+        .with_context(|| format!("merge at {}", escape(key.as_bytes())))?;
+    println!(
+        "merged at {} in {:.1} s: {}",
+        escape(key.as_bytes()),
+        started.elapsed().as_secs_f64(),
+        describe(&d)
+    );
+    Ok(())
+}
+
 pub async fn move_replica(client: &Client, shard: ShardId, from: NodeId, to: NodeId) -> Result<()> {
     let started = std::time::Instant::now();
     let d = client

@@ -113,6 +113,14 @@ enum Cmd {
         /// The first key of the new shard.
         key: String,
     },
+    /// Merge the shard that starts at KEY into its left neighbour. The right
+    /// shard's replicas are first moved onto the left shard's nodes if
+    /// needed; then the left shard takes the range in one replicated step
+    /// (no data is copied). Clients keep working.
+    Merge {
+        /// The first key of the shard to merge away.
+        key: String,
+    },
     /// Move a shard's replica from one node to another: learner on the
     /// target, snapshot streamed, promoted, source removed and its data
     /// deleted. Safe to run again after an interruption.
@@ -272,6 +280,7 @@ async fn run(cli: Cli) -> Result<()> {
             status(&client, &cli.cluster, json, filter).await?
         }
         Cmd::Split { key } => admin::split(&client, &key).await?,
+        Cmd::Merge { key } => admin::merge(&client, &key).await?,
         Cmd::MoveReplica { shard, from, to } => {
             admin::move_replica(&client, shard, from, to).await?
         }

@@ -7,6 +7,7 @@
 
 mod joins;
 mod leader;
+mod merge;
 mod moves;
 mod routes;
 mod split;
@@ -149,6 +150,10 @@ impl Registry {
                     Err(reason) => refused(Refusal::Failed(reason)),
                 }
             }
+            PeerRequest::MergeReady { into, at } => match self.merge_ready(shard, into, at) {
+                Ok(()) => PeerResponse::Done,
+                Err(why) => refused(Refusal::Failed(why)),
+            },
             PeerRequest::Ping => PeerResponse::Pong {
                 boot: self.quiesce.boot,
             },

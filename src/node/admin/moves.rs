@@ -22,6 +22,12 @@ impl Node {
         timeout: Duration,
     ) -> Result<ShardDescriptor, AdminError> {
         let raft = self.led(shard)?;
+        if let Some(m) = self.engine.merging(shard) {
+            return Err(AdminError::Refused(format!(
+                "{shard} is frozen for a merge into {}",
+                m.into
+            )));
+        }
         if from == to {
             return Err(AdminError::Refused(
                 "source and target are the same node".into(),

@@ -3,7 +3,8 @@
 
 use super::*;
 
-/// Starts the groups of shards created by splits applied on this node.
+/// Starts the groups of shards created by splits applied on this node, and
+/// drops the replicas merges retired.
 pub(crate) async fn start_created(node: Weak<Node>, signal: Arc<tokio::sync::Notify>) {
     loop {
         {
@@ -13,6 +14,7 @@ pub(crate) async fn start_created(node: Weak<Node>, signal: Arc<tokio::sync::Not
                     tracing::error!(%shard, error = %e, "could not start a shard created by a split");
                 }
             }
+            n.drop_retired().await;
         }
         signal.notified().await;
     }
@@ -25,6 +27,7 @@ pub(crate) async fn report_routes(node: Weak<Node>) {
     loop {
         tokio::time::sleep(Duration::from_millis(1000)).await;
         let Some(n) = node.upgrade() else { return };
+        n.lift_abandoned_freezes().await;
         let mut pending = Vec::new();
         for shard in n.shards_led() {
             if let Ok(mut d) = n.engine.descriptor(shard) {

@@ -82,6 +82,11 @@ impl Node {
             CommandResponse::SplitRefused { reason, .. } => {
                 return Err(AdminError::Refused(reason))
             }
+            CommandResponse::Frozen { into } => {
+                return Err(AdminError::Refused(format!(
+                    "{shard} is frozen for a merge into {into}"
+                )))
+            }
             other => {
                 return Err(AdminError::Unavailable {
                     shard,
@@ -159,20 +164,73 @@ async fn split_if_hot(n: &Node, d: &ShardDescriptor, hot: u64) -> bool {
     }
 }
 
+/// Merges, for each shard led here, its right neighbour into it when both
+/// are small and cold, this node leads both and their replicas coincide
+/// (`split.merge_max_bytes`, `split.merge_max_ops_per_s`). A shard just
+/// merged is not considered again in the same round.
+async fn merge_cold_neighbours(n: &Node) {
+    let (max, cold) = (
+        n.config.split.merge_max_bytes,
+        n.config.split.merge_max_ops_per_s as f64,
+    );
+    let led = n.shards_led();
+    let mut by_start: HashMap<Vec<u8>, ShardDescriptor> = HashMap::new();
+    for s in &led {
+        if let Ok(d) = n.engine.descriptor(*s) {
+            by_start.insert(d.range.start.clone(), d);
+        }
+    }
+    let small = |d: &ShardDescriptor| {
+        let r = n.registry.load.rates(d.id);
+        n.engine.merging(d.id).is_none()
+            && r.reads_per_s + r.writes_per_s < cold
+            && n.engine.approximate_size(&d.range) < max
+    };
+    let mut touched = std::collections::HashSet::new();
+    for s in led {
+        let Ok(left) = n.engine.descriptor(s) else {
+            continue;
+        };
+        if left.range.end.is_empty() || touched.contains(&left.id) {
+            continue;
+        }
+        let Some(right) = by_start.get(&left.range.end) else {
+            continue;
+        };
+        let mut a = left.replicas.clone();
+        let mut b = right.replicas.clone();
+        a.sort();
+        b.sort();
+        if a != b || touched.contains(&right.id) || !small(&left) || !small(right) {
+            continue;
+        }
+        touched.insert(left.id);
+        touched.insert(right.id);
+        tracing::info!(left = %left.id, right = %right.id, "small, cold neighbours: merging");
+        match n.merge_shards(left.id, right.id).await {
+            Ok(d) => tracing::info!(shard = %d.id, range = %d.range, "automatic merge done"),
+            Err(e) => {
+                tracing::warn!(left = %left.id, right = %right.id, error = %e, "automatic merge failed")
+            }
+        }
+    }
+}
+
 /// Splits the shards this node leads once they outgrow
 /// `split.max_bytes`, at their middle key, and those whose load reaches
 /// `split.load_ops_per_s`, at the median of their recent request keys,
 /// checking every `split.check_interval_ms`.
 pub(crate) async fn auto_split(node: Weak<Node>) {
-    let (max, hot, every) = {
+    let (max, hot, every, merge_max) = {
         let Some(n) = node.upgrade() else { return };
         (
             n.config.split.max_bytes,
             n.config.split.load_ops_per_s,
             Duration::from_millis(n.config.split.check_interval_ms),
+            n.config.split.merge_max_bytes,
         )
     };
-    if max == 0 && hot == 0 {
+    if max == 0 && hot == 0 && merge_max == 0 {
         return;
     }
     // Per shard: bytes applied when last measured, and the size then.
@@ -180,10 +238,16 @@ pub(crate) async fn auto_split(node: Weak<Node>) {
     loop {
         tokio::time::sleep(every).await;
         let Some(n) = node.upgrade() else { return };
+        if merge_max > 0 {
+            merge_cold_neighbours(&n).await;
+        }
         for shard in n.shards_led() {
             let Ok(d) = n.engine.descriptor(shard) else {
                 continue;
             };
+            if n.engine.merging(shard).is_some() {
+                continue;
+            }
             if hot > 0 && split_if_hot(&n, &d, hot).await {
                 continue;
             }

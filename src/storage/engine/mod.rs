@@ -72,6 +72,12 @@ pub(crate) struct Inner {
     /// is written; a miss reads under the write lock, so a value read before
     /// a publish can never overwrite it.
     descriptors: std::sync::RwLock<std::collections::HashMap<ShardId, ShardDescriptor>>,
+    /// Hosted replicas frozen for a merge (the request path refuses them
+    /// without a read); written after the freeze's batch.
+    merging: std::sync::RwLock<std::collections::HashMap<ShardId, crate::command::MergeMarker>>,
+    /// Replicas whose left neighbour took their range (a merge applied
+    /// here), not yet dropped by the node.
+    retired: Mutex<Vec<ShardId>>,
     /// Replica digests by (shard, log index), the last few of each shard.
     digests: Mutex<std::collections::BTreeMap<(ShardId, u64), DigestStatus>>,
 }
@@ -229,6 +235,8 @@ impl Engine {
                 tombstones: AtomicU64::new(tombstones),
                 descriptors: Default::default(),
                 digests: Default::default(),
+                merging: Default::default(),
+                retired: Default::default(),
             }),
         })
     }
@@ -497,6 +505,7 @@ impl Engine {
             .write_opt(b, &wo)
             .map_err(|e| StoreError::rocks("delete replica", e))?;
         self.unpublish_descriptor(shard);
+        self.publish_merging(shard, None);
         own.remove(shard);
         self.inner.tombstones.fetch_add(1, Ordering::Relaxed);
         tracing::info!(%shard, range = %d.range, cleared = pieces.len(), tombstone, "replica deleted, tombstone left");

@@ -86,4 +86,59 @@ impl Engine {
     pub fn created_signal(&self) -> Arc<tokio::sync::Notify> {
         self.inner.created_signal.clone()
     }
+
+    /// The merge freeze of a hosted replica, if it is frozen.
+    pub fn merging(&self, shard: ShardId) -> Option<crate::command::MergeMarker> {
+        self.inner
+            .merging
+            .read()
+            .expect("merging poisoned")
+            .get(&shard)
+            .cloned()
+    }
+
+    /// Every hosted replica frozen for a merge.
+    pub fn merging_all(&self) -> Vec<(ShardId, crate::command::MergeMarker)> {
+        self.inner
+            .merging
+            .read()
+            .expect("merging poisoned")
+            .iter()
+            .map(|(s, m)| (*s, m.clone()))
+            .collect()
+    }
+
+    /// Publishes (or with `None` lifts) a replica's merge freeze, after it
+    /// is written.
+    pub(crate) fn publish_merging(
+        &self,
+        shard: ShardId,
+        marker: Option<crate::command::MergeMarker>,
+    ) {
+        let mut m = self.inner.merging.write().expect("merging poisoned");
+        match marker {
+            Some(mk) => {
+                m.insert(shard, mk);
+            }
+            None => {
+                m.remove(&shard);
+            }
+        }
+    }
+
+    /// Records a replica whose range its left neighbour took (the merge is
+    /// durable in the same batch) for the node to drop.
+    pub(crate) fn note_retired(&self, shard: ShardId) {
+        self.inner
+            .retired
+            .lock()
+            .expect("retired poisoned")
+            .push(shard);
+        self.inner.created_signal.notify_one();
+    }
+
+    /// Replicas retired by merges since the last call.
+    pub fn take_retired(&self) -> Vec<ShardId> {
+        std::mem::take(&mut *self.inner.retired.lock().expect("retired poisoned"))
+    }
 }

@@ -11,8 +11,49 @@ impl StateMachine {
         batch: &mut WriteBatch,
         overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
         created: &mut Vec<ShardId>,
+        retired: &mut Vec<ShardId>,
     ) -> Result<CommandResponse, StoreError> {
+        if let Some(m) = &self.merging {
+            // Frozen: the data is final until the left neighbour takes it.
+            if let Command::Write { .. }
+            | Command::SessionWrite { .. }
+            | Command::Split { .. }
+            | Command::CommitMerge { .. } = cmd
+            {
+                return Ok(CommandResponse::Frozen { into: m.into });
+            }
+        }
         match cmd {
+            Command::PrepareMerge {
+                into,
+                version,
+                conf_ver,
+                voters,
+                at_ms,
+            } => self.apply_prepare_merge(into, version, conf_ver, voters, at_ms, at, batch),
+            Command::CommitMerge {
+                right,
+                frozen_at,
+                version,
+            } => self.apply_commit_merge(right, frozen_at, version, at, batch, retired),
+            Command::CancelMerge { right_start } => {
+                Ok(self.apply_cancel_merge(&right_start, batch))
+            }
+            Command::AbortMerge { into } => Ok(self.apply_abort_merge(into, batch)),
+            Command::RetireRoute { shard } => {
+                if self.shard != meta::META_SHARD {
+                    return Ok(CommandResponse::MergeRefused {
+                        reason: "routes are retired in the meta shard".into(),
+                    });
+                }
+                let data = self.engine.cf(Cf::Data);
+                let (key, mark) = (meta::route_key(shard), meta::retired_key(shard));
+                batch.delete_cf(data, &key);
+                overlay.insert(key, None);
+                batch.put_cf(data, &mark, []);
+                overlay.insert(mark, Some(Vec::new()));
+                Ok(CommandResponse::Recorded)
+            }
             Command::Split {
                 key,
                 child,
@@ -45,6 +86,13 @@ impl StateMachine {
             Command::RecordRoutes { descriptors } => {
                 for d in descriptors {
                     let key = meta::route_key(d.id);
+                    if self
+                        .read_current(&meta::retired_key(d.id), overlay)?
+                        .is_some()
+                    {
+                        // Merged away: a late report must not bring it back.
+                        continue;
+                    }
                     let newer = match self.read_current(&key, overlay)? {
                         None => true,
                         Some(b) => match postcard::from_bytes::<ShardDescriptor>(&b) {
@@ -231,6 +279,7 @@ impl StateMachine {
         let mut membership_changed = false;
         let mut commands = 0u64;
         let mut created = Vec::new();
+        let mut retired = Vec::new();
         let mut descriptor_changed = false;
         // Applies change a descriptor only through its epoch (a split bumps
         // the version, a change of voters the configuration version).
@@ -247,7 +296,14 @@ impl StateMachine {
                     }
                     let before = self.descriptor.epoch;
                     let r = self
-                        .apply_command(cmd, entry.log_id, &mut batch, &mut overlay, &mut created)
+                        .apply_command(
+                            cmd,
+                            entry.log_id,
+                            &mut batch,
+                            &mut overlay,
+                            &mut created,
+                            &mut retired,
+                        )
                         .map_err(werr)?;
                     if self.descriptor.epoch != before {
                         self.shadows.0 = u64::MAX;
@@ -299,14 +355,19 @@ impl StateMachine {
         }
         // Not synced by itself: the entries are durable in the log, and the WAL
         // keeps this write ordered after them; a crash replays from the log.
+        // (A merge freeze is synced: see `Command::PrepareMerge`.)
         let mut wo = WriteOptions::default();
-        wo.set_sync(false);
+        wo.set_sync(std::mem::take(&mut self.sync_batch));
         self.engine
             .db()
             .write_opt(batch, &wo)
             .map_err(|e| werr(StoreError::rocks("apply", e)))?;
         if self.descriptor.epoch != epoch_before {
             self.engine.publish_descriptor(&self.descriptor);
+        }
+        if std::mem::take(&mut self.merge_changed) {
+            self.engine
+                .publish_merging(self.shard, self.merging.clone());
         }
         let claim = claim_of(&self.descriptor, true);
         let claims_changed = own.get(self.shard) != Some(&claim) || !created.is_empty();
@@ -327,6 +388,9 @@ impl StateMachine {
         }
         for child in created {
             self.engine.note_created(child);
+        }
+        for right in retired {
+            self.engine.note_retired(right);
         }
         Ok(responses)
     }

@@ -3,6 +3,7 @@
 //! files under `snapshots/<shard>/`.
 
 mod apply;
+mod merge;
 mod sessions;
 mod snapshot;
 mod split;
@@ -22,7 +23,7 @@ use super::keys::{self, MetaTag, StateTag};
 use super::log_store::to_io;
 use super::snapshot::{Pair, SnapshotData, SnapshotHeader, SnapshotReader, SnapshotWriter};
 use super::writer::Cf;
-use crate::command::{Command, CommandResponse, Op, OpResult};
+use crate::command::{Command, CommandResponse, MergeMarker, Op, OpResult};
 use crate::meta;
 use crate::raft::{
     Entry, EntryPayload, LogId, Snapshot, SnapshotMeta, StoredMembership, TypeConfig, Vote,
@@ -76,6 +77,12 @@ pub struct StateMachine {
     shadows: (u64, Vec<KeyRange>),
     /// The shard's client sessions (exactly-once writes), as of `applied`.
     sessions: SessionTable,
+    /// The shard's freeze for a merge into its left neighbour, if frozen.
+    merging: Option<MergeMarker>,
+    /// Set by an apply that changed `merging` (published after the batch).
+    merge_changed: bool,
+    /// Set by an apply whose batch must be synced (a merge freeze).
+    sync_batch: bool,
 }
 
 /// Entries applied in one `WriteBatch` at most (a long catch-up after a
@@ -104,8 +111,13 @@ impl StateMachine {
             .map(|r| r.file.clone());
         remove_snapshot_files_except(&dir, keep.as_deref());
         let sessions = load_sessions(&engine, shard)?;
+        let merging: Option<MergeMarker> = engine.read_meta(shard, MetaTag::Merge)?;
+        engine.publish_merging(shard, merging.clone());
         Ok(StateMachine {
             sessions,
+            merging,
+            merge_changed: false,
+            sync_batch: false,
             applied: engine.read_meta(shard, MetaTag::Applied)?,
             membership: engine
                 .read_meta(shard, MetaTag::Membership)?
@@ -253,6 +265,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.sessions = load_sessions(&self.engine, self.shard).map_err(werr)?;
+        self.merging = self
+            .engine
+            .read_meta(self.shard, MetaTag::Merge)
+            .map_err(werr)?;
         self.descriptor = self
             .engine
             .read_meta(self.shard, MetaTag::Descriptor)

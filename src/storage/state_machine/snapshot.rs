@@ -168,6 +168,9 @@ pub(super) fn export(
     let chunk_max = engine.config().snapshot_chunk_bytes_max;
     let sessions = session_iter(|ro| snap.raw_iterator_cf_opt(meta_cf, ro), shard);
     w.write_sessions(read_sessions(sessions, shard)?, chunk_max)?;
+    if let Some(b) = read(MetaTag::Merge)? {
+        w.write_merge(decode(&b, || format!("merge freeze of {shard}"))?)?;
+    }
     let mut ro = rocksdb::ReadOptions::default();
     ro.set_iterate_upper_bound(range_end(&descriptor.range));
     ro.fill_cache(false);
@@ -225,6 +228,7 @@ pub(super) fn install_file(
         }
     }
     let sessions = r.take_sessions();
+    let merge = r.merge().cloned();
     if header.meta.last_log_id != meta.last_log_id
         || header.meta.last_membership != meta.last_membership
     {
@@ -329,9 +333,15 @@ pub(super) fn install_file(
     for (c, sess) in &sessions {
         b.put_cf(meta_cf, keys::session_key(shard, *c), encode(sess));
     }
+    // The snapshot's merge freeze (or its absence) replaces the replica's.
+    match &merge {
+        Some(m) => b.put_cf(meta_cf, keys::meta_key(shard, MetaTag::Merge), encode(m)),
+        None => b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Merge)),
+    }
     b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Installing));
     db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
     engine.publish_descriptor(&descriptor);
+    engine.publish_merging(shard, merge);
     // Only the snapshot this one replaces is removed here: a snapshot build
     // may be writing its own file in the same folder right now. Everything
     // else stale is swept when the shard is next opened.
