@@ -174,6 +174,79 @@ fn hot_leaders_are_spread_by_load_with_counts_kept_even() {
     assert!(plan(&cold, &PlannerConfig::default()).is_empty());
 }
 
+/// `n` times the sum of squared deviations from the mean of `weight` summed
+/// per eligible node over the replicas it holds (exact).
+fn replica_spread(s: &ClusterState, weight: fn(&ShardState) -> u64) -> i128 {
+    let eligible: Vec<NodeId> = s
+        .nodes
+        .iter()
+        .filter(|n| n.is_eligible())
+        .map(|n| n.id)
+        .collect();
+    let mut w: BTreeMap<NodeId, i128> = eligible.iter().map(|n| (*n, 0)).collect();
+    for sh in &s.shards {
+        let reps: BTreeSet<&NodeId> = sh.replicas().iter().collect();
+        for r in reps {
+            if let Some(v) = w.get_mut(r) {
+                *v += i128::from(weight(sh));
+            }
+        }
+    }
+    let n = w.len() as i128;
+    let sum: i128 = w.values().sum();
+    n * w.values().map(|v| v * v).sum::<i128>() - sum * sum
+}
+
+#[test]
+fn hot_replicas_are_spread_by_load_with_counts_kept_even() {
+    // Counts are even (6 nodes, 12 shards, 6 replicas and 2 leaders each),
+    // but node 6 follows every hot shard.
+    let mut state = balanced(6, 12, 3);
+    for sh in &mut state.shards {
+        let follows = sh.replicas().contains(&NodeId(6)) && sh.leader != Some(NodeId(6));
+        sh.load = if follows { 100 } else { 1 };
+    }
+    let before = replica_spread(&state, |s| s.load);
+    let cfg = PlannerConfig::default();
+    let mut s = state.clone();
+    let mut moves = 0;
+    for _ in 0..50 {
+        let p = plan(&s, &cfg);
+        if p.is_empty() {
+            break;
+        }
+        for st in &p.steps {
+            if let Step::MoveReplica { shard, from, .. } = st {
+                // Load moves never take a leader's replica.
+                assert_ne!(s.shard(*shard).unwrap().leader, Some(*from), "{p:?}");
+                moves += 1;
+            }
+        }
+        apply_checked(&mut s, &p, &cfg);
+    }
+    assert!(plan(&s, &cfg).is_empty(), "a fixpoint");
+    assert!(moves > 0, "replicas moved for load");
+    let im = imbalance(&s);
+    assert!(im.is_balanced(), "counts stay balanced: {im:?}");
+    let after = replica_spread(&s, |s| s.load);
+    assert!(after < before / 4, "{before} -> {after}");
+}
+
+#[test]
+fn big_replicas_are_spread_by_bytes_when_there_is_no_load() {
+    let mut state = balanced(6, 12, 3);
+    for sh in &mut state.shards {
+        let follows = sh.replicas().contains(&NodeId(6)) && sh.leader != Some(NodeId(6));
+        sh.bytes = if follows { 1 << 30 } else { 1 << 20 };
+    }
+    let before = replica_spread(&state, |s| s.bytes);
+    let mut s = state.clone();
+    let (rounds, _) = run(&mut s, &PlannerConfig::default(), 50);
+    assert!(rounds >= 1);
+    assert!(imbalance(&s).is_balanced());
+    assert!(replica_spread(&s, |s| s.bytes) < before / 4);
+}
+
 #[test]
 fn balanced_cluster_gives_an_empty_plan() {
     let state = balanced(3, 64, 3);
@@ -818,10 +891,12 @@ proptest! {
     }
 
     /// Once counts are balanced and nothing is left to drain, every round
-    /// (which then only transfers leaders for load) strictly lowers the
-    /// led-load spread; at the fixpoint every node leads at most 20% over
-    /// the mean, or no single count-keeping transfer off a node over that
-    /// would lower the spread.
+    /// either only transfers leaders for load, strictly lowering the
+    /// led-load spread, or only moves non-leader replicas, keeping it and
+    /// strictly lowering the replica-load spread, or keeping that too and
+    /// strictly lowering the replica-byte spread; at the fixpoint every
+    /// node leads at most 20% over the mean, or no single count-keeping
+    /// transfer off a node over that would lower the spread.
     #[test]
     fn leader_load_rounds_only_lower_the_spread((state, cfg) in cluster(false)) {
         let mut s = state.clone();
@@ -833,10 +908,23 @@ proptest! {
             let im = imbalance(&s);
             let settled = im.replicas_balanced() && im.leaders_balanced() && im.drained();
             let before = load_spread(&s);
+            let (load_before, bytes_before) = (replica_spread(&s, |x| x.load), replica_spread(&s, |x| x.bytes));
             apply_checked(&mut s, &p, &cfg);
             if settled {
-                prop_assert!(p.steps.iter().all(|st| matches!(st, Step::TransferLeader { .. })), "{:?}", p);
-                prop_assert!(load_spread(&s) < before, "round {}: {} -> {}", round, before, load_spread(&s));
+                let transfers = p.steps.iter().all(|st| matches!(st, Step::TransferLeader { .. }));
+                let moves = p.steps.iter().all(|st| matches!(st, Step::MoveReplica { .. }));
+                prop_assert!(transfers || moves, "{:?}", p);
+                if transfers {
+                    prop_assert!(load_spread(&s) < before, "round {}: {} -> {}", round, before, load_spread(&s));
+                } else {
+                    prop_assert_eq!(load_spread(&s), before, "round {}: moves changed led load", round);
+                    let (l, b) = (replica_spread(&s, |x| x.load), replica_spread(&s, |x| x.bytes));
+                    prop_assert!(
+                        l < load_before || (l == load_before && b < bytes_before),
+                        "round {}: replica load {} -> {}, bytes {} -> {}", round, load_before, l, bytes_before, b
+                    );
+                    prop_assert!(imbalance(&s).is_balanced(), "moves kept counts balanced");
+                }
             }
         }
         prop_assert!(plan(&s, &cfg).is_empty(), "no fixpoint in 200 rounds");

@@ -9,9 +9,11 @@
 //!
 //! Over the *eligible* nodes (`up && !draining`), even out the replica count,
 //! then the leader count, per node. A node with count `c` is balanced when
-//! `|c - mean| <= 1` (the mean may be fractional). Bytes are secondary: among
-//! equally good moves the planner copies the smaller (then colder) shard and
-//! fills the node holding fewer bytes; it never moves replicas for bytes alone.
+//! `|c - mean| <= 1` (the mean may be fractional). Load and bytes come after:
+//! among equally good moves the planner copies the smaller (then colder)
+//! shard and fills the node holding fewer bytes; once counts are balanced
+//! and a round has nothing else to do, leaderships (step 7) and then
+//! replicas (step 8) are moved to even out load, then bytes, within 20%.
 //!
 //! # Node states
 //!
@@ -76,11 +78,21 @@
 //!    strictly lowers the sum of squared deviations (at most
 //!    [`LEADER_LOAD_TRANSFERS_MAX`] per round).
 //!
+//! 8. Replica load, then bytes, once a round has nothing else to do and
+//!    replica counts are balanced: move replicas (never a shard's leader)
+//!    from nodes whose replicas' summed [`ShardState::load`] is more than
+//!    [`REPLICA_WEIGHT_TOLERANCE`] above the mean to lighter nodes, paired
+//!    with a lighter shard moved back when counts need it; each move
+//!    strictly lowers the sum of squared deviations. With loads balanced
+//!    (or all 0), the same for [`ShardState::bytes`].
+//!
 //! Every non-empty round makes progress on, in this order: replicas left to
 //! drain, replica-count spread, leaders left to drain, leader-count spread
 //! (a round of step 6 moves is followed by a round of transfers that uses
-//! them), then the sum of squared led-load deviations (with the loads held
-//! fixed), so repeated plan-and-execute reaches an empty plan.
+//! them), the sum of squared led-load deviations, then of replica-load and
+//! of replica-byte deviations (loads and sizes held fixed; steps 7 and 8
+//! leave each other's sums alone: transfers move no replica, and step 8
+//! moves no leader), so repeated plan-and-execute reaches an empty plan.
 //!
 //! While draining replicas (or leaders) are still pending, the mean counts them
 //! as already landed on the eligible nodes, and only overfull nodes trigger
@@ -90,19 +102,21 @@
 //! shard's voter count (a move is one-for-one); [`misreplicated`] lists the
 //! shards whose count differs, for the operator.
 //!
-//! Besides step 7, [`ShardState::load`] only breaks ties (colder shards move
-//! first).
+//! Besides steps 7 and 8, [`ShardState::load`] only breaks ties (colder
+//! shards move first).
 
 mod imbalance;
 mod leader_path;
 mod phases;
 mod state;
 mod step;
+mod weights;
 
 pub use imbalance::{imbalance, misreplicated, Imbalance, NodeLoad};
 pub use phases::{LEADER_LOAD_TOLERANCE, LEADER_LOAD_TRANSFERS_MAX};
 pub use state::{ClusterState, NodeState, ShardState, StateError};
 pub use step::{apply_step, check_step, Plan, Step, StepError};
+pub use weights::REPLICA_WEIGHT_TOLERANCE;
 
 use phases::Planner;
 use serde::{Deserialize, Serialize};
@@ -154,5 +168,6 @@ pub fn plan(state: &ClusterState, cfg: &PlannerConfig) -> Plan {
     p.balance_leaders();
     p.enable_leader_transfers();
     p.balance_leader_load();
+    p.balance_replica_weights();
     Plan { steps: p.steps }
 }

@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, BTreeSet};
 /// Whether some node in `counts` (eligible nodes) is more than one off the
 /// mean of `total` over them; under-full nodes only count when nothing is
 /// pending (pending items will land on eligible nodes anyway).
-fn out_of_balance(counts: &BTreeMap<NodeId, usize>, pending: usize) -> bool {
+pub(super) fn out_of_balance(counts: &BTreeMap<NodeId, usize>, pending: usize) -> bool {
     let n = counts.len();
     if n == 0 {
         return false;
@@ -47,7 +47,7 @@ pub(super) struct Planner<'a> {
 }
 
 impl Planner<'_> {
-    fn push(&mut self, step: Step) {
+    pub(super) fn push(&mut self, step: Step) {
         let at = self.index(step.shard());
         apply_step_at(&mut self.work, at, &step);
         self.steps.push(step);
@@ -58,16 +58,16 @@ impl Planner<'_> {
         self.work.shards.binary_search_by_key(&id, |s| s.id()).ok()
     }
 
-    fn shard(&self, id: ShardId) -> &ShardState {
+    pub(super) fn shard(&self, id: ShardId) -> &ShardState {
         &self.work.shards[self.index(id).expect("planned shard exists")]
     }
 
     /// Live and not yet moved or split in this plan.
-    fn available(&self, s: &ShardState) -> bool {
+    pub(super) fn available(&self, s: &ShardState) -> bool {
         !self.touched.contains(&s.id()) && is_live(&self.nodes, s)
     }
 
-    fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
+    pub(super) fn replica_counts(&self) -> BTreeMap<NodeId, usize> {
         let mut c: BTreeMap<NodeId, usize> = self.nodes.eligible.iter().map(|n| (*n, 0)).collect();
         for s in &self.work.shards {
             for r in distinct_replicas(s) {
@@ -209,7 +209,7 @@ impl Planner<'_> {
     }
 
     /// Draining replicas of live shards that some eligible node could take.
-    fn pending_drain_replicas(&self) -> usize {
+    pub(super) fn pending_drain_replicas(&self) -> usize {
         let mut pending = 0;
         for s in &self.work.shards {
             if !is_live(&self.nodes, s)
