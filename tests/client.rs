@@ -398,6 +398,9 @@ async fn admin_commands_need_an_admin_certificate() {
         plain.move_replica(d.id, from, NodeId(9)).await.map(|_| ()),
         "move-replica",
     );
+    // The second shard's start: a merge of it into the first.
+    let second = before.iter().find(|x| !x.range.start.is_empty()).unwrap();
+    denied(plain.merge(&second.range.start).await.map(|_| ()), "merge");
     let shape = |ds: Vec<tessera::ShardDescriptor>| -> Vec<_> {
         ds.into_iter()
             .map(|d| (d.id, d.range, d.epoch, d.replicas))

@@ -69,6 +69,54 @@ pub(crate) struct BenchArgs {
     /// a write twice), to measure what exactly-once costs.
     #[arg(long)]
     at_least_once: bool,
+    /// A skewed load, OPS:RANGE in percent: OPS% of the requests go to keys
+    /// in the first RANGE% of the key space (by first byte), the rest are
+    /// spread over all of it. E.g. `--skew 80:10`. Default: uniform.
+    #[arg(long, value_name = "OPS:RANGE", value_parser = parse_skew)]
+    skew: Option<Skew>,
+    /// Also print throughput, latency and errors of every interval of this
+    /// many seconds as the run goes (to see a rebalance or a fault in the
+    /// latencies).
+    #[arg(long, value_name = "SECONDS")]
+    report_every: Option<u64>,
+}
+
+/// `--skew`: the share of requests that go to the hot part of the key
+/// space, and the hot part's share of it (both in percent, 1..=100).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Skew {
+    ops: u8,
+    range: u8,
+}
+
+fn parse_skew(s: &str) -> Result<Skew, String> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?}: expected OPS:RANGE, e.g. 80:10"))?;
+    let pct = |x: &str| -> Result<u8, String> {
+        match x.trim().parse::<u8>() {
+            Ok(v) if (1..=100).contains(&v) => Ok(v),
+            _ => Err(format!("{x:?}: expected a percentage from 1 to 100")),
+        }
+    };
+    Ok(Skew {
+        ops: pct(a)?,
+        range: pct(b)?,
+    })
+}
+
+impl Skew {
+    /// The key of draw `seq` over `keys` keys: hot for `ops`% of draws
+    /// (first byte inside the first `range`% of the byte range).
+    fn key(self, seq: u64, keys: u64) -> Vec<u8> {
+        let i = (seq >> 20) % keys;
+        let mut k = bench_key(i);
+        if (seq >> 8) % 100 < u64::from(self.ops) {
+            let hot = (256 * u64::from(self.range) / 100).max(1);
+            k[0] = (u64::from(k[0]) % hot) as u8;
+        }
+        k
+    }
 }
 
 /// One client's connection to the store under test. Reads are
@@ -259,6 +307,8 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         in_flight,
         at_least_once,
         connections,
+        skew,
+        report_every,
     } = args;
     let endpoints: Vec<String> = endpoints
         .iter()
@@ -278,6 +328,9 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
     }
     if clients == 0 || keys == 0 || duration == 0 || in_flight == 0 || connections == Some(0) {
         bail!("--clients, --in-flight, --connections, --keys and --duration must be at least 1");
+    }
+    if report_every == Some(0) {
+        bail!("--report-every must be at least 1 second");
     }
     if clients.saturating_mul(in_flight) > 65_536 {
         bail!("--clients × --in-flight is over 65536 requests in flight");
@@ -314,13 +367,38 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
     };
     let stop = Instant::now() + Duration::from_secs(duration);
     let started = Instant::now();
+    // Each interval's latencies and errors, swapped out by the reporter.
+    let interval = std::sync::Arc::new(std::sync::Mutex::new((histogram(), 0u64)));
+    let reporter = report_every.map(|secs| {
+        let interval = interval.clone();
+        tokio::spawn(async move {
+            let every = Duration::from_secs(secs);
+            let mut at = 0;
+            loop {
+                tokio::time::sleep(every).await;
+                at += secs;
+                let (h, errors) = std::mem::replace(
+                    &mut *interval.lock().expect("interval poisoned"),
+                    (histogram(), 0),
+                );
+                let ms = |q: f64| h.value_at_quantile(q) as f64 / 1000.0;
+                println!(
+                    "at {at} s: {:.0} ops/s, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms, {errors} errors",
+                    h.len() as f64 / secs as f64,
+                    ms(0.5),
+                    ms(0.99),
+                    h.max() as f64 / 1000.0
+                );
+            }
+        })
+    });
     let mut tasks = Vec::new();
     let streams = workers
         .into_iter()
         .enumerate()
         .flat_map(|(w, cl)| (0..in_flight).map(move |f| (w * in_flight + f, cl.clone())));
     for (w, mut cl) in streams {
-        let value = value.clone();
+        let (value, interval) = (value.clone(), interval.clone());
         let readable = if workload == Workload::Write {
             keys
         } else {
@@ -343,18 +421,25 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
                     Workload::Mixed => seq >> 63 == 1,
                 };
                 let t0 = Instant::now();
-                let res = if write {
-                    cl.put(&bench_key((seq >> 20) % keys), &value).await
-                } else {
-                    cl.get(&bench_key((seq >> 20) % readable)).await
+                let res = match (write, skew) {
+                    (true, Some(s)) => cl.put(&s.key(seq, keys), &value).await,
+                    (true, None) => cl.put(&bench_key((seq >> 20) % keys), &value).await,
+                    (false, _) => cl.get(&bench_key((seq >> 20) % readable)).await,
                 };
                 match res {
                     Ok(()) => {
-                        let _ = tally.hist.record((t0.elapsed().as_micros() as u64).max(1));
+                        let us = (t0.elapsed().as_micros() as u64).max(1);
+                        let _ = tally.hist.record(us);
+                        if report_every.is_some() {
+                            let _ = interval.lock().expect("interval poisoned").0.record(us);
+                        }
                     }
                     Err(e) => {
                         tally.errors += 1;
                         tally.first_error.get_or_insert_with(|| format!("{e:#}"));
+                        if report_every.is_some() {
+                            interval.lock().expect("interval poisoned").1 += 1;
+                        }
                     }
                 }
             }
@@ -369,6 +454,9 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
         total.add(&tally.hist).expect("same bounds");
         errors += tally.errors;
         first_error = first_error.or(tally.first_error);
+    }
+    if let Some(r) = reporter {
+        r.abort();
     }
     let secs = started.elapsed().as_secs_f64();
     let ms = |q: f64| total.value_at_quantile(q) as f64 / 1000.0;
