@@ -274,3 +274,55 @@ async fn three_to_five_nodes_join_move_and_drain() {
     }
     c.shutdown().await;
 }
+
+/// The meta shard moves like any other (its replicas and leadership): the
+/// cluster keeps allocating ids and recording routes through it, and the
+/// node it left no longer holds a replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_meta_shard_moves_like_any_other() {
+    init_tracing();
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((2, vec![1, 2, 3])), Timings::fast()).await;
+    for s in 1..=2 {
+        c.wait_leader(ShardId(s), WAIT).await.unwrap();
+    }
+    c.add_node(4).await;
+    let admin = c.client();
+    admin.refresh_nodes().await.unwrap();
+    // Its leader's own replica goes (leadership moves with it).
+    let leader = c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let d = admin
+        .move_replica(meta::META_SHARD, leader, NodeId(4))
+        .await
+        .unwrap();
+    assert!(d.replicas.contains(&NodeId(4)) && !d.replicas.contains(&leader));
+    c.wait_until("the meta shard left its old node", WAIT, |c| {
+        c.node(leader.0).raft(meta::META_SHARD).is_none() && c.node(4).meta_routes().is_some()
+    })
+    .await
+    .unwrap();
+    // Node status reports it where it is, so the planner sees it.
+    let st = admin.node_status(NodeId(4)).await.unwrap();
+    assert!(st
+        .shards
+        .iter()
+        .any(|s| s.descriptor.id == meta::META_SHARD));
+    // Splits still get ids and their routes are recorded.
+    let (l, r) = admin.split(b"k").await.unwrap();
+    c.wait_until("the split is recorded in the moved meta shard", WAIT, |c| {
+        c.node(4).meta_routes().is_some_and(|t| {
+            [&l, &r]
+                .iter()
+                .all(|d| t.iter().any(|x| x.id == d.id && x.range == d.range))
+        })
+    })
+    .await
+    .unwrap();
+    let cl = c.client();
+    cl.put(b"k/after", b"1").await.unwrap();
+    assert_eq!(
+        cl.get(b"k/after").await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    c.shutdown().await;
+}

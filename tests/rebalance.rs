@@ -44,13 +44,15 @@ async fn two_nodes_join_and_rebalance_evens_out_replicas_and_leaders() {
     c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
     let cl = client(&c);
     // A 3-node cluster with 3 replicas per shard is balanced in replicas;
-    // leaders are spread at bootstrap: nothing to do.
+    // data shards' leaders are spread at bootstrap, and the meta shard's
+    // (led by the first node) may take one transfer.
     let cfg = PlannerConfig::default();
     let state = rebalance::cluster_state(&cl).await.unwrap();
-    assert_eq!(state.shards.len(), 64);
+    // The 64 data shards and the meta shard, planned like any other.
+    assert_eq!(state.shards.len(), 65);
     let plan = planner::plan(&state, &cfg);
     assert!(
-        plan.is_empty(),
+        plan.moves() == 0 && plan.transfers() <= 1,
         "balanced cluster, yet a plan: {:?}",
         plan.steps
     );
@@ -101,12 +103,12 @@ async fn two_nodes_join_and_rebalance_evens_out_replicas_and_leaders() {
     }
     assert_eq!(
         counts.values().map(|c| c.0).sum::<usize>(),
-        64 * 3,
+        65 * 3,
         "still 3 replicas each"
     );
-    assert!(
-        planner::plan(&after, &cfg).is_empty(),
-        "balanced: dry run is empty"
-    );
+    // Counts are at a fixpoint (a dry run may still shift load, which the
+    // decaying rates keep changing).
+    let im = planner::imbalance(&after);
+    assert!(im.is_balanced(), "balanced: {im:?}");
     c.shutdown().await;
 }

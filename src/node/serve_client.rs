@@ -474,7 +474,12 @@ impl Registry {
             }
             Request::NodeStatus => {
                 let mut shards = Vec::new();
-                for shard in self.shard_ids() {
+                // The meta shard too, when hosted here: it is balanced and
+                // moved like any other.
+                let meta_here = self
+                    .get(crate::meta::META_SHARD)
+                    .map(|_| crate::meta::META_SHARD);
+                for shard in meta_here.into_iter().chain(self.shard_ids()) {
                     let Some(raft) = self.get(shard) else {
                         continue;
                     };

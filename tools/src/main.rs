@@ -419,6 +419,8 @@ async fn status(
     if nodes.iter().all(|(_, _, up)| !up) {
         bail!("no node of {} answered", cluster.display());
     }
+    // The meta shard is shown apart: the shard list is the user's key space.
+    let meta_row = shards.remove(&tessera::meta::META_SHARD);
     shards.retain(|id, r| filter.keeps(*id, r));
     if let (Some(shard), true) = (filter.shard, shards.is_empty()) {
         bail!("no node reports {shard}");
@@ -445,13 +447,20 @@ async fn status(
                     "write_bytes_per_s": round2(r.status.write_bytes_per_s),
                 })
             }).collect::<Vec<_>>(),
+            "meta": meta_row.as_ref().map(|r| serde_json::json!({
+                "id": r.status.descriptor.id.0,
+                "leader": r.leader.map(|l| l.0),
+                "replicas": r.status.descriptor.replicas.iter().map(|n| n.0).collect::<Vec<_>>(),
+                "hosted_on": r.hosted_on.iter().map(|n| n.0).collect::<Vec<_>>(),
+                "size_bytes": r.status.size_bytes,
+            })),
         });
         writeln!(out, "{}", serde_json::to_string_pretty(&v)?)?;
         return Ok(());
     }
     // Per node: replicas listed there, replicas hosted there, leaders.
     let mut per_node: BTreeMap<NodeId, (usize, usize, usize)> = BTreeMap::new();
-    for r in shards.values() {
+    for r in shards.values().chain(meta_row.iter()) {
         for n in &r.status.descriptor.replicas {
             per_node.entry(*n).or_default().0 += 1;
         }
@@ -503,6 +512,21 @@ async fn status(
         writes,
         wbytes
     )?;
+    if let Some(m) = &meta_row {
+        let names = |v: &[NodeId]| {
+            v.iter()
+                .map(|n| n.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            out,
+            "meta shard: replicas {}, leader {}",
+            names(&m.status.descriptor.replicas),
+            m.leader
+                .map_or_else(|| "none".to_string(), |l| l.to_string())
+        )?;
+    }
     let listed: Vec<&ShardRow> = if filter.all || shards.len() <= STATUS_LIST_ALL_MAX {
         shards.values().collect()
     } else {
