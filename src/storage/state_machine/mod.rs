@@ -275,6 +275,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .map_err(werr)?
             .ok_or(StoreError::UnknownShard { shard: self.shard })
             .map_err(werr)?;
+        // A snapshot taken after a merge into this shard brings the merged
+        // range: a replica here still frozen for that merge (this replica
+        // never applied the commit from the log) is retired as the commit
+        // would have.
+        for (right, m) in self.engine.merging_all() {
+            let covered = self.engine.descriptor(right).is_ok_and(|r| {
+                self.descriptor.range.contains(&r.range.start)
+                    && r.range.start > self.descriptor.range.start
+                    && self.descriptor.epoch.version > r.epoch.version
+            });
+            if m.into == self.shard && covered {
+                tracing::info!(shard = %self.shard, %right, "snapshot holds a merged range: retiring its frozen replica");
+                self.engine.note_retired(right);
+            }
+        }
         Ok(())
     }
 
