@@ -76,7 +76,10 @@
 //!    nodes leading less, keeping leader counts balanced, until every node's
 //!    led load is within [`LEADER_LOAD_TOLERANCE`] of the mean or no transfer
 //!    strictly lowers the sum of squared deviations (at most
-//!    [`LEADER_LOAD_TRANSFERS_MAX`] per round).
+//!    [`LEADER_LOAD_TRANSFERS_MAX`] per round). A transfer (or swap) must
+//!    shift at least [`LOAD_SHIFT_MIN_SHARE`] of the mean, so noise in the
+//!    measured loads does not swap leaders back and forth (the same floor
+//!    holds for step 8).
 //!
 //! 8. Replica load, then bytes, once a round has nothing else to do and
 //!    replica counts are balanced: move replicas (never a shard's leader)
@@ -113,7 +116,7 @@ mod step;
 mod weights;
 
 pub use imbalance::{imbalance, misreplicated, Imbalance, NodeLoad};
-pub use phases::{LEADER_LOAD_TOLERANCE, LEADER_LOAD_TRANSFERS_MAX};
+pub use phases::{LEADER_LOAD_TOLERANCE, LEADER_LOAD_TRANSFERS_MAX, LOAD_SHIFT_MIN_SHARE};
 pub use state::{ClusterState, NodeState, ShardState, StateError};
 pub use step::{apply_step, check_step, Plan, Step, StepError};
 pub use weights::REPLICA_WEIGHT_TOLERANCE;

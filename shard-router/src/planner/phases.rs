@@ -30,6 +30,17 @@ pub const LEADER_LOAD_TOLERANCE: f64 = 0.2;
 /// Most leader transfers for load in one round.
 pub const LEADER_LOAD_TRANSFERS_MAX: usize = 16;
 
+/// The least load a transfer or move for load (or bytes) must shift, as a
+/// share of the mean per node: 5%. Smaller shifts (swapping two shards of
+/// about the same load) gain next to nothing, and measured loads are noisy:
+/// without a floor, every round would swap leaders back and forth on noise.
+pub const LOAD_SHIFT_MIN_SHARE: f64 = 0.05;
+
+/// [`LOAD_SHIFT_MIN_SHARE`] of `mean`, at least 1.
+pub(super) fn min_shift(mean: f64) -> u64 {
+    ((mean * LOAD_SHIFT_MIN_SHARE).ceil() as u64).max(1)
+}
+
 /// Leader transfers: (shard, from, to).
 type Transfers = Vec<(ShardId, NodeId, NodeId)>;
 
@@ -400,7 +411,7 @@ impl Planner<'_> {
             if hot.is_empty() {
                 break;
             }
-            let Some(best) = self.best_load_transfer(&hot, &led, &lc) else {
+            let Some(best) = self.best_load_transfer(&hot, &led, &lc, min_shift(mean)) else {
                 break;
             };
             for (shard, from, to) in best {
@@ -426,6 +437,7 @@ impl Planner<'_> {
         hot: &[NodeId],
         led: &BTreeMap<NodeId, u64>,
         lc: &BTreeMap<NodeId, usize>,
+        min_d: u64,
     ) -> Option<Transfers> {
         let movable = |s: &ShardState| self.available(s) && !self.transferred.contains(&s.id());
         // Whether one transfer alone keeps leader counts balanced (a swap
@@ -474,7 +486,7 @@ impl Planner<'_> {
                     Some((t.id(), t.load))
                 };
                 let d = s.load - back.map_or(0, |(_, y)| y);
-                if d == 0 || d >= a - b {
+                if d < min_d || d >= a - b {
                     continue;
                 }
                 let gain = u128::from(d) * u128::from(a - b - d);

@@ -71,7 +71,9 @@ impl Planner<'_> {
         if total == 0 || w.len() < 2 {
             return false;
         }
-        let limit = total as f64 / w.len() as f64 * (1.0 + REPLICA_WEIGHT_TOLERANCE);
+        let mean = total as f64 / w.len() as f64;
+        let limit = mean * (1.0 + REPLICA_WEIGHT_TOLERANCE);
+        let min_d = super::phases::min_shift(mean);
         let mut planned = false;
         while self.moves < self.cfg.max_concurrent_moves {
             let heavy: Vec<NodeId> = w
@@ -83,7 +85,7 @@ impl Planner<'_> {
                 break;
             }
             let room = self.cfg.max_concurrent_moves - self.moves;
-            let Some(best) = self.best_weight_moves(&heavy, &w, weight, guard, room) else {
+            let Some(best) = self.best_weight_moves(&heavy, &w, weight, guard, room, min_d) else {
                 break;
             };
             for (shard, from, to) in best {
@@ -115,6 +117,7 @@ impl Planner<'_> {
         weight: fn(&ShardState) -> u64,
         guard: Option<fn(&ShardState) -> u64>,
         room: usize,
+        min_d: u64,
     ) -> Option<Moves> {
         let rc = self.replica_counts();
         let gw = guard.map(|g| (g, self.node_weights(g)));
@@ -178,7 +181,7 @@ impl Planner<'_> {
                         Some((t.id(), weight(t)))
                     };
                     let d = x - back.map_or(0, |(_, y)| y);
-                    if d == 0 || d >= a - b || !guard_ok(from, to, s, back.map(|(t, _)| t)) {
+                    if d < min_d || d >= a - b || !guard_ok(from, to, s, back.map(|(t, _)| t)) {
                         continue;
                     }
                     let gain = u128::from(d) * u128::from(a - b - d);
