@@ -60,6 +60,9 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
     Ok(state)
 }
 
+/// The longest rest after a move (see [`rebalance`]).
+const MOVE_REST_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// What a rebalance run reports as it goes.
 pub trait Progress: Send + Sync {
     /// A round's plan, before it runs.
@@ -95,6 +98,9 @@ pub struct Summary {
 
 /// Plans and executes until the plan is empty, `max_rounds` ran, or
 /// `stop` is set (Ctrl-C): steps in flight then finish, no new one starts.
+/// After each move its slot rests as long as the move took (at most 30 s),
+/// so moves occupy at most half of the time and clients keep their
+/// latencies.
 ///
 /// # Errors
 /// [`ClientError`] only when the cluster state cannot be read at all.
@@ -153,12 +159,24 @@ pub async fn rebalance(
                         break;
                     }
                     progress.started(&step);
+                    let began = std::time::Instant::now();
                     let r = run_step(&client, &step).await;
                     progress.finished(&step, &r);
                     let ok = r.is_ok();
+                    let moved = matches!(step, Step::MoveReplica { .. });
                     done.push((step, r));
                     if !ok {
                         break;
+                    }
+                    if moved {
+                        // A move's slot rests as long as the move took:
+                        // moves take at most half of each slot's time, so
+                        // client requests get the disks and cores between
+                        // them (the rebalance takes about twice as long).
+                        let rest = began.elapsed().min(MOVE_REST_MAX);
+                        if !stop.load(Ordering::Relaxed) {
+                            tokio::time::sleep(rest).await;
+                        }
                     }
                 }
                 done

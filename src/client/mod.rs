@@ -179,6 +179,10 @@ pub struct Client {
 enum AttemptError {
     /// Retry (after the cache was corrected).
     Retry(String),
+    /// Retry at once: the answer said where to go (a new leader, newer
+    /// descriptors), so waiting would only add latency. A few in a row at
+    /// most, then it counts as [`AttemptError::Retry`].
+    Redirect(String),
     /// Give up.
     Fatal(ClientError),
 }

@@ -19,23 +19,30 @@ impl Client {
         let mut cache = self.inner.routes.lock().expect("routes poisoned");
         match e {
             ApiError::NotLeader { shard, leader_hint } => {
-                let next = leader_hint
-                    .filter(|h| Some(*h) != d.leader_hint)
-                    // No (new) hint: try the replica after the one we asked.
-                    .or_else(|| Some(replica_after(d, target(d))));
+                let hinted = leader_hint.filter(|h| Some(*h) != d.leader_hint);
+                // No (new) hint: try the replica after the one we asked.
+                let next = hinted.or_else(|| Some(replica_after(d, target(d))));
                 cache.set_leader(shard, next);
-                AttemptError::Retry(format!("{shard}: not the leader"))
+                let why = format!("{shard}: not the leader");
+                if hinted.is_some() {
+                    AttemptError::Redirect(why)
+                } else {
+                    AttemptError::Retry(why)
+                }
             }
             ApiError::EpochMismatch { shard, current } => {
                 let mut learned = false;
                 for c in current {
                     learned |= cache.insert(c);
                 }
-                if !learned {
+                let why = format!("{shard}: epoch mismatch");
+                if learned {
+                    AttemptError::Redirect(why)
+                } else {
                     // The node knows less than we do: ask another replica.
                     cache.set_leader(shard, Some(replica_after(d, target(d))));
+                    AttemptError::Retry(why)
                 }
-                AttemptError::Retry(format!("{shard}: epoch mismatch"))
             }
             ApiError::KeyNotInRange { shard, .. } | ApiError::UnknownShard { shard } => {
                 cache.invalidate(shard);
@@ -82,6 +89,7 @@ impl Client {
     ) -> Result<T, ClientError> {
         let start = Instant::now();
         let mut backoff = self.inner.opts.backoff_min;
+        let mut redirects = 0;
         // A shard the route table does not list (the meta shard): asked of
         // every node in turn, following leader hints.
         let mut unlisted: Option<ShardDescriptor> = None;
@@ -160,7 +168,21 @@ impl Client {
             let last_error = match attempt {
                 Ok(v) => return Ok(v),
                 Err(AttemptError::Fatal(e)) => return Err(e),
-                Err(AttemptError::Retry(e)) => e,
+                Err(AttemptError::Redirect(e)) if redirects < REDIRECTS_AT_ONCE_MAX => {
+                    // Straight to where the answer pointed.
+                    redirects += 1;
+                    self.inner
+                        .retries
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if start.elapsed() >= deadline {
+                        return Err(ClientError::Timeout {
+                            deadline,
+                            last_error: e,
+                        });
+                    }
+                    continue;
+                }
+                Err(AttemptError::Retry(e) | AttemptError::Redirect(e)) => e,
             };
             self.inner
                 .retries
@@ -176,6 +198,11 @@ impl Client {
         }
     }
 }
+
+/// Redirects (a new leader hint, newer descriptors) followed without a
+/// pause, per request; beyond them the usual backoff applies (two nodes
+/// each naming the other during an election must not spin).
+const REDIRECTS_AT_ONCE_MAX: u32 = 3;
 
 /// What a request is for: the shard owning a key, or a shard by id.
 #[derive(Clone, Copy)]
