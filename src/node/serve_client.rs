@@ -46,7 +46,7 @@ fn write_error(
 }
 
 /// Milliseconds since the Unix epoch by this node's clock (0 before it).
-fn wall_clock_ms() -> u64 {
+pub(crate) fn wall_clock_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
@@ -339,10 +339,7 @@ impl Registry {
                             Err(ApiError::KeyNotInRange { shard, key })
                         }
                         CommandResponse::AppliedEarlier => Err(ApiError::AppliedEarlier { shard }),
-                        CommandResponse::Frozen { into } => Err(ApiError::Unavailable {
-                            shard,
-                            reason: format!("merging into {into}"),
-                        }),
+                        CommandResponse::Frozen { into } => Err(self.frozen(&d, into)),
                         CommandResponse::Abandoned => Err(ApiError::SessionRefused {
                             shard,
                             reason: "the client acknowledged later writes; not applied".into(),

@@ -38,6 +38,20 @@ pub type Entry = alias::EntryOf<TypeConfig>;
 pub type EntryPayload = alias::EntryPayloadOf<TypeConfig>;
 /// A membership configuration.
 pub type Membership = openraft::Membership<NodeId, openraft::BasicNode>;
+/// The voters of `m`, sorted, when it is settled: no joint configuration
+/// and no learners (what a merge needs of both shards); otherwise why not.
+pub fn settled_voters(m: &Membership) -> Result<Vec<NodeId>, String> {
+    if m.get_joint_config().len() > 1 {
+        return Err("a membership change is in progress".into());
+    }
+    if m.learner_ids().next().is_some() {
+        return Err("the shard has learners".into());
+    }
+    let mut v: Vec<NodeId> = m.voter_ids().collect();
+    v.sort();
+    Ok(v)
+}
+
 /// Membership as stored by the state machine.
 pub type StoredMembership = alias::StoredMembershipOf<TypeConfig>;
 /// Snapshot metadata in Tessera's types.

@@ -12,17 +12,12 @@
 //! lifted the same way by the right shard's leader.
 
 use super::*;
+use crate::node::serve_client::wall_clock_ms;
 
 /// How long the freeze may take to reach every replica.
 const FREEZE_WAIT: Duration = Duration::from_secs(10);
 /// A freeze older than this with no coordinator finishing it is lifted.
 pub(crate) const FREEZE_ABANDONED: Duration = Duration::from_secs(90);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 impl Registry {
     /// Whether this node's replica of `shard` applied its freeze for a
@@ -91,13 +86,8 @@ impl Node {
             )));
         }
         let m = raft.metrics().borrow_watched().membership_config.clone();
-        let mut voters: Vec<NodeId> = m.membership().voter_ids().collect();
-        voters.sort();
-        if m.membership().get_joint_config().len() > 1 || m.membership().learner_ids().count() > 0 {
-            return Err(AdminError::Refused(format!(
-                "{left} is changing membership; merge after it"
-            )));
-        }
+        let voters = crate::raft::settled_voters(m.membership())
+            .map_err(|why| AdminError::Refused(format!("{left}: {why}; merge after it")))?;
         let mut theirs = r.replicas.clone();
         theirs.sort();
         if theirs != voters {
@@ -111,7 +101,7 @@ impl Node {
             version: r.epoch.version,
             conf_ver: r.epoch.conf_ver,
             voters: voters.clone(),
-            at_ms: now_ms(),
+            at_ms: wall_clock_ms(),
         };
         let (frozen_at, frozen) = match self.propose(right, prepare, PROPOSE_TIMEOUT).await? {
             CommandResponse::MergePrepared { at, descriptor } => (at, descriptor),
@@ -309,7 +299,7 @@ impl Node {
     /// Lifts the freezes of shards led here whose merge was abandoned (its
     /// coordinator died): cancelled in the left shard's log first.
     pub(crate) async fn lift_abandoned_freezes(&self) {
-        let now = now_ms();
+        let now = wall_clock_ms();
         for (shard, m) in self.engine.merging_all() {
             if now.saturating_sub(m.at_ms) < FREEZE_ABANDONED.as_millis() as u64 {
                 continue;

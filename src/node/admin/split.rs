@@ -173,13 +173,13 @@ async fn merge_cold_neighbours(n: &Node) {
         n.config.split.merge_max_bytes,
         n.config.split.merge_max_ops_per_s as f64,
     );
-    let led = n.shards_led();
-    let mut by_start: HashMap<Vec<u8>, ShardDescriptor> = HashMap::new();
-    for s in &led {
-        if let Ok(d) = n.engine.descriptor(*s) {
-            by_start.insert(d.range.start.clone(), d);
-        }
-    }
+    let led: Vec<ShardDescriptor> = n
+        .shards_led()
+        .into_iter()
+        .filter_map(|s| n.engine.descriptor(s).ok())
+        .collect();
+    let by_start: HashMap<&[u8], &ShardDescriptor> =
+        led.iter().map(|d| (d.range.start.as_slice(), d)).collect();
     let small = |d: &ShardDescriptor| {
         let r = n.registry.load.rates(d.id);
         n.engine.merging(d.id).is_none()
@@ -187,21 +187,18 @@ async fn merge_cold_neighbours(n: &Node) {
             && n.engine.approximate_size(&d.range) < max
     };
     let mut touched = std::collections::HashSet::new();
-    for s in led {
-        let Ok(left) = n.engine.descriptor(s) else {
-            continue;
-        };
+    for left in &led {
         if left.range.end.is_empty() || touched.contains(&left.id) {
             continue;
         }
-        let Some(right) = by_start.get(&left.range.end) else {
+        let Some(&right) = by_start.get(left.range.end.as_slice()) else {
             continue;
         };
         let mut a = left.replicas.clone();
         let mut b = right.replicas.clone();
         a.sort();
         b.sort();
-        if a != b || touched.contains(&right.id) || !small(&left) || !small(right) {
+        if a != b || touched.contains(&right.id) || !small(left) || !small(right) {
             continue;
         }
         touched.insert(left.id);

@@ -5,24 +5,21 @@
 
 use super::*;
 use crate::command::MergeMarker;
+use crate::raft::settled_voters;
 use crate::NodeId;
 
-/// Whether a membership has learners or a joint configuration (a merge
-/// needs both shards on exactly the same voters).
-fn settled_voters(m: &StoredMembership) -> Result<Vec<NodeId>, String> {
-    let ms = m.membership();
-    if ms.get_joint_config().len() > 1 {
-        return Err("a membership change is in progress".into());
-    }
-    if ms.learner_ids().next().is_some() {
-        return Err("the shard has learners".into());
-    }
-    let mut v: Vec<NodeId> = ms.voter_ids().collect();
-    v.sort();
-    Ok(v)
-}
-
 impl StateMachine {
+    /// A new range version, written in `batch`: steps planned against the
+    /// old one (which they carry) are refused from now on.
+    fn raise_range_version(&mut self, batch: &mut WriteBatch) {
+        self.descriptor.epoch.version += 1;
+        batch.put_cf(
+            self.engine.cf(Cf::ShardMeta),
+            keys::meta_key(self.shard, MetaTag::Descriptor),
+            encode(&self.descriptor),
+        );
+    }
+
     /// Step 1, on the right shard: freeze it (see
     /// [`Command::PrepareMerge`]). Sets `sync` so the batch is synced.
     #[allow(clippy::too_many_arguments)]
@@ -60,7 +57,7 @@ impl StateMachine {
             ));
         }
         voters.sort();
-        match settled_voters(&self.membership) {
+        match settled_voters(self.membership.membership()) {
             Err(why) => return refuse(format!("{}: {why}", self.shard)),
             Ok(v) if v != voters => {
                 return refuse(format!(
@@ -100,17 +97,13 @@ impl StateMachine {
     ) -> CommandResponse {
         match &self.merging {
             Some(m) if m.into == into => {
-                let meta_cf = self.engine.cf(Cf::ShardMeta);
-                batch.delete_cf(meta_cf, keys::meta_key(self.shard, MetaTag::Merge));
-                // A new range version: a stale retry of the freeze, or a
-                // commit into this shard planned before its own freeze,
-                // is refused from now on.
-                self.descriptor.epoch.version += 1;
-                batch.put_cf(
-                    meta_cf,
-                    keys::meta_key(self.shard, MetaTag::Descriptor),
-                    encode(&self.descriptor),
+                batch.delete_cf(
+                    self.engine.cf(Cf::ShardMeta),
+                    keys::meta_key(self.shard, MetaTag::Merge),
                 );
+                // A stale retry of the freeze, or a commit into this shard
+                // planned before its own freeze, is refused from now on.
+                self.raise_range_version(batch);
                 tracing::info!(shard = %self.shard, %into, "merge freeze lifted");
                 self.merging = None;
                 self.merge_changed = true;
@@ -140,14 +133,9 @@ impl StateMachine {
             // Its own epoch must not move: its own merge checks it.
             return CommandResponse::MergeCancelled;
         }
-        // A new range version: a commit planned at an older one is refused
-        // whenever it arrives.
-        self.descriptor.epoch.version += 1;
-        batch.put_cf(
-            self.engine.cf(Cf::ShardMeta),
-            keys::meta_key(self.shard, MetaTag::Descriptor),
-            encode(&self.descriptor),
-        );
+        // A commit planned at an older range version is refused whenever
+        // it arrives.
+        self.raise_range_version(batch);
         tracing::info!(shard = %self.shard, version = self.descriptor.epoch.version, "merges planned earlier cancelled");
         CommandResponse::MergeCancelled
     }
@@ -185,7 +173,7 @@ impl StateMachine {
         }
         let mut theirs = right.replicas.clone();
         theirs.sort();
-        match settled_voters(&self.membership) {
+        match settled_voters(self.membership.membership()) {
             Err(why) => return refuse(format!("{}: {why}", self.shard)),
             Ok(v) if v != theirs => {
                 return refuse(format!(
