@@ -53,14 +53,18 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
         })
         .collect();
     let stop_at = Instant::now() + Duration::from_secs(secs);
+    // Workers run until the kill loop is done (its length is at least
+    // `secs` and at least MIN_KILLS kills, however slow the machine).
+    let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let per_client = 6 * secs as u32;
     let mut workers = Vec::new();
     for w in 0..8u32 {
         let (rec, keys, cl) = (rec.clone(), keys.clone(), mk(Duration::from_secs(3)));
+        let running = running.clone();
         workers.push(tokio::spawn(async move {
             let mut seen = std::collections::HashMap::new();
             let mut n = 0u32;
-            while Instant::now() < stop_at && n < per_client {
+            while running.load(std::sync::atomic::Ordering::Relaxed) && n < per_client {
                 n += 1;
                 let k = keys[rand::thread_rng().gen_range(0..keys.len())].clone();
                 let v = format!("w{w}-{n}").into_bytes();
@@ -69,8 +73,9 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
         }));
     }
     let probe = mk(Duration::from_secs(10));
+    const MIN_KILLS: usize = 3;
     let mut kills = 0;
-    while Instant::now() < stop_at {
+    while kills < MIN_KILLS || Instant::now() < stop_at {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let victim = rand::thread_rng().gen_range(0..procs.len());
         procs[victim].sigkill();
@@ -84,6 +89,7 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
                 panic!("no write acknowledged within 10 s of restart {kills}: {e}")
             });
     }
+    running.store(false, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();
     }
@@ -109,7 +115,7 @@ async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
         ops.len()
     );
     assert!(
-        kills >= 3 && acked > 20,
+        kills >= MIN_KILLS && acked > 20,
         "{kills} kills, {acked} acknowledged writes"
     );
     let bad = check(&ops);
