@@ -13,7 +13,7 @@
 //! among equally good moves the planner copies the smaller (then colder)
 //! shard and fills the node holding fewer bytes; once counts are balanced
 //! and a round has nothing else to do, leaderships (step 7) and then
-//! replicas (step 8) are moved to even out load, then bytes, within 20%.
+//! replicas (step 8) are moved to even out load, then bytes, within ±20%.
 //!
 //! # Node states
 //!
@@ -74,7 +74,8 @@
 //! 7. Leader load, once a round has nothing else to do: transfer
 //!    leaderships from nodes leading more [`ShardState::load`] to replicas on
 //!    nodes leading less, keeping leader counts balanced, until every node's
-//!    led load is within [`LEADER_LOAD_TOLERANCE`] of the mean or no transfer
+//!    led load is within [`LEADER_LOAD_TOLERANCE`] of the mean (a node
+//!    leading too little counts as much as one leading too much) or no transfer
 //!    strictly lowers the sum of squared deviations (at most
 //!    [`LEADER_LOAD_TRANSFERS_MAX`] per round). A transfer (or swap) must
 //!    shift at least [`LOAD_SHIFT_MIN_SHARE`] of the mean, so noise in the
@@ -84,7 +85,8 @@
 //! 8. Replica load, then bytes, once a round has nothing else to do and
 //!    replica counts are balanced: move replicas (never a shard's leader)
 //!    from nodes whose replicas' summed [`ShardState::load`] is more than
-//!    [`REPLICA_WEIGHT_TOLERANCE`] above the mean to lighter nodes, paired
+//!    [`REPLICA_WEIGHT_TOLERANCE`] above the mean to lighter nodes (or from
+//!    heavier nodes to one that far below it), paired
 //!    with a lighter shard moved back when counts need it; each move
 //!    strictly lowers the sum of squared deviations. With loads balanced
 //!    (or all 0), the same for [`ShardState::bytes`].

@@ -44,6 +44,20 @@ pub(super) fn min_shift(mean: f64) -> u64 {
 /// Leader transfers: (shard, from, to).
 type Transfers = Vec<(ShardId, NodeId, NodeId)>;
 
+/// The eligible nodes whose led load is outside the tolerated band.
+pub(super) struct Band {
+    pub(super) hot: BTreeSet<NodeId>,
+    pub(super) cold: BTreeSet<NodeId>,
+}
+
+/// The nodes whose value passes `test`.
+pub(super) fn outside(led: &BTreeMap<NodeId, u64>, test: impl Fn(f64) -> bool) -> BTreeSet<NodeId> {
+    led.iter()
+        .filter(|(_, v)| test(**v as f64))
+        .map(|(n, _)| *n)
+        .collect()
+}
+
 pub(super) struct Planner<'a> {
     pub(super) nodes: Nodes,
     pub(super) cfg: &'a PlannerConfig,
@@ -375,7 +389,10 @@ impl Planner<'_> {
     /// split or drain, replica and leader counts balanced), transfer
     /// leaderships from nodes that lead more load to replicas on nodes that
     /// lead less, until every eligible node's led load is within
-    /// [`LEADER_LOAD_TOLERANCE`] of the mean or no transfer helps. A
+    /// [`LEADER_LOAD_TOLERANCE`] of the mean (above *and* below: a node
+    /// leading too little is as much out of balance as one leading too
+    /// much) or no transfer helps. Every transfer either leaves a node over
+    /// the band or lands on a node under it. A
     /// transfer of load `x` from a node leading `a` to one leading `b` is
     /// taken only when `0 < x < a - b` (so it strictly lowers the sum of
     /// squared deviations from the mean: with fixed loads, rounds cannot
@@ -400,18 +417,20 @@ impl Planner<'_> {
             return;
         }
         let mean = total as f64 / led.len() as f64;
-        let limit = mean * (1.0 + LEADER_LOAD_TOLERANCE);
+        let (high, low) = (
+            mean * (1.0 + LEADER_LOAD_TOLERANCE),
+            mean * (1.0 - LEADER_LOAD_TOLERANCE),
+        );
         let mut done = 0;
         while done < LEADER_LOAD_TRANSFERS_MAX {
-            let hot: Vec<NodeId> = led
-                .iter()
-                .filter(|(_, v)| **v as f64 > limit)
-                .map(|(n, _)| *n)
-                .collect();
-            if hot.is_empty() {
+            let band = Band {
+                hot: outside(&led, |v| v > high),
+                cold: outside(&led, |v| v < low),
+            };
+            if band.hot.is_empty() && band.cold.is_empty() {
                 break;
             }
-            let Some(best) = self.best_load_transfer(&hot, &led, &lc, min_shift(mean)) else {
+            let Some(best) = self.best_load_transfer(&band, &led, &lc, min_shift(mean)) else {
                 break;
             };
             for (shard, from, to) in best {
@@ -427,14 +446,15 @@ impl Planner<'_> {
         }
     }
 
-    /// The transfer off one of the `hot` nodes that lowers the led-load
-    /// spread most while leader counts stay balanced: one shard's leadership
-    /// from a hot node to another replica's node, or, when that alone would
-    /// unbalance the counts, together with the coldest shard led there that
-    /// has a replica on the hot node, the other way. Ties: lowest shard ids.
+    /// The transfer off a node over the band, or onto a node under it, that
+    /// lowers the led-load spread most while leader counts stay balanced:
+    /// one shard's leadership to another replica's node, or, when that
+    /// alone would unbalance the counts, together with the coldest shard
+    /// led there that has a replica on the first node, the other way. Ties:
+    /// lowest shard ids.
     fn best_load_transfer(
         &self,
-        hot: &[NodeId],
+        band: &Band,
         led: &BTreeMap<NodeId, u64>,
         lc: &BTreeMap<NodeId, usize>,
         min_d: u64,
@@ -455,11 +475,14 @@ impl Planner<'_> {
             if s.load == 0 || !movable(s) {
                 continue;
             }
-            let Some(from) = leader_of(s).filter(|l| hot.contains(l)) else {
+            let Some(from) = leader_of(s).filter(|l| self.nodes.eligible(*l)) else {
                 continue;
             };
             for to in distinct_replicas(s) {
                 if to == from || !self.nodes.eligible(to) {
+                    continue;
+                }
+                if !band.hot.contains(&from) && !band.cold.contains(&to) {
                     continue;
                 }
                 let (a, b) = (led[&from], led[&to]);

@@ -4,9 +4,9 @@
 //! A node's *weight* is the sum over the replicas it holds of the shard's
 //! [`ShardState::load`] (every replica applies every write), or, once loads
 //! are balanced or absent, of [`ShardState::bytes`]. While some eligible
-//! node weighs more than [`REPLICA_WEIGHT_TOLERANCE`] above the mean, the
-//! planner moves a replica off it to a lighter node that does not hold the
-//! shard, paired with a move of a lighter shard back when the move alone
+//! node weighs more than [`REPLICA_WEIGHT_TOLERANCE`] above the mean (or
+//! below it), the planner moves a replica off it (or onto it) from a
+//! heavier node to a lighter node that does not hold the shard, paired with a move of a lighter shard back when the move alone
 //! would unbalance replica counts. Each move strictly lowers the sum of
 //! squared weight deviations (weights held fixed), keeps replica and leader
 //! counts as they are (a replica that is its shard's leader is never
@@ -14,15 +14,15 @@
 //!
 //! [`PlannerConfig::max_concurrent_moves`]: super::PlannerConfig
 
-use super::phases::Planner;
+use super::phases::{outside, Band, Planner};
 use super::state::{distinct_replicas, leader_of, ShardState};
 use super::step::Step;
 use crate::ids::{NodeId, ShardId};
 use std::cmp::Reverse;
 use std::collections::BTreeMap;
 
-/// How far above the mean a node's replica weight may be before replicas
-/// are moved off it: 20%.
+/// How far above (or below) the mean a node's replica weight may be before
+/// replicas are moved off (or onto) it: 20%.
 pub const REPLICA_WEIGHT_TOLERANCE: f64 = 0.2;
 
 /// One or two moves: (shard, from, to).
@@ -72,20 +72,22 @@ impl Planner<'_> {
             return false;
         }
         let mean = total as f64 / w.len() as f64;
-        let limit = mean * (1.0 + REPLICA_WEIGHT_TOLERANCE);
+        let (high, low) = (
+            mean * (1.0 + REPLICA_WEIGHT_TOLERANCE),
+            mean * (1.0 - REPLICA_WEIGHT_TOLERANCE),
+        );
         let min_d = super::phases::min_shift(mean);
         let mut planned = false;
         while self.moves < self.cfg.max_concurrent_moves {
-            let heavy: Vec<NodeId> = w
-                .iter()
-                .filter(|(_, v)| **v as f64 > limit)
-                .map(|(n, _)| *n)
-                .collect();
-            if heavy.is_empty() {
+            let band = Band {
+                hot: outside(&w, |v| v > high),
+                cold: outside(&w, |v| v < low),
+            };
+            if band.hot.is_empty() && band.cold.is_empty() {
                 break;
             }
             let room = self.cfg.max_concurrent_moves - self.moves;
-            let Some(best) = self.best_weight_moves(&heavy, &w, weight, guard, room, min_d) else {
+            let Some(best) = self.best_weight_moves(&band, &w, weight, guard, room, min_d) else {
                 break;
             };
             for (shard, from, to) in best {
@@ -107,12 +109,12 @@ impl Planner<'_> {
         planned
     }
 
-    /// The move (or pair of moves) off a `heavy` node that lowers the
-    /// spread of `w` most while keeping replica counts balanced, within
-    /// `room` moves. Ties: lowest shard ids.
+    /// The move (or pair of moves) off a node over the band, or onto one
+    /// under it, that lowers the spread of `w` most while keeping replica
+    /// counts balanced, within `room` moves. Ties: lowest shard ids.
     fn best_weight_moves(
         &self,
-        heavy: &[NodeId],
+        band: &Band,
         w: &BTreeMap<NodeId, u64>,
         weight: fn(&ShardState) -> u64,
         guard: Option<fn(&ShardState) -> u64>,
@@ -146,12 +148,12 @@ impl Planner<'_> {
                 continue;
             }
             let reps = distinct_replicas(s);
-            for &from in reps.iter().filter(|n| heavy.contains(n)) {
+            for &from in reps.iter().filter(|n| self.nodes.eligible(**n)) {
                 if !movable(s, from) {
                     continue;
                 }
                 for &to in &self.nodes.eligible {
-                    if reps.contains(&to) {
+                    if reps.contains(&to) || !band.hot.contains(&from) && !band.cold.contains(&to) {
                         continue;
                     }
                     let (a, b) = (w[&from], w[&to]);
