@@ -119,6 +119,14 @@ pub enum Command {
         /// The descriptors.
         descriptors: Vec<ShardDescriptor>,
     },
+    /// Meta shard only: record shards' load as their leaders measured it
+    /// (the route-report path; see [`LoadReport`]). A report older than the
+    /// one recorded for its shard, or for a shard without a route record,
+    /// is ignored.
+    RecordLoad {
+        /// At most [`LOAD_REPORTS_MAX`] reports.
+        reports: Vec<LoadReport>,
+    },
     /// Applies nothing: proves that the shard commits (`tessera dev`'s
     /// start-up check), without a key in the user's key space.
     Noop,
@@ -196,6 +204,38 @@ pub enum Command {
     },
 }
 
+/// Milliseconds since the Unix epoch by this machine's clock (0 before
+/// it): the time stamps of session writes and load reports.
+pub fn wall_clock_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Most reports in one [`Command::RecordLoad`].
+pub const LOAD_REPORTS_MAX: usize = 256;
+
+/// One shard's load as its leader measured it, recorded in the meta shard
+/// ([`Command::RecordLoad`]). Rates are decayed over about 10 s and rounded
+/// to whole units.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// The shard.
+    pub shard: ShardId,
+    /// The reporting leader's node.
+    pub node: NodeId,
+    /// When it was measured (the reporter's wall clock, ms since the Unix epoch).
+    pub at_ms: u64,
+    /// Keys read per second.
+    pub reads_per_s: u64,
+    /// Write operations per second.
+    pub writes_per_s: u64,
+    /// Key and value bytes written per second.
+    pub write_bytes_per_s: u64,
+    /// Approximate bytes of the shard's data on the leader's node.
+    pub size_bytes: u64,
+}
+
 /// A right shard's freeze for a merge, as its replicas keep it (in
 /// `shard_meta` and in snapshots).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -232,12 +272,19 @@ impl Command {
             Command::Write { ops } | Command::SessionWrite { ops, .. } => validate_ops(ops),
             Command::Split { key, .. } => limits::check_key(key),
             Command::CancelMerge { right_start, .. } => limits::check_key(right_start),
+            Command::RecordLoad { reports } if reports.len() > LOAD_REPORTS_MAX => {
+                Err(LimitError::BatchOps {
+                    ops: reports.len(),
+                    max: LOAD_REPORTS_MAX,
+                })
+            }
             Command::PrepareMerge { .. }
             | Command::CommitMerge { .. }
             | Command::AbortMerge { .. }
             | Command::RetireRoute { .. }
             | Command::AllocShardId
             | Command::RecordRoutes { .. }
+            | Command::RecordLoad { .. }
             | Command::Noop
             | Command::Digest => Ok(()),
         }
@@ -340,6 +387,7 @@ impl std::fmt::Display for Command {
             }
             Command::AbortMerge { into } => write!(f, "abort-merge(into {into})"),
             Command::RetireRoute { shard } => write!(f, "retire-route({shard})"),
+            Command::RecordLoad { reports } => write!(f, "record-load({} shards)", reports.len()),
         }
     }
 }

@@ -51,6 +51,22 @@ pub fn retired_key(shard: ShardId) -> Vec<u8> {
     k
 }
 
+/// The meta key of `shard`'s last load report (inside the meta range,
+/// never a route record: longer than one).
+pub fn load_key(shard: ShardId) -> Vec<u8> {
+    let mut k = load_prefix();
+    k.extend_from_slice(&shard.to_be_bytes());
+    k
+}
+
+/// The prefix of every [`load_key`].
+pub fn load_prefix() -> Vec<u8> {
+    let mut k = meta_range().start;
+    k.extend_from_slice(&[0xff; 8]);
+    k.extend_from_slice(b"load/");
+    k
+}
+
 /// The meta key holding the next shard id to hand out (inside the meta
 /// range, never a route record: longer than one).
 pub fn next_id_key() -> Vec<u8> {

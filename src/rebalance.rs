@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 /// The cluster as its nodes report it: every node that answers is up, each
-/// shard's newest descriptor, its leader, its largest replica size.
+/// shard's newest descriptor, its leader, its largest replica size, its
+/// load summed over its replicas (at least what its leader reported to
+/// the meta shard in the last 30 s).
 ///
 /// # Errors
 /// [`NodeCallError::NoneAnswered`] when no node answers.
@@ -48,6 +50,17 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
             }
         }
     }
+    // A leader that just restarted counts its load from 0 again: the load
+    // its predecessor reported to the meta shard, if recent, is the floor.
+    if let Ok(reports) = client.load_reports().await {
+        let now = crate::command::wall_clock_ms();
+        for r in reports {
+            let fresh = now.saturating_sub(r.at_ms) <= LOAD_REPORT_FRESH_MS;
+            if let Some(s) = shards.get_mut(&r.shard).filter(|_| fresh) {
+                s.load = s.load.max(r.reads_per_s + r.writes_per_s);
+            }
+        }
+    }
     // A replica list names voters only; a leader outside it is stale.
     for s in shards.values_mut() {
         if s.leader
@@ -59,6 +72,10 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
     state.shards = shards.into_values().collect();
     Ok(state)
 }
+
+/// A load report in the meta shard younger than this is taken as a floor
+/// of the shard's load (see [`cluster_state`]).
+const LOAD_REPORT_FRESH_MS: u64 = 30_000;
 
 /// The longest rest after a move (see [`rebalance`]).
 const MOVE_REST_MAX: std::time::Duration = std::time::Duration::from_secs(30);

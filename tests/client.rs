@@ -600,7 +600,7 @@ async fn shard_load_and_unflushed_size_are_reported() {
         "200 KiB written and not flushed must count: {hot:?}"
     );
     assert_eq!(cold.len(), 3, "every other shard has a leader: {cold:?}");
-    for s in cold {
+    for s in &cold {
         assert_eq!(
             (s.reads_per_s, s.writes_per_s, s.write_bytes_per_s),
             (0.0, 0.0, 0.0),
@@ -608,4 +608,39 @@ async fn shard_load_and_unflushed_size_are_reported() {
             s.descriptor.id
         );
     }
+    // The leaders report the same to the meta shard (every 5 s, what
+    // changed): the written shard's load and size, the idle ones at 0.
+    let hot_id = hot.descriptor.id;
+    let hot_leader = hot.leader;
+    let reports = common::wait::until("load reports in the meta shard", WAIT, || async {
+        let r = cl.load_reports().await.map_err(|e| e.to_string())?;
+        let busy = r
+            .iter()
+            .any(|x| x.shard == hot_id && x.writes_per_s > 0 && x.size_bytes >= 100 * 1024);
+        let all = cold
+            .iter()
+            .all(|s| r.iter().any(|x| x.shard == s.descriptor.id));
+        if busy && all {
+            Ok(r)
+        } else {
+            Err(format!("{r:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    let h = reports.iter().find(|x| x.shard == hot_id).unwrap();
+    assert_eq!(Some(h.node), hot_leader, "reported by its leader: {h:?}");
+    // (Rates are rounded to whole units.)
+    assert!(
+        h.reads_per_s > 0 && h.write_bytes_per_s + 1024 >= 1024 * h.writes_per_s,
+        "{h:?}"
+    );
+    for s in &cold {
+        let r = reports.iter().find(|x| x.shard == s.descriptor.id).unwrap();
+        assert_eq!((r.reads_per_s, r.writes_per_s), (0, 0), "{r:?}");
+    }
+    // Reports live in the meta shard's own key space: a scan of the
+    // user's key space sees the written keys and nothing else.
+    let all = cl.scan(b"", b"", 10_000).await.unwrap();
+    assert_eq!(all.len(), keys.len(), "only the user's keys");
 }

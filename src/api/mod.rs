@@ -114,6 +114,11 @@ pub enum Request {
     /// Every node the answering node knows, itself included. Answered
     /// [`Response::Peers`].
     Peers,
+    /// The shards' load as their leaders last reported it to the meta
+    /// shard, read from the answering node's replica of it (refused with
+    /// [`ApiError::UnknownShard`] for the meta shard by a node without
+    /// one). Answered [`Response::LoadReports`].
+    LoadReports,
     /// Admin, to `shard`'s leader: commit a digest entry; every replica
     /// hashes its state as of it ([`crate::digest`]). Answered
     /// [`Response::DigestAt`] with the entry's log index.
@@ -200,6 +205,8 @@ pub enum Response {
     Done,
     /// Nodes and their addresses.
     Peers(Vec<(NodeId, std::net::SocketAddr)>),
+    /// Answer to [`Request::LoadReports`], in shard id order.
+    LoadReports(Vec<crate::command::LoadReport>),
     /// The log index of a committed digest entry.
     DigestAt {
         /// The entry's index.
@@ -318,6 +325,7 @@ impl Request {
             Request::TransferLeader { .. } => "transfer-leader",
             Request::Join { .. } => "join",
             Request::Peers => "peers",
+            Request::LoadReports => "load reports",
             Request::MarkDigest { .. } => "verify",
             Request::Digest { .. } => "digest",
         }
@@ -358,6 +366,7 @@ impl Request {
             | Request::TransferLeader { .. }
             | Request::Join { .. }
             | Request::Peers
+            | Request::LoadReports
             | Request::MarkDigest { .. }
             | Request::Digest { .. } => Ok(()),
         }

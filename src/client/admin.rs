@@ -43,6 +43,43 @@ impl Client {
 }
 
 impl Client {
+    /// The shards' load as their leaders last reported it to the meta
+    /// shard (reads, writes and written bytes per second, size, and when
+    /// it was measured), in shard id order. Every node hosting a replica
+    /// of the meta shard is asked; per shard the newest report wins.
+    ///
+    /// # Errors
+    /// [`ClientError::Timeout`] when no node with a replica of the meta
+    /// shard answers.
+    pub async fn load_reports(&self) -> Result<Vec<crate::command::LoadReport>, ClientError> {
+        let mut newest: std::collections::BTreeMap<ShardId, crate::command::LoadReport> =
+            std::collections::BTreeMap::new();
+        let mut answered = false;
+        let mut last = String::from("no node answered");
+        for (node, _) in self.nodes() {
+            match self.call_node(node, &Request::LoadReports).await {
+                Ok(Response::LoadReports(reports)) => {
+                    answered = true;
+                    for r in reports {
+                        if newest.get(&r.shard).is_none_or(|k| r.at_ms > k.at_ms) {
+                            newest.insert(r.shard, r);
+                        }
+                    }
+                }
+                Ok(Response::Error(e)) => last = format!("{node}: {e}"),
+                Ok(other) => last = format!("{node}: unexpected answer {other:?}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        if !answered {
+            return Err(ClientError::Timeout {
+                deadline: self.inner.opts.attempt_timeout,
+                last_error: last,
+            });
+        }
+        Ok(newest.into_values().collect())
+    }
+
     /// Checks that every replica of `shard` holds the same state (admin):
     /// the leader commits a digest entry, each replica hashes its state as
     /// of that entry ([`crate::digest`]), and the digests are collected

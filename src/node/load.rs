@@ -6,6 +6,7 @@
 //! [`LoadTracker`] holds one set of rates (and, with load splits on, recent
 //! request keys) per shard.
 
+use crate::command::LoadReport;
 use crate::{KeyRange, ShardId};
 use dashmap::DashMap;
 use std::collections::VecDeque;
@@ -87,6 +88,21 @@ impl ShardLoad {
         }
         self.keys.push_back(key.to_vec());
     }
+}
+
+/// Whether `now` differs enough from `last` (what the meta shard holds)
+/// to report again: some rate or the size moved by more than 20% of the
+/// larger value and by more than a floor (5 operations/s, 4 KiB/s, 1 MiB),
+/// so noise in slow or small shards does not reach the meta shard's log.
+pub fn load_changed(last: &LoadReport, now: &LoadReport) -> bool {
+    let moved = |a: u64, b: u64, floor: u64| {
+        let d = a.abs_diff(b);
+        d > floor && d * 5 > a.max(b)
+    };
+    moved(last.reads_per_s, now.reads_per_s, 5)
+        || moved(last.writes_per_s, now.writes_per_s, 5)
+        || moved(last.write_bytes_per_s, now.write_bytes_per_s, 4096)
+        || moved(last.size_bytes, now.size_bytes, 1 << 20)
 }
 
 /// A shard's load as reported.
@@ -178,6 +194,33 @@ impl LoadTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn load_is_reported_again_only_when_it_moved() {
+        let r = |reads, writes, bytes, size| LoadReport {
+            shard: ShardId(1),
+            node: crate::NodeId(1),
+            at_ms: 0,
+            reads_per_s: reads,
+            writes_per_s: writes,
+            write_bytes_per_s: bytes,
+            size_bytes: size,
+        };
+        let base = r(100, 200, 20_000, 10 << 20);
+        assert!(!load_changed(&base, &base));
+        // Within 20%: noise.
+        assert!(!load_changed(&base, &r(110, 180, 22_000, 11 << 20)));
+        // Each figure on its own.
+        assert!(load_changed(&base, &r(130, 200, 20_000, 10 << 20)));
+        assert!(load_changed(&base, &r(100, 150, 20_000, 10 << 20)));
+        assert!(load_changed(&base, &r(100, 200, 30_000, 10 << 20)));
+        assert!(load_changed(&base, &r(100, 200, 20_000, 14 << 20)));
+        // A slow shard doubling from 2 to 4 ops/s is under the floor.
+        assert!(!load_changed(&r(2, 2, 100, 0), &r(4, 4, 200, 1000)));
+        // A shard going idle, or waking up, is reported.
+        assert!(load_changed(&base, &r(0, 0, 0, 10 << 20)));
+        assert!(load_changed(&r(0, 0, 0, 0), &r(0, 50, 5_000, 0)));
+    }
     use proptest::prelude::*;
 
     const TAU: f64 = LOAD_DECAY_SECS;

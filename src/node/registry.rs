@@ -90,6 +90,22 @@ impl Registry {
         )
     }
 
+    /// The load reports recorded in this node's replica of the meta shard
+    /// (`None` when it hosts none), in shard id order.
+    pub fn meta_load_reports(&self) -> Option<Vec<crate::command::LoadReport>> {
+        self.get(meta::META_SHARD)?;
+        let start = meta::load_prefix();
+        let mut end = start.clone();
+        end.extend_from_slice(&[0xff; 9]);
+        let pairs = self.engine.scan(&start, &end, usize::MAX).ok()?;
+        Some(
+            pairs
+                .iter()
+                .filter_map(|(_, v)| postcard::from_bytes(v).ok())
+                .collect(),
+        )
+    }
+
     /// Serves the client connections the transport hands over, each until
     /// it closes (holding its permit).
     pub(super) async fn serve_clients(

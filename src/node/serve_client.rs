@@ -45,12 +45,7 @@ fn write_error(
     }
 }
 
-/// Milliseconds since the Unix epoch by this node's clock (0 before it).
-pub(crate) fn wall_clock_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub(crate) use crate::command::wall_clock_ms;
 
 /// Serves every stream a client opens on `conn`, one request per stream.
 pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {
@@ -407,6 +402,13 @@ impl Registry {
                 Ok(Response::Routes(
                     by_id.into_values().map(|d| self.with_leader(d)).collect(),
                 ))
+            }
+            Request::LoadReports => {
+                self.meta_load_reports()
+                    .map(Response::LoadReports)
+                    .ok_or(ApiError::UnknownShard {
+                        shard: crate::meta::META_SHARD,
+                    })
             }
             Request::Split { shard, epoch, key } => {
                 self.check(shard, epoch)?;

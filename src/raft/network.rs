@@ -116,6 +116,7 @@ fn entry_bytes(e: &Entry) -> usize {
             .iter()
             .map(|d| d.range.start.len() + d.range.end.len() + 64 + 9 * d.replicas.len())
             .sum::<usize>(),
+        EntryPayload::Normal(Command::RecordLoad { reports }) => 64 * reports.len(),
         EntryPayload::Membership(m) => 256 * (m.nodes().count() + 1),
     }
 }

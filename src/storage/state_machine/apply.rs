@@ -50,6 +50,9 @@ impl StateMachine {
                 let (key, mark) = (meta::route_key(shard), meta::retired_key(shard));
                 batch.delete_cf(data, &key);
                 overlay.insert(key, None);
+                let load = meta::load_key(shard);
+                batch.delete_cf(data, &load);
+                overlay.insert(load, None);
                 batch.put_cf(data, &mark, []);
                 overlay.insert(mark, Some(Vec::new()));
                 Ok(CommandResponse::Recorded)
@@ -106,6 +109,10 @@ impl StateMachine {
                         overlay.insert(key, Some(v));
                     }
                 }
+                Ok(CommandResponse::Recorded)
+            }
+            Command::RecordLoad { reports } => {
+                self.apply_record_load(reports, batch, overlay)?;
                 Ok(CommandResponse::Recorded)
             }
             Command::Noop | Command::Digest => Ok(CommandResponse::Empty),
@@ -190,6 +197,38 @@ impl StateMachine {
             overlay.insert(key, new);
         }
         Ok(CommandResponse::Write(results))
+    }
+
+    /// [`Command::RecordLoad`]: keeps each report unless an older one's
+    /// shard has no route record (merged away, or never recorded) or a
+    /// newer report is already kept.
+    fn apply_record_load(
+        &mut self,
+        reports: Vec<crate::command::LoadReport>,
+        batch: &mut WriteBatch,
+        overlay: &mut HashMap<Vec<u8>, Option<Vec<u8>>>,
+    ) -> Result<(), StoreError> {
+        for r in reports {
+            let key = meta::load_key(r.shard);
+            if !self.descriptor.range.contains(&key) {
+                continue;
+            }
+            let routed = r.shard == meta::META_SHARD
+                || self
+                    .read_current(&meta::route_key(r.shard), overlay)?
+                    .is_some();
+            let newer = match self.read_current(&key, overlay)? {
+                None => true,
+                Some(b) => postcard::from_bytes::<crate::command::LoadReport>(&b)
+                    .map_or(true, |kept| r.at_ms >= kept.at_ms),
+            };
+            if routed && newer {
+                let v = encode(&r);
+                batch.put_cf(self.engine.cf(Cf::Data), &key, &v);
+                overlay.insert(key, Some(v));
+            }
+        }
+        Ok(())
     }
 }
 
