@@ -251,6 +251,7 @@ fn write_dev_node(
         bootstrap,
         split: Default::default(),
         replica_gc: Default::default(),
+        rebalance: Default::default(),
         api: Default::default(),
     };
     let config = node_dir.join("node.toml");

@@ -264,6 +264,21 @@ pub fn peer_is_admin(conn: &quinn::Connection) -> bool {
     certs.first().is_some_and(cert_is_admin)
 }
 
+/// Whether the certificate `conn`'s peer presented names one of `nodes`
+/// (the chain was verified against the cluster CA during the handshake).
+pub fn peer_is_node(conn: &quinn::Connection, nodes: impl IntoIterator<Item = NodeId>) -> bool {
+    let Some(certs) = conn
+        .peer_identity()
+        .and_then(|id| id.downcast::<Vec<CertificateDer<'static>>>().ok())
+    else {
+        return false;
+    };
+    let Some(leaf) = certs.first() else {
+        return false;
+    };
+    nodes.into_iter().any(|n| cert_is_for_node(leaf, n).is_ok())
+}
+
 /// Whether `cert` is valid for [`ADMIN_NAME`].
 pub fn cert_is_admin(cert: &CertificateDer<'_>) -> bool {
     let Ok(ee) = webpki::EndEntityCert::try_from(cert) else {

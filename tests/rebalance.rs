@@ -112,3 +112,54 @@ async fn two_nodes_join_and_rebalance_evens_out_replicas_and_leaders() {
     assert!(im.is_balanced(), "balanced: {im:?}");
     c.shutdown().await;
 }
+
+/// `[rebalance] auto = true` in every node's file: nobody runs
+/// `tessera-ctl rebalance`, yet when a node joins, the meta shard's leader
+/// plans and moves replicas and leaderships onto it (with its own node
+/// certificate) until counts are within ±1 of the mean, while a client
+/// writes without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_rebalance_by_themselves_when_configured() {
+    init_tracing();
+    let t = Timings {
+        rebalance: tessera::node::RebalanceConfig {
+            auto: true,
+            interval_ms: 1000,
+            max_concurrent_moves: 4,
+        },
+        ..Timings::many_active_groups()
+    };
+    let mut c = TestCluster::start(&[1, 2, 3], &[], Some((16, vec![1, 2, 3])), t).await;
+    for s in 1..=16 {
+        c.wait_leader(ShardId(s), WAIT).await.unwrap();
+    }
+    c.wait_leader(meta::META_SHARD, WAIT).await.unwrap();
+    let cl = client(&c);
+    let load = Load::start(&cl, 2, 16);
+    wait_ops(&load, 50, WAIT).await;
+    c.add_node(4).await;
+    let settled = common::wait::until("the cluster balances itself onto n4", WAIT, || async {
+        let st = rebalance::cluster_state(&cl)
+            .await
+            .map_err(|e| e.to_string())?;
+        let counts = rebalance::counts(&st);
+        let n4 = counts.get(&tessera::NodeId(4)).copied().unwrap_or_default();
+        let im = planner::imbalance(&st);
+        // 17 shards × 3 replicas over 4 nodes: 12.75 each; 4.25 leaders
+        // (and no move half done: still 3 replicas each).
+        let total: usize = counts.values().map(|c| c.0).sum();
+        if counts.len() == 4 && im.is_balanced() && n4.0 >= 12 && n4.1 >= 4 && total == 17 * 3 {
+            Ok(counts)
+        } else {
+            Err(format!("{counts:?} {im:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    tracing::info!(?settled, "balanced by the nodes");
+    wait_ops(&load, 50, WAIT).await;
+    let r = load.finish().await;
+    r.assert_no_errors();
+    r.assert_acknowledged_readable(&cl).await;
+    c.shutdown().await;
+}

@@ -298,8 +298,9 @@ pub enum ApiError {
 }
 
 impl Request {
-    /// Whether only an admin certificate may ask this (splits, replica
-    /// moves, leader transfers, digests: they hash whole shards).
+    /// Whether only an admin certificate (or a cluster node's own) may ask
+    /// this (splits, merges, replica moves, leader transfers, digests:
+    /// they hash whole shards).
     pub fn is_admin(&self) -> bool {
         matches!(
             self,

@@ -178,6 +178,34 @@ impl Default for SplitConfig {
     }
 }
 
+/// Automatic rebalancing: the node leading the meta shard runs the planner
+/// and executor of `tessera-ctl rebalance` itself, one pass (until the
+/// plan comes out empty, at most 50 rounds) every `interval_ms`, with its
+/// own node certificate (nodes may make admin requests).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RebalanceConfig {
+    /// Whether this node balances the cluster when it leads the meta
+    /// shard. Default: false (also in `tessera dev`); turn it on in every
+    /// node's file, since the meta shard's leadership moves.
+    pub auto: bool,
+    /// Pause between passes. Default: 60000 ms. Minimum: 1000.
+    pub interval_ms: u64,
+    /// Replica moves at once, as `--max-concurrent-moves`. Default: 2.
+    /// 1..=64.
+    pub max_concurrent_moves: usize,
+}
+
+impl Default for RebalanceConfig {
+    fn default() -> Self {
+        RebalanceConfig {
+            auto: false,
+            interval_ms: 60_000,
+            max_concurrent_moves: 2,
+        }
+    }
+}
+
 /// Replica garbage collection and repair: each node compares the replicas
 /// it hosts with the meta shard's table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -266,6 +294,9 @@ pub struct NodeConfig {
     /// Replica garbage collection and repair.
     #[serde(default)]
     pub replica_gc: ReplicaGcConfig,
+    /// Automatic rebalancing (off by default).
+    #[serde(default)]
+    pub rebalance: RebalanceConfig,
     /// Client protocol bounds.
     #[serde(default)]
     pub api: ApiConfig,
@@ -334,6 +365,15 @@ impl NodeConfig {
             return Err(invalid(
                 "api.response_bytes_max",
                 format!("must be within {pair}..={most}"),
+            ));
+        }
+        if self.rebalance.interval_ms < 1000 {
+            return Err(invalid("rebalance.interval_ms", "must be at least 1000"));
+        }
+        if !(1..=64).contains(&self.rebalance.max_concurrent_moves) {
+            return Err(invalid(
+                "rebalance.max_concurrent_moves",
+                "must be within 1..=64",
             ));
         }
         if self.split.check_interval_ms == 0 {
@@ -496,6 +536,7 @@ mod tests {
             }),
             split: Default::default(),
             replica_gc: Default::default(),
+            rebalance: Default::default(),
             api: Default::default(),
         }
     }
@@ -530,6 +571,12 @@ mod tests {
         let mut c = sample();
         c.bootstrap.as_mut().unwrap().members.push(NodeId(9));
         assert_eq!(field(c), "bootstrap.members");
+        let mut c = sample();
+        c.rebalance.interval_ms = 999;
+        assert_eq!(field(c), "rebalance.interval_ms");
+        let mut c = sample();
+        c.rebalance.max_concurrent_moves = 0;
+        assert_eq!(field(c), "rebalance.max_concurrent_moves");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("bad.toml");
         std::fs::write(&path, "node_id = 1\nlisten_addr = 5\n").unwrap();

@@ -18,7 +18,8 @@ mod serve_client;
 
 pub use admin::AdminError;
 pub use config::{
-    ApiConfig, Bootstrap, ConfigError, NodeConfig, RaftTimings, ReplicaGcConfig, SplitConfig,
+    ApiConfig, Bootstrap, ConfigError, NodeConfig, RaftTimings, RebalanceConfig, ReplicaGcConfig,
+    SplitConfig,
 };
 use registry::NodeInbound;
 pub use registry::Registry;
@@ -332,6 +333,12 @@ impl Node {
             )));
             tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
             tasks.push(tokio::spawn(admin::auto_split(Arc::downgrade(&node))));
+            if node.config.rebalance.auto {
+                tasks.push(tokio::spawn(admin::auto_rebalance(
+                    Arc::downgrade(&node),
+                    identity.clone(),
+                )));
+            }
             tasks.push(tokio::spawn(quiesce::run(Arc::downgrade(&node))));
             tasks.push(tokio::spawn(replica_gc::run(
                 Arc::downgrade(&node),

@@ -90,6 +90,22 @@ impl Registry {
         )
     }
 
+    /// Whether `conn`'s peer may make admin requests: it holds an admin
+    /// certificate, or the certificate of a cluster node (this one or a
+    /// known peer; nodes rebalance the cluster when configured to).
+    pub(super) fn admin_peer(&self, conn: &quinn::Connection) -> bool {
+        if crate::tls::peer_is_admin(conn) {
+            return true;
+        }
+        let peers = self
+            .node
+            .get()
+            .and_then(std::sync::Weak::upgrade)
+            .map(|n| n.transport.peer_ids())
+            .unwrap_or_default();
+        crate::tls::peer_is_node(conn, peers.into_iter().chain(std::iter::once(self.me)))
+    }
+
     /// The load reports recorded in this node's replica of the meta shard
     /// (`None` when it hosts none), in shard id order.
     pub fn meta_load_reports(&self) -> Option<Vec<crate::command::LoadReport>> {

@@ -64,7 +64,7 @@ pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Conne
                             "a join for {node} must come with {node}'s certificate"
                         )))
                     }
-                    Ok(req) if req.is_admin() && !crate::tls::peer_is_admin(&conn) => {
+                    Ok(req) if req.is_admin() && !registry.admin_peer(&conn) => {
                         Response::Error(ApiError::PermissionDenied {
                             request: req.name().into(),
                         })

@@ -28,6 +28,8 @@ pub struct Timings {
     pub client_connections_max: usize,
     pub split: tessera::node::SplitConfig,
     pub replica_gc: tessera::node::ReplicaGcConfig,
+    /// `[rebalance]` (automatic rebalancing; off unless a test turns it on).
+    pub rebalance: tessera::node::RebalanceConfig,
     /// `raft.quiesce_after_ms` (0: quiescence off).
     pub quiesce_after_ms: u64,
 }
@@ -45,6 +47,7 @@ impl Timings {
             client_connections_max: 4096,
             split: tessera::node::SplitConfig::default(),
             replica_gc: tessera::node::ReplicaGcConfig::default(),
+            rebalance: tessera::node::RebalanceConfig::default(),
             quiesce_after_ms: 0,
         }
     }
@@ -75,6 +78,7 @@ impl Timings {
             client_connections_max: 4096,
             split: tessera::node::SplitConfig::default(),
             replica_gc: tessera::node::ReplicaGcConfig::default(),
+            rebalance: tessera::node::RebalanceConfig::default(),
             quiesce_after_ms: 0,
         }
     }
@@ -199,6 +203,7 @@ impl TestCluster {
                 }),
                 split: t.split,
                 replica_gc: t.replica_gc,
+                rebalance: t.rebalance,
                 api: Default::default(),
             };
             configs.insert(id, cfg);

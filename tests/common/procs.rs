@@ -195,6 +195,7 @@ pub fn write_cluster(
             }),
             split: Default::default(),
             replica_gc: Default::default(),
+            rebalance: Default::default(),
             api: Default::default(),
         };
         let path = dir.join(format!("n{}.toml", id.0));

@@ -79,6 +79,8 @@ rb=$!
 wait "$bench" || true
 # The loads as the bench ends (they decay over about 10 s).
 ctl status --json --all >"$dir/status.json"
+# What the planner would still do with the loads as they were then.
+ctl rebalance --dry-run >"$dir/dry-run.log" 2>&1 || true
 # (A background job ignores SIGINT.)
 kill -TERM "$rb" 2>/dev/null || true
 wait "$rb" || true
@@ -108,9 +110,19 @@ for s in st["shards"]:
     if s["leader"] in rows:
         rows[s["leader"]][1] += 1
         rows[s["leader"]][2] += s["reads_per_s"] + s["writes_per_s"]
+# The meta shard's replicas and leadership count like any other's.
+meta = st.get("meta") or {}
+for r in meta.get("replicas", []):
+    if r in rows:
+        rows[r][0] += 1
+if meta.get("leader") in rows:
+    rows[meta["leader"]][1] += 1
 mean = sum(r[2] for r in rows.values()) / max(1, len(rows))
+mean_reps = sum(r[0] for r in rows.values()) / max(1, len(rows))
 for n, (reps, leaders, load) in sorted(rows.items()):
     dev = (load - mean) / mean * 100 if mean else 0
-    print(f"n{n}: {reps} replicas, {leaders} leaders, led load {load:.0f}/s ({dev:+.0f}% of the mean)")
-print(f"{len(st['shards'])} shards")
+    print(f"n{n}: {reps} replicas ({reps - mean_reps:+.1f} from the mean), {leaders} leaders, led load {load:.0f}/s ({dev:+.0f}% of the mean)")
+print(f"{len(st['shards'])} shards and the meta shard")
 EOF
+echo "== the planner as the bench ended (rebalance --dry-run)"
+tail -n 12 "$dir/dry-run.log"

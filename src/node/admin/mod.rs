@@ -1,10 +1,12 @@
 //! Cluster administration on a node: forwarded proposals, splits, replica
 //! moves, leader transfers, nodes joining, and the background tasks that
-//! keep the meta shard's table current and start shards created by splits.
+//! keep the meta shard's table current, start shards created by splits and
+//! (when configured) rebalance the cluster.
 //!
 //! Every step is idempotent and re-checks the group's state first, so an
 //! interrupted operation run again continues from where the cluster is.
 
+mod balance;
 mod joins;
 mod leader;
 mod merge;
@@ -12,6 +14,7 @@ mod moves;
 mod routes;
 mod split;
 
+pub(crate) use balance::auto_rebalance;
 pub(crate) use joins::announce;
 pub(crate) use routes::{report_routes, start_created};
 pub(crate) use split::auto_split;
