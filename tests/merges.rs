@@ -305,3 +305,92 @@ async fn small_neighbours_merge_by_themselves_while_clients_write() {
     assert_eq!(routes[0].range, KeyRange::full());
     c.shutdown().await;
 }
+
+/// Both replicas of a left and a right shard on one node, a write in each,
+/// the right one frozen for a merge into the left: the left replica, the
+/// right's descriptor as frozen and the freeze's index (the log stores and
+/// the right state machine are kept alive with them).
+async fn frozen_neighbours(
+    e: &tessera::storage::Engine,
+) -> (
+    tessera::storage::StateMachine,
+    tessera::ShardDescriptor,
+    u64,
+    impl Sized,
+) {
+    let (ll, mut lsm) = create_and_open(e, &prefix_shard(1, b"a")).await;
+    let (rl, mut rsm) = create_and_open(e, &prefix_shard(2, b"b")).await;
+    apply(&mut lsm, vec![membership(1, 1, &[1])]).await;
+    apply(&mut rsm, vec![membership(1, 1, &[1])]).await;
+    apply(&mut lsm, vec![normal(1, 2, Command::put("a1", "l"))]).await;
+    apply(&mut rsm, vec![normal(1, 2, Command::put("b1", "r"))]).await;
+    let right = rsm.descriptor().clone();
+    let prepare = Command::PrepareMerge {
+        into: ShardId(1),
+        version: right.epoch.version,
+        conf_ver: right.epoch.conf_ver,
+        voters: vec![NodeId(1)],
+        at_ms: 1,
+    };
+    let at = match &apply(&mut rsm, vec![normal(1, 3, prepare)]).await[0] {
+        CommandResponse::MergePrepared { at, .. } => *at,
+        other => panic!("freeze answered {other:?}"),
+    };
+    (lsm, right, at, (ll, rl, rsm))
+}
+
+/// A replica that missed the merge's commit in its log (its node was down
+/// then) and catches up from a snapshot taken after the merge gets the
+/// merged range and data from the snapshot, and its node's replica still
+/// frozen for that merge is retired, as applying the commit would have
+/// done (nothing else would ever drop it).
+#[tokio::test]
+async fn a_snapshot_taken_after_a_merge_retires_the_frozen_replica() {
+    use openraft::storage::{RaftSnapshotBuilder, RaftStateMachine};
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (a, b) = (open_engine(dir_a.path()), open_engine(dir_b.path()));
+    let (mut left_a, right, frozen_at, _keep_a) = frozen_neighbours(&a).await;
+    let (mut left_b, _, _, _keep_b) = frozen_neighbours(&b).await;
+    // Node A applies the commit and a write into the merged range after
+    // it; node B is down meanwhile.
+    let commit = Command::CommitMerge {
+        right,
+        frozen_at,
+        version: left_a.descriptor().epoch.version,
+    };
+    assert!(matches!(
+        apply(&mut left_a, vec![normal(1, 3, commit)]).await[0],
+        CommandResponse::Merged { .. }
+    ));
+    apply(&mut left_a, vec![normal(1, 4, Command::put("b2", "after"))]).await;
+    assert_eq!(a.take_retired(), vec![ShardId(2)]);
+    assert!(b.take_retired().is_empty(), "B never saw the commit");
+    // B's left replica catches up from A's snapshot.
+    let snap = left_a
+        .get_snapshot_builder()
+        .await
+        .build_snapshot()
+        .await
+        .unwrap();
+    left_b
+        .install_snapshot(&snap.meta, snap.snapshot.clone())
+        .await
+        .unwrap();
+    assert_eq!(
+        b.take_retired(),
+        vec![ShardId(2)],
+        "the install retires the frozen replica"
+    );
+    assert_eq!(
+        b.descriptor(ShardId(1)).unwrap().range,
+        KeyRange::new(b"a".to_vec(), b"c".to_vec())
+    );
+    for (k, v) in [("a1", "l"), ("b1", "r"), ("b2", "after")] {
+        assert_eq!(b.owner_of(k.as_bytes()), Some(ShardId(1)), "{k}");
+        assert_eq!(
+            b.get(k.as_bytes()).unwrap().as_deref(),
+            Some(v.as_bytes()),
+            "{k}"
+        );
+    }
+}
