@@ -469,6 +469,23 @@ impl Node {
         Ok(())
     }
 
+    /// A client of the cluster holding this node's own certificate (for
+    /// the node's background tasks: replica GC reads routes, automatic
+    /// rebalancing makes admin requests), over every node known now;
+    /// `None` (logged) when the identity does not make a client.
+    pub(crate) fn own_client(&self, identity: &TlsIdentity) -> Option<crate::Client> {
+        let nodes = self
+            .transport
+            .peers()
+            .iter()
+            .map(|p| (p.id, p.addr))
+            .chain(std::iter::once((self.id, self.addr())))
+            .collect();
+        crate::Client::from_identity(identity, nodes, Default::default())
+            .map_err(|e| tracing::warn!(error = %e, "no client with this node's certificate"))
+            .ok()
+    }
+
     fn addr_of(&self, node: NodeId) -> String {
         if node == self.id {
             return self.transport.local_addr().to_string();

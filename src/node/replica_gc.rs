@@ -128,14 +128,7 @@ pub(crate) async fn run(
         }
         let Some(n) = node.upgrade() else { return };
         if client.is_none() {
-            let nodes = n
-                .transport
-                .peers()
-                .iter()
-                .map(|p| (p.id, p.addr))
-                .chain(std::iter::once((n.id, n.addr())))
-                .collect();
-            client = crate::Client::from_identity(&identity, nodes, Default::default()).ok();
+            client = n.own_client(&identity);
         }
         let Some(c) = client.as_ref() else { continue };
         let Some(table) = table(&n, c).await else {

@@ -55,16 +55,7 @@ pub(crate) async fn auto_rebalance(node: Weak<Node>, identity: crate::tls::TlsId
                 continue;
             }
             if client.is_none() {
-                let nodes = n
-                    .transport
-                    .peers()
-                    .iter()
-                    .map(|p| (p.id, p.addr))
-                    .chain(std::iter::once((n.id, n.addr())))
-                    .collect();
-                client = crate::Client::from_identity(&identity, nodes, Default::default())
-                    .map_err(|e| tracing::warn!(error = %e, "automatic rebalance: no client"))
-                    .ok();
+                client = n.own_client(&identity);
             }
             // (The node is not held during the pass: it may stop meanwhile.)
         }
