@@ -326,3 +326,71 @@ async fn the_meta_shard_moves_like_any_other() {
     );
     c.shutdown().await;
 }
+
+/// Two moves of one shard onto the same node at once (two admins, or an
+/// automatic rebalance pass overlapping a manual one): the shard must not
+/// lose a replica. One move happens; the other finds its target already a
+/// voter and, since removing its source would leave the shard with fewer
+/// voters than it had, is refused with a reason. The shard keeps 3 voters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_moves_of_one_shard_keep_its_replica_count() {
+    init_tracing();
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), Timings::fast()).await;
+    let shard = ShardId(1);
+    let leader = c.wait_leader(shard, WAIT).await.unwrap();
+    c.add_node(4).await;
+    let admin = c.client();
+    admin.refresh_nodes().await.unwrap();
+    // Two followers, each moved to n4 at the same time.
+    let sources: Vec<NodeId> = [1u64, 2, 3]
+        .into_iter()
+        .map(NodeId)
+        .filter(|n| *n != leader)
+        .collect();
+    let moves: Vec<_> = sources
+        .iter()
+        .map(|from| {
+            let (admin, from) = (admin.clone(), *from);
+            tokio::spawn(async move { admin.move_replica(shard, from, NodeId(4)).await })
+        })
+        .collect();
+    let mut done = 0;
+    for m in moves {
+        match m.await.unwrap() {
+            Ok(_) => done += 1,
+            Err(e) => tracing::info!(error = %e, "the other move was refused"),
+        }
+    }
+    assert!(done >= 1, "one of the moves happened");
+    let voters = c
+        .wait_until("the shard's membership settles", WAIT, |c| {
+            c.node(leader.0).raft(shard).is_some_and(|r| {
+                r.metrics()
+                    .borrow_watched()
+                    .membership_config
+                    .membership()
+                    .get_joint_config()
+                    .len()
+                    == 1
+            })
+        })
+        .await
+        .map(|_| {
+            c.node(leader.0)
+                .raft(shard)
+                .unwrap()
+                .metrics()
+                .borrow_watched()
+                .membership_config
+                .membership()
+                .voter_ids()
+                .collect::<Vec<_>>()
+        })
+        .unwrap();
+    assert_eq!(voters.len(), 3, "still 3 voters: {voters:?}");
+    assert!(voters.contains(&NodeId(4)), "{voters:?}");
+    let cl = c.client();
+    cl.put(b"after", b"1").await.unwrap();
+    c.shutdown().await;
+}

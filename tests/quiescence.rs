@@ -190,3 +190,35 @@ async fn a_sleeping_follower_that_missed_entries_catches_up_when_woken() {
     }
     c.shutdown().await;
 }
+
+/// With quiescence on, a replica created before its group has a membership
+/// (a bootstrap follower, a move's target) starts asleep: it has nothing
+/// to tick for. The initialiser's vote request wakes it, it votes, follows
+/// and catches up, and the group serves writes and later hibernates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_a_membership_starts_asleep_and_its_group_wakes_it() {
+    init_tracing();
+    let c = TestCluster::start(&[1, 2, 3], &[], None, timings()).await;
+    let shards = spread_shards(1, &[1, 2, 3], |_| 1);
+    let d = &shards[0];
+    // n3 and n2 first: no membership, so they sleep.
+    for n in [3u64, 2] {
+        c.node(n).create_shard(d).await.unwrap();
+        assert!(
+            c.node(n).is_quiescent(d.id),
+            "n{n}'s replica without a membership starts asleep"
+        );
+    }
+    // n1 initialises and campaigns: its vote request wakes them.
+    c.node(1).create_shard(d).await.unwrap();
+    c.wait_leader(d.id, WAIT).await.unwrap();
+    let client = c.client();
+    client.put(&key_of(d, "born"), b"asleep").await.unwrap();
+    c.wait_caught_up(d.id, &[1, 2, 3], WAIT).await.unwrap();
+    wait_all_asleep(&c, &shards).await;
+    assert_eq!(
+        client.get(&key_of(d, "born")).await.unwrap().as_deref(),
+        Some(&b"asleep"[..])
+    );
+    c.shutdown().await;
+}

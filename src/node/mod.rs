@@ -96,6 +96,10 @@ pub(crate) fn leadership(raft: &ShardRaft, me: NodeId) -> (bool, Option<NodeId>)
     )
 }
 
+/// Voters each shard is meant to have (fewer when the cluster has fewer
+/// nodes).
+pub(crate) const REPLICAS_PER_SHARD: usize = 3;
+
 /// `n` descriptors covering the key space, split evenly by first byte (by
 /// the first two bytes beyond 256 shards); each shard on up to 3 of
 /// `members` (round robin), its first replica the one that initialises the
@@ -106,7 +110,7 @@ pub fn initial_shards(n: u64, members: &[NodeId]) -> Vec<ShardDescriptor> {
         "1..={INITIAL_SHARDS_MAX} initial shards"
     );
     assert!(!members.is_empty(), "at least one member");
-    let per_shard = members.len().min(3);
+    let per_shard = members.len().min(REPLICAS_PER_SHARD);
     (0..n)
         .map(|i| {
             let bound = |j: u64| -> Vec<u8> {
@@ -223,6 +227,10 @@ pub struct Node {
     metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Held while a group is started or dropped (one at a time per node).
     lifecycle: tokio::sync::Mutex<()>,
+    /// One replica move per shard at a time on this node (two admins, or
+    /// an automatic pass and a manual one, may ask for moves of the same
+    /// shard at once; interleaved, each would remove a voter).
+    move_locks: DashMap<ShardId, Arc<tokio::sync::Mutex<()>>>,
     /// Background tasks (route reporter, split starter), ended at shutdown.
     tasks: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Replica GC and repair counters.
@@ -300,6 +308,7 @@ impl Node {
             metrics_addr: std::sync::OnceLock::new(),
             metrics_task: std::sync::Mutex::new(None),
             lifecycle: tokio::sync::Mutex::new(()),
+            move_locks: DashMap::new(),
             tasks: std::sync::Mutex::new(vec![client_task]),
             gc_counters: Default::default(),
             gc_wake: Arc::new(tokio::sync::Notify::new()),
@@ -427,6 +436,14 @@ impl Node {
                 shard,
                 reason: e.to_string(),
             })?;
+        // With quiescence on, a replica without a membership yet (created
+        // for the bootstrap, or as a move's target) starts asleep: it can
+        // neither campaign nor vote usefully until its group reaches it,
+        // and the message that does wakes it. Asleep before it is
+        // registered, so no message can slip in between.
+        if self.registry.quiesce.enabled() && !raft.is_initialized().await.unwrap_or(true) {
+            self.registry.quiesce.sleep_uninitialized(shard, &raft);
+        }
         self.registry.groups.insert(shard, raft.clone());
         Ok(raft)
     }
@@ -454,6 +471,10 @@ impl Node {
             reason: e.to_string(),
         };
         if initializer == Some(self.id) && !raft.is_initialized().await.map_err(|e| rerr(&e))? {
+            // The initialiser campaigns and, as leader, heartbeats: awake.
+            self.registry
+                .quiesce
+                .touch(descriptor.id, &raft, quiesce::Wake::Admin);
             let members: BTreeMap<NodeId, BasicNode> = descriptor
                 .replicas
                 .iter()

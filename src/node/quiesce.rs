@@ -145,6 +145,29 @@ impl Quiescence {
         }
     }
 
+    /// Whether quiescence is on.
+    pub(crate) fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Puts a replica that has no membership yet to sleep: it ticks for
+    /// nothing until its group's initialiser or leader reaches it, and
+    /// that message wakes it (no leader's heartbeat matches the empty vote
+    /// it sleeps under, so [`benign`] never holds). Not a hibernation.
+    pub(crate) fn sleep_uninitialized(&self, shard: ShardId, raft: &ShardRaft) {
+        if !self.enabled {
+            return;
+        }
+        let mut g = self.groups.entry(shard).or_default();
+        g.asleep = Some(Sleep {
+            // Term 0: no leader's vote ever equals it.
+            vote: Vote::new(0, NodeId(0)),
+            last: None,
+            since: Instant::now(),
+        });
+        raft.runtime_config().tick(false);
+    }
+
     /// Something reached `shard` here: it counts as activity, and a
     /// sleeping replica wakes.
     pub(crate) fn touch(&self, shard: ShardId, raft: &ShardRaft, cause: Wake) {

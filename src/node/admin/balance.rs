@@ -3,10 +3,12 @@
 //! `tessera-ctl rebalance` ([`crate::rebalance`]), one pass every
 //! `interval_ms`, through a client holding this node's own certificate.
 //!
-//! Only the meta shard's leader plans, so two nodes plan at once only
-//! across a leadership change; every step is an idempotent admin request
-//! that the cluster re-checks, so overlapping passes cost a refused step,
-//! never a wrong one.
+//! Only the meta shard's leader plans, and a pass stops once its node no
+//! longer leads it, so two nodes plan at once only around a leadership
+//! change. Every step is an admin request that the cluster re-checks (two
+//! moves of one shard are serialized on its leader, and a move never
+//! lowers the shard's voter count), so overlapping passes cost a refused
+//! step, never a lost replica.
 
 use super::*;
 use crate::rebalance::{self, Progress};
@@ -40,18 +42,12 @@ pub(crate) async fn auto_rebalance(node: Weak<Node>, identity: crate::tls::TlsId
         max_concurrent_moves: cfg.max_concurrent_moves,
         ..PlannerConfig::default()
     };
-    // Never set: a node stopping aborts this task, and with it the pass
-    // (steps in flight are re-checked by the cluster if retried).
-    let stop = Arc::new(AtomicBool::new(false));
     let mut client: Option<crate::Client> = None;
     loop {
         tokio::time::sleep(Duration::from_millis(cfg.interval_ms)).await;
         {
             let Some(n) = node.upgrade() else { return };
-            let leads_meta = n
-                .raft(meta::META_SHARD)
-                .is_some_and(|r| leadership(&r, n.id).0);
-            if !leads_meta {
+            if !leads_meta(&n) {
                 continue;
             }
             if client.is_none() {
@@ -60,7 +56,23 @@ pub(crate) async fn auto_rebalance(node: Weak<Node>, identity: crate::tls::TlsId
             // (The node is not held during the pass: it may stop meanwhile.)
         }
         let Some(c) = client.as_ref() else { continue };
-        match rebalance::rebalance(c, &planner, ROUNDS_MAX, stop.clone(), Arc::new(Log)).await {
+        // A pass stops (steps in flight finish, no new one starts) once
+        // this node no longer leads the meta shard: the new leader runs
+        // its own passes. A node stopping aborts this task, pass included.
+        let stop = Arc::new(AtomicBool::new(false));
+        let pass = rebalance::rebalance(c, &planner, ROUNDS_MAX, stop.clone(), Arc::new(Log));
+        tokio::pin!(pass);
+        let outcome = loop {
+            tokio::select! {
+                r = &mut pass => break r,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {
+                    if !node.upgrade().is_some_and(|n| leads_meta(&n)) {
+                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            }
+        };
+        match outcome {
             Ok(s) if s.moves + s.transfers + s.failed > 0 => tracing::info!(
                 moves = s.moves,
                 transfers = s.transfers,
@@ -74,4 +86,10 @@ pub(crate) async fn auto_rebalance(node: Weak<Node>, identity: crate::tls::TlsId
             Err(e) => tracing::warn!(error = %e, "automatic rebalance: cluster state unreadable"),
         }
     }
+}
+
+/// Whether `n` leads the meta shard.
+fn leads_meta(n: &Node) -> bool {
+    n.raft(meta::META_SHARD)
+        .is_some_and(|r| leadership(&r, n.id).0)
 }

@@ -22,6 +22,8 @@ impl Node {
         timeout: Duration,
     ) -> Result<ShardDescriptor, AdminError> {
         let raft = self.led(shard)?;
+        let lock = self.move_locks.entry(shard).or_default().clone();
+        let _one_at_a_time = lock.lock().await;
         if let Some(m) = self.engine.merging(shard) {
             return Err(AdminError::Refused(format!(
                 "{shard} is frozen for a merge into {}",
@@ -43,6 +45,7 @@ impl Node {
             (voters, learners)
         };
         let (voters, _) = membership();
+        let started_with = voters.len();
         if !voters.contains(&from) && !voters.contains(&to) {
             return Err(AdminError::Refused(format!(
                 "{from} holds no replica of {shard}"
@@ -121,6 +124,18 @@ impl Node {
         }
         let (voters, _) = membership();
         if voters.contains(&from) {
+            // A move never lowers the voter count: when `to` was a voter
+            // already at the start (a move resumed after its promotion, or
+            // another move to the same node that got there first), `from`
+            // goes only if the shard keeps as many voters as it had (at
+            // most the 3 it is meant to have).
+            let floor = started_with.min(crate::node::REPLICAS_PER_SHARD);
+            if voters.len() - 1 < floor {
+                return Err(AdminError::Refused(format!(
+                    "removing {from} would leave {shard} with {} voters ({to} already holds a replica: another move got there first?)",
+                    voters.len() - 1
+                )));
+            }
             raft.change_membership(ChangeMembers::RemoveVoters(BTreeSet::from([from])), false)
                 .await
                 .map_err(werr)?;
