@@ -208,6 +208,31 @@ fn ctl_round_trip(cluster: &Path) {
             "every replica is hosted: {s}"
         );
     }
+    // The leaders' load reports in the meta shard: every shard within a
+    // few seconds (each leader reports what it leads every 5 s).
+    let reports = wait::until_blocking(
+        "load reports for the 8 shards",
+        Duration::from_secs(60),
+        || {
+            let out = ctl_ok(cluster, &["load-reports", "--json"]);
+            let v: serde_json::Value = serde_json::from_str(&out).map_err(|e| e.to_string())?;
+            let n = v.as_array().map_or(0, |a| a.len());
+            if n == 8 {
+                Ok(v)
+            } else {
+                Err(out)
+            }
+        },
+    )
+    .unwrap();
+    for r in reports.as_array().unwrap() {
+        assert!(
+            r["node"].is_u64() && r["age_s"].is_f64() && r["size_bytes"].is_u64(),
+            "{r}"
+        );
+    }
+    let table = ctl_ok(cluster, &["load-reports"]);
+    assert!(table.contains("8 shards reported"), "{table}");
     let table = ctl_ok(cluster, &["status"]);
     assert!(table.contains("up") && table.contains("shard"), "{table}");
     // The summary counts every shard; 8 are few enough to list them all.

@@ -1,5 +1,5 @@
 //! Admin commands of `tessera-ctl`: split, move-replica, transfer-leader,
-//! drain.
+//! drain, verify, load-reports.
 
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -205,4 +205,52 @@ pub async fn verify(client: &Client, only: Option<ShardId>, json: bool) -> Resul
         println!("verify: replicas differ (see above)");
     }
     Ok(all_agree)
+}
+
+/// `load-reports`: the shards' load as their leaders last reported it to
+/// the meta shard, one line per shard (or a JSON array).
+pub async fn load_reports(client: &Client, json: bool) -> Result<()> {
+    let reports = client
+        .load_reports()
+        .await
+        .context("read the meta shard's load reports")?;
+    let now = tessera::command::wall_clock_ms();
+    let age_s = |at_ms: u64| now.saturating_sub(at_ms) as f64 / 1000.0;
+    if json {
+        let rows: Vec<serde_json::Value> = reports
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "shard": r.shard.0,
+                    "node": r.node.0,
+                    "at_ms": r.at_ms,
+                    "age_s": age_s(r.at_ms),
+                    "reads_per_s": r.reads_per_s,
+                    "writes_per_s": r.writes_per_s,
+                    "write_bytes_per_s": r.write_bytes_per_s,
+                    "size_bytes": r.size_bytes,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<8} {:<6} {:>9} {:>9} {:>9} {:>12} {:>12}",
+        "shard", "by", "age s", "reads/s", "writes/s", "write B/s", "size B"
+    );
+    for r in &reports {
+        println!(
+            "{:<8} {:<6} {:>9.1} {:>9} {:>9} {:>12} {:>12}",
+            r.shard.to_string(),
+            r.node.to_string(),
+            age_s(r.at_ms),
+            r.reads_per_s,
+            r.writes_per_s,
+            r.write_bytes_per_s,
+            r.size_bytes
+        );
+    }
+    println!("{} shards reported", reports.len());
+    Ok(())
 }

@@ -106,6 +106,16 @@ enum Cmd {
         #[arg(long)]
         all: bool,
     },
+    /// Print the shards' load as their leaders last reported it to the meta
+    /// shard (every 5 s, when it moved by over 20%): reporting node, age,
+    /// keys read, write operations and bytes written per second, size.
+    /// `status` shows the nodes' live figures; these are what the cluster
+    /// keeps, e.g. for a shard whose leader just restarted.
+    LoadReports {
+        /// Print a JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Split the shard owning KEY at KEY: it keeps the keys below KEY, a
     /// new shard (on the same replicas) takes KEY and above. No data is
     /// copied; clients keep working.
@@ -279,6 +289,7 @@ async fn run(cli: Cli) -> Result<()> {
             let filter = StatusFilter { shard, node, all };
             status(&client, &cli.cluster, json, filter).await?
         }
+        Cmd::LoadReports { json } => admin::load_reports(&client, json).await?,
         Cmd::Split { key } => admin::split(&client, &key).await?,
         Cmd::Merge { key } => admin::merge(&client, &key).await?,
         Cmd::MoveReplica { shard, from, to } => {
