@@ -45,7 +45,7 @@ fn write_error(
     }
 }
 
-pub(crate) use crate::command::wall_clock_ms;
+use crate::command::wall_clock_ms;
 
 /// Serves every stream a client opens on `conn`, one request per stream.
 pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {

@@ -12,7 +12,7 @@
 //! lifted the same way by the right shard's leader.
 
 use super::*;
-use crate::node::serve_client::wall_clock_ms;
+use crate::command::wall_clock_ms;
 
 /// How long the freeze may take to reach every replica.
 const FREEZE_WAIT: Duration = Duration::from_secs(10);

@@ -104,7 +104,7 @@ impl LoadReports {
             let r = LoadReport {
                 shard,
                 node: n.id,
-                at_ms: crate::node::serve_client::wall_clock_ms(),
+                at_ms: crate::command::wall_clock_ms(),
                 reads_per_s: rates.reads_per_s.round() as u64,
                 writes_per_s: rates.writes_per_s.round() as u64,
                 write_bytes_per_s: rates.write_bytes_per_s.round() as u64,

@@ -199,9 +199,9 @@ impl StateMachine {
         Ok(CommandResponse::Write(results))
     }
 
-    /// [`Command::RecordLoad`]: keeps each report unless an older one's
-    /// shard has no route record (merged away, or never recorded) or a
-    /// newer report is already kept.
+    /// [`Command::RecordLoad`]: keeps each report, except one for a shard
+    /// without a route record (merged away, or never recorded) or one
+    /// older than the report already kept.
     fn apply_record_load(
         &mut self,
         reports: Vec<crate::command::LoadReport>,
