@@ -8,6 +8,9 @@
 //!   spends per 100 ms of wall time while hosting S idle shards (3 replicas
 //!   each, leaders spread over the nodes, 500 ms heartbeats). 100 ms means
 //!   one core busy; divide by 3 for one node.
+//! - `idle_cpu_quiescent/{1000,10000}`: the same with the product's default
+//!   timings (300 ms heartbeats) and quiescence on (`quiesce_after_ms`
+//!   3000), measured once every replica sleeps.
 //!
 //! Run: `cargo bench --bench transport`.
 
@@ -116,43 +119,77 @@ fn cpu_time() -> Duration {
 }
 
 fn idle_cpu(c: &mut Criterion) {
-    let mut g = c.benchmark_group("idle_cpu");
+    idle_cpu_group(c, "idle_cpu", Timings::many_groups());
+}
+
+fn idle_cpu_quiescent(c: &mut Criterion) {
+    let timings = Timings {
+        heartbeat_ms: 300,
+        election_min_ms: 1500,
+        election_max_ms: 3000,
+        linger_ms: 60,
+        quiesce_after_ms: 3000,
+        ..Timings::many_groups()
+    };
+    idle_cpu_group(c, "idle_cpu_quiescent", timings);
+}
+
+/// A 3-node cluster with `shards` idle shards, every one led (and, with
+/// quiescence on, every replica asleep).
+async fn idle_cluster(shards: u64, timings: Timings) -> TestCluster {
+    let c = TestCluster::start(&[1, 2, 3], &[], None, timings).await;
+    let descs = cluster::spread_shards(shards, &[1, 2, 3], |i| i % 3 + 1);
+    c.create_shards(&descs).await;
+    c.wait_until("every shard led", Duration::from_secs(600), |c| {
+        c.up().map(|n| n.metrics().shards_led).sum::<u64>() >= shards
+    })
+    .await
+    .unwrap();
+    if timings.quiesce_after_ms > 0 {
+        // Every replica (3 per shard) asleep.
+        c.wait_until("every replica asleep", Duration::from_secs(600), |c| {
+            c.up().map(|n| n.metrics().groups_quiescent).sum::<u64>() >= 3 * shards
+        })
+        .await
+        .unwrap();
+    }
+    c
+}
+
+fn idle_cpu_group(c: &mut Criterion, name: &str, timings: Timings) {
+    let mut g = c.benchmark_group(name);
     g.sample_size(10)
         .measurement_time(Duration::from_secs(20))
         .warm_up_time(Duration::from_secs(2));
     for shards in [1000u64, 10_000] {
-        let rt = rt();
-        let cluster = rt.block_on(async {
-            let c = TestCluster::start(&[1, 2, 3], &[], None, Timings::many_groups()).await;
-            let descs = cluster::spread_shards(shards, &[1, 2, 3], |i| i % 3 + 1);
-            c.create_shards(&descs).await;
-            c.wait_until("every shard led", Duration::from_secs(600), |c| {
-                c.up().map(|n| n.metrics().shards_led).sum::<u64>() >= shards
-            })
-            .await
-            .unwrap();
-            c
-        });
-        let before = cluster.node(1).metrics();
-        let wall = Instant::now();
+        // Built on the first call, so a filtered-out case starts nothing.
+        let mut running: Option<(tokio::runtime::Runtime, TestCluster, Instant, (u64, u64))> = None;
         g.bench_with_input(BenchmarkId::from_parameter(shards), &shards, |b, _| {
+            if running.is_none() {
+                let rt = rt();
+                let c = rt.block_on(idle_cluster(shards, timings));
+                let m = c.node(1).metrics();
+                running = Some((rt, c, Instant::now(), (m.messages_sent, m.frames_sent)));
+            }
             b.iter_custom(|iters| {
                 let cpu0 = cpu_time();
                 std::thread::sleep(Duration::from_millis(100) * iters as u32);
                 cpu_time() - cpu0
             })
         });
-        let after = cluster.node(1).metrics();
-        let secs = wall.elapsed().as_secs_f64();
-        eprintln!(
-            "idle_cpu/{shards}: n1 sent {:.0} messages/s in {:.1} frames/s",
-            (after.messages_sent - before.messages_sent) as f64 / secs,
-            (after.frames_sent - before.frames_sent) as f64 / secs
-        );
-        rt.block_on(cluster.shutdown());
+        if let Some((rt, cluster, wall, (msgs, frames))) = running {
+            let m = cluster.node(1).metrics();
+            let secs = wall.elapsed().as_secs_f64();
+            eprintln!(
+                "{name}/{shards}: n1 sent {:.0} messages/s in {:.1} frames/s",
+                (m.messages_sent - msgs) as f64 / secs,
+                (m.frames_sent - frames) as f64 / secs
+            );
+            rt.block_on(cluster.shutdown());
+        }
     }
     g.finish();
 }
 
-criterion_group!(benches, peer_rpc, idle_cpu);
+criterion_group!(benches, peer_rpc, idle_cpu, idle_cpu_quiescent);
 criterion_main!(benches);

@@ -26,6 +26,11 @@ use tessera::{NodeId, ShardId};
 
 mod torture;
 
+/// jemalloc for the node binary (feature `jemalloc`, on by default).
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(
     name = "tessera",

@@ -100,13 +100,16 @@ fn start_workload(
     Vec<Vec<u8>>,
     Vec<tokio::task::JoinHandle<Client>>,
 ) {
-    start_workload_with(c, run, true)
+    start_workload_with(c, run, true, Duration::ZERO)
 }
 
+/// The workload: 4 clients, each pausing up to `pause_max` (random)
+/// between operations.
 fn start_workload_with(
     c: &TestCluster,
     run: Duration,
     exactly_once: bool,
+    pause_max: Duration,
 ) -> (
     Arc<Recorder>,
     Vec<Vec<u8>>,
@@ -129,6 +132,10 @@ fn start_workload_with(
                 let k = keys[rand::thread_rng().gen_range(0..keys.len())].clone();
                 let unique = format!("w{w}-{n}").into_bytes();
                 rec.random_op(&cl, &k, unique, &mut seen).await;
+                if !pause_max.is_zero() {
+                    let pause = rand::thread_rng().gen_range(Duration::ZERO..pause_max);
+                    tokio::time::sleep(pause).await;
+                }
             }
             cl
         }));
@@ -161,6 +168,56 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
         faults += 1;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    finish_and_check(&c, &rec, &keys, clients, faults).await;
+    c.shutdown().await;
+}
+
+/// RELIABILITY scenario 1 with quiescence on: clients pause long enough
+/// between operations for their groups to fall asleep, so reads and
+/// writes keep landing on sleeping leaders and followers while nodes are
+/// isolated, killed and restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hibernating_groups_stay_linearizable_under_partitions_and_restarts() {
+    init_tracing();
+    let timings = Timings {
+        quiesce_after_ms: 600,
+        ..Timings::fast()
+    };
+    let mut c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), timings).await;
+    for s in c.node(1).shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    let run = Duration::from_secs(14);
+    let stop_at = Instant::now() + run;
+    let (rec, keys, clients) = start_workload_with(&c, run, true, Duration::from_millis(2500));
+    let mut faults = 0u32;
+    while Instant::now() < stop_at {
+        // Quiet first, so that groups sleep before the next fault.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let victim = rand::thread_rng().gen_range(1..=3u64);
+        c.faults
+            .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.faults.heal();
+        faults += 1;
+        let victim = rand::thread_rng().gen_range(1..=3u64);
+        c.kill(victim).await;
+        c.restart(victim).await;
+        faults += 1;
+    }
+    // Hibernation happened and sleeping replicas were woken, or the test
+    // proved nothing about them.
+    let (mut slept, mut woken) = (0u64, 0u64);
+    for n in c.up() {
+        let m = n.metrics();
+        slept += m.hibernations;
+        woken += m.wakes.iter().map(|(_, w)| *w).sum::<u64>();
+    }
+    println!("hibernations {slept}, wake-ups {woken} (nodes up at the end)");
+    assert!(
+        slept > 0 && woken > 0,
+        "no group slept and woke: {slept} / {woken}"
+    );
     finish_and_check(&c, &rec, &keys, clients, faults).await;
     c.shutdown().await;
 }
@@ -333,7 +390,8 @@ async fn with_lost_replies(exactly_once: bool) -> (Vec<Vec<u8>>, Vec<Op>) {
     let scenario = fail::FailScenario::setup();
     fail::cfg("client::lose_write_reply", "30%return").unwrap();
     tracing::info!(exactly_once, "phase: writes whose replies are lost, splits");
-    let (rec, keys, clients) = start_workload_with(&c, Duration::from_secs(8), exactly_once);
+    let (rec, keys, clients) =
+        start_workload_with(&c, Duration::from_secs(8), exactly_once, Duration::ZERO);
     let admin = client(&c, Duration::from_secs(60));
     // Between the workload's keys (first bytes 0, 30, ..., 210): sessions
     // move to the children.

@@ -222,3 +222,41 @@ async fn a_replica_without_a_membership_starts_asleep_and_its_group_wakes_it() {
     );
     c.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn groups_nobody_used_sleep_at_once_and_a_used_one_waits_its_idle_time() {
+    init_tracing();
+    // Ten minutes of idleness before a used group sleeps: every group that
+    // sleeps within this test's waits did so because nobody had used it.
+    let timings = Timings {
+        quiesce_after_ms: 600_000,
+        ..Timings::fast()
+    };
+    let c = TestCluster::start(&[1, 2, 3], &[], None, timings).await;
+    let shards = spread_shards(6, &[1, 2, 3], |i| i % 3 + 1);
+    c.create_shards(&shards).await;
+    for d in &shards {
+        c.wait_leader(d.id, WAIT).await.unwrap();
+    }
+    wait_all_asleep(&c, &shards).await;
+    // A client uses one shard: its leader wakes and, used now, stays awake
+    // (its idle time has not passed); the others sleep on.
+    let used = &shards[0];
+    let client = c.client();
+    client.put(&key_of(used, "used"), b"1").await.unwrap();
+    let leader = c.wait_leader(used.id, WAIT).await.unwrap();
+    assert!(
+        !c.node(leader.0).is_quiescent(used.id),
+        "the used shard's leader sleeps right after serving a write"
+    );
+    for d in &shards[1..] {
+        for n in c.up() {
+            assert!(n.is_quiescent(d.id), "{} woke on {}", d.id, n.id());
+        }
+    }
+    assert_eq!(
+        client.get(&key_of(used, "used")).await.unwrap().as_deref(),
+        Some(&b"1"[..])
+    );
+    c.shutdown().await;
+}

@@ -173,7 +173,13 @@ pub(super) async fn read_batch_frame(
     recv: &mut quinn::RecvStream,
 ) -> Option<Vec<u8>> {
     match wire::read_frame(recv, FRAME_BYTES_MAX).await {
-        Ok(p) => p,
+        Ok(p) => {
+            if p.is_some() {
+                let mut heard = inner.heard.lock().expect("heard poisoned");
+                heard.insert(from, std::time::Instant::now());
+            }
+            p
+        }
         Err(wire::WireError::Io(e)) => {
             tracing::debug!(peer = %from, error = %e, "raft stream ended");
             None

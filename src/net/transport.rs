@@ -30,7 +30,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 
 /// Why a message to a peer got no answer.
@@ -83,6 +83,10 @@ pub(super) struct Inner {
     /// Outbound snapshot transfers in progress (bounded).
     pub(super) snapshot_sends: Arc<Semaphore>,
     pub(super) snapshot_seq: AtomicU64,
+    /// When a Raft frame (request or reply) last arrived from each peer:
+    /// liveness that a busy peer proves with its traffic, before a ping
+    /// queued behind that traffic is answered.
+    pub(super) heard: Mutex<HashMap<NodeId, Instant>>,
 }
 
 /// The node's QUIC transport (cheap to clone).
@@ -184,6 +188,7 @@ impl Transport {
             faults,
             shutdown: watch::channel(false).0,
             snapshot_seq: AtomicU64::new(0),
+            heard: Mutex::new(HashMap::new()),
         });
         let t = Transport { inner };
         for p in peers {
@@ -268,6 +273,13 @@ impl Transport {
             .expect("peers poisoned")
             .get(&id)
             .cloned()
+    }
+
+    /// How long ago a Raft frame (request or reply) last arrived from
+    /// `peer`; `None` if none has since this transport started.
+    pub fn heard_from(&self, peer: NodeId) -> Option<Duration> {
+        let heard = self.inner.heard.lock().expect("heard poisoned");
+        heard.get(&peer).map(Instant::elapsed)
     }
 
     /// Whether the Raft stream to `peer` is up.

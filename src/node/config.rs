@@ -114,7 +114,9 @@ pub struct RaftTimings {
     /// Quiescence: a group whose leader appended nothing for this long,
     /// with every follower up to date, stops ticking on every replica (no
     /// heartbeats, no election timers) until a request or message wakes
-    /// it; nodes ping each other once per heartbeat interval instead. 0
+    /// it; nodes ping each other once per heartbeat interval instead. A
+    /// group no client request or admin command has reached since the
+    /// node started sleeps as soon as it is settled, without this wait. 0
     /// turns it off. At least `election_timeout_ms_min` when on. Default:
     /// 0 (off) until the network soak has run clean with it.
     pub quiesce_after_ms: u64,

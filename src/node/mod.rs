@@ -474,7 +474,7 @@ impl Node {
             // The initialiser campaigns and, as leader, heartbeats: awake.
             self.registry
                 .quiesce
-                .touch(descriptor.id, &raft, quiesce::Wake::Admin);
+                .touch(descriptor.id, &raft, quiesce::Wake::Created);
             let members: BTreeMap<NodeId, BasicNode> = descriptor
                 .replicas
                 .iter()
@@ -583,9 +583,13 @@ impl Node {
             .registry
             .groups
             .iter()
-            .filter(|e| leadership(e.value(), self.id).0)
+            .filter(|e| *e.key() != meta::META_SHARD)
+            .filter(|e| match self.registry.quiesce.sleeping_under(*e.key()) {
+                // An uninitialised replica sleeps under node 0: not led.
+                Some(leader) => leader == self.id,
+                None => leadership(e.value(), self.id).0,
+            })
             .map(|e| *e.key())
-            .filter(|s| *s != meta::META_SHARD)
             .collect();
         led.sort();
         led

@@ -27,12 +27,12 @@
 
 use super::*;
 use crate::raft::LogId;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// How many wake causes there are.
-pub(crate) const KINDS: usize = 7;
+pub(crate) const KINDS: usize = 8;
 
 /// Why a sleeping replica woke (the metric's `cause` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +52,8 @@ pub(crate) enum Wake {
     Append,
     /// A follower declined to sleep.
     Declined,
+    /// The replica initialises its new group (it campaigns at once).
+    Created,
 }
 
 impl Wake {
@@ -64,6 +66,7 @@ impl Wake {
         Wake::PeerUp,
         Wake::Append,
         Wake::Declined,
+        Wake::Created,
     ];
 
     /// The metric label.
@@ -76,6 +79,7 @@ impl Wake {
             Wake::PeerUp => "peer_up",
             Wake::Append => "append",
             Wake::Declined => "declined",
+            Wake::Created => "created",
         }
     }
 }
@@ -105,6 +109,12 @@ struct GroupState {
     /// hibernation decided before a request arrived is abandoned.
     activity: u64,
     asleep: Option<Sleep>,
+    /// A client or admin request reached the group here since this node
+    /// started. A group nobody has used (just created, or every group of a
+    /// node that restarted) sleeps as soon as it is settled, without
+    /// waiting `quiesce_after_ms`: 10,000 new groups ticking for seconds
+    /// each is what kept a large cluster from starting.
+    served: bool,
 }
 
 /// A node's quiescence state: which replicas sleep, and counters.
@@ -176,6 +186,7 @@ impl Quiescence {
         }
         let mut g = self.groups.entry(shard).or_default();
         g.activity = g.activity.wrapping_add(1);
+        g.served |= matches!(cause, Wake::Client | Wake::Admin);
         if g.asleep.take().is_some() {
             raft.runtime_config().tick(true);
             self.wakes[cause as usize].fetch_add(1, Ordering::Relaxed);
@@ -256,6 +267,10 @@ impl Quiescence {
         self.groups.get(&shard).map_or(0, |g| g.activity)
     }
 
+    fn served(&self, shard: ShardId) -> bool {
+        self.groups.get(&shard).is_some_and(|g| g.served)
+    }
+
     fn asleep(&self, shard: ShardId) -> Option<Sleep> {
         self.groups.get(&shard).and_then(|g| g.asleep.clone())
     }
@@ -274,6 +289,17 @@ impl Quiescence {
     /// Forgets a replica that is gone.
     pub(crate) fn forget(&self, shard: ShardId) {
         self.groups.remove(&shard);
+    }
+
+    /// The leader a sleeping replica of `shard` sleeps under (`None`:
+    /// awake, or quiescence off). A sleeping group's leadership cannot
+    /// change until it wakes, so this stands in for its metrics.
+    pub(crate) fn sleeping_under(&self, shard: ShardId) -> Option<NodeId> {
+        if !self.enabled {
+            return None;
+        }
+        let g = self.groups.get(&shard)?;
+        g.asleep.as_ref().map(Sleep::leader)
     }
 
     /// Whether `shard`'s replica here sleeps.
@@ -372,8 +398,15 @@ struct PeerLife {
     down: bool,
 }
 
+/// The longest pause between two scans for groups to put to sleep.
+const SCAN_EVERY_MAX: Duration = Duration::from_secs(1);
+
+/// Hibernation requests (one round trip to each follower) at once per node.
+const HIBERNATIONS_IN_FLIGHT: usize = 256;
+
 /// Runs quiescence for `node`: pings peers every heartbeat interval, and
-/// every quarter of `quiesce_after_ms` puts idle groups it leads to sleep.
+/// every quarter of `quiesce_after_ms` (at most a second) puts idle groups it
+/// leads to sleep.
 pub(crate) async fn run(node: std::sync::Weak<Node>) {
     let (every, quiesce_after, down_after, wake_all_after, me) = {
         let Some(n) = node.upgrade() else { return };
@@ -394,12 +427,16 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
     let mut idle: HashMap<ShardId, (u64, Option<u64>, Instant)> = HashMap::new();
     let mut terms: HashMap<ShardId, u64> = HashMap::new();
     let mut last_scan = Instant::now();
-    let hibernating = Arc::new(tokio::sync::Semaphore::new(64));
+    let hibernating = Arc::new(tokio::sync::Semaphore::new(HIBERNATIONS_IN_FLIGHT));
+    // Shards whose hibernation is asked or waiting for its turn.
+    let asking: Arc<std::sync::Mutex<HashSet<ShardId>>> = Arc::default();
     loop {
         tokio::time::sleep(every).await;
         let Some(n) = node.upgrade() else { return };
         ping_peers(&n, &mut peers, down_after, wake_all_after).await;
-        if last_scan.elapsed() < quiesce_after / 4 {
+        // Scans skip sleeping replicas, so they are cheap; at least once a
+        // second, so that a group nobody used sleeps soon after it settles.
+        if last_scan.elapsed() < (quiesce_after / 4).min(SCAN_EVERY_MAX) {
             continue;
         }
         last_scan = Instant::now();
@@ -413,6 +450,13 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
         idle.retain(|s, _| n.registry.groups.contains_key(s));
         terms.retain(|s, _| n.registry.groups.contains_key(s));
         for (shard, raft) in groups {
+            // A sleeping replica's state cannot change until it wakes: its
+            // metrics are not read (10,000 of them each pass cost more than
+            // everything else an idle node does).
+            if q.is_asleep(shard) {
+                idle.remove(&shard);
+                continue;
+            }
             let (view, vote, followers, term) = leader_view(&raft, me);
             match terms.insert(shard, term) {
                 Some(t) if t < term => {
@@ -420,30 +464,37 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
                 }
                 _ => {}
             }
-            if q.is_asleep(shard) || !may_hibernate(&view) {
+            if !may_hibernate(&view) {
                 idle.remove(&shard);
                 continue;
             }
             let activity = q.activity(shard);
             let index = view.last_log_index;
-            let since = match idle.get(&shard) {
-                Some(&(a, i, since)) if a == activity && i == index => since,
+            let waited = match idle.get(&shard) {
+                Some(&(a, i, since)) if a == activity && i == index => {
+                    since.elapsed() >= quiesce_after
+                }
                 _ => {
                     idle.insert(shard, (activity, index, Instant::now()));
-                    continue;
+                    !q.served(shard)
                 }
             };
-            if since.elapsed() < quiesce_after {
+            if !waited {
                 continue;
             }
             idle.remove(&shard);
-            let Ok(permit) = hibernating.clone().try_acquire_owned() else {
-                break;
-            };
-            let n2 = n.clone();
+            // Every settled group is asked in this pass; at most
+            // HIBERNATIONS_IN_FLIGHT ask at once, the rest wait their turn
+            // (a node that starts 10,000 groups settles them in one pass).
+            if !asking.lock().expect("asking poisoned").insert(shard) {
+                continue;
+            }
+            let (n2, permits, asking) = (n.clone(), hibernating.clone(), asking.clone());
             tokio::spawn(async move {
-                hibernate(&n2, shard, raft, vote, view.applied, followers, activity).await;
-                drop(permit);
+                if let Ok(_permit) = permits.acquire_owned().await {
+                    hibernate(&n2, shard, raft, vote, view.applied, followers, activity).await;
+                }
+                asking.lock().expect("asking poisoned").remove(&shard);
             });
         }
     }
@@ -528,7 +579,13 @@ async fn ping_peers(
                 }
             }
             _ => {
-                let silent = life.last_ok.is_none_or(|t| now - t >= down_after);
+                // A ping can queue behind a busy peer's traffic (10,000
+                // groups starting): any frame it sent counts as a sign of life.
+                let heard = n
+                    .transport
+                    .heard_from(*peer)
+                    .is_some_and(|d| d < down_after);
+                let silent = !heard && life.last_ok.is_none_or(|t| now - t >= down_after);
                 if silent && !life.down && life.last_ok.is_some() {
                     life.down = true;
                     tracing::info!(node = %n.id, %peer, "peer silent: the groups it led here wake");
@@ -539,6 +596,9 @@ async fn ping_peers(
     }
     // A sleeping follower whose leader's node is down and that no new
     // leader has reached wakes after the longest election timeout.
+    if !peers.values().any(|l| l.down) {
+        return;
+    }
     let q = &n.registry.quiesce;
     for e in n.registry.groups.iter() {
         if let Some(s) = q.asleep(*e.key()) {

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Needs a release build of tessera: cargo build --release --bin tessera
+# Usage: tools/measure/idle.sh SHARDS
+# A fresh `tessera dev --shards SHARDS` (3 nodes in one process) with
+# quiescence on (QUIESCE ms, default 3000; 0 turns it off): seconds from
+# launch to `ready`, then after SETTLE s (default 30) over WINDOW s (default
+# 30): whole-process CPU (% of one core, /proc/PID/stat), UDP datagrams sent
+# per second by the machine (/proc/net/snmp; all 6 directed node pairs), RSS
+# and RSS per replica (3 per shard), and how long SIGTERM takes to stop it.
+set -u
+shards=${1:?usage: idle.sh SHARDS}
+T="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release"
+dir=$(mktemp -d /var/tmp/tessera-idle.XXXX)
+start=$(date +%s.%N)
+$T/tessera dev --data-dir "$dir" --shards "$shards" --quiesce-after-ms "${QUIESCE:-3000}" > "$dir/log" 2>&1 &
+pid=$!
+for _ in $(seq 1 1200); do
+  grep -q "^ready" "$dir/log" && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.5
+done
+ready=$(date +%s.%N)
+if ! grep -q "^ready" "$dir/log"; then
+  echo "not ready:"; grep -v '^ ' "$dir/log" | tail -3; kill -9 $pid 2>/dev/null; rm -rf "$dir"; exit 1
+fi
+sleep "${SETTLE:-30}"
+W=${WINDOW:-30}
+udp() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }
+cpu() { awk '{print $14 + $15}' /proc/$pid/stat; }
+u0=$(udp); t0=$(cpu)
+sleep "$W"
+u1=$(udp); t1=$(cpu)
+rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
+echo "shards=$shards ready_s=$(echo "$ready - $start" | bc | cut -c1-5)" \
+  "cpu_pct_of_core=$(echo "scale=1; ($t1 - $t0) / $W" | bc)" \
+  "udp_out_per_s=$(( (u1 - u0) / W ))" \
+  "rss_mib=$((rss / 1024)) per_replica_kib=$((rss / (shards * 3)))"
+t=$(date +%s.%N)
+kill $pid
+for _ in $(seq 1 120); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+echo "stopped_after_sigterm_s=$(echo "$(date +%s.%N) - $t" | bc | cut -c1-4)"
+kill -9 $pid 2>/dev/null
+wait $pid 2>/dev/null
+rm -rf "$dir"
