@@ -143,6 +143,20 @@ fn start_workload_with(
     (rec, keys, clients)
 }
 
+/// One nemesis round: a random node isolated for 1.5 s, then healed, then
+/// a random node killed and restarted. Returns the faults injected (2).
+async fn isolate_then_restart(c: &mut TestCluster) -> u32 {
+    let victim = rand::thread_rng().gen_range(1..=3u64);
+    c.faults
+        .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    c.faults.heal();
+    let victim = rand::thread_rng().gen_range(1..=3u64);
+    c.kill(victim).await;
+    c.restart(victim).await;
+    2
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
     init_tracing();
@@ -156,16 +170,7 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
     tracing::info!("phase: nemesis — isolate a node, heal, kill and restart another");
     let mut faults = 0u32;
     while Instant::now() < stop_at {
-        let victim = rand::thread_rng().gen_range(1..=3u64);
-        c.faults
-            .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        c.faults.heal();
-        faults += 1;
-        let victim = rand::thread_rng().gen_range(1..=3u64);
-        c.kill(victim).await;
-        c.restart(victim).await;
-        faults += 1;
+        faults += isolate_then_restart(&mut c).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     finish_and_check(&c, &rec, &keys, clients, faults).await;
@@ -194,16 +199,7 @@ async fn hibernating_groups_stay_linearizable_under_partitions_and_restarts() {
     while Instant::now() < stop_at {
         // Quiet first, so that groups sleep before the next fault.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let victim = rand::thread_rng().gen_range(1..=3u64);
-        c.faults
-            .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        c.faults.heal();
-        faults += 1;
-        let victim = rand::thread_rng().gen_range(1..=3u64);
-        c.kill(victim).await;
-        c.restart(victim).await;
-        faults += 1;
+        faults += isolate_then_restart(&mut c).await;
     }
     // Hibernation happened and sleeping replicas were woken, or the test
     // proved nothing about them.
