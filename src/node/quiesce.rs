@@ -489,10 +489,14 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
             if !asking.lock().expect("asking poisoned").insert(shard) {
                 continue;
             }
-            let (n2, permits, asking) = (n.clone(), hibernating.clone(), asking.clone());
+            // A waiting ask holds no strong reference to the node (10,000
+            // of them must not keep a node that shuts down alive).
+            let (weak, permits, asking) = (node.clone(), hibernating.clone(), asking.clone());
             tokio::spawn(async move {
                 if let Ok(_permit) = permits.acquire_owned().await {
-                    hibernate(&n2, shard, raft, vote, view.applied, followers, activity).await;
+                    if let Some(n) = weak.upgrade() {
+                        hibernate(&n, shard, raft, vote, view.applied, followers, activity).await;
+                    }
                 }
                 asking.lock().expect("asking poisoned").remove(&shard);
             });
