@@ -27,9 +27,14 @@ async fn ready(ids: &[u64], shards: u64) -> TestCluster {
 }
 
 fn client(c: &TestCluster) -> Client {
+    client_with(c, ClientOptions::default())
+}
+
+/// A plain (non-admin) client of every running node.
+fn client_with(c: &TestCluster, opts: ClientOptions) -> Client {
     let issued = c.ca.issue_client("test").unwrap();
     let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.up().map(|n| (n.id(), n.addr())).collect();
-    Client::from_identity(&c.ca.identity(&issued), nodes, ClientOptions::default()).unwrap()
+    Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap()
 }
 
 /// A key spread over the key space by its first byte.
@@ -453,14 +458,14 @@ async fn reads_larger_than_a_frame_come_back_in_bounded_pages() {
     // 1 MiB writes on a debug build sharing 2 cores: an attempt may take
     // longer than the default 5 s (a CI run saw every attempt of one put
     // time out); each attempt and the call stay bounded.
-    let issued = c.ca.issue_client("test").unwrap();
-    let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.up().map(|n| (n.id(), n.addr())).collect();
-    let opts = ClientOptions {
-        attempt_timeout: Duration::from_secs(20),
-        deadline: Duration::from_secs(90),
-        ..ClientOptions::default()
-    };
-    let cl = Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap();
+    let cl = client_with(
+        &c,
+        ClientOptions {
+            attempt_timeout: Duration::from_secs(20),
+            deadline: Duration::from_secs(90),
+            ..ClientOptions::default()
+        },
+    );
     let value = |i: u8| vec![i; VALUE_BYTES_MAX];
     let keys: Vec<Vec<u8>> = (0..20u8)
         .map(|i| format!("big-{i:02}").into_bytes())
