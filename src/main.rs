@@ -475,7 +475,7 @@ async fn on_leader<T, F, Fut>(
     attempt: F,
 ) -> Result<(NodeId, T)>
 where
-    F: Fn(Arc<Node>, tessera::node::ShardRaft) -> Fut,
+    F: Fn(Arc<Node>, Arc<tessera::node::ShardRaft>) -> Fut,
     Fut: std::future::Future<Output = Result<T>>,
 {
     loop {

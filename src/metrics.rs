@@ -80,6 +80,12 @@ pub struct MetricsSnapshot {
     pub groups_quiescent: u64,
     /// Times a replica went to sleep.
     pub hibernations: u64,
+    /// Sleeping replicas whose openraft instance is dropped right now.
+    pub groups_dormant: u64,
+    /// Times a sleeping replica's instance was dropped.
+    pub dormancies: u64,
+    /// Times a dormant replica was rebuilt.
+    pub revivals: u64,
     /// Wake-ups of sleeping replicas, by cause (label, count).
     pub wakes: Vec<(&'static str, u64)>,
     /// Elections seen: term increases of hosted groups.
@@ -119,7 +125,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 22] = [
+        let rows: [(&str, &str, &str, u64); 25] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -245,6 +251,24 @@ impl MetricsSnapshot {
                 "counter",
                 "Times a replica on this node went to sleep",
                 self.hibernations,
+            ),
+            (
+                "tessera_groups_dormant",
+                "gauge",
+                "Sleeping replicas whose openraft instance is dropped until something needs it",
+                self.groups_dormant,
+            ),
+            (
+                "tessera_dormancies_total",
+                "counter",
+                "Times a sleeping replica on this node dropped its openraft instance",
+                self.dormancies,
+            ),
+            (
+                "tessera_revivals_total",
+                "counter",
+                "Times a dormant replica on this node was rebuilt from storage",
+                self.revivals,
             ),
             (
                 "tessera_elections_total",

@@ -184,8 +184,11 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hibernating_groups_stay_linearizable_under_partitions_and_restarts() {
     init_tracing();
+    // Sleeping replicas also turn dormant (their openraft instance
+    // dropped, rebuilt by whatever needs them) after 300 ms asleep.
     let timings = Timings {
         quiesce_after_ms: 600,
+        dormant_after_ms: 300,
         ..Timings::fast()
     };
     let mut c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), timings).await;
@@ -203,16 +206,19 @@ async fn hibernating_groups_stay_linearizable_under_partitions_and_restarts() {
     }
     // Hibernation happened and sleeping replicas were woken, or the test
     // proved nothing about them.
-    let (mut slept, mut woken) = (0u64, 0u64);
+    let (mut slept, mut woken, mut revived) = (0u64, 0u64, 0u64);
     for n in c.up() {
         let m = n.metrics();
         slept += m.hibernations;
         woken += m.wakes.iter().map(|(_, w)| *w).sum::<u64>();
+        revived += m.revivals;
     }
-    println!("hibernations {slept}, wake-ups {woken} (nodes up at the end)");
+    println!(
+        "hibernations {slept}, wake-ups {woken}, dormant replicas rebuilt {revived} (nodes up at the end)"
+    );
     assert!(
-        slept > 0 && woken > 0,
-        "no group slept and woke: {slept} / {woken}"
+        slept > 0 && woken > 0 && revived > 0,
+        "no group slept, woke and was rebuilt: {slept} / {woken} / {revived}"
     );
     finish_and_check(&c, &rec, &keys, clients, faults).await;
     c.shutdown().await;

@@ -5,16 +5,18 @@
 mod common;
 
 use common::cluster::{init_tracing, spread_shards, TestCluster, Timings};
-use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tessera::{NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
 
+/// Sleeping replicas turn dormant (their openraft instance dropped) after
+/// a second, so every test here also runs through rebuilding them.
 fn timings() -> Timings {
     Timings {
         quiesce_after_ms: 1000,
+        dormant_after_ms: 1000,
         ..Timings::fast()
     }
 }
@@ -39,14 +41,35 @@ async fn wait_all_asleep(c: &TestCluster, shards: &[ShardDescriptor]) {
     .unwrap();
 }
 
+/// Waits until every replica of `shards` on the running nodes is dormant.
+async fn wait_all_dormant(c: &TestCluster, shards: &[ShardDescriptor]) {
+    c.wait_until("every replica of every shard dormant", WAIT, |c| {
+        c.up().all(|n| shards.iter().all(|d| n.is_dormant(d.id)))
+    })
+    .await
+    .unwrap();
+}
+
+/// The leader of each shard, from the nodes' own view (a dormant leader's:
+/// the vote it sleeps under).
+fn leaders(c: &TestCluster, shards: &[ShardDescriptor]) -> BTreeMap<ShardId, NodeId> {
+    shards
+        .iter()
+        .map(|d| {
+            let l = c
+                .up()
+                .find(|n| n.shards_led().contains(&d.id))
+                .map(|n| n.id())
+                .expect("a leader");
+            (d.id, l)
+        })
+        .collect()
+}
+
 /// The term of `shard` on each running node.
 fn terms(c: &TestCluster, shard: ShardId) -> BTreeMap<NodeId, u64> {
     c.up()
-        .filter_map(|n| {
-            let r = n.raft(shard)?;
-            let term = r.metrics().borrow_watched().current_term;
-            Some((n.id(), term))
-        })
+        .filter_map(|n| Some((n.id(), n.replica_term(shard)?)))
         .collect()
 }
 
@@ -107,17 +130,7 @@ async fn a_dead_leaders_sleeping_groups_elect_and_the_others_stay_asleep() {
         client.put(&key_of(d, "a"), b"1").await.unwrap();
     }
     wait_all_asleep(&c, &shards).await;
-    let leaders: BTreeMap<ShardId, NodeId> = shards
-        .iter()
-        .map(|d| {
-            let l = c
-                .up()
-                .find(|n| n.shards_led().contains(&d.id))
-                .map(|n| n.id())
-                .expect("a leader");
-            (d.id, l)
-        })
-        .collect();
+    let leaders = leaders(&c, &shards);
     let before: BTreeMap<ShardId, BTreeMap<NodeId, u64>> =
         shards.iter().map(|d| (d.id, terms(&c, d.id))).collect();
     let dead = NodeId(1);
@@ -258,5 +271,72 @@ async fn groups_nobody_used_sleep_at_once_and_a_used_one_waits_its_idle_time() {
         client.get(&key_of(used, "used")).await.unwrap().as_deref(),
         Some(&b"1"[..])
     );
+    c.shutdown().await;
+}
+
+/// A replica asleep for `dormant_after_ms` drops its openraft instance
+/// (memory: 10,000 idle shards). Whatever needs it rebuilds it from
+/// storage: a client write and read reach every dormant shard, its leader
+/// comes back as the leader of the same term (no election), the data
+/// written before is there, and the groups turn dormant again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dormant_replicas_drop_their_instance_and_come_back_as_they_were() {
+    init_tracing();
+    let (c, shards) = cluster().await;
+    let client = c.client();
+    for d in &shards {
+        client.put(&key_of(d, "before"), b"0").await.unwrap();
+    }
+    wait_all_dormant(&c, &shards).await;
+    for n in c.up() {
+        for d in &shards {
+            assert!(
+                n.raft(d.id).is_none(),
+                "{} keeps its instance on {}",
+                d.id,
+                n.id()
+            );
+            assert!(n.is_quiescent(d.id), "a dormant replica is asleep");
+        }
+    }
+    let leaders_before = leaders(&c, &shards);
+    let terms_before: Vec<_> = shards.iter().map(|d| terms(&c, d.id)).collect();
+    assert!(
+        terms_before.iter().all(|t| t.len() == 3),
+        "{terms_before:?}"
+    );
+    for d in &shards {
+        client
+            .put(&key_of(d, "after"), b"1")
+            .await
+            .expect("write to a dormant shard");
+        assert_eq!(
+            client.get(&key_of(d, "before")).await.unwrap().as_deref(),
+            Some(&b"0"[..])
+        );
+        assert_eq!(
+            client.get(&key_of(d, "after")).await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+    }
+    let revived: u64 = c.up().map(|n| n.metrics().revivals).sum();
+    assert!(
+        revived >= shards.len() as u64,
+        "{revived} dormant replicas rebuilt for {} shards written",
+        shards.len()
+    );
+    assert_eq!(leaders(&c, &shards), leaders_before, "a leader changed");
+    let terms_after: Vec<_> = shards.iter().map(|d| terms(&c, d.id)).collect();
+    assert_eq!(
+        terms_after, terms_before,
+        "terms changed: an election happened"
+    );
+    wait_all_dormant(&c, &shards).await;
+    for d in &shards {
+        assert_eq!(
+            client.get(&key_of(d, "after")).await.unwrap().as_deref(),
+            Some(&b"1"[..])
+        );
+    }
     c.shutdown().await;
 }

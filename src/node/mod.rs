@@ -21,8 +21,8 @@ pub use config::{
     ApiConfig, Bootstrap, ConfigError, NodeConfig, RaftTimings, RebalanceConfig, ReplicaGcConfig,
     SplitConfig,
 };
-use registry::NodeInbound;
 pub use registry::Registry;
+use registry::{NodeInbound, Slot};
 
 use crate::meta;
 use crate::metrics::{MetricsSnapshot, NetMetrics};
@@ -223,6 +223,9 @@ pub struct Node {
     transport: Transport,
     net_metrics: Arc<NetMetrics>,
     raft_config: Arc<openraft::Config>,
+    /// `raft_config` with leader restore on, for rebuilding a dormant
+    /// replica (see [`Node::revive`]).
+    revive_config: Arc<openraft::Config>,
     metrics_addr: std::sync::OnceLock<SocketAddr>,
     metrics_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// Held while a group is started or dropped (one at a time per node).
@@ -304,6 +307,10 @@ impl Node {
             registry,
             transport,
             net_metrics,
+            revive_config: Arc::new(openraft::Config {
+                enable_leader_restore: Some(true),
+                ..(*raft_config).clone()
+            }),
             raft_config,
             metrics_addr: std::sync::OnceLock::new(),
             metrics_task: std::sync::Mutex::new(None),
@@ -330,7 +337,7 @@ impl Node {
             let registry = Arc::downgrade(&node.registry);
             node.engine.set_append_hook(Box::new(move |shard| {
                 if let Some(r) = registry.upgrade() {
-                    r.quiesce.on_append(shard, || r.get(shard));
+                    r.quiesce.on_append(shard, || r.live(shard));
                 }
             }));
         }
@@ -419,23 +426,16 @@ impl Node {
         Ok(node)
     }
 
-    async fn start_group(&self, shard: ShardId) -> Result<ShardRaft, NodeError> {
-        let _lifecycle = self.lifecycle.lock().await;
-        if let Some(r) = self.registry.get(shard) {
-            return Ok(r);
-        }
-        let (log, sm) = self.engine.open_shard(shard)?;
-        let net = NetworkFactory::new(
-            self.transport.clone(),
-            shard,
-            self.config.transport.frame_bytes_max / 2,
-        );
-        let raft = ShardRaft::new(self.id, self.raft_config.clone(), net, log, sm)
-            .await
-            .map_err(|e| NodeError::Raft {
+    async fn start_group(&self, shard: ShardId) -> Result<Arc<ShardRaft>, NodeError> {
+        let lifecycle = self.lifecycle.lock().await;
+        if self.registry.hosts(shard) {
+            drop(lifecycle);
+            return self.registry.group(shard).await.ok_or(NodeError::Raft {
                 shard,
-                reason: e.to_string(),
-            })?;
+                reason: "the replica was dropped while it started".into(),
+            });
+        }
+        let raft = Arc::new(self.build_group(shard, self.raft_config.clone()).await?);
         // With quiescence on, a replica without a membership yet (created
         // for the bootstrap, or as a move's target) starts asleep: it can
         // neither campaign nor vote usefully until its group reaches it,
@@ -444,8 +444,129 @@ impl Node {
         if self.registry.quiesce.enabled() && !raft.is_initialized().await.unwrap_or(true) {
             self.registry.quiesce.sleep_uninitialized(shard, &raft);
         }
-        self.registry.groups.insert(shard, raft.clone());
+        self.registry.groups.insert(shard, Slot::Live(raft.clone()));
         Ok(raft)
+    }
+
+    /// Opens `shard`'s stores and starts an openraft instance on them.
+    async fn build_group(
+        &self,
+        shard: ShardId,
+        config: Arc<openraft::Config>,
+    ) -> Result<ShardRaft, NodeError> {
+        // A dormant replica's old instance may still be closing its stores.
+        let started = std::time::Instant::now();
+        let (log, sm) = loop {
+            match self.engine.open_shard(shard) {
+                Ok(stores) => break stores,
+                Err(StoreError::ShardOpen { .. })
+                    if started.elapsed() < Duration::from_secs(10) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err(e) => return Err(e.into()),
+            }
+        };
+        let net = NetworkFactory::new(
+            self.transport.clone(),
+            shard,
+            self.config.transport.frame_bytes_max / 2,
+        );
+        ShardRaft::new(self.id, config, net, log, sm)
+            .await
+            .map_err(|e| NodeError::Raft {
+                shard,
+                reason: e.to_string(),
+            })
+    }
+
+    /// Drops the openraft instances of the replicas in `shards` that still
+    /// sleep and that nothing holds (dormant: their state is in storage).
+    fn make_dormant(&self, shards: Vec<ShardId>) {
+        let mut dropped = Vec::new();
+        for shard in shards {
+            let Some(mut slot) = self.registry.groups.get_mut(&shard) else {
+                continue;
+            };
+            let Slot::Live(raft) = &*slot else { continue };
+            // Held by a request or a task in flight: it may wake the group.
+            // Whatever takes it from now on finds the slot dormant.
+            if Arc::strong_count(raft) != 1 || !self.registry.quiesce.is_asleep(shard) {
+                continue;
+            }
+            if let Slot::Live(raft) = std::mem::replace(&mut *slot, Slot::Dormant(Arc::default())) {
+                dropped.push(raft);
+            }
+        }
+        if dropped.is_empty() {
+            return;
+        }
+        let n = dropped.len() as u64;
+        self.registry
+            .quiesce
+            .dormancies
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(node = %self.id, replicas = n, "sleeping replicas made dormant");
+        tokio::spawn(async move {
+            for raft in dropped {
+                let _ = raft.shutdown().await;
+            }
+        });
+    }
+
+    /// Rebuilds a dormant replica's openraft instance from storage (once:
+    /// whoever comes at the same time waits for it and gets the same one).
+    /// A replica that slept as leader comes back as leader of the same
+    /// term (openraft's leader restore): its log, commit index and applied
+    /// state are exactly what they were when it fell asleep in this
+    /// process, so nothing is stale (restore stays off at start-up, where
+    /// unsynced applies may be lost). It comes back asleep; what needs it
+    /// awake wakes it as it would any sleeping replica.
+    pub(crate) async fn revive(&self, shard: ShardId) -> Option<Arc<ShardRaft>> {
+        let lock = match self.registry.groups.get(&shard).as_deref()? {
+            Slot::Live(r) => return Some(r.clone()),
+            Slot::Dormant(l) => l.clone(),
+        };
+        let _reviving = lock.lock().await;
+        match self.registry.groups.get(&shard).as_deref()? {
+            Slot::Live(r) => return Some(r.clone()),
+            Slot::Dormant(l) if Arc::ptr_eq(l, &lock) => {}
+            // Revived and made dormant again meanwhile.
+            Slot::Dormant(_) => return Box::pin(self.revive(shard)).await,
+        }
+        let sleep = self.registry.quiesce.asleep(shard);
+        let config = match &sleep {
+            Some(s) if s.leader() == self.id => self.revive_config.clone(),
+            _ => self.raft_config.clone(),
+        };
+        let raft = match self.build_group(shard, config).await {
+            Ok(r) => Arc::new(r),
+            Err(e) => {
+                tracing::warn!(node = %self.id, %shard, error = %e, "dormant replica not rebuilt");
+                return None;
+            }
+        };
+        if sleep.is_some() {
+            raft.runtime_config().tick(false);
+        }
+        let installed = match self.registry.groups.get_mut(&shard).as_deref_mut() {
+            Some(slot @ Slot::Dormant(_)) => {
+                *slot = Slot::Live(raft.clone());
+                true
+            }
+            _ => false,
+        };
+        if !installed {
+            // Dropped meanwhile (a move took the replica away).
+            let _ = raft.shutdown().await;
+            return None;
+        }
+        self.registry
+            .quiesce
+            .revivals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        tracing::debug!(node = %self.id, %shard, "dormant replica rebuilt");
+        Some(raft)
     }
 
     /// Creates a replica of `descriptor` here and starts its group; the
@@ -459,7 +580,7 @@ impl Node {
             Ok(()) | Err(StoreError::ShardExists { .. }) => {}
             Err(e) => return Err(e.into()),
         }
-        let raft = match self.registry.get(descriptor.id) {
+        let raft = match self.registry.group(descriptor.id).await {
             Some(r) => r,
             None => self.start_group(descriptor.id).await?,
         };
@@ -554,9 +675,30 @@ impl Node {
         self.transport.add_peer(p);
     }
 
-    /// The Raft group of a hosted shard.
-    pub fn raft(&self, shard: ShardId) -> Option<ShardRaft> {
-        self.registry.get(shard)
+    /// The running Raft group of a hosted shard (`None` when it is not
+    /// hosted, or dormant: see [`Node::group`]).
+    pub fn raft(&self, shard: ShardId) -> Option<Arc<ShardRaft>> {
+        self.registry.live(shard)
+    }
+
+    /// The Raft group of a hosted shard, rebuilt first if it is dormant.
+    pub async fn group(&self, shard: ShardId) -> Option<Arc<ShardRaft>> {
+        self.registry.group(shard).await
+    }
+
+    /// The term of this node's replica of `shard` (a dormant one's: the
+    /// term it fell asleep in).
+    pub fn replica_term(&self, shard: ShardId) -> Option<u64> {
+        self.registry.view(shard).map(|v| v.term)
+    }
+
+    /// Whether this node's replica of `shard` is dormant (asleep, its
+    /// openraft instance dropped until something needs it).
+    pub fn is_dormant(&self, shard: ShardId) -> bool {
+        matches!(
+            self.registry.groups.get(&shard).as_deref(),
+            Some(Slot::Dormant(_))
+        )
     }
 
     /// Hosted data shards in id order (the meta shard, if hosted, is
@@ -584,11 +726,7 @@ impl Node {
             .groups
             .iter()
             .filter(|e| *e.key() != meta::META_SHARD)
-            .filter(|e| match self.registry.quiesce.sleeping_under(*e.key()) {
-                // An uninitialised replica sleeps under node 0: not led.
-                Some(leader) => leader == self.id,
-                None => leadership(e.value(), self.id).0,
-            })
+            .filter(|e| self.registry.leads(*e.key(), e.value(), self.id))
             .map(|e| *e.key())
             .collect();
         led.sort();
@@ -606,8 +744,11 @@ impl Node {
         s.commands_applied = st.commands_applied;
         s.shards_hosted = self.registry.shard_ids().len() as u64;
         s.meta_leader = self
-            .raft(meta::META_SHARD)
-            .is_some_and(|r| leadership(&r, self.id).0) as u64;
+            .registry
+            .groups
+            .get(&meta::META_SHARD)
+            .is_some_and(|e| self.registry.leads(meta::META_SHARD, &e, self.id))
+            as u64;
         s.shards_led = self.shards_led().len() as u64;
         s.replicas_destroyed = self
             .gc_counters
@@ -621,6 +762,14 @@ impl Node {
         let q = self.registry.quiesce.stats();
         s.groups_quiescent = q.asleep;
         s.hibernations = q.hibernations;
+        s.groups_dormant = self
+            .registry
+            .groups
+            .iter()
+            .filter(|e| matches!(e.value(), Slot::Dormant(_)))
+            .count() as u64;
+        s.dormancies = q.dormancies;
+        s.revivals = q.revivals;
         s.elections = q.elections;
         s.wakes = quiesce::Wake::ALL
             .iter()
@@ -647,11 +796,14 @@ impl Node {
         {
             t.abort();
         }
-        let groups: Vec<ShardRaft> = self
+        let groups: Vec<Arc<ShardRaft>> = self
             .registry
             .groups
             .iter()
-            .map(|e| e.value().clone())
+            .filter_map(|e| match e.value() {
+                Slot::Live(r) => Some(r.clone()),
+                Slot::Dormant(_) => None,
+            })
             .collect();
         self.registry.groups.clear();
         for g in groups {

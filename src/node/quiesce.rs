@@ -92,6 +92,9 @@ pub(crate) struct Sleep {
     pub vote: Vote,
     /// The last log id, committed and applied everywhere.
     pub last: Option<LogId>,
+    /// The group's voters (what a dormant replica's wake-up paths need of
+    /// its membership).
+    pub voters: Vec<NodeId>,
     /// When it fell asleep.
     pub since: Instant,
 }
@@ -128,6 +131,8 @@ pub(crate) struct Quiescence {
     hibernations: AtomicU64,
     wakes: [AtomicU64; KINDS],
     elections: AtomicU64,
+    pub(super) dormancies: AtomicU64,
+    pub(super) revivals: AtomicU64,
 }
 
 /// Counters for metrics.
@@ -141,6 +146,10 @@ pub struct QuiesceStats {
     pub wakes: [u64; KINDS],
     /// Elections seen (a hosted group's term grew).
     pub elections: u64,
+    /// Replicas whose openraft instance was dropped (dormant), in all.
+    pub dormancies: u64,
+    /// Dormant replicas rebuilt, in all.
+    pub revivals: u64,
 }
 
 impl Quiescence {
@@ -152,6 +161,8 @@ impl Quiescence {
             hibernations: AtomicU64::new(0),
             wakes: Default::default(),
             elections: AtomicU64::new(0),
+            dormancies: AtomicU64::new(0),
+            revivals: AtomicU64::new(0),
         }
     }
 
@@ -173,6 +184,7 @@ impl Quiescence {
             // Term 0: no leader's vote ever equals it.
             vote: Vote::new(0, NodeId(0)),
             last: None,
+            voters: Vec::new(),
             since: Instant::now(),
         });
         raft.runtime_config().tick(false);
@@ -223,7 +235,7 @@ impl Quiescence {
         if !self.enabled {
             return Err("quiescence is off here".into());
         }
-        {
+        let voters = {
             let m = raft.metrics();
             let m = m.borrow_watched();
             let settled = m.state == ServerState::Follower
@@ -238,11 +250,13 @@ impl Quiescence {
                     m.state, m.current_leader, m.last_log_index, m.last_applied
                 ));
             }
-        }
+            m.membership_config.membership().voter_ids().collect()
+        };
         let mut g = self.groups.entry(shard).or_default();
         g.asleep = Some(Sleep {
             vote,
             last,
+            voters,
             since: Instant::now(),
         });
         raft.runtime_config().tick(false);
@@ -271,13 +285,13 @@ impl Quiescence {
         self.groups.get(&shard).is_some_and(|g| g.served)
     }
 
-    fn asleep(&self, shard: ShardId) -> Option<Sleep> {
+    pub(super) fn asleep(&self, shard: ShardId) -> Option<Sleep> {
         self.groups.get(&shard).and_then(|g| g.asleep.clone())
     }
 
     /// `shard`'s log grew here: a sleeping replica wakes (a proposal that
     /// reached openraft without passing [`Quiescence::touch`]).
-    pub(crate) fn on_append(&self, shard: ShardId, raft: impl FnOnce() -> Option<ShardRaft>) {
+    pub(crate) fn on_append(&self, shard: ShardId, raft: impl FnOnce() -> Option<Arc<ShardRaft>>) {
         if !self.enabled || !self.is_asleep(shard) {
             return;
         }
@@ -307,6 +321,15 @@ impl Quiescence {
         self.groups.get(&shard).is_some_and(|g| g.asleep.is_some())
     }
 
+    /// Replicas asleep for at least `d`.
+    fn asleep_for(&self, d: Duration) -> Vec<ShardId> {
+        self.groups
+            .iter()
+            .filter(|g| g.asleep.as_ref().is_some_and(|s| s.since.elapsed() >= d))
+            .map(|g| *g.key())
+            .collect()
+    }
+
     pub(crate) fn stats(&self) -> QuiesceStats {
         let mut wakes = [0; KINDS];
         for (w, c) in wakes.iter_mut().zip(&self.wakes) {
@@ -317,6 +340,8 @@ impl Quiescence {
             hibernations: self.hibernations.load(Ordering::Relaxed),
             wakes,
             elections: self.elections.load(Ordering::Relaxed),
+            dormancies: self.dormancies.load(Ordering::Relaxed),
+            revivals: self.revivals.load(Ordering::Relaxed),
         }
     }
 }
@@ -408,7 +433,7 @@ const HIBERNATIONS_IN_FLIGHT: usize = 256;
 /// every quarter of `quiesce_after_ms` (at most a second) puts idle groups it
 /// leads to sleep.
 pub(crate) async fn run(node: std::sync::Weak<Node>) {
-    let (every, quiesce_after, down_after, wake_all_after, me) = {
+    let (every, quiesce_after, down_after, wake_all_after, me, dormant_after) = {
         let Some(n) = node.upgrade() else { return };
         let r = &n.config.raft;
         if r.quiesce_after_ms == 0 {
@@ -420,6 +445,7 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
             Duration::from_millis(r.election_timeout_ms_min),
             Duration::from_millis(r.election_timeout_ms_max),
             n.id,
+            Duration::from_millis(r.dormant_after_ms),
         )
     };
     let mut peers: HashMap<NodeId, PeerLife> = HashMap::new();
@@ -441,11 +467,17 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
         }
         last_scan = Instant::now();
         let q = &n.registry.quiesce;
-        let groups: Vec<(ShardId, ShardRaft)> = n
+        if !dormant_after.is_zero() {
+            n.make_dormant(q.asleep_for(dormant_after));
+        }
+        let groups: Vec<(ShardId, Arc<ShardRaft>)> = n
             .registry
             .groups
             .iter()
-            .map(|e| (*e.key(), e.value().clone()))
+            .filter_map(|e| match e.value() {
+                Slot::Live(r) => Some((*e.key(), r.clone())),
+                Slot::Dormant(_) => None,
+            })
             .collect();
         idle.retain(|s, _| n.registry.groups.contains_key(s));
         terms.retain(|s, _| n.registry.groups.contains_key(s));
@@ -509,7 +541,7 @@ pub(crate) async fn run(node: std::sync::Weak<Node>) {
 async fn hibernate(
     n: &Node,
     shard: ShardId,
-    raft: ShardRaft,
+    raft: Arc<ShardRaft>,
     vote: Vote,
     last: Option<LogId>,
     followers: Vec<NodeId>,
@@ -531,6 +563,7 @@ async fn hibernate(
     let sleep = Sleep {
         vote,
         last,
+        voters: followers.iter().copied().chain([n.id]).collect(),
         since: Instant::now(),
     };
     if q.sleep_leader(shard, &raft, activity, sleep) {
@@ -604,70 +637,69 @@ async fn ping_peers(
         return;
     }
     let q = &n.registry.quiesce;
-    for e in n.registry.groups.iter() {
-        if let Some(s) = q.asleep(*e.key()) {
+    for shard in n.registry.shard_ids_all() {
+        if let Some(s) = q.asleep(shard) {
             let dead = peers.get(&s.leader()).is_some_and(|l| l.down);
             if dead && s.since.elapsed() >= wake_all_after && s.leader() != n.id {
-                q.touch(*e.key(), e.value(), Wake::PeerDown);
+                wake(n, shard, Wake::PeerDown, false);
             }
         }
     }
 }
 
+/// Wakes `shard`'s replica here (rebuilding it first when dormant), and
+/// has it campaign when `elect`.
+fn wake(n: &Arc<Node>, shard: ShardId, cause: Wake, elect: bool) {
+    let q = &n.registry.quiesce;
+    if let Some(raft) = n.registry.live(shard) {
+        q.touch(shard, &raft, cause);
+        if elect {
+            tokio::spawn(async move {
+                let _ = raft.trigger().elect(false).await;
+            });
+        }
+        return;
+    }
+    let n = n.clone();
+    tokio::spawn(async move {
+        if let Some(raft) = n.registry.group(shard).await {
+            n.registry.quiesce.touch(shard, &raft, cause);
+            if elect {
+                let _ = raft.trigger().elect(false).await;
+            }
+        }
+    });
+}
+
 /// The groups sleeping here under `leader` wake. On a death (not a
 /// restart), the surviving voter with the lowest id campaigns at once;
 /// the others stay asleep until its vote request or append wakes them.
-fn wake_led_by(n: &Node, leader: NodeId, everyone: bool) {
+fn wake_led_by(n: &Arc<Node>, leader: NodeId, everyone: bool) {
     if leader == n.id {
         return;
     }
     let q = &n.registry.quiesce;
-    for e in n.registry.groups.iter() {
-        let (shard, raft) = (*e.key(), e.value());
+    for shard in n.registry.shard_ids_all() {
         let Some(s) = q.asleep(shard) else { continue };
         if s.leader() != leader {
             continue;
         }
-        let voters: BTreeSet<NodeId> = raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .filter(|v| *v != leader)
-            .collect();
+        let voters: BTreeSet<NodeId> = s.voters.iter().copied().filter(|v| *v != leader).collect();
         let first = voters.first() == Some(&n.id);
         if everyone || first {
-            q.touch(shard, raft, Wake::PeerDown);
-        }
-        if first && !everyone {
-            let raft = raft.clone();
-            tokio::spawn(async move {
-                let _ = raft.trigger().elect(false).await;
-            });
+            wake(n, shard, Wake::PeerDown, first && !everyone);
         }
     }
 }
 
 /// The groups this node leads, sleeping, with `peer` as a voter wake, so
 /// that `peer` (back, or restarted) hears their leader.
-fn wake_leading_with(n: &Node, peer: NodeId) {
+fn wake_leading_with(n: &Arc<Node>, peer: NodeId) {
     let q = &n.registry.quiesce;
-    for e in n.registry.groups.iter() {
-        let (shard, raft) = (*e.key(), e.value());
+    for shard in n.registry.shard_ids_all() {
         let Some(s) = q.asleep(shard) else { continue };
-        if s.leader() != n.id {
-            continue;
-        }
-        let with = raft
-            .metrics()
-            .borrow_watched()
-            .membership_config
-            .membership()
-            .voter_ids()
-            .any(|v| v == peer);
-        if with {
-            q.touch(shard, raft, Wake::PeerUp);
+        if s.leader() == n.id && s.voters.contains(&peer) {
+            wake(n, shard, Wake::PeerUp, false);
         }
     }
 }
@@ -725,6 +757,7 @@ mod tests {
         let s = Sleep {
             vote,
             last: log(7),
+            voters: vec![NodeId(1), NodeId(2), NodeId(3)],
             since: Instant::now(),
         };
         let heartbeat = |vote: Vote, commit: Option<LogId>, entries: usize| {

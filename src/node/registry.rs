@@ -9,7 +9,7 @@ use super::*;
 pub struct Registry {
     pub(super) me: NodeId,
     pub(super) engine: Engine,
-    pub(super) groups: DashMap<ShardId, ShardRaft>,
+    pub(super) groups: DashMap<ShardId, Slot>,
     /// Client requests waiting on groups: while any is, heartbeats skip the
     /// linger (shared with the transport).
     pub(super) expediter: Arc<Expediter>,
@@ -25,6 +25,28 @@ pub struct Registry {
     pub(crate) quiesce: super::quiesce::Quiescence,
     /// Per-shard reads, writes and written bytes per second.
     pub(crate) load: super::load::LoadTracker,
+}
+
+/// A hosted replica's group.
+#[derive(Clone)]
+pub(crate) enum Slot {
+    /// Its openraft instance runs. Whoever uses it holds a clone of the
+    /// `Arc`: a replica is made dormant only while nobody does.
+    Live(Arc<ShardRaft>),
+    /// Asleep, with its openraft instance dropped (an idle instance holds
+    /// about 110 KiB: buffers, tasks, channels). Its state is all in
+    /// storage; the first thing that needs the group rebuilds it
+    /// ([`Node::revive`], one at a time per replica under this lock).
+    Dormant(Arc<tokio::sync::Mutex<()>>),
+}
+
+/// A replica as status, routing and the wake-up paths see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ReplicaView {
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub applied: Option<crate::raft::LogId>,
+    pub voters: Vec<NodeId>,
 }
 
 impl Registry {
@@ -57,6 +79,11 @@ impl Registry {
         self.expediter.expedite()
     }
 
+    /// Every hosted shard, the meta shard included, in no order.
+    pub(super) fn shard_ids_all(&self) -> Vec<ShardId> {
+        self.groups.iter().map(|e| *e.key()).collect()
+    }
+
     /// Hosted data shards (the meta shard excluded), in id order.
     pub(super) fn shard_ids(&self) -> Vec<ShardId> {
         let mut ids: Vec<ShardId> = self
@@ -69,8 +96,70 @@ impl Registry {
         ids
     }
 
-    pub(super) fn get(&self, shard: ShardId) -> Option<ShardRaft> {
-        self.groups.get(&shard).map(|r| r.clone())
+    /// The group's running instance; `None` when the shard is not hosted
+    /// or its replica is dormant (see [`Slot::Dormant`]; [`Registry::group`]
+    /// rebuilds it).
+    pub(super) fn live(&self, shard: ShardId) -> Option<Arc<ShardRaft>> {
+        match self.groups.get(&shard).as_deref() {
+            Some(Slot::Live(r)) => Some(r.clone()),
+            _ => None,
+        }
+    }
+
+    /// Whether this node hosts a replica of `shard` (running or dormant).
+    pub(super) fn hosts(&self, shard: ShardId) -> bool {
+        self.groups.contains_key(&shard)
+    }
+
+    /// The group's running instance, rebuilt from storage first when the
+    /// replica is dormant; `None` when the shard is not hosted (or the
+    /// node is stopping).
+    pub(super) async fn group(&self, shard: ShardId) -> Option<Arc<ShardRaft>> {
+        match self.groups.get(&shard).as_deref()? {
+            Slot::Live(r) => return Some(r.clone()),
+            Slot::Dormant(_) => {}
+        }
+        self.node()?.revive(shard).await
+    }
+
+    /// Whether `me` leads `shard` (whose slot is `slot`): a sleeping
+    /// replica's leadership is the vote it sleeps under (it cannot change
+    /// until the group wakes), an awake one's its metrics.
+    pub(super) fn leads(&self, shard: ShardId, slot: &Slot, me: NodeId) -> bool {
+        match self.quiesce.sleeping_under(shard) {
+            // An uninitialised replica sleeps under node 0: not led.
+            Some(leader) => leader == me,
+            None => match slot {
+                Slot::Live(r) => super::leadership(r, me).0,
+                Slot::Dormant(_) => false,
+            },
+        }
+    }
+
+    /// What status, routing and the wake-up paths need of a replica: from
+    /// its metrics, or from what a dormant replica fell asleep under.
+    pub(super) fn view(&self, shard: ShardId) -> Option<ReplicaView> {
+        match self.groups.get(&shard).as_deref()? {
+            Slot::Live(r) => {
+                let m = r.metrics();
+                let m = m.borrow_watched();
+                Some(ReplicaView {
+                    leader: m.current_leader,
+                    term: m.current_term,
+                    applied: m.last_applied,
+                    voters: m.membership_config.membership().voter_ids().collect(),
+                })
+            }
+            Slot::Dormant(_) => {
+                let s = self.quiesce.asleep(shard)?;
+                Some(ReplicaView {
+                    leader: (s.vote.leader_id.term > 0).then(|| s.leader()),
+                    term: s.vote.leader_id.term,
+                    applied: s.last,
+                    voters: s.voters.clone(),
+                })
+            }
+        }
     }
 
     /// The descriptors recorded in this node's replica of the meta shard
@@ -78,7 +167,7 @@ impl Registry {
     /// checked against the serving shard's own descriptor, so a lagging
     /// replica of the meta shard costs a retry, never a wrong answer.
     pub fn meta_routes(&self) -> Option<Vec<ShardDescriptor>> {
-        self.get(meta::META_SHARD)?;
+        self.hosts(meta::META_SHARD).then_some(())?;
         let r = meta::meta_range();
         let pairs = self.engine.scan(&r.start, &r.end, usize::MAX).ok()?;
         Some(
@@ -109,7 +198,7 @@ impl Registry {
     /// The load reports recorded in this node's replica of the meta shard
     /// (`None` when it hosts none), in shard id order.
     pub fn meta_load_reports(&self) -> Option<Vec<crate::command::LoadReport>> {
-        self.get(meta::META_SHARD)?;
+        self.hosts(meta::META_SHARD).then_some(())?;
         let start = meta::load_prefix();
         let mut end = start.clone();
         end.extend_from_slice(&[0xff; 9]);
@@ -170,7 +259,7 @@ impl Registry {
         ) {
             return self.handle_admin(shard, req).await;
         }
-        let Some(raft) = self.get(shard) else {
+        let Some(raft) = self.group(shard).await else {
             return PeerResponse::Refused(Refusal::UnknownShard(shard));
         };
         self.quiesce.on_raft_request(shard, &raft, &req);
@@ -217,7 +306,10 @@ impl Registry {
         meta: SnapshotMeta,
         data: SnapshotData,
     ) -> Result<Vote, Refusal> {
-        let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        let raft = self
+            .group(shard)
+            .await
+            .ok_or(Refusal::UnknownShard(shard))?;
         // Only a leader sends its snapshot, under its own vote.
         if vote.leader_id.node_id != from {
             return Err(Refusal::NotTheSender {

@@ -7,7 +7,6 @@ use crate::api::{ApiError, NodeStatus, Request, Response, ShardStatus, SCAN_LIMI
 use crate::command::{Command, CommandResponse};
 use crate::limits::FRAME_BYTES_MAX;
 use crate::{wire, Epoch, ShardDescriptor, ShardId};
-use openraft::async_runtime::watch::WatchReceiver as _;
 use openraft::error::{ClientWriteError, RaftError};
 use std::sync::Arc;
 
@@ -106,12 +105,15 @@ impl Registry {
     }
 
     /// Looks up the group, checks the epoch and that this replica leads.
-    fn check(
+    async fn check(
         &self,
         shard: ShardId,
         epoch: Epoch,
-    ) -> Result<(super::ShardRaft, ShardDescriptor), ApiError> {
-        let raft = self.get(shard).ok_or(ApiError::UnknownShard { shard })?;
+    ) -> Result<(Arc<super::ShardRaft>, ShardDescriptor), ApiError> {
+        let raft = self
+            .group(shard)
+            .await
+            .ok_or(ApiError::UnknownShard { shard })?;
         // Leadership first: only the leader's descriptor is current (a
         // follower's may lag behind a split or a membership change).
         let (leads, leader_hint) = super::leadership(&raft, self.me);
@@ -198,12 +200,8 @@ impl Registry {
     }
 
     fn with_leader(&self, mut d: ShardDescriptor) -> ShardDescriptor {
-        if let Some(r) = self.get(d.id) {
-            d.leader_hint = r
-                .metrics()
-                .borrow_watched()
-                .current_leader
-                .or(d.leader_hint);
+        if let Some(v) = self.view(d.id) {
+            d.leader_hint = v.leader.or(d.leader_hint);
         }
         d
     }
@@ -259,7 +257,7 @@ impl Registry {
                 self.read_local(&keys)
             }
             Request::Get { shard, epoch, keys } => {
-                let (raft, d) = self.check(shard, epoch)?;
+                let (raft, d) = self.check(shard, epoch).await?;
                 if let Some(k) = keys.iter().find(|k| !d.range.contains(k)) {
                     return Err(ApiError::KeyNotInRange {
                         shard,
@@ -286,7 +284,7 @@ impl Registry {
                 ops,
                 session,
             } => {
-                let (raft, d) = self.check(shard, epoch)?;
+                let (raft, d) = self.check(shard, epoch).await?;
                 // A session write goes to the state machine even with a key
                 // outside the range: if an earlier attempt was applied here
                 // before a split, its retry must be answered from the
@@ -351,7 +349,7 @@ impl Registry {
                 end,
                 limit,
             } => {
-                let (raft, d) = self.check(shard, epoch)?;
+                let (raft, d) = self.check(shard, epoch).await?;
                 let limit = limit.clamp(1, SCAN_LIMIT_MAX) as usize;
                 let from = std::cmp::max(start, d.range.start.clone());
                 let to = match (end.is_empty(), d.range.end.is_empty()) {
@@ -411,7 +409,7 @@ impl Registry {
                     })
             }
             Request::Split { shard, epoch, key } => {
-                self.check(shard, epoch)?;
+                self.check(shard, epoch).await?;
                 let node = self.node_or_stopping()?;
                 let (left, right) = node.split_shard(shard, key).await.map_err(admin_error)?;
                 Ok(Response::Split { left, right })
@@ -454,7 +452,7 @@ impl Registry {
                 Ok(Response::Peers(all))
             }
             Request::MarkDigest { shard, epoch } => {
-                let (raft, _) = self.check(shard, epoch)?;
+                let (raft, _) = self.check(shard, epoch).await?;
                 match raft.client_write(Command::Digest).await {
                     Ok(resp) => Ok(Response::DigestAt {
                         index: resp.log_id.index,
@@ -463,11 +461,10 @@ impl Registry {
                 }
             }
             Request::Digest { shard, index } => {
-                let raft = self.get(shard).ok_or(ApiError::UnknownShard { shard })?;
-                let applied = raft
-                    .metrics()
-                    .borrow_watched()
-                    .last_applied
+                let applied = self
+                    .view(shard)
+                    .ok_or(ApiError::UnknownShard { shard })?
+                    .applied
                     .map_or(0, |l| l.index);
                 Ok(Response::Digest(self.engine.digest(shard, index, applied)))
             }
@@ -476,16 +473,15 @@ impl Registry {
                 // The meta shard too, when hosted here: it is balanced and
                 // moved like any other.
                 let meta_here = self
-                    .get(crate::meta::META_SHARD)
-                    .map(|_| crate::meta::META_SHARD);
+                    .hosts(crate::meta::META_SHARD)
+                    .then_some(crate::meta::META_SHARD);
                 for shard in meta_here.into_iter().chain(self.shard_ids()) {
-                    let Some(raft) = self.get(shard) else {
+                    let Some(v) = self.view(shard) else {
                         continue;
                     };
                     let Ok(d) = self.descriptor(shard) else {
                         continue;
                     };
-                    let m = raft.metrics().borrow_watched().clone();
                     let load = self.load.rates(shard);
                     shards.push(ShardStatus {
                         reads_per_s: load.reads_per_s,
@@ -493,9 +489,9 @@ impl Registry {
                         write_bytes_per_s: load.write_bytes_per_s,
                         size_bytes: self.engine.approximate_size(&d.range),
                         descriptor: d,
-                        leader: m.current_leader,
-                        applied_index: m.last_applied.map_or(0, |l| l.index),
-                        term: m.current_term,
+                        leader: v.leader,
+                        applied_index: v.applied.map_or(0, |l| l.index),
+                        term: v.term,
                     });
                 }
                 Ok(Response::NodeStatus(NodeStatus {

@@ -32,6 +32,9 @@ pub struct Timings {
     pub rebalance: tessera::node::RebalanceConfig,
     /// `raft.quiesce_after_ms` (0: quiescence off).
     pub quiesce_after_ms: u64,
+    /// `raft.dormant_after_ms` (with quiescence on: 0 keeps every
+    /// sleeping replica's openraft instance).
+    pub dormant_after_ms: u64,
 }
 
 impl Timings {
@@ -49,6 +52,7 @@ impl Timings {
             replica_gc: tessera::node::ReplicaGcConfig::default(),
             rebalance: tessera::node::RebalanceConfig::default(),
             quiesce_after_ms: 0,
+            dormant_after_ms: 30_000,
         }
     }
 
@@ -80,6 +84,7 @@ impl Timings {
             replica_gc: tessera::node::ReplicaGcConfig::default(),
             rebalance: tessera::node::RebalanceConfig::default(),
             quiesce_after_ms: 0,
+            dormant_after_ms: 30_000,
         }
     }
 }
@@ -186,6 +191,7 @@ impl TestCluster {
                     snapshot_logs_since_last: t.snapshot_logs_since_last,
                     snapshot_logs_to_keep: t.snapshot_logs_to_keep,
                     quiesce_after_ms: t.quiesce_after_ms,
+                    dormant_after_ms: t.dormant_after_ms,
                     ..Default::default()
                 },
                 transport: TransportConfig {
@@ -357,7 +363,7 @@ impl TestCluster {
                 let Some(node) = self.nodes.get(&NodeId(i)) else {
                     continue;
                 };
-                let Some(raft) = node.raft(shard) else {
+                let Some(raft) = node.group(shard).await else {
                     continue;
                 };
                 let m = raft.metrics().borrow_watched().clone();
@@ -403,7 +409,10 @@ impl TestCluster {
                 .wait_leader(shard, left)
                 .await
                 .map_err(|e| e.to_string())?;
-            let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
+            let raft = self.nodes[&leader]
+                .group(shard)
+                .await
+                .expect("leader hosts shard");
             let attempt = tokio::time::timeout(
                 left.min(Duration::from_secs(5)),
                 raft.client_write(Command::put(key.to_vec(), value.to_vec())),
@@ -433,7 +442,8 @@ impl TestCluster {
         let timeout = Duration::from_secs(60);
         let what = format!("put via {via} to {shard} acknowledged");
         let raft = self.nodes[&via]
-            .raft(shard)
+            .group(shard)
+            .await
             .ok_or_else(|| WaitError::new(&what, timeout, Some("shard not hosted".into())))?;
         wait::until(&what, timeout, || async {
             let r = tokio::time::timeout(
@@ -465,7 +475,10 @@ impl TestCluster {
                 .wait_leader(shard, left)
                 .await
                 .map_err(|e| e.to_string())?;
-            let raft = self.nodes[&leader].raft(shard).expect("leader hosts shard");
+            let raft = self.nodes[&leader]
+                .group(shard)
+                .await
+                .expect("leader hosts shard");
             match tokio::time::timeout(
                 Duration::from_secs(5),
                 raft.ensure_linearizable(openraft::ReadPolicy::ReadIndex),
@@ -491,7 +504,8 @@ impl TestCluster {
         let deadline = Instant::now() + timeout;
         let what = format!("transfer_leader: {to} leads {shard}");
         let target = self.nodes[&to]
-            .raft(shard)
+            .group(shard)
+            .await
             .ok_or_else(|| WaitError::new(&what, timeout, Some("target lacks the shard".into())))?;
         wait::until(&what, timeout, || async {
             if self.nodes[&to].shards_led().contains(&shard) {
@@ -502,7 +516,7 @@ impl TestCluster {
                 .wait_leader(shard, left)
                 .await
                 .map_err(|e| e.to_string())?;
-            if let Some(r) = self.nodes[&leader].raft(shard) {
+            if let Some(r) = self.nodes[&leader].group(shard).await {
                 let _ = r.trigger().transfer_leader(to).await;
             }
             target
@@ -528,11 +542,10 @@ impl TestCluster {
         timeout: Duration,
     ) -> Result<(), WaitError> {
         let leader = self.wait_leader(shard, timeout).await?;
-        let last = self
-            .node(leader.0)
-            .raft(shard)
-            .and_then(|r| r.metrics().borrow_watched().last_log_index)
-            .unwrap_or(0);
+        let last = match self.node(leader.0).group(shard).await {
+            Some(r) => r.metrics().borrow_watched().last_log_index.unwrap_or(0),
+            None => 0,
+        };
         self.wait_applied(shard, last, on, timeout).await
     }
 
@@ -547,11 +560,12 @@ impl TestCluster {
     ) -> Result<(), WaitError> {
         for &i in on {
             let what = format!("wait_applied: {shard} on n{i} applies {index}");
-            let raft = self
-                .nodes
-                .get(&NodeId(i))
-                .and_then(|n| n.raft(shard))
-                .ok_or_else(|| WaitError::new(&what, timeout, Some("not hosted".into())))?;
+            let node = self.nodes.get(&NodeId(i));
+            let raft = match node {
+                Some(n) => n.group(shard).await,
+                None => None,
+            }
+            .ok_or_else(|| WaitError::new(&what, timeout, Some("not hosted".into())))?;
             raft.wait(Some(timeout))
                 .applied_index_at_least(Some(index), "wait_applied")
                 .await

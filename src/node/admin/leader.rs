@@ -10,7 +10,7 @@ impl Node {
     /// every member, and `to` campaigns once its log holds what the leader
     /// had flushed. Tried again a few times when another node wins.
     pub(crate) async fn hand_over(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
-        let raft = self.led(shard)?;
+        let raft = self.led(shard).await?;
         let mut last = String::new();
         for _ in 0..5 {
             if let Err(e) = raft.trigger().transfer_leader(to).await {
@@ -44,7 +44,7 @@ impl Node {
     /// # Errors
     /// [`AdminError::Refused`] when `to` is not a voter of the shard.
     pub async fn transfer_leader(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
-        let raft = self.led(shard)?;
+        let raft = self.led(shard).await?;
         if to == self.id {
             return Ok(());
         }

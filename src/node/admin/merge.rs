@@ -23,20 +23,17 @@ impl Registry {
     /// Whether this node's replica of `shard` applied its freeze for a
     /// merge into `into` at index `at`.
     pub(crate) fn merge_ready(&self, shard: ShardId, into: ShardId, at: u64) -> Result<(), String> {
-        let raft = self
-            .get(shard)
-            .ok_or_else(|| format!("{shard} is not hosted here"))?;
+        let applied = self
+            .view(shard)
+            .ok_or_else(|| format!("{shard} is not hosted here"))?
+            .applied
+            .map_or(0, |l| l.index);
         // Published after the freeze's (synced) batch; the applied index
         // after that.
         match self.engine.merging(shard) {
             Some(m) if m.into == into && m.at == at => {}
             other => return Err(format!("{shard} is not frozen at {at} (freeze {other:?})")),
         }
-        let applied = raft
-            .metrics()
-            .borrow_watched()
-            .last_applied
-            .map_or(0, |l| l.index);
         if applied < at {
             return Err(format!("{shard} applied {applied}, the freeze is at {at}"));
         }
@@ -62,7 +59,7 @@ impl Node {
         if left == meta::META_SHARD || right == meta::META_SHARD {
             return Err(AdminError::Refused("the meta shard is not merged".into()));
         }
-        let raft = self.led(left)?;
+        let raft = self.led(left).await?;
         let l = self
             .engine
             .descriptor(left)

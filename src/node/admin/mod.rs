@@ -79,7 +79,10 @@ impl Registry {
         shard: ShardId,
         cmd: Command,
     ) -> Result<CommandResponse, Refusal> {
-        let raft = self.get(shard).ok_or(Refusal::UnknownShard(shard))?;
+        let raft = self
+            .group(shard)
+            .await
+            .ok_or(Refusal::UnknownShard(shard))?;
         let (leads, hint) = leadership(&raft, self.me);
         if !leads {
             return Err(Refusal::NotLeader(hint));
@@ -122,7 +125,7 @@ impl Registry {
                 let Some(node) = self.node() else {
                     return refused(Refusal::Failed("node stopping".into()));
                 };
-                if let Some(raft) = self.get(shard) {
+                if let Some(raft) = self.group(shard).await {
                     let m = raft.metrics().borrow_watched().membership_config.clone();
                     if m.membership().get_node(&self.me).is_some() && *m.log_id() > after {
                         return refused(Refusal::Failed(format!(
@@ -145,7 +148,7 @@ impl Registry {
                 PeerResponse::Done
             }
             PeerRequest::Hibernate { vote, last } => {
-                let Some(raft) = self.get(shard) else {
+                let Some(raft) = self.group(shard).await else {
                     return refused(Refusal::UnknownShard(shard));
                 };
                 match self.quiesce.sleep_follower(shard, &raft, vote, last) {
@@ -223,9 +226,7 @@ impl Node {
         timeout: Duration,
     ) -> Result<CommandResponse, AdminError> {
         let deadline = Instant::now() + timeout;
-        let mut hint = self
-            .raft(shard)
-            .and_then(|r| r.metrics().borrow_watched().current_leader);
+        let mut hint = self.registry.view(shard).and_then(|v| v.leader);
         let mut others: Vec<NodeId> = std::iter::once(self.id)
             .chain(self.transport.peer_ids())
             .collect();
@@ -282,8 +283,14 @@ impl Node {
     }
 
     /// This replica's group, which must lead the shard.
-    pub(crate) fn led(&self, shard: ShardId) -> Result<crate::node::ShardRaft, AdminError> {
-        let raft = self.raft(shard).ok_or(AdminError::UnknownShard { shard })?;
+    pub(crate) async fn led(
+        &self,
+        shard: ShardId,
+    ) -> Result<Arc<crate::node::ShardRaft>, AdminError> {
+        let raft = self
+            .group(shard)
+            .await
+            .ok_or(AdminError::UnknownShard { shard })?;
         let (leads, hint) = leadership(&raft, self.id);
         if !leads {
             return Err(AdminError::NotLeader { shard, hint });

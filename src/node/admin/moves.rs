@@ -21,7 +21,7 @@ impl Node {
         to: NodeId,
         timeout: Duration,
     ) -> Result<ShardDescriptor, AdminError> {
-        let raft = self.led(shard)?;
+        let raft = self.led(shard).await?;
         let lock = self.move_locks.entry(shard).or_default().clone();
         let _one_at_a_time = lock.lock().await;
         if let Some(m) = self.engine.merging(shard) {
@@ -322,7 +322,7 @@ impl Node {
         shard: ShardId,
     ) -> Result<(), crate::node::NodeError> {
         let _lifecycle = self.lifecycle.lock().await;
-        if let Some((_, raft)) = self.registry.groups.remove(&shard) {
+        if let Some((_, crate::node::Slot::Live(raft))) = self.registry.groups.remove(&shard) {
             let _ = raft.shutdown().await;
         }
         self.registry.quiesce.forget(shard);

@@ -21,7 +21,7 @@ impl Node {
         if shard == meta::META_SHARD {
             return Err(AdminError::Refused("the meta shard is not split".into()));
         }
-        let raft = self.led(shard)?;
+        let raft = self.led(shard).await?;
         let joint = raft
             .metrics()
             .borrow_watched()
