@@ -74,6 +74,11 @@ enum Cmd {
         /// 0 turns it off; at least the election timeout).
         #[arg(long)]
         quiesce_after_ms: Option<u64>,
+        /// With quiescence on: a replica asleep this many ms drops its Raft
+        /// instance until something needs it (overrides
+        /// `raft.dormant_after_ms`, default 30000; 0 keeps every instance).
+        #[arg(long)]
+        dormant_after_ms: Option<u64>,
     },
     /// Prepare a new node for a `tessera dev` folder: a certificate from the
     /// folder's CA, `DIR/node-N/node.toml` pointing at the existing nodes
@@ -121,7 +126,14 @@ fn main() -> Result<()> {
             nodes,
             shards,
             quiesce_after_ms,
-        } => rt.block_on(dev(data_dir, nodes, shards, quiesce_after_ms)),
+            dormant_after_ms,
+        } => rt.block_on(dev(
+            data_dir,
+            nodes,
+            shards,
+            quiesce_after_ms,
+            dormant_after_ms,
+        )),
         Cmd::Inspect { data_dir } => inspect(data_dir),
         Cmd::AddNode { data_dir } => add_node(&data_dir),
         Cmd::TortureStore { data_dir, shards } => rt.block_on(torture::run(data_dir, shards)),
@@ -308,6 +320,7 @@ async fn dev(
     nodes: u64,
     shards: u64,
     quiesce_after_ms: Option<u64>,
+    dormant_after_ms: Option<u64>,
 ) -> Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data folder {}", data_dir.display()))?;
@@ -332,6 +345,9 @@ async fn dev(
         let mut cfg = NodeConfig::load(&path)?;
         if let Some(q) = quiesce_after_ms {
             cfg.raft.quiesce_after_ms = q;
+        }
+        if let Some(d) = dormant_after_ms {
+            cfg.raft.dormant_after_ms = d;
         }
         let identity = TlsIdentity::load(&cfg.tls)?;
         let id = n.id;

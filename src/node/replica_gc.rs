@@ -13,7 +13,6 @@
 
 use super::Node;
 use crate::{NodeId, ShardDescriptor, ShardId};
-use openraft::async_runtime::watch::WatchReceiver as _;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
@@ -139,12 +138,9 @@ pub(crate) async fn run(
             .into_iter()
             .filter_map(|s| {
                 let descriptor = n.engine.descriptor(s).ok()?;
-                let applied = n
-                    .raft(s)?
-                    .metrics()
-                    .borrow_watched()
-                    .last_applied
-                    .map_or(0, |l| l.index);
+                // A dormant replica is hosted too (its view is what it
+                // fell asleep at): leaving it out would have it "repaired".
+                let applied = n.registry.view(s)?.applied.map_or(0, |l| l.index);
                 Some(Hosted {
                     descriptor,
                     applied,
@@ -170,14 +166,14 @@ pub(crate) async fn run(
                             applied,
                         },
                     );
-                    if let Some(r) = n.raft(s) {
+                    if let Some(r) = n.group(s).await {
                         r.runtime_config().elect(false);
                     }
                     tracing::info!(node = %n.id, shard = %s, "replica GC: this replica looks removed; it stops campaigning");
                 }
                 Action::Clear(s) => {
                     suspects.remove(&s);
-                    if let Some(r) = n.raft(s) {
+                    if let Some(r) = n.group(s).await {
                         r.runtime_config().elect(true);
                     }
                 }

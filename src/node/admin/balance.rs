@@ -90,6 +90,8 @@ pub(crate) async fn auto_rebalance(node: Weak<Node>, identity: crate::tls::TlsId
 
 /// Whether `n` leads the meta shard.
 fn leads_meta(n: &Node) -> bool {
-    n.raft(meta::META_SHARD)
-        .is_some_and(|r| leadership(&r, n.id).0)
+    n.registry
+        .groups
+        .get(&meta::META_SHARD)
+        .is_some_and(|e| n.registry.leads(meta::META_SHARD, &e, n.id))
 }

@@ -301,7 +301,7 @@ impl Node {
             if now.saturating_sub(m.at_ms) < FREEZE_ABANDONED.as_millis() as u64 {
                 continue;
             }
-            let Some(raft) = self.raft(shard) else {
+            let Some(raft) = self.group(shard).await else {
                 continue;
             };
             if !leadership(&raft, self.id).0 {

@@ -99,7 +99,7 @@ impl Node {
         // campaigning here makes its first leader this node.
         let started = Instant::now();
         let child_raft = loop {
-            if let Some(r) = self.raft(child) {
+            if let Some(r) = self.group(child).await {
                 break r;
             }
             if started.elapsed() > Duration::from_secs(10) {
