@@ -31,6 +31,16 @@ mod torture;
 #[global_allocator]
 static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// jemalloc's options (its `malloc_conf`, read before `main`): a background
+/// thread returns freed pages to the system a second after they are freed
+/// (default: ten seconds, and only when the arena is busy). Without it the
+/// instances dropped by dormant replicas stay resident: 10,000 idle shards
+/// measured 54 KiB per replica with jemalloc's defaults, 46–52 with the
+/// thread, 41–42 with the thread and the one-second decay.
+#[cfg(feature = "jemalloc")]
+#[export_name = "_rjem_malloc_conf"]
+static MALLOC_CONF: &u8 = &b"background_thread:true,dirty_decay_ms:1000\0"[0];
+
 #[derive(Parser)]
 #[command(
     name = "tessera",
@@ -373,6 +383,18 @@ async fn dev(
     let nodes = Arc::new(running.clone());
     let mut checks = tokio::task::JoinSet::new();
     for shard in shard_ids.iter().copied() {
+        // A group asleep on its leader (quiescence) has proved both: its
+        // leader's first entry reached every follower and committed, and
+        // every follower answered the leader's hibernation request under
+        // its vote. Waking it (and rebuilding a dormant one) proves nothing
+        // more, and at 10,000 shards costs seconds.
+        if let Some(n) = running
+            .values()
+            .find(|n| n.sleeping_leader(shard) == Some(n.id()))
+        {
+            *leaders.entry(n.id()).or_default() += 1;
+            continue;
+        }
         if checks.len() >= DEV_CHECKS_IN_FLIGHT {
             count_check(&mut checks, &mut leaders).await?;
         }
@@ -496,11 +518,18 @@ where
 {
     loop {
         // (`shards_led` leaves the meta shard out: ask the groups.)
-        let led = running.values().find_map(|node| {
-            let raft = node.raft(shard)?;
-            let leads = raft.metrics().borrow_watched().current_leader == Some(node.id());
-            leads.then(|| (node.clone(), raft))
-        });
+        // (`group` rebuilds a dormant replica: early shards of a large
+        // cluster sleep, and turn dormant, before the last ones start.)
+        let mut led = None;
+        for node in running.values() {
+            let Some(raft) = node.group(shard).await else {
+                continue;
+            };
+            if raft.metrics().borrow_watched().current_leader == Some(node.id()) {
+                led = Some((node.clone(), raft));
+                break;
+            }
+        }
         if let Some((found, raft)) = led {
             match tokio::time::timeout(Duration::from_secs(5), attempt(found.clone(), raft)).await {
                 Ok(Ok(v)) => return Ok((found.id(), v)),

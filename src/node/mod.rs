@@ -686,6 +686,15 @@ impl Node {
         self.registry.group(shard).await
     }
 
+    /// The leader this node's replica of `shard` sleeps under (`None`:
+    /// awake, or quiescence off).
+    pub fn sleeping_leader(&self, shard: ShardId) -> Option<NodeId> {
+        self.registry
+            .quiesce
+            .sleeping_under(shard)
+            .filter(|l| l.0 != 0)
+    }
+
     /// The term of this node's replica of `shard` (a dormant one's: the
     /// term it fell asleep in).
     pub fn replica_term(&self, shard: ShardId) -> Option<u64> {

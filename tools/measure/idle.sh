@@ -2,7 +2,8 @@
 # Needs a release build of tessera: cargo build --release --bin tessera
 # Usage: tools/measure/idle.sh SHARDS
 # A fresh `tessera dev --shards SHARDS` (3 nodes in one process) with
-# quiescence on (QUIESCE ms, default 3000; 0 turns it off): seconds from
+# quiescence on (QUIESCE ms, default 3000; 0 turns it off; DORMANT ms:
+# --dormant-after-ms, default the node default): seconds from
 # launch to `ready`, then after SETTLE s (default 30) over WINDOW s (default
 # 30): whole-process CPU (% of one core, /proc/PID/stat), UDP datagrams sent
 # per second by the machine (/proc/net/snmp; all 6 directed node pairs), RSS
@@ -12,7 +13,7 @@ shards=${1:?usage: idle.sh SHARDS}
 T="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release"
 dir=$(mktemp -d /var/tmp/tessera-idle.XXXX)
 start=$(date +%s.%N)
-$T/tessera dev --data-dir "$dir" --shards "$shards" --quiesce-after-ms "${QUIESCE:-3000}" > "$dir/log" 2>&1 &
+$T/tessera dev --data-dir "$dir" --shards "$shards" --quiesce-after-ms "${QUIESCE:-3000}" ${DORMANT:+--dormant-after-ms "$DORMANT"} > "$dir/log" 2>&1 &
 pid=$!
 for _ in $(seq 1 1200); do
   grep -q "^ready" "$dir/log" && break
