@@ -332,6 +332,20 @@ async fn dormant_replicas_drop_their_instance_and_come_back_as_they_were() {
         "terms changed: an election happened"
     );
     wait_all_dormant(&c, &shards).await;
+    // A leader rebuilt by something other than a request (here the test
+    // asks for its group) wakes its group, which settles and sleeps again
+    // under the same leader and term: no follower is left awake under a
+    // silent leader to elect another.
+    let (shard, leader) = leaders_before.iter().next().expect("a shard");
+    let i = shards.iter().position(|d| d.id == *shard).expect("listed");
+    c.node(leader.0).group(*shard).await.expect("rebuilt");
+    wait_all_asleep(&c, &shards).await;
+    assert_eq!(
+        terms(&c, *shard),
+        terms_before[i],
+        "{shard} held an election"
+    );
+    assert!(c.node(leader.0).shards_led().contains(shard));
     for d in &shards {
         assert_eq!(
             client.get(&key_of(d, "after")).await.unwrap().as_deref(),

@@ -520,7 +520,8 @@ impl Node {
     /// term (openraft's leader restore): its log, commit index and applied
     /// state are exactly what they were when it fell asleep in this
     /// process, so nothing is stale (restore stays off at start-up, where
-    /// unsynced applies may be lost). It comes back asleep; what needs it
+    /// unsynced applies may be lost), and it wakes (its first replication
+    /// wakes its followers). A follower comes back asleep; what needs it
     /// awake wakes it as it would any sleeping replica.
     pub(crate) async fn revive(&self, shard: ShardId) -> Option<Arc<ShardRaft>> {
         let lock = match self.registry.groups.get(&shard).as_deref()? {
@@ -546,7 +547,9 @@ impl Node {
                 return None;
             }
         };
-        if sleep.is_some() {
+        // Back asleep, as it was; a leader wakes at once (see Wake::Revived).
+        let leader = sleep.as_ref().is_some_and(|s| s.leader() == self.id);
+        if sleep.is_some() && !leader {
             raft.runtime_config().tick(false);
         }
         let installed = match self.registry.groups.get_mut(&shard).as_deref_mut() {
@@ -560,6 +563,11 @@ impl Node {
             // Dropped meanwhile (a move took the replica away).
             let _ = raft.shutdown().await;
             return None;
+        }
+        if leader {
+            self.registry
+                .quiesce
+                .touch(shard, &raft, quiesce::Wake::Revived);
         }
         self.registry
             .quiesce

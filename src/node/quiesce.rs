@@ -32,7 +32,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 /// How many wake causes there are.
-pub(crate) const KINDS: usize = 8;
+pub(crate) const KINDS: usize = 9;
 
 /// Why a sleeping replica woke (the metric's `cause` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +54,11 @@ pub(crate) enum Wake {
     Declined,
     /// The replica initialises its new group (it campaigns at once).
     Created,
+    /// A dormant leader was rebuilt: openraft's restored leader probes its
+    /// followers with entries and without the commit index, which wakes
+    /// them, so the leader wakes too (followers awake under a silent
+    /// leader would elect).
+    Revived,
 }
 
 impl Wake {
@@ -67,6 +72,7 @@ impl Wake {
         Wake::Append,
         Wake::Declined,
         Wake::Created,
+        Wake::Revived,
     ];
 
     /// The metric label.
@@ -80,6 +86,7 @@ impl Wake {
             Wake::Append => "append",
             Wake::Declined => "declined",
             Wake::Created => "created",
+            Wake::Revived => "revived",
         }
     }
 }
