@@ -529,11 +529,14 @@ impl Node {
             Slot::Dormant(l) => l.clone(),
         };
         let _reviving = lock.lock().await;
-        match self.registry.groups.get(&shard).as_deref()? {
+        let same = match self.registry.groups.get(&shard).as_deref()? {
             Slot::Live(r) => return Some(r.clone()),
-            Slot::Dormant(l) if Arc::ptr_eq(l, &lock) => {}
-            // Revived and made dormant again meanwhile.
-            Slot::Dormant(_) => return Box::pin(self.revive(shard)).await,
+            Slot::Dormant(l) => Arc::ptr_eq(l, &lock),
+        };
+        if !same {
+            // Revived and made dormant again meanwhile (no map guard is
+            // held across this wait).
+            return Box::pin(self.revive(shard)).await;
         }
         let sleep = self.registry.quiesce.asleep(shard);
         let config = match &sleep {
