@@ -80,8 +80,8 @@ enum Cmd {
         #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=10000))]
         shards: u64,
         /// Quiescence: idle shards stop ticking after this many ms without
-        /// writes (overrides `raft.quiesce_after_ms` of every node's config;
-        /// 0 turns it off; at least the election timeout).
+        /// writes (overrides `raft.quiesce_after_ms` of every node's config,
+        /// default 10000; 0 turns it off; at least the election timeout).
         #[arg(long)]
         quiesce_after_ms: Option<u64>,
         /// With quiescence on: a replica asleep this many ms drops its Raft

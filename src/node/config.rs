@@ -22,6 +22,8 @@
 //! pre_vote = true
 //! proposal_batch_max = 4096
 //! replicate_before_flush = false
+//! quiesce_after_ms = 10000            # idle groups sleep; 0 turns it off
+//! dormant_after_ms = 30000            # sleeping replicas drop their instance
 //!
 //! [bootstrap]                         # optional: create shards on first start
 //! shards = 16
@@ -118,7 +120,8 @@ pub struct RaftTimings {
     /// group no client request or admin command has reached since the
     /// node started sleeps as soon as it is settled, without this wait. 0
     /// turns it off. At least `election_timeout_ms_min` when on. Default:
-    /// 0 (off) until the network soak has run clean with it.
+    /// 10000 (on: the network soak runs clean with it, dormant replicas
+    /// included).
     pub quiesce_after_ms: u64,
     /// With quiescence on: a replica asleep for this long drops its
     /// openraft instance (about 110 KiB of buffers, tasks and channels
@@ -140,7 +143,7 @@ impl Default for RaftTimings {
             pre_vote: true,
             proposal_batch_max: 4096,
             replicate_before_flush: false,
-            quiesce_after_ms: 0,
+            quiesce_after_ms: 10_000,
             dormant_after_ms: 30_000,
         }
     }

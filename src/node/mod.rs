@@ -506,7 +506,7 @@ impl Node {
             .quiesce
             .dormancies
             .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
-        tracing::debug!(node = %self.id, replicas = n, "sleeping replicas made dormant");
+        tracing::info!(node = %self.id, replicas = n, "sleeping replicas made dormant");
         tokio::spawn(async move {
             for raft in dropped {
                 let _ = raft.shutdown().await;

@@ -182,6 +182,12 @@ pub fn write_cluster(
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(0),
+                // `TESSERA_DORMANT_AFTER_MS`: how soon sleeping replicas
+                // drop their instance in that soak (default: the node's).
+                dormant_after_ms: std::env::var("TESSERA_DORMANT_AFTER_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(RaftTimings::default().dormant_after_ms),
                 ..Default::default()
             },
             transport: tessera::net::TransportConfig {
