@@ -240,6 +240,9 @@ pub struct Node {
     gc_counters: replica_gc::GcCounters,
     /// Wakes replica GC and repair early (a snapshot showed a missed split).
     gc_wake: Arc<tokio::sync::Notify>,
+    /// Replicas replica GC found removed (they stop campaigning): kept
+    /// here too, so that a dormant one is rebuilt not campaigning.
+    no_campaign: dashmap::DashSet<ShardId>,
 }
 
 impl Node {
@@ -319,6 +322,7 @@ impl Node {
             tasks: std::sync::Mutex::new(vec![client_task]),
             gc_counters: Default::default(),
             gc_wake: Arc::new(tokio::sync::Notify::new()),
+            no_campaign: dashmap::DashSet::new(),
         };
         let hosted = node.engine.shards()?;
         for d in &hosted {
@@ -550,6 +554,9 @@ impl Node {
                 return None;
             }
         };
+        if self.no_campaign.contains(&shard) {
+            raft.runtime_config().elect(false);
+        }
         // Back asleep, as it was; a leader wakes at once (see Wake::Revived).
         let leader = sleep.as_ref().is_some_and(|s| s.leader() == self.id);
         if sleep.is_some() && !leader {

@@ -166,14 +166,17 @@ pub(crate) async fn run(
                             applied,
                         },
                     );
-                    if let Some(r) = n.group(s).await {
+                    // A dormant replica is rebuilt not campaigning.
+                    n.no_campaign.insert(s);
+                    if let Some(r) = n.raft(s) {
                         r.runtime_config().elect(false);
                     }
                     tracing::info!(node = %n.id, shard = %s, "replica GC: this replica looks removed; it stops campaigning");
                 }
                 Action::Clear(s) => {
                     suspects.remove(&s);
-                    if let Some(r) = n.group(s).await {
+                    n.no_campaign.remove(&s);
+                    if let Some(r) = n.raft(s) {
                         r.runtime_config().elect(true);
                     }
                 }
@@ -184,6 +187,7 @@ pub(crate) async fn run(
                 }
                 Action::Destroy(s) => {
                     suspects.remove(&s);
+                    n.no_campaign.remove(&s);
                     match n.drop_replica_local(s).await {
                         Ok(()) => {
                             n.gc_counters

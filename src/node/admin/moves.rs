@@ -327,6 +327,7 @@ impl Node {
         }
         self.registry.quiesce.forget(shard);
         self.registry.load.forget(shard);
+        self.no_campaign.remove(&shard);
         // The group's stores close as its tasks end.
         let started = Instant::now();
         loop {
