@@ -32,22 +32,29 @@ async fn cluster() -> (TestCluster, Vec<ShardDescriptor>) {
     (c, shards)
 }
 
-/// Waits until every replica of `shards` on the running nodes sleeps.
-async fn wait_all_asleep(c: &TestCluster, shards: &[ShardDescriptor]) {
-    c.wait_until("every replica of every shard asleep", WAIT, |c| {
-        c.up().all(|n| shards.iter().all(|d| n.is_quiescent(d.id)))
+/// Waits until every replica of `shards` on the running nodes is `what`
+/// (`is` says whether a node's replica of a shard is).
+async fn wait_all(
+    c: &TestCluster,
+    shards: &[ShardDescriptor],
+    what: &str,
+    is: fn(&tessera::node::Node, ShardId) -> bool,
+) {
+    c.wait_until(&format!("every replica of every shard {what}"), WAIT, |c| {
+        c.up().all(|n| shards.iter().all(|d| is(n, d.id)))
     })
     .await
     .unwrap();
 }
 
+/// Waits until every replica of `shards` on the running nodes sleeps.
+async fn wait_all_asleep(c: &TestCluster, shards: &[ShardDescriptor]) {
+    wait_all(c, shards, "asleep", tessera::node::Node::is_quiescent).await;
+}
+
 /// Waits until every replica of `shards` on the running nodes is dormant.
 async fn wait_all_dormant(c: &TestCluster, shards: &[ShardDescriptor]) {
-    c.wait_until("every replica of every shard dormant", WAIT, |c| {
-        c.up().all(|n| shards.iter().all(|d| n.is_dormant(d.id)))
-    })
-    .await
-    .unwrap();
+    wait_all(c, shards, "dormant", tessera::node::Node::is_dormant).await;
 }
 
 /// The leader of each shard, from the nodes' own view (a dormant leader's:

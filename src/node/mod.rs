@@ -543,9 +543,11 @@ impl Node {
             return Box::pin(self.revive(shard)).await;
         }
         let sleep = self.registry.quiesce.asleep(shard);
-        let config = match &sleep {
-            Some(s) if s.leader() == self.id => self.revive_config.clone(),
-            _ => self.raft_config.clone(),
+        let leader = sleep.as_ref().is_some_and(|s| s.leader() == self.id);
+        let config = if leader {
+            self.revive_config.clone()
+        } else {
+            self.raft_config.clone()
         };
         let raft = match self.build_group(shard, config).await {
             Ok(r) => Arc::new(r),
@@ -558,7 +560,6 @@ impl Node {
             raft.runtime_config().elect(false);
         }
         // Back asleep, as it was; a leader wakes at once (see Wake::Revived).
-        let leader = sleep.as_ref().is_some_and(|s| s.leader() == self.id);
         if sleep.is_some() && !leader {
             raft.runtime_config().tick(false);
         }
@@ -753,7 +754,7 @@ impl Node {
             .groups
             .iter()
             .filter(|e| *e.key() != meta::META_SHARD)
-            .filter(|e| self.registry.leads(*e.key(), e.value(), self.id))
+            .filter(|e| self.registry.leads(*e.key(), e.value()))
             .map(|e| *e.key())
             .collect();
         led.sort();
@@ -770,12 +771,7 @@ impl Node {
         s.log_entries = st.entries_appended;
         s.commands_applied = st.commands_applied;
         s.shards_hosted = self.registry.shard_ids().len() as u64;
-        s.meta_leader = self
-            .registry
-            .groups
-            .get(&meta::META_SHARD)
-            .is_some_and(|e| self.registry.leads(meta::META_SHARD, &e, self.id))
-            as u64;
+        s.meta_leader = self.registry.leads_hosted(meta::META_SHARD) as u64;
         s.shards_led = self.shards_led().len() as u64;
         s.replicas_destroyed = self
             .gc_counters

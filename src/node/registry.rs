@@ -40,13 +40,12 @@ pub(crate) enum Slot {
     Dormant(Arc<tokio::sync::Mutex<()>>),
 }
 
-/// A replica as status, routing and the wake-up paths see it.
+/// A replica as status and routing see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct ReplicaView {
     pub leader: Option<NodeId>,
     pub term: u64,
     pub applied: Option<crate::raft::LogId>,
-    pub voters: Vec<NodeId>,
 }
 
 impl Registry {
@@ -122,21 +121,28 @@ impl Registry {
         self.node()?.revive(shard).await
     }
 
-    /// Whether `me` leads `shard` (whose slot is `slot`): a sleeping
+    /// Whether this node leads `shard` (whose slot is `slot`): a sleeping
     /// replica's leadership is the vote it sleeps under (it cannot change
     /// until the group wakes), an awake one's its metrics.
-    pub(super) fn leads(&self, shard: ShardId, slot: &Slot, me: NodeId) -> bool {
+    pub(super) fn leads(&self, shard: ShardId, slot: &Slot) -> bool {
         match self.quiesce.sleeping_under(shard) {
             // An uninitialised replica sleeps under node 0: not led.
-            Some(leader) => leader == me,
+            Some(leader) => leader == self.me,
             None => match slot {
-                Slot::Live(r) => super::leadership(r, me).0,
+                Slot::Live(r) => super::leadership(r, self.me).0,
                 Slot::Dormant(_) => false,
             },
         }
     }
 
-    /// What status, routing and the wake-up paths need of a replica: from
+    /// Whether this node hosts and leads `shard`.
+    pub(super) fn leads_hosted(&self, shard: ShardId) -> bool {
+        self.groups
+            .get(&shard)
+            .is_some_and(|slot| self.leads(shard, &slot))
+    }
+
+    /// What status and routing need of a replica: from
     /// its metrics, or from what a dormant replica fell asleep under.
     pub(super) fn view(&self, shard: ShardId) -> Option<ReplicaView> {
         match self.groups.get(&shard).as_deref()? {
@@ -147,7 +153,6 @@ impl Registry {
                     leader: m.current_leader,
                     term: m.current_term,
                     applied: m.last_applied,
-                    voters: m.membership_config.membership().voter_ids().collect(),
                 })
             }
             Slot::Dormant(_) => {
@@ -156,7 +161,6 @@ impl Registry {
                     leader: (s.vote.leader_id.term > 0).then(|| s.leader()),
                     term: s.vote.leader_id.term,
                     applied: s.last,
-                    voters: s.voters.clone(),
                 })
             }
         }

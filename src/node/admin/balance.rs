@@ -90,8 +90,5 @@ pub(crate) async fn auto_rebalance(node: Weak<Node>, identity: crate::tls::TlsId
 
 /// Whether `n` leads the meta shard.
 fn leads_meta(n: &Node) -> bool {
-    n.registry
-        .groups
-        .get(&meta::META_SHARD)
-        .is_some_and(|e| n.registry.leads(meta::META_SHARD, &e, n.id))
+    n.registry.leads_hosted(meta::META_SHARD)
 }
