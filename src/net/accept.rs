@@ -208,14 +208,7 @@ async fn serve_raft_requests(
     let metrics = inner.metrics.clone();
     let inner2 = inner.clone();
     let writer = tokio::spawn(async move {
-        let r = pump(
-            &mut rx,
-            &mut send,
-            limits,
-            &metrics,
-            inner2.expediter.flush_signal(),
-        )
-        .await;
+        let r = pump(&mut rx, &mut send, limits, &metrics, &inner2.expediter).await;
         let _ = send.finish();
         r
     });

@@ -184,7 +184,7 @@ async fn run_raft_stream(
     };
     let mut shutdown = inner.shutdown.subscribe();
     let r = tokio::select! {
-        r = pump(rx, &mut send, limits, &inner.metrics, inner.expediter.flush_signal()) => r,
+        r = pump(rx, &mut send, limits, &inner.metrics, &inner.expediter) => r,
         _ = conn.closed() => Err("connection closed".to_string()),
         _ = shutdown.wait_for(|s| *s) => Ok(()),
     };
@@ -199,8 +199,9 @@ pub(super) async fn pump(
     send: &mut quinn::SendStream,
     limits: CoalesceLimits,
     metrics: &NetMetrics,
-    flush: &tokio::sync::Notify,
+    expediter: &super::Expediter,
 ) -> Result<(), String> {
+    let flush = expediter.flush_signal();
     let mut co: Coalescer<Vec<u8>> = Coalescer::new(limits);
     // Send everything queued, due or not: set when a client request starts
     // waiting on this node (lingering heartbeats may hold up its group's
@@ -209,6 +210,7 @@ pub(super) async fn pump(
     let mut closed = false;
     loop {
         let now = Instant::now();
+        force |= expediter.expedited();
         while co.is_due(now) || (force && !co.is_empty()) {
             let parts = co.take_frame();
             let frame = proto::encode_batch(&parts);

@@ -75,8 +75,13 @@ impl Expediter {
     /// Marks a client request as waiting until the guard drops, and flushes
     /// what lingers.
     pub fn expedite(&self) -> Expedite<'_> {
-        self.waiting.fetch_add(1, Ordering::AcqRel);
-        self.flush.notify_waiters();
+        let before = self.waiting.fetch_add(1, Ordering::AcqRel);
+        // Only the first waiter needs to wake the queues: while any request
+        // waits, new messages go out urgent, and queues look at
+        // `expedited` every time they wake.
+        if before == 0 {
+            self.flush.notify_waiters();
+        }
         Expedite(&self.waiting)
     }
 
