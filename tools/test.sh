@@ -18,10 +18,11 @@ cargo clippy --workspace --all-targets --features tessera/failpoints -- -D warni
 echo "== cargo test"
 log="$(mktemp)"
 set +e
-# One test at a time inside each test binary: the cluster tests run hundreds
-# to thousands of Raft groups each, and two of them sharing 2 cores starve
-# each other's heartbeats into election storms.
-cargo test --workspace --features tessera/failpoints -- --test-threads=1 2>&1 | tee "$log"
+# Tests of one binary run in parallel (cargo's default, one per core).
+# Pre-vote keeps two cluster tests sharing 2 cores from starting election
+# storms; the network-namespace lab is one per machine, and its tests take
+# turns with it (tests/common/netns.rs).
+cargo test --workspace --features tessera/failpoints 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the

@@ -23,7 +23,7 @@ use std::collections::{BinaryHeap, HashMap};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The host index of the test process itself (the clients); nodes are 1..=n.
@@ -105,10 +105,18 @@ fn nft(script: &str) {
         .unwrap_or_else(|e| panic!("network lab: {e}\nscript:\n{script}"));
 }
 
+/// The namespaces, the bridge and the nftables table have fixed names, one
+/// set per machine: a test holds this while its lab exists, so tests run in
+/// parallel take turns with it (a test that panicked does not block the
+/// next: the poison is ignored, and `create` clears leftovers).
+static LAB_IN_USE: Mutex<()> = Mutex::new(());
+
 /// The namespaces, the bridge and the faults in force.
 pub struct Lab {
     nodes: usize,
     delayers: Vec<Delayer>,
+    // Dropped after `Drop::drop` has removed the lab.
+    _turn: MutexGuard<'static, ()>,
 }
 
 impl Lab {
@@ -116,6 +124,7 @@ impl Lab {
     /// the kernel or the tools refuse.
     pub fn create(nodes: usize) -> Lab {
         assert!((1..=MAX_NODES).contains(&nodes));
+        let turn = LAB_IN_USE.lock().unwrap_or_else(|e| e.into_inner());
         remove_leftovers();
         if let Err(e) = run(&["ip", "netns", "add", &netns(1)], None) {
             panic!(
@@ -151,6 +160,7 @@ impl Lab {
         Lab {
             nodes,
             delayers: Vec::new(),
+            _turn: turn,
         }
     }
 
