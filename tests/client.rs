@@ -342,6 +342,20 @@ async fn cas_and_batches_behave_like_a_register_per_key() {
     let got = cl.batch_get(&refs).await.unwrap();
     let want: Vec<Option<Vec<u8>>> = vals.into_iter().map(Some).collect();
     assert_eq!(got, want);
+    // Shards are written at once, but one key's writes keep their batch
+    // order: every key twice, interleaved across all shards; the later wins.
+    let firsts: Vec<Vec<u8>> = (0..200u32).map(|i| format!("x{i}").into_bytes()).collect();
+    let lasts: Vec<Vec<u8>> = (0..200u32).map(|i| format!("y{i}").into_bytes()).collect();
+    let mut twice: Vec<(&[u8], &[u8])> = Vec::new();
+    for half in [&firsts, &lasts] {
+        for (k, v) in keys.iter().zip(half.iter()).rev() {
+            twice.push((k.as_slice(), v.as_slice()));
+        }
+    }
+    cl.batch_put(&twice).await.unwrap();
+    let got = cl.batch_get(&refs).await.unwrap();
+    let want: Vec<Option<Vec<u8>>> = lasts.into_iter().map(Some).collect();
+    assert_eq!(got, want, "a key's later write in one batch wins");
     drop(cl);
     c.shutdown().await;
 }

@@ -22,7 +22,8 @@ impl Client {
         Ok(self.batch_get(&[key]).await?.pop().flatten())
     }
 
-    /// Reads several keys (linearizable per shard), in order.
+    /// Reads several keys (linearizable per shard), in order: one request
+    /// per shard, all shards at once.
     ///
     /// # Examples
     /// ```no_run
@@ -46,42 +47,49 @@ impl Client {
             limits::check_key(k)?;
         }
         let mut out: Vec<Option<Option<Vec<u8>>>> = vec![None; keys.len()];
-        // Positions still to read; each request takes the first one and
-        // every other one its shard owns (read from one snapshot there).
         let mut pending: Vec<usize> = (0..keys.len()).collect();
-        while let Some(&first) = pending.first() {
-            let sent: Mutex<Vec<usize>> = Mutex::new(Vec::new());
-            let values = self
-                .with_route(
-                    keys[first],
-                    |d| {
-                        let mut s = sent.lock().expect("sent poisoned");
-                        *s = pending
-                            .iter()
-                            .copied()
-                            .filter(|&i| i == first || d.range.contains(keys[i]))
-                            .collect();
-                        Request::Get {
-                            shard: d.id,
-                            epoch: d.epoch,
-                            keys: s.iter().map(|&i| keys[i].to_vec()).collect(),
-                        }
-                    },
-                    |r| match r {
-                        // The node answers a prefix when the values are
-                        // larger than one response.
-                        Response::Values(v)
-                            if !v.is_empty()
-                                && v.len() <= sent.lock().expect("sent poisoned").len() =>
+        // Owned copies for reads that run as tasks (made when first needed).
+        let mut owned: Option<Arc<Vec<Vec<u8>>>> = None;
+        while !pending.is_empty() {
+            // A key whose shard the route cache does not know is read
+            // first, with every pending key its shard owns (that learns the
+            // route); then one read per shard, every shard at once.
+            let unknown = pending
+                .iter()
+                .copied()
+                .find(|&i| self.route(keys[i]).is_none());
+            let mut groups: Vec<(Option<ShardId>, Vec<usize>)> = Vec::new();
+            match unknown {
+                Some(_) => groups.push((None, pending.clone())),
+                None => {
+                    for &i in &pending {
+                        let shard = self.route(keys[i]).map(|d| d.id);
+                        match groups
+                            .iter_mut()
+                            .find(|(g, _)| shard.is_some() && *g == shard)
                         {
-                            Ok(v)
+                            Some((_, part)) => part.push(i),
+                            None => groups.push((shard, vec![i])),
                         }
-                        other => Err(unexpected(other)),
-                    },
-                )
-                .await?;
-            let sent = sent.into_inner().expect("sent poisoned");
-            for (&i, v) in sent.iter().zip(values) {
+                    }
+                }
+            }
+            let parts = if groups.len() == 1 {
+                let (_, part) = groups.pop().expect("one group");
+                let first = unknown.unwrap_or(part[0]);
+                vec![self.get_part(keys, first, part).await?]
+            } else {
+                let all = owned
+                    .get_or_insert_with(|| Arc::new(keys.iter().map(|k| k.to_vec()).collect()))
+                    .clone();
+                let mut running = tokio::task::JoinSet::new();
+                for (_, part) in groups {
+                    let (c, all) = (self.clone(), all.clone());
+                    running.spawn(async move { c.get_part(&all, part[0], part).await });
+                }
+                join_all(running, self.inner.opts.deadline).await?
+            };
+            for (i, v) in parts.into_iter().flatten() {
                 out[i] = Some(v);
             }
             pending.retain(|&i| out[i].is_none());
@@ -90,6 +98,48 @@ impl Client {
             .into_iter()
             .map(|v| v.expect("every key read"))
             .collect())
+    }
+
+    /// Reads, from the shard owning `keys[first]`, `first` and every other
+    /// key of `candidates` that shard owns (from one snapshot there); the
+    /// node may answer a prefix when the values are larger than one
+    /// response. Returns `(position, value)` for what was answered.
+    async fn get_part<K: AsRef<[u8]>>(
+        &self,
+        keys: &[K],
+        first: usize,
+        candidates: Vec<usize>,
+    ) -> Result<Vec<(usize, Option<Vec<u8>>)>, ClientError> {
+        let sent: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+        let values = self
+            .with_route(
+                keys[first].as_ref(),
+                |d| {
+                    let mut s = sent.lock().expect("sent poisoned");
+                    *s = candidates
+                        .iter()
+                        .copied()
+                        .filter(|&i| i == first || d.range.contains(keys[i].as_ref()))
+                        .collect();
+                    Request::Get {
+                        shard: d.id,
+                        epoch: d.epoch,
+                        keys: s.iter().map(|&i| keys[i].as_ref().to_vec()).collect(),
+                    }
+                },
+                |r| match r {
+                    Response::Values(v)
+                        if !v.is_empty()
+                            && v.len() <= sent.lock().expect("sent poisoned").len() =>
+                    {
+                        Ok(v)
+                    }
+                    other => Err(unexpected(other)),
+                },
+            )
+            .await?;
+        let sent = sent.into_inner().expect("sent poisoned");
+        Ok(sent.into_iter().zip(values).collect())
     }
 
     /// Opens a write of this client's session (`None` when exactly-once
@@ -246,8 +296,10 @@ impl Client {
     }
 
     /// Writes several pairs. Pairs of one shard are applied atomically
-    /// together; pairs of different shards are not (each shard's part
-    /// succeeds or fails on its own).
+    /// together, as one request; the shards' requests are sent all at once
+    /// and are not atomic together (each shard's part succeeds or fails on
+    /// its own; on an error, the first is returned once every part is
+    /// done). Writes of one key apply in batch order.
     ///
     /// # Examples
     /// ```no_run
@@ -269,51 +321,67 @@ impl Client {
             .collect();
         crate::command::validate_ops(&ops)?;
         let mut pending = ops;
-        while !pending.is_empty() {
-            // Group what the cache says shares a shard with the first key.
-            let first = pending[0].key().to_vec();
-            let route = match self.route(&first) {
-                Some(r) => r,
-                None => {
-                    // One routed write learns the route; then group.
-                    let op = pending.remove(0);
-                    self.write_one(op).await?;
-                    continue;
-                }
-            };
-            let (group, rest): (Vec<Op>, Vec<Op>) = pending
-                .into_iter()
-                .partition(|op| route.range.contains(op.key()));
-            pending = rest;
-            let open = self.open_write().await?;
-            let r = self
-                .with_target(
-                    Target::Group(&first),
-                    |d| Self::write_request(d, group.clone(), open.as_ref()),
-                    |r| match r {
-                        Response::Written(_) => Ok(()),
-                        other => Err(unexpected(other)),
-                    },
-                    self.inner.opts.deadline,
-                    self.inner.opts.attempt_timeout,
-                )
-                .await;
-            drop(open);
-            match r {
-                Ok(()) => {}
-                // The shard shrank under us and nothing of the group was
-                // applied (a session write's earlier application would
-                // have been answered, not refused): write the group key by
-                // key, each a new write.
-                Err(ClientError::Refused(ApiError::KeyNotInRange { .. })) => {
-                    for op in group {
-                        self.write_one(op).await?;
-                    }
-                }
-                Err(e) => return Err(e),
+        // A key whose shard the route cache does not know is written alone
+        // first, which learns that shard's route. It is the first pending
+        // write of its key (all writes of one key share its route), so the
+        // key's writes keep their order.
+        while let Some(i) = pending.iter().position(|op| self.route(op.key()).is_none()) {
+            let op = pending.remove(i);
+            self.write_one(op).await?;
+        }
+        // Then one write per shard, every shard at once. Each write is in
+        // exactly one group, in its batch order.
+        let mut groups: Vec<(Option<ShardId>, Vec<Op>)> = Vec::new();
+        for op in pending {
+            let shard = self.route(op.key()).map(|d| d.id);
+            match groups
+                .iter_mut()
+                .find(|(g, _)| shard.is_some() && *g == shard)
+            {
+                Some((_, ops)) => ops.push(op),
+                None => groups.push((shard, vec![op])),
             }
         }
-        Ok(())
+        let mut running = tokio::task::JoinSet::new();
+        for (_, group) in groups {
+            let c = self.clone();
+            running.spawn(async move { c.put_group(group).await });
+        }
+        join_all(running, self.inner.opts.deadline).await.map(drop)
+    }
+
+    /// Writes `group` (keys the route cache gives one shard) as one
+    /// request; key by key when that shard turns out to have shrunk.
+    async fn put_group(&self, group: Vec<Op>) -> Result<(), ClientError> {
+        let first = group[0].key().to_vec();
+        let open = self.open_write().await?;
+        let r = self
+            .with_target(
+                Target::Group(&first),
+                |d| Self::write_request(d, group.clone(), open.as_ref()),
+                |r| match r {
+                    Response::Written(_) => Ok(()),
+                    other => Err(unexpected(other)),
+                },
+                self.inner.opts.deadline,
+                self.inner.opts.attempt_timeout,
+            )
+            .await;
+        drop(open);
+        match r {
+            Ok(()) => Ok(()),
+            // The shard shrank under us and nothing of the group was
+            // applied (a session write's earlier application would have
+            // been answered, not refused): write the group key by key,
+            // each a new write.
+            Err(ClientError::Refused(ApiError::KeyNotInRange { .. })) => {
+                for op in group {
+                    self.write_one(op).await?;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Up to `limit` pairs with keys in `[start, end)` (empty `end`: to the
@@ -455,4 +523,32 @@ impl Scanner {
         self.done = true;
         Ok(None)
     }
+}
+
+/// Waits for every task of `running` (none is abandoned half way) and
+/// returns their results, or the first error; a task's panic is the
+/// caller's. A task cancelled (the runtime shutting down) left its request
+/// indeterminate, reported as a timeout of `deadline`.
+async fn join_all<T: 'static>(
+    mut running: tokio::task::JoinSet<Result<T, ClientError>>,
+    deadline: Duration,
+) -> Result<Vec<T>, ClientError> {
+    let mut first = None;
+    let mut done_ok = Vec::new();
+    while let Some(done) = running.join_next().await {
+        match done {
+            Ok(Ok(v)) => done_ok.push(v),
+            Ok(Err(e)) => {
+                first.get_or_insert(e);
+            }
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => {
+                first.get_or_insert(ClientError::Timeout {
+                    deadline,
+                    last_error: format!("batch part cancelled: {e}"),
+                });
+            }
+        }
+    }
+    first.map_or(Ok(done_ok), Err)
 }
