@@ -330,17 +330,31 @@ impl Client {
             self.write_one(op).await?;
         }
         // Then one write per shard, every shard at once. Each write is in
-        // exactly one group, in its batch order.
+        // exactly one group, in its batch order, and all writes of a key in
+        // the group of its first (the route cache may change meanwhile:
+        // another task of this client can refresh it).
         let mut groups: Vec<(Option<ShardId>, Vec<Op>)> = Vec::new();
+        let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
         for op in pending {
-            let shard = self.route(op.key()).map(|d| d.id);
-            match groups
-                .iter_mut()
-                .find(|(g, _)| shard.is_some() && *g == shard)
-            {
-                Some((_, ops)) => ops.push(op),
-                None => groups.push((shard, vec![op])),
-            }
+            let g = match group_of.get(op.key()) {
+                Some(&g) => g,
+                None => {
+                    let shard = self.route(op.key()).map(|d| d.id);
+                    let g = match groups
+                        .iter()
+                        .position(|(s, _)| shard.is_some() && *s == shard)
+                    {
+                        Some(g) => g,
+                        None => {
+                            groups.push((shard, Vec::new()));
+                            groups.len() - 1
+                        }
+                    };
+                    group_of.insert(op.key().to_vec(), g);
+                    g
+                }
+            };
+            groups[g].1.push(op);
         }
         let mut running = tokio::task::JoinSet::new();
         for (_, group) in groups {
