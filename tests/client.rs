@@ -643,9 +643,14 @@ async fn shard_load_and_unflushed_size_are_reported() {
     let hot_leader = hot.leader;
     let reports = common::wait::until("load reports in the meta shard", WAIT, || async {
         let r = cl.load_reports().await.map_err(|e| e.to_string())?;
-        let busy = r
-            .iter()
-            .any(|x| x.shard == hot_id && x.writes_per_s > 0 && x.size_bytes >= 100 * 1024);
+        // The reads came after the writes: a report sent between them
+        // shows writes and no reads yet, so wait for one with both.
+        let busy = r.iter().any(|x| {
+            x.shard == hot_id
+                && x.writes_per_s > 0
+                && x.reads_per_s > 0
+                && x.size_bytes >= 100 * 1024
+        });
         let all = cold
             .iter()
             .all(|s| r.iter().any(|x| x.shard == s.descriptor.id));
