@@ -58,24 +58,18 @@ impl Client {
                 .iter()
                 .copied()
                 .find(|&i| self.route(keys[i]).is_none());
-            let mut groups: Vec<(Option<ShardId>, Vec<usize>)> = Vec::new();
-            match unknown {
-                Some(_) => groups.push((None, pending.clone())),
+            let mut groups: Vec<Vec<usize>> = match unknown {
+                Some(_) => vec![pending.clone()],
                 None => {
-                    for &i in &pending {
-                        let shard = self.route(keys[i]).map(|d| d.id);
-                        match groups
-                            .iter_mut()
-                            .find(|(g, _)| shard.is_some() && *g == shard)
-                        {
-                            Some((_, part)) => part.push(i),
-                            None => groups.push((shard, vec![i])),
-                        }
-                    }
+                    let ks: Vec<&[u8]> = pending.iter().map(|&i| keys[i]).collect();
+                    self.group_by_shard(&ks)
+                        .into_iter()
+                        .map(|g| g.into_iter().map(|j| pending[j]).collect())
+                        .collect()
                 }
-            }
+            };
             let parts = if groups.len() == 1 {
-                let (_, part) = groups.pop().expect("one group");
+                let part = groups.pop().expect("one group");
                 let first = unknown.unwrap_or(part[0]);
                 vec![self.get_part(keys, first, part).await?]
             } else {
@@ -83,7 +77,7 @@ impl Client {
                     .get_or_insert_with(|| Arc::new(keys.iter().map(|k| k.to_vec()).collect()))
                     .clone();
                 let mut running = tokio::task::JoinSet::new();
-                for (_, part) in groups {
+                for part in groups {
                     let (c, all) = (self.clone(), all.clone());
                     running.spawn(async move { c.get_part(&all, part[0], part).await });
                 }
@@ -329,39 +323,48 @@ impl Client {
             let op = pending.remove(i);
             self.write_one(op).await?;
         }
-        // Then one write per shard, every shard at once. Each write is in
-        // exactly one group, in its batch order, and all writes of a key in
-        // the group of its first (the route cache may change meanwhile:
-        // another task of this client can refresh it).
-        let mut groups: Vec<(Option<ShardId>, Vec<Op>)> = Vec::new();
-        let mut group_of: HashMap<Vec<u8>, usize> = HashMap::new();
-        for op in pending {
-            let g = match group_of.get(op.key()) {
-                Some(&g) => g,
-                None => {
-                    let shard = self.route(op.key()).map(|d| d.id);
-                    let g = match groups
-                        .iter()
-                        .position(|(s, _)| shard.is_some() && *s == shard)
-                    {
-                        Some(g) => g,
-                        None => {
-                            groups.push((shard, Vec::new()));
-                            groups.len() - 1
-                        }
-                    };
-                    group_of.insert(op.key().to_vec(), g);
-                    g
-                }
-            };
-            groups[g].1.push(op);
-        }
+        // Then one write per shard, every shard at once, each group in
+        // batch order.
+        let keys: Vec<&[u8]> = pending.iter().map(Op::key).collect();
+        let groups = self.group_by_shard(&keys);
+        let mut ops: Vec<Option<Op>> = pending.into_iter().map(Some).collect();
+        let groups: Vec<Vec<Op>> = groups
+            .into_iter()
+            .map(|g| g.into_iter().filter_map(|i| ops[i].take()).collect())
+            .collect();
         let mut running = tokio::task::JoinSet::new();
-        for (_, group) in groups {
+        for group in groups {
             let c = self.clone();
             running.spawn(async move { c.put_group(group).await });
         }
         join_all(running, self.inner.opts.deadline).await.map(drop)
+    }
+
+    /// Positions of `keys` grouped by the shard the route cache gives them,
+    /// each group in order. Every position of one key is in the group of
+    /// its first (the cache may change meanwhile: another task of this
+    /// client can refresh it); a key without a cached route is a group of
+    /// its own.
+    fn group_by_shard(&self, keys: &[&[u8]]) -> Vec<Vec<usize>> {
+        let mut groups: Vec<(Option<ShardId>, Vec<usize>)> = Vec::new();
+        let mut group_of: HashMap<&[u8], usize> = HashMap::new();
+        for (i, &k) in keys.iter().enumerate() {
+            let g = *group_of.entry(k).or_insert_with(|| {
+                let shard = self.route(k).map(|d| d.id);
+                match groups
+                    .iter()
+                    .position(|(s, _)| shard.is_some() && *s == shard)
+                {
+                    Some(g) => g,
+                    None => {
+                        groups.push((shard, Vec::new()));
+                        groups.len() - 1
+                    }
+                }
+            });
+            groups[g].1.push(i);
+        }
+        groups.into_iter().map(|(_, g)| g).collect()
     }
 
     /// Writes `group` (keys the route cache gives one shard) as one

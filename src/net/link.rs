@@ -203,9 +203,10 @@ pub(super) async fn pump(
 ) -> Result<(), String> {
     let flush = expediter.flush_signal();
     let mut co: Coalescer<Vec<u8>> = Coalescer::new(limits);
-    // Send everything queued, due or not: set when a client request starts
-    // waiting on this node (lingering heartbeats may hold up its group's
-    // replication) and when the queue closes.
+    // Send everything queued, due or not: while a client request waits on
+    // this node (lingering heartbeats may hold up its group's replication;
+    // the first waiter's notification wakes this loop) and when the queue
+    // closes.
     let mut force = false;
     let mut closed = false;
     loop {
