@@ -89,6 +89,17 @@ enum Cmd {
         /// `raft.dormant_after_ms`, default 30000; 0 keeps every instance).
         #[arg(long)]
         dormant_after_ms: Option<u64>,
+        /// Longest the log writer holds a sync back to gather more appends
+        /// while more writes are in progress than it holds, in µs
+        /// (overrides `storage.group_commit_linger_us`, default 1500; 0
+        /// syncs at once).
+        #[arg(long)]
+        group_commit_linger_us: Option<u64>,
+        /// An AppendEntries that only advances the commit waits this long
+        /// for the group's next entries to carry it, in ms (overrides
+        /// `raft.commit_linger_ms`, default 50; 0 sends it at once).
+        #[arg(long)]
+        commit_linger_ms: Option<u64>,
     },
     /// Prepare a new node for a `tessera dev` folder: a certificate from the
     /// folder's CA, `DIR/node-N/node.toml` pointing at the existing nodes
@@ -137,12 +148,18 @@ fn main() -> Result<()> {
             shards,
             quiesce_after_ms,
             dormant_after_ms,
+            group_commit_linger_us,
+            commit_linger_ms,
         } => rt.block_on(dev(
             data_dir,
             nodes,
             shards,
-            quiesce_after_ms,
-            dormant_after_ms,
+            DevOverrides {
+                quiesce_after_ms,
+                dormant_after_ms,
+                group_commit_linger_us,
+                commit_linger_ms,
+            },
         )),
         Cmd::Inspect { data_dir } => inspect(data_dir),
         Cmd::AddNode { data_dir } => add_node(&data_dir),
@@ -325,13 +342,15 @@ fn add_node(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-async fn dev(
-    data_dir: PathBuf,
-    nodes: u64,
-    shards: u64,
+/// Settings `tessera dev` overrides in every node's config.
+struct DevOverrides {
     quiesce_after_ms: Option<u64>,
     dormant_after_ms: Option<u64>,
-) -> Result<()> {
+    group_commit_linger_us: Option<u64>,
+    commit_linger_ms: Option<u64>,
+}
+
+async fn dev(data_dir: PathBuf, nodes: u64, shards: u64, over: DevOverrides) -> Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("create data folder {}", data_dir.display()))?;
     let cluster_path = data_dir.join("cluster.toml");
@@ -353,12 +372,19 @@ async fn dev(
     for n in &cluster.nodes {
         let path = data_dir.join(format!("node-{}", n.id.0)).join("node.toml");
         let mut cfg = NodeConfig::load(&path)?;
-        if let Some(q) = quiesce_after_ms {
+        if let Some(q) = over.quiesce_after_ms {
             cfg.raft.quiesce_after_ms = q;
         }
-        if let Some(d) = dormant_after_ms {
+        if let Some(d) = over.dormant_after_ms {
             cfg.raft.dormant_after_ms = d;
         }
+        if let Some(l) = over.group_commit_linger_us {
+            cfg.storage.group_commit_linger_us = l;
+        }
+        if let Some(l) = over.commit_linger_ms {
+            cfg.raft.commit_linger_ms = l;
+        }
+        cfg.validate()?;
         let identity = TlsIdentity::load(&cfg.tls)?;
         let id = n.id;
         starting.spawn(async move {

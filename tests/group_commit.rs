@@ -89,3 +89,24 @@ async fn sync_per_write_mode_syncs_every_append() {
         "the baseline syncs once per durable request"
     );
 }
+
+/// Writes in progress that never turn into appends (a client write parked
+/// elsewhere, say) make the log writer linger, but only up to its cap: every
+/// append still becomes durable, and the flush contract holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_linger_under_phantom_demand_still_flushes_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = StorageConfig {
+        group_commit_linger_us: 20_000,
+        ..StorageConfig::new(dir.path())
+    };
+    let engine = Engine::open(cfg).unwrap();
+    // Far more writes "in progress" than any group holds, for the whole run.
+    let phantom: Vec<_> = (0..1000).map(|_| engine.write_in_progress()).collect();
+    let (appends, syncs) = run(engine.clone()).await;
+    drop(phantom);
+    assert!(
+        syncs < appends,
+        "lingering groups share syncs ({syncs} syncs, {appends} appends)"
+    );
+}

@@ -24,6 +24,7 @@
 //! replicate_before_flush = false
 //! quiesce_after_ms = 10000            # idle groups sleep; 0 turns it off
 //! dormant_after_ms = 30000            # sleeping replicas drop their instance
+//! commit_linger_ms = 50               # a commit-only AppendEntries waits for entries
 //!
 //! [bootstrap]                         # optional: create shards on first start
 //! shards = 16
@@ -129,6 +130,12 @@ pub struct RaftTimings {
     /// needs it (a client or admin request, a Raft message, a snapshot, a
     /// peer's death). 0 keeps every instance. Default: 30000.
     pub dormant_after_ms: u64,
+    /// An AppendEntries that only tells a follower the new commit waits up
+    /// to this long for the group's next entries to carry it (the leader
+    /// answers its client on its own commit; followers apply up to this
+    /// much later). 0 sends each at once. At most half of
+    /// `heartbeat_interval_ms` is used. Default: 50.
+    pub commit_linger_ms: u64,
 }
 
 impl Default for RaftTimings {
@@ -145,6 +152,7 @@ impl Default for RaftTimings {
             replicate_before_flush: false,
             quiesce_after_ms: 10_000,
             dormant_after_ms: 30_000,
+            commit_linger_ms: 50,
         }
     }
 }

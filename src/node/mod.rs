@@ -475,6 +475,9 @@ impl Node {
             self.transport.clone(),
             shard,
             self.config.transport.frame_bytes_max / 2,
+            Duration::from_millis(
+                (self.config.raft.commit_linger_ms).min(self.config.raft.heartbeat_interval_ms / 2),
+            ),
         );
         ShardRaft::new(self.id, config, net, log, sm)
             .await

@@ -278,7 +278,12 @@ impl Registry {
             )
         }
         match req {
-            PeerRequest::Append(r) => answered(raft.append_entries(r).await, PeerResponse::Append),
+            PeerRequest::Append(r) => {
+                // Entries to append: the log writer may wait a little for
+                // other groups' appends while this one is in progress.
+                let _in_progress = (!r.entries.is_empty()).then(|| self.engine.write_in_progress());
+                answered(raft.append_entries(r).await, PeerResponse::Append)
+            }
             PeerRequest::Vote(v) => answered(raft.vote(v).await, PeerResponse::Vote),
             PeerRequest::PreVote(v) => answered(raft.pre_vote(v).await, PeerResponse::Vote),
             PeerRequest::TransferLeader(t) => answered(

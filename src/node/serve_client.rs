@@ -321,6 +321,7 @@ impl Registry {
                     },
                 };
                 let _expedite = self.expedite();
+                let _in_progress = self.engine.write_in_progress();
                 match raft.client_write(cmd).await {
                     Ok(resp) => match resp.data {
                         CommandResponse::Write(results) => {

@@ -7,6 +7,7 @@
 //! waiting for the flush, batches client writes, and has pre-vote and leader
 //! transfer (see the README's design note on openraft 0.10).
 
+pub mod commit_linger;
 pub mod network;
 pub mod rpc;
 

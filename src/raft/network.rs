@@ -19,22 +19,38 @@ use openraft::raft::{TransferLeaderRequest, TransferLeaderResponse};
 use openraft::BasicNode;
 use std::time::Duration;
 
+use futures_util::Stream;
+use openraft::base::{BoxFuture, BoxStream};
+use openraft::raft::StreamAppendResult;
+
+/// One item of a stream of AppendEntries responses.
+type StreamAppendItem = Result<StreamAppendResult<TypeConfig>, RPCError<TypeConfig>>;
+
 /// Makes one [`PeerClient`] per target for a shard's group.
 #[derive(Clone)]
 pub struct NetworkFactory {
     transport: Transport,
     shard: ShardId,
     message_bytes_max: usize,
+    commit_linger: Duration,
 }
 
 impl NetworkFactory {
     /// The network of `shard`'s group; AppendEntries are cut to at most
-    /// `message_bytes_max` of entry payload (at least one entry each).
-    pub fn new(transport: Transport, shard: ShardId, message_bytes_max: usize) -> Self {
+    /// `message_bytes_max` of entry payload (at least one entry each), and
+    /// one that only advances the commit waits up to `commit_linger` for
+    /// the next one to carry it (see [`super::commit_linger`]).
+    pub fn new(
+        transport: Transport,
+        shard: ShardId,
+        message_bytes_max: usize,
+        commit_linger: Duration,
+    ) -> Self {
         NetworkFactory {
             transport,
             shard,
             message_bytes_max,
+            commit_linger,
         }
     }
 }
@@ -48,6 +64,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             shard: self.shard,
             target,
             message_bytes_max: self.message_bytes_max,
+            commit_linger: self.commit_linger,
         }
     }
 }
@@ -58,6 +75,7 @@ pub struct PeerClient {
     shard: ShardId,
     target: NodeId,
     message_bytes_max: usize,
+    commit_linger: Duration,
 }
 
 fn io_err(e: &CallError) -> std::io::Error {
@@ -160,6 +178,20 @@ impl PeerClient {
 
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = SnapshotData;
+
+    /// One request at a time, as openraft's default, on the input with
+    /// commit-only requests coalesced into the next one.
+    fn stream_append<'s, S>(
+        &'s mut self,
+        input: S,
+        option: RPCOption,
+    ) -> BoxFuture<'s, Result<BoxStream<'s, StreamAppendItem>, RPCError<TypeConfig>>>
+    where
+        S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
+    {
+        let input = super::commit_linger::coalesce(input, self.commit_linger);
+        openraft::network::stream_append_sequential(self, input, option)
+    }
 
     async fn append_entries(
         &mut self,

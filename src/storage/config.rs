@@ -16,6 +16,9 @@ pub enum CommitMode {
     SyncPerWrite,
 }
 
+/// Upper bound of [`StorageConfig::group_commit_linger_us`]: 100 ms.
+pub const GROUP_COMMIT_LINGER_US_MAX: u64 = 100_000;
+
 /// Storage settings for one node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -34,6 +37,14 @@ pub struct StorageConfig {
     pub write_group_bytes_max: usize,
     /// Group commit or a sync per request. Default: `group-commit`.
     pub commit_mode: CommitMode,
+    /// Longest the log writer holds a sync back to gather more appends, in
+    /// microseconds. It waits only while more writes are in progress on the
+    /// node (client writes led here, replicated appends received) than the
+    /// group holds, in 500 µs slices, and stops at the first slice that
+    /// brings nothing. Under load this trades a little latency for several
+    /// times fewer syncs; a lone writer never waits. 0 turns it off.
+    /// Default: 1500. Maximum: 100000.
+    pub group_commit_linger_us: u64,
     /// Key/value bytes per snapshot chunk (one frame in a snapshot file, one
     /// write batch at install). Default: 1 MiB. Minimum: 4 KiB. Maximum: 8 MiB.
     pub snapshot_chunk_bytes_max: usize,
@@ -49,6 +60,7 @@ impl Default for StorageConfig {
             write_group_requests_max: 1024,
             write_group_bytes_max: 16 << 20,
             commit_mode: CommitMode::GroupCommit,
+            group_commit_linger_us: 1500,
             snapshot_chunk_bytes_max: 1 << 20,
             block_cache_bytes: 256 << 20,
         }
@@ -99,6 +111,15 @@ impl StorageConfig {
             self.snapshot_chunk_bytes_max,
             4096,
         )?;
+        if self.group_commit_linger_us > GROUP_COMMIT_LINGER_US_MAX {
+            return Err(ConfigError {
+                field: "group_commit_linger_us",
+                reason: format!(
+                    "{} exceeds the maximum {GROUP_COMMIT_LINGER_US_MAX}",
+                    self.group_commit_linger_us
+                ),
+            });
+        }
         if self.snapshot_chunk_bytes_max > FRAME_BYTES_MAX / 2 {
             return Err(ConfigError {
                 field: "snapshot_chunk_bytes_max",
@@ -136,5 +157,10 @@ mod tests {
             bad.validate().unwrap_err().field,
             "snapshot_chunk_bytes_max"
         );
+        let bad = StorageConfig {
+            group_commit_linger_us: GROUP_COMMIT_LINGER_US_MAX + 1,
+            ..Default::default()
+        };
+        assert_eq!(bad.validate().unwrap_err().field, "group_commit_linger_us");
     }
 }

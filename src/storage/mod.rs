@@ -27,4 +27,4 @@ pub use engine::{AppendHook, Engine, ShardState};
 pub use error::StoreError;
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
-pub use writer::StorageStats;
+pub use writer::{StorageStats, WriteInProgress};

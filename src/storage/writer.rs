@@ -16,8 +16,9 @@
 use super::config::CommitMode;
 use super::error::StoreError;
 use rocksdb::{WriteBatch, WriteOptions, DB};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 /// Column families a write can touch.
@@ -159,6 +160,70 @@ pub(crate) struct GroupLimits {
     pub requests_max: usize,
     pub bytes_max: usize,
     pub mode: CommitMode,
+    /// Longest a sync is held back for more appends (zero: never).
+    pub linger: Duration,
+}
+
+/// One wait of a lingering group: short enough that a lull ends the linger
+/// soon after it starts.
+pub(crate) const LINGER_SLICE: Duration = Duration::from_micros(500);
+
+/// Writes in progress on the node that may still bring log appends (client
+/// writes this node leads, replicated appends it received): the log writer
+/// holds a sync back only while there are more of them than its group holds.
+#[derive(Debug, Default)]
+pub(crate) struct InProgress(AtomicUsize);
+
+impl InProgress {
+    pub(crate) fn start(self: &Arc<Self>) -> WriteInProgress {
+        self.0.fetch_add(1, Ordering::AcqRel);
+        WriteInProgress(self.clone())
+    }
+
+    fn get(&self) -> usize {
+        self.0.load(Ordering::Acquire)
+    }
+}
+
+/// Counts one write as in progress until dropped (see
+/// [`super::Engine::write_in_progress`]).
+#[derive(Debug)]
+pub struct WriteInProgress(Arc<InProgress>);
+
+impl Drop for WriteInProgress {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a group looks like when the writer decides whether to wait one more
+/// slice before its write and sync.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LingerState {
+    /// The group needs a sync (waiting only ever helps syncs).
+    pub needs_sync: bool,
+    /// Append requests in the group.
+    pub appends: usize,
+    /// Writes in progress on the node.
+    pub in_progress: usize,
+    /// Time already spent waiting for this group.
+    pub waited: Duration,
+    /// The last slice brought at least one request (true before the first).
+    pub last_slice_brought: bool,
+    /// The group reached its request or byte limit.
+    pub full: bool,
+}
+
+/// Whether to wait one more [`LINGER_SLICE`] before writing and syncing: only
+/// for a group that needs a sync, is not full, is outnumbered by the writes
+/// in progress (more appends are coming), has not waited its cap, and whose
+/// last slice was not empty (a lull means nothing more is coming soon).
+pub(crate) fn linger_more(s: LingerState, cap: Duration) -> bool {
+    s.needs_sync
+        && !s.full
+        && s.in_progress > s.appends
+        && s.last_slice_brought
+        && s.waited + LINGER_SLICE <= cap
 }
 
 /// Body of the writer thread; returns when every sender is gone.
@@ -168,6 +233,7 @@ pub(crate) fn run(
     limits: GroupLimits,
     counters: Arc<Counters>,
     latch: Arc<FailLatch>,
+    in_progress: Arc<InProgress>,
 ) {
     let mut no_sync = WriteOptions::default();
     no_sync.set_sync(false);
@@ -176,19 +242,49 @@ pub(crate) fn run(
         let mut bytes: usize = first.ops.iter().map(WriteOp::bytes).sum();
         group.push(first);
         if limits.mode == CommitMode::GroupCommit {
-            while group.len() < limits.requests_max && bytes < limits.bytes_max {
-                match rx.try_recv() {
-                    Ok(req) => {
-                        bytes += req.ops.iter().map(WriteOp::bytes).sum::<usize>();
-                        group.push(req);
-                    }
-                    Err(_) => break,
-                }
+            gather(&mut rx, &mut group, &mut bytes, &limits);
+            let mut waited = Duration::ZERO;
+            let mut brought = true;
+            while linger_more(
+                LingerState {
+                    needs_sync: group.iter().any(|r| r.on_durable.is_some()),
+                    appends: group.iter().filter(|r| r.append_entries.is_some()).count(),
+                    in_progress: in_progress.get(),
+                    waited,
+                    last_slice_brought: brought,
+                    full: group.len() >= limits.requests_max || bytes >= limits.bytes_max,
+                },
+                limits.linger,
+            ) {
+                std::thread::sleep(LINGER_SLICE);
+                waited += LINGER_SLICE;
+                brought = gather(&mut rx, &mut group, &mut bytes, &limits) > 0;
             }
         }
         write_group(&db, &no_sync, &mut group, bytes, &counters, &latch);
         group.clear();
     }
+}
+
+/// Adds what is queued to `group`, up to the group limits; returns how many
+/// requests it took.
+fn gather(
+    rx: &mut mpsc::Receiver<WriteRequest>,
+    group: &mut Vec<WriteRequest>,
+    bytes: &mut usize,
+    limits: &GroupLimits,
+) -> usize {
+    let before = group.len();
+    while group.len() < limits.requests_max && *bytes < limits.bytes_max {
+        match rx.try_recv() {
+            Ok(req) => {
+                *bytes += req.ops.iter().map(WriteOp::bytes).sum::<usize>();
+                group.push(req);
+            }
+            Err(_) => break,
+        }
+    }
+    group.len() - before
 }
 
 #[allow(clippy::redundant_closure_call)] // the closures hold failpoints (empty without the feature)
@@ -291,4 +387,79 @@ fn fail_all(group: &mut Vec<WriteRequest>, e: StoreError) {
 fn handle(db: &DB, cf: Cf) -> &rocksdb::ColumnFamily {
     db.cf_handle(cf.name())
         .expect("column family created at open")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn state() -> impl Strategy<Value = LingerState> {
+        (
+            any::<bool>(),
+            0usize..64,
+            0usize..64,
+            0u64..20,
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(needs_sync, appends, in_progress, slices, last_slice_brought, full)| {
+                    LingerState {
+                        needs_sync,
+                        appends,
+                        in_progress,
+                        waited: LINGER_SLICE * slices as u32,
+                        last_slice_brought,
+                        full,
+                    }
+                },
+            )
+    }
+
+    proptest! {
+        /// A linger never passes its cap, never holds a group that needs no
+        /// sync or is full, never waits for appends no one is writing, and
+        /// ends at the first empty slice.
+        #[test]
+        fn linger_is_bounded_and_only_under_demand(s in state(), cap_slices in 0u32..16) {
+            let cap = LINGER_SLICE * cap_slices;
+            if linger_more(s, cap) {
+                prop_assert!(s.waited + LINGER_SLICE <= cap);
+                prop_assert!(s.needs_sync && !s.full && s.last_slice_brought);
+                prop_assert!(s.in_progress > s.appends);
+            }
+        }
+
+        /// Under demand, a group that needs a sync waits while its cap
+        /// allows.
+        #[test]
+        fn lingers_while_more_writes_are_coming(appends in 0usize..32, more in 1usize..32, slices in 0u32..8) {
+            let s = LingerState {
+                needs_sync: true,
+                appends,
+                in_progress: appends + more,
+                waited: LINGER_SLICE * slices,
+                last_slice_brought: true,
+                full: false,
+            };
+            prop_assert!(linger_more(s, LINGER_SLICE * (slices + 1)));
+            prop_assert!(!linger_more(s, Duration::ZERO));
+        }
+    }
+
+    /// The lone writer (one write in progress, its own append in the group)
+    /// is never held back.
+    #[test]
+    fn a_lone_writer_never_waits() {
+        let s = LingerState {
+            needs_sync: true,
+            appends: 1,
+            in_progress: 1,
+            waited: Duration::ZERO,
+            last_slice_brought: true,
+            full: false,
+        };
+        assert!(!linger_more(s, Duration::from_millis(100)));
+    }
 }

@@ -8,7 +8,10 @@ use super::error::StoreError;
 use super::keys::{self, MetaTag, StateTag, ALL_CFS};
 use super::log_store::LogStore;
 use super::state_machine::StateMachine;
-use super::writer::{self, Cf, Counters, FailLatch, GroupLimits, OnDurable, WriteOp, WriteRequest};
+use super::writer::{
+    self, Cf, Counters, FailLatch, GroupLimits, InProgress, OnDurable, WriteInProgress, WriteOp,
+    WriteRequest,
+};
 use super::StorageStats;
 use crate::digest::DigestStatus;
 use crate::raft::{Entry, LogId, Vote};
@@ -44,6 +47,8 @@ pub(crate) struct Inner {
     writer: Option<std::thread::JoinHandle<()>>,
     counters: Arc<Counters>,
     latch: Arc<FailLatch>,
+    /// Writes in progress on the node (see [`Engine::write_in_progress`]).
+    in_progress: Arc<InProgress>,
     open_shards: Mutex<HashSet<ShardId>>,
     snapshot_dir: PathBuf,
     snapshot_seq: AtomicU64,
@@ -205,12 +210,15 @@ impl Engine {
             requests_max: config.write_group_requests_max,
             bytes_max: config.write_group_bytes_max,
             mode: config.commit_mode,
+            linger: std::time::Duration::from_micros(config.group_commit_linger_us),
         };
+        let in_progress = Arc::new(InProgress::default());
         let writer = {
             let (db, counters, latch) = (db.clone(), counters.clone(), latch.clone());
+            let in_progress = in_progress.clone();
             std::thread::Builder::new()
                 .name("tessera-log-writer".into())
-                .spawn(move || writer::run(db, rx, limits, counters, latch))
+                .spawn(move || writer::run(db, rx, limits, counters, latch, in_progress))
                 .map_err(|e| StoreError::io("spawn log writer", &db_dir, e))?
         };
         tracing::info!(dir = %config.data_dir.display(), "storage engine open");
@@ -223,6 +231,7 @@ impl Engine {
                 writer: Some(writer),
                 counters,
                 latch,
+                in_progress,
                 open_shards: Mutex::new(HashSet::new()),
                 snapshot_dir,
                 snapshot_seq: AtomicU64::new(0),
@@ -326,6 +335,15 @@ impl Engine {
     /// The configuration the engine was opened with.
     pub fn config(&self) -> &StorageConfig {
         &self.inner.config
+    }
+
+    /// Counts a write that may still bring log appends (a client write this
+    /// node leads, a replicated append it received) until the guard drops.
+    /// While more are in progress than a write group holds, the log writer
+    /// may hold the group's sync back a little for the appends still coming
+    /// (`group_commit_linger_us`).
+    pub fn write_in_progress(&self) -> WriteInProgress {
+        self.inner.in_progress.start()
     }
 
     /// The log writer's counters.
