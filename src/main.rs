@@ -90,7 +90,7 @@ enum Cmd {
         #[arg(long)]
         dormant_after_ms: Option<u64>,
         /// Longest the log writer holds a sync back to gather more appends
-        /// while more writes are in progress than it holds, in µs
+        /// while many more shards are writing than it holds, in µs
         /// (overrides `storage.group_commit_linger_us`, default 1500; 0
         /// syncs at once).
         #[arg(long)]

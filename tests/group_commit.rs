@@ -102,7 +102,9 @@ async fn a_linger_under_phantom_demand_still_flushes_everything() {
     };
     let engine = Engine::open(cfg).unwrap();
     // Far more writes "in progress" than any group holds, for the whole run.
-    let phantom: Vec<_> = (0..1000).map(|_| engine.write_in_progress()).collect();
+    let phantom: Vec<_> = (1000..2000)
+        .map(|s| engine.write_in_progress(tessera::ShardId(s)))
+        .collect();
     let (appends, syncs) = run(engine.clone()).await;
     drop(phantom);
     assert!(

@@ -478,6 +478,12 @@ impl Node {
             Duration::from_millis(
                 (self.config.raft.commit_linger_ms).min(self.config.raft.heartbeat_interval_ms / 2),
             ),
+            {
+                // Busy: more than one shard writing on this node (the write
+                // whose commit it is counts until it is answered).
+                let engine = self.engine.clone();
+                Arc::new(move || engine.busy_shards() >= 2)
+            },
         );
         ShardRaft::new(self.id, config, net, log, sm)
             .await

@@ -281,7 +281,8 @@ impl Registry {
             PeerRequest::Append(r) => {
                 // Entries to append: the log writer may wait a little for
                 // other groups' appends while this one is in progress.
-                let _in_progress = (!r.entries.is_empty()).then(|| self.engine.write_in_progress());
+                let _in_progress =
+                    (!r.entries.is_empty()).then(|| self.engine.write_in_progress(shard));
                 answered(raft.append_entries(r).await, PeerResponse::Append)
             }
             PeerRequest::Vote(v) => answered(raft.vote(v).await, PeerResponse::Vote),

@@ -321,7 +321,7 @@ impl Registry {
                     },
                 };
                 let _expedite = self.expedite();
-                let _in_progress = self.engine.write_in_progress();
+                let _in_progress = self.engine.write_in_progress(shard);
                 match raft.client_write(cmd).await {
                     Ok(resp) => match resp.data {
                         CommandResponse::Write(results) => {

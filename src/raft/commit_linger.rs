@@ -35,8 +35,13 @@ pub fn supersedes(next: &Request, held: &Request) -> bool {
         && next.leader_commit >= held.leader_commit
 }
 
+/// Whether the node is busy enough that holding commit-only requests pays
+/// (asked each time one would be held).
+pub type Busy = std::sync::Arc<dyn Fn() -> bool + Send + Sync>;
+
 struct State<S> {
     input: S,
+    busy: Busy,
     /// The input has ended: it must not be polled again.
     ended: bool,
     /// A request taken while holding one it does not supersede: next out.
@@ -45,14 +50,22 @@ struct State<S> {
 }
 
 /// `input` with each entry-less request held up to `linger` for one that
-/// supersedes it (see the module docs). A zero linger passes `input` through
-/// unchanged in effect.
-pub fn coalesce<S>(input: S, linger: Duration) -> impl Stream<Item = Request> + Send + Unpin
+/// supersedes it (see the module docs), while `busy` says so. With one write
+/// at a time a held commit only moves the follower's apply onto the next
+/// write's path (measured: 1 client, p50 0.71 → 0.75 ms), so an idle node
+/// sends it at once. A zero linger passes `input` through unchanged in
+/// effect.
+pub fn coalesce<S>(
+    input: S,
+    linger: Duration,
+    busy: Busy,
+) -> impl Stream<Item = Request> + Send + Unpin
 where
     S: Stream<Item = Request> + Send + Unpin + 'static,
 {
     let state = State {
         input,
+        busy,
         ended: false,
         carried: None,
         linger,
@@ -69,7 +82,7 @@ where
         None if st.ended => return None,
         None => st.input.next().await?,
     };
-    if !req.entries.is_empty() || st.linger.is_zero() {
+    if !req.entries.is_empty() || st.linger.is_zero() || !(st.busy)() {
         return Some((req, st));
     }
     let deadline = tokio::time::Instant::now() + st.linger;
@@ -144,6 +157,24 @@ mod tests {
         );
     }
 
+    fn always() -> Busy {
+        std::sync::Arc::new(|| true)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_node_sends_commits_at_once() {
+        let (tx, inp) = input();
+        let mut out = coalesce(
+            inp,
+            Duration::from_secs(3600),
+            std::sync::Arc::new(|| false),
+        );
+        tx.send(req(2, Some(5), &[], Some(5))).unwrap();
+        let started = tokio::time::Instant::now();
+        let sent = out.next().await.unwrap();
+        assert_eq!((sent.entries.len(), started.elapsed()), (0, Duration::ZERO));
+    }
+
     /// A channel-fed input: the test decides when the next request exists.
     fn input() -> (
         tokio::sync::mpsc::UnboundedSender<Request>,
@@ -164,7 +195,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_commit_rides_on_the_next_entries() {
         let (tx, inp) = input();
-        let mut out = coalesce(inp, Duration::from_millis(50));
+        let mut out = coalesce(inp, Duration::from_millis(50), always());
         tx.send(req(2, Some(4), &[5], Some(4))).unwrap();
         tx.send(req(2, Some(5), &[], Some(5))).unwrap();
         tx.send(req(2, Some(5), &[6], Some(5))).unwrap();
@@ -185,7 +216,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_held_commit_goes_out_after_the_linger() {
         let (tx, inp) = input();
-        let mut out = coalesce(inp, Duration::from_millis(50));
+        let mut out = coalesce(inp, Duration::from_millis(50), always());
         tx.send(req(2, Some(5), &[], Some(5))).unwrap();
         // The paused clock jumps to the linger's end: nothing else comes.
         let held = out.next().await.unwrap();
@@ -204,6 +235,7 @@ mod tests {
         let mut out = coalesce(
             Box::pin(futures_util::stream::once(async move { hb })),
             Duration::from_secs(3600),
+            always(),
         );
         let started = tokio::time::Instant::now();
         let sent = out.next().await.unwrap();
@@ -215,7 +247,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_request_it_does_not_cover_follows_the_held_one() {
         let (tx, inp) = input();
-        let mut out = coalesce(inp, Duration::from_millis(50));
+        let mut out = coalesce(inp, Duration::from_millis(50), always());
         tx.send(req(2, Some(5), &[], Some(5))).unwrap();
         // A new term: not the same leader's request.
         tx.send(req(3, Some(5), &[6], Some(5))).unwrap();

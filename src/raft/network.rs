@@ -33,24 +33,28 @@ pub struct NetworkFactory {
     shard: ShardId,
     message_bytes_max: usize,
     commit_linger: Duration,
+    busy: super::commit_linger::Busy,
 }
 
 impl NetworkFactory {
     /// The network of `shard`'s group; AppendEntries are cut to at most
     /// `message_bytes_max` of entry payload (at least one entry each), and
     /// one that only advances the commit waits up to `commit_linger` for
-    /// the next one to carry it (see [`super::commit_linger`]).
+    /// the next one to carry it while `busy` says the node is busy (see
+    /// [`super::commit_linger`]).
     pub fn new(
         transport: Transport,
         shard: ShardId,
         message_bytes_max: usize,
         commit_linger: Duration,
+        busy: super::commit_linger::Busy,
     ) -> Self {
         NetworkFactory {
             transport,
             shard,
             message_bytes_max,
             commit_linger,
+            busy,
         }
     }
 }
@@ -65,6 +69,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             message_bytes_max: self.message_bytes_max,
             commit_linger: self.commit_linger,
+            busy: self.busy.clone(),
         }
     }
 }
@@ -76,6 +81,7 @@ pub struct PeerClient {
     target: NodeId,
     message_bytes_max: usize,
     commit_linger: Duration,
+    busy: super::commit_linger::Busy,
 }
 
 fn io_err(e: &CallError) -> std::io::Error {
@@ -189,7 +195,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
     where
         S: Stream<Item = AppendEntriesRequest<TypeConfig>> + Send + Unpin + 'static,
     {
-        let input = super::commit_linger::coalesce(input, self.commit_linger);
+        let input = super::commit_linger::coalesce(input, self.commit_linger, self.busy.clone());
         openraft::network::stream_append_sequential(self, input, option)
     }
 

@@ -38,11 +38,12 @@ pub struct StorageConfig {
     /// Group commit or a sync per request. Default: `group-commit`.
     pub commit_mode: CommitMode,
     /// Longest the log writer holds a sync back to gather more appends, in
-    /// microseconds. It waits only while more writes are in progress on the
-    /// node (client writes led here, replicated appends received) than the
-    /// group holds, in 500 µs slices, and stops at the first slice that
-    /// brings nothing. Under load this trades a little latency for several
-    /// times fewer syncs; a lone writer never waits. 0 turns it off.
+    /// microseconds. It waits only while at least 8 more shards have writes
+    /// in progress on the node (client writes led here, replicated appends
+    /// received) than the group holds, in 500 µs slices, and stops at the
+    /// first slice that brings nothing. Under load across many shards this
+    /// trades a little latency for several times fewer syncs; a few busy
+    /// shards never wait. 0 turns it off.
     /// Default: 1500. Maximum: 100000.
     pub group_commit_linger_us: u64,
     /// Key/value bytes per snapshot chunk (one frame in a snapshot file, one

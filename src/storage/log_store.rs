@@ -272,12 +272,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
-        let op = WriteOp::Put {
-            cf: Cf::RaftState,
-            key: keys::state_key(self.shard, StateTag::Committed).to_vec(),
-            value: encode(&committed),
-        };
-        self.write(vec![op]).await.map_err(to_io)
+        // Written at once, not through the log writer's queue: openraft
+        // awaits this in its core loop, and behind a group that is syncing
+        // it held up the group's next append (a follower learns a commit
+        // with the next entries). Unsynced, like the queue's own write of
+        // it: every entry up to `committed` was written before (openraft
+        // commits only appended entries, and `append` returns once they
+        // are written), so the WAL holds them ahead of this and a crash
+        // cannot keep this without them.
+        self.engine.latch().check().map_err(to_io)?;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(false);
+        self.engine
+            .db()
+            .put_cf_opt(
+                self.engine.cf(Cf::RaftState),
+                keys::state_key(self.shard, StateTag::Committed),
+                encode(&committed),
+                &wo,
+            )
+            .map_err(|e| to_io(StoreError::rocks("save committed", e)))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

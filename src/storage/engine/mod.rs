@@ -337,13 +337,19 @@ impl Engine {
         &self.inner.config
     }
 
-    /// Counts a write that may still bring log appends (a client write this
-    /// node leads, a replicated append it received) until the guard drops.
-    /// While more are in progress than a write group holds, the log writer
-    /// may hold the group's sync back a little for the appends still coming
-    /// (`group_commit_linger_us`).
-    pub fn write_in_progress(&self) -> WriteInProgress {
-        self.inner.in_progress.start()
+    /// Counts a write of `shard` that may still bring log appends (a client
+    /// write this node leads, a replicated append it received) until the
+    /// guard drops. While many more shards are busy than a write group
+    /// holds, the log writer may hold the group's sync back a little for the
+    /// appends still coming (`group_commit_linger_us`).
+    pub fn write_in_progress(&self, shard: ShardId) -> WriteInProgress {
+        self.inner.in_progress.start(shard)
+    }
+
+    /// Shards with writes in progress on this node (see
+    /// [`Engine::write_in_progress`]).
+    pub fn busy_shards(&self) -> usize {
+        self.inner.in_progress.shards()
     }
 
     /// The log writer's counters.
