@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Needs release builds of tessera and tessera-ctl:
+#   cargo build --release --bin tessera -p tessera-tools --bin tessera-ctl
+# Usage: tools/measure/write-cost.sh SHARDS CLIENTS [tessera dev flags...]
+# A fresh `tessera dev --shards SHARDS` (3 nodes in one process), then
+# `tessera-ctl bench --workload write --clients CLIENTS --duration DURATION`
+# (default 12 s) against it. Prints bench's throughput, latency and cost
+# lines (appends per sync, Raft messages per frame, cluster CPU per write),
+# then one summary line: writes/s, p50, cluster CPU µs per write from
+# /proc/PID/stat, and UDP datagrams sent per write from /proc/net/snmp (the
+# machine's counter: keep the machine otherwise quiet). BIN=DIR takes the
+# binaries from DIR instead of the release target folder, to compare builds
+# side by side (copy each build's binaries to its own folder).
+set -u
+shards=${1:?usage: write-cost.sh SHARDS CLIENTS [dev flags...]}
+clients=${2:?usage: write-cost.sh SHARDS CLIENTS [dev flags...]}
+shift 2
+B="${BIN:-${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release}"
+D=${DURATION:-12}
+dir=$(mktemp -d /var/tmp/tessera-write.XXXX)
+(cd "$dir" && exec "$B/tessera" dev --data-dir "$dir/data" --shards "$shards" "$@") > "$dir/log" 2>&1 &
+pid=$!
+for _ in $(seq 1 1200); do
+  grep -q "^ready" "$dir/log" && break
+  kill -0 $pid 2>/dev/null || break
+  sleep 0.5
+done
+if ! grep -q "^ready" "$dir/log"; then
+  echo "not ready:"; grep -v '^ ' "$dir/log" | tail -3; kill -9 $pid 2>/dev/null; rm -rf "$dir"; exit 1
+fi
+udp() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }
+cpu() { awk '{print $14 + $15}' /proc/$pid/stat; }
+hz=$(getconf CLK_TCK)
+u0=$(udp); t0=$(cpu)
+out=$("$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
+  --clients "$clients" --duration "$D" 2>&1)
+u1=$(udp); t1=$(cpu)
+echo "$out" | grep -v '^at '
+ops=$(echo "$out" | awk '/ ops\/s$/ && !/^at / {print $1; exit}')
+writes=$(echo "$out" | awk '/^p50 / {gsub(/\(/, "", $10); print $10; exit}')
+p50=$(echo "$out" | awk '/^p50 / {print $2, $3; exit}')
+if [ "${writes:-0}" -gt 0 ]; then
+  echo "summary: shards=$shards clients=$clients flags='$*' ops_s=$ops p50='$p50'" \
+    "cpu_us_per_write=$(( (t1 - t0) * 1000000 / hz / writes ))" \
+    "udp_per_write=$(echo "scale=2; ($u1 - $u0) / $writes" | bc)"
+else
+  echo "summary: no writes"; echo "$out" | tail -5
+fi
+kill $pid
+for _ in $(seq 1 120); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+kill -9 $pid 2>/dev/null
+wait $pid 2>/dev/null
+rm -rf "$dir"
