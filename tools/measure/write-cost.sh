@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Needs release builds of tessera and tessera-ctl:
-#   cargo build --release --bin tessera -p tessera-tools --bin tessera-ctl
+#   cargo build --release --bins --workspace
 # Usage: tools/measure/write-cost.sh SHARDS CLIENTS [tessera dev flags...]
 # A fresh `tessera dev --shards SHARDS` (3 nodes in one process), then
 # `tessera-ctl bench --workload write --clients CLIENTS --duration DURATION`
