@@ -7,6 +7,8 @@ mod common;
 use common::cluster::{init_tracing, spread_shards, TestCluster, Timings};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use tessera::api::{Request, Response};
+use tessera::command::Op;
 use tessera::{NodeId, ShardDescriptor, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -358,6 +360,47 @@ async fn dormant_replicas_drop_their_instance_and_come_back_as_they_were() {
             client.get(&key_of(d, "after")).await.unwrap().as_deref(),
             Some(&b"1"[..])
         );
+    }
+    c.shutdown().await;
+}
+
+/// openraft 0.10 refuses writes from a leader whose lease lapsed (no
+/// quorum acknowledged it for `election_timeout_max`), and every leader
+/// that slept longer than that has a lapsed lease. The first write to a
+/// woken group must still be taken by its leader, not bounced to the client
+/// as `NotLeader` without a hint (the client then backed off and retried:
+/// 50–320 ms for the first write to each idle shard).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_woken_after_its_lease_lapsed_takes_the_first_write_itself() {
+    init_tracing();
+    let (c, shards) = cluster().await;
+    let client = c.client();
+    // Used once, so each group waits its idle time, then sleeps, then
+    // (1 s asleep) turns dormant: its leader last heard a quorum over 2 s
+    // ago, beyond the 1.2 s lease.
+    for d in &shards {
+        client.put(&key_of(d, "first"), b"1").await.unwrap();
+    }
+    wait_all_dormant(&c, &shards).await;
+    let led = leaders(&c, &shards);
+    for d in &shards {
+        let req = Request::Write {
+            shard: d.id,
+            epoch: d.epoch,
+            ops: vec![Op::Put {
+                key: key_of(d, "after the lease"),
+                value: b"2".to_vec(),
+            }],
+            session: None,
+        };
+        match client.call_node(led[&d.id], &req).await.unwrap() {
+            Response::Written(r) => assert_eq!(r.len(), 1),
+            other => panic!("{}: the woken leader answered {other:?}", d.id),
+        }
+    }
+    for d in &shards {
+        let k = key_of(d, "after the lease");
+        assert_eq!(client.get(&k).await.unwrap().as_deref(), Some(&b"2"[..]));
     }
     c.shutdown().await;
 }

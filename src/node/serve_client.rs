@@ -129,6 +129,10 @@ impl Registry {
         }
         self.quiesce
             .touch(shard, &raft, super::quiesce::Wake::Client);
+        if super::lease_lapsing(&raft) {
+            let _expedite = self.expedite();
+            super::renew_lease(&raft).await;
+        }
         Ok((raft, d))
     }
 
