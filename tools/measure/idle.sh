@@ -9,28 +9,20 @@
 # per second by the machine (/proc/net/snmp; all 6 directed node pairs), RSS
 # and RSS per replica (3 per shard), and how long SIGTERM takes to stop it.
 set -u
+source "$(dirname "$0")/dev-common.sh"
 shards=${1:?usage: idle.sh SHARDS}
 T="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release"
 dir=$(mktemp -d /var/tmp/tessera-idle.XXXX)
 start=$(date +%s.%N)
 $T/tessera dev --data-dir "$dir" --shards "$shards" --quiesce-after-ms "${QUIESCE:-3000}" ${DORMANT:+--dormant-after-ms "$DORMANT"} > "$dir/log" 2>&1 &
 pid=$!
-for _ in $(seq 1 1200); do
-  grep -q "^ready" "$dir/log" && break
-  kill -0 $pid 2>/dev/null || break
-  sleep 0.5
-done
+wait_ready $pid "$dir"
 ready=$(date +%s.%N)
-if ! grep -q "^ready" "$dir/log"; then
-  echo "not ready:"; grep -v '^ ' "$dir/log" | tail -3; kill -9 $pid 2>/dev/null; rm -rf "$dir"; exit 1
-fi
 sleep "${SETTLE:-30}"
 W=${WINDOW:-30}
-udp() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }
-cpu() { awk '{print $14 + $15}' /proc/$pid/stat; }
-u0=$(udp); t0=$(cpu)
+u0=$(udp); t0=$(cpu $pid)
 sleep "$W"
-u1=$(udp); t1=$(cpu)
+u1=$(udp); t1=$(cpu $pid)
 rss=$(awk '/VmRSS/ {print $2}' /proc/$pid/status)
 echo "shards=$shards ready_s=$(echo "$ready - $start" | bc | cut -c1-5)" \
   "cpu_pct_of_core=$(echo "scale=1; ($t1 - $t0) / $W" | bc)" \

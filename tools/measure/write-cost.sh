@@ -12,6 +12,7 @@
 # binaries from DIR instead of the release target folder, to compare builds
 # side by side (copy each build's binaries to its own folder).
 set -u
+source "$(dirname "$0")/dev-common.sh"
 shards=${1:?usage: write-cost.sh SHARDS CLIENTS [dev flags...]}
 clients=${2:?usage: write-cost.sh SHARDS CLIENTS [dev flags...]}
 shift 2
@@ -20,21 +21,12 @@ D=${DURATION:-12}
 dir=$(mktemp -d /var/tmp/tessera-write.XXXX)
 (cd "$dir" && exec "$B/tessera" dev --data-dir "$dir/data" --shards "$shards" "$@") > "$dir/log" 2>&1 &
 pid=$!
-for _ in $(seq 1 1200); do
-  grep -q "^ready" "$dir/log" && break
-  kill -0 $pid 2>/dev/null || break
-  sleep 0.5
-done
-if ! grep -q "^ready" "$dir/log"; then
-  echo "not ready:"; grep -v '^ ' "$dir/log" | tail -3; kill -9 $pid 2>/dev/null; rm -rf "$dir"; exit 1
-fi
-udp() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }
-cpu() { awk '{print $14 + $15}' /proc/$pid/stat; }
+wait_ready $pid "$dir"
 hz=$(getconf CLK_TCK)
-u0=$(udp); t0=$(cpu)
+u0=$(udp); t0=$(cpu $pid)
 out=$("$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
   --clients "$clients" --duration "$D" 2>&1)
-u1=$(udp); t1=$(cpu)
+u1=$(udp); t1=$(cpu $pid)
 echo "$out" | grep -v '^at '
 ops=$(echo "$out" | awk '/ ops\/s$/ && !/^at / {print $1; exit}')
 writes=$(echo "$out" | awk '/^p50 / {gsub(/\(/, "", $10); print $10; exit}')

@@ -1,0 +1,23 @@
+# Sourced by the measurement scripts that run a fresh `tessera dev`.
+#
+#   wait_ready PID DIR   waits (up to 10 min) for `ready` in DIR/log; when it
+#                        does not come, prints the log's last lines, kills PID,
+#                        removes DIR and exits 1
+#   udp                  UDP datagrams this machine has sent (/proc/net/snmp)
+#   cpu PID              CPU ticks PID has used (/proc/PID/stat: user + system)
+
+wait_ready() {
+  local pid=$1 dir=$2
+  for _ in $(seq 1 1200); do
+    grep -q "^ready" "$dir/log" && return 0
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.5
+  done
+  grep -q "^ready" "$dir/log" && return 0
+  echo "not ready:"; grep -v '^ ' "$dir/log" | tail -3
+  kill -9 "$pid" 2>/dev/null; rm -rf "$dir"; exit 1
+}
+
+udp() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }
+
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; }
