@@ -96,44 +96,12 @@ pub(crate) fn leadership(raft: &ShardRaft, me: NodeId) -> (bool, Option<NodeId>)
     )
 }
 
-/// Whether this replica leads its group on a lapsing lease: no quorum
-/// acknowledged it for half of `election_timeout_max`. openraft 0.10
-/// refuses writes once a whole one has passed (`ForwardToLeader` with no
-/// leader, `LeaseExpired`), which a leader that slept that long
-/// (quiescence) or was rebuilt from dormancy has. In normal operation heartbeats keep the acknowledgement
-/// younger than one heartbeat interval, so this holds only after a sleep or
-/// while the leader cannot reach a quorum.
-pub(crate) fn lease_lapsing(raft: &ShardRaft) -> bool {
-    let half = Duration::from_millis(raft.config().election_timeout_max / 2);
-    let m = raft.metrics();
-    let m = m.borrow_watched();
-    m.state == ServerState::Leader
-        && m.last_quorum_acked
-            .as_ref()
-            .is_none_or(|acked| openraft::Instant::elapsed(&**acked) >= half)
-}
-
-/// Renews a lapsing lease (see [`lease_lapsing`]) before a write: one
-/// heartbeat round, waited for up to `election_timeout_min`. If no quorum
-/// answers in time the write goes on and openraft refuses it as before.
-pub(crate) async fn renew_lease(raft: &ShardRaft) {
-    let within = Duration::from_millis(raft.config().election_timeout_min);
-    let half = Duration::from_millis(raft.config().election_timeout_max / 2);
-    if raft.trigger().heartbeat().await.is_err() {
-        return;
-    }
-    let _ = raft
-        .wait(Some(within))
-        .metrics(
-            |m| {
-                m.state != ServerState::Leader
-                    || m.last_quorum_acked
-                        .as_ref()
-                        .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < half)
-            },
-            "the leader's lease renewed",
-        )
-        .await;
+/// Whether a quorum acknowledged this leader less than `within` ago (the
+/// acknowledgement's own clock: openraft's, not the wall clock).
+fn acked_within(m: &openraft::RaftMetrics<crate::raft::TypeConfig>, within: Duration) -> bool {
+    m.last_quorum_acked
+        .as_ref()
+        .is_some_and(|acked| openraft::Instant::elapsed(&**acked) < within)
 }
 
 /// Voters each shard is meant to have (fewer when the cluster has fewer

@@ -49,6 +49,41 @@ pub(crate) struct ReplicaView {
 }
 
 impl Registry {
+    /// Renews the lease of this node's replica of a group it leads when the
+    /// lease is lapsing, before a write: openraft 0.10 refuses writes once no
+    /// quorum acknowledged the leader for `election_timeout_max`
+    /// (`ForwardToLeader` without a leader, `LeaseExpired`), which a leader
+    /// that slept that long (quiescence) or was rebuilt from dormancy has.
+    /// Lapsing means unacknowledged for half of that; heartbeats keep a
+    /// working leader's acknowledgement younger than one heartbeat
+    /// interval, so a busy leader only pays the metrics read. The renewal is
+    /// one heartbeat round, expedited, waited for up to
+    /// `election_timeout_min`; if no quorum answers in time the write goes
+    /// on and openraft refuses it as before.
+    pub(crate) async fn renew_lapsing_lease(&self, raft: &ShardRaft) {
+        let half = Duration::from_millis(raft.config().election_timeout_max / 2);
+        let lapsing = {
+            let m = raft.metrics();
+            let m = m.borrow_watched();
+            m.state == ServerState::Leader && !acked_within(&m, half)
+        };
+        if !lapsing {
+            return;
+        }
+        let _expedite = self.expedite();
+        if raft.trigger().heartbeat().await.is_err() {
+            return;
+        }
+        let within = Duration::from_millis(raft.config().election_timeout_min);
+        let _ = raft
+            .wait(Some(within))
+            .metrics(
+                |m| m.state != ServerState::Leader || acked_within(m, half),
+                "the leader's lease renewed",
+            )
+            .await;
+    }
+
     pub(super) fn new(
         me: NodeId,
         engine: Engine,

@@ -129,10 +129,7 @@ impl Registry {
         }
         self.quiesce
             .touch(shard, &raft, super::quiesce::Wake::Client);
-        if super::lease_lapsing(&raft) {
-            let _expedite = self.expedite();
-            super::renew_lease(&raft).await;
-        }
+        self.renew_lapsing_lease(&raft).await;
         Ok((raft, d))
     }
 

@@ -98,6 +98,15 @@ impl StorageConfig {
             }
             Ok(())
         }
+        fn max(field: &'static str, v: u64, m: u64) -> Result<(), ConfigError> {
+            if v > m {
+                return Err(ConfigError {
+                    field,
+                    reason: format!("{v} exceeds the maximum {m}"),
+                });
+            }
+            Ok(())
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError {
                 field: "data_dir",
@@ -112,25 +121,16 @@ impl StorageConfig {
             self.snapshot_chunk_bytes_max,
             4096,
         )?;
-        if self.group_commit_linger_us > GROUP_COMMIT_LINGER_US_MAX {
-            return Err(ConfigError {
-                field: "group_commit_linger_us",
-                reason: format!(
-                    "{} exceeds the maximum {GROUP_COMMIT_LINGER_US_MAX}",
-                    self.group_commit_linger_us
-                ),
-            });
-        }
-        if self.snapshot_chunk_bytes_max > FRAME_BYTES_MAX / 2 {
-            return Err(ConfigError {
-                field: "snapshot_chunk_bytes_max",
-                reason: format!(
-                    "{} exceeds the maximum {}",
-                    self.snapshot_chunk_bytes_max,
-                    FRAME_BYTES_MAX / 2
-                ),
-            });
-        }
+        max(
+            "group_commit_linger_us",
+            self.group_commit_linger_us,
+            GROUP_COMMIT_LINGER_US_MAX,
+        )?;
+        max(
+            "snapshot_chunk_bytes_max",
+            self.snapshot_chunk_bytes_max as u64,
+            (FRAME_BYTES_MAX / 2) as u64,
+        )?;
         Ok(())
     }
 }

@@ -128,9 +128,7 @@ impl Node {
             version: l.epoch.version,
         };
         let _expedite = self.registry.expedite();
-        if lease_lapsing(&raft) {
-            renew_lease(&raft).await;
-        }
+        self.registry.renew_lapsing_lease(&raft).await;
         let outcome = match raft.client_write(commit).await {
             Ok(r) => r.data,
             Err(e) => {

@@ -20,7 +20,7 @@ pub(crate) use routes::{report_routes, start_created};
 pub(crate) use split::auto_split;
 
 use super::quiesce::Wake;
-use super::{leadership, lease_lapsing, renew_lease, Node, Registry};
+use super::{leadership, Node, Registry};
 use crate::command::{Command, CommandResponse};
 use crate::meta;
 use crate::net::PeerAddr;
@@ -89,9 +89,7 @@ impl Registry {
         }
         self.quiesce.touch(shard, &raft, Wake::Admin);
         let _expedite = self.expedite();
-        if lease_lapsing(&raft) {
-            renew_lease(&raft).await;
-        }
+        self.renew_lapsing_lease(&raft).await;
         match raft.client_write(cmd).await {
             Ok(r) => Ok(r.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {

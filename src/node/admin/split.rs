@@ -67,9 +67,7 @@ impl Node {
             version: d.epoch.version,
         };
         let _expedite = self.registry.expedite();
-        if lease_lapsing(&raft) {
-            renew_lease(&raft).await;
-        }
+        self.registry.renew_lapsing_lease(&raft).await;
         let resp = match raft.client_write(cmd).await {
             Ok(r) => r.data,
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
