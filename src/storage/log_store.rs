@@ -18,6 +18,14 @@ use tokio::sync::oneshot;
 const READ_ENTRIES_MAX: usize = 4096;
 /// Bytes returned by one bounded read (at least one entry is always returned).
 const READ_BYTES_MAX: usize = 8 << 20;
+/// How often one shard's committed log id is written (see `save_committed`).
+const COMMITTED_SAVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Whether `save_committed` writes now: its first call on this store, then
+/// at most once per [`COMMITTED_SAVE_INTERVAL`].
+fn committed_save_due(last: Option<std::time::Instant>, now: std::time::Instant) -> bool {
+    last.is_none_or(|l| now.saturating_duration_since(l) >= COMMITTED_SAVE_INTERVAL)
+}
 
 /// The Raft log (and vote) of one shard replica. Cloning gives a log reader
 /// that shares the in-memory tail and vote.
@@ -31,6 +39,8 @@ pub struct LogStore {
     tail: Arc<Mutex<LogTail<Entry>>>,
     /// The vote as last saved or read (`None`: not read yet).
     vote: Arc<Mutex<Option<Option<Vote>>>>,
+    /// When `save_committed` last wrote (`None`: not yet).
+    committed_saved_at: Arc<Mutex<Option<std::time::Instant>>>,
     _guard: Arc<ShardGuard>,
 }
 
@@ -41,6 +51,7 @@ impl LogStore {
             shard,
             tail: Arc::new(Mutex::new(LogTail::new(TailLimits::default()))),
             vote: Arc::new(Mutex::new(None)),
+            committed_saved_at: Arc::new(Mutex::new(None)),
             _guard: guard,
         }
     }
@@ -272,6 +283,27 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // Written at most once a second per shard: a saved committed id is
+        // only a lower bound that lets a restart re-apply entries at once
+        // (openraft starts from the greater of it and the state machine's
+        // applied id, and re-applies the rest when it learns the cluster's
+        // commit). The state machine writes its applied id with the data
+        // right after this call anyway, so a write per commit (one per
+        // shard per Raft round, on every node: a whole RocksDB write each)
+        // bought almost nothing. Reads never see a state older than one
+        // they saw before a restart: every read is linearizable (the read
+        // index waits for the apply).
+        {
+            let mut at = self
+                .committed_saved_at
+                .lock()
+                .expect("committed save time poisoned");
+            let now = std::time::Instant::now();
+            if !committed_save_due(*at, now) {
+                return Ok(());
+            }
+            *at = Some(now);
+        }
         // Written at once, not through the log writer's queue: openraft
         // awaits this in its core loop, and behind a group that is syncing
         // it held up the group's next append (a follower learns a commit
@@ -347,5 +379,25 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             },
         ];
         self.write(ops).await.map_err(to_io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{committed_save_due, COMMITTED_SAVE_INTERVAL};
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn the_first_committed_id_is_saved_then_at_most_once_an_interval() {
+        let t0 = Instant::now();
+        assert!(committed_save_due(None, t0), "the first save writes");
+        assert!(!committed_save_due(Some(t0), t0));
+        assert!(!committed_save_due(
+            Some(t0),
+            t0 + COMMITTED_SAVE_INTERVAL - Duration::from_millis(1)
+        ));
+        assert!(committed_save_due(Some(t0), t0 + COMMITTED_SAVE_INTERVAL));
+        // A clock that seems to go back never saves early.
+        assert!(!committed_save_due(Some(t0 + Duration::from_secs(5)), t0));
     }
 }
