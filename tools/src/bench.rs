@@ -243,7 +243,8 @@ mod cost {
     }
 
     /// `cost: ...` lines: appends per sync of each node, Raft messages per
-    /// frame, and cluster CPU per acknowledged operation (each process
+    /// frame and frames (each one QUIC packet between nodes, at these
+    /// sizes) per operation, and cluster CPU per acknowledged operation (each process
     /// counted once: `tessera dev` runs every node in one).
     pub(super) fn report(
         before: &BTreeMap<u64, NodeCounters>,
@@ -274,9 +275,10 @@ mod cost {
         }
         let cpu: f64 = cpu_by_pid.values().sum();
         format!(
-            "cost: appends per sync {}; Raft messages per frame {:.1}; cluster CPU {:.0} µs per op ({:.2} CPU s over {} processes)",
+            "cost: appends per sync {}; Raft messages per frame {:.1} ({:.2} frames per op); cluster CPU {:.0} µs per op ({:.2} CPU s over {} processes)",
             per_node.join(", "),
             messages as f64 / frames.max(1) as f64,
+            frames as f64 / ops.max(1) as f64,
             cpu * 1e6 / ops.max(1) as f64,
             cpu,
             cpu_by_pid.len()

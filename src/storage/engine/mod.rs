@@ -170,11 +170,11 @@ type CChar = std::ffi::c_char;
 /// log entries arrive in index order, and its applied index, committed id
 /// and session rows are rewritten over and over (each a new version next
 /// to the last), so those inserts land beside the previous one of their
-/// prefix; without the hint each is a full
-/// skip-list search, which measured as the largest single symbol of the
-/// write path (`InlineSkipList::FindSpliceForLevel`). The prefix is the
-/// shard id for the log, `shard ‖ tag` for the state and meta records.
-/// User data keys (`data`) have no such prefix: its inserts are random.
+/// prefix. Without the hint each is a full skip-list search, measured as
+/// the largest single symbol of the write path
+/// (`InlineSkipList::FindSpliceForLevel`). The prefix is the shard id for
+/// the log, `shard ‖ tag` for the state and meta records. User data keys
+/// (`data`) have no such prefix: their inserts are random.
 fn cf_base_options(name: &str) -> Result<Options, StoreError> {
     let prefix = match name {
         keys::CF_RAFT_LOG => 8,
