@@ -11,6 +11,11 @@
 # machine's counter: keep the machine otherwise quiet). BIN=DIR takes the
 # binaries from DIR instead of the release target folder, to compare builds
 # side by side (copy each build's binaries to its own folder).
+# UDP_SPLIT=1 (needs `perf` and the syscall tracepoints) also counts the
+# sendmsg calls of the nodes and of the load generator apart, per write:
+# the machine-wide datagram count includes the clients' own requests,
+# responses and QUIC acknowledgements (one sendmsg is one datagram unless
+# quinn batches several with GSO).
 set -u
 source "$(dirname "$0")/dev-common.sh"
 shards=${1:?usage: write-cost.sh SHARDS CLIENTS [dev flags...]}
@@ -23,10 +28,21 @@ dir=$(mktemp -d /var/tmp/tessera-write.XXXX)
 pid=$!
 wait_ready $pid "$dir"
 hz=$(getconf CLK_TCK)
+split=${UDP_SPLIT:-0}
+trace=()
+if [ "$split" = 1 ]; then
+  ev=syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendmmsg
+  perf stat -x, -e "$ev" -p "$pid" -o "$dir/node.stat" 2>/dev/null &
+  nodes_perf=$!
+  trace=(perf stat -x, -e "$ev" -o "$dir/bench.stat" --)
+fi
 u0=$(udp); t0=$(cpu $pid)
-out=$("$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
+out=$("${trace[@]}" "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
   --clients "$clients" --duration "$D" 2>&1)
 u1=$(udp); t1=$(cpu $pid)
+if [ "$split" = 1 ]; then
+  kill -INT "$nodes_perf"; wait "$nodes_perf" 2>/dev/null
+fi
 echo "$out" | grep -v '^at '
 ops=$(echo "$out" | awk '/ ops\/s$/ && !/^at / {print $1; exit}')
 writes=$(echo "$out" | awk '/^p50 / {gsub(/\(/, "", $10); print $10; exit}')
@@ -35,6 +51,11 @@ if [ "${writes:-0}" -gt 0 ]; then
   echo "summary: shards=$shards clients=$clients flags='$*' ops_s=$ops p50='$p50'" \
     "cpu_us_per_write=$(( (t1 - t0) * 1000000 / hz / writes ))" \
     "udp_per_write=$(echo "scale=2; ($u1 - $u0) / $writes" | bc)"
+  if [ "$split" = 1 ]; then
+    calls() { awk -F, '/syscalls:sys_enter_sendm/ {n += $1} END {print n + 0}' "$1"; }
+    echo "udp split: sendmsg per write: nodes $(echo "scale=2; $(calls "$dir/node.stat") / $writes" | bc)," \
+      "load generator $(echo "scale=2; $(calls "$dir/bench.stat") / $writes" | bc)"
+  fi
 else
   echo "summary: no writes"; echo "$out" | tail -5
 fi
