@@ -3,6 +3,8 @@
 #   wait_ready PID DIR   waits (up to 10 min) for `ready` in DIR/log; when it
 #                        does not come, prints the log's last lines, kills PID,
 #                        removes DIR and exits 1
+#   stop_dev PID         sends SIGTERM and waits (up to 60 s) for PID to exit
+#   remove_dev PID DIR   kills PID if it is still there, reaps it, removes DIR
 #   udp                  UDP datagrams this machine has sent (/proc/net/snmp)
 #   cpu PID              CPU ticks PID has used (/proc/PID/stat: user + system)
 
@@ -15,7 +17,18 @@ wait_ready() {
   done
   grep -q "^ready" "$dir/log" && return 0
   echo "not ready:"; grep -v '^ ' "$dir/log" | tail -3
-  kill -9 "$pid" 2>/dev/null; rm -rf "$dir"; exit 1
+  remove_dev "$pid" "$dir"; exit 1
+}
+
+stop_dev() {
+  kill "$1"
+  for _ in $(seq 1 120); do kill -0 "$1" 2>/dev/null || return 0; sleep 0.5; done
+}
+
+remove_dev() {
+  kill -9 "$1" 2>/dev/null
+  wait "$1" 2>/dev/null
+  rm -rf "$2"
 }
 
 udp() { awk '/^Udp:/ {n++; if (n == 2) print $5}' /proc/net/snmp; }

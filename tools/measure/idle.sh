@@ -29,9 +29,6 @@ echo "shards=$shards ready_s=$(echo "$ready - $start" | bc | cut -c1-5)" \
   "udp_out_per_s=$(( (u1 - u0) / W ))" \
   "rss_mib=$((rss / 1024)) per_replica_kib=$((rss / (shards * 3)))"
 t=$(date +%s.%N)
-kill $pid
-for _ in $(seq 1 120); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
+stop_dev $pid
 echo "stopped_after_sigterm_s=$(echo "$(date +%s.%N) - $t" | bc | cut -c1-4)"
-kill -9 $pid 2>/dev/null
-wait $pid 2>/dev/null
-rm -rf "$dir"
+remove_dev $pid "$dir"

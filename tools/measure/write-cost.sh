@@ -59,8 +59,5 @@ if [ "${writes:-0}" -gt 0 ]; then
 else
   echo "summary: no writes"; echo "$out" | tail -5
 fi
-kill $pid
-for _ in $(seq 1 120); do kill -0 $pid 2>/dev/null || break; sleep 0.5; done
-kill -9 $pid 2>/dev/null
-wait $pid 2>/dev/null
-rm -rf "$dir"
+stop_dev $pid
+remove_dev $pid "$dir"

@@ -244,8 +244,8 @@ mod cost {
 
     /// `cost: ...` lines: appends per sync of each node, Raft messages per
     /// frame and frames (each one QUIC packet between nodes, at these
-    /// sizes) per operation, and cluster CPU per acknowledged operation (each process
-    /// counted once: `tessera dev` runs every node in one).
+    /// sizes) per operation, and cluster CPU per acknowledged operation
+    /// (each process counted once: `tessera dev` runs every node in one).
     pub(super) fn report(
         before: &BTreeMap<u64, NodeCounters>,
         after: &BTreeMap<u64, NodeCounters>,
