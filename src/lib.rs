@@ -41,6 +41,8 @@ pub mod limits;
 pub mod meta;
 pub mod metrics;
 #[cfg(feature = "server")]
+pub mod multiraft;
+#[cfg(feature = "server")]
 pub mod net;
 #[cfg(feature = "server")]
 pub mod node;

@@ -33,6 +33,10 @@ pub enum StateTag {
     Committed = 2,
     /// The last purged log id.
     Purged = 3,
+    /// A raft-rs group's hard state (`crate::multiraft`).
+    RaftHard = 4,
+    /// A raft-rs group's configuration (`crate::multiraft`).
+    RaftConf = 5,
 }
 
 /// Tags under `shard_meta`.

@@ -27,4 +27,5 @@ pub use engine::{AppendHook, Engine, ShardState};
 pub use error::StoreError;
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
+pub(crate) use writer::Cf;
 pub use writer::{StorageStats, WriteInProgress};

@@ -765,6 +765,40 @@ impl Engine {
             .fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Writes `batch` synced, outside the log writer's groups; any failure
+    /// fail-stops the engine (nothing is acknowledged after it).
+    ///
+    /// # Errors
+    /// [`StoreError::Failed`] when the engine has fail-stopped, now or before.
+    pub(crate) fn write_synced(
+        &self,
+        batch: rocksdb::WriteBatch,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        self.latch().check()?;
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        self.db()
+            .write_opt(batch, &wo)
+            .map_err(|e| self.latch().trip(format!("{op}: {e}")))
+    }
+
+    /// Writes `batch` without a sync (what it holds is recovered otherwise,
+    /// or is a lower bound); a failure fail-stops the engine.
+    ///
+    /// # Errors
+    /// [`StoreError::Failed`] when the engine has fail-stopped, now or before.
+    pub(crate) fn write_unsynced(
+        &self,
+        batch: rocksdb::WriteBatch,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        self.latch().check()?;
+        self.db()
+            .write(batch)
+            .map_err(|e| self.latch().trip(format!("{op}: {e}")))
+    }
+
     pub(crate) fn latch(&self) -> &FailLatch {
         &self.inner.latch
     }

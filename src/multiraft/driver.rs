@@ -1,0 +1,349 @@
+//! One node's Raft groups stepped together: every group with work is handled
+//! in one [`Driver::round`], whose appends and hard states are one synced
+//! RocksDB write and whose messages come out grouped by destination node.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use raft::eraftpb::{Entry, Message};
+use raft::{RawNode, StateRole};
+use rocksdb::WriteBatch;
+
+use super::store::GroupStore;
+use crate::storage::{Engine, StoreError};
+use crate::ShardId;
+
+/// How every group on a node runs. Ticks are the driver's clock: the caller
+/// calls [`Driver::tick`] at a fixed interval.
+#[derive(Debug, Clone)]
+pub struct DriverConfig {
+    /// Ticks between a leader's heartbeats.
+    pub heartbeat_ticks: usize,
+    /// Ticks without a leader before a follower campaigns (randomised
+    /// between this and twice this).
+    pub election_ticks: usize,
+    /// Entries bytes per AppendEntries at most.
+    pub max_message_bytes: u64,
+    /// AppendEntries in flight per follower at most.
+    pub max_inflight: usize,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            heartbeat_ticks: 2,
+            election_ticks: 10,
+            max_message_bytes: 1 << 20,
+            max_inflight: 256,
+        }
+    }
+}
+
+/// A Raft message for one group.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The group.
+    pub shard: ShardId,
+    /// raft-rs's message (its `to` and `from` are node ids).
+    pub msg: Message,
+}
+
+/// Why the driver refused something.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The group is not open on this node.
+    #[error("group {shard} is not open on this node")]
+    UnknownGroup {
+        /// The group.
+        shard: ShardId,
+    },
+    /// A proposal went to a replica that does not lead its group.
+    #[error("group {shard} is not led here (leader: {leader:?})")]
+    NotLeader {
+        /// The group.
+        shard: ShardId,
+        /// The leader this replica knows of.
+        leader: Option<u64>,
+    },
+    /// raft-rs refused the call.
+    #[error("group {shard}: {source}")]
+    Raft {
+        /// The group.
+        shard: ShardId,
+        /// raft-rs's error.
+        source: raft::Error,
+    },
+    /// The storage failed (and fail-stopped).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What one round produced.
+#[derive(Debug, Default)]
+pub struct Round {
+    /// Messages to send, one batch per destination node.
+    pub messages: BTreeMap<u64, Vec<Envelope>>,
+    /// Committed entries to apply, per group, in log order.
+    pub committed: Vec<(ShardId, Vec<Entry>)>,
+    /// Groups whose ready this round handled.
+    pub readies: usize,
+    /// Log entries this round appended, over all groups.
+    pub entries: usize,
+    /// Whether this round wrote (and synced) anything.
+    pub synced: bool,
+}
+
+impl Round {
+    /// Whether the round did nothing at all.
+    pub fn is_idle(&self) -> bool {
+        self.readies == 0
+    }
+}
+
+/// Counters over the driver's life.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DriverStats {
+    /// Rounds that handled at least one ready.
+    pub rounds: u64,
+    /// Synced writes (one per round with anything to persist).
+    pub syncs: u64,
+    /// Group appends (a ready with entries), over all syncs.
+    pub appends: u64,
+    /// Log entries appended.
+    pub entries: u64,
+}
+
+/// One node's replicas of many groups.
+pub struct Driver {
+    id: u64,
+    engine: Engine,
+    config: DriverConfig,
+    groups: HashMap<ShardId, RawNode<GroupStore>>,
+    /// Groups that may have a ready (stepped, proposed to, ticked with an
+    /// effect, or persisted since their last ready).
+    touched: HashSet<ShardId>,
+    logger: slog::Logger,
+    stats: DriverStats,
+}
+
+impl Driver {
+    /// A driver for node `id` (a raft-rs peer id: not zero) on `engine`.
+    pub fn new(engine: Engine, id: u64, config: DriverConfig) -> Driver {
+        assert_ne!(id, 0, "raft-rs reserves peer id 0");
+        Driver {
+            id,
+            engine,
+            config,
+            groups: HashMap::new(),
+            touched: HashSet::new(),
+            logger: slog::Logger::root(super::TracingDrain, slog::o!()),
+            stats: DriverStats::default(),
+        }
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Opens a group bootstrapped here ([`GroupStore::bootstrap`]);
+    /// `applied` is the last index its state machine applied.
+    ///
+    /// # Errors
+    /// The store's error, or raft-rs's for an invalid state.
+    pub fn open_group(&mut self, shard: ShardId, applied: u64) -> Result<(), DriverError> {
+        let store = GroupStore::open(&self.engine, shard)?;
+        let cfg = raft::Config {
+            id: self.id,
+            election_tick: self.config.election_ticks,
+            heartbeat_tick: self.config.heartbeat_ticks,
+            applied,
+            max_size_per_msg: self.config.max_message_bytes,
+            max_inflight_msgs: self.config.max_inflight,
+            check_quorum: true,
+            pre_vote: true,
+            // Followers learn the commit from the next append or heartbeat.
+            skip_bcast_commit: true,
+            batch_append: true,
+            ..raft::Config::default()
+        };
+        let node = RawNode::new(&cfg, store, &self.logger)
+            .map_err(|source| DriverError::Raft { shard, source })?;
+        self.groups.insert(shard, node);
+        self.touched.insert(shard);
+        Ok(())
+    }
+
+    fn group(&mut self, shard: ShardId) -> Result<&mut RawNode<GroupStore>, DriverError> {
+        self.groups
+            .get_mut(&shard)
+            .ok_or(DriverError::UnknownGroup { shard })
+    }
+
+    /// Advances every group's clock by one tick.
+    pub fn tick(&mut self) {
+        for (shard, node) in &mut self.groups {
+            if node.tick() || node.has_ready() {
+                self.touched.insert(*shard);
+            }
+        }
+    }
+
+    /// Starts an election for `shard` here now.
+    ///
+    /// # Errors
+    /// [`DriverError::UnknownGroup`], or raft-rs's refusal.
+    pub fn campaign(&mut self, shard: ShardId) -> Result<(), DriverError> {
+        self.group(shard)?
+            .campaign()
+            .map_err(|source| DriverError::Raft { shard, source })?;
+        self.touched.insert(shard);
+        Ok(())
+    }
+
+    /// The leader of `shard` this replica knows of.
+    pub fn leader(&self, shard: ShardId) -> Option<u64> {
+        let node = self.groups.get(&shard)?;
+        let lead = node.raft.leader_id;
+        (lead != raft::INVALID_ID).then_some(lead)
+    }
+
+    /// Whether this replica leads `shard`.
+    pub fn is_leader(&self, shard: ShardId) -> bool {
+        self.groups
+            .get(&shard)
+            .is_some_and(|n| n.raft.state == StateRole::Leader)
+    }
+
+    /// Appends `data` to `shard`'s log if this replica leads it; the entry is
+    /// committed when a later round returns it.
+    ///
+    /// # Errors
+    /// [`DriverError::NotLeader`] with the known leader otherwise.
+    pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<(), DriverError> {
+        let leader = self.leader(shard);
+        let node = self.group(shard)?;
+        if node.raft.state != StateRole::Leader {
+            return Err(DriverError::NotLeader { shard, leader });
+        }
+        node.propose(Vec::new(), data)
+            .map_err(|source| DriverError::Raft { shard, source })?;
+        self.touched.insert(shard);
+        Ok(())
+    }
+
+    /// Hands a message from a peer to its group.
+    ///
+    /// # Errors
+    /// [`DriverError::UnknownGroup`], or raft-rs's refusal (a message for
+    /// another peer id, say).
+    pub fn step(&mut self, env: Envelope) -> Result<(), DriverError> {
+        let shard = env.shard;
+        self.group(shard)?
+            .step(env.msg)
+            .map_err(|source| DriverError::Raft { shard, source })?;
+        self.touched.insert(shard);
+        Ok(())
+    }
+
+    /// Records that `shard`'s state machine applied up to `index`.
+    ///
+    /// # Errors
+    /// [`DriverError::UnknownGroup`].
+    pub fn applied(&mut self, shard: ShardId, index: u64) -> Result<(), DriverError> {
+        self.group(shard)?.advance_apply_to(index);
+        self.touched.insert(shard);
+        Ok(())
+    }
+
+    /// Handles every group with work: their appends and hard states go to
+    /// RocksDB as one write, synced when any of them needs it; then their
+    /// messages and committed entries come back grouped.
+    ///
+    /// # Errors
+    /// The storage's (the engine fail-stops: nothing is acknowledged after
+    /// it).
+    pub fn round(&mut self) -> Result<Round, DriverError> {
+        let mut out = Round::default();
+        let mut batch = WriteBatch::default();
+        let mut must_sync = false;
+        let mut persisted = Vec::new();
+        let mut touched: Vec<ShardId> = self.touched.drain().collect();
+        touched.sort_unstable();
+        for shard in touched {
+            let Some(node) = self.groups.get_mut(&shard) else {
+                continue;
+            };
+            if !node.has_ready() {
+                continue;
+            }
+            let mut rd = node.ready();
+            out.readies += 1;
+            for msg in rd.take_messages() {
+                out.messages
+                    .entry(msg.to)
+                    .or_default()
+                    .push(Envelope { shard, msg });
+            }
+            assert!(
+                rd.snapshot().is_empty(),
+                "{shard}: raft-rs asked to install a snapshot, and logs are never compacted"
+            );
+            let entries = rd.take_entries();
+            if !entries.is_empty() {
+                out.entries += entries.len();
+                self.stats.appends += 1;
+            }
+            node.mut_store().stage(&entries, rd.hs(), &mut batch);
+            must_sync |= rd.must_sync();
+            let committed = rd.take_committed_entries();
+            if !committed.is_empty() {
+                out.committed.push((shard, committed));
+            }
+            let after = rd.take_persisted_messages();
+            let number = rd.number();
+            node.advance_append_async(rd);
+            persisted.push((shard, number, after));
+        }
+        if !batch.is_empty() {
+            if must_sync {
+                self.engine.write_synced(batch, "raft round")?;
+                self.stats.syncs += 1;
+                out.synced = true;
+            } else {
+                self.engine.write_unsynced(batch, "raft round")?;
+            }
+        }
+        for (shard, number, after) in persisted {
+            let node = self.groups.get_mut(&shard).expect("handled above");
+            node.on_persist_ready(number);
+            for msg in after {
+                out.messages
+                    .entry(msg.to)
+                    .or_default()
+                    .push(Envelope { shard, msg });
+            }
+            // Persisting may have committed entries or freed messages.
+            self.touched.insert(shard);
+        }
+        if out.readies > 0 {
+            self.stats.rounds += 1;
+            self.stats.entries += out.entries as u64;
+        }
+        Ok(out)
+    }
+
+    /// Counters since the driver started.
+    pub fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    /// The groups open here.
+    pub fn groups(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.groups.keys().copied()
+    }
+
+    /// `shard`'s store (its log and hard state).
+    pub fn store(&self, shard: ShardId) -> Option<&GroupStore> {
+        self.groups.get(&shard).map(RawNode::store)
+    }
+}

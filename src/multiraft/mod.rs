@@ -1,0 +1,57 @@
+//! Many Raft groups stepped as one: the node-level batch system that issue 19's
+//! remaining targets need (README, "Raft: openraft 0.10", the decision under
+//! "Comparing with etcd").
+//!
+//! openraft runs every group as its own set of tasks (a core, one
+//! replication task per follower, a state-machine worker), so a node with 64
+//! busy shards does 64 groups' worth of task hand-offs, appends and frames
+//! per write round. Here a group is a raft-rs [`raft::RawNode`]: a plain
+//! state machine with no tasks of its own. One [`Driver`] per node steps
+//! every group that has work in one [`Driver::round`]:
+//! - the round's appends and hard states, over all groups, are **one**
+//!   RocksDB write and one sync;
+//! - its messages come out grouped by destination node (one frame per peer);
+//! - its committed entries come out together, for one apply batch.
+//!
+//! What exists so far: the group store ([`GroupStore`]: log, hard state,
+//! configuration in the node's RocksDB, an in-memory tail), and the driver
+//! (elections with pre-vote and check-quorum, proposals, replication, restart
+//! from what is stored), exercised by `tests/multiraft_core.rs` over an
+//! in-process network and measured by `benches/multiraft.rs`. What does not
+//! exist yet, and why data shards still run on openraft: the QUIC transport
+//! and client path for it, applying into the state machine, log compaction and
+//! snapshots, membership changes, splits and merges, leader transfer and
+//! quiescence.
+
+mod driver;
+mod store;
+
+pub use driver::{Driver, DriverConfig, DriverError, DriverStats, Envelope, Round};
+pub use store::{GroupStore, TAIL_ENTRIES};
+
+/// raft-rs logs through `slog`; this drain hands its records to `tracing`
+/// (messages only, at the matching level, under the target `raft`).
+pub(crate) struct TracingDrain;
+
+impl slog::Drain for TracingDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        _values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
+        let msg = record.msg();
+        match record.level() {
+            slog::Level::Critical | slog::Level::Error => {
+                tracing::error!(target: "raft", "{msg}");
+            }
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}"),
+            slog::Level::Info => tracing::info!(target: "raft", "{msg}"),
+            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}"),
+            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}"),
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,283 @@
+//! One group's Raft log and hard state over the node's shared RocksDB, as
+//! raft-rs's [`Storage`].
+//!
+//! Records (all keyed by shard id first, so a group's records are one range):
+//! - `raft_log`: `shard ‖ index` → the protobuf `Entry`;
+//! - `raft_state`: `shard ‖ RaftHard` → the protobuf `HardState`, and
+//!   `shard ‖ RaftConf` → the protobuf `ConfState`.
+//!
+//! Writes never go to RocksDB from here directly: [`GroupStore::stage`] puts a
+//! ready's entries and hard state into the caller's `WriteBatch`, which the
+//! driver writes once, synced, for every group of a round. Staged entries
+//! are readable at once (raft-rs asks for them only after the driver hands the
+//! ready back), from a bounded in-memory tail that also spares replication
+//! and apply the RocksDB reads of recent entries.
+
+use std::collections::VecDeque;
+
+use raft::eraftpb::{ConfState, Entry, HardState, Snapshot};
+use raft::{GetEntriesContext, RaftState, Storage, StorageError};
+use rocksdb::WriteBatch;
+
+use crate::storage::keys::{self, StateTag};
+use crate::storage::{Engine, StoreError};
+use crate::ShardId;
+
+/// Entries kept in memory per group (the newest ones).
+pub const TAIL_ENTRIES: usize = 1024;
+
+/// A group's log and hard state: raft-rs reads it through [`Storage`].
+pub struct GroupStore {
+    engine: Engine,
+    shard: ShardId,
+    hard: HardState,
+    conf: ConfState,
+    /// The last index in the log (0: empty).
+    last: u64,
+    /// The newest entries, contiguous and ending at `last`.
+    tail: VecDeque<Entry>,
+}
+
+fn raft_err(e: StoreError) -> raft::Error {
+    raft::Error::Store(StorageError::Other(Box::new(e)))
+}
+
+fn decode<M: protobuf::Message>(what: &str, bytes: &[u8]) -> Result<M, StoreError> {
+    M::parse_from_bytes(bytes).map_err(|e| StoreError::corrupt(what.to_string(), e))
+}
+
+fn encode<M: protobuf::Message>(m: &M) -> Vec<u8> {
+    m.write_to_bytes().expect("protobuf encoding into memory")
+}
+
+impl GroupStore {
+    /// Creates a new group's records with `voters`, synced. Refuses a shard
+    /// that already has Raft state here.
+    ///
+    /// # Errors
+    /// [`StoreError::ShardExists`] when the group already has state here,
+    /// or the RocksDB error.
+    pub fn bootstrap(engine: &Engine, shard: ShardId, voters: &[u64]) -> Result<(), StoreError> {
+        let cf = engine.cf(crate::storage::Cf::RaftState);
+        let key = keys::state_key(shard, StateTag::RaftConf);
+        if engine
+            .db()
+            .get_pinned_cf(cf, key)
+            .map_err(|e| StoreError::rocks("read conf state", e))?
+            .is_some()
+        {
+            return Err(StoreError::ShardExists { shard });
+        }
+        let mut conf = ConfState::default();
+        conf.set_voters(voters.to_vec());
+        let mut b = WriteBatch::default();
+        b.put_cf(cf, key, encode(&conf));
+        b.put_cf(
+            cf,
+            keys::state_key(shard, StateTag::RaftHard),
+            encode(&HardState::default()),
+        );
+        engine.write_synced(b, "bootstrap group")
+    }
+
+    /// Opens a group from what is stored.
+    ///
+    /// # Errors
+    /// [`StoreError::UnknownShard`] when the group was never bootstrapped
+    /// here, [`StoreError::Corrupt`] for a record that does not decode.
+    pub fn open(engine: &Engine, shard: ShardId) -> Result<GroupStore, StoreError> {
+        let db = engine.db();
+        let cf = engine.cf(crate::storage::Cf::RaftState);
+        let read = |tag| {
+            db.get_cf(cf, keys::state_key(shard, tag))
+                .map_err(|e| StoreError::rocks("read raft state", e))
+        };
+        let Some(conf) = read(StateTag::RaftConf)? else {
+            return Err(StoreError::UnknownShard { shard });
+        };
+        let conf: ConfState = decode(&format!("conf state of {shard}"), &conf)?;
+        let hard: HardState = match read(StateTag::RaftHard)? {
+            Some(b) => decode(&format!("hard state of {shard}"), &b)?,
+            None => HardState::default(),
+        };
+        let log = engine.cf(crate::storage::Cf::RaftLog);
+        let mut it = db.raw_iterator_cf(log);
+        it.seek_for_prev(keys::log_key(shard, u64::MAX));
+        let last = match it.key() {
+            Some(k) if k.len() == 16 && k[..8] == shard.0.to_be_bytes() => {
+                keys::log_key_index(shard, k)
+            }
+            _ => 0,
+        };
+        it.status()
+            .map_err(|e| StoreError::rocks("seek last entry", e))?;
+        Ok(GroupStore {
+            engine: engine.clone(),
+            shard,
+            hard,
+            conf,
+            last,
+            tail: VecDeque::new(),
+        })
+    }
+
+    /// The shard this group replicates.
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    /// The last index in the log (0 when empty).
+    pub fn last(&self) -> u64 {
+        self.last
+    }
+
+    /// The stored hard state (as of the last staged ready).
+    pub fn hard_state(&self) -> &HardState {
+        &self.hard
+    }
+
+    /// Puts `entries` (replacing any stored suffix from their first index)
+    /// and `hard` into `batch`, and makes them readable here at once. The
+    /// caller writes `batch` synced before it reports the ready persisted.
+    pub fn stage(&mut self, entries: &[Entry], hard: Option<&HardState>, batch: &mut WriteBatch) {
+        let log = self.engine.cf(crate::storage::Cf::RaftLog);
+        if let Some(first) = entries.first() {
+            let from = first.index;
+            assert!(
+                from >= 1 && from <= self.last + 1,
+                "{}: entries from {from} leave a gap after {}",
+                self.shard,
+                self.last
+            );
+            if from <= self.last {
+                // A new leader's entries replace the conflicting suffix.
+                batch.delete_range_cf(
+                    log,
+                    keys::log_key(self.shard, from),
+                    keys::log_key(self.shard, self.last + 1),
+                );
+                let keep = self.tail.iter().take_while(|e| e.index < from).count();
+                self.tail.truncate(keep);
+            }
+            if self.tail.back().is_some_and(|e| e.index + 1 != from) {
+                self.tail.clear();
+            }
+            for e in entries {
+                batch.put_cf(log, keys::log_key(self.shard, e.index), encode(e));
+                self.tail.push_back(e.clone());
+            }
+            while self.tail.len() > TAIL_ENTRIES {
+                self.tail.pop_front();
+            }
+            self.last = entries.last().map_or(self.last, |e| e.index);
+        }
+        if let Some(h) = hard {
+            self.hard = h.clone();
+            batch.put_cf(
+                self.engine.cf(crate::storage::Cf::RaftState),
+                keys::state_key(self.shard, StateTag::RaftHard),
+                encode(h),
+            );
+        }
+    }
+
+    fn tail_start(&self) -> u64 {
+        self.tail.front().map_or(self.last + 1, |e| e.index)
+    }
+
+    fn read_entries(&self, low: u64, high: u64) -> Result<Vec<Entry>, StoreError> {
+        let log = self.engine.cf(crate::storage::Cf::RaftLog);
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::log_key(self.shard, high).to_vec());
+        let mut it = self.engine.db().raw_iterator_cf_opt(log, ro);
+        it.seek(keys::log_key(self.shard, low));
+        let mut out = Vec::with_capacity((high - low) as usize);
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let index = keys::log_key_index(self.shard, k);
+            if index != low + out.len() as u64 {
+                return Err(StoreError::corrupt(
+                    format!("log of {}", self.shard),
+                    format!(
+                        "entry {index} where {} was expected",
+                        low + out.len() as u64
+                    ),
+                ));
+            }
+            out.push(decode(&format!("entry {index} of {}", self.shard), v)?);
+            it.next();
+        }
+        it.status()
+            .map_err(|e| StoreError::rocks("read entries", e))?;
+        if out.len() as u64 != high - low {
+            return Err(StoreError::corrupt(
+                format!("log of {}", self.shard),
+                format!("entries {low}..{high} incomplete: {} found", out.len()),
+            ));
+        }
+        Ok(out)
+    }
+}
+
+impl Storage for GroupStore {
+    fn initial_state(&self) -> raft::Result<RaftState> {
+        Ok(RaftState::new(self.hard.clone(), self.conf.clone()))
+    }
+
+    fn entries(
+        &self,
+        low: u64,
+        high: u64,
+        max_size: impl Into<Option<u64>>,
+        _context: GetEntriesContext,
+    ) -> raft::Result<Vec<Entry>> {
+        if low < 1 {
+            return Err(raft::Error::Store(StorageError::Compacted));
+        }
+        if high > self.last + 1 {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        let mut out = if low >= self.tail_start() {
+            let skip = (low - self.tail_start()) as usize;
+            self.tail
+                .iter()
+                .skip(skip)
+                .take((high - low) as usize)
+                .cloned()
+                .collect()
+        } else {
+            self.read_entries(low, high).map_err(raft_err)?
+        };
+        raft::util::limit_size(&mut out, max_size.into());
+        Ok(out)
+    }
+
+    fn term(&self, idx: u64) -> raft::Result<u64> {
+        if idx == 0 {
+            return Ok(0);
+        }
+        if idx > self.last {
+            return Err(raft::Error::Store(StorageError::Unavailable));
+        }
+        if idx >= self.tail_start() {
+            return Ok(self.tail[(idx - self.tail_start()) as usize].term);
+        }
+        let e = self.read_entries(idx, idx + 1).map_err(raft_err)?;
+        Ok(e[0].term)
+    }
+
+    fn first_index(&self) -> raft::Result<u64> {
+        Ok(1)
+    }
+
+    fn last_index(&self) -> raft::Result<u64> {
+        Ok(self.last)
+    }
+
+    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+        // Logs are never compacted yet, so a follower always catches up from
+        // the log and raft-rs never asks for a snapshot.
+        Err(raft::Error::Store(
+            StorageError::SnapshotTemporarilyUnavailable,
+        ))
+    }
+}

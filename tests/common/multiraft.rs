@@ -1,0 +1,234 @@
+//! An in-process cluster of `multiraft::Driver`s: each node has its own
+//! RocksDB in a temporary folder, and messages go from one round's output to
+//! the other nodes' `step` in memory. Used by `tests/multiraft_core.rs` and
+//! `benches/multiraft.rs`.
+#![allow(dead_code)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+
+use raft::eraftpb::EntryType;
+use tessera::multiraft::{Driver, DriverConfig, GroupStore, Round};
+use tessera::storage::{Engine, StorageConfig};
+use tessera::ShardId;
+
+/// One node: its folder, engine, driver and what it applied.
+pub struct Node {
+    pub engine: Engine,
+    pub driver: Driver,
+    /// Per group, the (index, data) of every applied non-empty entry.
+    pub applied: BTreeMap<ShardId, Vec<(u64, Vec<u8>)>>,
+}
+
+/// Nodes 1..=n, each a voter of every group.
+pub struct LocalCluster {
+    _root: tempfile::TempDir,
+    dirs: BTreeMap<u64, PathBuf>,
+    pub nodes: BTreeMap<u64, Node>,
+    pub groups: Vec<ShardId>,
+    /// Nodes whose messages are dropped, both ways.
+    pub isolated: BTreeSet<u64>,
+    config: DriverConfig,
+}
+
+fn open_node(dir: &std::path::Path, id: u64, groups: &[ShardId], config: &DriverConfig) -> Node {
+    let engine = Engine::open(StorageConfig::new(dir)).expect("open engine");
+    let mut driver = Driver::new(engine.clone(), id, config.clone());
+    for g in groups {
+        driver.open_group(*g, 0).expect("open group");
+    }
+    Node {
+        engine,
+        driver,
+        applied: BTreeMap::new(),
+    }
+}
+
+impl LocalCluster {
+    /// `nodes` nodes, `groups` groups (shard ids 1..=groups), all bootstrapped.
+    pub fn new(nodes: u64, groups: u64) -> LocalCluster {
+        let root = tempfile::tempdir().expect("temp dir");
+        let config = DriverConfig::default();
+        let groups: Vec<ShardId> = (1..=groups).map(ShardId).collect();
+        let voters: Vec<u64> = (1..=nodes).collect();
+        let mut dirs = BTreeMap::new();
+        let mut opened = BTreeMap::new();
+        for id in 1..=nodes {
+            let dir = root.path().join(format!("n{id}"));
+            {
+                let engine = Engine::open(StorageConfig::new(&dir)).expect("open engine");
+                for g in &groups {
+                    GroupStore::bootstrap(&engine, *g, &voters).expect("bootstrap group");
+                }
+            }
+            opened.insert(id, open_node(&dir, id, &groups, &config));
+            dirs.insert(id, dir);
+        }
+        LocalCluster {
+            _root: root,
+            dirs,
+            nodes: opened,
+            groups,
+            isolated: BTreeSet::new(),
+            config,
+        }
+    }
+
+    /// Stops node `id` (its driver and engine are dropped; its folder stays).
+    pub fn stop(&mut self, id: u64) {
+        let node = self.nodes.remove(&id).expect("node is running");
+        drop(node);
+    }
+
+    /// Starts node `id` again from its folder; it applies from the start.
+    pub fn restart(&mut self, id: u64) {
+        assert!(!self.nodes.contains_key(&id), "node {id} is running");
+        let node = open_node(&self.dirs[&id], id, &self.groups, &self.config);
+        self.nodes.insert(id, node);
+    }
+
+    fn deliver(&mut self, from: u64, round: Round) -> usize {
+        let mut sent = 0;
+        for (to, envs) in round.messages {
+            if self.isolated.contains(&from) || self.isolated.contains(&to) {
+                continue;
+            }
+            let Some(node) = self.nodes.get_mut(&to) else {
+                continue;
+            };
+            for env in envs {
+                sent += 1;
+                node.driver.step(env).expect("step");
+            }
+        }
+        sent
+    }
+
+    fn apply(node: &mut Node, round: &Round) {
+        for (shard, entries) in &round.committed {
+            let log = node.applied.entry(*shard).or_default();
+            for e in entries {
+                assert_eq!(
+                    e.get_entry_type(),
+                    EntryType::EntryNormal,
+                    "no conf changes yet"
+                );
+                if !e.data.is_empty() {
+                    log.push((e.index, e.data.to_vec()));
+                }
+            }
+            let last = entries.last().expect("non-empty").index;
+            node.driver.applied(*shard, last).expect("applied");
+        }
+    }
+
+    /// Runs rounds on every node and delivers their messages until no node
+    /// has anything left to do. Returns the rounds that did something.
+    pub fn pump(&mut self) -> usize {
+        let mut busy_rounds = 0;
+        for pass in 0.. {
+            assert!(pass < 10_000, "the cluster did not settle in 10,000 passes");
+            let mut quiet = true;
+            let ids: Vec<u64> = self.nodes.keys().copied().collect();
+            for id in ids {
+                let node = self.nodes.get_mut(&id).expect("running");
+                let round = node.driver.round().expect("round");
+                Self::apply(node, &round);
+                if !round.is_idle() {
+                    quiet = false;
+                    busy_rounds += 1;
+                }
+                if self.deliver(id, round) > 0 {
+                    quiet = false;
+                }
+            }
+            if quiet {
+                break;
+            }
+        }
+        busy_rounds
+    }
+
+    /// One tick on every running node, then [`LocalCluster::pump`].
+    pub fn tick(&mut self) {
+        for node in self.nodes.values_mut() {
+            node.driver.tick();
+        }
+        self.pump();
+    }
+
+    /// The leader of `shard` that every running, connected node agrees on.
+    pub fn agreed_leader(&self, shard: ShardId) -> Option<u64> {
+        let mut seen = None;
+        for (id, node) in &self.nodes {
+            if self.isolated.contains(id) {
+                continue;
+            }
+            let l = node.driver.leader(shard)?;
+            if seen.is_some_and(|s| s != l) {
+                return None;
+            }
+            seen = Some(l);
+        }
+        let l = seen?;
+        self.nodes
+            .get(&l)
+            .is_some_and(|n| n.driver.is_leader(shard))
+            .then_some(l)
+    }
+
+    /// Ticks until every group has a leader the running nodes agree on;
+    /// panics with `what` after `max_ticks`.
+    pub fn wait_leaders(&mut self, max_ticks: usize, what: &str) -> BTreeMap<ShardId, u64> {
+        for _ in 0..max_ticks {
+            let leaders: BTreeMap<ShardId, u64> = self
+                .groups
+                .iter()
+                .filter_map(|g| self.agreed_leader(*g).map(|l| (*g, l)))
+                .collect();
+            if leaders.len() == self.groups.len() {
+                return leaders;
+            }
+            self.tick();
+        }
+        panic!("{what}: not every group had an agreed leader after {max_ticks} ticks");
+    }
+
+    /// Campaigns each group on node `group % nodes + 1` (leaders spread
+    /// evenly), then waits for the leaders.
+    pub fn elect_spread(&mut self) -> BTreeMap<ShardId, u64> {
+        let n = self.nodes.len() as u64;
+        for g in self.groups.clone() {
+            let id = g.0 % n + 1;
+            self.nodes
+                .get_mut(&id)
+                .expect("running")
+                .driver
+                .campaign(g)
+                .expect("campaign");
+        }
+        self.pump();
+        self.wait_leaders(200, "spread election")
+    }
+
+    /// Ticks until every running, connected node applied `data` in `shard`;
+    /// panics with `what` after `max_ticks`.
+    pub fn wait_applied(&mut self, shard: ShardId, data: &[u8], max_ticks: usize, what: &str) {
+        for _ in 0..max_ticks {
+            let done = self
+                .nodes
+                .iter()
+                .filter(|(id, _)| !self.isolated.contains(id))
+                .all(|(_, n)| {
+                    n.applied
+                        .get(&shard)
+                        .is_some_and(|l| l.iter().any(|(_, d)| d == data))
+                });
+            if done {
+                return;
+            }
+            self.tick();
+        }
+        panic!("{what}: {data:?} not applied in {shard} on every node after {max_ticks} ticks");
+    }
+}

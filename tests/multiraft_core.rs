@@ -1,0 +1,296 @@
+//! The node-level batch system (`tessera::multiraft`) over an in-process
+//! network: many groups per node, one synced write per round, messages grouped
+//! per peer, restarts from what is stored, and no acknowledged entry lost
+//! when a leader changes.
+
+#[path = "common/multiraft.rs"]
+mod harness;
+
+use harness::LocalCluster;
+use tessera::multiraft::DriverError;
+use tessera::ShardId;
+
+const GROUPS: u64 = 64;
+
+#[test]
+fn every_group_elects_and_commits_on_every_replica() {
+    let mut c = LocalCluster::new(3, GROUPS);
+    let leaders = c.elect_spread();
+    for (g, l) in &leaders {
+        c.nodes
+            .get_mut(l)
+            .unwrap()
+            .driver
+            .propose(*g, format!("w{}", g.0).into_bytes())
+            .expect("propose at the leader");
+    }
+    c.pump();
+    for g in leaders.keys() {
+        c.wait_applied(*g, format!("w{}", g.0).as_bytes(), 20, "first writes");
+    }
+    // Every node applied exactly one write per group, in log order.
+    for (id, node) in &c.nodes {
+        for g in &c.groups {
+            let applied = &node.applied[g];
+            assert_eq!(
+                applied.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>(),
+                vec![format!("w{}", g.0).into_bytes()],
+                "node {id}, {g}"
+            );
+        }
+    }
+}
+
+#[test]
+fn one_round_appends_every_led_group_with_one_sync() {
+    let mut c = LocalCluster::new(3, GROUPS);
+    let leaders = c.elect_spread();
+    let led_by_1: Vec<ShardId> = leaders
+        .iter()
+        .filter(|(_, l)| **l == 1)
+        .map(|(g, _)| *g)
+        .collect();
+    assert!(led_by_1.len() > 1, "node 1 leads several groups");
+    let n1 = &mut c.nodes.get_mut(&1).unwrap().driver;
+    for g in &led_by_1 {
+        n1.propose(*g, b"x".to_vec()).expect("propose");
+    }
+    let before = n1.stats();
+    let round = n1.round().expect("round");
+    let after = n1.stats();
+    assert_eq!(round.readies, led_by_1.len(), "one ready per led group");
+    assert_eq!(round.entries, led_by_1.len(), "one entry per led group");
+    assert_eq!(after.syncs - before.syncs, 1, "one sync for all of them");
+    assert_eq!(after.appends - before.appends, led_by_1.len() as u64);
+    // One batch per peer, each carrying every group's append.
+    assert_eq!(
+        round.messages.keys().copied().collect::<Vec<_>>(),
+        vec![2, 3],
+        "messages grouped by destination"
+    );
+    for envs in round.messages.values() {
+        let mut shards: Vec<ShardId> = envs.iter().map(|e| e.shard).collect();
+        shards.sort();
+        shards.dedup();
+        assert_eq!(
+            shards, led_by_1,
+            "every led group's append in the peer's batch"
+        );
+    }
+}
+
+#[test]
+fn a_proposal_to_a_follower_is_refused_with_the_leader() {
+    let mut c = LocalCluster::new(3, 4);
+    let leaders = c.elect_spread();
+    let g = ShardId(1);
+    let leader = leaders[&g];
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let err = c
+        .nodes
+        .get_mut(&follower)
+        .unwrap()
+        .driver
+        .propose(g, b"nope".to_vec())
+        .expect_err("a follower refuses");
+    assert!(
+        matches!(err, DriverError::NotLeader { shard, leader: Some(l) } if shard == g && l == leader),
+        "{err}"
+    );
+    let err = c
+        .nodes
+        .get_mut(&leader)
+        .unwrap()
+        .driver
+        .propose(ShardId(99), b"nope".to_vec())
+        .expect_err("unknown group");
+    assert!(matches!(err, DriverError::UnknownGroup { shard } if shard == ShardId(99)));
+}
+
+#[test]
+fn a_restarted_node_keeps_its_log_and_term_and_catches_up() {
+    let mut c = LocalCluster::new(3, 8);
+    let leaders = c.elect_spread();
+    for (g, l) in &leaders {
+        c.nodes
+            .get_mut(l)
+            .unwrap()
+            .driver
+            .propose(*g, b"before".to_vec())
+            .unwrap();
+    }
+    for g in leaders.keys() {
+        c.wait_applied(*g, b"before", 20, "writes before the restart");
+    }
+    let stored = |c: &LocalCluster, id: u64| -> Vec<(u64, u64)> {
+        c.groups
+            .iter()
+            .map(|g| {
+                let s = c.nodes[&id].driver.store(*g).unwrap();
+                (s.last(), s.hard_state().term)
+            })
+            .collect()
+    };
+    let before = stored(&c, 2);
+    c.stop(2);
+    c.restart(2);
+    assert_eq!(stored(&c, 2), before, "log end and term survive a restart");
+    let leaders = c.wait_leaders(200, "after the restart");
+    for (g, l) in &leaders {
+        c.nodes
+            .get_mut(l)
+            .unwrap()
+            .driver
+            .propose(*g, b"after".to_vec())
+            .unwrap();
+    }
+    for g in leaders.keys() {
+        c.wait_applied(*g, b"after", 40, "writes after the restart");
+    }
+    // The restarted node applied from the start again: both writes, in order.
+    for g in &c.groups {
+        let data: Vec<Vec<u8>> = c.nodes[&2].applied[g]
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect();
+        assert_eq!(data, vec![b"before".to_vec(), b"after".to_vec()], "{g}");
+    }
+}
+
+#[test]
+fn a_deposed_leaders_unacknowledged_entry_is_replaced_and_never_applied() {
+    let mut c = LocalCluster::new(3, 1);
+    let g = ShardId(1);
+    let leaders = c.elect_spread();
+    let old = leaders[&g];
+    c.nodes
+        .get_mut(&old)
+        .unwrap()
+        .driver
+        .propose(g, b"acked".to_vec())
+        .unwrap();
+    c.wait_applied(g, b"acked", 20, "the acknowledged write");
+    // Cut the leader off, then propose on it: the entry is in its log only.
+    c.isolated.insert(old);
+    c.nodes
+        .get_mut(&old)
+        .unwrap()
+        .driver
+        .propose(g, b"lost".to_vec())
+        .unwrap();
+    c.pump();
+    let old_last = c.nodes[&old].driver.store(g).unwrap().last();
+    // The other two elect a new leader and commit another write at that index.
+    let new = {
+        let mut found = None;
+        for _ in 0..300 {
+            c.tick();
+            found = (1..=3)
+                .filter(|id| *id != old)
+                .find(|id| c.nodes[id].driver.is_leader(g));
+            if found.is_some() {
+                break;
+            }
+        }
+        found.expect("a new leader among the connected two within 300 ticks")
+    };
+    c.nodes
+        .get_mut(&new)
+        .unwrap()
+        .driver
+        .propose(g, b"winner".to_vec())
+        .unwrap();
+    c.wait_applied(g, b"winner", 40, "the new leader's write");
+    // Heal: the old leader's suffix is replaced by the new leader's.
+    c.isolated.clear();
+    c.wait_applied(g, b"winner", 200, "the old leader catching up");
+    for (id, node) in &c.nodes {
+        let data: Vec<&[u8]> = node.applied[&g].iter().map(|(_, d)| &d[..]).collect();
+        assert!(
+            !data.contains(&&b"lost"[..]),
+            "node {id} applied an unacknowledged entry"
+        );
+        assert!(
+            data.contains(&&b"acked"[..]),
+            "node {id} lost an acknowledged entry"
+        );
+    }
+    let leader_last = c.nodes[&new].driver.store(g).unwrap().last();
+    assert!(
+        leader_last >= old_last,
+        "the new log reaches past the replaced entry"
+    );
+    // Every node's log agrees entry by entry (same terms at every index).
+    let terms = |c: &LocalCluster, id: u64| -> Vec<u64> {
+        use raft::Storage;
+        let s = c.nodes[&id].driver.store(g).unwrap();
+        (1..=s.last()).map(|i| s.term(i).unwrap()).collect()
+    };
+    assert_eq!(
+        terms(&c, old),
+        terms(&c, new),
+        "the old leader's log matches the new one"
+    );
+    // And after a restart, from RocksDB rather than the in-memory tail.
+    c.stop(old);
+    c.restart(old);
+    assert_eq!(
+        terms(&c, old),
+        terms(&c, new),
+        "the replaced suffix is replaced on disk too"
+    );
+}
+
+#[test]
+fn entries_beyond_the_memory_tail_are_read_back_from_rocksdb() {
+    use raft::{GetEntriesContext, Storage};
+    let mut c = LocalCluster::new(3, 1);
+    let g = ShardId(1);
+    let leader = c.elect_spread()[&g];
+    let total = tessera::multiraft::TAIL_ENTRIES + 500;
+    for chunk in 0..total / 100 {
+        for i in 0..100 {
+            let w = format!("e{}", chunk * 100 + i).into_bytes();
+            c.nodes
+                .get_mut(&leader)
+                .unwrap()
+                .driver
+                .propose(g, w)
+                .unwrap();
+        }
+        c.pump();
+    }
+    let last_write = format!("e{}", total / 100 * 100 - 1).into_bytes();
+    c.wait_applied(g, &last_write, 40, "every write");
+    let read_all = |c: &LocalCluster, id: u64| -> Vec<Vec<u8>> {
+        let s = c.nodes[&id].driver.store(g).unwrap();
+        s.entries(1, s.last() + 1, None, GetEntriesContext::empty(false))
+            .unwrap()
+            .into_iter()
+            .filter(|e| !e.data.is_empty())
+            .map(|e| e.data.to_vec())
+            .collect()
+    };
+    let want: Vec<Vec<u8>> = (0..total / 100 * 100)
+        .map(|i| format!("e{i}").into_bytes())
+        .collect();
+    assert_eq!(
+        read_all(&c, leader),
+        want,
+        "leader: tail and RocksDB together"
+    );
+    // A size limit still returns at least one entry, and a prefix.
+    let s = c.nodes[&leader].driver.store(g).unwrap();
+    let limited = s
+        .entries(1, s.last() + 1, Some(1), GetEntriesContext::empty(false))
+        .unwrap();
+    assert_eq!(limited.len(), 1, "one entry under a one-byte limit");
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    c.stop(follower);
+    c.restart(follower);
+    assert_eq!(
+        read_all(&c, follower),
+        want,
+        "a restarted follower: all from RocksDB"
+    );
+}
