@@ -38,6 +38,15 @@ impl Default for DriverConfig {
     }
 }
 
+/// Where a proposal went in its group's log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Proposed {
+    /// Its index.
+    pub index: u64,
+    /// The term of the leader that appended it.
+    pub term: u64,
+}
+
 /// A Raft message for one group.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -214,12 +223,14 @@ impl Driver {
             .is_some_and(|n| n.raft.state == StateRole::Leader)
     }
 
-    /// Appends `data` to `shard`'s log if this replica leads it; the entry is
-    /// committed when a later round returns it.
+    /// Appends `data` to `shard`'s log if this replica leads it, and returns
+    /// where it went: the entry is committed when a later round returns an
+    /// entry at that index **with that term** (another term there means a new
+    /// leader replaced it, and it never will be).
     ///
     /// # Errors
     /// [`DriverError::NotLeader`] with the known leader otherwise.
-    pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<(), DriverError> {
+    pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<Proposed, DriverError> {
         let leader = self.leader(shard);
         let node = self.group(shard)?;
         if node.raft.state != StateRole::Leader {
@@ -227,8 +238,12 @@ impl Driver {
         }
         node.propose(Vec::new(), data)
             .map_err(|source| DriverError::Raft { shard, source })?;
+        let at = Proposed {
+            index: node.raft.raft_log.last_index(),
+            term: node.raft.term,
+        };
         self.touched.insert(shard);
-        Ok(())
+        Ok(at)
     }
 
     /// Hands a message from a peer to its group.
@@ -330,6 +345,11 @@ impl Driver {
             self.stats.entries += out.entries as u64;
         }
         Ok(out)
+    }
+
+    /// Whether some group may have work (a ready) right now.
+    pub fn has_work(&self) -> bool {
+        !self.touched.is_empty()
     }
 
     /// Counters since the driver started.

@@ -232,3 +232,199 @@ impl LocalCluster {
         panic!("{what}: {data:?} not applied in {shard} on every node after {max_ticks} ticks");
     }
 }
+
+/// Loops wired to each other's mailboxes in memory.
+pub mod loops {
+    use std::collections::BTreeMap;
+    use std::path::PathBuf;
+    use std::sync::{Arc, Mutex, RwLock};
+    use std::time::Duration;
+
+    use raft::eraftpb::Entry;
+    use tessera::multiraft::{
+        Applier, Driver, DriverConfig, Envelope, GroupStore, LoopConfig, Mailbox, NodeLoop,
+        Outbound, ProposeError,
+    };
+    use tessera::storage::{Engine, StorageConfig, StoreError};
+    use tessera::ShardId;
+
+    type Book = Arc<RwLock<BTreeMap<u64, Mailbox>>>;
+
+    /// Delivers each frame to the destination's mailbox, if it runs.
+    pub struct LocalOut(Book);
+
+    impl Outbound for LocalOut {
+        fn send(&mut self, to: u64, frame: Vec<Envelope>) {
+            if let Some(m) = self.0.read().unwrap().get(&to) {
+                m.deliver(frame);
+            }
+        }
+    }
+
+    /// What a node applied, per group, in order.
+    pub type Applied = Arc<Mutex<BTreeMap<ShardId, Vec<Vec<u8>>>>>;
+
+    /// Records every non-empty entry.
+    pub struct Recorder(pub Applied);
+
+    impl Applier for Recorder {
+        fn apply(&mut self, committed: &[(ShardId, Vec<Entry>)]) -> Result<(), StoreError> {
+            let mut a = self.0.lock().unwrap();
+            for (shard, entries) in committed {
+                let log = a.entry(*shard).or_default();
+                log.extend(
+                    entries
+                        .iter()
+                        .filter(|e| !e.data.is_empty())
+                        .map(|e| e.data.to_vec()),
+                );
+            }
+            Ok(())
+        }
+    }
+
+    /// Nodes 1..=n, each a voter of groups 1..=groups, each with its loop.
+    pub struct LoopCluster {
+        _root: tempfile::TempDir,
+        dirs: BTreeMap<u64, PathBuf>,
+        book: Book,
+        pub loops: BTreeMap<u64, NodeLoop>,
+        pub applied: BTreeMap<u64, Applied>,
+        pub groups: u64,
+        config: LoopConfig,
+        /// The last node that acknowledged a write, per group.
+        hints: Mutex<BTreeMap<ShardId, u64>>,
+    }
+
+    impl LoopCluster {
+        pub fn start(nodes: u64, groups: u64, config: LoopConfig) -> LoopCluster {
+            let root = tempfile::tempdir().expect("temp dir");
+            let voters: Vec<u64> = (1..=nodes).collect();
+            let mut dirs = BTreeMap::new();
+            for id in 1..=nodes {
+                let dir = root.path().join(format!("n{id}"));
+                let engine = Engine::open(StorageConfig::new(&dir)).expect("open engine");
+                for g in 1..=groups {
+                    GroupStore::bootstrap(&engine, ShardId(g), &voters).expect("bootstrap");
+                }
+                dirs.insert(id, dir);
+            }
+            let mut c = LoopCluster {
+                _root: root,
+                dirs,
+                book: Arc::default(),
+                loops: BTreeMap::new(),
+                applied: BTreeMap::new(),
+                groups,
+                config,
+                hints: Mutex::default(),
+            };
+            for id in 1..=nodes {
+                c.restart(id);
+            }
+            c
+        }
+
+        /// Stops node `id`'s loop (its folder stays).
+        pub fn stop(&mut self, id: u64) {
+            self.book.write().unwrap().remove(&id);
+            let l = self.loops.remove(&id).expect("running");
+            l.stop().expect("loop ran without a storage error");
+        }
+
+        /// Starts node `id`'s loop from its folder; it applies from the start.
+        pub fn restart(&mut self, id: u64) {
+            let engine = Engine::open(StorageConfig::new(&self.dirs[&id])).expect("open engine");
+            let mut driver = Driver::new(engine, id, DriverConfig::default());
+            for g in 1..=self.groups {
+                driver.open_group(ShardId(g), 0).expect("open group");
+            }
+            let applied = Applied::default();
+            let l = NodeLoop::start(
+                driver,
+                LocalOut(self.book.clone()),
+                Recorder(applied.clone()),
+                self.config.clone(),
+            )
+            .expect("start loop");
+            self.book.write().unwrap().insert(id, l.mailbox());
+            self.loops.insert(id, l);
+            self.applied.insert(id, applied);
+        }
+
+        /// Proposes at any running node and follows `NotLeader` hints (and
+        /// waits out elections) until one acknowledges, within `deadline`.
+        pub async fn propose(
+            &self,
+            shard: ShardId,
+            data: &[u8],
+            deadline: Duration,
+        ) -> Result<u64, String> {
+            let until = tokio::time::Instant::now() + deadline;
+            let first = *self.loops.keys().next().expect("a node runs");
+            let hint = self.hints.lock().unwrap().get(&shard).copied();
+            let mut at = hint.unwrap_or(first);
+            let mut last = String::new();
+            while tokio::time::Instant::now() < until {
+                let Some(l) = self.loops.get(&at) else {
+                    at = *self.loops.keys().next().expect("a node runs");
+                    continue;
+                };
+                let reply = match l.mailbox().propose(shard, data.to_vec()) {
+                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
+                    Err(e) => Ok(Ok(Err(e))),
+                };
+                match reply {
+                    Ok(Ok(Ok(index))) => {
+                        self.hints.lock().unwrap().insert(shard, at);
+                        return Ok(index);
+                    }
+                    Ok(Ok(Err(ProposeError::Driver(
+                        tessera::multiraft::DriverError::NotLeader { leader, .. },
+                    )))) => {
+                        match leader.filter(|l| self.loops.contains_key(l)) {
+                            Some(l) => at = l,
+                            None => {
+                                // No leader known here yet: try the next node.
+                                let ids: Vec<u64> = self.loops.keys().copied().collect();
+                                let i = ids.iter().position(|x| *x == at).unwrap_or(0);
+                                at = ids[(i + 1) % ids.len()];
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                        last = "no leader".into();
+                    }
+                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    Ok(Err(_)) => return Err("reply dropped".into()),
+                    Err(_) => last = "deadline".into(),
+                }
+            }
+            Err(format!("not acknowledged within {deadline:?}: {last}"))
+        }
+
+        /// Waits until every running node applied `data` in `shard`.
+        pub async fn wait_applied(&self, shard: ShardId, data: &[u8], deadline: Duration) {
+            let until = tokio::time::Instant::now() + deadline;
+            loop {
+                let done = self
+                    .applied
+                    .iter()
+                    .filter(|(id, _)| self.loops.contains_key(id))
+                    .all(|(_, a)| {
+                        a.lock()
+                            .unwrap()
+                            .get(&shard)
+                            .is_some_and(|l| l.iter().any(|d| d == data))
+                    });
+                if done {
+                    return;
+                }
+                assert!(
+                    tokio::time::Instant::now() < until,
+                    "{data:?} not applied in {shard} on every running node within {deadline:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,325 @@
+//! A node's batch-system thread: one loop that takes what arrived (proposals,
+//! peers' frames), ticks on time, runs one [`Driver::round`] for every group
+//! with work, applies the round's committed entries together, acknowledges
+//! the proposals they settle, and sends one frame per peer.
+//!
+//! Everything is bounded: the mailbox (a full one refuses a proposal with a
+//! typed error and drops a peer's frame, which Raft resends), the inputs
+//! taken per round, and so the size of a round.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::Entry;
+use tokio::sync::oneshot;
+
+use super::driver::{Driver, DriverError, DriverStats, Envelope, Proposed};
+use crate::storage::StoreError;
+use crate::ShardId;
+
+/// Where a round's messages go: one frame per destination node.
+pub trait Outbound: Send + 'static {
+    /// Sends every message this round has for node `to`, as one frame.
+    fn send(&mut self, to: u64, frame: Vec<Envelope>);
+}
+
+/// What applies committed entries: once per round, every group's together.
+pub trait Applier: Send + 'static {
+    /// Applies `committed` (per group, in log order). An error stops the
+    /// loop: nothing more is acknowledged.
+    ///
+    /// # Errors
+    /// The storage's.
+    fn apply(&mut self, committed: &[(ShardId, Vec<Entry>)]) -> Result<(), StoreError>;
+}
+
+/// How the loop runs.
+#[derive(Debug, Clone)]
+pub struct LoopConfig {
+    /// The Raft clock: one [`Driver::tick`] per interval.
+    pub tick: Duration,
+    /// Inputs (proposals and frames) queued at most; beyond it a proposal is
+    /// refused and a frame dropped.
+    pub mailbox: usize,
+    /// Inputs taken into one round at most.
+    pub inputs_per_round: usize,
+}
+
+impl Default for LoopConfig {
+    fn default() -> Self {
+        LoopConfig {
+            tick: Duration::from_millis(100),
+            mailbox: 16_384,
+            inputs_per_round: 4096,
+        }
+    }
+}
+
+/// Why a proposal was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum ProposeError {
+    /// The driver refused it (not the leader, unknown group, ...).
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    /// A new leader's entry took its place in the log: it was not applied.
+    #[error("{shard}: the proposal at index {index} was replaced by a new leader's entry")]
+    Replaced {
+        /// The group.
+        shard: ShardId,
+        /// Where it had been appended.
+        index: u64,
+    },
+    /// The node's mailbox is full: try again later.
+    #[error("the node is busy (its mailbox of {capacity} is full)")]
+    Busy {
+        /// The mailbox's capacity.
+        capacity: usize,
+    },
+    /// The loop has stopped (shut down, or its storage failed).
+    #[error("the node's Raft loop has stopped")]
+    Stopped,
+}
+
+type Reply = oneshot::Sender<Result<u64, ProposeError>>;
+
+enum Input {
+    Propose {
+        shard: ShardId,
+        data: Vec<u8>,
+        reply: Reply,
+    },
+    Frame(Vec<Envelope>),
+}
+
+/// A handle to send to a running loop; cheap to clone.
+#[derive(Clone)]
+pub struct Mailbox {
+    tx: SyncSender<Input>,
+    capacity: usize,
+}
+
+impl Mailbox {
+    /// Proposes `data` to `shard`; the receiver gets the entry's index once
+    /// it is committed and applied here, or why not.
+    ///
+    /// # Errors
+    /// [`ProposeError::Busy`] when the mailbox is full,
+    /// [`ProposeError::Stopped`] when the loop is gone.
+    pub fn propose(
+        &self,
+        shard: ShardId,
+        data: Vec<u8>,
+    ) -> Result<oneshot::Receiver<Result<u64, ProposeError>>, ProposeError> {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Input::Propose { shard, data, reply }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(ProposeError::Busy {
+                capacity: self.capacity,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
+        }
+    }
+
+    /// Hands a peer's frame to the loop; returns false when it was dropped
+    /// (mailbox full, or the loop is gone): Raft resends what matters.
+    pub fn deliver(&self, frame: Vec<Envelope>) -> bool {
+        self.tx.try_send(Input::Frame(frame)).is_ok()
+    }
+}
+
+/// A running loop: its thread and its mailbox.
+pub struct NodeLoop {
+    mailbox: Mailbox,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<DriverStats, DriverError>>>,
+}
+
+struct Pending {
+    at: Proposed,
+    reply: Reply,
+}
+
+struct State<O, A> {
+    driver: Driver,
+    outbound: O,
+    applier: A,
+    pending: HashMap<ShardId, VecDeque<Pending>>,
+}
+
+impl<O: Outbound, A: Applier> State<O, A> {
+    fn take(&mut self, input: Input) {
+        match input {
+            Input::Propose { shard, data, reply } => match self.driver.propose(shard, data) {
+                Ok(at) => self
+                    .pending
+                    .entry(shard)
+                    .or_default()
+                    .push_back(Pending { at, reply }),
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            },
+            Input::Frame(frame) => {
+                for env in frame {
+                    // A message for a group not here (removed, or not yet
+                    // created) is dropped: its sender retries or gives up.
+                    if let Err(e) = self.driver.step(env) {
+                        tracing::debug!(error = %e, "raft message dropped");
+                    }
+                }
+            }
+        }
+    }
+
+    fn round(&mut self) -> Result<(), DriverError> {
+        let round = self.driver.round()?;
+        self.applier.apply(&round.committed)?;
+        for (shard, entries) in &round.committed {
+            settle(self.pending.get_mut(shard), *shard, entries);
+            let last = entries.last().expect("committed lists are not empty");
+            self.driver.applied(*shard, last.index)?;
+        }
+        for (to, frame) in round.messages {
+            self.outbound.send(to, frame);
+        }
+        Ok(())
+    }
+
+    fn fail_all(&mut self) {
+        for (_, q) in self.pending.drain() {
+            for p in q {
+                let _ = p.reply.send(Err(ProposeError::Stopped));
+            }
+        }
+    }
+}
+
+/// Acknowledges the proposals `entries` settle: one applied at its index in
+/// its own term succeeded; one whose index holds another term was replaced.
+fn settle(pending: Option<&mut VecDeque<Pending>>, shard: ShardId, entries: &[Entry]) {
+    let Some(q) = pending else {
+        return;
+    };
+    for e in entries {
+        while q.front().is_some_and(|p| p.at.index <= e.index) {
+            let p = q.pop_front().expect("checked");
+            let r = if p.at.index == e.index && p.at.term == e.term {
+                Ok(e.index)
+            } else {
+                Err(ProposeError::Replaced {
+                    shard,
+                    index: p.at.index,
+                })
+            };
+            let _ = p.reply.send(r);
+        }
+    }
+}
+
+impl NodeLoop {
+    /// Starts the loop on its own thread.
+    ///
+    /// # Errors
+    /// The OS's, when the thread cannot be spawned.
+    pub fn start<O: Outbound, A: Applier>(
+        driver: Driver,
+        outbound: O,
+        applier: A,
+        config: LoopConfig,
+    ) -> std::io::Result<NodeLoop> {
+        let capacity = config.mailbox;
+        let (tx, rx) = mpsc::sync_channel(capacity);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let name = format!("tessera-raft-{}", driver.id());
+        let mut state = State {
+            driver,
+            outbound,
+            applier,
+            pending: HashMap::new(),
+        };
+        let thread = std::thread::Builder::new().name(name).spawn(move || {
+            let r = run(&mut state, &rx, &stop2, &config);
+            state.fail_all();
+            if let Err(e) = &r {
+                tracing::error!(error = %e, "raft loop stopped");
+            }
+            r.map(|()| state.driver.stats())
+        })?;
+        Ok(NodeLoop {
+            mailbox: Mailbox { tx, capacity },
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// A handle to propose and deliver frames.
+    pub fn mailbox(&self) -> Mailbox {
+        self.mailbox.clone()
+    }
+
+    /// Stops the loop (pending proposals get [`ProposeError::Stopped`]) and
+    /// returns its driver's counters, or the error that stopped it before.
+    ///
+    /// # Errors
+    /// The storage error that stopped the loop.
+    pub fn stop(mut self) -> Result<DriverStats, DriverError> {
+        self.stop.store(true, Ordering::Release);
+        // Wake it if it is waiting for input (a full mailbox wakes it anyway).
+        let _ = self.mailbox.tx.try_send(Input::Frame(Vec::new()));
+        self.thread
+            .take()
+            .expect("joined once")
+            .join()
+            .expect("raft loop panicked")
+    }
+}
+
+impl Drop for NodeLoop {
+    fn drop(&mut self) {
+        if let Some(t) = self.thread.take() {
+            self.stop.store(true, Ordering::Release);
+            let _ = self.mailbox.tx.try_send(Input::Frame(Vec::new()));
+            let _ = t.join();
+        }
+    }
+}
+
+fn run<O: Outbound, A: Applier>(
+    state: &mut State<O, A>,
+    rx: &mpsc::Receiver<Input>,
+    stop: &AtomicBool,
+    config: &LoopConfig,
+) -> Result<(), DriverError> {
+    let mut next_tick = Instant::now() + config.tick;
+    while !stop.load(Ordering::Acquire) {
+        // Wait for input only when no group has work left over.
+        let wait = if state.driver.has_work() {
+            Duration::ZERO
+        } else {
+            next_tick.saturating_duration_since(Instant::now())
+        };
+        match rx.recv_timeout(wait) {
+            Ok(input) => state.take(input),
+            Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return Ok(()),
+        }
+        for _ in 1..config.inputs_per_round {
+            match rx.try_recv() {
+                Ok(input) => state.take(input),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        if now >= next_tick {
+            state.driver.tick();
+            next_tick = now + config.tick;
+        }
+        state.round()?;
+    }
+    Ok(())
+}
