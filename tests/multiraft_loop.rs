@@ -69,6 +69,20 @@ async fn a_stopped_node_loses_nothing_acknowledged_and_catches_up_after_restart(
             .await
             .expect("write while node 1 is down");
     }
+    // A read point at whichever node leads now covers both writes, also
+    // where the leader changed.
+    for g in 1..=4u64 {
+        let (node, _) = c
+            .read_index(ShardId(g), DEADLINE)
+            .await
+            .expect("read point");
+        let applied = c.applied[&node].lock().unwrap()[&ShardId(g)].clone();
+        assert_eq!(
+            applied,
+            vec![b"one".to_vec(), b"two".to_vec()],
+            "node {node}, group {g}"
+        );
+    }
     c.restart(1);
     for g in 1..=4u64 {
         c.propose(ShardId(g), b"three", DEADLINE)
@@ -96,4 +110,56 @@ async fn a_proposal_to_a_missing_group_gets_a_typed_error() {
         .await
         .expect_err("group 7 does not exist");
     assert!(err.contains("group s7 is not open"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_point_after_an_acknowledged_write_includes_it() {
+    let c = LoopCluster::start(3, 4, fast());
+    for round in 0..5 {
+        for g in 1..=4u64 {
+            let data = format!("g{g}-{round}").into_bytes();
+            let index = c.propose(ShardId(g), &data, DEADLINE).await.expect("write");
+            let (node, read_at) = c
+                .read_index(ShardId(g), DEADLINE)
+                .await
+                .expect("read point");
+            assert!(
+                read_at >= index,
+                "the read point {read_at} covers the write at {index}"
+            );
+            let applied = c.applied[&node].lock().unwrap()[&ShardId(g)].clone();
+            assert!(
+                applied.contains(&data),
+                "node {node} answered a read point before applying the acknowledged write"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_refuses_a_read_point_with_the_leader() {
+    let c = LoopCluster::start(3, 1, fast());
+    c.propose(ShardId(1), b"w", DEADLINE).await.expect("write");
+    let (leader, _) = c
+        .read_index(ShardId(1), DEADLINE)
+        .await
+        .expect("read point");
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let err = c.loops[&follower]
+        .mailbox()
+        .read_index(ShardId(1))
+        .expect("queued")
+        .await
+        .expect("answered")
+        .expect_err("a follower refuses");
+    assert!(
+        matches!(
+            err,
+            tessera::multiraft::RequestError::Driver(tessera::multiraft::DriverError::NotLeader {
+                leader: Some(l),
+                ..
+            }) if l == leader
+        ),
+        "{err}"
+    );
 }

@@ -99,6 +99,11 @@ pub struct Round {
     pub entries: usize,
     /// Whether this round wrote (and synced) anything.
     pub synced: bool,
+    /// Confirmed read indexes: (group, the request's context, the index a
+    /// read must see applied), from [`Driver::read_index`] calls.
+    pub reads: Vec<(ShardId, u64, u64)>,
+    /// Groups whose role or known leader changed here.
+    pub roles: Vec<ShardId>,
 }
 
 impl Round {
@@ -246,6 +251,25 @@ impl Driver {
         Ok(at)
     }
 
+    /// Asks `shard`'s quorum to confirm this replica still leads; a later
+    /// round returns `(shard, ctx, index)` in [`Round::reads`] once it did
+    /// (raft-rs's ReadIndex, safe mode: a heartbeat round, after the
+    /// leader's first commit in its term). A read that then waits until
+    /// `index` is applied here is linearizable.
+    ///
+    /// # Errors
+    /// [`DriverError::NotLeader`] when this replica does not lead `shard`.
+    pub fn read_index(&mut self, shard: ShardId, ctx: u64) -> Result<(), DriverError> {
+        let leader = self.leader(shard);
+        let node = self.group(shard)?;
+        if node.raft.state != StateRole::Leader {
+            return Err(DriverError::NotLeader { shard, leader });
+        }
+        node.read_index(ctx.to_be_bytes().to_vec());
+        self.touched.insert(shard);
+        Ok(())
+    }
+
     /// Hands a message from a peer to its group.
     ///
     /// # Errors
@@ -293,6 +317,15 @@ impl Driver {
             }
             let mut rd = node.ready();
             out.readies += 1;
+            if rd.ss().is_some() {
+                out.roles.push(shard);
+            }
+            for rs in rd.take_read_states() {
+                // Only this driver issues read contexts: 8 bytes each.
+                if let Ok(ctx) = <[u8; 8]>::try_from(rs.request_ctx.as_slice()) {
+                    out.reads.push((shard, u64::from_be_bytes(ctx), rs.index));
+                }
+            }
             for msg in rd.take_messages() {
                 out.messages
                     .entry(msg.to)

@@ -28,7 +28,7 @@ mod runtime;
 mod store;
 
 pub use driver::{Driver, DriverConfig, DriverError, DriverStats, Envelope, Proposed, Round};
-pub use runtime::{Applier, LoopConfig, Mailbox, NodeLoop, Outbound, ProposeError};
+pub use runtime::{Applier, LoopConfig, Mailbox, NodeLoop, Outbound, RequestError};
 pub use store::{GroupStore, TAIL_ENTRIES};
 
 /// raft-rs logs through `slog`; this drain hands its records to `tracing`

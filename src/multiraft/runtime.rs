@@ -61,7 +61,7 @@ impl Default for LoopConfig {
 
 /// Why a proposal was not acknowledged.
 #[derive(Debug, thiserror::Error)]
-pub enum ProposeError {
+pub enum RequestError {
     /// The driver refused it (not the leader, unknown group, ...).
     #[error(transparent)]
     Driver(#[from] DriverError),
@@ -72,6 +72,14 @@ pub enum ProposeError {
         shard: ShardId,
         /// Where it had been appended.
         index: u64,
+    },
+    /// The group cannot serve now (its storage failed, say).
+    #[error("{shard} cannot serve now: {reason}")]
+    Unavailable {
+        /// The group.
+        shard: ShardId,
+        /// Why.
+        reason: String,
     },
     /// The node's mailbox is full: try again later.
     #[error("the node is busy (its mailbox of {capacity} is full)")]
@@ -84,12 +92,16 @@ pub enum ProposeError {
     Stopped,
 }
 
-type Reply = oneshot::Sender<Result<u64, ProposeError>>;
+type Reply = oneshot::Sender<Result<u64, RequestError>>;
 
 enum Input {
     Propose {
         shard: ShardId,
         data: Vec<u8>,
+        reply: Reply,
+    },
+    Read {
+        shard: ShardId,
         reply: Reply,
     },
     Frame(Vec<Envelope>),
@@ -107,20 +119,42 @@ impl Mailbox {
     /// it is committed and applied here, or why not.
     ///
     /// # Errors
-    /// [`ProposeError::Busy`] when the mailbox is full,
-    /// [`ProposeError::Stopped`] when the loop is gone.
+    /// [`RequestError::Busy`] when the mailbox is full,
+    /// [`RequestError::Stopped`] when the loop is gone.
     pub fn propose(
         &self,
         shard: ShardId,
         data: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<u64, ProposeError>>, ProposeError> {
+    ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Input::Propose { shard, data, reply }) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(ProposeError::Busy {
+            Err(TrySendError::Full(_)) => Err(RequestError::Busy {
                 capacity: self.capacity,
             }),
-            Err(TrySendError::Disconnected(_)) => Err(ProposeError::Stopped),
+            Err(TrySendError::Disconnected(_)) => Err(RequestError::Stopped),
+        }
+    }
+
+    /// Asks for a linearizable read point of `shard`: the receiver gets an
+    /// index once this replica's quorum confirmed it leads and it applied
+    /// everything up to that index, so what the caller then reads from the
+    /// state machine includes every write acknowledged before this call.
+    ///
+    /// # Errors
+    /// [`RequestError::Busy`] when the mailbox is full,
+    /// [`RequestError::Stopped`] when the loop is gone.
+    pub fn read_index(
+        &self,
+        shard: ShardId,
+    ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        match self.tx.try_send(Input::Read { shard, reply }) {
+            Ok(()) => Ok(rx),
+            Err(TrySendError::Full(_)) => Err(RequestError::Busy {
+                capacity: self.capacity,
+            }),
+            Err(TrySendError::Disconnected(_)) => Err(RequestError::Stopped),
         }
     }
 
@@ -148,6 +182,116 @@ struct State<O, A> {
     outbound: O,
     applier: A,
     pending: HashMap<ShardId, VecDeque<Pending>>,
+    reads: Reads,
+}
+
+/// Reads in their three stages: asked this pass (one read index per group
+/// per round serves them all), waiting for the quorum's confirmation, and
+/// confirmed but waiting for the apply to reach their index.
+#[derive(Default)]
+struct Reads {
+    asked: HashMap<ShardId, Vec<Reply>>,
+    confirming: HashMap<u64, (ShardId, Vec<Reply>)>,
+    applying: HashMap<ShardId, Vec<(u64, Vec<Reply>)>>,
+    applied: HashMap<ShardId, u64>,
+    next_ctx: u64,
+}
+
+impl Reads {
+    /// Issues one read index per group asked this pass.
+    fn issue(&mut self, driver: &mut Driver) {
+        for (shard, replies) in self.asked.drain() {
+            self.next_ctx += 1;
+            match driver.read_index(shard, self.next_ctx) {
+                Ok(()) => {
+                    self.confirming.insert(self.next_ctx, (shard, replies));
+                }
+                Err(e) => {
+                    let msg = e.to_string();
+                    let leader = driver.leader(shard);
+                    for r in replies {
+                        let _ = r.send(Err(match &e {
+                            DriverError::NotLeader { .. } => {
+                                RequestError::Driver(DriverError::NotLeader { shard, leader })
+                            }
+                            DriverError::UnknownGroup { .. } => {
+                                RequestError::Driver(DriverError::UnknownGroup { shard })
+                            }
+                            _ => RequestError::Unavailable {
+                                shard,
+                                reason: msg.clone(),
+                            },
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes a round's confirmations, applies and role changes.
+    fn after_round(&mut self, driver: &Driver, round: &super::driver::Round) {
+        for (shard, entries) in &round.committed {
+            let last = entries.last().expect("committed lists are not empty").index;
+            self.applied.insert(*shard, last);
+        }
+        for (shard, ctx, index) in &round.reads {
+            if let Some((s, replies)) = self.confirming.remove(ctx) {
+                debug_assert_eq!(s, *shard);
+                self.applying
+                    .entry(*shard)
+                    .or_default()
+                    .push((*index, replies));
+            }
+        }
+        // A replica that stopped leading cannot confirm what it asked for:
+        // those reads fail (nothing happened; the client retries at the
+        // leader). Confirmed ones stay valid and wait for the apply.
+        for shard in &round.roles {
+            if driver.is_leader(*shard) {
+                continue;
+            }
+            let lost: Vec<u64> = self
+                .confirming
+                .iter()
+                .filter(|(_, (s, _))| s == shard)
+                .map(|(c, _)| *c)
+                .collect();
+            for ctx in lost {
+                let (_, replies) = self.confirming.remove(&ctx).expect("listed");
+                for r in replies {
+                    let _ = r.send(Err(RequestError::Driver(DriverError::NotLeader {
+                        shard: *shard,
+                        leader: driver.leader(*shard),
+                    })));
+                }
+            }
+        }
+        for (shard, waiting) in &mut self.applying {
+            let applied = self.applied.get(shard).copied().unwrap_or(0);
+            waiting.retain_mut(|(index, replies)| {
+                if *index > applied {
+                    return true;
+                }
+                for r in replies.drain(..) {
+                    let _ = r.send(Ok(*index));
+                }
+                false
+            });
+        }
+        self.applying.retain(|_, w| !w.is_empty());
+    }
+
+    fn fail_all(&mut self) {
+        let confirming = self.confirming.drain().map(|(_, (_, r))| r);
+        let applying = self
+            .applying
+            .drain()
+            .flat_map(|(_, w)| w.into_iter().map(|(_, r)| r));
+        let asked = self.asked.drain().map(|(_, r)| r);
+        for r in confirming.chain(applying).chain(asked).flatten() {
+            let _ = r.send(Err(RequestError::Stopped));
+        }
+    }
 }
 
 impl<O: Outbound, A: Applier> State<O, A> {
@@ -163,6 +307,9 @@ impl<O: Outbound, A: Applier> State<O, A> {
                     let _ = reply.send(Err(e.into()));
                 }
             },
+            Input::Read { shard, reply } => {
+                self.reads.asked.entry(shard).or_default().push(reply);
+            }
             Input::Frame(frame) => {
                 for env in frame {
                     // A message for a group not here (removed, or not yet
@@ -176,6 +323,7 @@ impl<O: Outbound, A: Applier> State<O, A> {
     }
 
     fn round(&mut self) -> Result<(), DriverError> {
+        self.reads.issue(&mut self.driver);
         let round = self.driver.round()?;
         self.applier.apply(&round.committed)?;
         for (shard, entries) in &round.committed {
@@ -183,6 +331,7 @@ impl<O: Outbound, A: Applier> State<O, A> {
             let last = entries.last().expect("committed lists are not empty");
             self.driver.applied(*shard, last.index)?;
         }
+        self.reads.after_round(&self.driver, &round);
         for (to, frame) in round.messages {
             self.outbound.send(to, frame);
         }
@@ -190,9 +339,10 @@ impl<O: Outbound, A: Applier> State<O, A> {
     }
 
     fn fail_all(&mut self) {
+        self.reads.fail_all();
         for (_, q) in self.pending.drain() {
             for p in q {
-                let _ = p.reply.send(Err(ProposeError::Stopped));
+                let _ = p.reply.send(Err(RequestError::Stopped));
             }
         }
     }
@@ -210,7 +360,7 @@ fn settle(pending: Option<&mut VecDeque<Pending>>, shard: ShardId, entries: &[En
             let r = if p.at.index == e.index && p.at.term == e.term {
                 Ok(e.index)
             } else {
-                Err(ProposeError::Replaced {
+                Err(RequestError::Replaced {
                     shard,
                     index: p.at.index,
                 })
@@ -241,6 +391,7 @@ impl NodeLoop {
             outbound,
             applier,
             pending: HashMap::new(),
+            reads: Reads::default(),
         };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let r = run(&mut state, &rx, &stop2, &config);
@@ -262,7 +413,7 @@ impl NodeLoop {
         self.mailbox.clone()
     }
 
-    /// Stops the loop (pending proposals get [`ProposeError::Stopped`]) and
+    /// Stops the loop (pending proposals get [`RequestError::Stopped`]) and
     /// returns its driver's counters, or the error that stopped it before.
     ///
     /// # Errors

@@ -243,7 +243,7 @@ pub mod loops {
     use raft::eraftpb::Entry;
     use tessera::multiraft::{
         Applier, Driver, DriverConfig, Envelope, GroupStore, LoopConfig, Mailbox, NodeLoop,
-        Outbound, ProposeError,
+        Outbound, RequestError,
     };
     use tessera::storage::{Engine, StorageConfig, StoreError};
     use tessera::ShardId;
@@ -379,7 +379,7 @@ pub mod loops {
                         self.hints.lock().unwrap().insert(shard, at);
                         return Ok(index);
                     }
-                    Ok(Ok(Err(ProposeError::Driver(
+                    Ok(Ok(Err(RequestError::Driver(
                         tessera::multiraft::DriverError::NotLeader { leader, .. },
                     )))) => {
                         match leader.filter(|l| self.loops.contains_key(l)) {
@@ -400,6 +400,39 @@ pub mod loops {
                 }
             }
             Err(format!("not acknowledged within {deadline:?}: {last}"))
+        }
+
+        /// A linearizable read point of `shard`: asks the hinted leader (and
+        /// follows `NotLeader` hints) until one answers within `deadline`;
+        /// returns the node that answered and the index it applied.
+        pub async fn read_index(
+            &self,
+            shard: ShardId,
+            deadline: Duration,
+        ) -> Result<(u64, u64), String> {
+            let until = tokio::time::Instant::now() + deadline;
+            let first = *self.loops.keys().next().expect("a node runs");
+            let hint = self.hints.lock().unwrap().get(&shard).copied();
+            let mut at = hint.filter(|h| self.loops.contains_key(h)).unwrap_or(first);
+            while tokio::time::Instant::now() < until {
+                let l = &self.loops[&at];
+                let reply = match l.mailbox().read_index(shard) {
+                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
+                    Err(e) => Ok(Ok(Err(e))),
+                };
+                match reply {
+                    Ok(Ok(Ok(index))) => return Ok((at, index)),
+                    Ok(Ok(Err(RequestError::Driver(
+                        tessera::multiraft::DriverError::NotLeader {
+                            leader: Some(l), ..
+                        },
+                    )))) if self.loops.contains_key(&l) => at = l,
+                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    Ok(Err(_)) => return Err("reply dropped".into()),
+                    Err(_) => break,
+                }
+            }
+            Err(format!("no read point within {deadline:?}"))
         }
 
         /// Waits until every running node applied `data` in `shard`.
