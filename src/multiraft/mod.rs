@@ -24,8 +24,10 @@
 //! quiescence.
 
 mod driver;
+pub mod quic;
 mod runtime;
 mod store;
+pub mod wire;
 
 pub use driver::{Driver, DriverConfig, DriverError, DriverStats, Envelope, Proposed, Round};
 pub use runtime::{Applier, LoopConfig, Mailbox, NodeLoop, Outbound, RequestError};

@@ -283,6 +283,98 @@ pub mod loops {
         }
     }
 
+    /// Sends requests to the node that last answered for a group, and
+    /// follows `NotLeader` hints, as a client would.
+    #[derive(Default)]
+    pub struct Router(Mutex<BTreeMap<ShardId, u64>>);
+
+    impl Router {
+        /// Proposes at any running node and follows `NotLeader` hints (and
+        /// waits out elections) until one acknowledges, within `deadline`.
+        pub async fn propose(
+            &self,
+            loops: &BTreeMap<u64, NodeLoop>,
+            shard: ShardId,
+            data: &[u8],
+            deadline: Duration,
+        ) -> Result<u64, String> {
+            let until = tokio::time::Instant::now() + deadline;
+            let first = *loops.keys().next().expect("a node runs");
+            let hint = self.0.lock().unwrap().get(&shard).copied();
+            let mut at = hint.unwrap_or(first);
+            let mut last = String::new();
+            while tokio::time::Instant::now() < until {
+                let Some(l) = loops.get(&at) else {
+                    at = *loops.keys().next().expect("a node runs");
+                    continue;
+                };
+                let reply = match l.mailbox().propose(shard, data.to_vec()) {
+                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
+                    Err(e) => Ok(Ok(Err(e))),
+                };
+                match reply {
+                    Ok(Ok(Ok(index))) => {
+                        self.0.lock().unwrap().insert(shard, at);
+                        return Ok(index);
+                    }
+                    Ok(Ok(Err(RequestError::Driver(
+                        tessera::multiraft::DriverError::NotLeader { leader, .. },
+                    )))) => {
+                        match leader.filter(|l| loops.contains_key(l)) {
+                            Some(l) => at = l,
+                            None => {
+                                // No leader known here yet: try the next node.
+                                let ids: Vec<u64> = loops.keys().copied().collect();
+                                let i = ids.iter().position(|x| *x == at).unwrap_or(0);
+                                at = ids[(i + 1) % ids.len()];
+                                tokio::time::sleep(Duration::from_millis(5)).await;
+                            }
+                        }
+                        last = "no leader".into();
+                    }
+                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    Ok(Err(_)) => return Err("reply dropped".into()),
+                    Err(_) => last = "deadline".into(),
+                }
+            }
+            Err(format!("not acknowledged within {deadline:?}: {last}"))
+        }
+
+        /// A linearizable read point of `shard`: asks the hinted leader (and
+        /// follows `NotLeader` hints) until one answers within `deadline`;
+        /// returns the node that answered and the index it applied.
+        pub async fn read_index(
+            &self,
+            loops: &BTreeMap<u64, NodeLoop>,
+            shard: ShardId,
+            deadline: Duration,
+        ) -> Result<(u64, u64), String> {
+            let until = tokio::time::Instant::now() + deadline;
+            let first = *loops.keys().next().expect("a node runs");
+            let hint = self.0.lock().unwrap().get(&shard).copied();
+            let mut at = hint.filter(|h| loops.contains_key(h)).unwrap_or(first);
+            while tokio::time::Instant::now() < until {
+                let l = &loops[&at];
+                let reply = match l.mailbox().read_index(shard) {
+                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
+                    Err(e) => Ok(Ok(Err(e))),
+                };
+                match reply {
+                    Ok(Ok(Ok(index))) => return Ok((at, index)),
+                    Ok(Ok(Err(RequestError::Driver(
+                        tessera::multiraft::DriverError::NotLeader {
+                            leader: Some(l), ..
+                        },
+                    )))) if loops.contains_key(&l) => at = l,
+                    Ok(Ok(Err(e))) => return Err(e.to_string()),
+                    Ok(Err(_)) => return Err("reply dropped".into()),
+                    Err(_) => break,
+                }
+            }
+            Err(format!("no read point within {deadline:?}"))
+        }
+    }
+
     /// Nodes 1..=n, each a voter of groups 1..=groups, each with its loop.
     pub struct LoopCluster {
         _root: tempfile::TempDir,
@@ -292,8 +384,7 @@ pub mod loops {
         pub applied: BTreeMap<u64, Applied>,
         pub groups: u64,
         config: LoopConfig,
-        /// The last node that acknowledged a write, per group.
-        hints: Mutex<BTreeMap<ShardId, u64>>,
+        router: Router,
     }
 
     impl LoopCluster {
@@ -317,7 +408,7 @@ pub mod loops {
                 applied: BTreeMap::new(),
                 groups,
                 config,
-                hints: Mutex::default(),
+                router: Router::default(),
             };
             for id in 1..=nodes {
                 c.restart(id);
@@ -352,87 +443,25 @@ pub mod loops {
             self.applied.insert(id, applied);
         }
 
-        /// Proposes at any running node and follows `NotLeader` hints (and
-        /// waits out elections) until one acknowledges, within `deadline`.
+        /// See [`Router::propose`].
         pub async fn propose(
             &self,
             shard: ShardId,
             data: &[u8],
             deadline: Duration,
         ) -> Result<u64, String> {
-            let until = tokio::time::Instant::now() + deadline;
-            let first = *self.loops.keys().next().expect("a node runs");
-            let hint = self.hints.lock().unwrap().get(&shard).copied();
-            let mut at = hint.unwrap_or(first);
-            let mut last = String::new();
-            while tokio::time::Instant::now() < until {
-                let Some(l) = self.loops.get(&at) else {
-                    at = *self.loops.keys().next().expect("a node runs");
-                    continue;
-                };
-                let reply = match l.mailbox().propose(shard, data.to_vec()) {
-                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
-                    Err(e) => Ok(Ok(Err(e))),
-                };
-                match reply {
-                    Ok(Ok(Ok(index))) => {
-                        self.hints.lock().unwrap().insert(shard, at);
-                        return Ok(index);
-                    }
-                    Ok(Ok(Err(RequestError::Driver(
-                        tessera::multiraft::DriverError::NotLeader { leader, .. },
-                    )))) => {
-                        match leader.filter(|l| self.loops.contains_key(l)) {
-                            Some(l) => at = l,
-                            None => {
-                                // No leader known here yet: try the next node.
-                                let ids: Vec<u64> = self.loops.keys().copied().collect();
-                                let i = ids.iter().position(|x| *x == at).unwrap_or(0);
-                                at = ids[(i + 1) % ids.len()];
-                                tokio::time::sleep(Duration::from_millis(5)).await;
-                            }
-                        }
-                        last = "no leader".into();
-                    }
-                    Ok(Ok(Err(e))) => return Err(e.to_string()),
-                    Ok(Err(_)) => return Err("reply dropped".into()),
-                    Err(_) => last = "deadline".into(),
-                }
-            }
-            Err(format!("not acknowledged within {deadline:?}: {last}"))
+            self.router
+                .propose(&self.loops, shard, data, deadline)
+                .await
         }
 
-        /// A linearizable read point of `shard`: asks the hinted leader (and
-        /// follows `NotLeader` hints) until one answers within `deadline`;
-        /// returns the node that answered and the index it applied.
+        /// See [`Router::read_index`].
         pub async fn read_index(
             &self,
             shard: ShardId,
             deadline: Duration,
         ) -> Result<(u64, u64), String> {
-            let until = tokio::time::Instant::now() + deadline;
-            let first = *self.loops.keys().next().expect("a node runs");
-            let hint = self.hints.lock().unwrap().get(&shard).copied();
-            let mut at = hint.filter(|h| self.loops.contains_key(h)).unwrap_or(first);
-            while tokio::time::Instant::now() < until {
-                let l = &self.loops[&at];
-                let reply = match l.mailbox().read_index(shard) {
-                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
-                    Err(e) => Ok(Ok(Err(e))),
-                };
-                match reply {
-                    Ok(Ok(Ok(index))) => return Ok((at, index)),
-                    Ok(Ok(Err(RequestError::Driver(
-                        tessera::multiraft::DriverError::NotLeader {
-                            leader: Some(l), ..
-                        },
-                    )))) if self.loops.contains_key(&l) => at = l,
-                    Ok(Ok(Err(e))) => return Err(e.to_string()),
-                    Ok(Err(_)) => return Err("reply dropped".into()),
-                    Err(_) => break,
-                }
-            }
-            Err(format!("no read point within {deadline:?}"))
+            self.router.read_index(&self.loops, shard, deadline).await
         }
 
         /// Waits until every running node applied `data` in `shard`.
@@ -458,6 +487,116 @@ pub mod loops {
                 );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
+        }
+    }
+}
+
+/// Loops talking over real QUIC transports (loopback, mutual TLS against a
+/// test CA), one per node, as nodes would.
+pub mod quic {
+    use std::collections::BTreeMap;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::loops::{Applied, Recorder, Router};
+    use tessera::metrics::NetMetrics;
+    use tessera::multiraft::quic::{FrameInbound, QuicOutbound};
+    use tessera::multiraft::{Driver, DriverConfig, GroupStore, LoopConfig, NodeLoop};
+    use tessera::net::{Expediter, Faults, PeerAddr, Transport, TransportConfig, Wiring};
+    use tessera::storage::{Engine, StorageConfig};
+    use tessera::tls::issue::ClusterCa;
+    use tessera::{NodeId, ShardId};
+
+    /// Nodes 1..=n over QUIC, each a voter of groups 1..=groups.
+    pub struct QuicCluster {
+        _root: tempfile::TempDir,
+        pub loops: BTreeMap<u64, NodeLoop>,
+        pub transports: BTreeMap<u64, Transport>,
+        pub applied: BTreeMap<u64, Applied>,
+        pub metrics: BTreeMap<u64, Arc<NetMetrics>>,
+        pub router: Router,
+    }
+
+    impl QuicCluster {
+        /// Starts every node; call from inside a Tokio runtime.
+        pub async fn start(nodes: u64, groups: u64, config: LoopConfig) -> QuicCluster {
+            let root = tempfile::tempdir().expect("temp dir");
+            let ca = ClusterCa::generate("multiraft-test").expect("CA");
+            let voters: Vec<u64> = (1..=nodes).collect();
+            let mut c = QuicCluster {
+                _root: root,
+                loops: BTreeMap::new(),
+                transports: BTreeMap::new(),
+                applied: BTreeMap::new(),
+                metrics: BTreeMap::new(),
+                router: Router::default(),
+            };
+            let mut addrs: Vec<PeerAddr> = Vec::new();
+            let mut inbounds = BTreeMap::new();
+            for id in 1..=nodes {
+                let identity = ca.identity(&ca.issue_node(NodeId(id)).expect("node cert"));
+                let inbound = Arc::new(FrameInbound::default());
+                let (clients, clients_rx) = tokio::sync::mpsc::channel(1);
+                std::mem::forget(clients_rx);
+                let metrics = Arc::new(NetMetrics::default());
+                let t = Transport::start(
+                    NodeId(id),
+                    SocketAddr::from(([127, 0, 0, 1], 0)),
+                    &[],
+                    &identity,
+                    TransportConfig::default(),
+                    Wiring {
+                        inbound: inbound.clone(),
+                        expediter: Arc::new(Expediter::default()),
+                        clients,
+                        metrics: metrics.clone(),
+                        faults: Arc::new(Faults::none()),
+                    },
+                )
+                .expect("start transport");
+                addrs.push(PeerAddr {
+                    id: NodeId(id),
+                    addr: t.local_addr(),
+                });
+                c.transports.insert(id, t);
+                c.metrics.insert(id, metrics);
+                inbounds.insert(id, inbound);
+            }
+            for (id, t) in &c.transports {
+                for p in &addrs {
+                    if p.id != NodeId(*id) {
+                        t.add_peer(p.clone());
+                    }
+                }
+            }
+            for t in c.transports.values() {
+                assert!(
+                    t.wait_connected(Duration::from_secs(20)).await,
+                    "transports connect within 20 s"
+                );
+            }
+            for id in 1..=nodes {
+                let dir = c._root.path().join(format!("n{id}"));
+                let engine = Engine::open(StorageConfig::new(&dir)).expect("open engine");
+                let mut driver = Driver::new(engine.clone(), id, DriverConfig::default());
+                for g in 1..=groups {
+                    GroupStore::bootstrap(&engine, ShardId(g), &voters).expect("bootstrap");
+                    driver.open_group(ShardId(g), 0).expect("open group");
+                }
+                let applied = Applied::default();
+                let out = QuicOutbound::new(
+                    c.transports[&id].clone(),
+                    tokio::runtime::Handle::current(),
+                    Duration::from_secs(5),
+                );
+                let l = NodeLoop::start(driver, out, Recorder(applied.clone()), config.clone())
+                    .expect("start loop");
+                inbounds[&id].attach(l.mailbox());
+                c.loops.insert(id, l);
+                c.applied.insert(id, applied);
+            }
+            c
         }
     }
 }

@@ -1,0 +1,122 @@
+//! The batch system over the node's QUIC transport: a round's frame for a
+//! peer goes out as one transport request (the reply is empty), and an
+//! inbound frame is checked and handed to the loop's mailbox.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::runtime::{Mailbox, Outbound};
+use super::wire::{decode_frame, encode_frames};
+use super::Envelope;
+use crate::limits::FRAME_BYTES_MAX;
+use crate::net::coalesce::Urgency;
+use crate::net::{Answer, Inbound, Transport};
+use crate::{NodeId, ShardId};
+
+/// The shard id a frame travels under in the transport's request head (it
+/// carries many groups; each message names its own).
+pub const FRAME_SHARD: ShardId = ShardId(0);
+
+/// Frames at most this large (below the transport's own limit, which
+/// also counts the request head).
+pub const FRAME_BYTES: usize = FRAME_BYTES_MAX - 4096;
+
+/// Sends each round's frames over the transport, from the loop's thread,
+/// on a Tokio runtime's tasks (one per frame, each under `deadline`).
+pub struct QuicOutbound {
+    transport: Transport,
+    runtime: tokio::runtime::Handle,
+    deadline: Duration,
+}
+
+impl QuicOutbound {
+    /// Frames go through `transport` on `runtime`.
+    pub fn new(transport: Transport, runtime: tokio::runtime::Handle, deadline: Duration) -> Self {
+        QuicOutbound {
+            transport,
+            runtime,
+            deadline,
+        }
+    }
+}
+
+impl Outbound for QuicOutbound {
+    fn send(&mut self, to: u64, frame: Vec<Envelope>) {
+        let frames = match encode_frames(&frame, FRAME_BYTES) {
+            Ok(f) => f,
+            Err(e) => {
+                // Raft resends: a lost message is a delay, not a loss.
+                tracing::warn!(error = %e, peer = to, "raft frame dropped");
+                return;
+            }
+        };
+        for bytes in frames {
+            let t = self.transport.clone();
+            let deadline = self.deadline;
+            self.runtime.spawn(async move {
+                if let Err(e) = t
+                    .call(NodeId(to), FRAME_SHARD, bytes, Urgency::Urgent, deadline)
+                    .await
+                {
+                    tracing::debug!(error = %e, peer = to, "raft frame not delivered");
+                }
+            });
+        }
+    }
+}
+
+/// Takes frames from peers into a loop's mailbox (set once the loop runs;
+/// frames before that are dropped, as Raft tolerates).
+#[derive(Default)]
+pub struct FrameInbound {
+    mailbox: OnceLock<Mailbox>,
+}
+
+impl FrameInbound {
+    /// Where frames go from now on.
+    pub fn attach(&self, mailbox: Mailbox) {
+        let _ = self.mailbox.set(mailbox);
+    }
+
+    /// Checks a frame from `from` (the node its certificate names) and
+    /// hands it on: messages that claim another sender are dropped.
+    fn take(&self, from: NodeId, body: &[u8]) {
+        let envs = match decode_frame(body) {
+            Ok(e) => e,
+            Err(e) => {
+                tracing::warn!(error = %e, peer = %from, "bad raft frame dropped");
+                return;
+            }
+        };
+        let (ok, forged): (Vec<Envelope>, Vec<Envelope>) =
+            envs.into_iter().partition(|e| e.msg.from == from.0);
+        if !forged.is_empty() {
+            tracing::warn!(peer = %from, count = forged.len(), "raft messages naming another sender dropped");
+        }
+        if let Some(m) = self.mailbox.get() {
+            m.deliver(ok);
+        }
+    }
+}
+
+impl Inbound for FrameInbound {
+    fn request(&self, from: NodeId, _shard: ShardId, body: Vec<u8>) -> Answer {
+        self.take(from, &body);
+        Box::pin(async { Vec::new() })
+    }
+
+    fn snapshot_folder(&self, _shard: ShardId) -> Result<std::path::PathBuf, Vec<u8>> {
+        // Logs are not compacted yet: no snapshots to receive.
+        Err(Vec::new())
+    }
+
+    fn snapshot(
+        &self,
+        _from: NodeId,
+        _shard: ShardId,
+        _head: Vec<u8>,
+        _file: std::path::PathBuf,
+    ) -> Answer {
+        Box::pin(async { Vec::new() })
+    }
+}
