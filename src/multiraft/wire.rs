@@ -130,12 +130,11 @@ mod tests {
             entries
                 .iter()
                 .enumerate()
-                .map(|(i, d)| {
-                    let mut e = Entry::default();
-                    e.index = i as u64 + 1;
-                    e.term = 7;
-                    e.data = d.clone().into();
-                    e
+                .map(|(i, d)| Entry {
+                    index: i as u64 + 1,
+                    term: 7,
+                    data: d.clone().into(),
+                    ..Default::default()
                 })
                 .collect::<Vec<_>>()
                 .into(),
