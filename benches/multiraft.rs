@@ -20,6 +20,11 @@
 //! an iteration is 64 writes. `wall` is elapsed time (throughput: writes/s),
 //! `cpu` the process's CPU time for the same work.
 //!
+//! `quic/64x64/{wall,cpu}`: the same over real QUIC transports (loopback,
+//! mutual TLS). After it the bench prints, for the whole run of that case,
+//! UDP datagrams sent per write (`/proc/net/snmp`, the machine's: keep it
+//! otherwise quiet), Raft messages per frame, and CPU µs per write.
+//!
 //! Run: `cargo bench --bench multiraft`.
 
 #[path = "../tests/common/multiraft.rs"]
@@ -27,6 +32,7 @@ mod harness;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use harness::loops::LoopCluster;
+use harness::quic::QuicCluster;
 use harness::LocalCluster;
 use std::time::Duration;
 use tessera::multiraft::LoopConfig;
@@ -123,5 +129,92 @@ fn bench_loops(cr: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench, bench_loops);
+fn udp_out() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").expect("read /proc/net/snmp");
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let (head, vals) = (
+        udp.next().expect("Udp header"),
+        udp.next().expect("Udp values"),
+    );
+    let i = head
+        .split_whitespace()
+        .position(|h| h == "OutDatagrams")
+        .expect("OutDatagrams");
+    vals.split_whitespace().nth(i).unwrap().parse().unwrap()
+}
+
+fn bench_quic(cr: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let c = std::sync::Arc::new(rt.block_on(QuicCluster::start(3, 64, LoopConfig::default())));
+    let run = |per_writer: u64| -> (Duration, Duration) {
+        let cpu = cpu_time();
+        let wall = std::time::Instant::now();
+        rt.block_on(async {
+            let tasks: Vec<_> = (1..=64u64)
+                .map(|g| {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        for i in 0..per_writer {
+                            let data = format!("value-{i:0>92}").into_bytes();
+                            c.router
+                                .propose(&c.loops, ShardId(g), &data, Duration::from_secs(30))
+                                .await
+                                .expect("write acknowledged");
+                        }
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("writer");
+            }
+        });
+        (wall.elapsed(), cpu_time() - cpu)
+    };
+    run(1);
+    let frames = |c: &QuicCluster| -> (u64, u64) {
+        c.frames.values().fold((0, 0), |(f, m), x| {
+            (
+                f + x.frames.load(std::sync::atomic::Ordering::Relaxed),
+                m + x.messages.load(std::sync::atomic::Ordering::Relaxed),
+            )
+        })
+    };
+    let mut group = cr.benchmark_group("quic/64x64");
+    group.sample_size(10);
+    group.throughput(criterion::Throughput::Elements(64));
+    let (udp0, (f0, m0), cpu0, writes) = (
+        udp_out(),
+        frames(&c),
+        cpu_time(),
+        std::cell::Cell::new(0u64),
+    );
+    group.bench_function("wall", |b| {
+        b.iter_custom(|n| {
+            writes.set(writes.get() + 64 * n);
+            run(n).0
+        })
+    });
+    group.bench_function("cpu", |b| {
+        b.iter_custom(|n| {
+            writes.set(writes.get() + 64 * n);
+            run(n).1
+        })
+    });
+    group.finish();
+    let (udp1, (f1, m1), cpu1) = (udp_out(), frames(&c), cpu_time());
+    let w = writes.get().max(1) as f64;
+    eprintln!(
+        "quic/64x64 over {} writes: {:.2} UDP datagrams per write, {:.1} Raft messages per frame, {:.0} µs CPU per write (criterion's analysis included)",
+        writes.get(),
+        (udp1 - udp0) as f64 / w,
+        (m1 - m0) as f64 / (f1 - f0).max(1) as f64,
+        (cpu1 - cpu0).as_secs_f64() * 1e6 / w
+    );
+}
+
+criterion_group!(benches, bench, bench_loops, bench_quic);
 criterion_main!(benches);

@@ -2,7 +2,8 @@
 //! peer goes out as one transport request (the reply is empty), and an
 //! inbound frame is checked and handed to the loop's mailbox.
 
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use super::runtime::{Mailbox, Outbound};
@@ -27,6 +28,16 @@ pub struct QuicOutbound {
     transport: Transport,
     runtime: tokio::runtime::Handle,
     deadline: Duration,
+    counters: Arc<FrameCounters>,
+}
+
+/// What a [`QuicOutbound`] sent.
+#[derive(Debug, Default)]
+pub struct FrameCounters {
+    /// Frames (transport requests).
+    pub frames: AtomicU64,
+    /// Raft messages in them.
+    pub messages: AtomicU64,
 }
 
 impl QuicOutbound {
@@ -36,7 +47,13 @@ impl QuicOutbound {
             transport,
             runtime,
             deadline,
+            counters: Arc::default(),
         }
+    }
+
+    /// Its counters (shared: they keep counting after the loop took it).
+    pub fn counters(&self) -> Arc<FrameCounters> {
+        self.counters.clone()
     }
 }
 
@@ -50,6 +67,12 @@ impl Outbound for QuicOutbound {
                 return;
             }
         };
+        self.counters
+            .messages
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        self.counters
+            .frames
+            .fetch_add(frames.len() as u64, Ordering::Relaxed);
         for bytes in frames {
             let t = self.transport.clone();
             let deadline = self.deadline;

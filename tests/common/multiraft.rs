@@ -501,7 +501,7 @@ pub mod quic {
 
     use super::loops::{Applied, Recorder, Router};
     use tessera::metrics::NetMetrics;
-    use tessera::multiraft::quic::{FrameInbound, QuicOutbound};
+    use tessera::multiraft::quic::{FrameCounters, FrameInbound, QuicOutbound};
     use tessera::multiraft::{Driver, DriverConfig, GroupStore, LoopConfig, NodeLoop};
     use tessera::net::{Expediter, Faults, PeerAddr, Transport, TransportConfig, Wiring};
     use tessera::storage::{Engine, StorageConfig};
@@ -515,6 +515,7 @@ pub mod quic {
         pub transports: BTreeMap<u64, Transport>,
         pub applied: BTreeMap<u64, Applied>,
         pub metrics: BTreeMap<u64, Arc<NetMetrics>>,
+        pub frames: BTreeMap<u64, Arc<FrameCounters>>,
         pub router: Router,
     }
 
@@ -530,6 +531,7 @@ pub mod quic {
                 transports: BTreeMap::new(),
                 applied: BTreeMap::new(),
                 metrics: BTreeMap::new(),
+                frames: BTreeMap::new(),
                 router: Router::default(),
             };
             let mut addrs: Vec<PeerAddr> = Vec::new();
@@ -590,6 +592,7 @@ pub mod quic {
                     tokio::runtime::Handle::current(),
                     Duration::from_secs(5),
                 );
+                c.frames.insert(id, out.counters());
                 let l = NodeLoop::start(driver, out, Recorder(applied.clone()), config.clone())
                     .expect("start loop");
                 inbounds[&id].attach(l.mailbox());
