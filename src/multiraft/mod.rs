@@ -23,14 +23,16 @@
 //! snapshots, membership changes, splits and merges, leader transfer and
 //! quiescence.
 
+mod apply;
 mod driver;
 pub mod quic;
 mod runtime;
 mod store;
 pub mod wire;
 
+pub use apply::{encode_command, ShardApplier};
 pub use driver::{Driver, DriverConfig, DriverError, DriverStats, Envelope, Proposed, Round};
-pub use runtime::{Applier, LoopConfig, Mailbox, NodeLoop, Outbound, RequestError};
+pub use runtime::{Applier, LoopConfig, Mailbox, NodeLoop, Outbound, Proposal, RequestError};
 pub use store::{GroupStore, TAIL_ENTRIES};
 
 /// raft-rs logs through `slog`; this drain hands its records to `tracing`

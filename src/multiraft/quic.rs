@@ -92,13 +92,15 @@ impl Outbound for QuicOutbound {
 /// frames before that are dropped, as Raft tolerates).
 #[derive(Default)]
 pub struct FrameInbound {
-    mailbox: OnceLock<Mailbox>,
+    deliver: OnceLock<Deliver>,
 }
+
+type Deliver = Box<dyn Fn(Vec<Envelope>) -> bool + Send + Sync>;
 
 impl FrameInbound {
     /// Where frames go from now on.
-    pub fn attach(&self, mailbox: Mailbox) {
-        let _ = self.mailbox.set(mailbox);
+    pub fn attach<R: Send + 'static>(&self, mailbox: Mailbox<R>) {
+        let _ = self.deliver.set(Box::new(move |f| mailbox.deliver(f)));
     }
 
     /// Checks a frame from `from` (the node its certificate names) and
@@ -116,8 +118,8 @@ impl FrameInbound {
         if !forged.is_empty() {
             tracing::warn!(peer = %from, count = forged.len(), "raft messages naming another sender dropped");
         }
-        if let Some(m) = self.mailbox.get() {
-            m.deliver(ok);
+        if let Some(deliver) = self.deliver.get() {
+            deliver(ok);
         }
     }
 }

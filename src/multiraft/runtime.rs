@@ -29,12 +29,30 @@ pub trait Outbound: Send + 'static {
 
 /// What applies committed entries: once per round, every group's together.
 pub trait Applier: Send + 'static {
-    /// Applies `committed` (per group, in log order). An error stops the
-    /// loop: nothing more is acknowledged.
+    /// What applying one entry answers its proposer.
+    type Response: Send + 'static;
+
+    /// Applies `committed` (per group, in log order) and returns one
+    /// response per entry, in the same shape. An error stops the loop:
+    /// nothing more is acknowledged.
     ///
     /// # Errors
     /// The storage's.
-    fn apply(&mut self, committed: &[(ShardId, Vec<Entry>)]) -> Result<(), StoreError>;
+    fn apply(
+        &mut self,
+        committed: &[(ShardId, Vec<Entry>)],
+    ) -> Result<Vec<Vec<Self::Response>>, StoreError>;
+}
+
+impl<A: Applier + ?Sized> Applier for Box<A> {
+    type Response = A::Response;
+
+    fn apply(
+        &mut self,
+        committed: &[(ShardId, Vec<Entry>)],
+    ) -> Result<Vec<Vec<Self::Response>>, StoreError> {
+        (**self).apply(committed)
+    }
 }
 
 /// How the loop runs.
@@ -94,11 +112,16 @@ pub enum RequestError {
 
 type Reply = oneshot::Sender<Result<u64, RequestError>>;
 
-enum Input {
+/// A proposal's answer: its index and what applying it answered.
+pub type Proposal<R> = Result<(u64, R), RequestError>;
+
+type ProposalReply<R> = oneshot::Sender<Proposal<R>>;
+
+enum Input<R> {
     Propose {
         shard: ShardId,
         data: Vec<u8>,
-        reply: Reply,
+        reply: ProposalReply<R>,
     },
     Read {
         shard: ShardId,
@@ -108,13 +131,21 @@ enum Input {
 }
 
 /// A handle to send to a running loop; cheap to clone.
-#[derive(Clone)]
-pub struct Mailbox {
-    tx: SyncSender<Input>,
+pub struct Mailbox<R> {
+    tx: SyncSender<Input<R>>,
     capacity: usize,
 }
 
-impl Mailbox {
+impl<R> Clone for Mailbox<R> {
+    fn clone(&self) -> Self {
+        Mailbox {
+            tx: self.tx.clone(),
+            capacity: self.capacity,
+        }
+    }
+}
+
+impl<R> Mailbox<R> {
     /// Proposes `data` to `shard`; the receiver gets the entry's index once
     /// it is committed and applied here, or why not.
     ///
@@ -125,7 +156,7 @@ impl Mailbox {
         &self,
         shard: ShardId,
         data: Vec<u8>,
-    ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
+    ) -> Result<oneshot::Receiver<Proposal<R>>, RequestError> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Input::Propose { shard, data, reply }) {
             Ok(()) => Ok(rx),
@@ -166,22 +197,22 @@ impl Mailbox {
 }
 
 /// A running loop: its thread and its mailbox.
-pub struct NodeLoop {
-    mailbox: Mailbox,
+pub struct NodeLoop<R> {
+    mailbox: Mailbox<R>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<DriverStats, DriverError>>>,
 }
 
-struct Pending {
+struct Pending<R> {
     at: Proposed,
-    reply: Reply,
+    reply: ProposalReply<R>,
 }
 
-struct State<O, A> {
+struct State<O, A: Applier> {
     driver: Driver,
     outbound: O,
     applier: A,
-    pending: HashMap<ShardId, VecDeque<Pending>>,
+    pending: HashMap<ShardId, VecDeque<Pending<A::Response>>>,
     reads: Reads,
 }
 
@@ -295,7 +326,7 @@ impl Reads {
 }
 
 impl<O: Outbound, A: Applier> State<O, A> {
-    fn take(&mut self, input: Input) {
+    fn take(&mut self, input: Input<A::Response>) {
         match input {
             Input::Propose { shard, data, reply } => match self.driver.propose(shard, data) {
                 Ok(at) => self
@@ -325,9 +356,14 @@ impl<O: Outbound, A: Applier> State<O, A> {
     fn round(&mut self) -> Result<(), DriverError> {
         self.reads.issue(&mut self.driver);
         let round = self.driver.round()?;
-        self.applier.apply(&round.committed)?;
-        for (shard, entries) in &round.committed {
-            settle(self.pending.get_mut(shard), *shard, entries);
+        let responses = self.applier.apply(&round.committed)?;
+        assert_eq!(
+            responses.len(),
+            round.committed.len(),
+            "one response list per group"
+        );
+        for ((shard, entries), responses) in round.committed.iter().zip(responses) {
+            settle(self.pending.get_mut(shard), *shard, entries, responses);
             let last = entries.last().expect("committed lists are not empty");
             self.driver.applied(*shard, last.index)?;
         }
@@ -349,16 +385,24 @@ impl<O: Outbound, A: Applier> State<O, A> {
 }
 
 /// Acknowledges the proposals `entries` settle: one applied at its index in
-/// its own term succeeded; one whose index holds another term was replaced.
-fn settle(pending: Option<&mut VecDeque<Pending>>, shard: ShardId, entries: &[Entry]) {
+/// its own term succeeded (with its response); one whose index holds another
+/// term was replaced.
+fn settle<R>(
+    pending: Option<&mut VecDeque<Pending<R>>>,
+    shard: ShardId,
+    entries: &[Entry],
+    responses: Vec<R>,
+) {
     let Some(q) = pending else {
         return;
     };
-    for e in entries {
+    assert_eq!(entries.len(), responses.len(), "one response per entry");
+    for (e, resp) in entries.iter().zip(responses) {
+        let mut resp = Some(resp);
         while q.front().is_some_and(|p| p.at.index <= e.index) {
             let p = q.pop_front().expect("checked");
             let r = if p.at.index == e.index && p.at.term == e.term {
-                Ok(e.index)
+                Ok((e.index, resp.take().expect("one proposal per index")))
             } else {
                 Err(RequestError::Replaced {
                     shard,
@@ -370,17 +414,17 @@ fn settle(pending: Option<&mut VecDeque<Pending>>, shard: ShardId, entries: &[En
     }
 }
 
-impl NodeLoop {
+impl<R: Send + 'static> NodeLoop<R> {
     /// Starts the loop on its own thread.
     ///
     /// # Errors
     /// The OS's, when the thread cannot be spawned.
-    pub fn start<O: Outbound, A: Applier>(
+    pub fn start<O: Outbound, A: Applier<Response = R>>(
         driver: Driver,
         outbound: O,
         applier: A,
         config: LoopConfig,
-    ) -> std::io::Result<NodeLoop> {
+    ) -> std::io::Result<NodeLoop<R>> {
         let capacity = config.mailbox;
         let (tx, rx) = mpsc::sync_channel(capacity);
         let stop = Arc::new(AtomicBool::new(false));
@@ -409,7 +453,7 @@ impl NodeLoop {
     }
 
     /// A handle to propose and deliver frames.
-    pub fn mailbox(&self) -> Mailbox {
+    pub fn mailbox(&self) -> Mailbox<R> {
         self.mailbox.clone()
     }
 
@@ -430,7 +474,7 @@ impl NodeLoop {
     }
 }
 
-impl Drop for NodeLoop {
+impl<R> Drop for NodeLoop<R> {
     fn drop(&mut self) {
         if let Some(t) = self.thread.take() {
             self.stop.store(true, Ordering::Release);
@@ -442,7 +486,7 @@ impl Drop for NodeLoop {
 
 fn run<O: Outbound, A: Applier>(
     state: &mut State<O, A>,
-    rx: &mpsc::Receiver<Input>,
+    rx: &mpsc::Receiver<Input<A::Response>>,
     stop: &AtomicBool,
     config: &LoopConfig,
 ) -> Result<(), DriverError> {

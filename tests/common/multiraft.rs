@@ -248,18 +248,26 @@ pub mod loops {
     use tessera::storage::{Engine, StorageConfig, StoreError};
     use tessera::ShardId;
 
-    type Book = Arc<RwLock<BTreeMap<u64, Mailbox>>>;
+    type Book<R> = Arc<RwLock<BTreeMap<u64, Mailbox<R>>>>;
 
     /// Delivers each frame to the destination's mailbox, if it runs.
-    pub struct LocalOut(Book);
+    pub struct LocalOut<R>(Book<R>);
 
-    impl Outbound for LocalOut {
+    impl<R: Send + 'static> Outbound for LocalOut<R> {
         fn send(&mut self, to: u64, frame: Vec<Envelope>) {
             if let Some(m) = self.0.read().unwrap().get(&to) {
                 m.deliver(frame);
             }
         }
     }
+
+    /// Makes node `id`'s applier over its engine, and says the index each
+    /// group's state machine applied already.
+    pub type MakeApplier<R> = Arc<
+        dyn Fn(u64, &Engine) -> (Box<dyn Applier<Response = R>>, BTreeMap<ShardId, u64>)
+            + Send
+            + Sync,
+    >;
 
     /// What a node applied, per group, in order.
     pub type Applied = Arc<Mutex<BTreeMap<ShardId, Vec<Vec<u8>>>>>;
@@ -268,7 +276,12 @@ pub mod loops {
     pub struct Recorder(pub Applied);
 
     impl Applier for Recorder {
-        fn apply(&mut self, committed: &[(ShardId, Vec<Entry>)]) -> Result<(), StoreError> {
+        type Response = ();
+
+        fn apply(
+            &mut self,
+            committed: &[(ShardId, Vec<Entry>)],
+        ) -> Result<Vec<Vec<()>>, StoreError> {
             let mut a = self.0.lock().unwrap();
             for (shard, entries) in committed {
                 let log = a.entry(*shard).or_default();
@@ -279,7 +292,7 @@ pub mod loops {
                         .map(|e| e.data.to_vec()),
                 );
             }
-            Ok(())
+            Ok(committed.iter().map(|(_, e)| vec![(); e.len()]).collect())
         }
     }
 
@@ -291,17 +304,17 @@ pub mod loops {
     impl Router {
         /// Proposes at any running node and follows `NotLeader` hints (and
         /// waits out elections) until one acknowledges, within `deadline`.
-        pub async fn propose(
+        pub async fn propose<R: Send + 'static>(
             &self,
-            loops: &BTreeMap<u64, NodeLoop>,
+            loops: &BTreeMap<u64, NodeLoop<R>>,
             shard: ShardId,
             data: &[u8],
             deadline: Duration,
-        ) -> Result<u64, String> {
+        ) -> Result<(u64, R), String> {
             let until = tokio::time::Instant::now() + deadline;
             let first = *loops.keys().next().expect("a node runs");
             let hint = self.0.lock().unwrap().get(&shard).copied();
-            let mut at = hint.unwrap_or(first);
+            let mut at = hint.filter(|h| loops.contains_key(h)).unwrap_or(first);
             let mut last = String::new();
             while tokio::time::Instant::now() < until {
                 let Some(l) = loops.get(&at) else {
@@ -313,9 +326,9 @@ pub mod loops {
                     Err(e) => Ok(Ok(Err(e))),
                 };
                 match reply {
-                    Ok(Ok(Ok(index))) => {
+                    Ok(Ok(Ok(done))) => {
                         self.0.lock().unwrap().insert(shard, at);
-                        return Ok(index);
+                        return Ok(done);
                     }
                     Ok(Ok(Err(RequestError::Driver(
                         tessera::multiraft::DriverError::NotLeader { leader, .. },
@@ -343,9 +356,9 @@ pub mod loops {
         /// A linearizable read point of `shard`: asks the hinted leader (and
         /// follows `NotLeader` hints) until one answers within `deadline`;
         /// returns the node that answered and the index it applied.
-        pub async fn read_index(
+        pub async fn read_index<R: Send + 'static>(
             &self,
-            loops: &BTreeMap<u64, NodeLoop>,
+            loops: &BTreeMap<u64, NodeLoop<R>>,
             shard: ShardId,
             deadline: Duration,
         ) -> Result<(u64, u64), String> {
@@ -376,19 +389,47 @@ pub mod loops {
     }
 
     /// Nodes 1..=n, each a voter of groups 1..=groups, each with its loop.
-    pub struct LoopCluster {
+    pub struct LoopCluster<R: Send + 'static = ()> {
         _root: tempfile::TempDir,
         dirs: BTreeMap<u64, PathBuf>,
-        book: Book,
-        pub loops: BTreeMap<u64, NodeLoop>,
+        book: Book<R>,
+        pub loops: BTreeMap<u64, NodeLoop<R>>,
+        /// What each node's [`Recorder`] saw (with [`LoopCluster::start`]).
         pub applied: BTreeMap<u64, Applied>,
         pub groups: u64,
         config: LoopConfig,
-        router: Router,
+        pub router: Router,
+        make: MakeApplier<R>,
+        records: Option<Arc<Mutex<BTreeMap<u64, Applied>>>>,
+        /// Each running node's engine.
+        pub engines: BTreeMap<u64, Engine>,
     }
 
-    impl LoopCluster {
-        pub fn start(nodes: u64, groups: u64, config: LoopConfig) -> LoopCluster {
+    impl LoopCluster<()> {
+        /// Nodes whose appliers record what they apply ([`Recorder`]).
+        pub fn start(nodes: u64, groups: u64, config: LoopConfig) -> LoopCluster<()> {
+            let records: Arc<Mutex<BTreeMap<u64, Applied>>> = Arc::default();
+            let r2 = records.clone();
+            let make: MakeApplier<()> = Arc::new(move |id, _engine| {
+                let applied = Applied::default();
+                r2.lock().unwrap().insert(id, applied.clone());
+                (Box::new(Recorder(applied)), BTreeMap::new())
+            });
+            let mut c = LoopCluster::start_with(nodes, groups, config, make);
+            c.records = Some(records);
+            c.sync_records();
+            c
+        }
+    }
+
+    impl<R: Send + 'static> LoopCluster<R> {
+        /// Nodes whose appliers `make` builds.
+        pub fn start_with(
+            nodes: u64,
+            groups: u64,
+            config: LoopConfig,
+            make: MakeApplier<R>,
+        ) -> LoopCluster<R> {
             let root = tempfile::tempdir().expect("temp dir");
             let voters: Vec<u64> = (1..=nodes).collect();
             let mut dirs = BTreeMap::new();
@@ -409,6 +450,9 @@ pub mod loops {
                 groups,
                 config,
                 router: Router::default(),
+                make,
+                records: None,
+                engines: BTreeMap::new(),
             };
             for id in 1..=nodes {
                 c.restart(id);
@@ -416,31 +460,42 @@ pub mod loops {
             c
         }
 
+        fn sync_records(&mut self) {
+            if let Some(r) = &self.records {
+                self.applied = r.lock().unwrap().clone();
+            }
+        }
+
         /// Stops node `id`'s loop (its folder stays).
         pub fn stop(&mut self, id: u64) {
             self.book.write().unwrap().remove(&id);
+            self.engines.remove(&id);
             let l = self.loops.remove(&id).expect("running");
             l.stop().expect("loop ran without a storage error");
         }
 
-        /// Starts node `id`'s loop from its folder; it applies from the start.
+        /// Starts node `id`'s loop from its folder; each group applies from
+        /// where its state machine says it stopped (a [`Recorder`]: from the
+        /// start).
         pub fn restart(&mut self, id: u64) {
             let engine = Engine::open(StorageConfig::new(&self.dirs[&id])).expect("open engine");
+            let (applier, applied) = (self.make)(id, &engine);
+            self.engines.insert(id, engine.clone());
             let mut driver = Driver::new(engine, id, DriverConfig::default());
             for g in 1..=self.groups {
-                driver.open_group(ShardId(g), 0).expect("open group");
+                let from = applied.get(&ShardId(g)).copied().unwrap_or(0);
+                driver.open_group(ShardId(g), from).expect("open group");
             }
-            let applied = Applied::default();
             let l = NodeLoop::start(
                 driver,
                 LocalOut(self.book.clone()),
-                Recorder(applied.clone()),
+                applier,
                 self.config.clone(),
             )
             .expect("start loop");
             self.book.write().unwrap().insert(id, l.mailbox());
             self.loops.insert(id, l);
-            self.applied.insert(id, applied);
+            self.sync_records();
         }
 
         /// See [`Router::propose`].
@@ -450,9 +505,11 @@ pub mod loops {
             data: &[u8],
             deadline: Duration,
         ) -> Result<u64, String> {
-            self.router
+            let (index, _) = self
+                .router
                 .propose(&self.loops, shard, data, deadline)
-                .await
+                .await?;
+            Ok(index)
         }
 
         /// See [`Router::read_index`].
@@ -511,7 +568,7 @@ pub mod quic {
     /// Nodes 1..=n over QUIC, each a voter of groups 1..=groups.
     pub struct QuicCluster {
         _root: tempfile::TempDir,
-        pub loops: BTreeMap<u64, NodeLoop>,
+        pub loops: BTreeMap<u64, NodeLoop<()>>,
         pub transports: BTreeMap<u64, Transport>,
         pub applied: BTreeMap<u64, Applied>,
         pub metrics: BTreeMap<u64, Arc<NetMetrics>>,

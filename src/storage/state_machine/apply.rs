@@ -240,6 +240,18 @@ impl StateMachine {
         &mut self,
         entries: Vec<Entry>,
     ) -> Result<Vec<CommandResponse>, io::Error> {
+        self.apply_entries_now(entries)
+    }
+
+    /// [`StateMachine::apply_entries`] without the future: for a Raft that
+    /// is not openraft (`crate::multiraft`), whose loop is a plain thread.
+    ///
+    /// # Errors
+    /// The storage's (the engine fail-stops).
+    pub fn apply_entries_now(
+        &mut self,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<CommandResponse>, io::Error> {
         let mut out = Vec::with_capacity(entries.len());
         let mut it = entries.into_iter().peekable();
         while it.peek().is_some() {

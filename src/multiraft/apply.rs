@@ -1,0 +1,102 @@
+//! The batch system's entries applied to the product's state machine
+//! ([`StateMachine`]: user data, client sessions, the applied position,
+//! splits and merges), one shard's entries per call.
+//!
+//! An entry's data is a postcard-encoded [`Command`] ([`encode_command`]);
+//! an entry without data is a new leader's blank. Each is handed to the
+//! state machine as an openraft entry at log id (term, node 0, index): the
+//! state machine records that as its applied position, and
+//! [`ShardApplier::applied_index`] reads the index back when the group is
+//! opened again.
+
+use std::collections::HashMap;
+
+use raft::eraftpb::{Entry, EntryType};
+
+use super::runtime::Applier;
+use crate::command::{Command, CommandResponse};
+use crate::raft::{log_id, EntryPayload};
+use crate::storage::{StateMachine, StoreError};
+use crate::{NodeId, ShardId};
+
+/// A command as a batch-system entry's data.
+pub fn encode_command(cmd: &Command) -> Vec<u8> {
+    postcard::to_allocvec(cmd).expect("commands encode into memory")
+}
+
+/// Applies every group's entries to its shard's state machine.
+#[derive(Default)]
+pub struct ShardApplier {
+    machines: HashMap<ShardId, StateMachine>,
+}
+
+impl ShardApplier {
+    /// Takes `shard`'s state machine; returns the index it applied (what
+    /// [`super::Driver::open_group`] takes, so nothing is applied twice).
+    pub fn add(&mut self, shard: ShardId, machine: StateMachine) -> u64 {
+        let applied = Self::index_of(&machine);
+        self.machines.insert(shard, machine);
+        applied
+    }
+
+    /// The index `shard`'s state machine applied (0: nothing yet).
+    pub fn applied_index(&self, shard: ShardId) -> Option<u64> {
+        self.machines.get(&shard).map(Self::index_of)
+    }
+
+    fn index_of(machine: &StateMachine) -> u64 {
+        machine.applied().map_or(0, |l| l.index)
+    }
+
+    fn convert(shard: ShardId, e: &Entry) -> Result<crate::raft::Entry, StoreError> {
+        let payload = match e.get_entry_type() {
+            EntryType::EntryNormal if e.data.is_empty() => EntryPayload::Blank,
+            EntryType::EntryNormal => {
+                EntryPayload::Normal(postcard::from_bytes::<Command>(&e.data).map_err(|err| {
+                    StoreError::corrupt(format!("entry {} of {shard}", e.index), err)
+                })?)
+            }
+            other => {
+                return Err(StoreError::Failed {
+                    cause: format!(
+                        "{shard}: entry {} is a {other:?}; membership changes are not applied yet",
+                        e.index
+                    ),
+                })
+            }
+        };
+        Ok(crate::raft::Entry {
+            log_id: log_id(e.term, NodeId(0), e.index),
+            payload,
+        })
+    }
+}
+
+impl Applier for ShardApplier {
+    type Response = CommandResponse;
+
+    fn apply(
+        &mut self,
+        committed: &[(ShardId, Vec<Entry>)],
+    ) -> Result<Vec<Vec<CommandResponse>>, StoreError> {
+        let mut out = Vec::with_capacity(committed.len());
+        for (shard, entries) in committed {
+            let machine = self
+                .machines
+                .get_mut(shard)
+                .ok_or(StoreError::UnknownShard { shard: *shard })?;
+            let converted = entries
+                .iter()
+                .map(|e| Self::convert(*shard, e))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.push(
+                machine
+                    .apply_entries_now(converted)
+                    .map_err(|e| StoreError::Failed {
+                        cause: format!("apply {shard}: {e}"),
+                    })?,
+            );
+        }
+        Ok(out)
+    }
+}
