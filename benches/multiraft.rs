@@ -25,17 +25,24 @@
 //! UDP datagrams sent per write (`/proc/net/snmp`, the machine's: keep it
 //! otherwise quiet), Raft messages per frame, and CPU µs per write.
 //!
+//! `quic_apply/64x64/{wall,cpu}`: the same with every entry applied to the
+//! product's state machine (`ShardApplier`: a put of a 100-byte value to one
+//! of about 10,000 keys, as `tessera-ctl bench --workload write` sends), so
+//! only the client's request and response are missing against a real node.
+//!
 //! Run: `cargo bench --bench multiraft`.
 
 #[path = "../tests/common/multiraft.rs"]
 mod harness;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use harness::apply::{key, shard_appliers, Starts};
 use harness::loops::LoopCluster;
 use harness::quic::QuicCluster;
 use harness::LocalCluster;
 use std::time::Duration;
-use tessera::multiraft::LoopConfig;
+use tessera::command::{Command, Op};
+use tessera::multiraft::{encode_command, LoopConfig};
 use tessera::ShardId;
 
 fn cpu_time() -> Duration {
@@ -143,13 +150,14 @@ fn udp_out() -> u64 {
     vals.split_whitespace().nth(i).unwrap().parse().unwrap()
 }
 
-fn bench_quic(cr: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let c = std::sync::Arc::new(rt.block_on(QuicCluster::start(3, 64, LoopConfig::default())));
+/// Writes per case: 64 writers, one per group, each one in flight.
+fn quic_case<R: Send + 'static>(
+    cr: &mut Criterion,
+    name: &str,
+    rt: &tokio::runtime::Runtime,
+    c: std::sync::Arc<QuicCluster<R>>,
+    data: fn(u64, u64) -> Vec<u8>,
+) {
     let run = |per_writer: u64| -> (Duration, Duration) {
         let cpu = cpu_time();
         let wall = std::time::Instant::now();
@@ -159,9 +167,8 @@ fn bench_quic(cr: &mut Criterion) {
                     let c = c.clone();
                     tokio::spawn(async move {
                         for i in 0..per_writer {
-                            let data = format!("value-{i:0>92}").into_bytes();
                             c.router
-                                .propose(&c.loops, ShardId(g), &data, Duration::from_secs(30))
+                                .propose(&c.loops, ShardId(g), &data(g, i), Duration::from_secs(30))
                                 .await
                                 .expect("write acknowledged");
                         }
@@ -175,7 +182,7 @@ fn bench_quic(cr: &mut Criterion) {
         (wall.elapsed(), cpu_time() - cpu)
     };
     run(1);
-    let frames = |c: &QuicCluster| -> (u64, u64) {
+    let frames = |c: &QuicCluster<R>| -> (u64, u64) {
         c.frames.values().fold((0, 0), |(f, m), x| {
             (
                 f + x.frames.load(std::sync::atomic::Ordering::Relaxed),
@@ -183,15 +190,11 @@ fn bench_quic(cr: &mut Criterion) {
             )
         })
     };
-    let mut group = cr.benchmark_group("quic/64x64");
+    let mut group = cr.benchmark_group(name);
     group.sample_size(10);
     group.throughput(criterion::Throughput::Elements(64));
-    let (udp0, (f0, m0), cpu0, writes) = (
-        udp_out(),
-        frames(&c),
-        cpu_time(),
-        std::cell::Cell::new(0u64),
-    );
+    let (udp0, (f0, m0), cpu0) = (udp_out(), frames(&c), cpu_time());
+    let writes = std::cell::Cell::new(0u64);
     group.bench_function("wall", |b| {
         b.iter_custom(|n| {
             writes.set(writes.get() + 64 * n);
@@ -208,7 +211,7 @@ fn bench_quic(cr: &mut Criterion) {
     let (udp1, (f1, m1), cpu1) = (udp_out(), frames(&c), cpu_time());
     let w = writes.get().max(1) as f64;
     eprintln!(
-        "quic/64x64 over {} writes: {:.2} UDP datagrams per write, {:.1} Raft messages per frame, {:.0} µs CPU per write (criterion's analysis included)",
+        "{name} over {} writes: {:.2} UDP datagrams per write, {:.1} Raft messages per frame, {:.0} µs CPU per write (criterion's analysis included)",
         writes.get(),
         (udp1 - udp0) as f64 / w,
         (m1 - m0) as f64 / (f1 - f0).max(1) as f64,
@@ -216,5 +219,45 @@ fn bench_quic(cr: &mut Criterion) {
     );
 }
 
-criterion_group!(benches, bench, bench_loops, bench_quic);
+fn rt2() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn bench_quic(cr: &mut Criterion) {
+    let rt = rt2();
+    let c = std::sync::Arc::new(rt.block_on(QuicCluster::start(3, 64, LoopConfig::default())));
+    quic_case(cr, "quic/64x64", &rt, c, |_, i| {
+        format!("value-{i:0>92}").into_bytes()
+    });
+}
+
+/// A put of a 100-byte value to one of ~10,000 keys (about 156 per group),
+/// as `tessera-ctl bench --workload write` sends.
+fn put(g: u64, i: u64) -> Vec<u8> {
+    let n = (i * 7919 + g * 104_729) % 156;
+    encode_command(&Command::Write {
+        ops: vec![Op::Put {
+            key: key(g, &format!("key-{n:05}")),
+            value: vec![b'v'; 100],
+        }],
+    })
+}
+
+fn bench_quic_apply(cr: &mut Criterion) {
+    let rt = rt2();
+    let make = shard_appliers(64, Starts::default());
+    let c = std::sync::Arc::new(rt.block_on(QuicCluster::start_with(
+        3,
+        64,
+        LoopConfig::default(),
+        make,
+    )));
+    quic_case(cr, "quic_apply/64x64", &rt, c, put);
+}
+
+criterion_group!(benches, bench, bench_loops, bench_quic, bench_quic_apply);
 criterion_main!(benches);

@@ -7,58 +7,16 @@
 #[path = "common/multiraft.rs"]
 mod harness;
 
-use harness::loops::{LoopCluster, MakeApplier};
+use harness::apply::{key, shard_appliers, Starts};
+use harness::loops::LoopCluster;
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 use tessera::command::{Command, CommandResponse, Op, OpResult};
-use tessera::multiraft::{encode_command, Applier, LoopConfig, ShardApplier};
-use tessera::storage::{Engine, StoreError};
-use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
+use tessera::multiraft::{encode_command, LoopConfig};
+use tessera::ShardId;
 
 const GROUPS: u64 = 4;
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Group g owns the keys that start with byte g.
-fn descriptor(g: u64) -> ShardDescriptor {
-    ShardDescriptor::new(
-        ShardId(g),
-        KeyRange::new(vec![g as u8], vec![g as u8 + 1]),
-        (1..=3).map(NodeId).collect(),
-    )
-}
-
-fn key(g: u64, name: &str) -> Vec<u8> {
-    let mut k = vec![g as u8];
-    k.extend_from_slice(name.as_bytes());
-    k
-}
-
-/// Where each node's groups started applying, at its last start.
-type Starts = Arc<std::sync::Mutex<BTreeMap<(u64, u64), u64>>>;
-
-fn make(starts: Starts) -> MakeApplier<CommandResponse> {
-    Arc::new(move |id, engine: &Engine| {
-        let mut applier = ShardApplier::default();
-        let mut applied = BTreeMap::new();
-        for g in 1..=GROUPS {
-            let d = descriptor(g);
-            let created = tokio::task::block_in_place(|| {
-                tokio::runtime::Handle::current().block_on(engine.create_shard(&d))
-            });
-            match created {
-                Ok(()) | Err(StoreError::ShardExists { .. }) => {}
-                Err(e) => panic!("create {g}: {e}"),
-            }
-            let (_log, machine) = engine.open_shard(ShardId(g)).expect("open shard");
-            let from = applier.add(ShardId(g), machine);
-            starts.lock().unwrap().insert((id, g), from);
-            applied.insert(ShardId(g), from);
-        }
-        let applier: Box<dyn Applier<Response = CommandResponse>> = Box::new(applier);
-        (applier, applied)
-    })
-}
 
 fn fast() -> LoopConfig {
     LoopConfig {
@@ -78,7 +36,7 @@ async fn write(c: &LoopCluster<CommandResponse>, g: u64, op: Op) -> CommandRespo
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answers_come_from_the_state_machine_and_data_lands_in_rocksdb() {
-    let c = LoopCluster::start_with(3, GROUPS, fast(), make(Starts::default()));
+    let c = LoopCluster::start_with(3, GROUPS, fast(), shard_appliers(GROUPS, Starts::default()));
     for g in 1..=GROUPS {
         let put = Op::Put {
             key: key(g, "k"),
@@ -124,7 +82,7 @@ async fn answers_come_from_the_state_machine_and_data_lands_in_rocksdb() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_resumes_from_its_applied_position() {
     let starts = Starts::default();
-    let mut c = LoopCluster::start_with(3, GROUPS, fast(), make(starts.clone()));
+    let mut c = LoopCluster::start_with(3, GROUPS, fast(), shard_appliers(GROUPS, starts.clone()));
     let mut put_at = BTreeMap::new();
     for g in 1..=GROUPS {
         let put = Op::Put {

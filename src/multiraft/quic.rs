@@ -15,8 +15,10 @@ use crate::net::{Answer, Inbound, Transport};
 use crate::{NodeId, ShardId};
 
 /// The shard id a frame travels under in the transport's request head (it
-/// carries many groups; each message names its own).
-pub const FRAME_SHARD: ShardId = ShardId(0);
+/// carries many groups; each message names its own): `u64::MAX`, which no
+/// shard may have, so a node's inbound can tell frames from the requests of
+/// one shard.
+pub const FRAME_SHARD: ShardId = ShardId(u64::MAX);
 
 /// Frames at most this large (below the transport's own limit, which
 /// also counts the request head).

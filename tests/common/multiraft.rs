@@ -553,10 +553,10 @@ pub mod loops {
 pub mod quic {
     use std::collections::BTreeMap;
     use std::net::SocketAddr;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex};
     use std::time::Duration;
 
-    use super::loops::{Applied, Recorder, Router};
+    use super::loops::{Applied, MakeApplier, Recorder, Router};
     use tessera::metrics::NetMetrics;
     use tessera::multiraft::quic::{FrameCounters, FrameInbound, QuicOutbound};
     use tessera::multiraft::{Driver, DriverConfig, GroupStore, LoopConfig, NodeLoop};
@@ -566,19 +566,44 @@ pub mod quic {
     use tessera::{NodeId, ShardId};
 
     /// Nodes 1..=n over QUIC, each a voter of groups 1..=groups.
-    pub struct QuicCluster {
+    pub struct QuicCluster<R: Send + 'static = ()> {
         _root: tempfile::TempDir,
-        pub loops: BTreeMap<u64, NodeLoop<()>>,
+        pub loops: BTreeMap<u64, NodeLoop<R>>,
         pub transports: BTreeMap<u64, Transport>,
+        /// What each node's [`Recorder`] saw (with [`QuicCluster::start`]).
         pub applied: BTreeMap<u64, Applied>,
         pub metrics: BTreeMap<u64, Arc<NetMetrics>>,
         pub frames: BTreeMap<u64, Arc<FrameCounters>>,
+        pub engines: BTreeMap<u64, Engine>,
         pub router: Router,
     }
 
-    impl QuicCluster {
-        /// Starts every node; call from inside a Tokio runtime.
-        pub async fn start(nodes: u64, groups: u64, config: LoopConfig) -> QuicCluster {
+    impl QuicCluster<()> {
+        /// Nodes whose appliers record what they apply; call from inside a
+        /// Tokio runtime.
+        pub async fn start(nodes: u64, groups: u64, config: LoopConfig) -> QuicCluster<()> {
+            let records: Arc<Mutex<BTreeMap<u64, Applied>>> = Arc::default();
+            let r2 = records.clone();
+            let make: MakeApplier<()> = Arc::new(move |id, _engine| {
+                let applied = Applied::default();
+                r2.lock().unwrap().insert(id, applied.clone());
+                (Box::new(Recorder(applied)), BTreeMap::new())
+            });
+            let mut c = QuicCluster::start_with(nodes, groups, config, make).await;
+            c.applied = records.lock().unwrap().clone();
+            c
+        }
+    }
+
+    impl<R: Send + 'static> QuicCluster<R> {
+        /// Nodes whose appliers `make` builds; call from inside a Tokio
+        /// runtime (a multi-threaded one when `make` blocks on it).
+        pub async fn start_with(
+            nodes: u64,
+            groups: u64,
+            config: LoopConfig,
+            make: MakeApplier<R>,
+        ) -> QuicCluster<R> {
             let root = tempfile::tempdir().expect("temp dir");
             let ca = ClusterCa::generate("multiraft-test").expect("CA");
             let voters: Vec<u64> = (1..=nodes).collect();
@@ -589,6 +614,7 @@ pub mod quic {
                 applied: BTreeMap::new(),
                 metrics: BTreeMap::new(),
                 frames: BTreeMap::new(),
+                engines: BTreeMap::new(),
                 router: Router::default(),
             };
             let mut addrs: Vec<PeerAddr> = Vec::new();
@@ -638,25 +664,80 @@ pub mod quic {
             for id in 1..=nodes {
                 let dir = c._root.path().join(format!("n{id}"));
                 let engine = Engine::open(StorageConfig::new(&dir)).expect("open engine");
-                let mut driver = Driver::new(engine.clone(), id, DriverConfig::default());
                 for g in 1..=groups {
                     GroupStore::bootstrap(&engine, ShardId(g), &voters).expect("bootstrap");
-                    driver.open_group(ShardId(g), 0).expect("open group");
                 }
-                let applied = Applied::default();
+                let (applier, applied) = make(id, &engine);
+                let mut driver = Driver::new(engine.clone(), id, DriverConfig::default());
+                for g in 1..=groups {
+                    let from = applied.get(&ShardId(g)).copied().unwrap_or(0);
+                    driver.open_group(ShardId(g), from).expect("open group");
+                }
                 let out = QuicOutbound::new(
                     c.transports[&id].clone(),
                     tokio::runtime::Handle::current(),
                     Duration::from_secs(5),
                 );
                 c.frames.insert(id, out.counters());
-                let l = NodeLoop::start(driver, out, Recorder(applied.clone()), config.clone())
-                    .expect("start loop");
+                let l = NodeLoop::start(driver, out, applier, config.clone()).expect("start loop");
                 inbounds[&id].attach(l.mailbox());
                 c.loops.insert(id, l);
-                c.applied.insert(id, applied);
+                c.engines.insert(id, engine);
             }
             c
         }
+    }
+}
+
+/// Appliers over the product's state machine (`multiraft::ShardApplier`).
+pub mod apply {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::loops::MakeApplier;
+    use tessera::command::CommandResponse;
+    use tessera::multiraft::{Applier, ShardApplier};
+    use tessera::storage::{Engine, StoreError};
+    use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
+
+    /// Group g owns the keys that start with byte g.
+    pub fn descriptor(g: u64) -> ShardDescriptor {
+        ShardDescriptor::new(
+            ShardId(g),
+            KeyRange::new(vec![g as u8], vec![g as u8 + 1]),
+            (1..=3).map(NodeId).collect(),
+        )
+    }
+
+    pub fn key(g: u64, name: &str) -> Vec<u8> {
+        let mut k = vec![g as u8];
+        k.extend_from_slice(name.as_bytes());
+        k
+    }
+
+    /// Where each node's groups started applying, at its last start.
+    pub type Starts = Arc<std::sync::Mutex<BTreeMap<(u64, u64), u64>>>;
+
+    pub fn shard_appliers(groups: u64, starts: Starts) -> MakeApplier<CommandResponse> {
+        Arc::new(move |id, engine: &Engine| {
+            let mut applier = ShardApplier::default();
+            let mut applied = BTreeMap::new();
+            for g in 1..=groups {
+                let d = descriptor(g);
+                let created = tokio::task::block_in_place(|| {
+                    tokio::runtime::Handle::current().block_on(engine.create_shard(&d))
+                });
+                match created {
+                    Ok(()) | Err(StoreError::ShardExists { .. }) => {}
+                    Err(e) => panic!("create {g}: {e}"),
+                }
+                let (_log, machine) = engine.open_shard(ShardId(g)).expect("open shard");
+                let from = applier.add(ShardId(g), machine);
+                starts.lock().unwrap().insert((id, g), from);
+                applied.insert(ShardId(g), from);
+            }
+            let applier: Box<dyn Applier<Response = CommandResponse>> = Box::new(applier);
+            (applier, applied)
+        })
     }
 }
