@@ -32,6 +32,11 @@
 //!
 //! Run: `cargo bench --bench multiraft`.
 
+// The node binary's allocator, so the figures are the node's.
+#[cfg(feature = "jemalloc")]
+#[global_allocator]
+static ALLOC: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[path = "../tests/common/multiraft.rs"]
 mod harness;
 

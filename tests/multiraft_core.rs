@@ -294,3 +294,46 @@ fn entries_beyond_the_memory_tail_are_read_back_from_rocksdb() {
         "a restarted follower: all from RocksDB"
     );
 }
+
+#[test]
+fn a_peer_cannot_propose_read_or_address_another_node() {
+    use raft::eraftpb::{Entry, Message, MessageType};
+    use tessera::multiraft::Envelope;
+    let mut c = LocalCluster::new(3, 1);
+    let g = ShardId(1);
+    let leader = c.elect_spread()[&g];
+    let peer = (1..=3).find(|id| *id != leader).unwrap();
+    let before = c.nodes[&leader].driver.store(g).unwrap().last();
+    let msg = |t: MessageType, to: u64| {
+        let mut m = Message::default();
+        m.set_msg_type(t);
+        m.from = peer;
+        m.to = to;
+        m.set_entries(
+            vec![Entry {
+                data: b"injected".to_vec().into(),
+                ..Default::default()
+            }]
+            .into(),
+        );
+        Envelope { shard: g, msg: m }
+    };
+    let d = &mut c.nodes.get_mut(&leader).unwrap().driver;
+    for (t, to) in [
+        (MessageType::MsgPropose, leader),
+        (MessageType::MsgReadIndex, leader),
+        (MessageType::MsgAppend, leader + 10),
+    ] {
+        let err = d.step(msg(t, to)).expect_err("refused");
+        assert!(
+            matches!(err, DriverError::Refused { shard, .. } if shard == g),
+            "{err}"
+        );
+    }
+    c.pump();
+    assert_eq!(
+        c.nodes[&leader].driver.store(g).unwrap().last(),
+        before,
+        "nothing was appended"
+    );
+}

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use raft::eraftpb::{Entry, Message};
+use raft::eraftpb::{Entry, Message, MessageType};
 use raft::{RawNode, StateRole};
 use rocksdb::WriteBatch;
 
@@ -72,6 +72,14 @@ pub enum DriverError {
         shard: ShardId,
         /// The leader this replica knows of.
         leader: Option<u64>,
+    },
+    /// A peer's message this replica does not take.
+    #[error("group {shard}: message refused: {reason}")]
+    Refused {
+        /// The group.
+        shard: ShardId,
+        /// Why.
+        reason: String,
     },
     /// raft-rs refused the call.
     #[error("group {shard}: {source}")]
@@ -272,11 +280,32 @@ impl Driver {
 
     /// Hands a message from a peer to its group.
     ///
+    /// Only messages between replicas are taken: one addressed to another
+    /// node, or a proposal or read request (replicas here never forward
+    /// those, so a peer sending one is not following the protocol), is
+    /// refused.
+    ///
     /// # Errors
-    /// [`DriverError::UnknownGroup`], or raft-rs's refusal (a message for
-    /// another peer id, say).
+    /// [`DriverError::Refused`] for the messages above,
+    /// [`DriverError::UnknownGroup`], or raft-rs's refusal (a local message
+    /// type).
     pub fn step(&mut self, env: Envelope) -> Result<(), DriverError> {
         let shard = env.shard;
+        if env.msg.to != self.id {
+            return Err(DriverError::Refused {
+                shard,
+                reason: format!("addressed to node {}", env.msg.to),
+            });
+        }
+        if matches!(
+            env.msg.get_msg_type(),
+            MessageType::MsgPropose | MessageType::MsgReadIndex
+        ) {
+            return Err(DriverError::Refused {
+                shard,
+                reason: format!("{:?} from a peer", env.msg.get_msg_type()),
+            });
+        }
         self.group(shard)?
             .step(env.msg)
             .map_err(|source| DriverError::Raft { shard, source })?;

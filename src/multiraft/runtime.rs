@@ -345,8 +345,12 @@ impl<O: Outbound, A: Applier> State<O, A> {
                 for env in frame {
                     // A message for a group not here (removed, or not yet
                     // created) is dropped: its sender retries or gives up.
-                    if let Err(e) = self.driver.step(env) {
-                        tracing::debug!(error = %e, "raft message dropped");
+                    match self.driver.step(env) {
+                        Ok(()) => {}
+                        Err(e @ DriverError::Refused { .. }) => {
+                            tracing::warn!(error = %e, "raft message from a peer refused");
+                        }
+                        Err(e) => tracing::debug!(error = %e, "raft message dropped"),
                     }
                 }
             }
