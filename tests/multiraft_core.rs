@@ -17,12 +17,7 @@ fn every_group_elects_and_commits_on_every_replica() {
     let mut c = LocalCluster::new(3, GROUPS);
     let leaders = c.elect_spread();
     for (g, l) in &leaders {
-        c.nodes
-            .get_mut(l)
-            .unwrap()
-            .driver
-            .propose(*g, format!("w{}", g.0).into_bytes())
-            .expect("propose at the leader");
+        c.propose_at(*l, *g, format!("w{}", g.0).as_bytes());
     }
     c.pump();
     for g in leaders.keys() {
@@ -112,12 +107,7 @@ fn a_restarted_node_keeps_its_log_and_term_and_catches_up() {
     let mut c = LocalCluster::new(3, 8);
     let leaders = c.elect_spread();
     for (g, l) in &leaders {
-        c.nodes
-            .get_mut(l)
-            .unwrap()
-            .driver
-            .propose(*g, b"before".to_vec())
-            .unwrap();
+        c.propose_at(*l, *g, b"before");
     }
     for g in leaders.keys() {
         c.wait_applied(*g, b"before", 20, "writes before the restart");
@@ -137,12 +127,7 @@ fn a_restarted_node_keeps_its_log_and_term_and_catches_up() {
     assert_eq!(stored(&c, 2), before, "log end and term survive a restart");
     let leaders = c.wait_leaders(200, "after the restart");
     for (g, l) in &leaders {
-        c.nodes
-            .get_mut(l)
-            .unwrap()
-            .driver
-            .propose(*g, b"after".to_vec())
-            .unwrap();
+        c.propose_at(*l, *g, b"after");
     }
     for g in leaders.keys() {
         c.wait_applied(*g, b"after", 40, "writes after the restart");
@@ -163,21 +148,11 @@ fn a_deposed_leaders_unacknowledged_entry_is_replaced_and_never_applied() {
     let g = ShardId(1);
     let leaders = c.elect_spread();
     let old = leaders[&g];
-    c.nodes
-        .get_mut(&old)
-        .unwrap()
-        .driver
-        .propose(g, b"acked".to_vec())
-        .unwrap();
+    c.propose_at(old, g, b"acked");
     c.wait_applied(g, b"acked", 20, "the acknowledged write");
     // Cut the leader off, then propose on it: the entry is in its log only.
     c.isolated.insert(old);
-    c.nodes
-        .get_mut(&old)
-        .unwrap()
-        .driver
-        .propose(g, b"lost".to_vec())
-        .unwrap();
+    c.propose_at(old, g, b"lost");
     c.pump();
     let old_last = c.nodes[&old].driver.store(g).unwrap().last();
     // The other two elect a new leader and commit another write at that index.
@@ -194,12 +169,7 @@ fn a_deposed_leaders_unacknowledged_entry_is_replaced_and_never_applied() {
         }
         found.expect("a new leader among the connected two within 300 ticks")
     };
-    c.nodes
-        .get_mut(&new)
-        .unwrap()
-        .driver
-        .propose(g, b"winner".to_vec())
-        .unwrap();
+    c.propose_at(new, g, b"winner");
     c.wait_applied(g, b"winner", 40, "the new leader's write");
     // Heal: the old leader's suffix is replaced by the new leader's.
     c.isolated.clear();
@@ -251,12 +221,7 @@ fn entries_beyond_the_memory_tail_are_read_back_from_rocksdb() {
     for chunk in 0..total / 100 {
         for i in 0..100 {
             let w = format!("e{}", chunk * 100 + i).into_bytes();
-            c.nodes
-                .get_mut(&leader)
-                .unwrap()
-                .driver
-                .propose(g, w)
-                .unwrap();
+            c.propose_at(leader, g, &w);
         }
         c.pump();
     }

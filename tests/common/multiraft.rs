@@ -211,6 +211,16 @@ impl LocalCluster {
         self.wait_leaders(200, "spread election")
     }
 
+    /// Proposes `data` to `shard` at node `id` (which must lead it).
+    pub fn propose_at(&mut self, id: u64, shard: ShardId, data: &[u8]) {
+        self.nodes
+            .get_mut(&id)
+            .expect("running")
+            .driver
+            .propose(shard, data.to_vec())
+            .unwrap_or_else(|e| panic!("propose to {shard} at node {id}: {e}"));
+    }
+
     /// Ticks until every running, connected node applied `data` in `shard`;
     /// panics with `what` after `max_ticks`.
     pub fn wait_applied(&mut self, shard: ShardId, data: &[u8], max_ticks: usize, what: &str) {
@@ -302,6 +312,13 @@ pub mod loops {
     pub struct Router(Mutex<BTreeMap<ShardId, u64>>);
 
     impl Router {
+        /// The running node that last answered for `shard`, else the first.
+        fn start_at<R>(&self, loops: &BTreeMap<u64, NodeLoop<R>>, shard: ShardId) -> u64 {
+            let first = *loops.keys().next().expect("a node runs");
+            let hint = self.0.lock().unwrap().get(&shard).copied();
+            hint.filter(|h| loops.contains_key(h)).unwrap_or(first)
+        }
+
         /// Proposes at any running node and follows `NotLeader` hints (and
         /// waits out elections) until one acknowledges, within `deadline`.
         pub async fn propose<R: Send + 'static>(
@@ -312,9 +329,7 @@ pub mod loops {
             deadline: Duration,
         ) -> Result<(u64, R), String> {
             let until = tokio::time::Instant::now() + deadline;
-            let first = *loops.keys().next().expect("a node runs");
-            let hint = self.0.lock().unwrap().get(&shard).copied();
-            let mut at = hint.filter(|h| loops.contains_key(h)).unwrap_or(first);
+            let mut at = self.start_at(loops, shard);
             let mut last = String::new();
             while tokio::time::Instant::now() < until {
                 let Some(l) = loops.get(&at) else {
@@ -363,9 +378,7 @@ pub mod loops {
             deadline: Duration,
         ) -> Result<(u64, u64), String> {
             let until = tokio::time::Instant::now() + deadline;
-            let first = *loops.keys().next().expect("a node runs");
-            let hint = self.0.lock().unwrap().get(&shard).copied();
-            let mut at = hint.filter(|h| loops.contains_key(h)).unwrap_or(first);
+            let mut at = self.start_at(loops, shard);
             while tokio::time::Instant::now() < until {
                 let l = &loops[&at];
                 let reply = match l.mailbox().read_index(shard) {
@@ -388,6 +401,18 @@ pub mod loops {
         }
     }
 
+    /// Appliers that record what they apply, and where each node's record is.
+    pub fn recorders() -> (Arc<Mutex<BTreeMap<u64, Applied>>>, MakeApplier<()>) {
+        let records: Arc<Mutex<BTreeMap<u64, Applied>>> = Arc::default();
+        let r2 = records.clone();
+        let make: MakeApplier<()> = Arc::new(move |id, _engine| {
+            let applied = Applied::default();
+            r2.lock().unwrap().insert(id, applied.clone());
+            (Box::new(Recorder(applied)), BTreeMap::new())
+        });
+        (records, make)
+    }
+
     /// Nodes 1..=n, each a voter of groups 1..=groups, each with its loop.
     pub struct LoopCluster<R: Send + 'static = ()> {
         _root: tempfile::TempDir,
@@ -408,13 +433,7 @@ pub mod loops {
     impl LoopCluster<()> {
         /// Nodes whose appliers record what they apply ([`Recorder`]).
         pub fn start(nodes: u64, groups: u64, config: LoopConfig) -> LoopCluster<()> {
-            let records: Arc<Mutex<BTreeMap<u64, Applied>>> = Arc::default();
-            let r2 = records.clone();
-            let make: MakeApplier<()> = Arc::new(move |id, _engine| {
-                let applied = Applied::default();
-                r2.lock().unwrap().insert(id, applied.clone());
-                (Box::new(Recorder(applied)), BTreeMap::new())
-            });
+            let (records, make) = recorders();
             let mut c = LoopCluster::start_with(nodes, groups, config, make);
             c.records = Some(records);
             c.sync_records();
@@ -553,10 +572,10 @@ pub mod loops {
 pub mod quic {
     use std::collections::BTreeMap;
     use std::net::SocketAddr;
-    use std::sync::{Arc, Mutex};
+    use std::sync::Arc;
     use std::time::Duration;
 
-    use super::loops::{Applied, MakeApplier, Recorder, Router};
+    use super::loops::{recorders, Applied, MakeApplier, Router};
     use tessera::metrics::NetMetrics;
     use tessera::multiraft::quic::{FrameCounters, FrameInbound, QuicOutbound};
     use tessera::multiraft::{Driver, DriverConfig, GroupStore, LoopConfig, NodeLoop};
@@ -582,13 +601,7 @@ pub mod quic {
         /// Nodes whose appliers record what they apply; call from inside a
         /// Tokio runtime.
         pub async fn start(nodes: u64, groups: u64, config: LoopConfig) -> QuicCluster<()> {
-            let records: Arc<Mutex<BTreeMap<u64, Applied>>> = Arc::default();
-            let r2 = records.clone();
-            let make: MakeApplier<()> = Arc::new(move |id, _engine| {
-                let applied = Applied::default();
-                r2.lock().unwrap().insert(id, applied.clone());
-                (Box::new(Recorder(applied)), BTreeMap::new())
-            });
+            let (records, make) = recorders();
             let mut c = QuicCluster::start_with(nodes, groups, config, make).await;
             c.applied = records.lock().unwrap().clone();
             c
