@@ -30,6 +30,11 @@
 //! of about 10,000 keys, as `tessera-ctl bench --workload write` sends), so
 //! only the client's request and response are missing against a real node.
 //!
+//! `idle_cpu/{1000,10000}`: CPU the whole cluster (over QUIC) spends per
+//! 100 ms of wall time with that many idle groups, every one led (100 ms
+//! ticks, heartbeats every 2 ticks): 100 ms is one core busy. Datagrams per
+//! second are printed after each case.
+//!
 //! Run: `cargo bench --bench multiraft`.
 
 // The node binary's allocator, so the figures are the node's.
@@ -264,5 +269,63 @@ fn bench_quic_apply(cr: &mut Criterion) {
     quic_case(cr, "quic_apply/64x64", &rt, c, put);
 }
 
-criterion_group!(benches, bench, bench_loops, bench_quic, bench_quic_apply);
+/// CPU the whole 3-node cluster spends per 100 ms of wall time while its
+/// groups are idle (every group led, nothing written).
+fn bench_idle(cr: &mut Criterion) {
+    let rt = rt2();
+    let mut group = cr.benchmark_group("idle_cpu");
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .warm_up_time(Duration::from_secs(2));
+    for groups in [1_000u64, 10_000] {
+        let c =
+            std::sync::Arc::new(rt.block_on(QuicCluster::start(3, groups, LoopConfig::default())));
+        // Every group has a leader: a read point answers only from one.
+        rt.block_on(async {
+            let tasks: Vec<_> = (1..=groups)
+                .map(|g| {
+                    let c = c.clone();
+                    tokio::spawn(async move {
+                        c.router
+                            .read_index(&c.loops, ShardId(g), Duration::from_secs(120))
+                            .await
+                            .expect("a leader within 120 s");
+                    })
+                })
+                .collect();
+            for t in tasks {
+                t.await.expect("read point");
+            }
+        });
+        let (udp0, wall0) = (udp_out(), std::time::Instant::now());
+        group.bench_function(criterion::BenchmarkId::from_parameter(groups), |b| {
+            b.iter_custom(|n| {
+                let mut cpu = Duration::ZERO;
+                for _ in 0..n {
+                    let c0 = cpu_time();
+                    std::thread::sleep(Duration::from_millis(100));
+                    cpu += cpu_time() - c0;
+                }
+                cpu
+            })
+        });
+        let secs = wall0.elapsed().as_secs_f64();
+        eprintln!(
+            "idle_cpu/{groups}: {:.0} UDP datagrams per second (whole cluster)",
+            (udp_out() - udp0) as f64 / secs
+        );
+        drop(c);
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench,
+    bench_loops,
+    bench_quic,
+    bench_quic_apply,
+    bench_idle
+);
 criterion_main!(benches);

@@ -302,3 +302,48 @@ fn a_peer_cannot_propose_read_or_address_another_node() {
         "nothing was appended"
     );
 }
+
+#[test]
+fn a_new_leader_confirms_read_points_only_after_committing_in_its_term() {
+    let mut c = LocalCluster::new(3, 1);
+    let g = ShardId(1);
+    // Node 1 wins the election, but its first entry reaches nobody.
+    c.appends_dropped.insert(1);
+    c.nodes
+        .get_mut(&1)
+        .unwrap()
+        .driver
+        .campaign(g)
+        .expect("campaign");
+    c.pump();
+    let d = &mut c.nodes.get_mut(&1).unwrap().driver;
+    assert!(d.is_leader(g), "node 1 won the election");
+    assert!(!d.can_read(g), "nothing of its term is committed yet");
+    let err = d.read_index(g, 7).expect_err("not ready");
+    assert!(
+        matches!(err, DriverError::NotReady { shard } if shard == g),
+        "{err}"
+    );
+    // Its entry commits once AppendEntries flow; then the read is confirmed.
+    c.appends_dropped.clear();
+    for _ in 0..20 {
+        if c.nodes[&1].driver.can_read(g) {
+            break;
+        }
+        c.tick();
+    }
+    let d = &mut c.nodes.get_mut(&1).unwrap().driver;
+    assert!(
+        d.can_read(g),
+        "the leader's first entry is committed within 20 ticks"
+    );
+    d.read_index(g, 8).expect("read index");
+    c.pump();
+    let confirmed: Vec<u64> = c.reads[&1]
+        .iter()
+        .filter(|(s, ctx, _)| *s == g && *ctx == 8)
+        .map(|(_, _, index)| *index)
+        .collect();
+    assert_eq!(confirmed.len(), 1, "the read point is confirmed once");
+    assert!(confirmed[0] >= 1, "it covers the leader's first entry");
+}

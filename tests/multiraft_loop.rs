@@ -163,3 +163,21 @@ async fn a_follower_refuses_a_read_point_with_the_leader() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_point_asked_before_any_write_is_answered() {
+    // A new leader takes a read index only after it committed an entry of
+    // its own term; a read asked before that waits for it instead of being
+    // dropped unanswered.
+    let c = LoopCluster::start(3, 16, fast());
+    for g in 1..=16u64 {
+        let (node, index) = c
+            .read_index(ShardId(g), DEADLINE)
+            .await
+            .unwrap_or_else(|e| panic!("group {g}: {e}"));
+        assert!(
+            index >= 1,
+            "group {g}: read point {index} on node {node} covers the leader's first entry"
+        );
+    }
+}

@@ -73,6 +73,13 @@ pub enum DriverError {
         /// The leader this replica knows of.
         leader: Option<u64>,
     },
+    /// The replica leads but has not committed an entry of its term yet:
+    /// it cannot confirm a read point until it has.
+    #[error("group {shard} has a new leader here that has not committed in its term yet")]
+    NotReady {
+        /// The group.
+        shard: ShardId,
+    },
     /// A peer's message this replica does not take.
     #[error("group {shard}: message refused: {reason}")]
     Refused {
@@ -259,6 +266,15 @@ impl Driver {
         Ok(at)
     }
 
+    /// Whether this replica leads `shard` and has committed an entry of its
+    /// own term: only then does raft-rs take a read index (before that it
+    /// drops the request without an answer).
+    pub fn can_read(&self, shard: ShardId) -> bool {
+        self.groups
+            .get(&shard)
+            .is_some_and(|n| n.raft.state == StateRole::Leader && n.raft.commit_to_current_term())
+    }
+
     /// Asks `shard`'s quorum to confirm this replica still leads; a later
     /// round returns `(shard, ctx, index)` in [`Round::reads`] once it did
     /// (raft-rs's ReadIndex, safe mode: a heartbeat round, after the
@@ -266,12 +282,17 @@ impl Driver {
     /// `index` is applied here is linearizable.
     ///
     /// # Errors
-    /// [`DriverError::NotLeader`] when this replica does not lead `shard`.
+    /// [`DriverError::NotLeader`] when this replica does not lead `shard`,
+    /// [`DriverError::NotReady`] when it leads but has not committed in its
+    /// term yet ([`Driver::can_read`]).
     pub fn read_index(&mut self, shard: ShardId, ctx: u64) -> Result<(), DriverError> {
         let leader = self.leader(shard);
         let node = self.group(shard)?;
         if node.raft.state != StateRole::Leader {
             return Err(DriverError::NotLeader { shard, leader });
+        }
+        if !node.raft.commit_to_current_term() {
+            return Err(DriverError::NotReady { shard });
         }
         node.read_index(ctx.to_be_bytes().to_vec());
         self.touched.insert(shard);

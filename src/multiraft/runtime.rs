@@ -229,9 +229,17 @@ struct Reads {
 }
 
 impl Reads {
-    /// Issues one read index per group asked this pass.
+    /// Issues one read index per group asked this pass. A new leader that
+    /// has not committed in its term yet keeps its reads for a later pass
+    /// (its first entry commits within a round trip, or it stops leading
+    /// and they fail below).
     fn issue(&mut self, driver: &mut Driver) {
-        for (shard, replies) in self.asked.drain() {
+        let asked = std::mem::take(&mut self.asked);
+        for (shard, replies) in asked {
+            if driver.is_leader(shard) && !driver.can_read(shard) {
+                self.asked.insert(shard, replies);
+                continue;
+            }
             self.next_ctx += 1;
             match driver.read_index(shard, self.next_ctx) {
                 Ok(()) => {

@@ -28,6 +28,11 @@ pub struct LocalCluster {
     pub groups: Vec<ShardId>,
     /// Nodes whose messages are dropped, both ways.
     pub isolated: BTreeSet<u64>,
+    /// Nodes whose AppendEntries are dropped (their other messages go).
+    pub appends_dropped: BTreeSet<u64>,
+    /// Every confirmed read point each node's rounds returned:
+    /// (group, context, index).
+    pub reads: BTreeMap<u64, Vec<(ShardId, u64, u64)>>,
     config: DriverConfig,
 }
 
@@ -70,6 +75,8 @@ impl LocalCluster {
             nodes: opened,
             groups,
             isolated: BTreeSet::new(),
+            appends_dropped: BTreeSet::new(),
+            reads: BTreeMap::new(),
             config,
         }
     }
@@ -97,6 +104,11 @@ impl LocalCluster {
                 continue;
             };
             for env in envs {
+                if self.appends_dropped.contains(&from)
+                    && env.msg.get_msg_type() == raft::eraftpb::MessageType::MsgAppend
+                {
+                    continue;
+                }
                 sent += 1;
                 node.driver.step(env).expect("step");
             }
@@ -134,6 +146,7 @@ impl LocalCluster {
                 let node = self.nodes.get_mut(&id).expect("running");
                 let round = node.driver.round().expect("round");
                 Self::apply(node, &round);
+                self.reads.entry(id).or_default().extend(&round.reads);
                 if !round.is_idle() {
                     quiet = false;
                     busy_rounds += 1;
@@ -252,13 +265,15 @@ pub mod loops {
 
     use raft::eraftpb::Entry;
     use tessera::multiraft::{
-        Applier, Driver, DriverConfig, Envelope, GroupStore, LoopConfig, Mailbox, NodeLoop,
-        Outbound, RequestError,
+        Applier, Driver, DriverConfig, DriverError, Envelope, GroupStore, LoopConfig, Mailbox,
+        NodeLoop, Outbound, RequestError,
     };
     use tessera::storage::{Engine, StorageConfig, StoreError};
     use tessera::ShardId;
 
     type Book<R> = Arc<RwLock<BTreeMap<u64, Mailbox<R>>>>;
+
+    type Answer<T> = tokio::sync::oneshot::Receiver<Result<T, RequestError>>;
 
     /// Delivers each frame to the destination's mailbox, if it runs.
     pub struct LocalOut<R>(Book<R>);
@@ -319,35 +334,33 @@ pub mod loops {
             hint.filter(|h| loops.contains_key(h)).unwrap_or(first)
         }
 
-        /// Proposes at any running node and follows `NotLeader` hints (and
-        /// waits out elections) until one acknowledges, within `deadline`.
-        pub async fn propose<R: Send + 'static>(
+        /// Sends with `send` to the hinted node, follows `NotLeader` hints
+        /// and waits out elections (trying the next node when none is
+        /// known) until a node answers, within `deadline`; returns the node
+        /// and its answer.
+        async fn ask<R, T>(
             &self,
             loops: &BTreeMap<u64, NodeLoop<R>>,
             shard: ShardId,
-            data: &[u8],
             deadline: Duration,
-        ) -> Result<(u64, R), String> {
+            send: impl Fn(&NodeLoop<R>) -> Result<Answer<T>, RequestError>,
+        ) -> Result<(u64, T), String> {
             let until = tokio::time::Instant::now() + deadline;
             let mut at = self.start_at(loops, shard);
             let mut last = String::new();
             while tokio::time::Instant::now() < until {
-                let Some(l) = loops.get(&at) else {
-                    at = *loops.keys().next().expect("a node runs");
-                    continue;
-                };
-                let reply = match l.mailbox().propose(shard, data.to_vec()) {
+                let reply = match send(&loops[&at]) {
                     Ok(rx) => tokio::time::timeout_at(until, rx).await,
                     Err(e) => Ok(Ok(Err(e))),
                 };
                 match reply {
                     Ok(Ok(Ok(done))) => {
                         self.0.lock().unwrap().insert(shard, at);
-                        return Ok(done);
+                        return Ok((at, done));
                     }
-                    Ok(Ok(Err(RequestError::Driver(
-                        tessera::multiraft::DriverError::NotLeader { leader, .. },
-                    )))) => {
+                    Ok(Ok(Err(RequestError::Driver(DriverError::NotLeader {
+                        leader, ..
+                    })))) => {
                         match leader.filter(|l| loops.contains_key(l)) {
                             Some(l) => at = l,
                             None => {
@@ -365,39 +378,35 @@ pub mod loops {
                     Err(_) => last = "deadline".into(),
                 }
             }
-            Err(format!("not acknowledged within {deadline:?}: {last}"))
+            Err(format!("no answer within {deadline:?}: {last}"))
         }
 
-        /// A linearizable read point of `shard`: asks the hinted leader (and
-        /// follows `NotLeader` hints) until one answers within `deadline`;
-        /// returns the node that answered and the index it applied.
+        /// Proposes `data` to `shard` until a leader acknowledges it applied.
+        pub async fn propose<R: Send + 'static>(
+            &self,
+            loops: &BTreeMap<u64, NodeLoop<R>>,
+            shard: ShardId,
+            data: &[u8],
+            deadline: Duration,
+        ) -> Result<(u64, R), String> {
+            let (_, done) = self
+                .ask(loops, shard, deadline, |l| {
+                    l.mailbox().propose(shard, data.to_vec())
+                })
+                .await?;
+            Ok(done)
+        }
+
+        /// A linearizable read point of `shard`: the node that answered
+        /// and the index it applied.
         pub async fn read_index<R: Send + 'static>(
             &self,
             loops: &BTreeMap<u64, NodeLoop<R>>,
             shard: ShardId,
             deadline: Duration,
         ) -> Result<(u64, u64), String> {
-            let until = tokio::time::Instant::now() + deadline;
-            let mut at = self.start_at(loops, shard);
-            while tokio::time::Instant::now() < until {
-                let l = &loops[&at];
-                let reply = match l.mailbox().read_index(shard) {
-                    Ok(rx) => tokio::time::timeout_at(until, rx).await,
-                    Err(e) => Ok(Ok(Err(e))),
-                };
-                match reply {
-                    Ok(Ok(Ok(index))) => return Ok((at, index)),
-                    Ok(Ok(Err(RequestError::Driver(
-                        tessera::multiraft::DriverError::NotLeader {
-                            leader: Some(l), ..
-                        },
-                    )))) if loops.contains_key(&l) => at = l,
-                    Ok(Ok(Err(e))) => return Err(e.to_string()),
-                    Ok(Err(_)) => return Err("reply dropped".into()),
-                    Err(_) => break,
-                }
-            }
-            Err(format!("no read point within {deadline:?}"))
+            self.ask(loops, shard, deadline, |l| l.mailbox().read_index(shard))
+                .await
         }
     }
 
@@ -455,9 +464,8 @@ pub mod loops {
             for id in 1..=nodes {
                 let dir = root.path().join(format!("n{id}"));
                 let engine = Engine::open(StorageConfig::new(&dir)).expect("open engine");
-                for g in 1..=groups {
-                    GroupStore::bootstrap(&engine, ShardId(g), &voters).expect("bootstrap");
-                }
+                let all: Vec<ShardId> = (1..=groups).map(ShardId).collect();
+                GroupStore::bootstrap_many(&engine, &all, &voters).expect("bootstrap");
                 dirs.insert(id, dir);
             }
             let mut c = LoopCluster {
@@ -677,9 +685,8 @@ pub mod quic {
             for id in 1..=nodes {
                 let dir = c._root.path().join(format!("n{id}"));
                 let engine = Engine::open(StorageConfig::new(&dir)).expect("open engine");
-                for g in 1..=groups {
-                    GroupStore::bootstrap(&engine, ShardId(g), &voters).expect("bootstrap");
-                }
+                let all: Vec<ShardId> = (1..=groups).map(ShardId).collect();
+                GroupStore::bootstrap_many(&engine, &all, &voters).expect("bootstrap");
                 let (applier, applied) = make(id, &engine);
                 let mut driver = Driver::new(engine.clone(), id, DriverConfig::default());
                 for g in 1..=groups {
