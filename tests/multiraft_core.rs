@@ -347,3 +347,32 @@ fn a_new_leader_confirms_read_points_only_after_committing_in_its_term() {
     assert_eq!(confirmed.len(), 1, "the read point is confirmed once");
     assert!(confirmed[0] >= 1, "it covers the leader's first entry");
 }
+
+#[test]
+fn a_ready_larger_than_the_memory_tail_stays_readable_until_written() {
+    use raft::eraftpb::Entry;
+    use raft::{GetEntriesContext, Storage};
+    use tessera::multiraft::{GroupStore, TAIL_ENTRIES};
+    let dir = tempfile::tempdir().unwrap();
+    let engine =
+        tessera::storage::Engine::open(tessera::storage::StorageConfig::new(dir.path())).unwrap();
+    let g = ShardId(1);
+    GroupStore::bootstrap(&engine, g, &[1, 2, 3]).unwrap();
+    let mut store = GroupStore::open(&engine, g).unwrap();
+    let n = TAIL_ENTRIES as u64 + 500;
+    let entries: Vec<Entry> = (1..=n)
+        .map(|i| Entry {
+            index: i,
+            term: 1,
+            data: i.to_be_bytes().to_vec().into(),
+            ..Default::default()
+        })
+        .collect();
+    let mut batch = rocksdb::WriteBatch::default();
+    store.stage(&entries, None, &mut batch);
+    // Not written yet: every staged entry is still served from memory.
+    let read = store
+        .entries(1, n + 1, None, GetEntriesContext::empty(false))
+        .expect("staged entries are readable before the write");
+    assert_eq!(read, entries);
+}

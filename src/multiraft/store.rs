@@ -179,7 +179,11 @@ impl GroupStore {
                 batch.put_cf(log, keys::log_key(self.shard, e.index), encode(e));
                 self.tail.push_back(e.clone());
             }
-            while self.tail.len() > TAIL_ENTRIES {
+            // Older entries leave the tail, never this ready's own: they are
+            // not in RocksDB until the caller writes the batch.
+            while self.tail.len() > TAIL_ENTRIES
+                && self.tail.front().is_some_and(|e| e.index < from)
+            {
                 self.tail.pop_front();
             }
             self.last = entries.last().map_or(self.last, |e| e.index);
