@@ -2,6 +2,7 @@
 //! peer goes out as one transport request (the reply is empty), and an
 //! inbound frame is checked and handed to the loop's mailbox.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -13,6 +14,7 @@ use crate::limits::FRAME_BYTES_MAX;
 use crate::net::coalesce::Urgency;
 use crate::net::{Answer, Inbound, Transport};
 use crate::{NodeId, ShardId};
+use tokio::sync::Semaphore;
 
 /// The shard id a frame travels under in the transport's request head (it
 /// carries many groups; each message names its own): `u64::MAX`, which no
@@ -31,7 +33,13 @@ pub struct QuicOutbound {
     runtime: tokio::runtime::Handle,
     deadline: Duration,
     counters: Arc<FrameCounters>,
+    /// Frames in flight per peer, bounded.
+    in_flight: HashMap<u64, Arc<Semaphore>>,
 }
+
+/// Frames in flight to one peer at most; beyond it a round's frame is
+/// dropped (Raft resends), so a slow peer cannot pile up tasks.
+pub const FRAMES_IN_FLIGHT_MAX: usize = 64;
 
 /// What a [`QuicOutbound`] sent.
 #[derive(Debug, Default)]
@@ -40,6 +48,8 @@ pub struct FrameCounters {
     pub frames: AtomicU64,
     /// Raft messages in them.
     pub messages: AtomicU64,
+    /// Frames dropped because [`FRAMES_IN_FLIGHT_MAX`] were in flight.
+    pub dropped: AtomicU64,
 }
 
 impl QuicOutbound {
@@ -50,6 +60,7 @@ impl QuicOutbound {
             runtime,
             deadline,
             counters: Arc::default(),
+            in_flight: HashMap::new(),
         }
     }
 
@@ -75,10 +86,19 @@ impl Outbound for QuicOutbound {
         self.counters
             .frames
             .fetch_add(frames.len() as u64, Ordering::Relaxed);
+        let permits = self
+            .in_flight
+            .entry(to)
+            .or_insert_with(|| Arc::new(Semaphore::new(FRAMES_IN_FLIGHT_MAX)));
         for bytes in frames {
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                self.counters.dropped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
             let t = self.transport.clone();
             let deadline = self.deadline;
             self.runtime.spawn(async move {
+                let _permit = permit;
                 if let Err(e) = t
                     .call(NodeId(to), FRAME_SHARD, bytes, Urgency::Urgent, deadline)
                     .await
