@@ -181,3 +181,37 @@ async fn a_read_point_asked_before_any_write_is_answered() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_its_quorum_answers_pending_proposals_as_unknown() {
+    let mut c = LoopCluster::start(3, 1, fast());
+    c.propose(ShardId(1), b"first", DEADLINE)
+        .await
+        .expect("a write");
+    let (leader, _) = c
+        .read_index(ShardId(1), DEADLINE)
+        .await
+        .expect("read point");
+    for id in 1..=3 {
+        if id != leader {
+            c.stop(id);
+        }
+    }
+    // Nothing can commit now. The leader steps down after an election
+    // timeout without its quorum (check-quorum) and answers at once.
+    let rx = c.loops[&leader]
+        .mailbox()
+        .propose(ShardId(1), b"second".to_vec())
+        .expect("queued");
+    let answer = tokio::time::timeout(DEADLINE, rx)
+        .await
+        .expect("answered before the deadline")
+        .expect("reply sent");
+    assert!(
+        matches!(
+            answer,
+            Err(tessera::multiraft::RequestError::Unknown { shard, .. }) if shard == ShardId(1)
+        ),
+        "{answer:?}"
+    );
+}

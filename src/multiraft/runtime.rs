@@ -105,6 +105,15 @@ pub enum RequestError {
         /// The mailbox's capacity.
         capacity: usize,
     },
+    /// The replica stopped leading with the proposal appended but not yet
+    /// committed: it may still commit under the new leader, or not.
+    #[error("{shard}: leadership changed with the proposal at index {index} pending; its outcome is unknown")]
+    Unknown {
+        /// The group.
+        shard: ShardId,
+        /// Where it had been appended.
+        index: u64,
+    },
     /// The loop has stopped (shut down, or its storage failed).
     #[error("the node's Raft loop has stopped")]
     Stopped,
@@ -380,6 +389,21 @@ impl<O: Outbound, A: Applier> State<O, A> {
             self.driver.applied(*shard, last.index)?;
         }
         self.reads.after_round(&self.driver, &round);
+        // A replica that stopped leading cannot tell whether its pending
+        // proposals will commit (a new leader may have them): they are
+        // answered now as of unknown outcome rather than at the caller's
+        // deadline; a client retries them with its session stamp.
+        for shard in &round.roles {
+            if self.driver.is_leader(*shard) {
+                continue;
+            }
+            for p in self.pending.remove(shard).into_iter().flatten() {
+                let _ = p.reply.send(Err(RequestError::Unknown {
+                    shard: *shard,
+                    index: p.at.index,
+                }));
+            }
+        }
         for (to, frame) in round.messages {
             self.outbound.send(to, frame);
         }
