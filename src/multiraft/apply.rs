@@ -6,8 +6,8 @@
 //! an entry without data is a new leader's blank. Each is handed to the
 //! state machine as an openraft entry at log id (term, node 0, index): the
 //! state machine records that as its applied position, and
-//! [`ShardApplier::applied_index`] reads the index back when the group is
-//! opened again.
+//! [`ShardApplier::add`] reads the index back when the group is opened
+//! again.
 
 use std::collections::HashMap;
 
@@ -34,18 +34,9 @@ impl ShardApplier {
     /// Takes `shard`'s state machine; returns the index it applied (what
     /// [`super::Driver::open_group`] takes, so nothing is applied twice).
     pub fn add(&mut self, shard: ShardId, machine: StateMachine) -> u64 {
-        let applied = Self::index_of(&machine);
+        let applied = machine.applied().map_or(0, |l| l.index);
         self.machines.insert(shard, machine);
         applied
-    }
-
-    /// The index `shard`'s state machine applied (0: nothing yet).
-    pub fn applied_index(&self, shard: ShardId) -> Option<u64> {
-        self.machines.get(&shard).map(Self::index_of)
-    }
-
-    fn index_of(machine: &StateMachine) -> u64 {
-        machine.applied().map_or(0, |l| l.index)
     }
 
     fn convert(shard: ShardId, e: &Entry) -> Result<crate::raft::Entry, StoreError> {

@@ -122,6 +122,16 @@ pub struct Round {
 }
 
 impl Round {
+    /// Adds `msgs` of `shard` to their destinations' batches.
+    fn route(&mut self, shard: ShardId, msgs: Vec<Message>) {
+        for msg in msgs {
+            self.messages
+                .entry(msg.to)
+                .or_default()
+                .push(Envelope { shard, msg });
+        }
+    }
+
     /// Whether the round did nothing at all.
     pub fn is_idle(&self) -> bool {
         self.readies == 0
@@ -208,6 +218,16 @@ impl Driver {
             .ok_or(DriverError::UnknownGroup { shard })
     }
 
+    /// `shard`'s group if this replica leads it.
+    fn led(&mut self, shard: ShardId) -> Result<&mut RawNode<GroupStore>, DriverError> {
+        let leader = self.leader(shard);
+        let node = self.group(shard)?;
+        if node.raft.state != StateRole::Leader {
+            return Err(DriverError::NotLeader { shard, leader });
+        }
+        Ok(node)
+    }
+
     /// Advances every group's clock by one tick.
     pub fn tick(&mut self) {
         for (shard, node) in &mut self.groups {
@@ -251,11 +271,7 @@ impl Driver {
     /// # Errors
     /// [`DriverError::NotLeader`] with the known leader otherwise.
     pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<Proposed, DriverError> {
-        let leader = self.leader(shard);
-        let node = self.group(shard)?;
-        if node.raft.state != StateRole::Leader {
-            return Err(DriverError::NotLeader { shard, leader });
-        }
+        let node = self.led(shard)?;
         node.propose(Vec::new(), data)
             .map_err(|source| DriverError::Raft { shard, source })?;
         let at = Proposed {
@@ -286,11 +302,7 @@ impl Driver {
     /// [`DriverError::NotReady`] when it leads but has not committed in its
     /// term yet ([`Driver::can_read`]).
     pub fn read_index(&mut self, shard: ShardId, ctx: u64) -> Result<(), DriverError> {
-        let leader = self.leader(shard);
-        let node = self.group(shard)?;
-        if node.raft.state != StateRole::Leader {
-            return Err(DriverError::NotLeader { shard, leader });
-        }
+        let node = self.led(shard)?;
         if !node.raft.commit_to_current_term() {
             return Err(DriverError::NotReady { shard });
         }
@@ -356,8 +368,7 @@ impl Driver {
         let mut batch = WriteBatch::default();
         let mut must_sync = false;
         let mut persisted = Vec::new();
-        let mut touched: Vec<ShardId> = self.touched.drain().collect();
-        touched.sort_unstable();
+        let touched: Vec<ShardId> = self.touched.drain().collect();
         for shard in touched {
             let Some(node) = self.groups.get_mut(&shard) else {
                 continue;
@@ -376,12 +387,7 @@ impl Driver {
                     out.reads.push((shard, u64::from_be_bytes(ctx), rs.index));
                 }
             }
-            for msg in rd.take_messages() {
-                out.messages
-                    .entry(msg.to)
-                    .or_default()
-                    .push(Envelope { shard, msg });
-            }
+            out.route(shard, rd.take_messages());
             assert!(
                 rd.snapshot().is_empty(),
                 "{shard}: raft-rs asked to install a snapshot, and logs are never compacted"
@@ -414,12 +420,7 @@ impl Driver {
         for (shard, number, after) in persisted {
             let node = self.groups.get_mut(&shard).expect("handled above");
             node.on_persist_ready(number);
-            for msg in after {
-                out.messages
-                    .entry(msg.to)
-                    .or_default()
-                    .push(Envelope { shard, msg });
-            }
+            out.route(shard, after);
             // Persisting may have committed entries or freed messages.
             self.touched.insert(shard);
         }
@@ -440,9 +441,10 @@ impl Driver {
         self.stats
     }
 
-    /// The groups open here.
-    pub fn groups(&self) -> impl Iterator<Item = ShardId> + '_ {
-        self.groups.keys().copied()
+    /// The index up to which `shard`'s state machine applied, as last
+    /// reported by [`Driver::applied`] (or given to [`Driver::open_group`]).
+    pub fn applied_index(&self, shard: ShardId) -> Option<u64> {
+        self.groups.get(&shard).map(|n| n.raft.raft_log.applied)
     }
 
     /// `shard`'s store (its log and hard state).

@@ -44,7 +44,7 @@ pub const FRAMES_IN_FLIGHT_MAX: usize = 64;
 /// What a [`QuicOutbound`] sent.
 #[derive(Debug, Default)]
 pub struct FrameCounters {
-    /// Frames (transport requests).
+    /// Frames made (each one transport request, or one of `dropped`).
     pub frames: AtomicU64,
     /// Raft messages in them.
     pub messages: AtomicU64,

@@ -167,13 +167,8 @@ impl<R> Mailbox<R> {
         data: Vec<u8>,
     ) -> Result<oneshot::Receiver<Proposal<R>>, RequestError> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Input::Propose { shard, data, reply }) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(RequestError::Busy {
-                capacity: self.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(RequestError::Stopped),
-        }
+        self.send(Input::Propose { shard, data, reply })?;
+        Ok(rx)
     }
 
     /// Asks for a linearizable read point of `shard`: the receiver gets an
@@ -189,13 +184,17 @@ impl<R> Mailbox<R> {
         shard: ShardId,
     ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Input::Read { shard, reply }) {
-            Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(RequestError::Busy {
+        self.send(Input::Read { shard, reply })?;
+        Ok(rx)
+    }
+
+    fn send(&self, input: Input<R>) -> Result<(), RequestError> {
+        self.tx.try_send(input).map_err(|e| match e {
+            TrySendError::Full(_) => RequestError::Busy {
                 capacity: self.capacity,
-            }),
-            Err(TrySendError::Disconnected(_)) => Err(RequestError::Stopped),
-        }
+            },
+            TrySendError::Disconnected(_) => RequestError::Stopped,
+        })
     }
 
     /// Hands a peer's frame to the loop; returns false when it was dropped
@@ -233,7 +232,6 @@ struct Reads {
     asked: HashMap<ShardId, Vec<Reply>>,
     confirming: HashMap<u64, (ShardId, Vec<Reply>)>,
     applying: HashMap<ShardId, Vec<(u64, Vec<Reply>)>>,
-    applied: HashMap<ShardId, u64>,
     next_ctx: u64,
 }
 
@@ -255,33 +253,35 @@ impl Reads {
                     self.confirming.insert(self.next_ctx, (shard, replies));
                 }
                 Err(e) => {
-                    let msg = e.to_string();
-                    let leader = driver.leader(shard);
+                    // One error per waiting read (`DriverError` is not
+                    // `Clone`: raft-rs's error inside it is not).
+                    let answer = || match &e {
+                        DriverError::NotLeader { shard, leader } => {
+                            RequestError::Driver(DriverError::NotLeader {
+                                shard: *shard,
+                                leader: *leader,
+                            })
+                        }
+                        DriverError::UnknownGroup { shard } => {
+                            RequestError::Driver(DriverError::UnknownGroup { shard: *shard })
+                        }
+                        other => RequestError::Unavailable {
+                            shard,
+                            reason: other.to_string(),
+                        },
+                    };
                     for r in replies {
-                        let _ = r.send(Err(match &e {
-                            DriverError::NotLeader { .. } => {
-                                RequestError::Driver(DriverError::NotLeader { shard, leader })
-                            }
-                            DriverError::UnknownGroup { .. } => {
-                                RequestError::Driver(DriverError::UnknownGroup { shard })
-                            }
-                            _ => RequestError::Unavailable {
-                                shard,
-                                reason: msg.clone(),
-                            },
-                        }));
+                        let _ = r.send(Err(answer()));
                     }
                 }
             }
         }
     }
 
-    /// Takes a round's confirmations, applies and role changes.
+    /// Takes a round's confirmations, and answers the confirmed reads whose
+    /// index the replica has applied (the round's applies are reported to
+    /// `driver` before this).
     fn after_round(&mut self, driver: &Driver, round: &super::driver::Round) {
-        for (shard, entries) in &round.committed {
-            let last = entries.last().expect("committed lists are not empty").index;
-            self.applied.insert(*shard, last);
-        }
         for (shard, ctx, index) in &round.reads {
             if let Some((s, replies)) = self.confirming.remove(ctx) {
                 debug_assert_eq!(s, *shard);
@@ -291,31 +291,8 @@ impl Reads {
                     .push((*index, replies));
             }
         }
-        // A replica that stopped leading cannot confirm what it asked for:
-        // those reads fail (nothing happened; the client retries at the
-        // leader). Confirmed ones stay valid and wait for the apply.
-        for shard in &round.roles {
-            if driver.is_leader(*shard) {
-                continue;
-            }
-            let lost: Vec<u64> = self
-                .confirming
-                .iter()
-                .filter(|(_, (s, _))| s == shard)
-                .map(|(c, _)| *c)
-                .collect();
-            for ctx in lost {
-                let (_, replies) = self.confirming.remove(&ctx).expect("listed");
-                for r in replies {
-                    let _ = r.send(Err(RequestError::Driver(DriverError::NotLeader {
-                        shard: *shard,
-                        leader: driver.leader(*shard),
-                    })));
-                }
-            }
-        }
         for (shard, waiting) in &mut self.applying {
-            let applied = self.applied.get(shard).copied().unwrap_or(0);
+            let applied = driver.applied_index(*shard).unwrap_or(0);
             waiting.retain_mut(|(index, replies)| {
                 if *index > applied {
                     return true;
@@ -327,6 +304,27 @@ impl Reads {
             });
         }
         self.applying.retain(|_, w| !w.is_empty());
+    }
+
+    /// `shard`'s replica stopped leading: it cannot confirm what it asked
+    /// for, so those reads fail (nothing happened; the client retries at the
+    /// leader). Confirmed ones stay valid and wait for the apply.
+    fn deposed(&mut self, shard: ShardId, leader: Option<u64>) {
+        let lost: Vec<u64> = self
+            .confirming
+            .iter()
+            .filter(|(_, (s, _))| *s == shard)
+            .map(|(c, _)| *c)
+            .collect();
+        for ctx in lost {
+            let (_, replies) = self.confirming.remove(&ctx).expect("listed");
+            for r in replies {
+                let _ = r.send(Err(RequestError::Driver(DriverError::NotLeader {
+                    shard,
+                    leader,
+                })));
+            }
+        }
     }
 
     fn fail_all(&mut self) {
@@ -389,14 +387,15 @@ impl<O: Outbound, A: Applier> State<O, A> {
             self.driver.applied(*shard, last.index)?;
         }
         self.reads.after_round(&self.driver, &round);
-        // A replica that stopped leading cannot tell whether its pending
-        // proposals will commit (a new leader may have them): they are
-        // answered now as of unknown outcome rather than at the caller's
-        // deadline; a client retries them with its session stamp.
         for shard in &round.roles {
             if self.driver.is_leader(*shard) {
                 continue;
             }
+            self.reads.deposed(*shard, self.driver.leader(*shard));
+            // It cannot tell whether its pending proposals will commit (a new
+            // leader may have them): they are answered now as of unknown
+            // outcome rather than at the caller's deadline; a client retries
+            // them with its session stamp.
             for p in self.pending.remove(shard).into_iter().flatten() {
                 let _ = p.reply.send(Err(RequestError::Unknown {
                     shard: *shard,
@@ -499,24 +498,26 @@ impl<R: Send + 'static> NodeLoop<R> {
     /// # Errors
     /// The storage error that stopped the loop.
     pub fn stop(mut self) -> Result<DriverStats, DriverError> {
-        self.stop.store(true, Ordering::Release);
-        // Wake it if it is waiting for input (a full mailbox wakes it anyway).
-        let _ = self.mailbox.tx.try_send(Input::Frame(Vec::new()));
-        self.thread
-            .take()
+        self.halt()
             .expect("joined once")
-            .join()
             .expect("raft loop panicked")
+    }
+}
+
+impl<R> NodeLoop<R> {
+    /// Tells the thread to stop, wakes it if it waits for input (a full
+    /// mailbox wakes it anyway), and joins it; `None` once joined.
+    fn halt(&mut self) -> Option<std::thread::Result<Result<DriverStats, DriverError>>> {
+        let t = self.thread.take()?;
+        self.stop.store(true, Ordering::Release);
+        let _ = self.mailbox.tx.try_send(Input::Frame(Vec::new()));
+        Some(t.join())
     }
 }
 
 impl<R> Drop for NodeLoop<R> {
     fn drop(&mut self) {
-        if let Some(t) = self.thread.take() {
-            self.stop.store(true, Ordering::Release);
-            let _ = self.mailbox.tx.try_send(Input::Frame(Vec::new()));
-            let _ = t.join();
-        }
+        let _ = self.halt();
     }
 }
 

@@ -113,17 +113,7 @@ impl GroupStore {
             Some(b) => decode(&format!("hard state of {shard}"), &b)?,
             None => HardState::default(),
         };
-        let log = engine.cf(crate::storage::Cf::RaftLog);
-        let mut it = db.raw_iterator_cf(log);
-        it.seek_for_prev(keys::log_key(shard, u64::MAX));
-        let last = match it.key() {
-            Some(k) if k.len() == 16 && k[..8] == shard.0.to_be_bytes() => {
-                keys::log_key_index(shard, k)
-            }
-            _ => 0,
-        };
-        it.status()
-            .map_err(|e| StoreError::rocks("seek last entry", e))?;
+        let last = engine.last_log_index(shard)?.unwrap_or(0);
         Ok(GroupStore {
             engine: engine.clone(),
             shard,
@@ -132,11 +122,6 @@ impl GroupStore {
             last,
             tail: VecDeque::new(),
         })
-    }
-
-    /// The shard this group replicates.
-    pub fn shard(&self) -> ShardId {
-        self.shard
     }
 
     /// The last index in the log (0 when empty).

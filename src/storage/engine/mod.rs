@@ -898,6 +898,24 @@ impl Engine {
 
     /// The last log entry of `shard`, if its log is not empty.
     pub(crate) fn last_log_entry(&self, shard: ShardId) -> Result<Option<Entry>, StoreError> {
+        self.last_log_record(shard, |_, v| {
+            decode(v, || format!("last log entry of {shard}"))
+        })?
+        .transpose()
+    }
+
+    /// The index of `shard`'s last log record, whatever its encoding (the
+    /// raft-rs groups of `crate::multiraft` store theirs as protobuf).
+    pub(crate) fn last_log_index(&self, shard: ShardId) -> Result<Option<u64>, StoreError> {
+        self.last_log_record(shard, |k, _| keys::log_key_index(shard, k))
+    }
+
+    /// `read` of the key and value of `shard`'s last log record, if any.
+    fn last_log_record<T>(
+        &self,
+        shard: ShardId,
+        read: impl FnOnce(&[u8], &[u8]) -> T,
+    ) -> Result<Option<T>, StoreError> {
         let mut ro = rocksdb::ReadOptions::default();
         ro.set_iterate_lower_bound(keys::log_key(shard, 0).to_vec());
         let mut it = self
@@ -910,8 +928,11 @@ impl Engine {
                 .map_err(|e| StoreError::rocks("seek last log", e))?;
             return Ok(None);
         }
-        let v = it.value().expect("valid iterator has a value");
-        decode(v, || format!("last log entry of {shard}")).map(Some)
+        let (k, v) = (it.key(), it.value());
+        Ok(Some(read(
+            k.expect("valid iterator has a key"),
+            v.expect("valid iterator has a value"),
+        )))
     }
 }
 
