@@ -207,16 +207,10 @@ fn create_dev_cluster(dir: &Path, nodes: u64, shards: u64) -> Result<()> {
     write_pem(&certs.join("admin.pem"), &admin.cert_pem, false)?;
     write_pem(&certs.join("admin-key.pem"), &admin.key_pem, true)?;
     let ids: Vec<NodeId> = (1..=nodes).map(NodeId).collect();
-    // Hold every socket until all are chosen so no two nodes get one port.
-    let mut addrs = Vec::new();
-    let mut held = Vec::new();
-    for _ in &ids {
-        let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
-        let t = std::net::TcpListener::bind("127.0.0.1:0")?;
-        addrs.push((u.local_addr()?, t.local_addr()?));
-        held.push((u, t));
-    }
-    drop(held);
+    // Ports below the ephemeral range: no client socket can take one while
+    // a node is down (tessera::net::ports).
+    let free = tessera::net::ports::free_loopback_addrs(2 * ids.len())?;
+    let addrs: Vec<_> = free.chunks(2).map(|p| (p[0], p[1])).collect();
     for (i, id) in ids.iter().enumerate() {
         let peers = ids
             .iter()
@@ -314,10 +308,8 @@ fn add_node(dir: &Path) -> Result<()> {
         .with_context(|| format!("read {}", certs.join("ca-key.pem").display()))?;
     let ca = ClusterCa::from_key_pem("dev", &key)?;
     let id = NodeId(cluster.nodes.iter().map(|n| n.id.0).max().unwrap_or(0) + 1);
-    let u = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let t = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let (addr, metrics) = (u.local_addr()?, t.local_addr()?);
-    drop((u, t));
+    let free = tessera::net::ports::free_loopback_addrs(2)?;
+    let (addr, metrics) = (free[0], free[1]);
     let peers = cluster
         .nodes
         .iter()

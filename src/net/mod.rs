@@ -12,6 +12,7 @@
 //! - [`snapshot`]: snapshot streams, sent in paced chunks, received into a
 //!   file.
 //! - [`config`]: settings and peer addresses.
+//! - [`ports`]: free loopback ports for clusters on one machine.
 //! - [`coalesce`]: the pure batching rule (which messages share a frame).
 //! - [`proto`]: Hello, batch framing and message heads on the streams.
 //! - [`fault`]: the test fault layer (blocked links, message loss).
@@ -21,6 +22,7 @@ pub mod coalesce;
 pub mod config;
 pub mod fault;
 pub mod link;
+pub mod ports;
 pub mod proto;
 pub mod snapshot;
 pub mod transport;

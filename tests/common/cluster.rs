@@ -134,10 +134,7 @@ pub struct TestCluster {
 }
 
 fn pick_addr() -> std::net::SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .expect("bind a UDP port")
-        .local_addr()
-        .expect("local addr")
+    tessera::net::ports::free_loopback_addrs(1).expect("a free loopback port")[0]
 }
 
 impl TestCluster {

@@ -127,12 +127,11 @@ pub fn start_on_loopback(nodes: &[(NodeId, SocketAddr)], configs: Vec<PathBuf>) 
 
 /// Free loopback addresses for `n` nodes (ids 1..=n).
 pub fn loopback_nodes(n: u64) -> Vec<(NodeId, SocketAddr)> {
-    let held: Vec<std::net::UdpSocket> = (0..n)
-        .map(|_| std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
-        .collect();
-    held.iter()
+    tessera::net::ports::free_loopback_addrs(n as usize)
+        .expect("free loopback ports")
+        .into_iter()
         .enumerate()
-        .map(|(i, s)| (NodeId(i as u64 + 1), s.local_addr().unwrap()))
+        .map(|(i, a)| (NodeId(i as u64 + 1), a))
         .collect()
 }
 
