@@ -100,6 +100,14 @@ enum Cmd {
         /// `raft.commit_linger_ms`, default 50; 0 sends it at once).
         #[arg(long)]
         commit_linger_ms: Option<u64>,
+        /// Run the data shards on the batch system: one Raft loop per node
+        /// steps every shard together (one synced write per round for all
+        /// of them, one frame per peer). First start only: a folder keeps
+        /// the system its shards were created on. These shards cannot
+        /// split, merge, move or transfer leadership yet (sets
+        /// `raft.batch_data_shards`).
+        #[arg(long)]
+        batch_data_shards: bool,
     },
     /// Prepare a new node for a `tessera dev` folder: a certificate from the
     /// folder's CA, `DIR/node-N/node.toml` pointing at the existing nodes
@@ -150,6 +158,7 @@ fn main() -> Result<()> {
             dormant_after_ms,
             group_commit_linger_us,
             commit_linger_ms,
+            batch_data_shards,
         } => rt.block_on(dev(
             data_dir,
             nodes,
@@ -159,6 +168,7 @@ fn main() -> Result<()> {
                 dormant_after_ms,
                 group_commit_linger_us,
                 commit_linger_ms,
+                batch_data_shards,
             },
         )),
         Cmd::Inspect { data_dir } => inspect(data_dir),
@@ -340,6 +350,7 @@ struct DevOverrides {
     dormant_after_ms: Option<u64>,
     group_commit_linger_us: Option<u64>,
     commit_linger_ms: Option<u64>,
+    batch_data_shards: bool,
 }
 
 async fn dev(data_dir: PathBuf, nodes: u64, shards: u64, over: DevOverrides) -> Result<()> {
@@ -376,6 +387,7 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64, over: DevOverrides) -> 
         if let Some(l) = over.commit_linger_ms {
             cfg.raft.commit_linger_ms = l;
         }
+        cfg.raft.batch_data_shards |= over.batch_data_shards;
         cfg.validate()?;
         let identity = TlsIdentity::load(&cfg.tls)?;
         let id = n.id;
@@ -417,6 +429,10 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64, over: DevOverrides) -> 
             count_check(&mut checks, &mut leaders).await?;
         }
         let nodes = nodes.clone();
+        if running.values().any(|n| n.is_batch_shard(shard)) {
+            checks.spawn(async move { on_batch_leader(&nodes, shard, deadline).await });
+            continue;
+        }
         checks.spawn(async move {
             on_leader(&nodes, shard, deadline, |_, raft| async move {
                 raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
@@ -491,6 +507,22 @@ fn inspect(data_dir: PathBuf) -> Result<()> {
     );
     let fmt = |l: Option<tessera::raft::LogId>| l.map_or("-".to_string(), |l| l.index.to_string());
     for d in engine.shards()? {
+        if tessera::multiraft::GroupStore::exists(&engine, d.id)? {
+            // A batch-system shard: raft-rs's hard state and log.
+            let g = tessera::multiraft::GroupStore::open(&engine, d.id)?;
+            let (_, machine) = engine.open_shard(d.id)?;
+            println!(
+                "{:<8} {:<28} {:<8} {:<10} {:<10} {:<10} {:<10}",
+                d.id.to_string(),
+                d.range.to_string(),
+                format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
+                format!("t{} batch", g.hard_state().term),
+                g.last(),
+                "-",
+                fmt(machine.applied()),
+            );
+            continue;
+        }
         let st = engine.shard_state(d.id)?;
         println!(
             "{:<8} {:<28} {:<8} {:<10} {:<10} {:<10} {:<10}",
@@ -553,6 +585,30 @@ where
                 Ok(Ok(v)) => return Ok((found.id(), v)),
                 Ok(Err(e)) => tracing::debug!(%shard, error = %e, "start-up check retried"),
                 Err(_) => tracing::debug!(%shard, "start-up check timed out; retrying"),
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{shard} has no working leader after 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// [`on_leader`]'s check for a shard on the batch system: its leader
+/// proves a linearizable read point and a replicated no-op write.
+async fn on_batch_leader(
+    running: &BTreeMap<NodeId, Arc<Node>>,
+    shard: ShardId,
+    deadline: Instant,
+) -> Result<(NodeId, ())> {
+    loop {
+        for node in running.values() {
+            if node.batch_leader(shard) != Some(node.id()) {
+                continue;
+            }
+            match node.probe_batch_shard(shard).await {
+                Ok(()) => return Ok((node.id(), ())),
+                Err(e) => tracing::debug!(%shard, error = %e, "start-up check retried"),
             }
         }
         if Instant::now() > deadline {

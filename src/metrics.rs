@@ -90,6 +90,11 @@ pub struct MetricsSnapshot {
     pub wakes: Vec<(&'static str, u64)>,
     /// Elections seen: term increases of hosted groups.
     pub elections: u64,
+    /// Frames the batch system's Raft loop sent to peers (each one
+    /// transport request carrying many groups' messages).
+    pub batch_frames: u64,
+    /// Raft messages in those frames.
+    pub batch_messages: u64,
 }
 
 impl NetMetrics {
@@ -125,7 +130,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 25] = [
+        let rows: [(&str, &str, &str, u64); 27] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -149,6 +154,18 @@ impl MetricsSnapshot {
                 "counter",
                 "Batch frames sent to peers; messages per frame = messages / frames",
                 self.frames_sent,
+            ),
+            (
+                "tessera_batch_frames_total",
+                "counter",
+                "Frames the batch system's Raft loop sent to peers (one transport request each)",
+                self.batch_frames,
+            ),
+            (
+                "tessera_batch_messages_total",
+                "counter",
+                "Raft messages in the batch system's frames; per frame = messages / frames",
+                self.batch_messages,
             ),
             (
                 "tessera_raft_messages_received_total",

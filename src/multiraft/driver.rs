@@ -138,6 +138,19 @@ impl Round {
     }
 }
 
+/// One replica as the node sees it from outside the loop.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GroupView {
+    /// The leader this replica knows of.
+    pub leader: Option<u64>,
+    /// Whether this replica leads.
+    pub leading: bool,
+    /// Its current term.
+    pub term: u64,
+    /// The index its state machine applied.
+    pub applied: u64,
+}
+
 /// Counters over the driver's life.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DriverStats {
@@ -445,6 +458,23 @@ impl Driver {
     /// reported by [`Driver::applied`] (or given to [`Driver::open_group`]).
     pub fn applied_index(&self, shard: ShardId) -> Option<u64> {
         self.groups.get(&shard).map(|n| n.raft.raft_log.applied)
+    }
+
+    /// What the node's request path and status need of `shard`'s replica.
+    pub fn view(&self, shard: ShardId) -> Option<GroupView> {
+        let node = self.groups.get(&shard)?;
+        let lead = node.raft.leader_id;
+        Some(GroupView {
+            leader: (lead != raft::INVALID_ID).then_some(lead),
+            leading: node.raft.state == StateRole::Leader,
+            term: node.raft.term,
+            applied: node.raft.raft_log.applied,
+        })
+    }
+
+    /// The open groups, in no order.
+    pub fn shards(&self) -> impl Iterator<Item = ShardId> + '_ {
+        self.groups.keys().copied()
     }
 
     /// `shard`'s store (its log and hard state).

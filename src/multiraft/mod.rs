@@ -31,8 +31,12 @@ mod store;
 pub mod wire;
 
 pub use apply::{encode_command, ShardApplier};
-pub use driver::{Driver, DriverConfig, DriverError, DriverStats, Envelope, Proposed, Round};
-pub use runtime::{Applier, LoopConfig, Mailbox, NodeLoop, Outbound, Proposal, RequestError};
+pub use driver::{
+    Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupView, Proposed, Round,
+};
+pub use runtime::{
+    Applier, LoopConfig, LoopView, Mailbox, NodeLoop, Outbound, Proposal, RequestError,
+};
 pub use store::{GroupStore, TAIL_ENTRIES};
 
 /// raft-rs logs through `slog`; this drain hands its records to `tracing`

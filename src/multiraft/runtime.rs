@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use raft::eraftpb::Entry;
 use tokio::sync::oneshot;
 
-use super::driver::{Driver, DriverError, DriverStats, Envelope, Proposed};
+use super::driver::{Driver, DriverError, DriverStats, Envelope, GroupView, Proposed};
 use crate::storage::StoreError;
 use crate::ShardId;
 
@@ -204,9 +204,44 @@ impl<R> Mailbox<R> {
     }
 }
 
+/// What a loop publishes after each round, for readers on other threads
+/// (the request path's leadership check, status, metrics): each group's
+/// leader, term and applied index, and the driver's counters.
+#[derive(Debug, Default)]
+pub struct LoopView {
+    groups: dashmap::DashMap<ShardId, GroupView>,
+    stats: std::sync::Mutex<DriverStats>,
+}
+
+impl LoopView {
+    /// `shard`'s replica as of the last round (`None`: not open here).
+    pub fn group(&self, shard: ShardId) -> Option<GroupView> {
+        self.groups.get(&shard).map(|g| *g)
+    }
+
+    /// The groups open here, in id order.
+    pub fn shards(&self) -> Vec<ShardId> {
+        let mut ids: Vec<ShardId> = self.groups.iter().map(|e| *e.key()).collect();
+        ids.sort();
+        ids
+    }
+
+    /// The driver's counters as of the last round.
+    pub fn stats(&self) -> DriverStats {
+        *self.stats.lock().expect("loop stats poisoned")
+    }
+
+    fn publish(&self, driver: &Driver, shard: ShardId) {
+        if let Some(v) = driver.view(shard) {
+            self.groups.insert(shard, v);
+        }
+    }
+}
+
 /// A running loop: its thread and its mailbox.
 pub struct NodeLoop<R> {
     mailbox: Mailbox<R>,
+    view: Arc<LoopView>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<Result<DriverStats, DriverError>>>,
 }
@@ -222,6 +257,7 @@ struct State<O, A: Applier> {
     applier: A,
     pending: HashMap<ShardId, VecDeque<Pending<A::Response>>>,
     reads: Reads,
+    view: Arc<LoopView>,
 }
 
 /// Reads in their three stages: asked this pass (one read index per group
@@ -403,6 +439,16 @@ impl<O: Outbound, A: Applier> State<O, A> {
                 }));
             }
         }
+        for shard in round
+            .roles
+            .iter()
+            .chain(round.committed.iter().map(|(s, _)| s))
+        {
+            self.view.publish(&self.driver, *shard);
+        }
+        if !round.is_idle() {
+            *self.view.stats.lock().expect("loop stats poisoned") = self.driver.stats();
+        }
         for (to, frame) in round.messages {
             self.outbound.send(to, frame);
         }
@@ -465,12 +511,17 @@ impl<R: Send + 'static> NodeLoop<R> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let name = format!("tessera-raft-{}", driver.id());
+        let view = Arc::new(LoopView::default());
+        for shard in driver.shards() {
+            view.publish(&driver, shard);
+        }
         let mut state = State {
             driver,
             outbound,
             applier,
             pending: HashMap::new(),
             reads: Reads::default(),
+            view: view.clone(),
         };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let r = run(&mut state, &rx, &stop2, &config);
@@ -482,6 +533,7 @@ impl<R: Send + 'static> NodeLoop<R> {
         })?;
         Ok(NodeLoop {
             mailbox: Mailbox { tx, capacity },
+            view,
             stop,
             thread: Some(thread),
         })
@@ -490,6 +542,11 @@ impl<R: Send + 'static> NodeLoop<R> {
     /// A handle to propose and deliver frames.
     pub fn mailbox(&self) -> Mailbox<R> {
         self.mailbox.clone()
+    }
+
+    /// What the loop publishes of its groups.
+    pub fn view(&self) -> Arc<LoopView> {
+        self.view.clone()
     }
 
     /// Stops the loop (pending proposals get [`RequestError::Stopped`]) and

@@ -78,19 +78,27 @@ impl GroupStore {
         let (conf, hard) = (encode(&conf), encode(&HardState::default()));
         let mut b = WriteBatch::default();
         for &shard in shards {
-            let key = keys::state_key(shard, StateTag::RaftConf);
-            if engine
-                .db()
-                .get_pinned_cf(cf, key)
-                .map_err(|e| StoreError::rocks("read conf state", e))?
-                .is_some()
-            {
+            if Self::exists(engine, shard)? {
                 return Err(StoreError::ShardExists { shard });
             }
-            b.put_cf(cf, key, &conf);
+            b.put_cf(cf, keys::state_key(shard, StateTag::RaftConf), &conf);
             b.put_cf(cf, keys::state_key(shard, StateTag::RaftHard), &hard);
         }
         engine.write_synced(b, "bootstrap groups")
+    }
+
+    /// Whether `shard` has batch-system Raft state here (it was bootstrapped
+    /// with [`GroupStore::bootstrap`]; a shard without it runs on openraft).
+    ///
+    /// # Errors
+    /// The RocksDB error.
+    pub fn exists(engine: &Engine, shard: ShardId) -> Result<bool, StoreError> {
+        let cf = engine.cf(crate::storage::Cf::RaftState);
+        Ok(engine
+            .db()
+            .get_pinned_cf(cf, keys::state_key(shard, StateTag::RaftConf))
+            .map_err(|e| StoreError::rocks("read conf state", e))?
+            .is_some())
     }
 
     /// Opens a group from what is stored.

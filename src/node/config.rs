@@ -136,6 +136,16 @@ pub struct RaftTimings {
     /// much later). 0 sends each at once. At most half of
     /// `heartbeat_interval_ms` is used. Default: 50.
     pub commit_linger_ms: u64,
+    /// Bootstrap the data shards on the batch system
+    /// ([`crate::multiraft`]: every data shard of the node stepped by one
+    /// Raft loop, one synced write per round for all of them, one frame per
+    /// peer) instead of openraft (one set of tasks per shard). The meta
+    /// shard stays on openraft. Decided at bootstrap and recorded with each
+    /// shard: a node opens the shards it finds on the system they were
+    /// created on, whatever this says later. These shards cannot split,
+    /// merge, move or transfer leadership yet (refused with an error), and
+    /// their logs are not compacted. Default: false.
+    pub batch_data_shards: bool,
 }
 
 impl Default for RaftTimings {
@@ -153,6 +163,7 @@ impl Default for RaftTimings {
             quiesce_after_ms: 10_000,
             dormant_after_ms: 30_000,
             commit_linger_ms: 50,
+            batch_data_shards: false,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! and closes RocksDB.
 
 mod admin;
+mod batch;
 mod config;
 
 pub(crate) mod load;
@@ -332,13 +333,49 @@ impl Node {
             gc_wake: Arc::new(tokio::sync::Notify::new()),
             no_campaign: dashmap::DashSet::new(),
         };
+        // A fresh node bootstrapping its data shards on the batch system
+        // creates them before it opens what it hosts (the rest of the
+        // bootstrap, below, needs the groups running).
+        let marker = node.config.data_dir.join("bootstrapped");
+        let batch_boot: Vec<ShardDescriptor> = match &node.config.bootstrap {
+            Some(b) if node.config.raft.batch_data_shards && !marker.exists() => {
+                initial_shards(b.shards, &b.members)
+                    .into_iter()
+                    .filter(|d| d.replicas.contains(&id))
+                    .collect()
+            }
+            _ => Vec::new(),
+        };
+        batch::BatchShards::create(&node.engine, &batch_boot).await?;
         let hosted = node.engine.shards()?;
+        let mut on_batch = Vec::new();
         for d in &hosted {
+            if d.id != meta::META_SHARD && crate::multiraft::GroupStore::exists(&node.engine, d.id)?
+            {
+                on_batch.push(d.id);
+                continue;
+            }
             // One replica that cannot open (a corrupt snapshot file, say)
             // must not keep every other shard of the node down.
             if let Err(e) = node.start_group(d.id).await {
                 tracing::error!(node = %id, shard = %d.id, error = %e, "replica not started");
             }
+        }
+        if !on_batch.is_empty() {
+            let campaign: Vec<ShardId> = batch_boot
+                .iter()
+                .filter(|d| d.leader_hint == Some(id))
+                .map(|d| d.id)
+                .collect();
+            let b = batch::BatchShards::start(
+                &node.engine,
+                id,
+                &on_batch,
+                &campaign,
+                node.transport.clone(),
+                &node.config.raft,
+            )?;
+            let _ = node.registry.batch.set(Arc::new(b));
         }
         tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
         let node = Arc::new(node);
@@ -382,7 +419,6 @@ impl Node {
         }
         // Bootstrap until it has completed once (a crash halfway through
         // resumes it: creating and initialising are both idempotent).
-        let marker = node.config.data_dir.join("bootstrapped");
         if let Some(b) = node.config.bootstrap.clone() {
             if !marker.exists() {
                 let meta = meta::meta_descriptor(&b.members);
@@ -394,7 +430,8 @@ impl Node {
                 // took a sync apiece, one after the other).
                 let mut creating = tokio::task::JoinSet::new();
                 for d in initial_shards(b.shards, &b.members) {
-                    if !d.replicas.contains(&id) {
+                    // Batch-system shards were created above.
+                    if !d.replicas.contains(&id) || node.config.raft.batch_data_shards {
                         continue;
                     }
                     if creating.len() >= BOOTSTRAP_CREATES_IN_FLIGHT {
@@ -759,7 +796,42 @@ impl Node {
     /// Hosted data shards in id order (the meta shard, if hosted, is
     /// [`meta::META_SHARD`]).
     pub fn shard_ids(&self) -> Vec<ShardId> {
-        self.registry.shard_ids()
+        let mut ids = self.registry.shard_ids();
+        ids.extend(self.registry.batch_shard_ids());
+        ids.sort();
+        ids
+    }
+
+    /// Whether `shard` runs here on the batch system
+    /// ([`crate::multiraft`]) rather than on openraft.
+    pub fn is_batch_shard(&self, shard: ShardId) -> bool {
+        self.registry.batch_for(shard).is_some()
+    }
+
+    /// The leader this node's replica of batch-system shard `shard` knows
+    /// of (`None`: not hosted here on the batch system, or no leader known).
+    pub fn batch_leader(&self, shard: ShardId) -> Option<NodeId> {
+        let g = self.registry.batch_group(shard)?;
+        g.leading.then_some(self.id).or(g.leader.map(NodeId))
+    }
+
+    /// Proves batch-system shard `shard` serves from this node: a
+    /// linearizable read point, then a replicated no-op write.
+    ///
+    /// # Errors
+    /// The refusal (not the leader, no quorum, not hosted here).
+    pub async fn probe_batch_shard(&self, shard: ShardId) -> Result<(), crate::api::ApiError> {
+        let b = self
+            .registry
+            .batch_for(shard)
+            .ok_or(crate::api::ApiError::UnknownShard { shard })?;
+        b.read_barrier(shard).await?;
+        match b.propose(shard, &crate::command::Command::Noop).await? {
+            (_, crate::command::CommandResponse::Empty) => Ok(()),
+            (_, other) => Err(crate::api::ApiError::Internal(format!(
+                "a no-op was answered {other:?}"
+            ))),
+        }
     }
 
     /// The route table in this node's replica of the meta shard (`None`
@@ -800,6 +872,22 @@ impl Node {
         s.shards_hosted = self.registry.shard_ids().len() as u64;
         s.meta_leader = self.registry.leads_hosted(meta::META_SHARD) as u64;
         s.shards_led = self.shards_led().len() as u64;
+        if let Some(b) = self.registry.batch.get() {
+            // One synced write per round for all the loop's groups: its
+            // syncs and appends add to the group commit's.
+            let (d, frames) = b.stats();
+            s.syncs += d.syncs;
+            s.log_appends += d.appends;
+            s.log_entries += d.entries;
+            let ids = b.shards();
+            s.shards_hosted += ids.len() as u64;
+            s.shards_led += ids
+                .iter()
+                .filter(|&&id| b.group(id).is_some_and(|g| g.leading))
+                .count() as u64;
+            s.batch_frames = frames.frames.load(std::sync::atomic::Ordering::Relaxed);
+            s.batch_messages = frames.messages.load(std::sync::atomic::Ordering::Relaxed);
+        }
         s.replicas_destroyed = self
             .gc_counters
             .destroyed
@@ -838,6 +926,10 @@ impl Node {
             t.abort();
         }
         self.transport.shutdown();
+        if let Some(b) = self.registry.batch.get().cloned() {
+            // Joins the loop's thread (it finishes its round's write).
+            let _ = tokio::task::spawn_blocking(move || b.stop()).await;
+        }
         if let Some(t) = self
             .metrics_task
             .lock()

@@ -25,6 +25,9 @@ pub struct Registry {
     pub(crate) quiesce: super::quiesce::Quiescence,
     /// Per-shard reads, writes and written bytes per second.
     pub(crate) load: super::load::LoadTracker,
+    /// The shards that run on the batch system (set once at start, after
+    /// the transport it sends through).
+    pub(super) batch: std::sync::OnceLock<Arc<super::batch::BatchShards>>,
 }
 
 /// A hosted replica's group.
@@ -45,7 +48,8 @@ pub(crate) enum Slot {
 pub(crate) struct ReplicaView {
     pub leader: Option<NodeId>,
     pub term: u64,
-    pub applied: Option<crate::raft::LogId>,
+    /// The index its state machine applied (0: nothing yet).
+    pub applied: u64,
 }
 
 impl Registry {
@@ -102,6 +106,7 @@ impl Registry {
             response_bytes_max,
             quiesce: super::quiesce::Quiescence::new(quiesce),
             load: super::load::LoadTracker::new(sample_keys),
+            batch: std::sync::OnceLock::new(),
         }
     }
 
@@ -138,6 +143,21 @@ impl Registry {
             Some(Slot::Live(r)) => Some(r.clone()),
             _ => None,
         }
+    }
+
+    /// The batch system, when `shard` runs on it here.
+    pub(super) fn batch_for(&self, shard: ShardId) -> Option<&Arc<super::batch::BatchShards>> {
+        self.batch.get().filter(|b| b.hosts(shard))
+    }
+
+    /// `shard`'s replica on the batch system, when it runs there here.
+    pub(super) fn batch_group(&self, shard: ShardId) -> Option<crate::multiraft::GroupView> {
+        self.batch.get()?.group(shard)
+    }
+
+    /// The data shards that run here on the batch system, in id order.
+    pub(super) fn batch_shard_ids(&self) -> Vec<ShardId> {
+        self.batch.get().map(|b| b.shards()).unwrap_or_default()
     }
 
     /// Whether this node hosts a replica of `shard` (running or dormant).
@@ -180,6 +200,13 @@ impl Registry {
     /// What status and routing need of a replica: from
     /// its metrics, or from what a dormant replica fell asleep under.
     pub(super) fn view(&self, shard: ShardId) -> Option<ReplicaView> {
+        if let Some(g) = self.batch_group(shard) {
+            return Some(ReplicaView {
+                leader: g.leader.map(NodeId),
+                term: g.term,
+                applied: g.applied,
+            });
+        }
         match self.groups.get(&shard).as_deref()? {
             Slot::Live(r) => {
                 let m = r.metrics();
@@ -187,7 +214,7 @@ impl Registry {
                 Some(ReplicaView {
                     leader: m.current_leader,
                     term: m.current_term,
-                    applied: m.last_applied,
+                    applied: m.last_applied.map_or(0, |l| l.index),
                 })
             }
             Slot::Dormant(_) => {
@@ -195,7 +222,7 @@ impl Registry {
                 Some(ReplicaView {
                     leader: (s.vote.leader_id.term > 0).then(|| s.leader()),
                     term: s.vote.leader_id.term,
-                    applied: s.last,
+                    applied: s.last.map_or(0, |l| l.index),
                 })
             }
         }
@@ -415,6 +442,14 @@ pub(super) struct NodeInbound(pub(super) Arc<Registry>);
 
 impl Inbound for NodeInbound {
     fn request(&self, from: NodeId, shard: ShardId, body: Vec<u8>) -> Answer {
+        if shard == crate::multiraft::quic::FRAME_SHARD {
+            // A batch-system frame (many groups); dropped until the loop
+            // runs, as Raft tolerates.
+            return match self.0.batch.get() {
+                Some(b) => b.inbound().request(from, shard, body),
+                None => Box::pin(async { Vec::new() }),
+            };
+        }
         let registry = self.0.clone();
         Box::pin(async move {
             let resp = match postcard::from_bytes::<PeerRequest>(&body) {

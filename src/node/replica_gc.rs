@@ -140,7 +140,7 @@ pub(crate) async fn run(
                 let descriptor = n.engine.descriptor(s).ok()?;
                 // A dormant replica is hosted too (its view is what it
                 // fell asleep at): leaving it out would have it "repaired".
-                let applied = n.registry.view(s)?.applied.map_or(0, |l| l.index);
+                let applied = n.registry.view(s)?.applied;
                 Some(Hosted {
                     descriptor,
                     applied,
@@ -153,6 +153,16 @@ pub(crate) async fn run(
             .collect();
         let now = Instant::now();
         for action in plan(n.id, &hosted, &table, &tombstones, &suspects, now, grace) {
+            let shard = match &action {
+                Action::Suspect(s) | Action::Clear(s) | Action::Destroy(s) => *s,
+                Action::Create(d) => d.id,
+            };
+            // Batch-system shards never change membership yet (moves are
+            // refused), so nothing here applies to them; they are listed
+            // as hosted above only so that they are never "repaired".
+            if n.is_batch_shard(shard) {
+                continue;
+            }
             match action {
                 Action::Suspect(s) => {
                     let applied = hosted

@@ -46,6 +46,13 @@ fn write_error(
 
 use crate::command::wall_clock_ms;
 
+/// A shard's group as the serve path uses it: its openraft instance, or
+/// the node's batch system it runs on.
+enum Group {
+    Open(Arc<super::ShardRaft>),
+    Batch(Arc<super::batch::BatchShards>),
+}
+
 /// Serves every stream a client opens on `conn`, one request per stream.
 pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {
     loop {
@@ -109,17 +116,31 @@ impl Registry {
         &self,
         shard: ShardId,
         epoch: Epoch,
-    ) -> Result<(Arc<super::ShardRaft>, ShardDescriptor), ApiError> {
-        let raft = self
-            .group(shard)
-            .await
-            .ok_or(ApiError::UnknownShard { shard })?;
+    ) -> Result<(Group, ShardDescriptor), ApiError> {
         // Leadership first: only the leader's descriptor is current (a
         // follower's may lag behind a split or a membership change).
-        let (leads, leader_hint) = super::leadership(&raft, self.me);
-        if !leads {
-            return Err(ApiError::NotLeader { shard, leader_hint });
-        }
+        let group = if let Some(b) = self.batch_for(shard) {
+            // As the loop published it after its last round: a replica
+            // deposed since refuses the proposal or read itself.
+            let g = b.group(shard).ok_or(ApiError::UnknownShard { shard })?;
+            if !g.leading {
+                return Err(ApiError::NotLeader {
+                    shard,
+                    leader_hint: g.leader.map(crate::NodeId),
+                });
+            }
+            Group::Batch(b.clone())
+        } else {
+            let raft = self
+                .group(shard)
+                .await
+                .ok_or(ApiError::UnknownShard { shard })?;
+            let (leads, leader_hint) = super::leadership(&raft, self.me);
+            if !leads {
+                return Err(ApiError::NotLeader { shard, leader_hint });
+            }
+            Group::Open(raft)
+        };
         let d = self.descriptor(shard)?;
         if let Some(m) = self.engine.merging(shard) {
             return Err(self.frozen(&d, m.into));
@@ -127,10 +148,50 @@ impl Registry {
         if d.epoch != epoch {
             return Err(self.mismatch(d));
         }
-        self.quiesce
-            .touch(shard, &raft, super::quiesce::Wake::Client);
-        self.renew_lapsing_lease(&raft).await;
-        Ok((raft, d))
+        if let Group::Open(raft) = &group {
+            self.quiesce
+                .touch(shard, raft, super::quiesce::Wake::Client);
+            self.renew_lapsing_lease(raft).await;
+        }
+        Ok((group, d))
+    }
+
+    /// Refuses an admin request on a shard that runs on the batch system,
+    /// which cannot `what` yet.
+    fn refuse_on_batch(&self, shard: ShardId, what: &str) -> Result<(), ApiError> {
+        match self.batch_for(shard) {
+            Some(_) => Err(ApiError::Invalid(format!(
+                "{shard} runs on the batch Raft system, which cannot {what} yet"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Every hosted data shard, openraft's and the batch system's, in id
+    /// order.
+    fn data_shard_ids(&self) -> Vec<ShardId> {
+        let mut ids = self.shard_ids();
+        ids.extend(self.batch_shard_ids());
+        ids.sort();
+        ids
+    }
+
+    /// Proposes `cmd` through `group`; answers its log index and what
+    /// applying it answered.
+    async fn propose(
+        &self,
+        shard: ShardId,
+        group: &Group,
+        cmd: Command,
+    ) -> Result<(u64, CommandResponse), ApiError> {
+        match group {
+            Group::Open(raft) => raft
+                .client_write(cmd)
+                .await
+                .map(|r| (r.log_id.index, r.data))
+                .map_err(|e| write_error(shard, e)),
+            Group::Batch(b) => b.propose(shard, &cmd).await,
+        }
     }
 
     /// `EpochMismatch` with the shard's current descriptor and, when hosted
@@ -140,7 +201,7 @@ impl Registry {
         let shard = d.id;
         let mut current = vec![];
         if !d.range.end.is_empty() {
-            for s in self.shard_ids() {
+            for s in self.data_shard_ids() {
                 if let Ok(n) = self.descriptor(s) {
                     if n.range.start == d.range.end && n.epoch.version > 0 {
                         current.push(self.with_leader(n));
@@ -209,7 +270,11 @@ impl Registry {
 
     /// A linearizable read barrier; heartbeats it sends skip the coalescing
     /// linger.
-    async fn read_barrier(&self, shard: ShardId, raft: &super::ShardRaft) -> Result<(), ApiError> {
+    async fn read_barrier(&self, shard: ShardId, group: &Group) -> Result<(), ApiError> {
+        let raft = match group {
+            Group::Open(raft) => raft,
+            Group::Batch(b) => return b.read_barrier(shard).await.map(|_| ()),
+        };
         let _expedite = self.expedite();
         raft.ensure_linearizable(openraft::raft::ReadPolicy::ReadIndex)
             .await
@@ -258,14 +323,14 @@ impl Registry {
                 self.read_local(&keys)
             }
             Request::Get { shard, epoch, keys } => {
-                let (raft, d) = self.check(shard, epoch).await?;
+                let (group, d) = self.check(shard, epoch).await?;
                 if let Some(k) = keys.iter().find(|k| !d.range.contains(k)) {
                     return Err(ApiError::KeyNotInRange {
                         shard,
                         key: k.clone(),
                     });
                 }
-                self.read_barrier(shard, &raft).await?;
+                self.read_barrier(shard, &group).await?;
                 self.recheck(&d)?;
                 for k in &keys {
                     let mut end = k.clone();
@@ -285,7 +350,7 @@ impl Registry {
                 ops,
                 session,
             } => {
-                let (raft, d) = self.check(shard, epoch).await?;
+                let (group, d) = self.check(shard, epoch).await?;
                 // A session write goes to the state machine even with a key
                 // outside the range: if an earlier attempt was applied here
                 // before a split, its retry must be answered from the
@@ -323,8 +388,8 @@ impl Registry {
                 };
                 let _expedite = self.expedite();
                 let _in_progress = self.engine.write_in_progress(shard);
-                match raft.client_write(cmd).await {
-                    Ok(resp) => match resp.data {
+                match self.propose(shard, &group, cmd).await {
+                    Ok((_, data)) => match data {
                         CommandResponse::Write(results) => {
                             self.load.record_write(shard, n_ops, n_bytes);
                             Ok(Response::Written(results))
@@ -341,7 +406,7 @@ impl Registry {
                         }),
                         other => Err(ApiError::Internal(format!("write applied as {other:?}"))),
                     },
-                    Err(e) => Err(write_error(shard, e)),
+                    Err(e) => Err(e),
                 }
             }
             Request::Scan {
@@ -351,7 +416,7 @@ impl Registry {
                 end,
                 limit,
             } => {
-                let (raft, d) = self.check(shard, epoch).await?;
+                let (group, d) = self.check(shard, epoch).await?;
                 let limit = limit.clamp(1, SCAN_LIMIT_MAX) as usize;
                 let from = std::cmp::max(start, d.range.start.clone());
                 let to = match (end.is_empty(), d.range.end.is_empty()) {
@@ -367,7 +432,7 @@ impl Registry {
                 } else {
                     to
                 };
-                self.read_barrier(shard, &raft).await?;
+                self.read_barrier(shard, &group).await?;
                 self.recheck(&d)?;
                 if from < to {
                     self.check_owned(&d, &crate::KeyRange::new(from.clone(), to.clone()))?;
@@ -391,7 +456,7 @@ impl Registry {
                 for d in self.meta_routes().unwrap_or_default() {
                     by_id.insert(d.id, d);
                 }
-                for shard in self.shard_ids() {
+                for shard in self.data_shard_ids() {
                     if let Ok(d) = self.descriptor(shard) {
                         let newer = by_id.get(&shard).is_none_or(|m| d.epoch >= m.epoch);
                         if newer {
@@ -411,17 +476,21 @@ impl Registry {
                     })
             }
             Request::Split { shard, epoch, key } => {
+                self.refuse_on_batch(shard, "split")?;
                 self.check(shard, epoch).await?;
                 let node = self.node_or_stopping()?;
                 let (left, right) = node.split_shard(shard, key).await.map_err(admin_error)?;
                 Ok(Response::Split { left, right })
             }
             Request::Merge { left, right } => {
+                self.refuse_on_batch(left, "merge")?;
+                self.refuse_on_batch(right, "merge")?;
                 let node = self.node_or_stopping()?;
                 let d = node.merge_shards(left, right).await.map_err(admin_error)?;
                 Ok(Response::Descriptor(d))
             }
             Request::MoveReplica { shard, from, to } => {
+                self.refuse_on_batch(shard, "move a replica")?;
                 let node = self.node_or_stopping()?;
                 let d = node
                     .move_replica(shard, from, to, MOVE_TIMEOUT)
@@ -430,6 +499,7 @@ impl Registry {
                 Ok(Response::Descriptor(d))
             }
             Request::TransferLeader { shard, to } => {
+                self.refuse_on_batch(shard, "transfer leadership")?;
                 let node = self.node_or_stopping()?;
                 node.transfer_leader(shard, to).await.map_err(admin_error)?;
                 Ok(Response::Done)
@@ -454,20 +524,15 @@ impl Registry {
                 Ok(Response::Peers(all))
             }
             Request::MarkDigest { shard, epoch } => {
-                let (raft, _) = self.check(shard, epoch).await?;
-                match raft.client_write(Command::Digest).await {
-                    Ok(resp) => Ok(Response::DigestAt {
-                        index: resp.log_id.index,
-                    }),
-                    Err(e) => Err(write_error(shard, e)),
-                }
+                let (group, _) = self.check(shard, epoch).await?;
+                let (index, _) = self.propose(shard, &group, Command::Digest).await?;
+                Ok(Response::DigestAt { index })
             }
             Request::Digest { shard, index } => {
                 let applied = self
                     .view(shard)
                     .ok_or(ApiError::UnknownShard { shard })?
-                    .applied
-                    .map_or(0, |l| l.index);
+                    .applied;
                 Ok(Response::Digest(self.engine.digest(shard, index, applied)))
             }
             Request::NodeStatus => {
@@ -477,7 +542,7 @@ impl Registry {
                 let meta_here = self
                     .hosts(crate::meta::META_SHARD)
                     .then_some(crate::meta::META_SHARD);
-                for shard in meta_here.into_iter().chain(self.shard_ids()) {
+                for shard in meta_here.into_iter().chain(self.data_shard_ids()) {
                     let Some(v) = self.view(shard) else {
                         continue;
                     };
@@ -492,7 +557,7 @@ impl Registry {
                         size_bytes: self.engine.approximate_size(&d.range),
                         descriptor: d,
                         leader: v.leader,
-                        applied_index: v.applied.map_or(0, |l| l.index),
+                        applied_index: v.applied,
                         term: v.term,
                     });
                 }

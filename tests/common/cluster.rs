@@ -35,6 +35,9 @@ pub struct Timings {
     /// `raft.dormant_after_ms` (with quiescence on: 0 keeps every
     /// sleeping replica's openraft instance).
     pub dormant_after_ms: u64,
+    /// `raft.batch_data_shards`: the bootstrap's data shards run on the
+    /// batch system.
+    pub batch_data_shards: bool,
 }
 
 impl Timings {
@@ -53,6 +56,7 @@ impl Timings {
             rebalance: tessera::node::RebalanceConfig::default(),
             quiesce_after_ms: 0,
             dormant_after_ms: 30_000,
+            batch_data_shards: false,
         }
     }
 
@@ -79,12 +83,7 @@ impl Timings {
             linger_ms: 120,
             snapshot_logs_since_last: 10_000,
             snapshot_logs_to_keep: 1000,
-            client_connections_max: 4096,
-            split: tessera::node::SplitConfig::default(),
-            replica_gc: tessera::node::ReplicaGcConfig::default(),
-            rebalance: tessera::node::RebalanceConfig::default(),
-            quiesce_after_ms: 0,
-            dormant_after_ms: 30_000,
+            ..Self::fast()
         }
     }
 }
@@ -189,6 +188,7 @@ impl TestCluster {
                     snapshot_logs_to_keep: t.snapshot_logs_to_keep,
                     quiesce_after_ms: t.quiesce_after_ms,
                     dormant_after_ms: t.dormant_after_ms,
+                    batch_data_shards: t.batch_data_shards,
                     ..Default::default()
                 },
                 transport: TransportConfig {
@@ -374,6 +374,32 @@ impl TestCluster {
                 other => Err(format!(
                     "leader at term: {other:?}, highest term {max_term}"
                 )),
+            }
+        })
+        .await
+    }
+
+    /// The leader of batch-system shard `shard` among the running nodes,
+    /// once one of them leads it at the highest term they know.
+    #[allow(dead_code)]
+    pub async fn wait_batch_leader(
+        &self,
+        shard: ShardId,
+        timeout: Duration,
+    ) -> Result<NodeId, WaitError> {
+        let what = format!("wait_batch_leader: a leader of {shard}");
+        wait::until(&what, timeout, || async {
+            let max_term = self
+                .nodes
+                .values()
+                .filter_map(|n| n.replica_term(shard))
+                .max();
+            let leader = self.nodes.values().find(|n| {
+                n.batch_leader(shard) == Some(n.id()) && n.replica_term(shard) == max_term
+            });
+            match leader {
+                Some(n) => Ok(n.id()),
+                None => Err(format!("no leader at the highest term {max_term:?}")),
             }
         })
         .await

@@ -209,6 +209,9 @@ mod cost {
         syncs: u64,
         appends: u64,
         entries: u64,
+        /// Raft messages sent: the transport's, where a batch-system
+        /// frame (many groups' messages) counts as one, corrected by the
+        /// batch system's own count of the messages inside.
         messages: u64,
         frames: u64,
         pid: u64,
@@ -232,7 +235,9 @@ mod cost {
                     syncs: g("tessera_storage_syncs_total"),
                     appends: g("tessera_log_appends_total"),
                     entries: g("tessera_log_entries_total"),
-                    messages: g("tessera_raft_messages_sent_total"),
+                    messages: (g("tessera_raft_messages_sent_total")
+                        + g("tessera_batch_messages_total"))
+                    .saturating_sub(g("tessera_batch_frames_total")),
                     frames: g("tessera_raft_frames_sent_total"),
                     pid: g("tessera_process_id"),
                     cpu: parse_metric_f64(&text, "process_cpu_seconds_total").unwrap_or(0.0),

@@ -26,8 +26,7 @@ impl Registry {
         let applied = self
             .view(shard)
             .ok_or_else(|| format!("{shard} is not hosted here"))?
-            .applied
-            .map_or(0, |l| l.index);
+            .applied;
         // Published after the freeze's (synced) batch; the applied index
         // after that.
         match self.engine.merging(shard) {

@@ -1,0 +1,240 @@
+//! Data shards on the batch system ([`crate::multiraft`]): one Raft loop
+//! thread per node steps every such shard's group together (one synced
+//! RocksDB write per round for all of them, one frame per peer), applies to
+//! the same [`crate::storage::StateMachine`] as openraft's groups, and
+//! serves the same client requests.
+//!
+//! Which system a shard runs on is decided once, when it is created, and
+//! recorded with it: a shard with batch-system Raft state
+//! ([`GroupStore::exists`]) runs here, any other on openraft. A node opens
+//! both kinds it finds, whatever its configuration says;
+//! `raft.batch_data_shards` only chooses what a bootstrap creates.
+//!
+//! Not built yet for these shards (refused with a typed error, never
+//! half-done): splits, merges, replica moves, leader transfers; no log
+//! compaction (the log grows); every group ticks (no quiescence).
+
+use super::*;
+use crate::api::ApiError;
+use crate::command::{Command, CommandResponse};
+use crate::multiraft::quic::{FrameCounters, FrameInbound, QuicOutbound};
+use crate::multiraft::{
+    encode_command, Driver, DriverConfig, DriverError, DriverStats, GroupStore, GroupView,
+    LoopConfig, LoopView, Mailbox, NodeLoop, RequestError, ShardApplier,
+};
+
+/// How long a request waits for the loop's answer (a proposal's commit and
+/// apply, a read point's confirmation) before it is answered unavailable.
+const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long one frame may take to reach a peer.
+const FRAME_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Shards created at once by a bootstrap (their descriptors share the
+/// group commit's syncs).
+const CREATES_IN_FLIGHT: usize = 64;
+
+/// A node's batch-system shards: the loop, its mailbox and what it
+/// publishes.
+pub(crate) struct BatchShards {
+    mailbox: Mailbox<CommandResponse>,
+    view: Arc<LoopView>,
+    inbound: FrameInbound,
+    counters: Arc<FrameCounters>,
+    running: std::sync::Mutex<Option<NodeLoop<CommandResponse>>>,
+}
+
+/// The loop's timings from the node's Raft timings: a tick of half the
+/// heartbeat interval, heartbeats every two ticks, elections after
+/// `election_timeout_ms_min` (raft-rs randomises up to twice that).
+fn timings(t: &RaftTimings) -> (Duration, DriverConfig) {
+    let tick_ms = (t.heartbeat_interval_ms / 2).max(5);
+    let config = DriverConfig {
+        heartbeat_ticks: 2,
+        election_ticks: (t.election_timeout_ms_min / tick_ms).max(4) as usize,
+        ..DriverConfig::default()
+    };
+    (Duration::from_millis(tick_ms), config)
+}
+
+impl BatchShards {
+    /// Creates the records of the shards in `descs` that are not complete
+    /// here yet: their Raft state first (one synced write per voter set),
+    /// then the shard itself (descriptor and state machine). Safe to run
+    /// again after a crash halfway: a shard with Raft state but no
+    /// descriptor is not hosted, and gets its descriptor on the next run.
+    pub(super) async fn create(
+        engine: &Engine,
+        descs: &[ShardDescriptor],
+    ) -> Result<(), NodeError> {
+        let mut by_voters: BTreeMap<Vec<u64>, Vec<ShardId>> = BTreeMap::new();
+        for d in descs {
+            if !GroupStore::exists(engine, d.id)? {
+                let voters = d.replicas.iter().map(|n| n.0).collect();
+                by_voters.entry(voters).or_default().push(d.id);
+            }
+        }
+        for (voters, shards) in by_voters {
+            GroupStore::bootstrap_many(engine, &shards, &voters)?;
+        }
+        for chunk in descs.chunks(CREATES_IN_FLIGHT) {
+            let created =
+                futures_util::future::join_all(chunk.iter().map(|d| engine.create_shard(d))).await;
+            for r in created {
+                match r {
+                    Ok(()) | Err(StoreError::ShardExists { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens `shards` (each with batch-system state and a descriptor here)
+    /// and starts the loop; `campaign` start an election at once (a fresh
+    /// bootstrap's first replicas, so leadership starts spread out).
+    pub(super) fn start(
+        engine: &Engine,
+        me: NodeId,
+        shards: &[ShardId],
+        campaign: &[ShardId],
+        transport: Transport,
+        t: &RaftTimings,
+    ) -> Result<BatchShards, NodeError> {
+        let (tick, config) = timings(t);
+        let mut driver = Driver::new(engine.clone(), me.0, config);
+        let mut applier = ShardApplier::default();
+        let raft_error = |shard: ShardId, e: DriverError| NodeError::Raft {
+            shard,
+            reason: e.to_string(),
+        };
+        for &shard in shards {
+            let (_log, machine) = engine.open_shard(shard)?;
+            let applied = applier.add(shard, machine);
+            driver
+                .open_group(shard, applied)
+                .map_err(|e| raft_error(shard, e))?;
+        }
+        for &shard in campaign {
+            driver.campaign(shard).map_err(|e| raft_error(shard, e))?;
+        }
+        let outbound =
+            QuicOutbound::new(transport, tokio::runtime::Handle::current(), FRAME_DEADLINE);
+        let counters = outbound.counters();
+        let running = NodeLoop::start(
+            driver,
+            outbound,
+            applier,
+            LoopConfig {
+                tick,
+                ..LoopConfig::default()
+            },
+        )
+        .map_err(|e| NodeError::Raft {
+            shard: crate::multiraft::quic::FRAME_SHARD,
+            reason: format!("the raft loop thread: {e}"),
+        })?;
+        let inbound = FrameInbound::default();
+        inbound.attach(running.mailbox());
+        tracing::info!(node = %me, shards = shards.len(), "batch-system shards started");
+        Ok(BatchShards {
+            mailbox: running.mailbox(),
+            view: running.view(),
+            inbound,
+            counters,
+            running: std::sync::Mutex::new(Some(running)),
+        })
+    }
+
+    /// Whether `shard` runs here on the batch system.
+    pub(super) fn hosts(&self, shard: ShardId) -> bool {
+        self.view.group(shard).is_some()
+    }
+
+    /// `shard`'s replica as of the loop's last round.
+    pub(super) fn group(&self, shard: ShardId) -> Option<GroupView> {
+        self.view.group(shard)
+    }
+
+    /// The shards open here, in id order.
+    pub(super) fn shards(&self) -> Vec<ShardId> {
+        self.view.shards()
+    }
+
+    /// The driver's counters (rounds, syncs, appends) and the frames sent.
+    pub(super) fn stats(&self) -> (DriverStats, &FrameCounters) {
+        (self.view.stats(), &self.counters)
+    }
+
+    /// Where peers' frames arrive.
+    pub(super) fn inbound(&self) -> &FrameInbound {
+        &self.inbound
+    }
+
+    /// Proposes `cmd` to `shard`; answers what applying it answered, once
+    /// it is committed and applied here.
+    pub(super) async fn propose(
+        &self,
+        shard: ShardId,
+        cmd: &Command,
+    ) -> Result<(u64, CommandResponse), ApiError> {
+        let rx = self
+            .mailbox
+            .propose(shard, encode_command(cmd))
+            .map_err(|e| api_error(shard, e))?;
+        answer(shard, rx).await
+    }
+
+    /// A linearizable read point of `shard`: once this returns, this
+    /// node's state machine holds every write acknowledged before the call.
+    pub(super) async fn read_barrier(&self, shard: ShardId) -> Result<u64, ApiError> {
+        let rx = self
+            .mailbox
+            .read_index(shard)
+            .map_err(|e| api_error(shard, e))?;
+        answer(shard, rx).await
+    }
+
+    /// Stops the loop (waiting requests are answered unavailable).
+    pub(super) fn stop(&self) {
+        let running = self.running.lock().expect("batch loop poisoned").take();
+        if let Some(l) = running {
+            if let Err(e) = l.stop() {
+                tracing::error!(error = %e, "the raft loop had stopped on an error");
+            }
+        }
+    }
+}
+
+/// Waits for the loop's answer under [`ANSWER_DEADLINE`].
+async fn answer<T>(
+    shard: ShardId,
+    rx: tokio::sync::oneshot::Receiver<Result<T, RequestError>>,
+) -> Result<T, ApiError> {
+    match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
+        Ok(Ok(r)) => r.map_err(|e| api_error(shard, e)),
+        Ok(Err(_)) => Err(api_error(shard, RequestError::Stopped)),
+        Err(_) => Err(ApiError::Unavailable {
+            shard,
+            reason: format!("no answer from the raft loop within {ANSWER_DEADLINE:?}"),
+        }),
+    }
+}
+
+/// What a refusal tells the client. A write whose outcome is unknown (its
+/// leader stepped down with it pending) is `Unavailable` like any other
+/// retryable failure: the client retries it under its session stamp, which
+/// applies it at most once.
+fn api_error(shard: ShardId, e: RequestError) -> ApiError {
+    match e {
+        RequestError::Driver(DriverError::NotLeader { leader, .. }) => ApiError::NotLeader {
+            shard,
+            leader_hint: leader.map(NodeId),
+        },
+        RequestError::Driver(DriverError::UnknownGroup { .. }) => ApiError::UnknownShard { shard },
+        other => ApiError::Unavailable {
+            shard,
+            reason: other.to_string(),
+        },
+    }
+}

@@ -1,0 +1,170 @@
+//! Data shards on the batch system (`raft.batch_data_shards`), end to end:
+//! a cluster bootstrapped with them serves the client library's reads,
+//! writes and scans over QUIC, survives a leader's loss and a full
+//! restart without losing an acknowledged write, keeps its replicas
+//! identical (digests), lists them in status, and refuses the admin
+//! operations it cannot do yet with a typed error.
+
+mod common;
+
+use common::cluster::{init_tracing, TestCluster, Timings};
+use std::collections::BTreeMap;
+use std::time::Duration;
+use tessera::api::ApiError;
+use tessera::client::ClientError;
+use tessera::{NodeId, ShardId};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn batch_timings() -> Timings {
+    Timings {
+        batch_data_shards: true,
+        ..Timings::fast()
+    }
+}
+
+async fn ready(shards: u64) -> TestCluster {
+    let c = TestCluster::start(
+        &[1, 2, 3],
+        &[],
+        Some((shards, vec![1, 2, 3])),
+        batch_timings(),
+    )
+    .await;
+    wait_all_leaders(&c, shards).await;
+    c
+}
+
+async fn wait_all_leaders(c: &TestCluster, shards: u64) {
+    for s in 1..=shards {
+        c.wait_batch_leader(ShardId(s), WAIT).await.unwrap();
+    }
+}
+
+/// A key spread over the key space by its first byte.
+fn key(i: u32) -> Vec<u8> {
+    let mut k = vec![(i.wrapping_mul(37) % 256) as u8];
+    k.extend_from_slice(format!("key-{i:05}").as_bytes());
+    k
+}
+
+async fn check_model(cl: &tessera::Client, model: &BTreeMap<Vec<u8>, Vec<u8>>) {
+    let all = cl.scan(b"", b"", usize::MAX).await.unwrap();
+    let expected: Vec<(Vec<u8>, Vec<u8>)> =
+        model.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    assert_eq!(all, expected, "a scan over every shard matches the model");
+    for (k, v) in model.iter().step_by(13) {
+        assert_eq!(cl.get(k).await.unwrap().as_ref(), Some(v));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_shards_serve_clients_and_lose_no_acknowledged_write() {
+    init_tracing();
+    let mut c = ready(8).await;
+    let n1 = c.node(1).clone();
+    for s in 1..=8 {
+        assert!(
+            n1.is_batch_shard(ShardId(s)),
+            "s{s} runs on the batch system"
+        );
+    }
+    assert!(
+        !n1.is_batch_shard(tessera::meta::META_SHARD),
+        "the meta shard stays on openraft"
+    );
+    drop(n1);
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    for i in 0..240u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    for i in (0..240u32).step_by(9) {
+        assert!(cl.delete(&key(i)).await.unwrap());
+        model.remove(&key(i));
+    }
+    // A swap answers the value it replaced.
+    let old = cl.swap(&key(1), b"swapped").await.unwrap();
+    assert_eq!(old, Some(b"v1".to_vec()));
+    model.insert(key(1), b"swapped".to_vec());
+    check_model(&cl, &model).await;
+
+    // The leader of s1 goes away: the others elect, and writes go on.
+    let leader = c.wait_batch_leader(ShardId(1), WAIT).await.unwrap();
+    c.kill(leader.0).await;
+    for i in 240..320u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    check_model(&cl, &model).await;
+    c.restart(leader.0).await;
+    wait_all_leaders(&c, 8).await;
+
+    // Every replica holds the same state (the restarted one caught up).
+    for s in 1..=8 {
+        let v = cl.verify_shard(ShardId(s)).await.unwrap();
+        assert_eq!(v.replicas.len(), 3, "{v:?}");
+        assert!(v.agrees(), "replicas of s{s} differ: {v:?}");
+    }
+
+    // A full restart keeps every acknowledged write.
+    drop(cl);
+    for i in 1..=3 {
+        c.kill(i).await;
+    }
+    for i in 1..=3 {
+        c.restart(i).await;
+    }
+    wait_all_leaders(&c, 8).await;
+    let cl = c.client();
+    check_model(&cl, &model).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_lists_batch_shards_and_admin_operations_are_refused() {
+    init_tracing();
+    let c = ready(4).await;
+    let cl = c.client();
+    cl.put(b"\x10k", b"v").await.unwrap();
+    // Every node reports its replicas, with the leader the group knows.
+    for i in 1..=3u64 {
+        let st = cl.node_status(NodeId(i)).await.unwrap();
+        let data: Vec<_> = st
+            .shards
+            .iter()
+            .filter(|s| s.descriptor.id != tessera::meta::META_SHARD)
+            .collect();
+        assert_eq!(data.len(), 4, "n{i} lists its 4 data shards: {st:?}");
+        assert!(data.iter().all(|s| s.leader.is_some()), "{st:?}");
+    }
+    let refused = |r: Result<_, ClientError>, what: &str| match r {
+        Err(ClientError::Refused(ApiError::Invalid(reason))) => {
+            assert!(reason.contains("batch"), "{what}: {reason}");
+        }
+        other => panic!("{what} on a batch shard: {other:?}"),
+    };
+    refused(cl.split(b"\x10m").await.map(|_| ()), "split");
+    refused(
+        cl.move_replica(ShardId(1), NodeId(1), NodeId(2))
+            .await
+            .map(|_| ()),
+        "move",
+    );
+    refused(cl.transfer_leader(ShardId(1), NodeId(2)).await, "transfer");
+    refused(cl.merge(b"\x40").await.map(|_| ()), "merge");
+    // Nothing changed: the routes are the bootstrap's, the data is there.
+    let routes = cl.routes().await.unwrap();
+    assert_eq!(
+        routes
+            .iter()
+            .filter(|d| d.id != tessera::meta::META_SHARD)
+            .count(),
+        4
+    );
+    assert_eq!(cl.get(b"\x10k").await.unwrap(), Some(b"v".to_vec()));
+    c.shutdown().await;
+}
