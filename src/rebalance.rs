@@ -33,6 +33,11 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
         });
         let Ok(status) = status else { continue };
         for s in status.shards {
+            // Batch-system shards cannot move or transfer leadership yet:
+            // the planner leaves them where they are.
+            if s.batch {
+                continue;
+            }
             let entry = shards.entry(s.descriptor.id).or_insert_with(|| ShardState {
                 descriptor: s.descriptor.clone(),
                 leader: None,

@@ -139,7 +139,13 @@ async fn status_lists_batch_shards_and_admin_operations_are_refused() {
             .filter(|s| s.descriptor.id != tessera::meta::META_SHARD)
             .collect();
         assert_eq!(data.len(), 4, "n{i} lists its 4 data shards: {st:?}");
-        assert!(data.iter().all(|s| s.leader.is_some()), "{st:?}");
+        assert!(data.iter().all(|s| s.leader.is_some() && s.batch), "{st:?}");
+        assert!(
+            st.shards
+                .iter()
+                .all(|s| s.descriptor.id != tessera::meta::META_SHARD || !s.batch),
+            "the meta shard runs on openraft: {st:?}"
+        );
     }
     let refused = |r: Result<_, ClientError>, what: &str| match r {
         Err(ClientError::Refused(ApiError::Invalid(reason))) => {

@@ -159,6 +159,9 @@ pub struct ShardStatus {
     pub writes_per_s: f64,
     /// Key and value bytes written per second through this replica.
     pub write_bytes_per_s: f64,
+    /// Whether the replica runs on the node's batch system
+    /// (`raft.batch_data_shards`) rather than on openraft.
+    pub batch: bool,
 }
 
 /// A node's answer to [`Request::NodeStatus`].

@@ -551,6 +551,7 @@ impl Registry {
                     };
                     let load = self.load.rates(shard);
                     shards.push(ShardStatus {
+                        batch: self.batch_for(shard).is_some(),
                         reads_per_s: load.reads_per_s,
                         writes_per_s: load.writes_per_s,
                         write_bytes_per_s: load.write_bytes_per_s,

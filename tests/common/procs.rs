@@ -144,6 +144,18 @@ pub fn write_cluster(
     nodes: &[(NodeId, SocketAddr)],
     shards: u64,
 ) -> (ClusterCa, Vec<PathBuf>) {
+    write_cluster_with(dir, name, nodes, shards, |_| {})
+}
+
+/// [`write_cluster`] with each node's config changed by `edit` before it
+/// is written.
+pub fn write_cluster_with(
+    dir: &Path,
+    name: &str,
+    nodes: &[(NodeId, SocketAddr)],
+    shards: u64,
+    edit: impl Fn(&mut NodeConfig),
+) -> (ClusterCa, Vec<PathBuf>) {
     let ca = ClusterCa::generate(name).unwrap();
     write_pem(&dir.join("ca.pem"), &ca.cert_pem(), false).unwrap();
     let ids: Vec<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
@@ -157,7 +169,7 @@ pub fn write_cluster(
             true,
         )
         .unwrap();
-        let cfg = NodeConfig {
+        let mut cfg = NodeConfig {
             node_id: *id,
             listen_addr: *addr,
             data_dir: PathBuf::from(format!("n{}", id.0)),
@@ -203,6 +215,7 @@ pub fn write_cluster(
             rebalance: Default::default(),
             api: Default::default(),
         };
+        edit(&mut cfg);
         let path = dir.join(format!("n{}.toml", id.0));
         std::fs::write(&path, cfg.to_toml()).unwrap();
         configs.push(path);

@@ -456,6 +456,7 @@ async fn status(
                     "reads_per_s": round2(r.status.reads_per_s),
                     "writes_per_s": round2(r.status.writes_per_s),
                     "write_bytes_per_s": round2(r.status.write_bytes_per_s),
+                    "raft": if r.status.batch { "batch" } else { "openraft" },
                 })
             }).collect::<Vec<_>>(),
             "meta": meta_row.as_ref().map(|r| serde_json::json!({
