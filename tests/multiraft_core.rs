@@ -7,7 +7,8 @@
 mod harness;
 
 use harness::LocalCluster;
-use tessera::multiraft::DriverError;
+use raft::eraftpb::MessageType;
+use tessera::multiraft::{DriverError, GroupStore};
 use tessera::ShardId;
 
 const GROUPS: u64 = 64;
@@ -72,6 +73,59 @@ fn one_round_appends_every_led_group_with_one_sync() {
             "every led group's append in the peer's batch"
         );
     }
+}
+
+#[test]
+fn a_leaders_appends_leave_before_its_own_write() {
+    let mut c = LocalCluster::new(3, 4);
+    let leaders = c.elect_spread();
+    let (&g, _) = leaders
+        .iter()
+        .find(|(_, l)| **l == 1)
+        .expect("node 1 leads a group");
+    let n1 = c.nodes.get_mut(&1).unwrap();
+    let at = n1.driver.propose(g, b"x".to_vec()).expect("propose").index;
+    let engine = n1.engine.clone();
+    // Per peer: whether its frame carried the new entry, and the last index
+    // of the leader's log in RocksDB when the frame was handed out.
+    let mut early = Vec::new();
+    let mut frames = std::collections::BTreeMap::new();
+    let mut round = n1
+        .driver
+        .round_sending_early(&mut |to, frame| {
+            let carries = frame.iter().any(|e| {
+                e.shard == g
+                    && e.msg.get_msg_type() == MessageType::MsgAppend
+                    && e.msg.entries.iter().any(|x| x.index == at)
+            });
+            early.push((to, carries, GroupStore::last_written(&engine, g).unwrap()));
+            frames.insert(to, frame);
+        })
+        .expect("round");
+    assert_eq!(
+        early,
+        vec![(2, true, at - 1), (3, true, at - 1)],
+        "both followers get the entry before the leader has written it"
+    );
+    assert_eq!(
+        GroupStore::last_written(&engine, g).unwrap(),
+        at,
+        "written by the round"
+    );
+    assert!(
+        round
+            .messages
+            .values()
+            .flatten()
+            .all(|e| e.msg.get_msg_type() != MessageType::MsgAppend),
+        "no append waits for the write"
+    );
+    // Delivered with what waited for the write, the entry commits as usual.
+    for (to, frame) in frames {
+        round.messages.entry(to).or_default().extend(frame);
+    }
+    c.deliver(1, round);
+    c.wait_applied(g, b"x", 50, "the early-sent entry commits");
 }
 
 #[test]

@@ -377,6 +377,31 @@ impl Driver {
     /// The storage's (the engine fail-stops: nothing is acknowledged after
     /// it).
     pub fn round(&mut self) -> Result<Round, DriverError> {
+        self.round_with(None)
+    }
+
+    /// [`Driver::round`], handing the messages that may leave before the
+    /// round's write to `send` (per destination node) *before* it writes:
+    /// a leader's appends then reach its followers while it syncs its own
+    /// copy, so the leader's and the followers' syncs overlap instead of
+    /// running one after the other (Raft allows it: the leader counts
+    /// itself towards the quorum only once its own write is done). The
+    /// returned [`Round::messages`] hold what had to wait for the write
+    /// (a follower's acknowledgements, votes).
+    ///
+    /// # Errors
+    /// As [`Driver::round`].
+    pub fn round_sending_early(
+        &mut self,
+        send: &mut dyn FnMut(u64, Vec<Envelope>),
+    ) -> Result<Round, DriverError> {
+        self.round_with(Some(send))
+    }
+
+    fn round_with(
+        &mut self,
+        early: Option<&mut dyn FnMut(u64, Vec<Envelope>)>,
+    ) -> Result<Round, DriverError> {
         let mut out = Round::default();
         let mut batch = WriteBatch::default();
         let mut must_sync = false;
@@ -420,6 +445,11 @@ impl Driver {
             let number = rd.number();
             node.advance_append_async(rd);
             persisted.push((shard, number, after));
+        }
+        if let Some(send) = early {
+            for (to, frame) in std::mem::take(&mut out.messages) {
+                send(to, frame);
+            }
         }
         if !batch.is_empty() {
             if must_sync {

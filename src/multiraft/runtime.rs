@@ -410,7 +410,10 @@ impl<O: Outbound, A: Applier> State<O, A> {
 
     fn round(&mut self) -> Result<(), DriverError> {
         self.reads.issue(&mut self.driver);
-        let round = self.driver.round()?;
+        let outbound = &mut self.outbound;
+        let round = self
+            .driver
+            .round_sending_early(&mut |to, frame| outbound.send(to, frame))?;
         let responses = self.applier.apply(&round.committed)?;
         assert_eq!(
             responses.len(),

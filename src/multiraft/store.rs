@@ -101,6 +101,15 @@ impl GroupStore {
             .is_some())
     }
 
+    /// The last log index of `shard` written to RocksDB here (0: none);
+    /// entries staged for a round that has not written yet are not counted.
+    ///
+    /// # Errors
+    /// The RocksDB error.
+    pub fn last_written(engine: &Engine, shard: ShardId) -> Result<u64, StoreError> {
+        Ok(engine.last_log_index(shard)?.unwrap_or(0))
+    }
+
     /// Opens a group from what is stored.
     ///
     /// # Errors

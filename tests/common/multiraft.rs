@@ -94,7 +94,9 @@ impl LocalCluster {
         self.nodes.insert(id, node);
     }
 
-    fn deliver(&mut self, from: u64, round: Round) -> usize {
+    /// Hands `round`'s messages from node `from` to their destinations
+    /// (dropping what isolation drops); returns how many were delivered.
+    pub fn deliver(&mut self, from: u64, round: Round) -> usize {
         let mut sent = 0;
         for (to, envs) in round.messages {
             if self.isolated.contains(&from) || self.isolated.contains(&to) {
