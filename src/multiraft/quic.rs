@@ -1,6 +1,7 @@
 //! The batch system over the node's QUIC transport: a round's frame for a
-//! peer goes out as one transport request (the reply is empty), and an
-//! inbound frame is checked and handed to the loop's mailbox.
+//! peer goes out as one one-way transport message (no reply: Raft's own
+//! messages answer it), and an inbound frame is checked and handed to the
+//! loop's mailbox.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,8 +38,9 @@ pub struct QuicOutbound {
     in_flight: HashMap<u64, Arc<Semaphore>>,
 }
 
-/// Frames in flight to one peer at most; beyond it a round's frame is
-/// dropped (Raft resends), so a slow peer cannot pile up tasks.
+/// Frames on their way into one peer's link at most (its queue full, or the
+/// peer not taking them); beyond it a round's frame is dropped (Raft
+/// resends), so a slow peer cannot pile up tasks.
 pub const FRAMES_IN_FLIGHT_MAX: usize = 64;
 
 /// What a [`QuicOutbound`] sent.
@@ -48,7 +50,7 @@ pub struct FrameCounters {
     pub frames: AtomicU64,
     /// Raft messages in them.
     pub messages: AtomicU64,
-    /// Frames dropped because [`FRAMES_IN_FLIGHT_MAX`] were in flight.
+    /// Frames dropped because [`FRAMES_IN_FLIGHT_MAX`] were on their way.
     pub dropped: AtomicU64,
 }
 
@@ -100,7 +102,7 @@ impl Outbound for QuicOutbound {
             self.runtime.spawn(async move {
                 let _permit = permit;
                 if let Err(e) = t
-                    .call(NodeId(to), FRAME_SHARD, bytes, Urgency::Urgent, deadline)
+                    .send(NodeId(to), FRAME_SHARD, bytes, Urgency::Urgent, deadline)
                     .await
                 {
                     tracing::debug!(error = %e, peer = to, "raft frame not delivered");

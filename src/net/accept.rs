@@ -242,6 +242,14 @@ async fn serve_raft_requests(
             };
             let (inner, tx) = (inner.clone(), tx.clone());
             let answer = inner.inbound.request(from, head.shard, body);
+            if head.id == proto::ONEWAY_ID {
+                // Expects no reply: the work is done, nothing goes back.
+                tokio::spawn(async move {
+                    let _ = answer.await;
+                    drop(permit);
+                });
+                continue;
+            }
             tokio::spawn(async move {
                 // A reply is as urgent as its request.
                 let urgency = match head.urgent {

@@ -186,6 +186,10 @@ pub fn decode_msg<T: serde::de::DeserializeOwned>(b: &[u8]) -> Result<T, ProtoEr
     Ok(v)
 }
 
+/// The request id of a message that expects no reply (ids of calls start
+/// at 1): the acceptor hands it on and answers nothing.
+pub const ONEWAY_ID: u64 = 0;
+
 /// One request message: its head, then its body.
 pub fn encode_request(head: &RequestHead, body: &[u8]) -> Vec<u8> {
     let mut out = postcard::to_stdvec(head).expect("postcard encodes a request head");

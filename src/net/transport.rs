@@ -325,34 +325,7 @@ impl Transport {
             peer: to,
             reason: reason.to_string(),
         };
-        let peer = self.peer(to).ok_or_else(|| unreachable("unknown peer"))?;
-        if self.inner.faults.is_blocked(self.inner.me, to) {
-            return Err(unreachable("link blocked by the fault layer"));
-        }
-        if !*peer.ready.borrow() {
-            return Err(unreachable("not connected"));
-        }
-        // A waiting client request may wait for these heartbeats: no
-        // linger then.
-        let urgency = if self.inner.expediter.expedited() {
-            Urgency::Urgent
-        } else {
-            urgency
-        };
-        let id = peer.next_id.fetch_add(1, Ordering::Relaxed);
-        let head = RequestHead {
-            id,
-            shard,
-            urgent: urgency == Urgency::Urgent,
-        };
-        let bytes = proto::encode_request(&head, &body);
-        drop(body);
-        if bytes.len() > FRAME_BYTES_MAX - 64 {
-            return Err(SendError::Stream {
-                peer: to,
-                reason: format!("message of {} bytes exceeds the frame limit", bytes.len()),
-            });
-        }
+        let (peer, id, bytes, urgency) = self.request(to, shard, body, urgency, false)?;
         let (tx, rx) = oneshot::channel();
         peer.pending
             .lock()
@@ -386,6 +359,88 @@ impl Transport {
                 })
             }
         }
+    }
+
+    /// Sends one request `body` to `to` for `shard` that expects no reply
+    /// ([`proto::ONEWAY_ID`]): done once the peer's link took it (within
+    /// `deadline`); whether it arrives is not reported, so only messages
+    /// whose protocol resends them (Raft's) go this way.
+    ///
+    /// # Errors
+    /// [`SendError`]: unreachable peer, the link's queue full until the
+    /// deadline.
+    pub async fn send(
+        &self,
+        to: NodeId,
+        shard: ShardId,
+        body: Vec<u8>,
+        urgency: Urgency,
+        deadline: Duration,
+    ) -> Result<(), SendError> {
+        let (peer, _, bytes, urgency) = self.request(to, shard, body, urgency, true)?;
+        if self.inner.faults.should_drop() {
+            return Ok(());
+        }
+        match tokio::time::timeout(deadline, peer.tx.send(Outbound { bytes, urgency })).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(SendError::Unreachable {
+                peer: to,
+                reason: "link closed".into(),
+            }),
+            Err(_) => Err(SendError::Timeout {
+                peer: to,
+                after: deadline,
+            }),
+        }
+    }
+
+    /// A request message for `to`, checked: the peer, its link, the size;
+    /// a call's takes the next id, a one-way one [`proto::ONEWAY_ID`].
+    fn request(
+        &self,
+        to: NodeId,
+        shard: ShardId,
+        body: Vec<u8>,
+        urgency: Urgency,
+        oneway: bool,
+    ) -> Result<(Arc<Peer>, u64, Vec<u8>, Urgency), SendError> {
+        let unreachable = |reason: &str| SendError::Unreachable {
+            peer: to,
+            reason: reason.to_string(),
+        };
+        let peer = self.peer(to).ok_or_else(|| unreachable("unknown peer"))?;
+        if self.inner.faults.is_blocked(self.inner.me, to) {
+            return Err(unreachable("link blocked by the fault layer"));
+        }
+        if !*peer.ready.borrow() {
+            return Err(unreachable("not connected"));
+        }
+        // A waiting client request may wait for these heartbeats: no
+        // linger then.
+        let urgency = if self.inner.expediter.expedited() {
+            Urgency::Urgent
+        } else {
+            urgency
+        };
+        let id = if oneway {
+            proto::ONEWAY_ID
+        } else {
+            peer.next_id.fetch_add(1, Ordering::Relaxed)
+        };
+        let head = RequestHead {
+            id,
+            shard,
+            urgent: urgency == Urgency::Urgent,
+        };
+        let bytes = proto::encode_request(&head, &body);
+        drop(body);
+        if bytes.len() > FRAME_BYTES_MAX - 64 {
+            return Err(SendError::Stream {
+                peer: to,
+                reason: format!("message of {} bytes exceeds the frame limit", bytes.len()),
+            });
+        }
+        Ok((peer, id, bytes, urgency))
     }
 
     /// Closes every connection and stops every task.
