@@ -104,7 +104,7 @@ enum Cmd {
         /// steps every shard together (one synced write per round for all
         /// of them, one frame per peer). First start only: a folder keeps
         /// the system its shards were created on. These shards cannot
-        /// split, merge, move or transfer leadership yet (sets
+        /// split, merge or move yet (sets
         /// `raft.batch_data_shards`).
         #[arg(long)]
         batch_data_shards: bool,

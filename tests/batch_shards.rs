@@ -2,8 +2,9 @@
 //! a cluster bootstrapped with them serves the client library's reads,
 //! writes and scans over QUIC, survives a leader's loss and a full
 //! restart without losing an acknowledged write, keeps its replicas
-//! identical (digests), lists them in status, and refuses the admin
-//! operations it cannot do yet with a typed error.
+//! identical (digests), lists them in status, moves leadership where
+//! asked, and refuses the admin operations it cannot do yet with a typed
+//! error.
 
 mod common;
 
@@ -160,7 +161,6 @@ async fn status_lists_batch_shards_and_admin_operations_are_refused() {
             .map(|_| ()),
         "move",
     );
-    refused(cl.transfer_leader(ShardId(1), NodeId(2)).await, "transfer");
     refused(cl.merge(b"\x40").await.map(|_| ()), "merge");
     // Nothing changed: the routes are the bootstrap's, the data is there.
     let routes = cl.routes().await.unwrap();
@@ -172,5 +172,30 @@ async fn status_lists_batch_shards_and_admin_operations_are_refused() {
         4
     );
     assert_eq!(cl.get(b"\x10k").await.unwrap(), Some(b"v".to_vec()));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leadership_of_a_batch_shard_moves_where_asked() {
+    init_tracing();
+    let c = ready(2).await;
+    let cl = c.client();
+    cl.put(b"\x10k", b"v1").await.unwrap();
+    let before = c.wait_batch_leader(ShardId(1), WAIT).await.unwrap();
+    let to = NodeId(before.0 % 3 + 1);
+    cl.transfer_leader(ShardId(1), to).await.unwrap();
+    assert_eq!(c.wait_batch_leader(ShardId(1), WAIT).await.unwrap(), to);
+    // The new leader serves what the old one acknowledged, and writes.
+    assert_eq!(cl.get(b"\x10k").await.unwrap(), Some(b"v1".to_vec()));
+    cl.put(b"\x10k", b"v2").await.unwrap();
+    assert_eq!(cl.get(b"\x10k").await.unwrap(), Some(b"v2".to_vec()));
+    // A node that holds no replica cannot be handed the shard.
+    match cl.transfer_leader(ShardId(1), NodeId(9)).await {
+        Err(ClientError::Refused(ApiError::Invalid(reason))) => {
+            assert!(reason.contains("not a voter"), "{reason}");
+        }
+        other => panic!("transfer to a non-member: {other:?}"),
+    }
+    assert_eq!(c.wait_batch_leader(ShardId(1), WAIT).await.unwrap(), to);
     c.shutdown().await;
 }

@@ -295,6 +295,28 @@ impl Driver {
         Ok(at)
     }
 
+    /// Hands leadership of `shard` (led here) to voter `to`: raft-rs's
+    /// leader transfer (the leader stops taking proposals, brings `to` up to
+    /// date and tells it to campaign at once; it gives up after an election
+    /// timeout). Whether and when `to` leads shows in later rounds' role
+    /// changes.
+    ///
+    /// # Errors
+    /// [`DriverError::NotLeader`]; [`DriverError::Refused`] when `to` is
+    /// not a voter.
+    pub fn transfer_leader(&mut self, shard: ShardId, to: u64) -> Result<(), DriverError> {
+        let node = self.led(shard)?;
+        if !node.store().is_voter(to) {
+            return Err(DriverError::Refused {
+                shard,
+                reason: format!("n{to} is not a voter"),
+            });
+        }
+        node.transfer_leader(to);
+        self.touched.insert(shard);
+        Ok(())
+    }
+
     /// Whether this replica leads `shard` and has committed an entry of its
     /// own term: only then does raft-rs take a read index (before that it
     /// drops the request without an answer).

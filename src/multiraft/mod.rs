@@ -13,15 +13,16 @@
 //! - its messages come out grouped by destination node (one frame per peer);
 //! - its committed entries come out together, for one apply batch.
 //!
-//! What exists so far: the group store ([`GroupStore`]: log, hard state,
-//! configuration in the node's RocksDB, an in-memory tail), and the driver
-//! (elections with pre-vote and check-quorum, proposals, replication, restart
-//! from what is stored), exercised by `tests/multiraft_core.rs` over an
-//! in-process network and measured by `benches/multiraft.rs`. What does not
-//! exist yet, and why data shards still run on openraft: the QUIC transport
-//! and client path for it, applying into the state machine, log compaction and
-//! snapshots, membership changes, splits and merges, leader transfer and
-//! quiescence.
+//! What exists: the group store ([`GroupStore`]: log, hard state,
+//! configuration in the node's RocksDB, an in-memory tail), the driver
+//! (elections with pre-vote and check-quorum, proposals, replication with a
+//! leader's appends sent before its own write, read points, leader transfer,
+//! restart from what is stored), the node loop ([`NodeLoop`]), frames over
+//! QUIC ([`quic`]) and the applier to the product's state machine
+//! ([`ShardApplier`]). The node serves data shards from it when
+//! `raft.batch_data_shards` created them (`crate::node`'s `batch` module).
+//! Not built yet: log compaction and snapshots, membership changes (replica
+//! moves), splits and merges, quiescence.
 
 mod apply;
 mod driver;

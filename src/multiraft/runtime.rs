@@ -136,6 +136,11 @@ enum Input<R> {
         shard: ShardId,
         reply: Reply,
     },
+    Transfer {
+        shard: ShardId,
+        to: u64,
+        reply: oneshot::Sender<Result<(), RequestError>>,
+    },
     Frame(Vec<Envelope>),
 }
 
@@ -185,6 +190,22 @@ impl<R> Mailbox<R> {
     ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Read { shard, reply })?;
+        Ok(rx)
+    }
+
+    /// Starts handing leadership of `shard` (led here) to voter `to`; the
+    /// receiver says whether the transfer started ([`Driver::transfer_leader`]).
+    /// Watch [`LoopView`] for the outcome.
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn transfer_leader(
+        &self,
+        shard: ShardId,
+        to: u64,
+    ) -> Result<oneshot::Receiver<Result<(), RequestError>>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Transfer { shard, to, reply })?;
         Ok(rx)
     }
 
@@ -391,6 +412,13 @@ impl<O: Outbound, A: Applier> State<O, A> {
             },
             Input::Read { shard, reply } => {
                 self.reads.asked.entry(shard).or_default().push(reply);
+            }
+            Input::Transfer { shard, to, reply } => {
+                let _ = reply.send(
+                    self.driver
+                        .transfer_leader(shard, to)
+                        .map_err(RequestError::from),
+                );
             }
             Input::Frame(frame) => {
                 for env in frame {

@@ -146,6 +146,11 @@ impl GroupStore {
         self.last
     }
 
+    /// Whether node `id` is a voter of the group's stored configuration.
+    pub fn is_voter(&self, id: u64) -> bool {
+        self.conf.voters.contains(&id)
+    }
+
     /// The stored hard state (as of the last staged ready).
     pub fn hard_state(&self) -> &HardState {
         &self.hard

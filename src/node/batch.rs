@@ -11,8 +11,8 @@
 //! `raft.batch_data_shards` only chooses what a bootstrap creates.
 //!
 //! Not built yet for these shards (refused with a typed error, never
-//! half-done): splits, merges, replica moves, leader transfers; no log
-//! compaction (the log grows); every group ticks (no quiescence).
+//! half-done): splits, merges, replica moves; no log compaction (the log
+//! grows); every group ticks (no quiescence). Leader transfers work.
 
 use super::*;
 use crate::api::ApiError;
@@ -29,6 +29,9 @@ const ANSWER_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long one frame may take to reach a peer.
 const FRAME_DEADLINE: Duration = Duration::from_secs(5);
+
+/// How long a leader transfer may take before it is reported as failed.
+const TRANSFER_WAIT: Duration = Duration::from_secs(10);
 
 /// Shards created at once by a bootstrap (their descriptors share the
 /// group commit's syncs).
@@ -193,6 +196,69 @@ impl BatchShards {
             .read_index(shard)
             .map_err(|e| api_error(shard, e))?;
         answer(shard, rx).await
+    }
+
+    /// Hands leadership of `shard` (led by `me`) to voter `to` and waits
+    /// until another node leads: done when it is `to`.
+    pub(super) async fn transfer_leader(
+        &self,
+        me: NodeId,
+        shard: ShardId,
+        to: NodeId,
+    ) -> Result<(), AdminError> {
+        let g = self
+            .group(shard)
+            .ok_or(AdminError::UnknownShard { shard })?;
+        if !g.leading {
+            return Err(AdminError::NotLeader {
+                shard,
+                hint: g.leader.map(NodeId),
+            });
+        }
+        if to == me {
+            return Ok(());
+        }
+        let unavailable = |reason: String| AdminError::Unavailable { shard, reason };
+        let rx = self
+            .mailbox
+            .transfer_leader(shard, to.0)
+            .map_err(|e| unavailable(e.to_string()))?;
+        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(RequestError::Driver(DriverError::Refused { reason, .. })))) => {
+                return Err(AdminError::Refused(format!("{reason} of {shard}")));
+            }
+            Ok(Ok(Err(RequestError::Driver(DriverError::NotLeader { leader, .. })))) => {
+                return Err(AdminError::NotLeader {
+                    shard,
+                    hint: leader.map(NodeId),
+                });
+            }
+            Ok(Ok(Err(e))) => return Err(unavailable(e.to_string())),
+            Ok(Err(_)) | Err(_) => return Err(unavailable("the raft loop did not answer".into())),
+        }
+        // The outcome, as the loop publishes it after its rounds.
+        let deadline = tokio::time::Instant::now() + TRANSFER_WAIT;
+        loop {
+            let g = self
+                .group(shard)
+                .ok_or(AdminError::UnknownShard { shard })?;
+            match g.leader {
+                Some(l) if !g.leading && l == to.0 => return Ok(()),
+                Some(l) if !g.leading => {
+                    return Err(unavailable(format!(
+                        "n{l} won the election instead of {to}"
+                    )))
+                }
+                _ => {}
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(unavailable(format!(
+                    "leadership did not move to {to} within {TRANSFER_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Stops the loop (waiting requests are answered unavailable).

@@ -143,7 +143,7 @@ pub struct RaftTimings {
     /// shard stays on openraft. Decided at bootstrap and recorded with each
     /// shard: a node opens the shards it finds on the system they were
     /// created on, whatever this says later. These shards cannot split,
-    /// merge, move or transfer leadership yet (refused with an error), and
+    /// merge or move yet (refused with an error), and
     /// their logs are not compacted. Default: false.
     pub batch_data_shards: bool,
 }

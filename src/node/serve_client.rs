@@ -499,7 +499,6 @@ impl Registry {
                 Ok(Response::Descriptor(d))
             }
             Request::TransferLeader { shard, to } => {
-                self.refuse_on_batch(shard, "transfer leadership")?;
                 let node = self.node_or_stopping()?;
                 node.transfer_leader(shard, to).await.map_err(admin_error)?;
                 Ok(Response::Done)

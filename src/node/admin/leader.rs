@@ -44,6 +44,9 @@ impl Node {
     /// # Errors
     /// [`AdminError::Refused`] when `to` is not a voter of the shard.
     pub async fn transfer_leader(&self, shard: ShardId, to: NodeId) -> Result<(), AdminError> {
+        if let Some(b) = self.registry.batch_for(shard).cloned() {
+            return b.transfer_leader(self.id, shard, to).await;
+        }
         let raft = self.led(shard).await?;
         if to == self.id {
             return Ok(());
