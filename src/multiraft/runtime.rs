@@ -141,6 +141,7 @@ enum Input<R> {
         to: u64,
         reply: oneshot::Sender<Result<(), RequestError>>,
     },
+    Campaign(ShardId),
     Frame(Vec<Envelope>),
 }
 
@@ -207,6 +208,15 @@ impl<R> Mailbox<R> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Transfer { shard, to, reply })?;
         Ok(rx)
+    }
+
+    /// Starts an election for `shard` here (with pre-vote: peers that
+    /// hear from a live leader refuse it, so it cannot depose one).
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn campaign(&self, shard: ShardId) -> Result<(), RequestError> {
+        self.send(Input::Campaign(shard))
     }
 
     fn send(&self, input: Input<R>) -> Result<(), RequestError> {
@@ -412,6 +422,11 @@ impl<O: Outbound, A: Applier> State<O, A> {
             },
             Input::Read { shard, reply } => {
                 self.reads.asked.entry(shard).or_default().push(reply);
+            }
+            Input::Campaign(shard) => {
+                if let Err(e) = self.driver.campaign(shard) {
+                    tracing::debug!(error = %e, "campaign not started");
+                }
             }
             Input::Transfer { shard, to, reply } => {
                 let _ = reply.send(

@@ -94,13 +94,11 @@ impl BatchShards {
     }
 
     /// Opens `shards` (each with batch-system state and a descriptor here)
-    /// and starts the loop; `campaign` start an election at once (a fresh
-    /// bootstrap's first replicas, so leadership starts spread out).
+    /// and starts the loop.
     pub(super) fn start(
         engine: &Engine,
         me: NodeId,
         shards: &[ShardId],
-        campaign: &[ShardId],
         transport: Transport,
         t: &RaftTimings,
     ) -> Result<BatchShards, NodeError> {
@@ -117,9 +115,6 @@ impl BatchShards {
             driver
                 .open_group(shard, applied)
                 .map_err(|e| raft_error(shard, e))?;
-        }
-        for &shard in campaign {
-            driver.campaign(shard).map_err(|e| raft_error(shard, e))?;
         }
         let outbound =
             QuicOutbound::new(transport, tokio::runtime::Handle::current(), FRAME_DEADLINE);
@@ -147,6 +142,39 @@ impl BatchShards {
             counters,
             running: std::sync::Mutex::new(Some(running)),
         })
+    }
+
+    /// Spreads leadership as the descriptors' leader hints say (the
+    /// bootstrap hands them out round robin): once the peers' links are up,
+    /// this node campaigns for each shard of `hinted` that has no leader
+    /// yet, again every `every` while one still has none, for `rounds`
+    /// rounds. Best effort: a shard that elected someone else keeps that
+    /// leader (pre-vote cannot depose a live one), and the election timers
+    /// elect a leader anyway.
+    pub(super) async fn campaign_hinted(
+        self: Arc<Self>,
+        transport: Transport,
+        hinted: Vec<ShardId>,
+        every: Duration,
+        rounds: usize,
+    ) {
+        let _ = transport.wait_connected(Duration::from_secs(30)).await;
+        for _ in 0..rounds {
+            let leaderless: Vec<ShardId> = hinted
+                .iter()
+                .copied()
+                .filter(|s| self.group(*s).is_some_and(|g| g.leader.is_none()))
+                .collect();
+            if leaderless.is_empty() {
+                return;
+            }
+            for s in leaderless {
+                if self.mailbox.campaign(s).is_err() {
+                    return;
+                }
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// Whether `shard` runs here on the batch system.

@@ -362,20 +362,26 @@ impl Node {
             }
         }
         if !on_batch.is_empty() {
-            let campaign: Vec<ShardId> = batch_boot
-                .iter()
-                .filter(|d| d.leader_hint == Some(id))
-                .map(|d| d.id)
-                .collect();
-            let b = batch::BatchShards::start(
+            let b = Arc::new(batch::BatchShards::start(
                 &node.engine,
                 id,
                 &on_batch,
-                &campaign,
                 node.transport.clone(),
                 &node.config.raft,
-            )?;
-            let _ = node.registry.batch.set(Arc::new(b));
+            )?);
+            let _ = node.registry.batch.set(b.clone());
+            let hinted: Vec<ShardId> = on_batch
+                .iter()
+                .copied()
+                .filter(|s| {
+                    node.engine
+                        .descriptor(*s)
+                        .is_ok_and(|d| d.leader_hint == Some(id))
+                })
+                .collect();
+            let every = Duration::from_millis(node.config.raft.heartbeat_interval_ms);
+            let task = tokio::spawn(b.campaign_hinted(node.transport.clone(), hinted, every, 20));
+            node.tasks.lock().expect("tasks poisoned").push(task);
         }
         tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
         let node = Arc::new(node);
