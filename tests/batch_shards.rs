@@ -9,6 +9,7 @@
 mod common;
 
 use common::cluster::{init_tracing, TestCluster, Timings};
+use common::spread_key as key;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tessera::api::ApiError;
@@ -40,13 +41,6 @@ async fn wait_all_leaders(c: &TestCluster, shards: u64) {
     for s in 1..=shards {
         c.wait_batch_leader(ShardId(s), WAIT).await.unwrap();
     }
-}
-
-/// A key spread over the key space by its first byte.
-fn key(i: u32) -> Vec<u8> {
-    let mut k = vec![(i.wrapping_mul(37) % 256) as u8];
-    k.extend_from_slice(format!("key-{i:05}").as_bytes());
-    k
 }
 
 async fn check_model(cl: &tessera::Client, model: &BTreeMap<Vec<u8>, Vec<u8>>) {

@@ -5,6 +5,7 @@
 mod common;
 
 use common::cluster::{init_tracing, TestCluster, Timings};
+use common::spread_key as key;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tessera::api::{ApiError, Request, Response};
@@ -35,13 +36,6 @@ fn client_with(c: &TestCluster, opts: ClientOptions) -> Client {
     let issued = c.ca.issue_client("test").unwrap();
     let nodes: Vec<(NodeId, std::net::SocketAddr)> = c.up().map(|n| (n.id(), n.addr())).collect();
     Client::from_identity(&c.ca.identity(&issued), nodes, opts).unwrap()
-}
-
-/// A key spread over the key space by its first byte.
-fn key(i: u32) -> Vec<u8> {
-    let mut k = vec![(i.wrapping_mul(37) % 256) as u8];
-    k.extend_from_slice(format!("key-{i:05}").as_bytes());
-    k
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

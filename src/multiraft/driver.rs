@@ -515,9 +515,8 @@ impl Driver {
     /// What the node's request path and status need of `shard`'s replica.
     pub fn view(&self, shard: ShardId) -> Option<GroupView> {
         let node = self.groups.get(&shard)?;
-        let lead = node.raft.leader_id;
         Some(GroupView {
-            leader: (lead != raft::INVALID_ID).then_some(lead),
+            leader: self.leader(shard),
             leading: node.raft.state == StateRole::Leader,
             term: node.raft.term,
             applied: node.raft.raft_log.applied,

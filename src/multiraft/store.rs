@@ -130,7 +130,7 @@ impl GroupStore {
             Some(b) => decode(&format!("hard state of {shard}"), &b)?,
             None => HardState::default(),
         };
-        let last = engine.last_log_index(shard)?.unwrap_or(0);
+        let last = Self::last_written(engine, shard)?;
         Ok(GroupStore {
             engine: engine.clone(),
             shard,

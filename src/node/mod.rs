@@ -802,10 +802,7 @@ impl Node {
     /// Hosted data shards in id order (the meta shard, if hosted, is
     /// [`meta::META_SHARD`]).
     pub fn shard_ids(&self) -> Vec<ShardId> {
-        let mut ids = self.registry.shard_ids();
-        ids.extend(self.registry.batch_shard_ids());
-        ids.sort();
-        ids
+        self.registry.data_shard_ids()
     }
 
     /// Whether `shard` runs here on the batch system
@@ -817,8 +814,7 @@ impl Node {
     /// The leader this node's replica of batch-system shard `shard` knows
     /// of (`None`: not hosted here on the batch system, or no leader known).
     pub fn batch_leader(&self, shard: ShardId) -> Option<NodeId> {
-        let g = self.registry.batch_group(shard)?;
-        g.leading.then_some(self.id).or(g.leader.map(NodeId))
+        self.registry.batch_group(shard)?.leader.map(NodeId)
     }
 
     /// Proves batch-system shard `shard` serves from this node: a
@@ -875,7 +871,7 @@ impl Node {
         s.log_appends = st.append_requests;
         s.log_entries = st.entries_appended;
         s.commands_applied = st.commands_applied;
-        s.shards_hosted = self.registry.shard_ids().len() as u64;
+        s.shards_hosted = self.registry.data_shard_ids().len() as u64;
         s.meta_leader = self.registry.leads_hosted(meta::META_SHARD) as u64;
         s.shards_led = self.shards_led().len() as u64;
         if let Some(b) = self.registry.batch.get() {
@@ -885,9 +881,8 @@ impl Node {
             s.syncs += d.syncs;
             s.log_appends += d.appends;
             s.log_entries += d.entries;
-            let ids = b.shards();
-            s.shards_hosted += ids.len() as u64;
-            s.shards_led += ids
+            s.shards_led += b
+                .shards()
                 .iter()
                 .filter(|&&id| b.group(id).is_some_and(|g| g.leading))
                 .count() as u64;

@@ -155,9 +155,13 @@ impl Registry {
         self.batch.get()?.group(shard)
     }
 
-    /// The data shards that run here on the batch system, in id order.
-    pub(super) fn batch_shard_ids(&self) -> Vec<ShardId> {
-        self.batch.get().map(|b| b.shards()).unwrap_or_default()
+    /// Every hosted data shard, openraft's and the batch system's, in id
+    /// order.
+    pub(super) fn data_shard_ids(&self) -> Vec<ShardId> {
+        let mut ids = self.shard_ids();
+        ids.extend(self.batch.get().map(|b| b.shards()).unwrap_or_default());
+        ids.sort();
+        ids
     }
 
     /// Whether this node hosts a replica of `shard` (running or dormant).

@@ -119,10 +119,10 @@ impl Registry {
     ) -> Result<(Group, ShardDescriptor), ApiError> {
         // Leadership first: only the leader's descriptor is current (a
         // follower's may lag behind a split or a membership change).
-        let group = if let Some(b) = self.batch_for(shard) {
+        let batch = self.batch.get().and_then(|b| Some((b, b.group(shard)?)));
+        let group = if let Some((b, g)) = batch {
             // As the loop published it after its last round: a replica
             // deposed since refuses the proposal or read itself.
-            let g = b.group(shard).ok_or(ApiError::UnknownShard { shard })?;
             if !g.leading {
                 return Err(ApiError::NotLeader {
                     shard,
@@ -165,15 +165,6 @@ impl Registry {
             ))),
             None => Ok(()),
         }
-    }
-
-    /// Every hosted data shard, openraft's and the batch system's, in id
-    /// order.
-    fn data_shard_ids(&self) -> Vec<ShardId> {
-        let mut ids = self.shard_ids();
-        ids.extend(self.batch_shard_ids());
-        ids.sort();
-        ids
     }
 
     /// Proposes `cmd` through `group`; answers its log index and what
@@ -386,8 +377,10 @@ impl Registry {
                         ops,
                     },
                 };
-                let _expedite = self.expedite();
-                let _in_progress = self.engine.write_in_progress(shard);
+                // openraft's heartbeat linger and commit linger wait for these
+                // (the batch system has neither).
+                let _openraft = matches!(group, Group::Open(_))
+                    .then(|| (self.expedite(), self.engine.write_in_progress(shard)));
                 match self.propose(shard, &group, cmd).await {
                     Ok((_, data)) => match data {
                         CommandResponse::Write(results) => {

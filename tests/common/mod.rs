@@ -14,6 +14,14 @@ use tessera::storage::{Engine, LogStore, StateMachine, StorageConfig, StoreError
 use tessera::{KeyRange, NodeId, ShardDescriptor, ShardId};
 use tokio::sync::oneshot;
 
+/// Key number `i`, spread over the key space by its first byte (so keys
+/// land in every shard of an evenly split cluster).
+pub fn spread_key(i: u32) -> Vec<u8> {
+    let mut k = vec![(i.wrapping_mul(37) % 256) as u8];
+    k.extend_from_slice(format!("key-{i:05}").as_bytes());
+    k
+}
+
 pub fn log_id(term: u64, index: u64) -> LogId {
     tessera::raft::log_id(term, NodeId(1), index)
 }
