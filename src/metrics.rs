@@ -64,6 +64,9 @@ pub struct MetricsSnapshot {
     pub log_entries: u64,
     /// Client commands applied by the node's state machines.
     pub commands_applied: u64,
+    /// State machine writes (one `WriteBatch` each; several shards'
+    /// entries can share one).
+    pub apply_writes: u64,
     /// Shard replicas hosted.
     pub shards_hosted: u64,
     /// Shards this node currently leads.
@@ -130,7 +133,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 27] = [
+        let rows: [(&str, &str, &str, u64); 28] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -220,6 +223,12 @@ impl MetricsSnapshot {
                 "counter",
                 "Client commands applied by state machines",
                 self.commands_applied,
+            ),
+            (
+                "tessera_apply_writes_total",
+                "counter",
+                "State machine writes (one batch each; shards on the batch Raft system share one per round)",
+                self.apply_writes,
             ),
             (
                 "tessera_shards_hosted",

@@ -2,17 +2,21 @@
 //! (`multiraft::ShardApplier`): a proposal's answer is what the state
 //! machine answered, the data lands in the shared data column family, and a
 //! restarted node resumes from its applied position instead of applying
-//! anything twice.
+//! anything twice, and one round's client writes to many groups take one
+//! state machine write.
 
 #[path = "common/multiraft.rs"]
 mod harness;
 
-use harness::apply::{key, shard_appliers, Starts};
+use harness::apply::{descriptor, key, shard_appliers, Starts};
 use harness::loops::LoopCluster;
+use raft::eraftpb::Entry;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use tessera::command::{Command, CommandResponse, Op, OpResult};
-use tessera::multiraft::{encode_command, LoopConfig};
+use tessera::digest::{DigestStatus, ShardDigest};
+use tessera::multiraft::{encode_command, Applier, LoopConfig, ShardApplier};
+use tessera::storage::{Engine, StorageConfig};
 use tessera::ShardId;
 
 const GROUPS: u64 = 4;
@@ -156,4 +160,134 @@ async fn a_restarted_node_resumes_from_its_applied_position() {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+}
+
+fn entry(index: u64, cmd: Option<Command>) -> Entry {
+    let mut e = Entry::default();
+    e.term = 1;
+    e.index = index;
+    if let Some(cmd) = cmd {
+        e.data = encode_command(&cmd).into();
+    }
+    e
+}
+
+fn put(g: u64, name: &str, value: &[u8]) -> Option<Command> {
+    Some(Command::Write {
+        ops: vec![Op::Put {
+            key: key(g, name),
+            value: value.to_vec(),
+        }],
+    })
+}
+
+/// Waits (bounded) until `engine` finished `shard`'s digest at `index`.
+fn wait_digest(engine: &Engine, shard: ShardId, index: u64) -> ShardDigest {
+    let until = std::time::Instant::now() + DEADLINE;
+    loop {
+        match engine.digest(shard, index, index) {
+            DigestStatus::Done(d) => return d,
+            DigestStatus::Computing => {}
+            other => panic!("digest of {shard} at {index}: {other:?}"),
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "the digest of {shard} at {index} was not done within {DEADLINE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_rounds_writes_to_many_groups_take_one_state_machine_write() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let open = || Engine::open(StorageConfig::new(dir.path())).expect("open engine");
+    let engine = open();
+    let mut applier = ShardApplier::default();
+    for g in 1..=GROUPS {
+        engine.create_shard(&descriptor(g)).await.expect("create");
+        let (_log, machine) = engine.open_shard(ShardId(g)).expect("open shard");
+        assert_eq!(applier.add(ShardId(g), machine), 0, "a new shard applied nothing");
+    }
+    // Groups out of id order: the answers come back in the round's order.
+    let order = [4u64, 2, 1, 3];
+    let round: Vec<(ShardId, Vec<Entry>)> = order
+        .iter()
+        .map(|&g| {
+            let swap = Command::Write {
+                ops: vec![Op::Swap {
+                    key: key(g, "a"),
+                    value: vec![g as u8],
+                }],
+            };
+            let entries = vec![entry(1, None), entry(2, put(g, "a", b"1")), entry(3, Some(swap))];
+            (ShardId(g), entries)
+        })
+        .collect();
+    let before = engine.stats().apply_writes;
+    let answers = applier.apply(&round).expect("apply");
+    assert_eq!(
+        engine.stats().apply_writes - before,
+        1,
+        "one round's writes to {GROUPS} groups are one state machine write"
+    );
+    assert_eq!(answers.len(), order.len());
+    for (g, answer) in order.iter().zip(&answers) {
+        assert_eq!(
+            answer,
+            &vec![
+                CommandResponse::Empty,
+                CommandResponse::Write(vec![OpResult::Put { prev: None }]),
+                CommandResponse::Write(vec![OpResult::Put {
+                    prev: Some(b"1".to_vec())
+                }]),
+            ],
+            "group {g}'s answers, in its log order"
+        );
+        assert_eq!(engine.get(&key(*g, "a")).expect("get"), Some(vec![*g as u8]));
+    }
+    // Reopened, each shard resumes after what it applied: nothing is
+    // applied twice.
+    drop(applier);
+    drop(engine);
+    let engine = open();
+    applier = ShardApplier::default();
+    for g in 1..=GROUPS {
+        let (_log, machine) = engine.open_shard(ShardId(g)).expect("open shard");
+        assert_eq!(applier.add(ShardId(g), machine), 3, "group {g}");
+    }
+    // A digest is applied by its group alone, after the writes before it
+    // and before the ones after it: it hashes the state right after it.
+    let round = vec![
+        (
+            ShardId(1),
+            vec![
+                entry(4, put(1, "b", b"2")),
+                entry(5, Some(Command::Digest)),
+                entry(6, put(1, "c", b"3")),
+            ],
+        ),
+        (ShardId(2), vec![entry(4, put(2, "b", b"2"))]),
+    ];
+    let before = engine.stats().apply_writes;
+    let answers = applier.apply(&round).expect("apply");
+    assert_eq!(
+        engine.stats().apply_writes - before,
+        3,
+        "the two groups' writes share one write; the digest and what follows it take their own"
+    );
+    let wrote = CommandResponse::Write(vec![OpResult::Put { prev: None }]);
+    assert_eq!(
+        answers,
+        vec![
+            vec![wrote.clone(), CommandResponse::Empty, wrote.clone()],
+            vec![wrote],
+        ]
+    );
+    assert_eq!(
+        wait_digest(&engine, ShardId(1), 5).pairs,
+        2,
+        "the digest at 5 holds a and b, not c written at 6"
+    );
+    assert_eq!(engine.get(&key(1, "c")).expect("get"), Some(b"3".to_vec()));
 }

@@ -1,6 +1,7 @@
 //! The batch system's entries applied to the product's state machine
 //! ([`StateMachine`]: user data, client sessions, the applied position,
-//! splits and merges), one shard's entries per call.
+//! splits and merges), every group's entries of a round in one write
+//! where they can share it ([`apply_together`]).
 //!
 //! An entry's data is a postcard-encoded [`Command`] ([`encode_command`]);
 //! an entry without data is a new leader's blank. Each is handed to the
@@ -16,7 +17,7 @@ use raft::eraftpb::{Entry, EntryType};
 use super::runtime::Applier;
 use crate::command::{Command, CommandResponse};
 use crate::raft::{log_id, EntryPayload};
-use crate::storage::{StateMachine, StoreError};
+use crate::storage::{apply_together, StateMachine, StoreError};
 use crate::{NodeId, ShardId};
 
 /// A command as a batch-system entry's data.
@@ -66,27 +67,41 @@ impl ShardApplier {
 impl Applier for ShardApplier {
     type Response = CommandResponse;
 
+    /// One write for the round's client writes, whatever the number of
+    /// groups ([`apply_together`]).
     fn apply(
         &mut self,
         committed: &[(ShardId, Vec<Entry>)],
     ) -> Result<Vec<Vec<CommandResponse>>, StoreError> {
-        let mut out = Vec::with_capacity(committed.len());
-        for (shard, entries) in committed {
-            let machine = self
-                .machines
-                .get_mut(shard)
-                .ok_or(StoreError::UnknownShard { shard: *shard })?;
-            let converted = entries
+        let mut converted = HashMap::with_capacity(committed.len());
+        for (i, (shard, entries)) in committed.iter().enumerate() {
+            if !self.machines.contains_key(shard) {
+                return Err(StoreError::UnknownShard { shard: *shard });
+            }
+            let entries = entries
                 .iter()
                 .map(|e| Self::convert(*shard, e))
                 .collect::<Result<Vec<_>, _>>()?;
-            out.push(
-                machine
-                    .apply_entries_now(converted)
-                    .map_err(|e| StoreError::Failed {
-                        cause: format!("apply {shard}: {e}"),
-                    })?,
-            );
+            if converted.insert(*shard, (i, entries)).is_some() {
+                return Err(StoreError::Failed {
+                    cause: format!("{shard} appears twice in one round's committed entries"),
+                });
+            }
+        }
+        let mut order = Vec::with_capacity(committed.len());
+        let mut parts = Vec::with_capacity(committed.len());
+        for (shard, machine) in &mut self.machines {
+            if let Some((i, entries)) = converted.remove(shard) {
+                order.push(i);
+                parts.push((machine, entries));
+            }
+        }
+        let answered = apply_together(parts).map_err(|e| StoreError::Failed {
+            cause: format!("apply: {e}"),
+        })?;
+        let mut out: Vec<Vec<CommandResponse>> = vec![Vec::new(); committed.len()];
+        for (i, responses) in order.into_iter().zip(answered) {
+            out[i] = responses;
         }
         Ok(out)
     }

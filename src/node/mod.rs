@@ -871,6 +871,7 @@ impl Node {
         s.log_appends = st.append_requests;
         s.log_entries = st.entries_appended;
         s.commands_applied = st.commands_applied;
+        s.apply_writes = st.apply_writes;
         s.shards_hosted = self.registry.data_shard_ids().len() as u64;
         s.meta_leader = self.registry.leads_hosted(meta::META_SHARD) as u64;
         s.shards_led = self.shards_led().len() as u64;

@@ -106,6 +106,9 @@ pub struct StorageStats {
     pub requests_written: u64,
     /// Normal (client) log entries applied by the state machines.
     pub commands_applied: u64,
+    /// The state machines' writes (one `WriteBatch` each; the batch
+    /// system's shards share one per round).
+    pub apply_writes: u64,
 }
 
 #[derive(Default)]
@@ -117,6 +120,7 @@ pub(crate) struct Counters {
     bytes_written: AtomicU64,
     requests_written: AtomicU64,
     pub(crate) commands_applied: AtomicU64,
+    pub(crate) apply_writes: AtomicU64,
 }
 
 impl Counters {
@@ -129,6 +133,7 @@ impl Counters {
             bytes_written: self.bytes_written.load(Ordering::Acquire),
             requests_written: self.requests_written.load(Ordering::Acquire),
             commands_applied: self.commands_applied.load(Ordering::Acquire),
+            apply_writes: self.apply_writes.load(Ordering::Acquire),
         }
     }
 }

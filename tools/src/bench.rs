@@ -214,6 +214,9 @@ mod cost {
         /// batch system's own count of the messages inside.
         messages: u64,
         frames: u64,
+        /// Client commands applied, and the state machine writes they took.
+        applied: u64,
+        apply_writes: u64,
         pid: u64,
         cpu: f64,
     }
@@ -235,6 +238,8 @@ mod cost {
                     syncs: g("tessera_storage_syncs_total"),
                     appends: g("tessera_log_appends_total"),
                     entries: g("tessera_log_entries_total"),
+                    applied: g("tessera_commands_applied_total"),
+                    apply_writes: g("tessera_apply_writes_total"),
                     messages: (g("tessera_raft_messages_sent_total")
                         + g("tessera_batch_messages_total"))
                     .saturating_sub(g("tessera_batch_frames_total")),
@@ -261,6 +266,7 @@ mod cost {
         }
         let mut per_node = Vec::new();
         let (mut messages, mut frames) = (0u64, 0u64);
+        let (mut applied, mut apply_writes) = (0u64, 0u64);
         let mut cpu_by_pid: BTreeMap<u64, f64> = BTreeMap::new();
         for (id, a) in after {
             let b = before.get(id).cloned().unwrap_or_default();
@@ -273,6 +279,8 @@ mod cost {
                 entries as f64 / syncs.max(1) as f64
             ));
             messages += a.messages.saturating_sub(b.messages);
+            applied += a.applied.saturating_sub(b.applied);
+            apply_writes += a.apply_writes.saturating_sub(b.apply_writes);
             frames += a.frames.saturating_sub(b.frames);
             if b.pid == a.pid {
                 cpu_by_pid.insert(a.pid, a.cpu - b.cpu);
@@ -280,13 +288,14 @@ mod cost {
         }
         let cpu: f64 = cpu_by_pid.values().sum();
         format!(
-            "cost: appends per sync {}; Raft messages per frame {:.1} ({:.2} frames per op); cluster CPU {:.0} µs per op ({:.2} CPU s over {} processes)",
+            "cost: appends per sync {}; Raft messages per frame {:.1} ({:.2} frames per op); cluster CPU {:.0} µs per op ({:.2} CPU s over {} processes); commands per apply write {:.1}",
             per_node.join(", "),
             messages as f64 / frames.max(1) as f64,
             frames as f64 / ops.max(1) as f64,
             cpu * 1e6 / ops.max(1) as f64,
             cpu,
-            cpu_by_pid.len()
+            cpu_by_pid.len(),
+            applied as f64 / apply_writes.max(1) as f64
         )
     }
 }

@@ -758,6 +758,13 @@ impl Engine {
             .expect("column family created at open")
     }
 
+    pub(crate) fn count_apply_write(&self) {
+        self.inner
+            .counters
+            .apply_writes
+            .fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn count_applied(&self, n: u64) {
         self.inner
             .counters

@@ -315,50 +315,77 @@ impl StateMachine {
         &mut self,
         chunk: &mut Vec<Entry>,
     ) -> Result<Vec<CommandResponse>, io::Error> {
-        let werr = to_io;
         // Fail-stop: after a failed log sync nothing more is acknowledged.
-        self.engine.latch().check().map_err(werr)?;
+        self.engine.latch().check().map_err(to_io)?;
         // Held (shared) until the batch is written: an install or delete of
         // another replica cannot change who owns what in between.
         let engine = self.engine.clone();
         let own = engine.ownership();
-        self.refresh_shadows(&own);
         let mut batch = WriteBatch::default();
+        let Some(staged) = self.stage(chunk, &mut batch, &own)? else {
+            return Ok(Vec::new());
+        };
+        write_applied(&engine, batch, staged.sync)?;
+        let claim = self.published(&staged, &own);
+        drop(own);
+        if let Some(claim) = claim {
+            self.claim(claim, &staged.created);
+        }
+        Ok(self.settle(staged))
+    }
+
+    /// Stages `chunk` (drained) into `batch`: the data, session rows, the
+    /// applied log id, membership and descriptor changes. Nothing is
+    /// visible until the batch is written and [`StateMachine::published`]
+    /// and [`StateMachine::settle`] ran; `own` must stay held until then.
+    fn stage(
+        &mut self,
+        chunk: &mut Vec<Entry>,
+        batch: &mut WriteBatch,
+        own: &shard_router::Ownership,
+    ) -> Result<Option<Staged>, io::Error> {
+        let werr = to_io;
+        self.refresh_shadows(own);
         let mut overlay = HashMap::new();
-        let mut responses = Vec::new();
-        let mut last = None;
+        let mut staged = Staged {
+            responses: Vec::with_capacity(chunk.len()),
+            last: None,
+            // Applies change a descriptor only through its epoch (a split
+            // bumps the version, a change of voters the configuration
+            // version).
+            epoch_before: self.descriptor.epoch,
+            commands: 0,
+            written: 0,
+            created: Vec::new(),
+            retired: Vec::new(),
+            sync: false,
+        };
         let mut membership_changed = false;
-        let mut commands = 0u64;
-        let mut created = Vec::new();
-        let mut retired = Vec::new();
         let mut descriptor_changed = false;
-        // Applies change a descriptor only through its epoch (a split bumps
-        // the version, a change of voters the configuration version).
-        let epoch_before = self.descriptor.epoch;
-        let mut written = 0u64;
         for entry in chunk.drain(..) {
-            last = Some(entry.log_id);
+            staged.last = Some(entry.log_id);
             let resp = match entry.payload {
                 EntryPayload::Blank => CommandResponse::Empty,
                 EntryPayload::Normal(cmd) => {
-                    commands += 1;
+                    staged.commands += 1;
                     if let Command::Write { ops } | Command::SessionWrite { ops, .. } = &cmd {
-                        written += ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
+                        staged.written +=
+                            ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
                     }
                     let before = self.descriptor.epoch;
                     let r = self
                         .apply_command(
                             cmd,
                             entry.log_id,
-                            &mut batch,
+                            batch,
                             &mut overlay,
-                            &mut created,
-                            &mut retired,
+                            &mut staged.created,
+                            &mut staged.retired,
                         )
                         .map_err(werr)?;
                     if self.descriptor.epoch != before {
                         self.shadows.0 = u64::MAX;
-                        self.refresh_shadows(&own);
+                        self.refresh_shadows(own);
                     }
                     r
                 }
@@ -379,10 +406,10 @@ impl StateMachine {
                     CommandResponse::Empty
                 }
             };
-            responses.push(resp);
+            staged.responses.push(resp);
         }
-        let Some(last) = last else {
-            return Ok(responses);
+        let Some(last) = staged.last else {
+            return Ok(None);
         };
         let meta = self.engine.cf(Cf::ShardMeta);
         batch.put_cf(
@@ -404,16 +431,21 @@ impl StateMachine {
                 encode(&self.descriptor),
             );
         }
-        // Not synced by itself: the entries are durable in the log, and the WAL
-        // keeps this write ordered after them; a crash replays from the log.
-        // (A merge freeze is synced: see `Command::PrepareMerge`.)
-        let mut wo = WriteOptions::default();
-        wo.set_sync(std::mem::take(&mut self.sync_batch));
-        self.engine
-            .db()
-            .write_opt(batch, &wo)
-            .map_err(|e| werr(StoreError::rocks("apply", e)))?;
-        if self.descriptor.epoch != epoch_before {
+        // A merge freeze is synced: see `Command::PrepareMerge`.
+        staged.sync = std::mem::take(&mut self.sync_batch);
+        Ok(Some(staged))
+    }
+
+    /// After `staged`'s batch is written: publishes a changed descriptor
+    /// and merge freeze, and returns this replica's ownership claim when
+    /// it (or a split child's) must change, which [`StateMachine::claim`]
+    /// sets once `own` is released.
+    fn published(
+        &mut self,
+        staged: &Staged,
+        own: &shard_router::Ownership,
+    ) -> Option<shard_router::Claim> {
+        if self.descriptor.epoch != staged.epoch_before {
             self.engine.publish_descriptor(&self.descriptor);
         }
         if std::mem::take(&mut self.merge_changed) {
@@ -421,28 +453,140 @@ impl StateMachine {
                 .publish_merging(self.shard, self.merging.clone());
         }
         let claim = claim_of(&self.descriptor, true);
-        let claims_changed = own.get(self.shard) != Some(&claim) || !created.is_empty();
-        drop(own);
-        if claims_changed {
-            let mut own = engine.ownership_mut();
-            own.set(self.shard, claim);
-            for child in &created {
-                if let Ok(d) = self.engine.descriptor(*child) {
-                    own.set(*child, claim_of(&d, true));
+        (own.get(self.shard) != Some(&claim) || !staged.created.is_empty()).then_some(claim)
+    }
+
+    /// Sets this replica's ownership claim and its split children's.
+    fn claim(&self, claim: shard_router::Claim, created: &[ShardId]) {
+        let mut own = self.engine.ownership_mut();
+        own.set(self.shard, claim);
+        for child in created {
+            if let Ok(d) = self.engine.descriptor(*child) {
+                own.set(*child, claim_of(&d, true));
+            }
+        }
+    }
+
+    /// After `staged`'s batch is written and published: the applied
+    /// position in memory, counters and notes; returns the responses.
+    fn settle(&mut self, staged: Staged) -> Vec<CommandResponse> {
+        self.applied = staged.last;
+        self.engine.count_applied(staged.commands);
+        if staged.written > 0 {
+            self.engine.note_written(self.shard, staged.written);
+        }
+        for child in staged.created {
+            self.engine.note_created(child);
+        }
+        for right in staged.retired {
+            self.engine.note_retired(right);
+        }
+        staged.responses
+    }
+
+    /// Whether `entry` can share one write with other shards' entries
+    /// ([`apply_together`]): a blank, a client write or a no-op. Anything
+    /// else (splits, merges, membership, meta records, digests) is applied
+    /// by its shard alone, as [`StateMachine::apply_entries_now`] does.
+    fn shares_a_write(entry: &Entry) -> bool {
+        match &entry.payload {
+            EntryPayload::Blank => true,
+            EntryPayload::Normal(cmd) => matches!(
+                cmd,
+                Command::Write { .. } | Command::SessionWrite { .. } | Command::Noop
+            ),
+            EntryPayload::Membership(_) => false,
+        }
+    }
+}
+
+/// What one shard's staged entries need once their batch is written.
+struct Staged {
+    responses: Vec<CommandResponse>,
+    last: Option<LogId>,
+    epoch_before: Epoch,
+    commands: u64,
+    written: u64,
+    created: Vec<ShardId>,
+    retired: Vec<ShardId>,
+    sync: bool,
+}
+
+/// Writes an apply's batch. Not synced by itself (unless `sync`): the
+/// entries are durable in the log, and the WAL keeps this write ordered
+/// after them; a crash replays from the log.
+fn write_applied(engine: &Engine, batch: WriteBatch, sync: bool) -> Result<(), io::Error> {
+    let mut wo = WriteOptions::default();
+    wo.set_sync(sync);
+    engine
+        .db()
+        .write_opt(batch, &wo)
+        .map_err(|e| to_io(StoreError::rocks("apply", e)))?;
+    engine.count_apply_write();
+    Ok(())
+}
+
+/// Applies several shards' committed entries (each shard's in log order,
+/// each shard at most once in `parts`) with one unsynced write for all of
+/// them where it can: each shard's leading run of blanks, client writes
+/// and no-ops (at most [`APPLY_CHUNK_MAX`] entries) is staged into one
+/// shared batch, written once, then published; whatever follows a shard's
+/// run (a split, a merge step, a digest, ...) is then applied by that
+/// shard alone, as before. Returns each part's responses, in `parts`'
+/// order. Shards hosted on one node own disjoint keys, so one shard's
+/// staged writes cannot change what another's apply reads.
+///
+/// # Errors
+/// The storage's (the engine fail-stops).
+pub fn apply_together(
+    parts: Vec<(&mut StateMachine, Vec<Entry>)>,
+) -> Result<Vec<Vec<CommandResponse>>, io::Error> {
+    let Some(engine) = parts.first().map(|(m, _)| m.engine.clone()) else {
+        return Ok(Vec::new());
+    };
+    engine.latch().check().map_err(to_io)?;
+    let mut rest = Vec::with_capacity(parts.len());
+    let mut staged = Vec::with_capacity(parts.len());
+    let mut batch = WriteBatch::default();
+    {
+        let own = engine.ownership();
+        for (machine, mut entries) in parts {
+            let run = entries
+                .iter()
+                .take(APPLY_CHUNK_MAX)
+                .take_while(|e| StateMachine::shares_a_write(e))
+                .count();
+            let tail = entries.split_off(run);
+            let s = machine.stage(&mut entries, &mut batch, &own)?;
+            staged.push(s);
+            rest.push((machine, tail));
+        }
+        let sync = staged.iter().flatten().any(|s| s.sync);
+        if staged.iter().any(Option::is_some) {
+            write_applied(&engine, batch, sync)?;
+        }
+        let mut claims = Vec::new();
+        for ((machine, _), s) in rest.iter_mut().zip(&staged) {
+            if let Some(s) = s {
+                if let Some(c) = machine.published(s, &own) {
+                    claims.push((machine.shard, c, s.created.clone()));
                 }
             }
         }
-        self.applied = Some(last);
-        self.engine.count_applied(commands);
-        if written > 0 {
-            self.engine.note_written(self.shard, written);
+        drop(own);
+        for (shard, claim, created) in claims {
+            if let Some((m, _)) = rest.iter().find(|(m, _)| m.shard == shard) {
+                m.claim(claim, &created);
+            }
         }
-        for child in created {
-            self.engine.note_created(child);
-        }
-        for right in retired {
-            self.engine.note_retired(right);
-        }
-        Ok(responses)
     }
+    let mut out = Vec::with_capacity(rest.len());
+    for ((machine, tail), s) in rest.into_iter().zip(staged) {
+        let mut responses = s.map(|s| machine.settle(s)).unwrap_or_default();
+        if !tail.is_empty() {
+            responses.extend(machine.apply_entries_now(tail)?);
+        }
+        out.push(responses);
+    }
+    Ok(out)
 }
