@@ -74,6 +74,22 @@ async fn scans_across_shards_match_a_model() {
         .filter(|d| d.range.start < hi && (d.range.end.is_empty() || d.range.end > lo))
         .count();
     assert!(spanned_shards >= 8, "{spanned_shards} shards spanned");
+    // Each request is one stream whose end both sides read: neither asks
+    // the other to stop sending (a STOP_SENDING frame, and the packets it
+    // costs, per request). One may still slip through when a stream's end
+    // arrives in a packet after its frame, so a tenth is allowed.
+    let stats = cl.connection_stats().await;
+    assert!(!stats.is_empty(), "the client has connections");
+    let requests: u64 = stats.iter().map(|(_, s)| s.frame_tx.stream).sum();
+    let stops: u64 = stats
+        .iter()
+        .map(|(_, s)| s.frame_tx.stop_sending + s.frame_rx.stop_sending)
+        .sum();
+    assert!(requests >= 458, "{requests} request frames sent");
+    assert!(
+        stops <= requests / 10,
+        "{stops} STOP_SENDING frames for {requests} requests"
+    );
     drop(cl);
     c.shutdown().await;
 }

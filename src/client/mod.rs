@@ -40,6 +40,8 @@ mod nodes;
 mod retry;
 
 pub use data::Scanner;
+/// A connection's transport counters ([`Client::connection_stats`]).
+pub use quinn::ConnectionStats;
 use retry::{unexpected, Target};
 
 /// What a client call can fail with.

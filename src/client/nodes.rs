@@ -39,6 +39,17 @@ impl Client {
         )))
     }
 
+    /// What this client's open QUIC connections sent and received so far
+    /// (one row per node it is connected to): datagrams, frames by kind,
+    /// round-trip time. For diagnostics, such as `tessera-ctl bench`'s
+    /// per-operation transport cost.
+    pub async fn connection_stats(&self) -> Vec<(NodeId, quinn::ConnectionStats)> {
+        let conns = self.inner.conns.lock().await;
+        let mut out: Vec<_> = conns.iter().map(|(n, c)| (*n, c.stats())).collect();
+        out.sort_by_key(|(n, _)| *n);
+        out
+    }
+
     pub(super) async fn connection(
         &self,
         node: NodeId,

@@ -61,7 +61,9 @@ pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Conne
         };
         let (registry, conn) = (registry.clone(), conn.clone());
         tokio::spawn(async move {
-            let resp = match wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
+            let request = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await;
+            crate::api::call::take_end(&mut recv);
+            let resp = match request {
                 Ok(Some(payload)) => match wire::decode_payload::<Request>(&payload) {
                     Ok(Request::Join { node, .. })
                         if crate::tls::verify_claimed_node(&conn, node).is_err() =>

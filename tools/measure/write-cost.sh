@@ -11,6 +11,7 @@
 # machine's counter: keep the machine otherwise quiet). BIN=DIR takes the
 # binaries from DIR instead of the release target folder, to compare builds
 # side by side (copy each build's binaries to its own folder).
+# BENCH_FLAGS='...' adds flags to the bench command (e.g. --connections 4).
 # UDP_SPLIT=1 (needs `perf` and the syscall tracepoints) also counts the
 # sendmsg calls of the nodes and of the load generator apart, per write:
 # the machine-wide datagram count includes the clients' own requests,
@@ -38,7 +39,7 @@ if [ "$split" = 1 ]; then
 fi
 u0=$(udp); t0=$(cpu $pid)
 out=$("${trace[@]}" "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
-  --clients "$clients" --duration "$D" 2>&1)
+  --clients "$clients" --duration "$D" ${BENCH_FLAGS:-} 2>&1)
 u1=$(udp); t1=$(cpu $pid)
 if [ "$split" = 1 ]; then
   kill -INT "$nodes_perf"; wait "$nodes_perf" 2>/dev/null

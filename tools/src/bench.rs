@@ -300,6 +300,50 @@ mod cost {
     }
 }
 
+/// `client QUIC: ...`: what the load generator's QUIC connections sent
+/// and received per operation (datagrams, and the frames that are not
+/// requests or answers: acknowledgements, stream credit, stops).
+async fn client_quic(sets: &[Conn], ops: u64) -> String {
+    let mut t = tessera::client::ConnectionStats::default();
+    for c in sets {
+        let Conn::Tessera(c) = c else { continue };
+        for (_, s) in c.connection_stats().await {
+            t.udp_tx.datagrams += s.udp_tx.datagrams;
+            t.udp_tx.ios += s.udp_tx.ios;
+            t.udp_rx.datagrams += s.udp_rx.datagrams;
+            t.frame_tx.acks += s.frame_tx.acks;
+            t.frame_rx.acks += s.frame_rx.acks;
+            t.frame_tx.stream += s.frame_tx.stream;
+            t.frame_rx.stream += s.frame_rx.stream;
+            t.frame_tx.max_streams_bidi += s.frame_tx.max_streams_bidi;
+            t.frame_rx.max_streams_bidi += s.frame_rx.max_streams_bidi;
+            t.frame_tx.stop_sending += s.frame_tx.stop_sending;
+            t.frame_rx.stop_sending += s.frame_rx.stop_sending;
+            t.frame_tx.max_data += s.frame_tx.max_data;
+            t.frame_rx.max_data += s.frame_rx.max_data;
+            t.frame_tx.ping += s.frame_tx.ping;
+        }
+    }
+    let per = |n: u64| n as f64 / ops.max(1) as f64;
+    format!(
+        "client QUIC per op (whole run): datagrams out {:.2} ({:.2} sends), in {:.2}; frames out/in: ACK {:.2}/{:.2}, STREAM {:.2}/{:.2}, MAX_STREAMS {:.2}/{:.2}, STOP_SENDING {:.2}/{:.2}, MAX_DATA {:.2}/{:.2}, PING {:.3}",
+        per(t.udp_tx.datagrams),
+        per(t.udp_tx.ios),
+        per(t.udp_rx.datagrams),
+        per(t.frame_tx.acks),
+        per(t.frame_rx.acks),
+        per(t.frame_tx.stream),
+        per(t.frame_rx.stream),
+        per(t.frame_tx.max_streams_bidi),
+        per(t.frame_rx.max_streams_bidi),
+        per(t.frame_tx.stop_sending),
+        per(t.frame_rx.stop_sending),
+        per(t.frame_tx.max_data),
+        per(t.frame_rx.max_data),
+        per(t.frame_tx.ping),
+    )
+}
+
 fn histogram() -> Histogram<u64> {
     Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("bounds")
 }
@@ -497,6 +541,9 @@ pub(crate) async fn bench(cluster: &Path, args: BenchArgs) -> Result<()> {
     if let Some(before) = cost_before {
         let after = cost::scrape(cluster).await?;
         writeln!(out, "{}", cost::report(&before, &after, total.len()))?;
+    }
+    if target == Target::Tessera {
+        writeln!(out, "{}", client_quic(&shared, total.len()).await)?;
     }
     if let Some(e) = first_error {
         eprintln!("bench: {errors} errors; the first: {e}");
