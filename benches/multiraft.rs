@@ -30,6 +30,11 @@
 //! of about 10,000 keys, as `tessera-ctl bench --workload write` sends), so
 //! only the client's request and response are missing against a real node.
 //!
+//! `apply_round/64_groups/{plain,session}`: one node's apply of a round of
+//! 64 committed puts, one per group, as one RocksDB write: plain writes,
+//! and exactly-once session writes (which also rewrite a session row).
+//! CPU time per round (divide by 64 for one write).
+//!
 //! `idle_cpu/{1000,10000}`: CPU the whole cluster (over QUIC) spends per
 //! 100 ms of wall time with that many idle groups, every one led (100 ms
 //! ticks, heartbeats every 2 ticks): 100 ms is one core busy. Datagrams per
@@ -269,6 +274,75 @@ fn bench_quic_apply(cr: &mut Criterion) {
     quic_case(cr, "quic_apply/64x64", &rt, c, put);
 }
 
+/// One node's apply of one round of committed writes, one to each of 64
+/// groups (`ShardApplier`, one RocksDB write for the round): `plain` puts,
+/// and `session` the same puts as exactly-once session writes (64
+/// clients), which also rewrite the client's session row.
+fn bench_apply(cr: &mut Criterion) {
+    use tessera::multiraft::{Applier, ShardApplier};
+    use tessera::session::SessionStamp;
+    use tessera::storage::{Engine, StorageConfig};
+    let mut group = cr.benchmark_group("apply_round/64_groups");
+    group.measurement_time(Duration::from_secs(10));
+    for session in [false, true] {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let engine = Engine::open(StorageConfig::new(dir.path())).expect("open engine");
+        let rt = rt2();
+        let mut applier = ShardApplier::default();
+        for g in 1..=64 {
+            rt.block_on(engine.create_shard(&harness::apply::descriptor(g)))
+                .expect("create shard");
+            let (_log, machine) = engine.open_shard(ShardId(g)).expect("open shard");
+            applier.add(ShardId(g), machine);
+        }
+        let mut index = 0u64;
+        let mut seq = [0u64; 64];
+        let name = if session { "session" } else { "plain" };
+        group.bench_function(name, |b| {
+            b.iter_custom(|n| {
+                let start = cpu_time();
+                for _ in 0..n {
+                    index += 1;
+                    let round: Vec<_> = (1..=64u64)
+                        .map(|g| {
+                            let n = (index * 7919 + g * 104_729) % 156;
+                            let ops = vec![Op::Put {
+                                key: key(g, &format!("key-{n:05}")),
+                                value: vec![b'v'; 100],
+                            }];
+                            let client = ((index + g) % 64) as usize;
+                            let cmd = if session {
+                                seq[client] += 1;
+                                Command::SessionWrite {
+                                    stamp: SessionStamp {
+                                        client: client as u128 + 1,
+                                        seq: seq[client],
+                                        acked: seq[client],
+                                    },
+                                    at_ms: index,
+                                    ops,
+                                }
+                            } else {
+                                Command::Write { ops }
+                            };
+                            let mut e = raft::eraftpb::Entry::default();
+                            e.term = 1;
+                            e.index = index;
+                            e.data = encode_command(&cmd).into();
+                            (ShardId(g), vec![e])
+                        })
+                        .collect();
+                    applier.apply(&round).expect("apply");
+                }
+                cpu_time() - start
+            })
+        });
+        drop(applier);
+        drop(engine);
+    }
+    group.finish();
+}
+
 /// CPU the whole 3-node cluster spends per 100 ms of wall time while its
 /// groups are idle (every group led, nothing written).
 fn bench_idle(cr: &mut Criterion) {
@@ -326,6 +400,7 @@ criterion_group!(
     bench_loops,
     bench_quic,
     bench_quic_apply,
+    bench_apply,
     bench_idle
 );
 criterion_main!(benches);

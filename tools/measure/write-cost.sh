@@ -7,11 +7,13 @@
 # (default 12 s) against it. Prints bench's throughput, latency and cost
 # lines (appends per sync, Raft messages per frame, cluster CPU per write),
 # then one summary line: writes/s, p50, cluster CPU µs per write from
-# /proc/PID/stat, and UDP datagrams sent per write from /proc/net/snmp (the
-# machine's counter: keep the machine otherwise quiet). BIN=DIR takes the
+# /proc/PID/stat, UDP datagrams sent per write from /proc/net/snmp (the
+# machine's counter: keep the machine otherwise quiet), and the load
+# generator's own CPU µs per write (its user + system time, whole run). BIN=DIR takes the
 # binaries from DIR instead of the release target folder, to compare builds
 # side by side (copy each build's binaries to its own folder).
 # BENCH_FLAGS='...' adds flags to the bench command (e.g. --connections 4).
+# CSW=1 (needs `perf`) also counts the nodes' context switches per write.
 # UDP_SPLIT=1 (needs `perf` and the syscall tracepoints) also counts the
 # sendmsg calls of the nodes and of the load generator apart, per write:
 # the machine-wide datagram count includes the clients' own requests,
@@ -31,6 +33,10 @@ wait_ready $pid "$dir"
 hz=$(getconf CLK_TCK)
 split=${UDP_SPLIT:-0}
 trace=()
+if [ "${CSW:-0}" = 1 ]; then
+  perf stat -x, -e context-switches -p "$pid" -o "$dir/csw.stat" 2>/dev/null &
+  csw_perf=$!
+fi
 if [ "$split" = 1 ]; then
   ev=syscalls:sys_enter_sendmsg,syscalls:sys_enter_sendmmsg
   perf stat -x, -e "$ev" -p "$pid" -o "$dir/node.stat" 2>/dev/null &
@@ -38,11 +44,15 @@ if [ "$split" = 1 ]; then
   trace=(perf stat -x, -e "$ev" -o "$dir/bench.stat" --)
 fi
 u0=$(udp); t0=$(cpu $pid)
-out=$("${trace[@]}" "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
-  --clients "$clients" --duration "$D" ${BENCH_FLAGS:-} 2>&1)
+TIMEFORMAT='%3U %3S'
+out=$( { time "${trace[@]}" "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
+  --clients "$clients" --duration "$D" ${BENCH_FLAGS:-} 2>&1; } 2>"$dir/ctl.time")
 u1=$(udp); t1=$(cpu $pid)
 if [ "$split" = 1 ]; then
   kill -INT "$nodes_perf"; wait "$nodes_perf" 2>/dev/null
+fi
+if [ "${CSW:-0}" = 1 ]; then
+  kill -INT "$csw_perf"; wait "$csw_perf" 2>/dev/null
 fi
 echo "$out" | grep -v '^at '
 ops=$(echo "$out" | awk '/ ops\/s$/ && !/^at / {print $1; exit}')
@@ -51,7 +61,12 @@ p50=$(echo "$out" | awk '/^p50 / {print $2, $3; exit}')
 if [ "${writes:-0}" -gt 0 ]; then
   echo "summary: shards=$shards clients=$clients flags='$*' ops_s=$ops p50='$p50'" \
     "cpu_us_per_write=$(( (t1 - t0) * 1000000 / hz / writes ))" \
-    "udp_per_write=$(echo "scale=2; ($u1 - $u0) / $writes" | bc)"
+    "udp_per_write=$(echo "scale=2; ($u1 - $u0) / $writes" | bc)" \
+    "loadgen_cpu_us_per_write=$(awk -v w="$writes" '{printf "%d", ($1 + $2) * 1000000 / w}' "$dir/ctl.time")"
+  if [ "${CSW:-0}" = 1 ]; then
+    ev() { awk -F, -v e="$1" '$3 == e {print $1 + 0; exit}' "$dir/csw.stat"; }
+    echo "context switches per write (nodes): $(echo "scale=2; $(ev context-switches) / $writes" | bc)"
+  fi
   if [ "$split" = 1 ]; then
     calls() { awk -F, '/syscalls:sys_enter_sendm/ {n += $1} END {print n + 0}' "$1"; }
     echo "udp split: sendmsg per write: nodes $(echo "scale=2; $(calls "$dir/node.stat") / $writes" | bc)," \

@@ -225,6 +225,11 @@ impl Engine {
             }
             o.set_block_based_table_factory(&t);
             o.set_compression_type(DBCompressionType::Lz4);
+            match name {
+                keys::CF_DATA => o.set_write_buffer_size(config.data_memtable_bytes),
+                keys::CF_SHARD_META => o.set_write_buffer_size(config.meta_memtable_bytes),
+                _ => {}
+            }
             cfs.push(ColumnFamilyDescriptor::new(name, o));
         }
         let db = DB::open_cf_descriptors(&db_opts, &db_dir, cfs)
