@@ -325,10 +325,12 @@ fn bench_apply(cr: &mut Criterion) {
                             } else {
                                 Command::Write { ops }
                             };
-                            let mut e = raft::eraftpb::Entry::default();
-                            e.term = 1;
-                            e.index = index;
-                            e.data = encode_command(&cmd).into();
+                            let e = raft::eraftpb::Entry {
+                                term: 1,
+                                index,
+                                data: encode_command(&cmd).into(),
+                                ..Default::default()
+                            };
                             (ShardId(g), vec![e])
                         })
                         .collect();

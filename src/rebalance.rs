@@ -16,14 +16,31 @@ use std::sync::Arc;
 /// The cluster as its nodes report it: every node that answers is up, each
 /// shard's newest descriptor, its leader, its largest replica size, its
 /// load summed over its replicas (at least what its leader reported to
-/// the meta shard in the last 30 s).
+/// the meta shard in the last 30 s). Every shard, on either Raft system
+/// (see [`cluster_states`] for them apart).
 ///
 /// # Errors
 /// [`NodeCallError::NoneAnswered`] when no node answers.
 pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallError> {
+    let (mut state, batch) = cluster_states(client).await?;
+    state.shards.extend(batch.shards);
+    state.shards.sort_by_key(|s| s.descriptor.id);
+    Ok(state)
+}
+
+/// [`cluster_state`] in two: the openraft shards, and the batch-system
+/// shards (which can have their leadership transferred but cannot move
+/// or split yet). Both name the same nodes.
+///
+/// # Errors
+/// As [`cluster_state`].
+pub async fn cluster_states(
+    client: &Client,
+) -> Result<(ClusterState, ClusterState), NodeCallError> {
     let nodes = client.refresh_nodes().await?;
     let mut state = ClusterState::default();
     let mut shards: BTreeMap<ShardId, ShardState> = BTreeMap::new();
+    let mut batch_ids = std::collections::BTreeSet::new();
     for (id, _) in nodes {
         let status = client.node_status(id).await;
         state.nodes.push(NodeState {
@@ -33,10 +50,8 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
         });
         let Ok(status) = status else { continue };
         for s in status.shards {
-            // Batch-system shards cannot move or transfer leadership yet:
-            // the planner leaves them where they are.
             if s.batch {
-                continue;
+                batch_ids.insert(s.descriptor.id);
             }
             let entry = shards.entry(s.descriptor.id).or_insert_with(|| ShardState {
                 descriptor: s.descriptor.clone(),
@@ -74,8 +89,36 @@ pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallErro
             s.leader = None;
         }
     }
-    state.shards = shards.into_values().collect();
-    Ok(state)
+    let mut batch = ClusterState {
+        nodes: state.nodes.clone(),
+        shards: Vec::new(),
+    };
+    for (id, s) in shards {
+        if batch_ids.contains(&id) {
+            batch.shards.push(s);
+        } else {
+            state.shards.push(s);
+        }
+    }
+    Ok((state, batch))
+}
+
+/// One round's plan for both populations of [`cluster_states`]: the
+/// openraft shards planned in full (splits, moves, leader transfers), the
+/// batch-system shards for their leaders only (a plan with no moves and
+/// no splits: the planner then only transfers leadership, so a node that
+/// restarted and leads nothing gets its share back).
+pub fn plan(openraft: &ClusterState, batch: &ClusterState, cfg: &PlannerConfig) -> Plan {
+    let mut plan = planner::plan(openraft, cfg);
+    if !batch.shards.is_empty() {
+        let leaders_only = PlannerConfig {
+            max_concurrent_moves: 0,
+            split_bytes: None,
+            ..*cfg
+        };
+        plan.steps.extend(planner::plan(batch, &leaders_only).steps);
+    }
+    plan
 }
 
 /// A load report in the meta shard younger than this is taken as a floor
@@ -139,13 +182,14 @@ pub async fn rebalance(
             summary.interrupted = true;
             return Ok(summary);
         }
-        let state = cluster_state(client)
-            .await
-            .map_err(|last_error| ClientError::Timeout {
-                deadline: std::time::Duration::ZERO,
-                last_error: last_error.to_string(),
-            })?;
-        let plan = planner::plan(&state, cfg);
+        let (state, batch) =
+            cluster_states(client)
+                .await
+                .map_err(|last_error| ClientError::Timeout {
+                    deadline: std::time::Duration::ZERO,
+                    last_error: last_error.to_string(),
+                })?;
+        let plan = plan(&state, &batch, cfg);
         summary.rounds = round;
         progress.planned(round, &plan);
         if plan.is_empty() {

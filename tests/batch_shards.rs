@@ -14,6 +14,8 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 use tessera::api::ApiError;
 use tessera::client::ClientError;
+use tessera::rebalance;
+use tessera::shard_router::planner::PlannerConfig;
 use tessera::{NodeId, ShardId};
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -191,5 +193,67 @@ async fn leadership_of_a_batch_shard_moves_where_asked() {
         other => panic!("transfer to a non-member: {other:?}"),
     }
     assert_eq!(c.wait_batch_leader(ShardId(1), WAIT).await.unwrap(), to);
+    c.shutdown().await;
+}
+
+/// The rebalancer balances batch-system shards' leaders by transfers alone
+/// (their replicas cannot move yet): with every leader on one node, a
+/// rebalance spreads them and moves no replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rebalance_spreads_batch_shard_leaders_without_moving_replicas() {
+    init_tracing();
+    let shards = 6u64;
+    let c = ready(shards).await;
+    let cl = c.client();
+    for s in 1..=shards {
+        cl.transfer_leader(ShardId(s), NodeId(1)).await.unwrap();
+        assert_eq!(
+            c.wait_batch_leader(ShardId(s), WAIT).await.unwrap(),
+            NodeId(1)
+        );
+    }
+    let (_, batch) = rebalance::cluster_states(&cl).await.unwrap();
+    assert_eq!(batch.shards.len(), shards as usize, "the batch shards");
+    assert!(
+        batch.shards.iter().all(|s| s.leader == Some(NodeId(1))),
+        "node 1 leads them all: {:?}",
+        batch.shards
+    );
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let summary = rebalance::rebalance(
+        &cl,
+        &PlannerConfig::default(),
+        10,
+        stop,
+        std::sync::Arc::new(rebalance::Quiet),
+    )
+    .await
+    .unwrap();
+    assert!(summary.balanced, "{summary:?}");
+    assert_eq!(summary.moves, 0, "{summary:?}");
+    assert!(summary.transfers >= 2, "{summary:?}");
+    let (_, after) = rebalance::cluster_states(&cl).await.unwrap();
+    let mut led = BTreeMap::new();
+    for s in &after.shards {
+        *led.entry(s.leader.expect("every batch shard has a leader"))
+            .or_insert(0) += 1;
+    }
+    for n in 1..=3 {
+        let count = led.get(&NodeId(n)).copied().unwrap_or(0);
+        assert!(
+            (1..=3).contains(&count),
+            "node {n} leads {count} of {shards} batch shards: {led:?}"
+        );
+    }
+    for (a, b) in batch.shards.iter().zip(&after.shards) {
+        assert_eq!(a.descriptor.id, b.descriptor.id);
+        assert_eq!(
+            a.descriptor.replicas, b.descriptor.replicas,
+            "no replica moved"
+        );
+    }
+    // The leaders it handed out serve.
+    cl.put(&key(1), b"after").await.unwrap();
+    assert_eq!(cl.get(&key(1)).await.unwrap(), Some(b"after".to_vec()));
     c.shutdown().await;
 }

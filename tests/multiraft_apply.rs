@@ -163,13 +163,12 @@ async fn a_restarted_node_resumes_from_its_applied_position() {
 }
 
 fn entry(index: u64, cmd: Option<Command>) -> Entry {
-    let mut e = Entry::default();
-    e.term = 1;
-    e.index = index;
-    if let Some(cmd) = cmd {
-        e.data = encode_command(&cmd).into();
+    Entry {
+        term: 1,
+        index,
+        data: cmd.map(|c| encode_command(&c).into()).unwrap_or_default(),
+        ..Default::default()
     }
-    e
 }
 
 fn put(g: u64, name: &str, value: &[u8]) -> Option<Command> {
@@ -207,7 +206,11 @@ async fn one_rounds_writes_to_many_groups_take_one_state_machine_write() {
     for g in 1..=GROUPS {
         engine.create_shard(&descriptor(g)).await.expect("create");
         let (_log, machine) = engine.open_shard(ShardId(g)).expect("open shard");
-        assert_eq!(applier.add(ShardId(g), machine), 0, "a new shard applied nothing");
+        assert_eq!(
+            applier.add(ShardId(g), machine),
+            0,
+            "a new shard applied nothing"
+        );
     }
     // Groups out of id order: the answers come back in the round's order.
     let order = [4u64, 2, 1, 3];
@@ -220,7 +223,11 @@ async fn one_rounds_writes_to_many_groups_take_one_state_machine_write() {
                     value: vec![g as u8],
                 }],
             };
-            let entries = vec![entry(1, None), entry(2, put(g, "a", b"1")), entry(3, Some(swap))];
+            let entries = vec![
+                entry(1, None),
+                entry(2, put(g, "a", b"1")),
+                entry(3, Some(swap)),
+            ];
             (ShardId(g), entries)
         })
         .collect();
@@ -244,7 +251,10 @@ async fn one_rounds_writes_to_many_groups_take_one_state_machine_write() {
             ],
             "group {g}'s answers, in its log order"
         );
-        assert_eq!(engine.get(&key(*g, "a")).expect("get"), Some(vec![*g as u8]));
+        assert_eq!(
+            engine.get(&key(*g, "a")).expect("get"),
+            Some(vec![*g as u8])
+        );
     }
     // Reopened, each shard resumes after what it applied: nothing is
     // applied twice.

@@ -925,6 +925,31 @@ proptest! {
         }
     }
 
+    /// A zero move budget and no split size (how `tessera-ctl rebalance`
+    /// plans shards whose replicas cannot move) plans leader transfers
+    /// only, reaches a fixpoint, and never changes a replica set.
+    #[test]
+    fn a_zero_move_budget_plans_transfers_only((state, cfg) in cluster(false)) {
+        let cfg = PlannerConfig { max_concurrent_moves: 0, split_bytes: None, ..cfg };
+        let mut s = state.clone();
+        for _ in 0..200 {
+            let p = plan(&s, &cfg);
+            if p.is_empty() {
+                break;
+            }
+            prop_assert!(
+                p.steps.iter().all(|st| matches!(st, Step::TransferLeader { .. })),
+                "{:?}", p
+            );
+            apply_checked(&mut s, &p, &cfg);
+        }
+        prop_assert!(plan(&s, &cfg).is_empty(), "no fixpoint in 200 rounds");
+        for (a, b) in state.shards.iter().zip(&s.shards) {
+            prop_assert_eq!(a.id(), b.id());
+            prop_assert_eq!(a.replicas(), b.replicas());
+        }
+    }
+
     /// Once counts are balanced and nothing is left to drain, every round
     /// either only transfers leaders for load, strictly lowering the
     /// led-load spread, or only moves non-leader replicas, keeping it and

@@ -139,13 +139,15 @@ async fn pass(
     json: bool,
     stop: Arc<AtomicBool>,
 ) -> Result<bool> {
-    let state = rebalance::cluster_state(client)
+    let (state, batch) = rebalance::cluster_states(client)
         .await
         .map_err(|e| anyhow::anyhow!("no node answered: {e}"))?;
-    let plan = planner::plan(&state, cfg);
+    let plan = rebalance::plan(&state, &batch, cfg);
     if dry_run {
         if json {
-            let imbalance = planner::imbalance(&state);
+            let mut all = state.clone();
+            all.shards.extend(batch.shards.iter().cloned());
+            let imbalance = planner::imbalance(&all);
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({

@@ -369,8 +369,7 @@ impl StateMachine {
                 EntryPayload::Normal(cmd) => {
                     staged.commands += 1;
                     if let Command::Write { ops } | Command::SessionWrite { ops, .. } = &cmd {
-                        staged.written +=
-                            ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
+                        staged.written += ops.iter().map(|o| o.payload_bytes() as u64).sum::<u64>();
                     }
                     let before = self.descriptor.epoch;
                     let r = self

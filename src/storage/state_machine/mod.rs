@@ -8,10 +8,10 @@ mod sessions;
 mod snapshot;
 mod split;
 
+pub use apply::apply_together;
 use sessions::load_sessions;
 use sessions::read_sessions;
 pub(crate) use sessions::session_iter;
-pub use apply::apply_together;
 pub use snapshot::SnapshotBuilder;
 use snapshot::{install_file, link_or_copy, new_snapshot_name, remove_snapshot_files_except};
 use split::epoch_newer;
