@@ -22,10 +22,16 @@ use std::sync::Arc;
 /// # Errors
 /// [`NodeCallError::NoneAnswered`] when no node answers.
 pub async fn cluster_state(client: &Client) -> Result<ClusterState, NodeCallError> {
-    let (mut state, batch) = cluster_states(client).await?;
-    state.shards.extend(batch.shards);
-    state.shards.sort_by_key(|s| s.descriptor.id);
-    Ok(state)
+    let (state, batch) = cluster_states(client).await?;
+    Ok(joined(state, batch))
+}
+
+/// The two populations of [`cluster_states`] as one state, shards in id
+/// order.
+pub fn joined(mut openraft: ClusterState, batch: ClusterState) -> ClusterState {
+    openraft.shards.extend(batch.shards);
+    openraft.shards.sort_by_key(|s| s.descriptor.id);
+    openraft
 }
 
 /// [`cluster_state`] in two: the openraft shards, and the batch-system

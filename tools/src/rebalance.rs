@@ -145,9 +145,7 @@ async fn pass(
     let plan = rebalance::plan(&state, &batch, cfg);
     if dry_run {
         if json {
-            let mut all = state.clone();
-            all.shards.extend(batch.shards.iter().cloned());
-            let imbalance = planner::imbalance(&all);
+            let imbalance = planner::imbalance(&rebalance::joined(state, batch));
             println!(
                 "{}",
                 serde_json::to_string_pretty(&serde_json::json!({

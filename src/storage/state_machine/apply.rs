@@ -315,29 +315,16 @@ impl StateMachine {
         &mut self,
         chunk: &mut Vec<Entry>,
     ) -> Result<Vec<CommandResponse>, io::Error> {
-        // Fail-stop: after a failed log sync nothing more is acknowledged.
-        self.engine.latch().check().map_err(to_io)?;
-        // Held (shared) until the batch is written: an install or delete of
-        // another replica cannot change who owns what in between.
         let engine = self.engine.clone();
-        let own = engine.ownership();
-        let mut batch = WriteBatch::default();
-        let Some(staged) = self.stage(chunk, &mut batch, &own)? else {
-            return Ok(Vec::new());
-        };
-        write_applied(&engine, batch, staged.sync)?;
-        let claim = self.published(&staged, &own);
-        drop(own);
-        if let Some(claim) = claim {
-            self.claim(claim, &staged.created);
-        }
-        Ok(self.settle(staged))
+        let mut answered = apply_staged(&engine, &mut [(self, chunk)])?;
+        Ok(answered.pop().unwrap_or_default())
     }
 
     /// Stages `chunk` (drained) into `batch`: the data, session rows, the
     /// applied log id, membership and descriptor changes. Nothing is
     /// visible until the batch is written and [`StateMachine::published`]
-    /// and [`StateMachine::settle`] ran; `own` must stay held until then.
+    /// and [`StateMachine::settle`] ran; `own` stays held until the batch
+    /// is written and published ([`apply_staged`]).
     fn stage(
         &mut self,
         chunk: &mut Vec<Entry>,
@@ -525,67 +512,84 @@ fn write_applied(engine: &Engine, batch: WriteBatch, sync: bool) -> Result<(), i
     Ok(())
 }
 
+/// Applies each part's chunk (drained) with one write for all of them:
+/// stages every chunk into one batch under one ownership read guard (an
+/// install or delete of another replica cannot change who owns what in
+/// between), writes it once, publishes each part, releases the guard, then
+/// sets changed ownership claims and settles each part. Returns each
+/// part's responses, in `parts`' order.
+fn apply_staged(
+    engine: &Engine,
+    parts: &mut [(&mut StateMachine, &mut Vec<Entry>)],
+) -> Result<Vec<Vec<CommandResponse>>, io::Error> {
+    // Fail-stop: after a failed log sync nothing more is acknowledged.
+    engine.latch().check().map_err(to_io)?;
+    let own = engine.ownership();
+    let mut batch = WriteBatch::default();
+    let mut staged = Vec::with_capacity(parts.len());
+    for (machine, chunk) in parts.iter_mut() {
+        staged.push(machine.stage(chunk, &mut batch, &own)?);
+    }
+    if staged.iter().any(Option::is_some) {
+        write_applied(engine, batch, staged.iter().flatten().any(|s| s.sync))?;
+    }
+    let claims: Vec<_> = parts
+        .iter_mut()
+        .zip(&staged)
+        .map(|((machine, _), s)| s.as_ref().and_then(|s| machine.published(s, &own)))
+        .collect();
+    drop(own);
+    let mut out = Vec::with_capacity(parts.len());
+    for (((machine, _), s), claim) in parts.iter_mut().zip(staged).zip(claims) {
+        let Some(s) = s else {
+            out.push(Vec::new());
+            continue;
+        };
+        if let Some(claim) = claim {
+            machine.claim(claim, &s.created);
+        }
+        out.push(machine.settle(s));
+    }
+    Ok(out)
+}
+
 /// Applies several shards' committed entries (each shard's in log order,
 /// each shard at most once in `parts`) with one unsynced write for all of
 /// them where it can: each shard's leading run of blanks, client writes
-/// and no-ops (at most [`APPLY_CHUNK_MAX`] entries) is staged into one
-/// shared batch, written once, then published; whatever follows a shard's
-/// run (a split, a merge step, a digest, ...) is then applied by that
-/// shard alone, as before. Returns each part's responses, in `parts`'
-/// order. Shards hosted on one node own disjoint keys, so one shard's
-/// staged writes cannot change what another's apply reads.
+/// and no-ops (at most [`APPLY_CHUNK_MAX`] entries) is applied together
+/// ([`apply_staged`]); whatever follows a shard's run (a split, a merge
+/// step, a digest, ...) is then applied by that shard alone, as before.
+/// Returns each part's responses, in `parts`' order. Shards hosted on one
+/// node own disjoint keys, so one shard's staged writes cannot change what
+/// another's apply reads.
 ///
 /// # Errors
 /// The storage's (the engine fail-stops).
 pub fn apply_together(
-    parts: Vec<(&mut StateMachine, Vec<Entry>)>,
+    mut parts: Vec<(&mut StateMachine, Vec<Entry>)>,
 ) -> Result<Vec<Vec<CommandResponse>>, io::Error> {
     let Some(engine) = parts.first().map(|(m, _)| m.engine.clone()) else {
         return Ok(Vec::new());
     };
-    engine.latch().check().map_err(to_io)?;
-    let mut rest = Vec::with_capacity(parts.len());
-    let mut staged = Vec::with_capacity(parts.len());
-    let mut batch = WriteBatch::default();
-    {
-        let own = engine.ownership();
-        for (machine, mut entries) in parts {
+    let tails: Vec<Vec<Entry>> = parts
+        .iter_mut()
+        .map(|(_, entries)| {
             let run = entries
                 .iter()
                 .take(APPLY_CHUNK_MAX)
                 .take_while(|e| StateMachine::shares_a_write(e))
                 .count();
-            let tail = entries.split_off(run);
-            let s = machine.stage(&mut entries, &mut batch, &own)?;
-            staged.push(s);
-            rest.push((machine, tail));
-        }
-        let sync = staged.iter().flatten().any(|s| s.sync);
-        if staged.iter().any(Option::is_some) {
-            write_applied(&engine, batch, sync)?;
-        }
-        let mut claims = Vec::new();
-        for ((machine, _), s) in rest.iter_mut().zip(&staged) {
-            if let Some(s) = s {
-                if let Some(c) = machine.published(s, &own) {
-                    claims.push((machine.shard, c, s.created.clone()));
-                }
-            }
-        }
-        drop(own);
-        for (shard, claim, created) in claims {
-            if let Some((m, _)) = rest.iter().find(|(m, _)| m.shard == shard) {
-                m.claim(claim, &created);
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(rest.len());
-    for ((machine, tail), s) in rest.into_iter().zip(staged) {
-        let mut responses = s.map(|s| machine.settle(s)).unwrap_or_default();
+            entries.split_off(run)
+        })
+        .collect();
+    let mut runs: Vec<(&mut StateMachine, &mut Vec<Entry>)> =
+        parts.iter_mut().map(|(m, e)| (&mut **m, e)).collect();
+    let mut out = apply_staged(&engine, &mut runs)?;
+    drop(runs);
+    for (((machine, _), tail), responses) in parts.into_iter().zip(tails).zip(&mut out) {
         if !tail.is_empty() {
             responses.extend(machine.apply_entries_now(tail)?);
         }
-        out.push(responses);
     }
     Ok(out)
 }
