@@ -76,6 +76,88 @@ fn one_round_appends_every_led_group_with_one_sync() {
 }
 
 #[test]
+fn a_replica_that_applied_past_its_stored_commit_reopens() {
+    // A state machine can be ahead of the stored commit: a commit that
+    // changes alone is not written, and the node loop applies a round's
+    // committed entries before the round's log write, so a crash can keep
+    // the apply's write and lose the log write.
+    let mut c = LocalCluster::new(3, 1);
+    let g = ShardId(1);
+    let l = c.elect_spread()[&g];
+    let f = (1..=3).find(|n| *n != l).expect("a follower");
+    c.propose_at(l, g, b"x");
+    c.pump();
+    // The follower learns that x committed from the leader's next
+    // heartbeat; it applies x and then "crashes" before its log write.
+    let mut crashed_at = None;
+    for _ in 0..20 {
+        let leader = c.nodes.get_mut(&l).expect("running");
+        leader.driver.tick();
+        let round = leader.driver.round().expect("leader round");
+        c.deliver(l, round);
+        let node = c.nodes.get_mut(&f).expect("running");
+        let (mut round, write) = node.driver.begin_round();
+        let commits_x = round
+            .committed
+            .iter()
+            .filter(|(s, _)| *s == g)
+            .flat_map(|(_, es)| es)
+            .any(|e| &e.data[..] == b"x");
+        if commits_x {
+            let last = round.committed[0].1.last().expect("non-empty").index;
+            node.driver.applied(g, last).expect("applied");
+            drop(write);
+            crashed_at = Some(last);
+            break;
+        }
+        let written = write.write().expect("log write");
+        node.driver.finish_round(&mut round, written);
+        c.deliver(f, round);
+    }
+    let applied = crashed_at.expect("the follower was told x committed within 20 heartbeats");
+    c.stop(f);
+    {
+        let engine = tessera::storage::Engine::open(tessera::storage::StorageConfig::new(c.dir(f)))
+            .expect("open engine");
+        let stored = GroupStore::open(&engine, g).expect("open store");
+        assert!(
+            stored.hard_state().commit < applied,
+            "the stored commit {} is behind the applied {applied}",
+            stored.hard_state().commit
+        );
+    }
+    c.restart_applied(f, &[(g, applied)].into_iter().collect());
+    assert_eq!(
+        c.nodes[&f].driver.applied_index(g),
+        Some(applied),
+        "the follower resumes from what it applied"
+    );
+    c.propose_at(l, g, b"y");
+    c.pump();
+    c.wait_applied(g, b"y", 20, "a write after the reopen");
+    assert_eq!(
+        c.nodes[&f].applied[&g]
+            .iter()
+            .map(|(_, d)| d.clone())
+            .collect::<Vec<_>>(),
+        vec![b"y".to_vec()],
+        "the reopened follower applies what follows, and x not again"
+    );
+    // A state machine past the end of the log is refused as corrupt.
+    c.stop(f);
+    let engine = tessera::storage::Engine::open(tessera::storage::StorageConfig::new(c.dir(f)))
+        .expect("open engine");
+    let mut d = tessera::multiraft::Driver::new(engine, f, Default::default());
+    let err = d
+        .open_group(g, 1_000_000)
+        .expect_err("applied past the log");
+    assert!(
+        err.to_string().contains("past the last entry"),
+        "a typed corruption error: {err}"
+    );
+}
+
+#[test]
 fn a_leaders_appends_leave_before_its_own_write() {
     let mut c = LocalCluster::new(3, 4);
     let leaders = c.elect_spread();

@@ -138,6 +138,45 @@ impl Round {
     }
 }
 
+/// A round's log write ([`Driver::begin_round`]): every group's new entries
+/// and hard state as one RocksDB write, synced when any group needs it. It
+/// may be written on another thread.
+pub struct LogWrite {
+    engine: Engine,
+    batch: WriteBatch,
+    sync: bool,
+}
+
+impl LogWrite {
+    /// Whether the round has nothing to write.
+    pub fn is_empty(&self) -> bool {
+        self.batch.is_empty()
+    }
+
+    /// Writes it (nothing when it is empty).
+    ///
+    /// # Errors
+    /// The storage's (the engine fail-stops: nothing is acknowledged after
+    /// it).
+    pub fn write(self) -> Result<Written, StoreError> {
+        if self.batch.is_empty() {
+            return Ok(Written { synced: false });
+        }
+        if self.sync {
+            self.engine.write_synced(self.batch, "raft round")?;
+        } else {
+            self.engine.write_unsynced(self.batch, "raft round")?;
+        }
+        Ok(Written { synced: self.sync })
+    }
+}
+
+/// Proof that a [`LogWrite`] was written, for [`Driver::finish_round`].
+#[derive(Debug)]
+pub struct Written {
+    synced: bool,
+}
+
 /// One replica as the node sees it from outside the loop.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct GroupView {
@@ -175,6 +214,9 @@ pub struct Driver {
     touched: HashSet<ShardId>,
     logger: slog::Logger,
     stats: DriverStats,
+    /// The groups of a round begun and not finished yet: (group, ready
+    /// number, the messages that wait for the round's write).
+    unfinished: Vec<(ShardId, u64, Vec<Message>)>,
 }
 
 impl Driver {
@@ -189,6 +231,7 @@ impl Driver {
             touched: HashSet::new(),
             logger: slog::Logger::root(super::TracingDrain, slog::o!()),
             stats: DriverStats::default(),
+            unfinished: Vec::new(),
         }
     }
 
@@ -198,12 +241,17 @@ impl Driver {
     }
 
     /// Opens a group bootstrapped here ([`GroupStore::bootstrap`]);
-    /// `applied` is the last index its state machine applied.
+    /// `applied` is the last index its state machine applied, which may be
+    /// past the stored commit ([`GroupStore::commit_at_least`]).
     ///
     /// # Errors
     /// The store's error, or raft-rs's for an invalid state.
     pub fn open_group(&mut self, shard: ShardId, applied: u64) -> Result<(), DriverError> {
-        let store = GroupStore::open(&self.engine, shard)?;
+        let mut store = GroupStore::open(&self.engine, shard)?;
+        // A round applies its committed entries while its own log write
+        // (whose hard state carries the commit) may still be going: a crash
+        // can keep the apply and lose that write.
+        store.commit_at_least(applied)?;
         let cfg = raft::Config {
             id: self.id,
             election_tick: self.config.election_ticks,
@@ -424,10 +472,43 @@ impl Driver {
         &mut self,
         early: Option<&mut dyn FnMut(u64, Vec<Envelope>)>,
     ) -> Result<Round, DriverError> {
+        let (mut out, write) = self.begin_round();
+        if let Some(send) = early {
+            for (to, frame) in std::mem::take(&mut out.messages) {
+                send(to, frame);
+            }
+        }
+        let written = write.write()?;
+        self.finish_round(&mut out, written);
+        Ok(out)
+    }
+
+    /// The first half of a round, for a caller that overlaps the round's
+    /// log write with its apply: takes every group's ready, stages their
+    /// appends and hard states into the returned [`LogWrite`], and returns
+    /// the round with its committed entries (already written here in an
+    /// earlier round, so they may be applied at once, even while the
+    /// `LogWrite` is being written) and the messages that may leave before
+    /// the write. Once the write is done, [`Driver::finish_round`] reports
+    /// it and adds the messages that had to wait for it (a follower's
+    /// acknowledgements, votes). Applying first is safe: what is applied
+    /// was committed, and [`Driver::open_group`] takes a state machine
+    /// ahead of the stored commit (a crash that kept the apply's write and
+    /// lost this one).
+    ///
+    /// # Panics
+    /// When a round begun before was not finished.
+    pub fn begin_round(&mut self) -> (Round, LogWrite) {
+        assert!(
+            self.unfinished.is_empty(),
+            "a round begins only after the previous one finished"
+        );
         let mut out = Round::default();
-        let mut batch = WriteBatch::default();
-        let mut must_sync = false;
-        let mut persisted = Vec::new();
+        let mut write = LogWrite {
+            engine: self.engine.clone(),
+            batch: WriteBatch::default(),
+            sync: false,
+        };
         let touched: Vec<ShardId> = self.touched.drain().collect();
         for shard in touched {
             let Some(node) = self.groups.get_mut(&shard) else {
@@ -457,8 +538,8 @@ impl Driver {
                 out.entries += entries.len();
                 self.stats.appends += 1;
             }
-            node.mut_store().stage(&entries, rd.hs(), &mut batch);
-            must_sync |= rd.must_sync();
+            node.mut_store().stage(&entries, rd.hs(), &mut write.batch);
+            write.sync |= rd.must_sync();
             let committed = rd.take_committed_entries();
             if !committed.is_empty() {
                 out.committed.push((shard, committed));
@@ -466,34 +547,30 @@ impl Driver {
             let after = rd.take_persisted_messages();
             let number = rd.number();
             node.advance_append_async(rd);
-            persisted.push((shard, number, after));
-        }
-        if let Some(send) = early {
-            for (to, frame) in std::mem::take(&mut out.messages) {
-                send(to, frame);
-            }
-        }
-        if !batch.is_empty() {
-            if must_sync {
-                self.engine.write_synced(batch, "raft round")?;
-                self.stats.syncs += 1;
-                out.synced = true;
-            } else {
-                self.engine.write_unsynced(batch, "raft round")?;
-            }
-        }
-        for (shard, number, after) in persisted {
-            let node = self.groups.get_mut(&shard).expect("handled above");
-            node.on_persist_ready(number);
-            out.route(shard, after);
-            // Persisting may have committed entries or freed messages.
-            self.touched.insert(shard);
+            self.unfinished.push((shard, number, after));
         }
         if out.readies > 0 {
             self.stats.rounds += 1;
             self.stats.entries += out.entries as u64;
         }
-        Ok(out)
+        (out, write)
+    }
+
+    /// The second half of a round begun by [`Driver::begin_round`], once
+    /// its [`LogWrite`] is written: tells every group its ready is
+    /// persisted and adds the messages that waited for that to `round`.
+    pub fn finish_round(&mut self, round: &mut Round, written: Written) {
+        if written.synced {
+            self.stats.syncs += 1;
+            round.synced = true;
+        }
+        for (shard, number, after) in std::mem::take(&mut self.unfinished) {
+            let node = self.groups.get_mut(&shard).expect("handled above");
+            node.on_persist_ready(number);
+            round.route(shard, after);
+            // Persisting may have committed entries or freed messages.
+            self.touched.insert(shard);
+        }
     }
 
     /// Whether some group may have work (a ready) right now.

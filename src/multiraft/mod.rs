@@ -33,7 +33,8 @@ pub mod wire;
 
 pub use apply::{encode_command, ShardApplier};
 pub use driver::{
-    Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupView, Proposed, Round,
+    Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupView, LogWrite, Proposed, Round,
+    Written,
 };
 pub use runtime::{
     Applier, LoopConfig, LoopView, Mailbox, NodeLoop, Outbound, Proposal, RequestError,

@@ -451,23 +451,22 @@ impl<O: Outbound, A: Applier> State<O, A> {
         }
     }
 
+    /// One round. Its log write goes to the writer thread while this thread
+    /// applies the round's committed entries and answers their proposers
+    /// (they were written here in earlier rounds and are committed, so
+    /// neither waits for this round's sync); the messages that wait for the
+    /// write (a follower's acknowledgements) leave once it is done.
     fn round(&mut self) -> Result<(), DriverError> {
         self.reads.issue(&mut self.driver);
-        let outbound = &mut self.outbound;
-        let round = self
-            .driver
-            .round_sending_early(&mut |to, frame| outbound.send(to, frame))?;
-        let responses = self.applier.apply(&round.committed)?;
-        assert_eq!(
-            responses.len(),
-            round.committed.len(),
-            "one response list per group"
-        );
-        for ((shard, entries), responses) in round.committed.iter().zip(responses) {
-            settle(self.pending.get_mut(shard), *shard, entries, responses);
-            let last = entries.last().expect("committed lists are not empty");
-            self.driver.applied(*shard, last.index)?;
+        let (mut round, write) = self.driver.begin_round();
+        // A leader's appends reach its followers while it writes its own
+        // copy, so the syncs overlap.
+        for (to, frame) in std::mem::take(&mut round.messages) {
+            self.outbound.send(to, frame);
         }
+        self.apply(&round)?;
+        let written = write.write()?;
+        self.driver.finish_round(&mut round, written);
         self.reads.after_round(&self.driver, &round);
         for shard in &round.roles {
             if self.driver.is_leader(*shard) {
@@ -497,6 +496,26 @@ impl<O: Outbound, A: Applier> State<O, A> {
         }
         for (to, frame) in round.messages {
             self.outbound.send(to, frame);
+        }
+        Ok(())
+    }
+
+    /// Applies `round`'s committed entries, answers the proposals they
+    /// settle and reports the applied indexes to the driver.
+    fn apply(&mut self, round: &super::driver::Round) -> Result<(), DriverError> {
+        if round.committed.is_empty() {
+            return Ok(());
+        }
+        let responses = self.applier.apply(&round.committed)?;
+        assert_eq!(
+            responses.len(),
+            round.committed.len(),
+            "one response list per group"
+        );
+        for ((shard, entries), responses) in round.committed.iter().zip(responses) {
+            settle(self.pending.get_mut(shard), *shard, entries, responses);
+            let last = entries.last().expect("committed lists are not empty");
+            self.driver.applied(*shard, last.index)?;
         }
         Ok(())
     }

@@ -3,7 +3,8 @@
 //!
 //! Records (all keyed by shard id first, so a group's records are one range):
 //! - `raft_log`: `shard ‖ index` → the protobuf `Entry`;
-//! - `raft_state`: `shard ‖ RaftHard` → the protobuf `HardState`, and
+//! - `raft_state`: `shard ‖ RaftHard` → the protobuf `HardState` (written
+//!   when its term or vote changes: the commit alone is not), and
 //!   `shard ‖ RaftConf` → the protobuf `ConfState`.
 //!
 //! Writes never go to RocksDB from here directly: [`GroupStore::stage`] puts a
@@ -151,13 +152,41 @@ impl GroupStore {
         self.conf.voters.contains(&id)
     }
 
-    /// The stored hard state (as of the last staged ready).
+    /// The hard state as of the last staged ready (what is stored, except
+    /// that the stored commit may be older: [`GroupStore::stage`]).
     pub fn hard_state(&self) -> &HardState {
         &self.hard
     }
 
+    /// Raises the hard state's commit to `applied` when the state machine
+    /// is ahead of it (not written: raft-rs starts from it, and a later
+    /// ready carries it). Everything applied was committed, so this only
+    /// restores what this replica knew; raft-rs refuses to start with an
+    /// applied index past the commit.
+    ///
+    /// # Errors
+    /// [`StoreError::Corrupt`] when `applied` is past the stored log: the
+    /// state machine holds entries the log never had.
+    pub fn commit_at_least(&mut self, applied: u64) -> Result<(), StoreError> {
+        if applied <= self.hard.commit {
+            return Ok(());
+        }
+        if applied > self.last {
+            return Err(StoreError::corrupt(
+                format!("log of {}", self.shard),
+                format!(
+                    "the state machine applied {applied}, past the last entry {}",
+                    self.last
+                ),
+            ));
+        }
+        self.hard.commit = applied;
+        Ok(())
+    }
+
     /// Puts `entries` (replacing any stored suffix from their first index)
-    /// and `hard` into `batch`, and makes them readable here at once. The
+    /// and `hard` (when its term or vote changed: a commit is not written
+    /// on its own) into `batch`, and makes them readable here at once. The
     /// caller writes `batch` synced before it reports the ready persisted.
     pub fn stage(&mut self, entries: &[Entry], hard: Option<&HardState>, batch: &mut WriteBatch) {
         let log = self.engine.cf(crate::storage::Cf::RaftLog);
@@ -196,12 +225,20 @@ impl GroupStore {
             self.last = entries.last().map_or(self.last, |e| e.index);
         }
         if let Some(h) = hard {
+            // Term and vote must be durable; the commit need not be (Raft
+            // keeps it in volatile state: a restarted replica learns it
+            // again from its leader, and starts at least from what its state
+            // machine applied, `commit_at_least`). A change of the commit
+            // alone, the common one, is not written: about one hard state
+            // write per group per round saved.
+            if h.term != self.hard.term || h.vote != self.hard.vote {
+                batch.put_cf(
+                    self.engine.cf(crate::storage::Cf::RaftState),
+                    keys::state_key(self.shard, StateTag::RaftHard),
+                    encode(h),
+                );
+            }
             self.hard = h.clone();
-            batch.put_cf(
-                self.engine.cf(crate::storage::Cf::RaftState),
-                keys::state_key(self.shard, StateTag::RaftHard),
-                encode(h),
-            );
         }
     }
 

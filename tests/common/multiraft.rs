@@ -36,11 +36,18 @@ pub struct LocalCluster {
     config: DriverConfig,
 }
 
-fn open_node(dir: &std::path::Path, id: u64, groups: &[ShardId], config: &DriverConfig) -> Node {
+fn open_node(
+    dir: &std::path::Path,
+    id: u64,
+    groups: &[ShardId],
+    config: &DriverConfig,
+    applied: &BTreeMap<ShardId, u64>,
+) -> Node {
     let engine = Engine::open(StorageConfig::new(dir)).expect("open engine");
     let mut driver = Driver::new(engine.clone(), id, config.clone());
     for g in groups {
-        driver.open_group(*g, 0).expect("open group");
+        let at = applied.get(g).copied().unwrap_or(0);
+        driver.open_group(*g, at).expect("open group");
     }
     Node {
         engine,
@@ -66,7 +73,7 @@ impl LocalCluster {
                     GroupStore::bootstrap(&engine, *g, &voters).expect("bootstrap group");
                 }
             }
-            opened.insert(id, open_node(&dir, id, &groups, &config));
+            opened.insert(id, open_node(&dir, id, &groups, &config, &BTreeMap::new()));
             dirs.insert(id, dir);
         }
         LocalCluster {
@@ -81,6 +88,11 @@ impl LocalCluster {
         }
     }
 
+    /// Node `id`'s folder.
+    pub fn dir(&self, id: u64) -> &std::path::Path {
+        &self.dirs[&id]
+    }
+
     /// Stops node `id` (its driver and engine are dropped; its folder stays).
     pub fn stop(&mut self, id: u64) {
         let node = self.nodes.remove(&id).expect("node is running");
@@ -89,8 +101,15 @@ impl LocalCluster {
 
     /// Starts node `id` again from its folder; it applies from the start.
     pub fn restart(&mut self, id: u64) {
+        self.restart_applied(id, &BTreeMap::new());
+    }
+
+    /// Starts node `id` again from its folder, its state machine having
+    /// applied each group up to `applied` (0 for a group not named); what it
+    /// applies from there on is recorded.
+    pub fn restart_applied(&mut self, id: u64, applied: &BTreeMap<ShardId, u64>) {
         assert!(!self.nodes.contains_key(&id), "node {id} is running");
-        let node = open_node(&self.dirs[&id], id, &self.groups, &self.config);
+        let node = open_node(&self.dirs[&id], id, &self.groups, &self.config, applied);
         self.nodes.insert(id, node);
     }
 
