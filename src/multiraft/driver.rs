@@ -139,8 +139,9 @@ impl Round {
 }
 
 /// A round's log write ([`Driver::begin_round`]): every group's new entries
-/// and hard state as one RocksDB write, synced when any group needs it. It
-/// may be written on another thread.
+/// and hard states (those whose term or vote changed) as one RocksDB write,
+/// synced when any group needs it. It is `Send`: it may be written on
+/// another thread.
 pub struct LogWrite {
     engine: Engine,
     batch: WriteBatch,
@@ -248,9 +249,10 @@ impl Driver {
     /// The store's error, or raft-rs's for an invalid state.
     pub fn open_group(&mut self, shard: ShardId, applied: u64) -> Result<(), DriverError> {
         let mut store = GroupStore::open(&self.engine, shard)?;
-        // A round applies its committed entries while its own log write
-        // (whose hard state carries the commit) may still be going: a crash
-        // can keep the apply and lose that write.
+        // The stored commit may be behind what the state machine applied: a
+        // commit that changes alone is not written, and the node loop applies
+        // a round's committed entries before the round's log write (a crash
+        // in between keeps the apply and loses the write).
         store.commit_at_least(applied)?;
         let cfg = raft::Config {
             id: self.id,
@@ -483,18 +485,18 @@ impl Driver {
         Ok(out)
     }
 
-    /// The first half of a round, for a caller that overlaps the round's
-    /// log write with its apply: takes every group's ready, stages their
-    /// appends and hard states into the returned [`LogWrite`], and returns
-    /// the round with its committed entries (already written here in an
-    /// earlier round, so they may be applied at once, even while the
-    /// `LogWrite` is being written) and the messages that may leave before
-    /// the write. Once the write is done, [`Driver::finish_round`] reports
-    /// it and adds the messages that had to wait for it (a follower's
-    /// acknowledgements, votes). Applying first is safe: what is applied
-    /// was committed, and [`Driver::open_group`] takes a state machine
-    /// ahead of the stored commit (a crash that kept the apply's write and
-    /// lost this one).
+    /// The first half of a round, for a caller that applies before the
+    /// round's log write (the node loop does): takes every group's ready,
+    /// stages their appends and hard states into the returned [`LogWrite`],
+    /// and returns the round with its committed entries (already written
+    /// here in an earlier round, so they may be applied at once, before or
+    /// while the `LogWrite` is written) and the messages that may leave
+    /// before the write. Once the write is done, [`Driver::finish_round`]
+    /// reports it and adds the messages that had to wait for it (a
+    /// follower's acknowledgements, votes). Applying first is safe: what is
+    /// applied was committed, and [`Driver::open_group`] takes a state
+    /// machine ahead of the stored commit (a crash that kept the apply's
+    /// write and lost this one).
     ///
     /// # Panics
     /// When a round begun before was not finished.

@@ -451,11 +451,12 @@ impl<O: Outbound, A: Applier> State<O, A> {
         }
     }
 
-    /// One round. Its log write goes to the writer thread while this thread
-    /// applies the round's committed entries and answers their proposers
-    /// (they were written here in earlier rounds and are committed, so
-    /// neither waits for this round's sync); the messages that wait for the
-    /// write (a follower's acknowledgements) leave once it is done.
+    /// One round: the leader's appends leave; the round's committed entries
+    /// are applied and their proposers answered before the round's log
+    /// write (they were written here in earlier rounds and are committed,
+    /// so neither waits for this round's sync); then the log write, synced;
+    /// then the messages that waited for it (a follower's
+    /// acknowledgements) leave.
     fn round(&mut self) -> Result<(), DriverError> {
         self.reads.issue(&mut self.driver);
         let (mut round, write) = self.driver.begin_round();

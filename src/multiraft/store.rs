@@ -159,8 +159,8 @@ impl GroupStore {
     }
 
     /// Raises the hard state's commit to `applied` when the state machine
-    /// is ahead of it (not written: raft-rs starts from it, and a later
-    /// ready carries it). Everything applied was committed, so this only
+    /// is ahead of it (in memory: raft-rs starts from it; nothing is
+    /// written). Everything applied was committed, so this only
     /// restores what this replica knew; raft-rs refuses to start with an
     /// applied index past the commit.
     ///
