@@ -168,27 +168,30 @@ fn a_leaders_appends_leave_before_its_own_write() {
     let n1 = c.nodes.get_mut(&1).unwrap();
     let at = n1.driver.propose(g, b"x".to_vec()).expect("propose").index;
     let engine = n1.engine.clone();
-    // Per peer: whether its frame carried the new entry, and the last index
-    // of the leader's log in RocksDB when the frame was handed out.
-    let mut early = Vec::new();
-    let mut frames = std::collections::BTreeMap::new();
-    let mut round = n1
-        .driver
-        .round_sending_early(&mut |to, frame| {
+    // The first half of the round hands out what may leave before the
+    // write (what the node loop sends then). Per peer: whether its frame
+    // carries the new entry, and the last index of the leader's log in
+    // RocksDB when the frame was handed out.
+    let (mut round, write) = n1.driver.begin_round();
+    let frames = std::mem::take(&mut round.messages);
+    let early: Vec<(u64, bool, u64)> = frames
+        .iter()
+        .map(|(to, frame)| {
             let carries = frame.iter().any(|e| {
                 e.shard == g
                     && e.msg.get_msg_type() == MessageType::MsgAppend
                     && e.msg.entries.iter().any(|x| x.index == at)
             });
-            early.push((to, carries, GroupStore::last_written(&engine, g).unwrap()));
-            frames.insert(to, frame);
+            (*to, carries, GroupStore::last_written(&engine, g).unwrap())
         })
-        .expect("round");
+        .collect();
     assert_eq!(
         early,
         vec![(2, true, at - 1), (3, true, at - 1)],
         "both followers get the entry before the leader has written it"
     );
+    let written = write.write().expect("log write");
+    n1.driver.finish_round(&mut round, written);
     assert_eq!(
         GroupStore::last_written(&engine, g).unwrap(),
         at,

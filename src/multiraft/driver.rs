@@ -149,11 +149,6 @@ pub struct LogWrite {
 }
 
 impl LogWrite {
-    /// Whether the round has nothing to write.
-    pub fn is_empty(&self) -> bool {
-        self.batch.is_empty()
-    }
-
     /// Writes it (nothing when it is empty).
     ///
     /// # Errors
@@ -449,37 +444,7 @@ impl Driver {
     /// The storage's (the engine fail-stops: nothing is acknowledged after
     /// it).
     pub fn round(&mut self) -> Result<Round, DriverError> {
-        self.round_with(None)
-    }
-
-    /// [`Driver::round`], handing the messages that may leave before the
-    /// round's write to `send` (per destination node) *before* it writes:
-    /// a leader's appends then reach its followers while it syncs its own
-    /// copy, so the leader's and the followers' syncs overlap instead of
-    /// running one after the other (Raft allows it: the leader counts
-    /// itself towards the quorum only once its own write is done). The
-    /// returned [`Round::messages`] hold what had to wait for the write
-    /// (a follower's acknowledgements, votes).
-    ///
-    /// # Errors
-    /// As [`Driver::round`].
-    pub fn round_sending_early(
-        &mut self,
-        send: &mut dyn FnMut(u64, Vec<Envelope>),
-    ) -> Result<Round, DriverError> {
-        self.round_with(Some(send))
-    }
-
-    fn round_with(
-        &mut self,
-        early: Option<&mut dyn FnMut(u64, Vec<Envelope>)>,
-    ) -> Result<Round, DriverError> {
         let (mut out, write) = self.begin_round();
-        if let Some(send) = early {
-            for (to, frame) in std::mem::take(&mut out.messages) {
-                send(to, frame);
-            }
-        }
         let written = write.write()?;
         self.finish_round(&mut out, written);
         Ok(out)
@@ -491,7 +456,10 @@ impl Driver {
     /// and returns the round with its committed entries (already written
     /// here in an earlier round, so they may be applied at once, before or
     /// while the `LogWrite` is written) and the messages that may leave
-    /// before the write. Once the write is done, [`Driver::finish_round`]
+    /// before the write: a leader's appends, sent then, reach its followers
+    /// while it syncs its own copy, so the syncs overlap (Raft allows it:
+    /// the leader counts itself towards the quorum only once its own write
+    /// is done). Once the write is done, [`Driver::finish_round`]
     /// reports it and adds the messages that had to wait for it (a
     /// follower's acknowledgements, votes). Applying first is safe: what is
     /// applied was committed, and [`Driver::open_group`] takes a state
