@@ -1,5 +1,10 @@
 # Sourced by the measurement scripts that run a fresh `tessera dev`.
 #
+#   start_dev NAME BIN SHARDS [FLAGS...]
+#                        starts `BIN/tessera dev --shards SHARDS FLAGS` in a
+#                        fresh folder /var/tmp/tessera-NAME.XXXX (data in
+#                        DIR/data, its output in DIR/log), sets `dir` and
+#                        `pid`, and waits for it (wait_ready)
 #   wait_ready PID DIR   waits (up to 10 min) for `ready` in DIR/log; when it
 #                        does not come, prints the log's last lines, kills PID,
 #                        removes DIR and exits 1
@@ -7,6 +12,15 @@
 #   remove_dev PID DIR   kills PID if it is still there, reaps it, removes DIR
 #   udp                  UDP datagrams this machine has sent (/proc/net/snmp)
 #   cpu PID              CPU ticks PID has used (/proc/PID/stat: user + system)
+
+start_dev() {
+  local name=$1 bin=$2 shards=$3
+  shift 3
+  dir=$(mktemp -d "/var/tmp/tessera-$name.XXXX")
+  (cd "$dir" && exec "$bin/tessera" dev --data-dir "$dir/data" --shards "$shards" "$@") > "$dir/log" 2>&1 &
+  pid=$!
+  wait_ready "$pid" "$dir"
+}
 
 wait_ready() {
   local pid=$1 dir=$2

@@ -23,10 +23,7 @@ out=${3:?usage: profile.sh SHARDS CLIENTS OUT [dev flags...]}
 shift 3
 B="${BIN:-${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release}"
 mkdir -p "$out"
-dir=$(mktemp -d /var/tmp/tessera-profile.XXXX)
-(cd "$dir" && exec "$B/tessera" dev --data-dir "$dir/data" --shards "$shards" "$@") > "$dir/log" 2>&1 &
-pid=$!
-wait_ready $pid "$dir"
+start_dev profile "$B" "$shards" "$@"
 "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
   --clients "$clients" --duration 16 > "$out/bench.txt" 2>&1 &
 bench=$!

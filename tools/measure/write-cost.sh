@@ -26,10 +26,7 @@ clients=${2:?usage: write-cost.sh SHARDS CLIENTS [dev flags...]}
 shift 2
 B="${BIN:-${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release}"
 D=${DURATION:-12}
-dir=$(mktemp -d /var/tmp/tessera-write.XXXX)
-(cd "$dir" && exec "$B/tessera" dev --data-dir "$dir/data" --shards "$shards" "$@") > "$dir/log" 2>&1 &
-pid=$!
-wait_ready $pid "$dir"
+start_dev write "$B" "$shards" "$@"
 hz=$(getconf CLK_TCK)
 split=${UDP_SPLIT:-0}
 trace=()
