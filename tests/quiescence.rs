@@ -82,6 +82,24 @@ fn terms(c: &TestCluster, shard: ShardId) -> BTreeMap<NodeId, u64> {
         .collect()
 }
 
+/// Leaders woken by a client request on the running nodes, in all. A
+/// leader the request found dormant (asleep longer than
+/// `dormant_after_ms`, which a slow machine reaches before the test's last
+/// shard) is rebuilt, and that counts its wake-up as `revived`, not
+/// `client`: nothing else revives a leader in the test that counts them.
+fn client_wakes(c: &TestCluster) -> u64 {
+    c.up()
+        .map(|n| {
+            n.metrics()
+                .wakes
+                .iter()
+                .filter(|(cause, _)| *cause == "client" || *cause == "revived")
+                .map(|(_, v)| *v)
+                .sum::<u64>()
+        })
+        .sum()
+}
+
 /// A key inside `d`'s range (its start, a zero byte, `suffix`).
 fn key_of(d: &ShardDescriptor, suffix: &str) -> Vec<u8> {
     let mut k = d.range.start.clone();
@@ -97,6 +115,7 @@ async fn idle_groups_sleep_and_a_client_wakes_them_without_an_election() {
     let client = c.client();
     wait_all_asleep(&c, &shards).await;
     let before: Vec<_> = shards.iter().map(|d| terms(&c, d.id)).collect();
+    let woken_before = client_wakes(&c);
     // A write and a linearizable read to every sleeping shard, through the
     // client like any other.
     for d in &shards {
@@ -107,18 +126,12 @@ async fn idle_groups_sleep_and_a_client_wakes_them_without_an_election() {
             .expect("write to a sleeping shard");
         assert_eq!(client.get(&k).await.unwrap().as_deref(), Some(&b"1"[..]));
     }
-    let woken: u64 = c
-        .up()
-        .map(|n| {
-            n.metrics()
-                .wakes
-                .iter()
-                .filter(|(cause, _)| *cause == "client")
-                .map(|(_, v)| *v)
-                .sum::<u64>()
-        })
-        .sum();
-    assert!(woken >= shards.len() as u64, "{woken} client wake-ups");
+    let woken = client_wakes(&c) - woken_before;
+    assert!(
+        woken >= shards.len() as u64,
+        "{woken} leaders woken by the client's requests, {} shards",
+        shards.len()
+    );
     // They fall asleep again, and no group held an election throughout.
     wait_all_asleep(&c, &shards).await;
     let after: Vec<_> = shards.iter().map(|d| terms(&c, d.id)).collect();

@@ -22,7 +22,7 @@ set +e
 # Pre-vote keeps two cluster tests sharing 2 cores from starting election
 # storms; the network-namespace lab is one per machine, and its tests take
 # turns with it (tests/common/netns.rs).
-cargo test --workspace --features tessera/failpoints 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast --features tessera/failpoints 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line for the whole run (cargo prints one per test binary, the
