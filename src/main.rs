@@ -518,7 +518,11 @@ fn inspect(data_dir: PathBuf) -> Result<()> {
                 format!("{}/{}", d.epoch.version, d.epoch.conf_ver),
                 format!("t{} batch", g.hard_state().term),
                 g.last(),
-                "-",
+                // The compaction point: the last entry the log dropped.
+                match g.first() - 1 {
+                    0 => "-".to_string(),
+                    p => p.to_string(),
+                },
                 fmt(machine.applied()),
             );
             continue;

@@ -98,6 +98,11 @@ pub struct MetricsSnapshot {
     pub batch_frames: u64,
     /// Raft messages in those frames.
     pub batch_messages: u64,
+    /// Log compactions of the batch system's groups written here.
+    pub batch_log_compactions: u64,
+    /// Log entries of the batch system's groups held here right now (each
+    /// group's log from its compaction point to its last entry).
+    pub batch_log_entries: u64,
 }
 
 impl NetMetrics {
@@ -133,7 +138,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 28] = [
+        let rows: [(&str, &str, &str, u64); 30] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -169,6 +174,18 @@ impl MetricsSnapshot {
                 "counter",
                 "Raft messages in the batch system's frames; per frame = messages / frames",
                 self.batch_messages,
+            ),
+            (
+                "tessera_batch_log_compactions_total",
+                "counter",
+                "Log compactions of the batch system's groups written on this node",
+                self.batch_log_compactions,
+            ),
+            (
+                "tessera_batch_log_entries",
+                "gauge",
+                "Log entries the batch system's groups hold on this node (grows while a voter is down: no snapshots yet)",
+                self.batch_log_entries,
             ),
             (
                 "tessera_raft_messages_received_total",

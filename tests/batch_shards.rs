@@ -3,8 +3,8 @@
 //! writes and scans over QUIC, survives a leader's loss and a full
 //! restart without losing an acknowledged write, keeps its replicas
 //! identical (digests), lists them in status, moves leadership where
-//! asked, and refuses the admin operations it cannot do yet with a typed
-//! error.
+//! asked, compacts their logs, and refuses the admin operations it cannot
+//! do yet with a typed error.
 
 mod common;
 
@@ -255,5 +255,59 @@ async fn rebalance_spreads_batch_shard_leaders_without_moving_replicas() {
     // The leaders it handed out serve.
     cl.put(&key(1), b"after").await.unwrap();
     assert_eq!(cl.get(&key(1)).await.unwrap(), Some(b"after".to_vec()));
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_shard_logs_are_compacted_and_restarts_keep_every_write() {
+    init_tracing();
+    let shards = 2;
+    let mut c = TestCluster::start(
+        &[1, 2, 3],
+        &[],
+        Some((shards, vec![1, 2, 3])),
+        Timings {
+            snapshot_logs_since_last: 40,
+            snapshot_logs_to_keep: 10,
+            ..batch_timings()
+        },
+    )
+    .await;
+    wait_all_leaders(&c, shards).await;
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    let writes = 400u32;
+    for i in 0..writes {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    c.wait_until("every node compacted its batch logs", WAIT, |c| {
+        c.up().all(|n| n.metrics().batch_log_compactions > 0)
+    })
+    .await
+    .unwrap();
+    for n in c.up() {
+        let held = n.metrics().batch_log_entries;
+        assert!(
+            held < u64::from(writes),
+            "n{}: {held} log entries held after {writes} writes",
+            n.id().0
+        );
+    }
+    check_model(&cl, &model).await;
+    // Every node restarts from its compacted logs; nothing is lost.
+    drop(cl);
+    for i in 1..=3 {
+        c.kill(i).await;
+        c.restart(i).await;
+        wait_all_leaders(&c, shards).await;
+    }
+    let cl = c.client();
+    check_model(&cl, &model).await;
+    for s in 1..=shards {
+        let v = cl.verify_shard(ShardId(s)).await.unwrap();
+        assert!(v.agrees(), "replicas of s{s} differ: {v:?}");
+    }
     c.shutdown().await;
 }

@@ -8,7 +8,8 @@ mod harness;
 
 use harness::LocalCluster;
 use raft::eraftpb::MessageType;
-use tessera::multiraft::{DriverError, GroupStore};
+use tessera::multiraft::{Driver, DriverConfig, DriverError, GroupStore};
+use tessera::storage::{Engine, StorageConfig, StoreError};
 use tessera::ShardId;
 
 const GROUPS: u64 = 64;
@@ -514,4 +515,161 @@ fn a_ready_larger_than_the_memory_tail_stays_readable_until_written() {
         .entries(1, n + 1, None, GetEntriesContext::empty(false))
         .expect("staged entries are readable before the write");
     assert_eq!(read, entries);
+}
+
+/// Drivers that compact a log once `every` entries can go, keeping `keep`.
+fn compacting(every: u64, keep: u64) -> DriverConfig {
+    DriverConfig {
+        compact_every: every,
+        compact_keep: keep,
+        ..DriverConfig::default()
+    }
+}
+
+/// Ticks until every running node's log of `g` starts after `beyond`;
+/// returns that first index, the same on every node. Panics with `what`
+/// after `max_ticks`.
+fn wait_compacted(
+    c: &mut LocalCluster,
+    g: ShardId,
+    beyond: u64,
+    max_ticks: usize,
+    what: &str,
+) -> u64 {
+    for _ in 0..max_ticks {
+        let firsts: Vec<u64> = c
+            .nodes
+            .values()
+            .map(|n| n.driver.store(g).expect("open").first())
+            .collect();
+        if firsts.iter().all(|f| *f > beyond) && firsts.windows(2).all(|w| w[0] == w[1]) {
+            return firsts[0];
+        }
+        c.tick();
+    }
+    panic!(
+        "{what}: the log of {g} was not compacted past {beyond} on every node in {max_ticks} ticks"
+    );
+}
+
+#[test]
+fn a_log_is_compacted_on_every_replica_and_reopens_from_its_compaction_point() {
+    use raft::{GetEntriesContext, Storage};
+    let config = compacting(20, 5);
+    let mut c = LocalCluster::with_config(3, 1, config.clone());
+    let g = ShardId(1);
+    let leader = c.elect_spread()[&g];
+    for i in 0..60 {
+        c.propose_at(leader, g, format!("w{i}").as_bytes());
+        if i % 10 == 9 {
+            c.pump();
+        }
+    }
+    c.wait_applied(g, b"w59", 40, "every write");
+    let first = wait_compacted(&mut c, g, 20, 20, "60 writes, compaction every 20");
+    let applied = c.nodes[&leader].driver.applied_index(g).unwrap();
+    assert!(
+        first <= applied + 1 - 5,
+        "{} applied entries are kept below the point every voter holds (first {first}, applied {applied})",
+        5
+    );
+    for (id, n) in &c.nodes {
+        // The entries are gone from RocksDB, and raft-rs is told so.
+        assert_eq!(
+            GroupStore::first_written(&n.engine, g).unwrap(),
+            Some(first),
+            "node {id}: the first entry left in RocksDB"
+        );
+        let s = n.driver.store(g).unwrap();
+        assert!(matches!(
+            s.entries(first - 1, first + 1, None, GetEntriesContext::empty(false)),
+            Err(raft::Error::Store(raft::StorageError::Compacted))
+        ));
+        assert!(
+            s.term(first - 1).unwrap() > 0,
+            "node {id}: the compaction point keeps its term"
+        );
+        assert!(n.driver.stats().compactions >= 1, "node {id}");
+    }
+    // The group goes on from its compacted log.
+    c.propose_at(leader, g, b"after");
+    c.wait_applied(g, b"after", 40, "a write after the compaction");
+
+    // A follower reopens from its compaction point.
+    let f = (1..=3).find(|id| *id != leader).unwrap();
+    let applied_f = c.nodes[&f].driver.applied_index(g).unwrap();
+    let view = c.nodes[&f].driver.view(g).unwrap();
+    c.stop(f);
+    {
+        // A state machine behind the compaction point lost entries the log
+        // no longer has: refused, typed, rather than applied with a gap.
+        let engine = Engine::open(StorageConfig::new(c.dir(f))).unwrap();
+        let mut d = Driver::new(engine, f, config.clone());
+        match d.open_group(g, first - 2) {
+            Err(DriverError::Store(StoreError::Corrupt { .. })) => {}
+            other => panic!("a state machine at {} opened: {other:?}", first - 2),
+        }
+    }
+    c.restart_applied(f, &[(g, applied_f)].into());
+    let reopened = c.nodes[&f].driver.view(g).unwrap();
+    assert_eq!(
+        (reopened.log_first, reopened.log_last),
+        (view.log_first, view.log_last),
+        "the log's range survives a restart"
+    );
+    let l = c.wait_leaders(200, "after the restart")[&g];
+    c.propose_at(l, g, b"after restart");
+    c.wait_applied(g, b"after restart", 40, "a write after the restart");
+    let data: Vec<Vec<u8>> = c.nodes[&f].applied[&g]
+        .iter()
+        .map(|(_, d)| d.clone())
+        .collect();
+    assert_eq!(
+        data,
+        vec![b"after restart".to_vec()],
+        "the restarted follower applies from its applied index on"
+    );
+}
+
+#[test]
+fn a_voter_that_is_away_holds_compaction_back_and_catches_up_from_the_log() {
+    let mut c = LocalCluster::with_config(3, 1, compacting(20, 0));
+    let g = ShardId(1);
+    let leader = c.elect_spread()[&g];
+    let away = (1..=3).find(|id| *id != leader).unwrap();
+    c.propose_at(leader, g, b"w0");
+    c.wait_applied(g, b"w0", 20, "the first write");
+    let held = c.nodes[&away].driver.store(g).unwrap().last();
+    c.isolated.insert(away);
+    for i in 1..100 {
+        c.propose_at(leader, g, format!("w{i}").as_bytes());
+        if i % 10 == 9 {
+            c.pump();
+        }
+    }
+    c.wait_applied(g, b"w99", 40, "writes while a voter is away");
+    // Many ticks, each a chance to compact: the log keeps everything the
+    // voter that is away needs (no snapshot could replace it).
+    for _ in 0..30 {
+        c.tick();
+    }
+    for (id, n) in &c.nodes {
+        let s = n.driver.store(g).unwrap();
+        assert!(
+            s.first() <= held + 1,
+            "node {id} compacted to {} while n{away} holds only up to {held}",
+            s.first() - 1
+        );
+        assert_eq!(n.driver.stats().compactions, 0, "node {id}");
+    }
+    c.isolated.remove(&away);
+    c.wait_applied(g, b"w99", 100, "the voter back catches up from the log");
+    let first = wait_compacted(&mut c, g, held + 1, 40, "every voter caught up");
+    assert!(first > 20, "compacted to {}", first - 1);
+    let data: Vec<Vec<u8>> = c.nodes[&away].applied[&g]
+        .iter()
+        .map(|(_, d)| d.clone())
+        .collect();
+    let want: Vec<Vec<u8>> = (0..100).map(|i| format!("w{i}").into_bytes()).collect();
+    assert_eq!(data, want, "n{away} applied every write once, in order");
 }

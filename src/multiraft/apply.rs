@@ -4,7 +4,8 @@
 //! where they can share it ([`apply_together`]).
 //!
 //! An entry's data is a postcard-encoded [`Command`] ([`encode_command`]);
-//! an entry without data is a new leader's blank. Each is handed to the
+//! an entry without data is a new leader's blank, and a log compaction
+//! entry ([`compaction_point`]) is applied as one. Each is handed to the
 //! state machine as an openraft entry at log id (term, node 0, index): the
 //! state machine records that as its applied position, and
 //! [`ShardApplier::add`] reads the index back when the group is opened
@@ -14,6 +15,7 @@ use std::collections::HashMap;
 
 use raft::eraftpb::{Entry, EntryType};
 
+use super::driver::compaction_point;
 use super::runtime::Applier;
 use crate::command::{Command, CommandResponse};
 use crate::raft::{log_id, EntryPayload};
@@ -42,7 +44,11 @@ impl ShardApplier {
 
     fn convert(shard: ShardId, e: &Entry) -> Result<crate::raft::Entry, StoreError> {
         let payload = match e.get_entry_type() {
-            EntryType::EntryNormal if e.data.is_empty() => EntryPayload::Blank,
+            // A new leader's blank, or a log compaction (the driver's
+            // business: the state machine only records its position).
+            EntryType::EntryNormal if e.data.is_empty() || compaction_point(e).is_some() => {
+                EntryPayload::Blank
+            }
             EntryType::EntryNormal => {
                 EntryPayload::Normal(postcard::from_bytes::<Command>(&e.data).map_err(|err| {
                     StoreError::corrupt(format!("entry {} of {shard}", e.index), err)

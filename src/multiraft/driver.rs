@@ -25,6 +25,12 @@ pub struct DriverConfig {
     pub max_message_bytes: u64,
     /// AppendEntries in flight per follower at most.
     pub max_inflight: usize,
+    /// Log compaction: a leader proposes one when its group's log could
+    /// drop at least this many entries (0: logs are never compacted).
+    pub compact_every: u64,
+    /// Log compaction keeps this many applied entries below the point
+    /// every voter holds.
+    pub compact_keep: u64,
 }
 
 impl Default for DriverConfig {
@@ -34,8 +40,24 @@ impl Default for DriverConfig {
             election_ticks: 10,
             max_message_bytes: 1 << 20,
             max_inflight: 256,
+            compact_every: 10_000,
+            compact_keep: 1000,
         }
     }
+}
+
+/// The context of a log compaction entry; its data is the index to
+/// compact to (8 bytes, BE).
+const COMPACT_CONTEXT: &[u8] = b"tessera/compact-log";
+
+/// The index a log compaction entry compacts its group's log to (`None`:
+/// `e` is not one). A state machine applies one as an empty entry.
+pub fn compaction_point(e: &Entry) -> Option<u64> {
+    if &e.context[..] != COMPACT_CONTEXT {
+        return None;
+    }
+    let to: [u8; 8] = e.data[..].try_into().ok()?;
+    Some(u64::from_be_bytes(to))
 }
 
 /// Where a proposal went in its group's log.
@@ -184,6 +206,10 @@ pub struct GroupView {
     pub term: u64,
     /// The index its state machine applied.
     pub applied: u64,
+    /// The first index in its log (1 until the log is compacted).
+    pub log_first: u64,
+    /// The last index in its log.
+    pub log_last: u64,
 }
 
 /// Counters over the driver's life.
@@ -197,6 +223,10 @@ pub struct DriverStats {
     pub appends: u64,
     /// Log entries appended.
     pub entries: u64,
+    /// Log compactions written (a group's log dropping its applied head).
+    pub compactions: u64,
+    /// Log entries those compactions dropped.
+    pub compacted: u64,
 }
 
 /// One node's replicas of many groups.
@@ -213,6 +243,13 @@ pub struct Driver {
     /// The groups of a round begun and not finished yet: (group, ready
     /// number, the messages that wait for the round's write).
     unfinished: Vec<(ShardId, u64, Vec<Message>)>,
+    /// Committed compactions not written yet: group → (the index to compact
+    /// to, the compaction entry's own index, which the state machine must
+    /// have applied first).
+    compactions: HashMap<ShardId, (u64, u64)>,
+    /// Compactions this node proposed as leader and has not seen applied:
+    /// group → where the entry went (one at a time per group).
+    compacting: HashMap<ShardId, Proposed>,
 }
 
 impl Driver {
@@ -228,6 +265,8 @@ impl Driver {
             logger: slog::Logger::root(super::TracingDrain, slog::o!()),
             stats: DriverStats::default(),
             unfinished: Vec::new(),
+            compactions: HashMap::new(),
+            compacting: HashMap::new(),
         }
     }
 
@@ -286,13 +325,81 @@ impl Driver {
         Ok(node)
     }
 
-    /// Advances every group's clock by one tick.
+    /// Advances every group's clock by one tick; a leader whose log has
+    /// grown enough proposes its compaction ([`Driver::propose_compaction`]).
     pub fn tick(&mut self) {
         for (shard, node) in &mut self.groups {
             if node.tick() || node.has_ready() {
                 self.touched.insert(*shard);
             }
         }
+        if self.config.compact_every > 0 {
+            let led: Vec<ShardId> = self
+                .groups
+                .iter()
+                .filter(|(_, n)| n.raft.state == StateRole::Leader)
+                .map(|(s, _)| *s)
+                .collect();
+            for shard in led {
+                self.propose_compaction(shard);
+            }
+        }
+    }
+
+    /// Where `shard`'s log may be compacted to now, as its leader sees it:
+    /// `compact_keep` below the lowest index every voter holds (raft-rs's
+    /// matched index of each, this replica's own included) and below what
+    /// this replica applied. No snapshot can stand in for compacted entries
+    /// yet, so a voter that is down or behind holds every log back until
+    /// it catches up (a new leader knows no follower's matched index before
+    /// it hears from them: 0, no compaction). `None` unless the log can
+    /// drop `compact_every` entries at least.
+    fn compaction_target(&self, shard: ShardId) -> Option<u64> {
+        let node = self.groups.get(&shard)?;
+        if node.raft.state != StateRole::Leader {
+            return None;
+        }
+        let held = node
+            .raft
+            .prs()
+            .iter()
+            .map(|(_, p)| p.matched)
+            .min()
+            .unwrap_or(0);
+        let to = held
+            .min(node.raft.raft_log.applied)
+            .saturating_sub(self.config.compact_keep);
+        let first = node.store().first();
+        (to + 1 >= first + self.config.compact_every).then_some(to)
+    }
+
+    /// Proposes a compaction of `shard`'s log when it leads the group, has
+    /// none in flight and [`Driver::compaction_target`] allows one; returns
+    /// where the entry went. Every replica drops its log up to the entry's
+    /// index once its state machine applied the entry.
+    pub fn propose_compaction(&mut self, shard: ShardId) -> Option<Proposed> {
+        let applied = self.applied_index(shard)?;
+        let term = self.groups.get(&shard)?.raft.term;
+        if let Some(p) = self.compacting.get(&shard) {
+            // One at a time: the last one is applied, replaced, or lost
+            // with a leadership this replica no longer has.
+            if applied < p.index && p.term == term {
+                return None;
+            }
+            self.compacting.remove(&shard);
+        }
+        let to = self.compaction_target(shard)?;
+        let node = self.groups.get_mut(&shard)?;
+        node.propose(COMPACT_CONTEXT.to_vec(), to.to_be_bytes().to_vec())
+            .ok()?;
+        let at = Proposed {
+            index: node.raft.raft_log.last_index(),
+            term: node.raft.term,
+        };
+        self.compacting.insert(shard, at);
+        self.touched.insert(shard);
+        tracing::debug!(%shard, to, at = at.index, "log compaction proposed");
+        Some(at)
     }
 
     /// Starts an election for `shard` here now.
@@ -479,6 +586,7 @@ impl Driver {
             batch: WriteBatch::default(),
             sync: false,
         };
+        self.stage_compactions(&mut write.batch);
         let touched: Vec<ShardId> = self.touched.drain().collect();
         for shard in touched {
             let Some(node) = self.groups.get_mut(&shard) else {
@@ -501,7 +609,7 @@ impl Driver {
             out.route(shard, rd.take_messages());
             assert!(
                 rd.snapshot().is_empty(),
-                "{shard}: raft-rs asked to install a snapshot, and logs are never compacted"
+                "{shard}: raft-rs asked to install a snapshot, and none is ever sent"
             );
             let entries = rd.take_entries();
             if !entries.is_empty() {
@@ -511,6 +619,13 @@ impl Driver {
             node.mut_store().stage(&entries, rd.hs(), &mut write.batch);
             write.sync |= rd.must_sync();
             let committed = rd.take_committed_entries();
+            if let Some((to, at)) = committed
+                .iter()
+                .rev()
+                .find_map(|e| compaction_point(e).map(|to| (to, e.index)))
+            {
+                self.compactions.insert(shard, (to, at));
+            }
             if !committed.is_empty() {
                 out.committed.push((shard, committed));
             }
@@ -524,6 +639,39 @@ impl Driver {
             self.stats.entries += out.entries as u64;
         }
         (out, write)
+    }
+
+    /// Stages into `batch` every committed compaction whose entry the
+    /// group's state machine has applied ([`Driver::applied`] is told after
+    /// the apply's write, so `batch`, written later, follows it: what
+    /// [`GroupStore::compact`] asks of its caller).
+    fn stage_compactions(&mut self, batch: &mut WriteBatch) {
+        let due: Vec<(ShardId, u64)> = self
+            .compactions
+            .iter()
+            .filter(|(shard, (_, at))| self.applied_index(**shard).is_some_and(|a| a >= *at))
+            .map(|(shard, (to, _))| (*shard, *to))
+            .collect();
+        for (shard, to) in due {
+            self.compactions.remove(&shard);
+            let Some(node) = self.groups.get_mut(&shard) else {
+                continue;
+            };
+            let store = node.mut_store();
+            let first = store.first();
+            let to = to.min(store.last());
+            match store.compact(to, batch) {
+                Ok(()) if to >= first => {
+                    self.stats.compactions += 1;
+                    self.stats.compacted += to + 1 - first;
+                    tracing::debug!(%shard, to, "log compacted");
+                }
+                Ok(()) => {}
+                // The log keeps its head: nothing is lost, the next
+                // compaction tries again.
+                Err(e) => tracing::warn!(%shard, to, error = %e, "log compaction skipped"),
+            }
+        }
     }
 
     /// The second half of a round begun by [`Driver::begin_round`], once
@@ -567,6 +715,8 @@ impl Driver {
             leading: node.raft.state == StateRole::Leader,
             term: node.raft.term,
             applied: node.raft.raft_log.applied,
+            log_first: node.store().first(),
+            log_last: node.store().last(),
         })
     }
 

@@ -21,8 +21,13 @@
 //! QUIC ([`quic`]) and the applier to the product's state machine
 //! ([`ShardApplier`]). The node serves data shards from it when
 //! `raft.batch_data_shards` created them (`crate::node`'s `batch` module).
-//! Not built yet: log compaction and snapshots, membership changes (replica
-//! moves), splits and merges, quiescence.
+//! Logs are compacted through the log itself: a leader proposes a
+//! compaction entry once its group's log can drop enough entries that every
+//! voter holds, and each replica drops its log up to the point named once
+//! its state machine applied the entry ([`Driver::propose_compaction`]).
+//! Not built yet: snapshots (so a voter that is down holds every log of its
+//! groups back until it returns), membership changes (replica moves),
+//! splits and merges, quiescence.
 
 mod apply;
 mod driver;
@@ -33,8 +38,8 @@ pub mod wire;
 
 pub use apply::{encode_command, ShardApplier};
 pub use driver::{
-    Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupView, LogWrite, Proposed, Round,
-    Written,
+    compaction_point, Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupView,
+    LogWrite, Proposed, Round, Written,
 };
 pub use runtime::{
     Applier, LoopConfig, LoopView, Mailbox, NodeLoop, Outbound, Proposal, RequestError,

@@ -5,7 +5,9 @@
 //! - `raft_log`: `shard ‖ index` → the protobuf `Entry`;
 //! - `raft_state`: `shard ‖ RaftHard` → the protobuf `HardState` (written
 //!   when its term or vote changes: the commit alone is not), and
-//!   `shard ‖ RaftConf` → the protobuf `ConfState`.
+//!   `shard ‖ RaftConf` → the protobuf `ConfState`, and `shard ‖ RaftTrunc`
+//!   → the compaction point: index and term of the last entry dropped from
+//!   the log (absent until the first compaction, [`GroupStore::compact`]).
 //!
 //! Writes never go to RocksDB from here directly: [`GroupStore::stage`] puts a
 //! ready's entries and hard state into the caller's `WriteBatch`, which the
@@ -33,8 +35,11 @@ pub struct GroupStore {
     shard: ShardId,
     hard: HardState,
     conf: ConfState,
-    /// The last index in the log (0: empty).
+    /// The last index in the log (0: empty); at least `trunc.0`.
     last: u64,
+    /// The compaction point: (index, term) of the last entry dropped from
+    /// the log, (0, 0) before any. The log holds `trunc.0 + 1..=last`.
+    trunc: (u64, u64),
     /// The newest entries, contiguous and ending at `last`.
     tail: VecDeque<Entry>,
 }
@@ -45,6 +50,17 @@ fn raft_err(e: StoreError) -> raft::Error {
 
 fn decode<M: protobuf::Message>(what: &str, bytes: &[u8]) -> Result<M, StoreError> {
     M::parse_from_bytes(bytes).map_err(|e| StoreError::corrupt(what.to_string(), e))
+}
+
+fn decode_trunc(shard: ShardId, b: &[u8]) -> Result<(u64, u64), StoreError> {
+    let b: [u8; 16] = b.try_into().map_err(|_| {
+        StoreError::corrupt(
+            format!("compaction point of {shard}"),
+            format!("{} bytes where 16 were expected", b.len()),
+        )
+    })?;
+    let half = |r: &[u8]| u64::from_be_bytes(r.try_into().expect("8 bytes"));
+    Ok((half(&b[..8]), half(&b[8..])))
 }
 
 fn encode<M: protobuf::Message>(m: &M) -> Vec<u8> {
@@ -111,6 +127,25 @@ impl GroupStore {
         Ok(engine.last_log_index(shard)?.unwrap_or(0))
     }
 
+    /// The first log index of `shard` written to RocksDB here (`None`:
+    /// none), what compaction left.
+    ///
+    /// # Errors
+    /// The RocksDB error.
+    pub fn first_written(engine: &Engine, shard: ShardId) -> Result<Option<u64>, StoreError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::log_key(shard, u64::MAX).to_vec());
+        let log = engine.cf(crate::storage::Cf::RaftLog);
+        let mut it = engine.db().raw_iterator_cf_opt(log, ro);
+        it.seek(keys::log_key(shard, 0));
+        if let Some(k) = it.key() {
+            return Ok(Some(keys::log_key_index(shard, k)));
+        }
+        it.status()
+            .map_err(|e| StoreError::rocks("seek first log", e))?;
+        Ok(None)
+    }
+
     /// Opens a group from what is stored.
     ///
     /// # Errors
@@ -131,15 +166,83 @@ impl GroupStore {
             Some(b) => decode(&format!("hard state of {shard}"), &b)?,
             None => HardState::default(),
         };
-        let last = Self::last_written(engine, shard)?;
+        let trunc = match read(StateTag::RaftTrunc)? {
+            Some(b) => decode_trunc(shard, &b)?,
+            None => (0, 0),
+        };
+        // Every entry may have been compacted away: the log then ends at
+        // the compaction point.
+        let last = Self::last_written(engine, shard)?.max(trunc.0);
         Ok(GroupStore {
             engine: engine.clone(),
             shard,
             hard,
             conf,
             last,
+            trunc,
             tail: VecDeque::new(),
         })
+    }
+
+    /// The first index in the log (1 until the first compaction).
+    pub fn first(&self) -> u64 {
+        self.trunc.0 + 1
+    }
+
+    /// Drops the entries up to `to` (at most the last index) from the log:
+    /// their deletion and the new compaction point go into `batch`, and
+    /// they stop being readable here at once. Nothing happens when `to` is
+    /// not past the current compaction point.
+    ///
+    /// The caller's contract: every entry up to `to` is applied by the
+    /// state machine **in a write that precedes `batch`** in the node's
+    /// RocksDB (which recovers a prefix of its writes), so no crash can
+    /// keep the compaction and lose an apply the log no longer holds; and
+    /// every voter holds the entries up to `to` (no snapshot can replace
+    /// them for a lagging follower).
+    ///
+    /// # Errors
+    /// The RocksDB error reading the term of entry `to`.
+    ///
+    /// # Panics
+    /// When `to` is past the last index.
+    pub fn compact(&mut self, to: u64, batch: &mut WriteBatch) -> Result<(), StoreError> {
+        assert!(
+            to <= self.last,
+            "{}: compaction to {to} past the last index {}",
+            self.shard,
+            self.last
+        );
+        if to <= self.trunc.0 {
+            return Ok(());
+        }
+        let term = self.term_of(to)?;
+        batch.delete_range_cf(
+            self.engine.cf(crate::storage::Cf::RaftLog),
+            keys::log_key(self.shard, self.trunc.0 + 1),
+            keys::log_key(self.shard, to + 1),
+        );
+        let mut point = [0u8; 16];
+        point[..8].copy_from_slice(&to.to_be_bytes());
+        point[8..].copy_from_slice(&term.to_be_bytes());
+        batch.put_cf(
+            self.engine.cf(crate::storage::Cf::RaftState),
+            keys::state_key(self.shard, StateTag::RaftTrunc),
+            point,
+        );
+        self.trunc = (to, term);
+        while self.tail.front().is_some_and(|e| e.index <= to) {
+            self.tail.pop_front();
+        }
+        Ok(())
+    }
+
+    /// The term of entry `idx`, in the log (past the compaction point).
+    fn term_of(&self, idx: u64) -> Result<u64, StoreError> {
+        if idx >= self.tail_start() {
+            return Ok(self.tail[(idx - self.tail_start()) as usize].term);
+        }
+        Ok(self.read_entries(idx, idx + 1)?[0].term)
     }
 
     /// The last index in the log (0 when empty).
@@ -165,9 +268,22 @@ impl GroupStore {
     /// applied index past the commit.
     ///
     /// # Errors
-    /// [`StoreError::Corrupt`] when `applied` is past the stored log: the
-    /// state machine holds entries the log never had.
+    /// [`StoreError::Corrupt`] when `applied` is past the stored log (the
+    /// state machine holds entries the log never had) or behind its
+    /// compaction point (it lost entries the log no longer has).
     pub fn commit_at_least(&mut self, applied: u64) -> Result<(), StoreError> {
+        if applied < self.trunc.0 {
+            // The compaction is written only after the applies it covers
+            // (`GroupStore::compact`): a state machine behind it lost them.
+            return Err(StoreError::corrupt(
+                format!("log of {}", self.shard),
+                format!(
+                    "the state machine applied {applied}, behind the log's compaction point {}: \
+                     the entries in between are gone",
+                    self.trunc.0
+                ),
+            ));
+        }
         if applied <= self.hard.commit {
             return Ok(());
         }
@@ -193,10 +309,11 @@ impl GroupStore {
         if let Some(first) = entries.first() {
             let from = first.index;
             assert!(
-                from >= 1 && from <= self.last + 1,
-                "{}: entries from {from} leave a gap after {}",
+                from > self.trunc.0 && from <= self.last + 1,
+                "{}: entries from {from} leave a gap after {} or replace compacted ones (to {})",
                 self.shard,
-                self.last
+                self.last,
+                self.trunc.0
             );
             if from <= self.last {
                 // A new leader's entries replace the conflicting suffix.
@@ -291,7 +408,7 @@ impl Storage for GroupStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low < 1 {
+        if low <= self.trunc.0 || low < 1 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         if high > self.last + 1 {
@@ -313,21 +430,21 @@ impl Storage for GroupStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
-        if idx == 0 {
-            return Ok(0);
+        if idx == self.trunc.0 {
+            // The compaction point (0 before any: term 0).
+            return Ok(self.trunc.1);
+        }
+        if idx < self.trunc.0 {
+            return Err(raft::Error::Store(StorageError::Compacted));
         }
         if idx > self.last {
             return Err(raft::Error::Store(StorageError::Unavailable));
         }
-        if idx >= self.tail_start() {
-            return Ok(self.tail[(idx - self.tail_start()) as usize].term);
-        }
-        let e = self.read_entries(idx, idx + 1).map_err(raft_err)?;
-        Ok(e[0].term)
+        self.term_of(idx).map_err(raft_err)
     }
 
     fn first_index(&self) -> raft::Result<u64> {
-        Ok(1)
+        Ok(self.first())
     }
 
     fn last_index(&self) -> raft::Result<u64> {
@@ -335,8 +452,10 @@ impl Storage for GroupStore {
     }
 
     fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Logs are never compacted yet, so a follower always catches up from
-        // the log and raft-rs never asks for a snapshot.
+        // Not built yet. A log is compacted only up to what every voter
+        // holds (the driver's rule), so a voter always catches up from the
+        // log and raft-rs asks for a snapshot only if that rule is broken;
+        // it then leaves the follower behind rather than fail.
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

@@ -11,8 +11,10 @@
 //! `raft.batch_data_shards` only chooses what a bootstrap creates.
 //!
 //! Not built yet for these shards (refused with a typed error, never
-//! half-done): splits, merges, replica moves; no log compaction (the log
-//! grows); every group ticks (no quiescence). Leader transfers work.
+//! half-done): splits, merges, replica moves; every group ticks (no
+//! quiescence). Leader transfers work. Logs are compacted up to what every
+//! voter holds (no snapshots yet: while a voter is down, its groups' logs
+//! grow until it returns).
 
 use super::*;
 use crate::api::ApiError;
@@ -49,12 +51,16 @@ pub(crate) struct BatchShards {
 
 /// The loop's timings from the node's Raft timings: a tick of half the
 /// heartbeat interval, heartbeats every two ticks, elections after
-/// `election_timeout_ms_min` (raft-rs randomises up to twice that).
+/// `election_timeout_ms_min` (raft-rs randomises up to twice that). Logs
+/// are compacted as openraft's are purged: once `snapshot_logs_since_last`
+/// entries can go, keeping `snapshot_logs_to_keep`.
 fn timings(t: &RaftTimings) -> (Duration, DriverConfig) {
     let tick_ms = (t.heartbeat_interval_ms / 2).max(5);
     let config = DriverConfig {
         heartbeat_ticks: 2,
         election_ticks: (t.election_timeout_ms_min / tick_ms).max(4) as usize,
+        compact_every: t.snapshot_logs_since_last,
+        compact_keep: t.snapshot_logs_to_keep,
         ..DriverConfig::default()
     };
     (Duration::from_millis(tick_ms), config)

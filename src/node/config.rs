@@ -94,12 +94,15 @@ pub struct RaftTimings {
     pub election_timeout_ms_max: u64,
     /// Entries per AppendEntries at most. Default: 256.
     pub max_payload_entries: u64,
-    /// Applied entries since the last snapshot that trigger a new one.
-    /// Default: 10000.
+    /// Applied entries since the last snapshot that trigger a new one. On
+    /// the batch system (`batch_data_shards`), which has no snapshots yet:
+    /// entries its log can drop (held by every voter) that trigger a log
+    /// compaction. Default: 10000.
     pub snapshot_logs_since_last: u64,
     /// Log entries kept below the last snapshot when purging (a lagging
     /// follower within this distance catches up from the log, beyond it
-    /// from a snapshot). Default: 1000.
+    /// from a snapshot). On the batch system: applied entries kept below
+    /// what every voter holds when compacting. Default: 1000.
     pub snapshot_logs_to_keep: u64,
     /// Pre-vote: a node whose election timer fires first asks whether it
     /// could win before it bumps its term, so a node that was partitioned or
@@ -144,7 +147,8 @@ pub struct RaftTimings {
     /// shard: a node opens the shards it finds on the system they were
     /// created on, whatever this says later. These shards cannot split,
     /// merge or move yet (refused with an error), and
-    /// their logs are not compacted. Default: false.
+    /// their logs are compacted only up to what every voter holds (no
+    /// snapshots yet: a voter that is down holds them back). Default: false.
     pub batch_data_shards: bool,
 }
 

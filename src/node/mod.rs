@@ -889,6 +889,13 @@ impl Node {
                 .count() as u64;
             s.batch_frames = frames.frames.load(std::sync::atomic::Ordering::Relaxed);
             s.batch_messages = frames.messages.load(std::sync::atomic::Ordering::Relaxed);
+            s.batch_log_compactions = d.compactions;
+            s.batch_log_entries = b
+                .shards()
+                .iter()
+                .filter_map(|&id| b.group(id))
+                .map(|g| (g.log_last + 1).saturating_sub(g.log_first))
+                .sum();
         }
         s.replicas_destroyed = self
             .gc_counters

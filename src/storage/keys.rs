@@ -3,7 +3,7 @@
 //! | CF | key | value |
 //! |---|---|---|
 //! | `raft_log` | shard ‖ index (both BE u64) | postcard entry |
-//! | `raft_state` | shard ‖ tag | vote, committed, last purged log id |
+//! | `raft_state` | shard ‖ tag | vote, committed, last purged log id (a batch-system group: hard state, configuration, compaction point) |
 //! | `shard_meta` | shard ‖ tag | applied, membership, descriptor, snapshot, install marker |
 //! | `data` | the user key | the user value |
 //!
@@ -37,6 +37,9 @@ pub enum StateTag {
     RaftHard = 4,
     /// A raft-rs group's configuration (`crate::multiraft`).
     RaftConf = 5,
+    /// A raft-rs group's compaction point (`crate::multiraft`): the index
+    /// and term of the last entry its log dropped (BE u64 each).
+    RaftTrunc = 6,
 }
 
 /// Tags under `shard_meta`.

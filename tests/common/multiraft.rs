@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use raft::eraftpb::EntryType;
-use tessera::multiraft::{Driver, DriverConfig, GroupStore, Round};
+use tessera::multiraft::{compaction_point, Driver, DriverConfig, GroupStore, Round};
 use tessera::storage::{Engine, StorageConfig};
 use tessera::ShardId;
 
@@ -16,7 +16,8 @@ use tessera::ShardId;
 pub struct Node {
     pub engine: Engine,
     pub driver: Driver,
-    /// Per group, the (index, data) of every applied non-empty entry.
+    /// Per group, the (index, data) of every applied non-empty entry
+    /// (log compactions are the driver's, not recorded).
     pub applied: BTreeMap<ShardId, Vec<(u64, Vec<u8>)>>,
 }
 
@@ -57,10 +58,22 @@ fn open_node(
 }
 
 impl LocalCluster {
-    /// `nodes` nodes, `groups` groups (shard ids 1..=groups), all bootstrapped.
+    /// `nodes` nodes, `groups` groups (shard ids 1..=groups), all
+    /// bootstrapped; logs are never compacted.
     pub fn new(nodes: u64, groups: u64) -> LocalCluster {
+        Self::with_config(
+            nodes,
+            groups,
+            DriverConfig {
+                compact_every: 0,
+                ..DriverConfig::default()
+            },
+        )
+    }
+
+    /// [`LocalCluster::new`] with every driver on `config`.
+    pub fn with_config(nodes: u64, groups: u64, config: DriverConfig) -> LocalCluster {
         let root = tempfile::tempdir().expect("temp dir");
-        let config = DriverConfig::default();
         let groups: Vec<ShardId> = (1..=groups).map(ShardId).collect();
         let voters: Vec<u64> = (1..=nodes).collect();
         let mut dirs = BTreeMap::new();
@@ -146,7 +159,7 @@ impl LocalCluster {
                     EntryType::EntryNormal,
                     "no conf changes yet"
                 );
-                if !e.data.is_empty() {
+                if !e.data.is_empty() && compaction_point(e).is_none() {
                     log.push((e.index, e.data.to_vec()));
                 }
             }
@@ -318,7 +331,7 @@ pub mod loops {
     /// What a node applied, per group, in order.
     pub type Applied = Arc<Mutex<BTreeMap<ShardId, Vec<Vec<u8>>>>>;
 
-    /// Records every non-empty entry.
+    /// Records every non-empty entry (log compactions aside).
     pub struct Recorder(pub Applied);
 
     impl Applier for Recorder {
@@ -334,7 +347,9 @@ pub mod loops {
                 log.extend(
                     entries
                         .iter()
-                        .filter(|e| !e.data.is_empty())
+                        .filter(|e| {
+                            !e.data.is_empty() && tessera::multiraft::compaction_point(e).is_none()
+                        })
                         .map(|e| e.data.to_vec()),
                 );
             }
