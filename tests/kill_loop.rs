@@ -50,6 +50,12 @@ async fn kill_loop(batch: bool) {
     let nodes = loopback_nodes(3);
     let (ca, configs) = write_cluster_with(dir.path(), "kill-loop", &nodes, 4, |c| {
         c.raft.batch_data_shards = batch;
+        if batch {
+            // Logs compacted every few dozen writes: compactions run
+            // between the kills and restarts reopen from them.
+            c.raft.snapshot_logs_since_last = 20;
+            c.raft.snapshot_logs_to_keep = 5;
+        }
     });
     let mut procs = start_on_loopback(&nodes, configs);
     // An admin certificate: the run ends with a verify.
@@ -149,9 +155,18 @@ async fn kill_loop(batch: bool) {
     // The data shards ran on the system the configuration chose.
     for (id, _) in &nodes {
         let st = reader.node_status(*id).await.expect("node status");
-        for s in st.shards {
+        for s in &st.shards {
             let data = s.descriptor.id != tessera::meta::META_SHARD;
             assert_eq!(s.batch, batch && data, "{id}: {s:?}");
+        }
+        if batch {
+            assert!(
+                st.shards
+                    .iter()
+                    .any(|s| s.batch && s.log_first_index.is_some_and(|f| f > 1)),
+                "{id}: no batch shard's log was compacted: {:?}",
+                st.shards
+            );
         }
     }
     // Every replica of every shard holds the same state after the kills.

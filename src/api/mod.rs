@@ -162,6 +162,10 @@ pub struct ShardStatus {
     /// Whether the replica runs on the node's batch system
     /// (`raft.batch_data_shards`) rather than on openraft.
     pub batch: bool,
+    /// The first index in the replica's log: the entries before it were
+    /// purged (openraft, after a snapshot) or compacted (batch system).
+    /// `None` when the log is not open (a dormant replica).
+    pub log_first_index: Option<u64>,
 }
 
 /// A node's answer to [`Request::NodeStatus`].

@@ -50,6 +50,9 @@ pub(crate) struct ReplicaView {
     pub term: u64,
     /// The index its state machine applied (0: nothing yet).
     pub applied: u64,
+    /// The first index in its log: entries before it were purged or
+    /// compacted (`None`: a dormant replica, whose log is not open).
+    pub log_first: Option<u64>,
 }
 
 impl Registry {
@@ -209,6 +212,7 @@ impl Registry {
                 leader: g.leader.map(NodeId),
                 term: g.term,
                 applied: g.applied,
+                log_first: Some(g.log_first),
             });
         }
         match self.groups.get(&shard).as_deref()? {
@@ -219,6 +223,7 @@ impl Registry {
                     leader: m.current_leader,
                     term: m.current_term,
                     applied: m.last_applied.map_or(0, |l| l.index),
+                    log_first: Some(m.purged.as_ref().map_or(1, |l| l.index + 1)),
                 })
             }
             Slot::Dormant(_) => {
@@ -227,6 +232,7 @@ impl Registry {
                     leader: (s.vote.leader_id.term > 0).then(|| s.leader()),
                     term: s.vote.leader_id.term,
                     applied: s.last.map_or(0, |l| l.index),
+                    log_first: None,
                 })
             }
         }

@@ -554,6 +554,7 @@ impl Registry {
                         leader: v.leader,
                         applied_index: v.applied,
                         term: v.term,
+                        log_first_index: v.log_first,
                     });
                 }
                 Ok(Response::NodeStatus(NodeStatus {
