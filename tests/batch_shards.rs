@@ -293,7 +293,7 @@ async fn batch_shard_logs_are_compacted_and_restarts_keep_every_write() {
                 for i in 1..=3 {
                     let st = cl.node_status(NodeId(i)).await.map_err(|e| e.to_string())?;
                     for s in st.shards.iter().filter(|s| s.batch) {
-                        if !s.log_first_index.is_some_and(|f| f > 1) {
+                        if s.log_first_index.is_none_or(|f| f <= 1) {
                             return Err(format!("n{i}: {s:?}"));
                         }
                         assert!(
