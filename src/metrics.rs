@@ -100,6 +100,10 @@ pub struct MetricsSnapshot {
     pub batch_messages: u64,
     /// Log compactions of the batch system's groups written here.
     pub batch_log_compactions: u64,
+    /// The batch system's replicas asleep here right now (quiescence).
+    pub batch_groups_asleep: u64,
+    /// Times one of the batch system's sleeping replicas woke here.
+    pub batch_group_wakes: u64,
     /// Log entries of the batch system's groups held here right now (each
     /// group's log from its compaction point to its last entry).
     pub batch_log_entries: u64,
@@ -138,7 +142,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 30] = [
+        let rows: [(&str, &str, &str, u64); 32] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -180,6 +184,18 @@ impl MetricsSnapshot {
                 "counter",
                 "Log compactions of the batch system's groups written on this node",
                 self.batch_log_compactions,
+            ),
+            (
+                "tessera_batch_groups_asleep",
+                "gauge",
+                "The batch system's replicas asleep on this node (quiescence: they do not tick)",
+                self.batch_groups_asleep,
+            ),
+            (
+                "tessera_batch_group_wakes_total",
+                "counter",
+                "Times one of the batch system's sleeping replicas woke on this node",
+                self.batch_group_wakes,
             ),
             (
                 "tessera_batch_log_entries",

@@ -334,3 +334,61 @@ async fn batch_shard_logs_are_compacted_and_restarts_keep_every_write() {
     }
     c.shutdown().await;
 }
+
+/// Each running node's term of each of `shards` (from the nodes' own view).
+fn batch_terms(c: &TestCluster, shards: u64) -> BTreeMap<(NodeId, u64), Option<u64>> {
+    c.up()
+        .flat_map(|n| (1..=shards).map(move |s| ((n.id(), s), n.replica_term(ShardId(s)))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_batch_shards_sleep_wake_for_clients_and_elect_when_their_leader_dies() {
+    init_tracing();
+    let shards = 4;
+    let mut c = TestCluster::start(
+        &[1, 2, 3],
+        &[],
+        Some((shards, vec![1, 2, 3])),
+        Timings {
+            quiesce_after_ms: 1000,
+            ..batch_timings()
+        },
+    )
+    .await;
+    wait_all_leaders(&c, shards).await;
+    let cl = c.client();
+    let all_asleep = |c: &TestCluster| c.up().all(|n| n.metrics().batch_groups_asleep == shards);
+    for i in 0..40u32 {
+        cl.put(&key(i), b"1").await.unwrap();
+    }
+    c.wait_until("every batch replica asleep", WAIT, all_asleep)
+        .await
+        .unwrap();
+    let before = batch_terms(&c, shards);
+    // Clients wake them: writes and reads are served as when awake.
+    for i in 0..40u32 {
+        cl.put(&key(i), b"2").await.unwrap();
+        assert_eq!(cl.get(&key(i)).await.unwrap().as_deref(), Some(&b"2"[..]));
+    }
+    let woke: u64 = c.up().map(|n| n.metrics().batch_group_wakes).sum();
+    assert!(woke >= shards, "{woke} wake-ups");
+    c.wait_until("every batch replica asleep again", WAIT, all_asleep)
+        .await
+        .unwrap();
+    assert_eq!(batch_terms(&c, shards), before, "an election happened");
+
+    // The leader of s1 dies while its groups sleep: the survivors' liveness
+    // pings wake them, and they elect.
+    let dead = c.wait_batch_leader(ShardId(1), WAIT).await.unwrap();
+    c.kill(dead.0).await;
+    let now = c.wait_batch_leader(ShardId(1), WAIT).await.unwrap();
+    assert_ne!(now, dead);
+    for i in 0..40u32 {
+        cl.put(&key(i), b"3").await.unwrap();
+    }
+    for i in 0..40u32 {
+        assert_eq!(cl.get(&key(i)).await.unwrap().as_deref(), Some(&b"3"[..]));
+    }
+    c.shutdown().await;
+}

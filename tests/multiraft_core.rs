@@ -8,6 +8,7 @@ mod harness;
 
 use harness::LocalCluster;
 use raft::eraftpb::MessageType;
+use std::collections::BTreeMap;
 use tessera::multiraft::{Driver, DriverConfig, DriverError, GroupStore};
 use tessera::storage::{Engine, StorageConfig, StoreError};
 use tessera::ShardId;
@@ -672,4 +673,150 @@ fn a_voter_that_is_away_holds_compaction_back_and_catches_up_from_the_log() {
         .collect();
     let want: Vec<Vec<u8>> = (0..100).map(|i| format!("w{i}").into_bytes()).collect();
     assert_eq!(data, want, "n{away} applied every write once, in order");
+}
+
+/// Drivers whose idle groups sleep: a leader after 6 settled ticks, its
+/// followers after half an election timeout (5 ticks) of silence.
+fn sleepy() -> DriverConfig {
+    DriverConfig {
+        sleep_after_ticks: 6,
+        compact_every: 0,
+        ..DriverConfig::default()
+    }
+}
+
+/// Ticks until every running node's replica of every group sleeps; panics
+/// with `what` after `max_ticks`.
+fn wait_asleep(c: &mut LocalCluster, max_ticks: usize, what: &str) {
+    for _ in 0..max_ticks {
+        let all = c
+            .nodes
+            .values()
+            .all(|n| c.groups.iter().all(|g| n.driver.is_asleep(*g)));
+        if all {
+            return;
+        }
+        c.tick();
+    }
+    panic!("{what}: not every replica slept within {max_ticks} ticks");
+}
+
+/// Each running node's term of each group.
+fn terms(c: &LocalCluster) -> BTreeMap<(u64, ShardId), u64> {
+    c.nodes
+        .iter()
+        .flat_map(|(id, n)| {
+            c.groups
+                .iter()
+                .map(move |g| ((*id, *g), n.driver.view(*g).unwrap().term))
+        })
+        .collect()
+}
+
+#[test]
+fn idle_groups_sleep_on_every_replica_and_wake_for_a_write_without_an_election() {
+    let mut c = LocalCluster::with_config(3, 8, sleepy());
+    let leaders = c.elect_spread();
+    for (g, l) in &leaders {
+        c.propose_at(*l, *g, b"w1");
+    }
+    for g in leaders.keys() {
+        c.wait_applied(*g, b"w1", 40, "the first writes");
+    }
+    wait_asleep(&mut c, 60, "after the first writes");
+    let before = terms(&c);
+    // Asleep, a group costs nothing: ticks produce no message at all (no
+    // heartbeats, no election), however many pass.
+    for _ in 0..50 {
+        let ids: Vec<u64> = c.nodes.keys().copied().collect();
+        for id in ids {
+            let n = c.nodes.get_mut(&id).unwrap();
+            n.driver.tick();
+            let round = n.driver.round().unwrap();
+            assert!(
+                round.messages.is_empty(),
+                "node {id} sent {:?}",
+                round.messages
+            );
+        }
+    }
+    // A write wakes its group (only it) and commits under the same leader.
+    let g = ShardId(1);
+    let l = leaders[&g];
+    c.propose_at(l, g, b"w2");
+    c.wait_applied(g, b"w2", 40, "a write to a sleeping group");
+    for (id, n) in &c.nodes {
+        for other in c.groups.iter().filter(|o| **o != g) {
+            assert!(n.driver.is_asleep(*other), "node {id}: {other} woke");
+        }
+    }
+    // A linearizable read of a sleeping group is confirmed too.
+    wait_asleep(&mut c, 60, "after the write");
+    c.nodes
+        .get_mut(&l)
+        .unwrap()
+        .driver
+        .read_index(g, 77)
+        .unwrap();
+    for _ in 0..20 {
+        if c.reads[&l].iter().any(|(s, ctx, _)| *s == g && *ctx == 77) {
+            break;
+        }
+        c.tick();
+    }
+    assert!(
+        c.reads[&l].iter().any(|(s, ctx, _)| *s == g && *ctx == 77),
+        "the read point of a sleeping group was confirmed"
+    );
+    wait_asleep(&mut c, 60, "after the read");
+    assert_eq!(terms(&c), before, "no group held an election");
+    let stats = c.nodes[&l].driver.stats();
+    assert!(stats.sleeps > stats.wakes && stats.wakes >= 2, "{stats:?}");
+}
+
+#[test]
+fn a_dead_leaders_sleeping_groups_elect_once_woken_and_the_others_sleep_on() {
+    let mut c = LocalCluster::with_config(3, 6, sleepy());
+    let leaders = c.elect_spread();
+    for (g, l) in &leaders {
+        c.propose_at(*l, *g, b"w1");
+    }
+    for g in leaders.keys() {
+        c.wait_applied(*g, b"w1", 40, "the first writes");
+    }
+    wait_asleep(&mut c, 60, "after the first writes");
+    let before = terms(&c);
+    let dead = 1;
+    let orphans: Vec<ShardId> = leaders
+        .iter()
+        .filter(|(_, l)| **l == dead)
+        .map(|(g, _)| *g)
+        .collect();
+    assert!(!orphans.is_empty(), "n{dead} leads some groups");
+    c.stop(dead);
+    // Asleep, the survivors do not notice by themselves.
+    for _ in 0..50 {
+        c.tick();
+    }
+    for g in &orphans {
+        assert_eq!(c.agreed_leader(*g), None, "{g} elected while asleep");
+    }
+    // The node's liveness check tells them (`Mailbox::wake_led_by`).
+    for n in c.nodes.values_mut() {
+        n.driver.wake_led_by(dead);
+    }
+    let now = c.wait_leaders(200, "the dead leader's groups elect");
+    for g in &orphans {
+        assert_ne!(now[g], dead);
+        c.propose_at(now[g], *g, b"w2");
+        c.wait_applied(*g, b"w2", 40, "a write under the new leader");
+    }
+    // The other groups kept their leader and term, asleep throughout.
+    for (g, l) in leaders.iter().filter(|(_, l)| **l != dead) {
+        assert_eq!(now[g], *l);
+        for (id, n) in &c.nodes {
+            assert!(n.driver.is_asleep(*g), "node {id}: {g} woke");
+            assert_eq!(n.driver.view(*g).unwrap().term, before[&(*id, *g)]);
+        }
+    }
 }

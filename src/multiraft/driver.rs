@@ -31,6 +31,14 @@ pub struct DriverConfig {
     /// Log compaction keeps this many applied entries below the point
     /// every voter holds.
     pub compact_keep: u64,
+    /// Quiescence: a leader whose group stayed settled (everything it
+    /// appended committed, applied and held by every voter; no proposal,
+    /// read or transfer asked) for this many ticks stops ticking the group:
+    /// no heartbeats. Its followers stop ticking once they heard nothing
+    /// for half an election timeout (an awake leader's heartbeats come more
+    /// often), so none of them campaigns. 0, or an election timeout under
+    /// twice the heartbeat interval plus two ticks: groups never sleep.
+    pub sleep_after_ticks: usize,
 }
 
 impl Default for DriverConfig {
@@ -42,6 +50,7 @@ impl Default for DriverConfig {
             max_inflight: 256,
             compact_every: 10_000,
             compact_keep: 1000,
+            sleep_after_ticks: 0,
         }
     }
 }
@@ -58,6 +67,30 @@ pub fn compaction_point(e: &Entry) -> Option<u64> {
     }
     let to: [u8; 8] = e.data[..].try_into().ok()?;
     Some(u64::from_be_bytes(to))
+}
+
+/// Whether a leader's group is settled: everything it appended is
+/// committed, applied and held by every voter, and no read or leader
+/// transfer is under way.
+fn leader_settled(node: &RawNode<GroupStore>) -> bool {
+    let r = &node.raft;
+    let last = r.raft_log.last_index();
+    r.lead_transferee.is_none()
+        && r.raft_log.committed == last
+        && r.raft_log.applied == last
+        && r.pending_read_count() == 0
+        && r.prs().iter().all(|(_, p)| p.matched == last)
+}
+
+/// Whether a follower's group is settled: it knows its leader and applied
+/// everything in its log, which is committed.
+fn follower_settled(node: &RawNode<GroupStore>) -> bool {
+    let r = &node.raft;
+    let last = r.raft_log.last_index();
+    r.state == StateRole::Follower
+        && r.leader_id != raft::INVALID_ID
+        && r.raft_log.committed == last
+        && r.raft_log.applied == last
 }
 
 /// Where a proposal went in its group's log.
@@ -227,6 +260,10 @@ pub struct DriverStats {
     pub compactions: u64,
     /// Log entries those compactions dropped.
     pub compacted: u64,
+    /// Times a replica stopped ticking its group (quiescence).
+    pub sleeps: u64,
+    /// Times a sleeping replica woke (sleeps − wakes: replicas asleep now).
+    pub wakes: u64,
 }
 
 /// One node's replicas of many groups.
@@ -250,6 +287,29 @@ pub struct Driver {
     /// Compactions this node proposed as leader and has not seen applied:
     /// group → where the entry went (one at a time per group).
     compacting: HashMap<ShardId, Proposed>,
+    /// Quiescence state of each open group.
+    quiet: HashMap<ShardId, Quiet>,
+    /// Ticks of silence after which a settled follower sleeps (0: groups
+    /// never sleep).
+    follower_sleep_ticks: usize,
+}
+
+/// A group's quiescence state on this replica.
+#[derive(Debug, Default, Clone, Copy)]
+struct Quiet {
+    /// It does not tick.
+    asleep: bool,
+    /// Consecutive ticks it was settled and left alone.
+    idle: usize,
+    /// A proposal, read, transfer or election was asked since the last tick.
+    asked: bool,
+    /// A peer's message arrived since the last tick.
+    heard: bool,
+    /// A leader the node found gone ([`Driver::wake_led_by`]): the replica
+    /// does not sleep again under it, so its election timer runs until a
+    /// new leader is elected (or the same one is heard from again in a new
+    /// term).
+    suspect: Option<u64>,
 }
 
 impl Driver {
@@ -259,7 +319,6 @@ impl Driver {
         Driver {
             id,
             engine,
-            config,
             groups: HashMap::new(),
             touched: HashSet::new(),
             logger: slog::Logger::root(super::TracingDrain, slog::o!()),
@@ -267,6 +326,19 @@ impl Driver {
             unfinished: Vec::new(),
             compactions: HashMap::new(),
             compacting: HashMap::new(),
+            quiet: HashMap::new(),
+            follower_sleep_ticks: {
+                // Followers sleep after half an election timeout of silence:
+                // longer than an awake leader's heartbeat interval (plus a
+                // tick of jitter), shorter than any election timeout.
+                let half = config.election_ticks / 2;
+                if config.sleep_after_ticks > 0 && half > config.heartbeat_ticks + 1 {
+                    half
+                } else {
+                    0
+                }
+            },
+            config,
         }
     }
 
@@ -305,6 +377,7 @@ impl Driver {
         let node = RawNode::new(&cfg, store, &self.logger)
             .map_err(|source| DriverError::Raft { shard, source })?;
         self.groups.insert(shard, node);
+        self.quiet.insert(shard, Quiet::default());
         self.touched.insert(shard);
         Ok(())
     }
@@ -328,16 +401,49 @@ impl Driver {
     /// Advances every group's clock by one tick; a leader whose log has
     /// grown enough proposes its compaction ([`Driver::propose_compaction`]).
     pub fn tick(&mut self) {
+        let sleep = self.follower_sleep_ticks > 0;
         for (shard, node) in &mut self.groups {
+            let q = self.quiet.entry(*shard).or_default();
+            if q.asleep {
+                continue;
+            }
             if node.tick() || node.has_ready() {
                 self.touched.insert(*shard);
+            }
+            if !sleep {
+                continue;
+            }
+            if q.suspect.is_some_and(|l| l != node.raft.leader_id) {
+                q.suspect = None;
+            }
+            let (settled, need) = if node.raft.state == StateRole::Leader {
+                (
+                    !q.asked && leader_settled(node),
+                    self.config.sleep_after_ticks,
+                )
+            } else {
+                (
+                    !q.asked && !q.heard && q.suspect.is_none() && follower_settled(node),
+                    self.follower_sleep_ticks,
+                )
+            };
+            q.asked = false;
+            q.heard = false;
+            q.idle = if settled { q.idle + 1 } else { 0 };
+            if q.idle >= need {
+                q.asleep = true;
+                self.stats.sleeps += 1;
+                tracing::debug!(%shard, leader = node.raft.state == StateRole::Leader, "group asleep");
             }
         }
         if self.config.compact_every > 0 {
             let led: Vec<ShardId> = self
                 .groups
                 .iter()
-                .filter(|(_, n)| n.raft.state == StateRole::Leader)
+                .filter(|(s, n)| {
+                    n.raft.state == StateRole::Leader
+                        && !self.quiet.get(*s).is_some_and(|q| q.asleep)
+                })
                 .map(|(s, _)| *s)
                 .collect();
             for shard in led {
@@ -402,11 +508,75 @@ impl Driver {
         Some(at)
     }
 
+    /// Something was asked of `shard` here (a proposal, read, transfer or
+    /// election): it counts as activity, and a sleeping replica wakes.
+    fn asked(&mut self, shard: ShardId) {
+        if let Some(q) = self.quiet.get_mut(&shard) {
+            q.asked = true;
+        }
+        self.wake(shard);
+    }
+
+    /// Wakes `shard`'s replica here if it sleeps: it ticks again. A leader
+    /// starts a fresh election timeout with every follower counted as
+    /// recently heard from (each held everything when it fell asleep), so
+    /// check-quorum does not depose it before they answer.
+    fn wake(&mut self, shard: ShardId) {
+        let Some(q) = self.quiet.get_mut(&shard) else {
+            return;
+        };
+        if !q.asleep {
+            return;
+        }
+        q.asleep = false;
+        q.idle = 0;
+        self.stats.wakes += 1;
+        if let Some(node) = self.groups.get_mut(&shard) {
+            if node.raft.state == StateRole::Leader {
+                node.raft.election_elapsed = 0;
+                for (_, p) in node.raft.mut_prs().iter_mut() {
+                    p.recent_active = true;
+                }
+            }
+        }
+        self.touched.insert(shard);
+        tracing::debug!(%shard, "group woke");
+    }
+
+    /// Wakes every group sleeping here under `leader`: the node-level
+    /// liveness check found that node down or restarted, so its groups need
+    /// their election timers (a sleeping follower never campaigns), and
+    /// they do not sleep again under it. Returns how many woke.
+    pub fn wake_led_by(&mut self, leader: u64) -> usize {
+        let asleep: Vec<ShardId> = self
+            .groups
+            .iter()
+            .filter(|(s, n)| {
+                n.raft.leader_id == leader && self.quiet.get(*s).is_some_and(|q| q.asleep)
+            })
+            .map(|(s, _)| *s)
+            .collect();
+        for s in &asleep {
+            if let Some(q) = self.quiet.get_mut(s) {
+                q.suspect = Some(leader);
+            }
+            self.wake(*s);
+        }
+        asleep.len()
+    }
+
+    /// Whether `shard`'s replica here sleeps (quiescence).
+    pub fn is_asleep(&self, shard: ShardId) -> bool {
+        self.quiet.get(&shard).is_some_and(|q| q.asleep)
+    }
+
     /// Starts an election for `shard` here now.
     ///
     /// # Errors
     /// [`DriverError::UnknownGroup`], or raft-rs's refusal.
     pub fn campaign(&mut self, shard: ShardId) -> Result<(), DriverError> {
+        self.group(shard)?;
+        self.asked(shard);
         self.group(shard)?
             .campaign()
             .map_err(|source| DriverError::Raft { shard, source })?;
@@ -436,6 +606,8 @@ impl Driver {
     /// # Errors
     /// [`DriverError::NotLeader`] with the known leader otherwise.
     pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<Proposed, DriverError> {
+        self.led(shard)?;
+        self.asked(shard);
         let node = self.led(shard)?;
         node.propose(Vec::new(), data)
             .map_err(|source| DriverError::Raft { shard, source })?;
@@ -457,6 +629,8 @@ impl Driver {
     /// [`DriverError::NotLeader`]; [`DriverError::Refused`] when `to` is
     /// not a voter.
     pub fn transfer_leader(&mut self, shard: ShardId, to: u64) -> Result<(), DriverError> {
+        self.led(shard)?;
+        self.asked(shard);
         let node = self.led(shard)?;
         if !node.store().is_voter(to) {
             return Err(DriverError::Refused {
@@ -489,6 +663,8 @@ impl Driver {
     /// [`DriverError::NotReady`] when it leads but has not committed in its
     /// term yet ([`Driver::can_read`]).
     pub fn read_index(&mut self, shard: ShardId, ctx: u64) -> Result<(), DriverError> {
+        self.led(shard)?;
+        self.asked(shard);
         let node = self.led(shard)?;
         if !node.raft.commit_to_current_term() {
             return Err(DriverError::NotReady { shard });
@@ -525,6 +701,21 @@ impl Driver {
                 shard,
                 reason: format!("{:?} from a peer", env.msg.get_msg_type()),
             });
+        }
+        self.group(shard)?;
+        // A leader's heartbeat and its answer leave a sleeping replica
+        // asleep (they are stepped all the same: a sleeping replica only
+        // does not tick); anything else means the group is in use, or is
+        // electing, and wakes it.
+        let benign = matches!(
+            env.msg.get_msg_type(),
+            MessageType::MsgHeartbeat | MessageType::MsgHeartbeatResponse
+        );
+        if let Some(q) = self.quiet.get_mut(&shard) {
+            q.heard = true;
+        }
+        if !benign {
+            self.wake(shard);
         }
         self.group(shard)?
             .step(env.msg)

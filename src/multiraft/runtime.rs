@@ -142,6 +142,7 @@ enum Input<R> {
         reply: oneshot::Sender<Result<(), RequestError>>,
     },
     Campaign(ShardId),
+    WakeLedBy(u64),
     Frame(Vec<Envelope>),
 }
 
@@ -219,6 +220,16 @@ impl<R> Mailbox<R> {
         self.send(Input::Campaign(shard))
     }
 
+    /// Wakes the groups sleeping here under `leader`'s leadership (the
+    /// node found that node down or restarted: their election timers must
+    /// run). See [`Driver::wake_led_by`].
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn wake_led_by(&self, leader: u64) -> Result<(), RequestError> {
+        self.send(Input::WakeLedBy(leader))
+    }
+
     fn send(&self, input: Input<R>) -> Result<(), RequestError> {
         self.tx.try_send(input).map_err(|e| match e {
             TrySendError::Full(_) => RequestError::Busy {
@@ -289,6 +300,8 @@ struct State<O, A: Applier> {
     pending: HashMap<ShardId, VecDeque<Pending<A::Response>>>,
     reads: Reads,
     view: Arc<LoopView>,
+    /// The counters last published to `view`.
+    published: DriverStats,
 }
 
 /// Reads in their three stages: asked this pass (one read index per group
@@ -428,6 +441,16 @@ impl<O: Outbound, A: Applier> State<O, A> {
                     tracing::debug!(error = %e, "campaign not started");
                 }
             }
+            Input::WakeLedBy(leader) => {
+                let woke = self.driver.wake_led_by(leader);
+                if woke > 0 {
+                    tracing::info!(
+                        leader,
+                        groups = woke,
+                        "groups led by a node that went away woke"
+                    );
+                }
+            }
             Input::Transfer { shard, to, reply } => {
                 let _ = reply.send(
                     self.driver
@@ -492,8 +515,11 @@ impl<O: Outbound, A: Applier> State<O, A> {
         {
             self.view.publish(&self.driver, *shard);
         }
-        if !round.is_idle() {
-            *self.view.stats.lock().expect("loop stats poisoned") = self.driver.stats();
+        let stats = self.driver.stats();
+        if stats != self.published {
+            // Ticks change counters too (groups falling asleep).
+            *self.view.stats.lock().expect("loop stats poisoned") = stats;
+            self.published = stats;
         }
         for (to, frame) in round.messages {
             self.outbound.send(to, frame);
@@ -588,6 +614,7 @@ impl<R: Send + 'static> NodeLoop<R> {
             pending: HashMap::new(),
             reads: Reads::default(),
             view: view.clone(),
+            published: DriverStats::default(),
         };
         let thread = std::thread::Builder::new().name(name).spawn(move || {
             let r = run(&mut state, &rx, &stop2, &config);

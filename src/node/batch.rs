@@ -11,8 +11,8 @@
 //! `raft.batch_data_shards` only chooses what a bootstrap creates.
 //!
 //! Not built yet for these shards (refused with a typed error, never
-//! half-done): splits, merges, replica moves; every group ticks (no
-//! quiescence). Leader transfers work. Logs are compacted up to what every
+//! half-done): splits, merges, replica moves. Leader transfers work, and
+//! idle groups sleep (quiescence, as `raft.quiesce_after_ms` says). Logs are compacted up to what every
 //! voter holds (no snapshots yet: while a voter is down, its groups' logs
 //! grow until it returns).
 
@@ -53,7 +53,10 @@ pub(crate) struct BatchShards {
 /// heartbeat interval, heartbeats every two ticks, elections after
 /// `election_timeout_ms_min` (raft-rs randomises up to twice that). Logs
 /// are compacted as openraft's are purged: once `snapshot_logs_since_last`
-/// entries can go, keeping `snapshot_logs_to_keep`.
+/// entries can go, keeping `snapshot_logs_to_keep`. With quiescence on
+/// (`quiesce_after_ms`), a group whose leader was settled that long stops
+/// ticking on every replica; the node's liveness pings (`quiesce::run`)
+/// wake the groups of a leader that went away.
 fn timings(t: &RaftTimings) -> (Duration, DriverConfig) {
     let tick_ms = (t.heartbeat_interval_ms / 2).max(5);
     let config = DriverConfig {
@@ -61,6 +64,7 @@ fn timings(t: &RaftTimings) -> (Duration, DriverConfig) {
         election_ticks: (t.election_timeout_ms_min / tick_ms).max(4) as usize,
         compact_every: t.snapshot_logs_since_last,
         compact_keep: t.snapshot_logs_to_keep,
+        sleep_after_ticks: t.quiesce_after_ms.div_ceil(tick_ms) as usize,
         ..DriverConfig::default()
     };
     (Duration::from_millis(tick_ms), config)
@@ -180,6 +184,17 @@ impl BatchShards {
                 }
             }
             tokio::time::sleep(every).await;
+        }
+    }
+
+    /// Wakes the groups sleeping here under `leader` (found down or
+    /// restarted by the liveness pings); best effort: a full mailbox drops
+    /// it, and the next ping round asks again only on a change, so the
+    /// election timers of a follower that missed it start with its next
+    /// message.
+    pub(super) fn wake_led_by(&self, leader: NodeId) {
+        if let Err(e) = self.mailbox.wake_led_by(leader.0) {
+            tracing::warn!(%leader, error = %e, "batch groups not woken");
         }
     }
 

@@ -890,6 +890,8 @@ impl Node {
             s.batch_frames = frames.frames.load(std::sync::atomic::Ordering::Relaxed);
             s.batch_messages = frames.messages.load(std::sync::atomic::Ordering::Relaxed);
             s.batch_log_compactions = d.compactions;
+            s.batch_groups_asleep = d.sleeps.saturating_sub(d.wakes);
+            s.batch_group_wakes = d.wakes;
             s.batch_log_entries = b
                 .shards()
                 .iter()

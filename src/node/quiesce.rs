@@ -685,6 +685,9 @@ fn wake_led_by(n: &Arc<Node>, leader: NodeId, everyone: bool) {
     if leader == n.id {
         return;
     }
+    if let Some(b) = n.registry.batch.get() {
+        b.wake_led_by(leader);
+    }
     let q = &n.registry.quiesce;
     for shard in n.registry.shard_ids_all() {
         let Some(s) = q.asleep(shard) else { continue };

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Needs a release build of tessera: cargo build --release --bin tessera
-# Usage: tools/measure/idle.sh SHARDS
+# Usage: tools/measure/idle.sh SHARDS [tessera dev flags...]
+# (e.g. --batch-data-shards; BIN=DIR takes the binary from DIR)
 # A fresh `tessera dev --shards SHARDS` (3 nodes in one process) with
 # quiescence on (QUIESCE ms, default 3000; 0 turns it off; DORMANT ms:
 # --dormant-after-ms, default the node default): seconds from
@@ -10,11 +11,12 @@
 # and RSS per replica (3 per shard), and how long SIGTERM takes to stop it.
 set -u
 source "$(dirname "$0")/dev-common.sh"
-shards=${1:?usage: idle.sh SHARDS}
-T="${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release"
+shards=${1:?usage: idle.sh SHARDS [dev flags...]}
+shift
+T="${BIN:-${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release}"
 dir=$(mktemp -d /var/tmp/tessera-idle.XXXX)
 start=$(date +%s.%N)
-$T/tessera dev --data-dir "$dir" --shards "$shards" --quiesce-after-ms "${QUIESCE:-3000}" ${DORMANT:+--dormant-after-ms "$DORMANT"} > "$dir/log" 2>&1 &
+$T/tessera dev --data-dir "$dir" --shards "$shards" --quiesce-after-ms "${QUIESCE:-3000}" ${DORMANT:+--dormant-after-ms "$DORMANT"} "$@" > "$dir/log" 2>&1 &
 pid=$!
 wait_ready $pid "$dir"
 ready=$(date +%s.%N)
