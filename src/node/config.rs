@@ -125,7 +125,9 @@ pub struct RaftTimings {
     /// node started sleeps as soon as it is settled, without this wait. 0
     /// turns it off. At least `election_timeout_ms_min` when on. Default:
     /// 10000 (on: the network soak runs clean with it, dormant replicas
-    /// included).
+    /// included). Batch-system groups (`batch_data_shards`) sleep after the
+    /// same time, their followers after half an election timeout of silence,
+    /// and the same pings wake the groups of a leader that went away.
     pub quiesce_after_ms: u64,
     /// With quiescence on: a replica asleep for this long drops its
     /// openraft instance (about 110 KiB of buffers, tasks and channels
