@@ -289,6 +289,8 @@ pub struct Driver {
     compacting: HashMap<ShardId, Proposed>,
     /// Quiescence state of each open group.
     quiet: HashMap<ShardId, Quiet>,
+    /// The open groups that do not sleep (the ones a tick visits).
+    awake: HashSet<ShardId>,
     /// Ticks of silence after which a settled follower sleeps (0: groups
     /// never sleep).
     follower_sleep_ticks: usize,
@@ -327,6 +329,7 @@ impl Driver {
             compactions: HashMap::new(),
             compacting: HashMap::new(),
             quiet: HashMap::new(),
+            awake: HashSet::new(),
             follower_sleep_ticks: {
                 // Followers sleep after half an election timeout of silence:
                 // longer than an awake leader's heartbeat interval (plus a
@@ -378,6 +381,7 @@ impl Driver {
             .map_err(|source| DriverError::Raft { shard, source })?;
         self.groups.insert(shard, node);
         self.quiet.insert(shard, Quiet::default());
+        self.awake.insert(shard);
         self.touched.insert(shard);
         Ok(())
     }
@@ -402,13 +406,20 @@ impl Driver {
     /// grown enough proposes its compaction ([`Driver::propose_compaction`]).
     pub fn tick(&mut self) {
         let sleep = self.follower_sleep_ticks > 0;
-        for (shard, node) in &mut self.groups {
-            let q = self.quiet.entry(*shard).or_default();
-            if q.asleep {
+        // Only awake groups are visited: 10,000 sleeping ones cost nothing
+        // per tick.
+        let mut fell_asleep = Vec::new();
+        let mut led = Vec::new();
+        for shard in &self.awake {
+            let (Some(node), Some(q)) = (self.groups.get_mut(shard), self.quiet.get_mut(shard))
+            else {
                 continue;
-            }
+            };
             if node.tick() || node.has_ready() {
                 self.touched.insert(*shard);
+            }
+            if node.raft.state == StateRole::Leader {
+                led.push(*shard);
             }
             if !sleep {
                 continue;
@@ -432,20 +443,15 @@ impl Driver {
             q.idle = if settled { q.idle + 1 } else { 0 };
             if q.idle >= need {
                 q.asleep = true;
+                fell_asleep.push(*shard);
                 self.stats.sleeps += 1;
                 tracing::debug!(%shard, leader = node.raft.state == StateRole::Leader, "group asleep");
             }
         }
+        for shard in &fell_asleep {
+            self.awake.remove(shard);
+        }
         if self.config.compact_every > 0 {
-            let led: Vec<ShardId> = self
-                .groups
-                .iter()
-                .filter(|(s, n)| {
-                    n.raft.state == StateRole::Leader
-                        && !self.quiet.get(*s).is_some_and(|q| q.asleep)
-                })
-                .map(|(s, _)| *s)
-                .collect();
             for shard in led {
                 self.propose_compaction(shard);
             }
@@ -530,6 +536,7 @@ impl Driver {
         }
         q.asleep = false;
         q.idle = 0;
+        self.awake.insert(shard);
         self.stats.wakes += 1;
         if let Some(node) = self.groups.get_mut(&shard) {
             if node.raft.state == StateRole::Leader {

@@ -61,6 +61,10 @@ pub(crate) fn plan(
     grace: Duration,
 ) -> Vec<Action> {
     let table: BTreeMap<ShardId, &ShardDescriptor> = table.iter().map(|d| (d.id, d)).collect();
+    // A set: 10,000 hosted replicas each looked up in a list made every
+    // pass quadratic (the largest cost of an idle 10,000-shard node).
+    let hosted_ids: std::collections::HashSet<ShardId> =
+        hosted.iter().map(|h| h.descriptor.id).collect();
     let mut out = Vec::new();
     for h in hosted {
         let local = &h.descriptor;
@@ -81,7 +85,7 @@ pub(crate) fn plan(
     for (id, m) in &table {
         if *id == crate::meta::META_SHARD
             || !m.replicas.contains(&me)
-            || hosted.iter().any(|h| h.descriptor.id == *id)
+            || hosted_ids.contains(id)
         {
             continue;
         }
