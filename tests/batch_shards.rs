@@ -28,13 +28,13 @@ fn batch_timings() -> Timings {
 }
 
 async fn ready(shards: u64) -> TestCluster {
-    let c = TestCluster::start(
-        &[1, 2, 3],
-        &[],
-        Some((shards, vec![1, 2, 3])),
-        batch_timings(),
-    )
-    .await;
+    ready_with(shards, batch_timings()).await
+}
+
+/// Nodes 1–3 with `shards` batch-system data shards on all three, every one
+/// led, under `timings`.
+async fn ready_with(shards: u64, timings: Timings) -> TestCluster {
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((shards, vec![1, 2, 3])), timings).await;
     wait_all_leaders(&c, shards).await;
     c
 }
@@ -262,10 +262,8 @@ async fn rebalance_spreads_batch_shard_leaders_without_moving_replicas() {
 async fn batch_shard_logs_are_compacted_and_restarts_keep_every_write() {
     init_tracing();
     let shards = 2;
-    let mut c = TestCluster::start(
-        &[1, 2, 3],
-        &[],
-        Some((shards, vec![1, 2, 3])),
+    let mut c = ready_with(
+        shards,
         Timings {
             snapshot_logs_since_last: 40,
             snapshot_logs_to_keep: 10,
@@ -273,7 +271,6 @@ async fn batch_shard_logs_are_compacted_and_restarts_keep_every_write() {
         },
     )
     .await;
-    wait_all_leaders(&c, shards).await;
     let cl = c.client();
     let mut model = BTreeMap::new();
     let writes = 400u32;
@@ -346,17 +343,14 @@ fn batch_terms(c: &TestCluster, shards: u64) -> BTreeMap<(NodeId, u64), Option<u
 async fn idle_batch_shards_sleep_wake_for_clients_and_elect_when_their_leader_dies() {
     init_tracing();
     let shards = 4;
-    let mut c = TestCluster::start(
-        &[1, 2, 3],
-        &[],
-        Some((shards, vec![1, 2, 3])),
+    let mut c = ready_with(
+        shards,
         Timings {
             quiesce_after_ms: 1000,
             ..batch_timings()
         },
     )
     .await;
-    wait_all_leaders(&c, shards).await;
     let cl = c.client();
     let all_asleep = |c: &TestCluster| c.up().all(|n| n.metrics().batch_groups_asleep == shards);
     for i in 0..40u32 {

@@ -701,6 +701,21 @@ fn wait_asleep(c: &mut LocalCluster, max_ticks: usize, what: &str) {
     panic!("{what}: not every replica slept within {max_ticks} ticks");
 }
 
+/// Three nodes with `groups` sleepy groups, leaders spread, one write
+/// ("w1") applied in each, then every replica asleep.
+fn asleep_after_a_write(groups: u64) -> (LocalCluster, BTreeMap<ShardId, u64>) {
+    let mut c = LocalCluster::with_config(3, groups, sleepy());
+    let leaders = c.elect_spread();
+    for (g, l) in &leaders {
+        c.propose_at(*l, *g, b"w1");
+    }
+    for g in leaders.keys() {
+        c.wait_applied(*g, b"w1", 40, "the first writes");
+    }
+    wait_asleep(&mut c, 60, "after the first writes");
+    (c, leaders)
+}
+
 /// Each running node's term of each group.
 fn terms(c: &LocalCluster) -> BTreeMap<(u64, ShardId), u64> {
     c.nodes
@@ -715,15 +730,7 @@ fn terms(c: &LocalCluster) -> BTreeMap<(u64, ShardId), u64> {
 
 #[test]
 fn idle_groups_sleep_on_every_replica_and_wake_for_a_write_without_an_election() {
-    let mut c = LocalCluster::with_config(3, 8, sleepy());
-    let leaders = c.elect_spread();
-    for (g, l) in &leaders {
-        c.propose_at(*l, *g, b"w1");
-    }
-    for g in leaders.keys() {
-        c.wait_applied(*g, b"w1", 40, "the first writes");
-    }
-    wait_asleep(&mut c, 60, "after the first writes");
+    let (mut c, leaders) = asleep_after_a_write(8);
     let before = terms(&c);
     // Asleep, a group costs nothing: ticks produce no message at all (no
     // heartbeats, no election), however many pass.
@@ -776,15 +783,7 @@ fn idle_groups_sleep_on_every_replica_and_wake_for_a_write_without_an_election()
 
 #[test]
 fn a_dead_leaders_sleeping_groups_elect_once_woken_and_the_others_sleep_on() {
-    let mut c = LocalCluster::with_config(3, 6, sleepy());
-    let leaders = c.elect_spread();
-    for (g, l) in &leaders {
-        c.propose_at(*l, *g, b"w1");
-    }
-    for g in leaders.keys() {
-        c.wait_applied(*g, b"w1", 40, "the first writes");
-    }
-    wait_asleep(&mut c, 60, "after the first writes");
+    let (mut c, leaders) = asleep_after_a_write(6);
     let before = terms(&c);
     let dead = 1;
     let orphans: Vec<ShardId> = leaders

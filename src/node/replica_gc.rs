@@ -83,10 +83,7 @@ pub(crate) fn plan(
         }
     }
     for (id, m) in &table {
-        if *id == crate::meta::META_SHARD
-            || !m.replicas.contains(&me)
-            || hosted_ids.contains(id)
-        {
+        if *id == crate::meta::META_SHARD || !m.replicas.contains(&me) || hosted_ids.contains(id) {
             continue;
         }
         // A tombstone newer than the table's entry: the table lags behind
