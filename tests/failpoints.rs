@@ -148,3 +148,90 @@ async fn interrupted_install_is_redone_at_open() {
     );
     scenario.teardown();
 }
+
+#[path = "common/multiraft.rs"]
+mod harness;
+
+/// RELIABILITY scenario 6 on the batch system: a failed sync of a round's
+/// log write fail-stops that node's loop. The proposal it carried is not
+/// acknowledged, nothing more is, the other nodes go on, and what was
+/// acknowledged before is all there when the node comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_round_sync_fail_stops_the_batch_loop_and_keeps_what_was_acknowledged() {
+    use harness::loops::LoopCluster;
+    use std::time::Duration;
+    use tessera::multiraft::{DriverError, LoopConfig, RequestError};
+
+    let scenario = fail::FailScenario::setup();
+    let deadline = Duration::from_secs(20);
+    let mut c = LoopCluster::start(
+        3,
+        1,
+        LoopConfig {
+            tick: Duration::from_millis(10),
+            ..LoopConfig::default()
+        },
+    );
+    let g = ShardId(1);
+    let mut acked = Vec::new();
+    for i in 0..10 {
+        let w = format!("acked-{i}").into_bytes();
+        c.propose(g, &w, deadline).await.expect("healthy write");
+        acked.push(w);
+    }
+    let leader = *c
+        .loops
+        .iter()
+        .find(|(_, l)| l.view().group(g).is_some_and(|v| v.leading))
+        .expect("a leader")
+        .0;
+
+    eprintln!("--- n{leader}'s next synced round write fails");
+    fail::cfg("multiraft::round_sync", &format!("return({leader})")).unwrap();
+    let mailbox = c.loops[&leader].mailbox();
+    let answer = match mailbox.propose(g, b"lost".to_vec()) {
+        Ok(rx) => rx.await.unwrap_or(Err(RequestError::Stopped)),
+        Err(e) => Err(e),
+    };
+    assert!(
+        answer.is_err(),
+        "a proposal whose sync failed was acknowledged: {answer:?}"
+    );
+    match mailbox.propose(g, b"later".to_vec()) {
+        Err(RequestError::Stopped) => {}
+        Ok(rx) => {
+            let r = rx.await;
+            assert!(
+                !matches!(r, Ok(Ok(_))),
+                "a fail-stopped loop acknowledged a write: {r:?}"
+            );
+        }
+        Err(e) => panic!("unexpected refusal: {e}"),
+    }
+    match c.halt(leader) {
+        Err(DriverError::Store(StoreError::Failed { cause })) => {
+            assert!(cause.contains("injected"), "{cause}");
+        }
+        other => panic!("the loop did not fail-stop: {other:?}"),
+    }
+    fail::remove("multiraft::round_sync");
+
+    // The others elect and go on; the failed node comes back with every
+    // acknowledged write and catches up.
+    c.propose(g, b"after", deadline)
+        .await
+        .expect("a write without the failed node");
+    c.restart(leader);
+    c.wait_applied(g, b"after", deadline).await;
+    let applied: Vec<Vec<u8>> = c.applied[&leader].lock().unwrap()[&g].clone();
+    let kept: Vec<&Vec<u8>> = applied
+        .iter()
+        .filter(|w| w.starts_with(b"acked-"))
+        .collect();
+    assert_eq!(
+        kept,
+        acked.iter().collect::<Vec<_>>(),
+        "n{leader} holds every acknowledged write, once, in order"
+    );
+    scenario.teardown();
+}

@@ -214,11 +214,36 @@ impl LogWrite {
             return Ok(Written { synced: false });
         }
         if self.sync {
+            if let Some(e) = self.injected_failure() {
+                return Err(e);
+            }
             self.engine.write_synced(self.batch, "raft round")?;
         } else {
             self.engine.write_unsynced(self.batch, "raft round")?;
         }
         Ok(Written { synced: self.sync })
+    }
+}
+
+impl LogWrite {
+    /// The failpoint `multiraft::round_sync` (tests, `failpoints` feature):
+    /// the synced write fails as a failed sync would, fail-stopping the
+    /// engine. Its argument, when given, names the node whose writes fail
+    /// (`return(2)`: node 2's only); without one every node's do.
+    #[allow(unreachable_code, clippy::needless_return)]
+    fn injected_failure(&self) -> Option<StoreError> {
+        fail::fail_point!("multiraft::round_sync", |target: Option<String>| {
+            let me = self.engine.node_id().map(|n| n.0.to_string());
+            match target {
+                Some(t) if Some(&t) != me.as_ref() => None,
+                _ => Some(
+                    self.engine
+                        .latch()
+                        .trip("raft round: injected sync failure".into()),
+                ),
+            }
+        });
+        None
     }
 }
 

@@ -299,8 +299,8 @@ pub mod loops {
 
     use raft::eraftpb::Entry;
     use tessera::multiraft::{
-        Applier, Driver, DriverConfig, DriverError, Envelope, GroupStore, LoopConfig, Mailbox,
-        NodeLoop, Outbound, RequestError,
+        Applier, Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupStore, LoopConfig,
+        Mailbox, NodeLoop, Outbound, RequestError,
     };
     use tessera::storage::{Engine, StorageConfig, StoreError};
     use tessera::ShardId;
@@ -531,10 +531,16 @@ pub mod loops {
 
         /// Stops node `id`'s loop (its folder stays).
         pub fn stop(&mut self, id: u64) {
+            self.halt(id).expect("loop ran without a storage error");
+        }
+
+        /// Stops node `id`'s loop, whatever stopped it before: its counters,
+        /// or the storage error that stopped it.
+        pub fn halt(&mut self, id: u64) -> Result<DriverStats, DriverError> {
             self.book.write().unwrap().remove(&id);
             self.engines.remove(&id);
             let l = self.loops.remove(&id).expect("running");
-            l.stop().expect("loop ran without a storage error");
+            l.stop()
         }
 
         /// Starts node `id`'s loop from its folder; each group applies from
@@ -542,6 +548,7 @@ pub mod loops {
         /// start).
         pub fn restart(&mut self, id: u64) {
             let engine = Engine::open(StorageConfig::new(&self.dirs[&id])).expect("open engine");
+            engine.set_node_id(tessera::NodeId(id));
             let (applier, applied) = (self.make)(id, &engine);
             self.engines.insert(id, engine.clone());
             let mut driver = Driver::new(engine, id, DriverConfig::default());
