@@ -430,6 +430,12 @@ impl Storage for GroupStore {
     }
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
+        // The hot case first (raft-rs asks for recent terms with every
+        // message): an entry in the memory tail.
+        let start = self.tail_start();
+        if idx >= start && idx <= self.last {
+            return Ok(self.tail[(idx - start) as usize].term);
+        }
         if idx == self.trunc.0 {
             // The compaction point (0 before any: term 0).
             return Ok(self.trunc.1);
