@@ -819,3 +819,31 @@ fn a_dead_leaders_sleeping_groups_elect_once_woken_and_the_others_sleep_on() {
         }
     }
 }
+
+#[test]
+fn a_group_nobody_wrote_to_sleeps_once_settled_and_a_written_one_waits() {
+    // Leaders of used groups wait 1,000 settled ticks; unused ones sleep
+    // after two heartbeats carried their settled commit.
+    let mut c = LocalCluster::with_config(
+        3,
+        4,
+        DriverConfig {
+            sleep_after_ticks: 1000,
+            ..sleepy()
+        },
+    );
+    let leaders = c.elect_spread();
+    wait_asleep(&mut c, 40, "groups nobody wrote to");
+    let g = ShardId(1);
+    c.propose_at(leaders[&g], g, b"w");
+    c.wait_applied(g, b"w", 40, "a write");
+    for _ in 0..40 {
+        c.tick();
+    }
+    for (id, n) in &c.nodes {
+        assert!(!n.driver.is_asleep(g), "node {id}: the written group slept");
+        for other in c.groups.iter().filter(|o| **o != g) {
+            assert!(n.driver.is_asleep(*other), "node {id}: {other} woke");
+        }
+    }
+}

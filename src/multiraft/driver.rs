@@ -174,6 +174,8 @@ pub struct Round {
     pub reads: Vec<(ShardId, u64, u64)>,
     /// Groups whose role or known leader changed here.
     pub roles: Vec<ShardId>,
+    /// Groups whose log this round compacted.
+    pub compacted: Vec<ShardId>,
 }
 
 impl Round {
@@ -330,6 +332,11 @@ struct Quiet {
     idle: usize,
     /// A proposal, read, transfer or election was asked since the last tick.
     asked: bool,
+    /// A proposal or transfer reached the group here since the driver
+    /// started. A leader of a group nobody used sleeps as soon as it
+    /// is settled (10,000 new groups ticking for `sleep_after_ticks` each
+    /// is what a large cluster's start would cost).
+    used: bool,
     /// A peer's message arrived since the last tick.
     heard: bool,
     /// A leader the node found gone ([`Driver::wake_led_by`]): the replica
@@ -453,10 +460,15 @@ impl Driver {
                 q.suspect = None;
             }
             let (settled, need) = if node.raft.state == StateRole::Leader {
-                (
-                    !q.asked && leader_settled(node),
-                    self.config.sleep_after_ticks,
-                )
+                // Unused: once two heartbeats carried the settled commit.
+                let need = if q.used {
+                    self.config.sleep_after_ticks
+                } else {
+                    self.config
+                        .sleep_after_ticks
+                        .min(2 * self.config.heartbeat_ticks + 1)
+                };
+                (!q.asked && leader_settled(node), need)
             } else {
                 (
                     !q.asked && !q.heard && q.suspect.is_none() && follower_settled(node),
@@ -540,10 +552,12 @@ impl Driver {
     }
 
     /// Something was asked of `shard` here (a proposal, read, transfer or
-    /// election): it counts as activity, and a sleeping replica wakes.
-    fn asked(&mut self, shard: ShardId) {
+    /// election): it counts as activity, and a sleeping replica wakes; a
+    /// proposal or transfer (`by_a_client`) marks the group used.
+    fn asked(&mut self, shard: ShardId, by_a_client: bool) {
         if let Some(q) = self.quiet.get_mut(&shard) {
             q.asked = true;
+            q.used |= by_a_client;
         }
         self.wake(shard);
     }
@@ -608,7 +622,7 @@ impl Driver {
     /// [`DriverError::UnknownGroup`], or raft-rs's refusal.
     pub fn campaign(&mut self, shard: ShardId) -> Result<(), DriverError> {
         self.group(shard)?;
-        self.asked(shard);
+        self.asked(shard, false);
         self.group(shard)?
             .campaign()
             .map_err(|source| DriverError::Raft { shard, source })?;
@@ -639,7 +653,7 @@ impl Driver {
     /// [`DriverError::NotLeader`] with the known leader otherwise.
     pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<Proposed, DriverError> {
         self.led(shard)?;
-        self.asked(shard);
+        self.asked(shard, true);
         let node = self.led(shard)?;
         node.propose(Vec::new(), data)
             .map_err(|source| DriverError::Raft { shard, source })?;
@@ -662,7 +676,7 @@ impl Driver {
     /// not a voter.
     pub fn transfer_leader(&mut self, shard: ShardId, to: u64) -> Result<(), DriverError> {
         self.led(shard)?;
-        self.asked(shard);
+        self.asked(shard, true);
         let node = self.led(shard)?;
         if !node.store().is_voter(to) {
             return Err(DriverError::Refused {
@@ -696,7 +710,9 @@ impl Driver {
     /// term yet ([`Driver::can_read`]).
     pub fn read_index(&mut self, shard: ShardId, ctx: u64) -> Result<(), DriverError> {
         self.led(shard)?;
-        self.asked(shard);
+        // A read changes nothing: a group only read from still sleeps as
+        // soon as it is settled (the start-up check reads every shard).
+        self.asked(shard, false);
         let node = self.led(shard)?;
         if !node.raft.commit_to_current_term() {
             return Err(DriverError::NotReady { shard });
@@ -809,7 +825,7 @@ impl Driver {
             batch: WriteBatch::default(),
             sync: false,
         };
-        self.stage_compactions(&mut write.batch);
+        out.compacted = self.stage_compactions(&mut write.batch);
         let touched: Vec<ShardId> = self.touched.drain().collect();
         for shard in touched {
             let Some(node) = self.groups.get_mut(&shard) else {
@@ -868,13 +884,14 @@ impl Driver {
     /// group's state machine has applied ([`Driver::applied`] is told after
     /// the apply's write, so `batch`, written later, follows it: what
     /// [`GroupStore::compact`] asks of its caller).
-    fn stage_compactions(&mut self, batch: &mut WriteBatch) {
+    fn stage_compactions(&mut self, batch: &mut WriteBatch) -> Vec<ShardId> {
         let due: Vec<(ShardId, u64)> = self
             .compactions
             .iter()
             .filter(|(shard, (_, at))| self.applied_index(**shard).is_some_and(|a| a >= *at))
             .map(|(shard, (to, _))| (*shard, *to))
             .collect();
+        let mut done = Vec::new();
         for (shard, to) in due {
             self.compactions.remove(&shard);
             let Some(node) = self.groups.get_mut(&shard) else {
@@ -887,6 +904,7 @@ impl Driver {
                 Ok(()) if to >= first => {
                     self.stats.compactions += 1;
                     self.stats.compacted += to + 1 - first;
+                    done.push(shard);
                     tracing::debug!(%shard, to, "log compacted");
                 }
                 Ok(()) => {}
@@ -895,6 +913,7 @@ impl Driver {
                 Err(e) => tracing::warn!(%shard, to, error = %e, "log compaction skipped"),
             }
         }
+        done
     }
 
     /// The second half of a round begun by [`Driver::begin_round`], once

@@ -511,6 +511,7 @@ impl<O: Outbound, A: Applier> State<O, A> {
         for shard in round
             .roles
             .iter()
+            .chain(&round.compacted)
             .chain(round.committed.iter().map(|(s, _)| s))
         {
             self.view.publish(&self.driver, *shard);
