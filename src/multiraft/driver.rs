@@ -225,9 +225,7 @@ impl LogWrite {
         }
         Ok(Written { synced: self.sync })
     }
-}
 
-impl LogWrite {
     /// The failpoint `multiraft::round_sync` (tests, `failpoints` feature):
     /// the synced write fails as a failed sync would, fail-stopping the
     /// engine. Its argument, when given, names the node whose writes fail
@@ -323,11 +321,10 @@ pub struct Driver {
     follower_sleep_ticks: usize,
 }
 
-/// A group's quiescence state on this replica.
+/// A group's quiescence state on this replica (whether it sleeps is
+/// whether it is missing from [`Driver`]'s `awake` set).
 #[derive(Debug, Default, Clone, Copy)]
 struct Quiet {
-    /// It does not tick.
-    asleep: bool,
     /// Consecutive ticks it was settled and left alone.
     idle: usize,
     /// A proposal, read, transfer or election was asked since the last tick.
@@ -479,7 +476,6 @@ impl Driver {
             q.heard = false;
             q.idle = if settled { q.idle + 1 } else { 0 };
             if q.idle >= need {
-                q.asleep = true;
                 fell_asleep.push(*shard);
                 self.stats.sleeps += 1;
                 tracing::debug!(%shard, leader = node.raft.state == StateRole::Leader, "group asleep");
@@ -562,6 +558,19 @@ impl Driver {
         self.wake(shard);
     }
 
+    /// `shard`'s group, once a request (`by_a_client`: see
+    /// [`Driver::asked`]) found that this replica leads it; the request
+    /// counts as activity and wakes it.
+    fn led_for(
+        &mut self,
+        shard: ShardId,
+        by_a_client: bool,
+    ) -> Result<&mut RawNode<GroupStore>, DriverError> {
+        self.led(shard)?;
+        self.asked(shard, by_a_client);
+        self.led(shard)
+    }
+
     /// Wakes `shard`'s replica here if it sleeps: it ticks again. A leader
     /// starts a fresh election timeout with every follower counted as
     /// recently heard from (each held everything when it fell asleep), so
@@ -570,12 +579,10 @@ impl Driver {
         let Some(q) = self.quiet.get_mut(&shard) else {
             return;
         };
-        if !q.asleep {
+        if !self.awake.insert(shard) {
             return;
         }
-        q.asleep = false;
         q.idle = 0;
-        self.awake.insert(shard);
         self.stats.wakes += 1;
         if let Some(node) = self.groups.get_mut(&shard) {
             if node.raft.state == StateRole::Leader {
@@ -597,9 +604,7 @@ impl Driver {
         let asleep: Vec<ShardId> = self
             .groups
             .iter()
-            .filter(|(s, n)| {
-                n.raft.leader_id == leader && self.quiet.get(*s).is_some_and(|q| q.asleep)
-            })
+            .filter(|(s, n)| n.raft.leader_id == leader && !self.awake.contains(*s))
             .map(|(s, _)| *s)
             .collect();
         for s in &asleep {
@@ -613,7 +618,7 @@ impl Driver {
 
     /// Whether `shard`'s replica here sleeps (quiescence).
     pub fn is_asleep(&self, shard: ShardId) -> bool {
-        self.quiet.get(&shard).is_some_and(|q| q.asleep)
+        self.groups.contains_key(&shard) && !self.awake.contains(&shard)
     }
 
     /// Starts an election for `shard` here now.
@@ -652,9 +657,7 @@ impl Driver {
     /// # Errors
     /// [`DriverError::NotLeader`] with the known leader otherwise.
     pub fn propose(&mut self, shard: ShardId, data: Vec<u8>) -> Result<Proposed, DriverError> {
-        self.led(shard)?;
-        self.asked(shard, true);
-        let node = self.led(shard)?;
+        let node = self.led_for(shard, true)?;
         node.propose(Vec::new(), data)
             .map_err(|source| DriverError::Raft { shard, source })?;
         let at = Proposed {
@@ -675,9 +678,7 @@ impl Driver {
     /// [`DriverError::NotLeader`]; [`DriverError::Refused`] when `to` is
     /// not a voter.
     pub fn transfer_leader(&mut self, shard: ShardId, to: u64) -> Result<(), DriverError> {
-        self.led(shard)?;
-        self.asked(shard, true);
-        let node = self.led(shard)?;
+        let node = self.led_for(shard, true)?;
         if !node.store().is_voter(to) {
             return Err(DriverError::Refused {
                 shard,
@@ -709,11 +710,9 @@ impl Driver {
     /// [`DriverError::NotReady`] when it leads but has not committed in its
     /// term yet ([`Driver::can_read`]).
     pub fn read_index(&mut self, shard: ShardId, ctx: u64) -> Result<(), DriverError> {
-        self.led(shard)?;
         // A read changes nothing: a group only read from still sleeps as
         // soon as it is settled (the start-up check reads every shard).
-        self.asked(shard, false);
-        let node = self.led(shard)?;
+        let node = self.led_for(shard, false)?;
         if !node.raft.commit_to_current_term() {
             return Err(DriverError::NotReady { shard });
         }
@@ -898,16 +897,15 @@ impl Driver {
                 continue;
             };
             let store = node.mut_store();
-            let first = store.first();
             let to = to.min(store.last());
             match store.compact(to, batch) {
-                Ok(()) if to >= first => {
+                Ok(0) => {}
+                Ok(dropped) => {
                     self.stats.compactions += 1;
-                    self.stats.compacted += to + 1 - first;
+                    self.stats.compacted += dropped;
                     done.push(shard);
                     tracing::debug!(%shard, to, "log compacted");
                 }
-                Ok(()) => {}
                 // The log keeps its head: nothing is lost, the next
                 // compaction tries again.
                 Err(e) => tracing::warn!(%shard, to, error = %e, "log compaction skipped"),

@@ -133,17 +133,7 @@ impl GroupStore {
     /// # Errors
     /// The RocksDB error.
     pub fn first_written(engine: &Engine, shard: ShardId) -> Result<Option<u64>, StoreError> {
-        let mut ro = rocksdb::ReadOptions::default();
-        ro.set_iterate_upper_bound(keys::log_key(shard, u64::MAX).to_vec());
-        let log = engine.cf(crate::storage::Cf::RaftLog);
-        let mut it = engine.db().raw_iterator_cf_opt(log, ro);
-        it.seek(keys::log_key(shard, 0));
-        if let Some(k) = it.key() {
-            return Ok(Some(keys::log_key_index(shard, k)));
-        }
-        it.status()
-            .map_err(|e| StoreError::rocks("seek first log", e))?;
-        Ok(None)
+        engine.first_log_index(shard)
     }
 
     /// Opens a group from what is stored.
@@ -191,8 +181,8 @@ impl GroupStore {
 
     /// Drops the entries up to `to` (at most the last index) from the log:
     /// their deletion and the new compaction point go into `batch`, and
-    /// they stop being readable here at once. Nothing happens when `to` is
-    /// not past the current compaction point.
+    /// they stop being readable here at once. Returns how many entries it
+    /// dropped: none when `to` is not past the current compaction point.
     ///
     /// The caller's contract: every entry up to `to` is applied by the
     /// state machine **in a write that precedes `batch`** in the node's
@@ -206,7 +196,7 @@ impl GroupStore {
     ///
     /// # Panics
     /// When `to` is past the last index.
-    pub fn compact(&mut self, to: u64, batch: &mut WriteBatch) -> Result<(), StoreError> {
+    pub fn compact(&mut self, to: u64, batch: &mut WriteBatch) -> Result<u64, StoreError> {
         assert!(
             to <= self.last,
             "{}: compaction to {to} past the last index {}",
@@ -214,9 +204,10 @@ impl GroupStore {
             self.last
         );
         if to <= self.trunc.0 {
-            return Ok(());
+            return Ok(0);
         }
         let term = self.term_of(to)?;
+        let dropped = to - self.trunc.0;
         batch.delete_range_cf(
             self.engine.cf(crate::storage::Cf::RaftLog),
             keys::log_key(self.shard, self.trunc.0 + 1),
@@ -234,10 +225,12 @@ impl GroupStore {
         while self.tail.front().is_some_and(|e| e.index <= to) {
             self.tail.pop_front();
         }
-        Ok(())
+        Ok(dropped)
     }
 
-    /// The term of entry `idx`, in the log (past the compaction point).
+    /// The term of entry `idx`, in the log (past the compaction point, at
+    /// most the last index): from the memory tail, else from RocksDB.
+    #[inline]
     fn term_of(&self, idx: u64) -> Result<u64, StoreError> {
         if idx >= self.tail_start() {
             return Ok(self.tail[(idx - self.tail_start()) as usize].term);
@@ -408,7 +401,7 @@ impl Storage for GroupStore {
         max_size: impl Into<Option<u64>>,
         _context: GetEntriesContext,
     ) -> raft::Result<Vec<Entry>> {
-        if low <= self.trunc.0 || low < 1 {
+        if low <= self.trunc.0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
         if high > self.last + 1 {
@@ -431,10 +424,9 @@ impl Storage for GroupStore {
 
     fn term(&self, idx: u64) -> raft::Result<u64> {
         // The hot case first (raft-rs asks for recent terms with every
-        // message): an entry in the memory tail.
-        let start = self.tail_start();
-        if idx >= start && idx <= self.last {
-            return Ok(self.tail[(idx - start) as usize].term);
+        // message): an entry in the log, most often in the memory tail.
+        if idx > self.trunc.0 && idx <= self.last {
+            return self.term_of(idx).map_err(raft_err);
         }
         if idx == self.trunc.0 {
             // The compaction point (0 before any: term 0).
@@ -443,10 +435,8 @@ impl Storage for GroupStore {
         if idx < self.trunc.0 {
             return Err(raft::Error::Store(StorageError::Compacted));
         }
-        if idx > self.last {
-            return Err(raft::Error::Store(StorageError::Unavailable));
-        }
-        self.term_of(idx).map_err(raft_err)
+        // Past the last index.
+        Err(raft::Error::Store(StorageError::Unavailable))
     }
 
     fn first_index(&self) -> raft::Result<u64> {

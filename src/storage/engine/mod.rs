@@ -922,6 +922,27 @@ impl Engine {
         self.last_log_record(shard, |k, _| keys::log_key_index(shard, k))
     }
 
+    /// The index of `shard`'s first log record (what purging or compaction
+    /// left), whatever its encoding.
+    pub(crate) fn first_log_index(&self, shard: ShardId) -> Result<Option<u64>, StoreError> {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_iterate_upper_bound(keys::log_key(shard, u64::MAX).to_vec());
+        let mut it = self
+            .inner
+            .db()
+            .raw_iterator_cf_opt(self.cf(Cf::RaftLog), ro);
+        it.seek(keys::log_key(shard, 0));
+        if !it.valid() {
+            it.status()
+                .map_err(|e| StoreError::rocks("seek first log", e))?;
+            return Ok(None);
+        }
+        Ok(Some(keys::log_key_index(
+            shard,
+            it.key().expect("valid iterator has a key"),
+        )))
+    }
+
     /// `read` of the key and value of `shard`'s last log record, if any.
     fn last_log_record<T>(
         &self,
