@@ -32,6 +32,10 @@ pub struct NetMetrics {
     pub snapshot_bytes_sent: AtomicU64,
     /// Snapshot bytes received.
     pub snapshot_bytes_received: AtomicU64,
+    /// Multiplexed client streams opened ([`crate::api::mux`]).
+    pub client_mux_streams: AtomicU64,
+    /// Client requests served on multiplexed streams.
+    pub client_mux_requests: AtomicU64,
 }
 
 /// A point-in-time copy of every node metric.
@@ -55,6 +59,10 @@ pub struct MetricsSnapshot {
     pub snapshots_sent: u64,
     /// See [`NetMetrics::snapshots_received`].
     pub snapshots_received: u64,
+    /// See [`NetMetrics::client_mux_streams`].
+    pub client_mux_streams: u64,
+    /// See [`NetMetrics::client_mux_requests`].
+    pub client_mux_requests: u64,
     /// WAL syncs of the node's log writer.
     pub syncs: u64,
     /// Log append requests written (one per openraft `append`, any number
@@ -136,13 +144,15 @@ impl NetMetrics {
         s.connections_established = g(&self.connections_established);
         s.snapshots_sent = g(&self.snapshots_sent);
         s.snapshots_received = g(&self.snapshots_received);
+        s.client_mux_streams = g(&self.client_mux_streams);
+        s.client_mux_requests = g(&self.client_mux_requests);
     }
 }
 
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 32] = [
+        let rows: [(&str, &str, &str, u64); 34] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -244,6 +254,18 @@ impl MetricsSnapshot {
                 "counter",
                 "Snapshots received from peers",
                 self.snapshots_received,
+            ),
+            (
+                "tessera_client_mux_streams_total",
+                "counter",
+                "Multiplexed client request streams opened",
+                self.client_mux_streams,
+            ),
+            (
+                "tessera_client_mux_requests_total",
+                "counter",
+                "Client requests served on multiplexed streams",
+                self.client_mux_requests,
             ),
             (
                 "tessera_storage_syncs_total",

@@ -116,6 +116,25 @@ pub(crate) fn take_end(recv: &mut quinn::RecvStream) -> bool {
     matches!(read.poll(&mut cx), std::task::Poll::Ready(Ok(None)))
 }
 
+/// What the client makes of `node`'s answer `resp` (however it came).
+///
+/// # Errors
+/// Only with the `client::lose_write_reply` failpoint (tests: the reply of
+/// a write that took effect is lost on its way back; the client sees a
+/// transport error and retries).
+#[cfg_attr(not(feature = "failpoints"), allow(unused_variables))]
+pub(crate) fn answered(node: NodeId, resp: Response) -> Result<Response, NodeCallError> {
+    fail::fail_point!(
+        "client::lose_write_reply",
+        matches!(resp, Response::Written(_)),
+        |_| Err(NodeCallError::Stream {
+            node,
+            reason: "the reply was lost (injected)".into()
+        })
+    );
+    Ok(resp)
+}
+
 /// Sends `req` to `node` on a new stream of `conn` and reads its answer,
 /// within `timeout`.
 ///
@@ -141,14 +160,7 @@ pub async fn request(
             .ok_or_else(|| stream("no answer".into()))?;
         take_end(&mut recv);
         let resp = wire::decode_payload::<Response>(&payload).map_err(|e| stream(e.to_string()))?;
-        // Tests: the reply of a write that took effect is lost on its
-        // way back (the client sees a transport error and retries).
-        fail::fail_point!(
-            "client::lose_write_reply",
-            matches!(resp, Response::Written(_)),
-            |_| Err(stream("the reply was lost (injected)".into()))
-        );
-        Ok(resp)
+        answered(node, resp)
     };
     tokio::time::timeout(timeout, work)
         .await

@@ -11,6 +11,7 @@
 //! typed [`ApiError`] carrying what the client needs to correct itself.
 
 pub mod call;
+pub mod mux;
 
 use crate::command::{Op, OpResult};
 use crate::limits::LimitError;
@@ -136,6 +137,10 @@ pub enum Request {
         /// The digest entry's log index.
         index: u64,
     },
+    /// Opens a multiplexed stream: the stream this comes on carries many
+    /// `(id, Request)` frames from here on, answered `(id, Response)` in
+    /// any order ([`mux`]). Answered [`Response::Done`] first.
+    Mux,
 }
 
 /// One shard as a node sees it.
@@ -336,6 +341,7 @@ impl Request {
             Request::LoadReports => "load reports",
             Request::MarkDigest { .. } => "verify",
             Request::Digest { .. } => "digest",
+            Request::Mux => "mux",
         }
     }
 
@@ -376,7 +382,8 @@ impl Request {
             | Request::Peers
             | Request::LoadReports
             | Request::MarkDigest { .. }
-            | Request::Digest { .. } => Ok(()),
+            | Request::Digest { .. }
+            | Request::Mux => Ok(()),
         }
     }
 }

@@ -122,12 +122,32 @@ struct Inner {
     quic: quinn::ClientConfig,
     nodes: Mutex<Vec<(NodeId, SocketAddr)>>,
     conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Each node's multiplexed request stream ([`crate::api::mux`]), opened
+    /// on first use on its current connection; one lock per node, held
+    /// while one opens.
+    muxes: Mutex<HashMap<NodeId, Arc<NodeMux>>>,
     routes: Mutex<RouteCache>,
     opts: ClientOptions,
     retries: std::sync::atomic::AtomicU64,
     session: Mutex<SessionState>,
     /// Signalled when a write of the session finishes (room in its window).
     session_room: tokio::sync::Notify,
+}
+
+/// A node's requests in flight, and its multiplexed stream.
+#[derive(Default)]
+struct NodeMux {
+    /// Requests to the node in flight (on any stream).
+    calls: std::sync::atomic::AtomicUsize,
+    slot: tokio::sync::Mutex<MuxSlot>,
+}
+
+/// A node's multiplexed stream as last opened: on which connection, and
+/// the stream (`None`: the node does not serve them).
+#[derive(Default)]
+struct MuxSlot {
+    conn: Option<usize>,
+    stream: Option<Arc<crate::api::mux::MuxStream>>,
 }
 
 /// This client's session: its id, the next sequence number, and the
@@ -236,6 +256,7 @@ impl Client {
                 quic,
                 nodes: Mutex::new(nodes),
                 conns: tokio::sync::Mutex::new(HashMap::new()),
+                muxes: Mutex::new(HashMap::new()),
                 routes: Mutex::new(RouteCache::new()),
                 opts,
                 retries: std::sync::atomic::AtomicU64::new(0),

@@ -111,7 +111,53 @@ impl Client {
         timeout: Duration,
     ) -> Result<Response, NodeCallError> {
         let conn = self.connection(node).await?;
+        let calls = self.node_mux(node);
+        let in_flight = InFlight::enter(&calls.calls);
+        // A request alone takes its own stream (the multiplexed one's
+        // writer would add a task hop for nothing to share); one made while
+        // others to the node are in flight takes the shared stream, where
+        // requests that leave together share datagrams.
+        if in_flight.others > 0 && crate::api::mux::multiplexed(req) {
+            if let Some(mux) = self.mux(&calls, node, &conn, timeout).await? {
+                if let Some(frame) = mux.frame(req) {
+                    let resp = mux.request(node, frame, timeout).await?;
+                    return crate::api::call::answered(node, resp);
+                }
+            }
+        }
         crate::api::call::request(&conn, node, req, timeout).await
+    }
+
+    fn node_mux(&self, node: NodeId) -> Arc<NodeMux> {
+        self.inner
+            .muxes
+            .lock()
+            .expect("muxes poisoned")
+            .entry(node)
+            .or_default()
+            .clone()
+    }
+
+    /// `node`'s multiplexed stream on `conn`, opened if it has none (or
+    /// its last one ended); `None` when the node does not serve them.
+    async fn mux(
+        &self,
+        calls: &NodeMux,
+        node: NodeId,
+        conn: &quinn::Connection,
+        timeout: Duration,
+    ) -> Result<Option<Arc<crate::api::mux::MuxStream>>, NodeCallError> {
+        let mut slot = calls.slot.lock().await;
+        let current = slot.conn == Some(conn.stable_id());
+        if current && slot.stream.as_ref().is_none_or(|s| !s.is_closed()) {
+            return Ok(slot.stream.clone());
+        }
+        let stream = crate::api::mux::MuxStream::open(conn, node, timeout)
+            .await?
+            .map(Arc::new);
+        slot.conn = Some(conn.stable_id());
+        slot.stream = stream.clone();
+        Ok(stream)
     }
 
     /// Asks nodes for their routes and learns them.
@@ -136,5 +182,25 @@ impl Client {
         } else {
             Err(last)
         }
+    }
+}
+
+/// One request in flight to a node, counted while it lives.
+struct InFlight<'a> {
+    calls: &'a std::sync::atomic::AtomicUsize,
+    /// Requests to the node in flight when this one started.
+    others: usize,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(calls: &'a std::sync::atomic::AtomicUsize) -> Self {
+        let others = calls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight { calls, others }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.calls.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }

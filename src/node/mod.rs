@@ -311,7 +311,11 @@ impl Node {
                 faults,
             },
         )?;
-        let client_task = tokio::spawn(registry.clone().serve_clients(client_conns));
+        let client_task = tokio::spawn(
+            registry
+                .clone()
+                .serve_clients(client_conns, net_metrics.clone()),
+        );
         let node = Node {
             id,
             config,

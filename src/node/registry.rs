@@ -292,11 +292,12 @@ impl Registry {
     pub(super) async fn serve_clients(
         self: Arc<Self>,
         mut conns: tokio::sync::mpsc::Receiver<ClientConn>,
+        metrics: Arc<crate::metrics::NetMetrics>,
     ) {
         while let Some(ClientConn { conn, permit }) = conns.recv().await {
-            let registry = self.clone();
+            let (registry, metrics) = (self.clone(), metrics.clone());
             tokio::spawn(async move {
-                serve_client::serve_connection(registry, conn).await;
+                serve_client::serve_connection(registry, conn, metrics).await;
                 drop(permit);
             });
         }

@@ -3,11 +3,14 @@
 //! keys in range, this replica the leader) before any work.
 
 use super::Registry;
+use crate::api::mux::MUX_IN_FLIGHT_MAX;
 use crate::api::{ApiError, NodeStatus, Request, Response, ShardStatus, SCAN_LIMIT_MAX};
 use crate::command::{Command, CommandResponse};
 use crate::limits::FRAME_BYTES_MAX;
+use crate::metrics::NetMetrics;
 use crate::{wire, Epoch, ShardDescriptor, ShardId};
 use openraft::error::{ClientWriteError, RaftError};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// How long a replica move may wait for its learner to catch up.
@@ -54,51 +57,139 @@ enum Group {
 }
 
 /// Serves every stream a client opens on `conn`, one request per stream.
-pub(crate) async fn serve_connection(registry: Arc<Registry>, conn: quinn::Connection) {
+pub(crate) async fn serve_connection(
+    registry: Arc<Registry>,
+    conn: quinn::Connection,
+    metrics: Arc<NetMetrics>,
+) {
+    // The requests in flight on the connection's multiplexed streams, all
+    // of them together (a client may open several).
+    let mux_permits = Arc::new(tokio::sync::Semaphore::new(MUX_IN_FLIGHT_MAX));
     loop {
         let Ok((mut send, mut recv)) = conn.accept_bi().await else {
             return;
         };
         let (registry, conn) = (registry.clone(), conn.clone());
+        let (metrics, mux_permits) = (metrics.clone(), mux_permits.clone());
         tokio::spawn(async move {
             let request = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await;
-            crate::api::call::take_end(&mut recv);
             let resp = match request {
                 Ok(Some(payload)) => match wire::decode_payload::<Request>(&payload) {
-                    Ok(Request::Join { node, .. })
-                        if crate::tls::verify_claimed_node(&conn, node).is_err() =>
-                    {
-                        Response::Error(ApiError::Invalid(format!(
-                            "a join for {node} must come with {node}'s certificate"
-                        )))
+                    Ok(Request::Mux) => {
+                        let Ok(done) = wire::encode_frame(&Response::Done, FRAME_BYTES_MAX) else {
+                            return;
+                        };
+                        if send.write_all(&done).await.is_ok() {
+                            metrics.client_mux_streams.fetch_add(1, Ordering::Relaxed);
+                            let mux = Mux {
+                                permits: mux_permits,
+                                metrics,
+                            };
+                            serve_mux(registry, conn, mux, send, recv).await;
+                        }
+                        return;
                     }
-                    Ok(req) if req.is_admin() && !registry.admin_peer(&conn) => {
-                        Response::Error(ApiError::PermissionDenied {
-                            request: req.name().into(),
-                        })
-                    }
-                    Ok(req) => match req.validate() {
-                        Ok(()) => registry.serve(req).await,
-                        Err(e) => Response::Error(ApiError::Limit(e)),
-                    },
+                    Ok(req) => answer(&registry, &conn, req).await,
                     Err(e) => Response::Error(ApiError::Invalid(format!("bad request: {e}"))),
                 },
                 Ok(None) => return,
                 Err(e) => Response::Error(ApiError::Invalid(format!("bad request frame: {e}"))),
             };
-            // Responses are bounded where they are built; one that still
-            // does not fit a frame is answered with an error, never dropped.
-            let frame = wire::encode_frame(&resp, FRAME_BYTES_MAX).or_else(|e| {
-                let refusal =
-                    Response::Error(ApiError::Internal(format!("the answer is too large: {e}")));
-                wire::encode_frame(&refusal, FRAME_BYTES_MAX)
-            });
-            if let Ok(frame) = frame {
+            crate::api::call::take_end(&mut recv);
+            if let Some(frame) = answer_frame(&resp, None) {
                 let _ = send.write_all(&frame).await;
             }
             let _ = send.finish();
         });
     }
+}
+
+/// Answers one decoded request of `conn` (on a stream of its own or a
+/// multiplexed one).
+async fn answer(registry: &Registry, conn: &quinn::Connection, req: Request) -> Response {
+    match req {
+        Request::Join { node, .. } if crate::tls::verify_claimed_node(conn, node).is_err() => {
+            Response::Error(ApiError::Invalid(format!(
+                "a join for {node} must come with {node}'s certificate"
+            )))
+        }
+        req if req.is_admin() && !registry.admin_peer(conn) => {
+            Response::Error(ApiError::PermissionDenied {
+                request: req.name().into(),
+            })
+        }
+        req => match req.validate() {
+            Ok(()) => registry.serve(req).await,
+            Err(e) => Response::Error(ApiError::Limit(e)),
+        },
+    }
+}
+
+/// `resp` as a frame: plain, or with its multiplexed stream's `id`.
+/// Responses are bounded where they are built; one that still does not
+/// fit a frame is answered with an error, never dropped.
+fn answer_frame(resp: &Response, id: Option<u64>) -> Option<Vec<u8>> {
+    let encode = |r: &Response| match id {
+        Some(id) => wire::encode_frame(&(id, r), FRAME_BYTES_MAX),
+        None => wire::encode_frame(r, FRAME_BYTES_MAX),
+    };
+    encode(resp)
+        .or_else(|e| {
+            encode(&Response::Error(ApiError::Internal(format!(
+                "the answer is too large: {e}"
+            ))))
+        })
+        .ok()
+}
+
+/// What a connection's multiplexed streams share.
+struct Mux {
+    /// Their requests in flight.
+    permits: Arc<tokio::sync::Semaphore>,
+    metrics: Arc<NetMetrics>,
+}
+
+/// Serves a multiplexed stream ([`crate::api::mux`]): every request as it
+/// comes, concurrently, answered as it finishes. At most
+/// [`MUX_IN_FLIGHT_MAX`] are in flight on the connection's multiplexed
+/// streams together; beyond that the stream is not read until one
+/// finishes (QUIC's flow control then holds the client back). A request
+/// that does not decode is answered with an error; a frame without an id
+/// ends the stream.
+async fn serve_mux(
+    registry: Arc<Registry>,
+    conn: quinn::Connection,
+    mux: Mux,
+    send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(MUX_IN_FLIGHT_MAX);
+    let writer = tokio::spawn(crate::api::mux::write_loop(send, rx, None));
+    while let Ok(Some(payload)) = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await {
+        let Ok((id, rest)) = postcard::take_from_bytes::<u64>(&payload) else {
+            break;
+        };
+        let Ok(permit) = mux.permits.clone().acquire_owned().await else {
+            break;
+        };
+        mux.metrics
+            .client_mux_requests
+            .fetch_add(1, Ordering::Relaxed);
+        let req = wire::decode_payload::<Request>(rest);
+        let (registry, conn, tx) = (registry.clone(), conn.clone(), tx.clone());
+        tokio::spawn(async move {
+            let resp = match req {
+                Ok(req) => answer(&registry, &conn, req).await,
+                Err(e) => Response::Error(ApiError::Invalid(format!("bad request: {e}"))),
+            };
+            if let Some(frame) = answer_frame(&resp, Some(id)) {
+                let _ = tx.send(frame).await;
+            }
+            drop(permit);
+        });
+    }
+    drop(tx);
+    let _ = writer.await;
 }
 
 impl Registry {
@@ -517,6 +608,9 @@ impl Registry {
                 all.sort();
                 Ok(Response::Peers(all))
             }
+            Request::Mux => Err(ApiError::Invalid(
+                "a multiplexed stream is opened by a stream's first request".into(),
+            )),
             Request::MarkDigest { shard, epoch } => {
                 let (group, _) = self.check(shard, epoch).await?;
                 let (index, _) = self.propose(shard, &group, Command::Digest).await?;
