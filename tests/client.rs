@@ -688,3 +688,138 @@ async fn shard_load_and_unflushed_size_are_reported() {
     let all = cl.scan(b"", b"", 10_000).await.unwrap();
     assert_eq!(all.len(), keys.len(), "only the user's keys");
 }
+
+/// One `Client` shared by 64 tasks: requests made while others are in
+/// flight travel on one multiplexed stream per node, and every answer
+/// reaches the task that asked (each reads back its own writes). A node
+/// restarted under load ends its stream: the requests on it fail over to
+/// retries, a new stream is opened on the new connection, and nothing
+/// acknowledged is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_client_shared_by_many_tasks_multiplexes_and_every_answer_reaches_its_caller() {
+    init_tracing();
+    let mut c = ready(&[1, 2, 3], 8).await;
+    let cl = client(&c);
+    let run = |cl: Client, phase: u32| async move {
+        let mut tasks = Vec::new();
+        for w in 0..64u32 {
+            let cl = cl.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
+                for i in 0..15u32 {
+                    let k = key(phase * 100_000 + w * 1000 + i);
+                    let v = format!("p{phase}-w{w}-{i}").into_bytes();
+                    cl.put(&k, &v).await.expect("put acknowledged");
+                    let got = cl.get(&k).await.expect("get answered");
+                    assert_eq!(got.as_ref(), Some(&v), "task {w} got another's answer");
+                    acked.push((k, v));
+                }
+                acked
+            }));
+        }
+        let mut all = Vec::new();
+        for t in tasks {
+            all.extend(t.await.expect("task"));
+        }
+        all
+    };
+    let mut acked = run(cl.clone(), 0).await;
+    let mux = |c: &TestCluster| -> (u64, u64) {
+        c.up().fold((0, 0), |(s, r), n| {
+            let m = n.metrics();
+            (s + m.client_mux_streams, r + m.client_mux_requests)
+        })
+    };
+    let (streams, served) = mux(&c);
+    assert!(served > 0, "no request took a multiplexed stream");
+    assert!(
+        (1..=3).contains(&streams),
+        "one multiplexed stream per node at most, {streams} opened"
+    );
+
+    tracing::info!("phase: a node restarts under load");
+    let load = tokio::spawn(run(cl.clone(), 1));
+    c.kill(2).await;
+    c.restart(2).await;
+    acked.extend(load.await.expect("load"));
+    acked.extend(run(cl.clone(), 2).await);
+    let (_, after) = mux(&c);
+    assert!(after > 0, "the restarted cluster serves multiplexed requests");
+    let reader = client(&c);
+    for (k, v) in &acked {
+        assert_eq!(reader.get(k).await.unwrap().as_ref(), Some(v), "lost {k:?}");
+    }
+    assert_eq!(acked.len(), 3 * 64 * 15);
+    drop((cl, reader));
+    c.shutdown().await;
+}
+
+/// The multiplexed stream's protocol seen raw: answers come by id (in any
+/// order), a request that does not decode or breaks a limit is answered
+/// with a typed error on its id, and a frame without an id ends the stream
+/// while the node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multiplexed_stream_answers_by_id_and_refuses_bad_requests() {
+    use tessera::limits::FRAME_BYTES_MAX;
+    use tessera::wire;
+    init_tracing();
+    let c = ready(&[1], 1).await;
+    let issued = c.ca.issue_client("raw").unwrap();
+    let identity = c.ca.identity(&issued);
+    let endpoint = tessera::api::call::endpoint().unwrap();
+    let quic = tessera::api::call::quic_config(&identity).unwrap();
+    let conn = tessera::api::call::dial(&endpoint, &quic, NodeId(1), c.node(1).addr(), WAIT)
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let hello = wire::encode_frame(&Request::Mux, FRAME_BYTES_MAX).unwrap();
+    send.write_all(&hello).await.unwrap();
+    let done = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await.unwrap().unwrap();
+    assert_eq!(wire::decode_payload::<Response>(&done).unwrap(), Response::Done);
+
+    let d = c.client().routes().await.unwrap().remove(0);
+    let oversized = Request::Write {
+        shard: d.id,
+        epoch: d.epoch,
+        ops: vec![Op::Put {
+            key: b"k".to_vec(),
+            value: vec![0u8; VALUE_BYTES_MAX + 1],
+        }],
+        session: None,
+    };
+    let mut out = Vec::new();
+    out.extend(wire::encode_frame(&(11u64, &Request::Routes), FRAME_BYTES_MAX).unwrap());
+    // Id 12, then bytes that are no request.
+    out.extend(5u32.to_be_bytes());
+    out.extend([12u8, 0xff, 0xff, 0xff, 0xff]);
+    out.extend(wire::encode_frame(&(13u64, &Request::Mux), FRAME_BYTES_MAX).unwrap());
+    out.extend(wire::encode_frame(&(14u64, &oversized), FRAME_BYTES_MAX).unwrap());
+    send.write_all(&out).await.unwrap();
+    let mut answers = std::collections::BTreeMap::new();
+    for _ in 0..4 {
+        let p = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await.unwrap().unwrap();
+        let (id, r) = wire::decode_payload::<(u64, Response)>(&p).unwrap();
+        answers.insert(id, r);
+    }
+    assert!(matches!(&answers[&11], Response::Routes(ds) if !ds.is_empty()), "{answers:?}");
+    assert!(matches!(&answers[&12], Response::Error(ApiError::Invalid(_))), "{answers:?}");
+    assert!(matches!(&answers[&13], Response::Error(ApiError::Invalid(_))), "{answers:?}");
+    assert!(matches!(&answers[&14], Response::Error(ApiError::Limit(_))), "{answers:?}");
+
+    // A varint longer than any u64: no id, so the stream ends.
+    let mut bad = 11u32.to_be_bytes().to_vec();
+    bad.extend([0xffu8; 11]);
+    send.write_all(&bad).await.unwrap();
+    assert!(
+        matches!(wire::read_frame(&mut recv, FRAME_BYTES_MAX).await, Ok(None)),
+        "the stream goes on after a frame without an id"
+    );
+    let m = c.node(1).metrics();
+    assert_eq!((m.client_mux_streams, m.client_mux_requests), (1, 4));
+    // Nothing was written, and the node serves on.
+    let cl = client(&c);
+    assert_eq!(cl.get(b"k").await.unwrap(), None);
+    cl.put(b"k", b"v").await.unwrap();
+    drop((cl, conn));
+    c.shutdown().await;
+}

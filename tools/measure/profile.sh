@@ -14,6 +14,7 @@
 #                  stages (samples' event count over the bench's writes in
 #                  the sampled 5 s, estimated from its throughput)
 # BIN=DIR takes the binaries from DIR instead of the release target folder.
+# BENCH_FLAGS='...' adds flags to the bench (e.g. --connections 1).
 # Example: tools/measure/profile.sh 64 64 /var/tmp/prof --batch-data-shards
 set -u
 source "$(dirname "$0")/dev-common.sh"
@@ -25,7 +26,7 @@ B="${BIN:-${CARGO_TARGET_DIR:-/var/tmp/tessera-target}/release}"
 mkdir -p "$out"
 start_dev profile "$B" "$shards" "$@"
 "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
-  --clients "$clients" --duration 16 > "$out/bench.txt" 2>&1 &
+  --clients "$clients" --duration 16 ${BENCH_FLAGS:-} > "$out/bench.txt" 2>&1 &
 bench=$!
 sleep 4
 perf record -F 499 --call-graph dwarf,16384 -p "$pid" -o "$out/perf.data" -- sleep 5 > /dev/null 2>&1

@@ -10,6 +10,8 @@
 # alternating. Each row prints write-cost.sh's summary line (writes/s, p50,
 # cluster CPU µs per write, UDP datagrams per write) and bench's cost line
 # (appends per sync). The machine should be otherwise quiet.
+# BENCH_FLAGS='...' adds flags to every bench, etcd's and Tessera's alike
+# (e.g. --connections 1: the clients share one connection set).
 # Example: tools/measure/side-by-side.sh /var/tmp/old /var/tmp/new --batch-data-shards
 set -u
 here=$(dirname "$0")
@@ -31,7 +33,7 @@ etcd() { # clients
   pids=$(pgrep -f "etcd --name m[123] " | tr '\n' ' ')
   cpu_all() { local t=0 p; for p in $pids; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
   t0=$(cpu_all)
-  out=$("$after/tessera-ctl" bench --workload write --clients "$1" --duration "$D" --target etcd --endpoints "$ep" 2>&1)
+  out=$("$after/tessera-ctl" bench --workload write --clients "$1" --duration "$D" --target etcd --endpoints "$ep" ${BENCH_FLAGS:-} 2>&1)
   t1=$(cpu_all)
   n=$(echo "$out" | awk '/^p50 / {gsub(/\(/, "", $10); print $10; exit}')
   echo "etcd clients=$1 ops_s=$(echo "$out" | awk '/ ops\/s$/ && !/^at / {print $1; exit}')" \
