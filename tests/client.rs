@@ -744,7 +744,10 @@ async fn one_client_shared_by_many_tasks_multiplexes_and_every_answer_reaches_it
     acked.extend(load.await.expect("load"));
     acked.extend(run(cl.clone(), 2).await);
     let (_, after) = mux(&c);
-    assert!(after > 0, "the restarted cluster serves multiplexed requests");
+    assert!(
+        after > 0,
+        "the restarted cluster serves multiplexed requests"
+    );
     let reader = client(&c);
     for (k, v) in &acked {
         assert_eq!(reader.get(k).await.unwrap().as_ref(), Some(v), "lost {k:?}");
@@ -774,8 +777,14 @@ async fn a_multiplexed_stream_answers_by_id_and_refuses_bad_requests() {
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     let hello = wire::encode_frame(&Request::Mux, FRAME_BYTES_MAX).unwrap();
     send.write_all(&hello).await.unwrap();
-    let done = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await.unwrap().unwrap();
-    assert_eq!(wire::decode_payload::<Response>(&done).unwrap(), Response::Done);
+    let done = wire::read_frame(&mut recv, FRAME_BYTES_MAX)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        wire::decode_payload::<Response>(&done).unwrap(),
+        Response::Done
+    );
 
     let d = c.client().routes().await.unwrap().remove(0);
     let oversized = Request::Write {
@@ -797,14 +806,29 @@ async fn a_multiplexed_stream_answers_by_id_and_refuses_bad_requests() {
     send.write_all(&out).await.unwrap();
     let mut answers = std::collections::BTreeMap::new();
     for _ in 0..4 {
-        let p = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await.unwrap().unwrap();
+        let p = wire::read_frame(&mut recv, FRAME_BYTES_MAX)
+            .await
+            .unwrap()
+            .unwrap();
         let (id, r) = wire::decode_payload::<(u64, Response)>(&p).unwrap();
         answers.insert(id, r);
     }
-    assert!(matches!(&answers[&11], Response::Routes(ds) if !ds.is_empty()), "{answers:?}");
-    assert!(matches!(&answers[&12], Response::Error(ApiError::Invalid(_))), "{answers:?}");
-    assert!(matches!(&answers[&13], Response::Error(ApiError::Invalid(_))), "{answers:?}");
-    assert!(matches!(&answers[&14], Response::Error(ApiError::Limit(_))), "{answers:?}");
+    assert!(
+        matches!(&answers[&11], Response::Routes(ds) if !ds.is_empty()),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[&12], Response::Error(ApiError::Invalid(_))),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[&13], Response::Error(ApiError::Invalid(_))),
+        "{answers:?}"
+    );
+    assert!(
+        matches!(&answers[&14], Response::Error(ApiError::Limit(_))),
+        "{answers:?}"
+    );
 
     // A varint longer than any u64: no id, so the stream ends.
     let mut bad = 11u32.to_be_bytes().to_vec();

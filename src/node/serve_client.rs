@@ -119,7 +119,10 @@ async fn answer(registry: &Registry, conn: &quinn::Connection, req: Request) -> 
             })
         }
         req => match req.validate() {
-            Ok(()) => registry.serve(req).await,
+            // Boxed: serving is a large future (every request kind's
+            // state), and a task's future is copied when it is spawned and
+            // when it finishes; the box keeps the tasks small.
+            Ok(()) => Box::pin(registry.serve(req)).await,
             Err(e) => Response::Error(ApiError::Limit(e)),
         },
     }
