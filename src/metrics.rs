@@ -32,6 +32,8 @@ pub struct NetMetrics {
     pub snapshot_bytes_sent: AtomicU64,
     /// Snapshot bytes received.
     pub snapshot_bytes_received: AtomicU64,
+    /// Client connections accepted.
+    pub client_connections: AtomicU64,
     /// Multiplexed client streams opened ([`crate::api::mux`]).
     pub client_mux_streams: AtomicU64,
     /// Client requests served on multiplexed streams.
@@ -59,6 +61,8 @@ pub struct MetricsSnapshot {
     pub snapshots_sent: u64,
     /// See [`NetMetrics::snapshots_received`].
     pub snapshots_received: u64,
+    /// See [`NetMetrics::client_connections`].
+    pub client_connections: u64,
     /// See [`NetMetrics::client_mux_streams`].
     pub client_mux_streams: u64,
     /// See [`NetMetrics::client_mux_requests`].
@@ -144,6 +148,7 @@ impl NetMetrics {
         s.connections_established = g(&self.connections_established);
         s.snapshots_sent = g(&self.snapshots_sent);
         s.snapshots_received = g(&self.snapshots_received);
+        s.client_connections = g(&self.client_connections);
         s.client_mux_streams = g(&self.client_mux_streams);
         s.client_mux_requests = g(&self.client_mux_requests);
     }
@@ -152,7 +157,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 34] = [
+        let rows: [(&str, &str, &str, u64); 35] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -254,6 +259,12 @@ impl MetricsSnapshot {
                 "counter",
                 "Snapshots received from peers",
                 self.snapshots_received,
+            ),
+            (
+                "tessera_client_connections_total",
+                "counter",
+                "Client connections accepted",
+                self.client_connections,
             ),
             (
                 "tessera_client_mux_streams_total",

@@ -689,8 +689,9 @@ async fn shard_load_and_unflushed_size_are_reported() {
     assert_eq!(all.len(), keys.len(), "only the user's keys");
 }
 
-/// One `Client` shared by 64 tasks: requests made while others are in
-/// flight travel on one multiplexed stream per node, and every answer
+/// One `Client` shared by 64 tasks: their first requests share one dial
+/// per node, requests made while others are in flight travel on one
+/// multiplexed stream per node, and every answer
 /// reaches the task that asked (each reads back its own writes). A node
 /// restarted under load ends its stream: the requests on it fail over to
 /// retries, a new stream is opened on the new connection, and nothing
@@ -699,6 +700,9 @@ async fn shard_load_and_unflushed_size_are_reported() {
 async fn one_client_shared_by_many_tasks_multiplexes_and_every_answer_reaches_its_caller() {
     init_tracing();
     let mut c = ready(&[1, 2, 3], 8).await;
+    let accepted =
+        |c: &TestCluster| -> u64 { c.up().map(|n| n.metrics().client_connections).sum() };
+    let before = accepted(&c);
     let cl = client(&c);
     let run = |cl: Client, phase: u32| async move {
         let mut tasks = Vec::new();
@@ -724,6 +728,13 @@ async fn one_client_shared_by_many_tasks_multiplexes_and_every_answer_reaches_it
         all
     };
     let mut acked = run(cl.clone(), 0).await;
+    // The 64 tasks' first requests found no connection together: they
+    // waited for one dial per node instead of each making its own.
+    let dialed = accepted(&c) - before;
+    assert!(
+        (1..=3).contains(&dialed),
+        "one connection per node, {dialed} accepted"
+    );
     let mux = |c: &TestCluster| -> (u64, u64) {
         c.up().fold((0, 0), |(s, r), n| {
             let m = n.metrics();

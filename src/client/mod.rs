@@ -121,11 +121,12 @@ struct Inner {
     endpoint: quinn::Endpoint,
     quic: quinn::ClientConfig,
     nodes: Mutex<Vec<(NodeId, SocketAddr)>>,
-    conns: tokio::sync::Mutex<HashMap<NodeId, quinn::Connection>>,
-    /// Each node's multiplexed request stream ([`crate::api::mux`]), opened
-    /// on first use on its current connection; one lock per node, held
-    /// while one opens.
-    muxes: Mutex<HashMap<NodeId, Arc<NodeMux>>>,
+    /// Held for lookups and inserts only (never across an await): every
+    /// request looks its node up here.
+    conns: Mutex<HashMap<NodeId, quinn::Connection>>,
+    /// Per node: requests in flight, the dial lock and the multiplexed
+    /// request stream ([`crate::api::mux`]).
+    per_node: Mutex<HashMap<NodeId, Arc<PerNode>>>,
     routes: Mutex<RouteCache>,
     opts: ClientOptions,
     retries: std::sync::atomic::AtomicU64,
@@ -134,11 +135,17 @@ struct Inner {
     session_room: tokio::sync::Notify,
 }
 
-/// A node's requests in flight, and its multiplexed stream.
+/// A node's requests in flight, its dial lock and its multiplexed stream.
 #[derive(Default)]
-struct NodeMux {
+struct PerNode {
     /// Requests to the node in flight (on any stream).
     calls: std::sync::atomic::AtomicUsize,
+    /// Held while dialing the node (one handshake at a time), with the
+    /// last dial's failure.
+    dial: tokio::sync::Mutex<Option<crate::api::call::NodeCallError>>,
+    /// Dials of the node that failed.
+    dial_failures: std::sync::atomic::AtomicU64,
+    /// Held while the multiplexed stream is opened.
     slot: tokio::sync::Mutex<MuxSlot>,
 }
 
@@ -255,8 +262,8 @@ impl Client {
                 endpoint,
                 quic,
                 nodes: Mutex::new(nodes),
-                conns: tokio::sync::Mutex::new(HashMap::new()),
-                muxes: Mutex::new(HashMap::new()),
+                conns: Mutex::new(HashMap::new()),
+                per_node: Mutex::new(HashMap::new()),
                 routes: Mutex::new(RouteCache::new()),
                 opts,
                 retries: std::sync::atomic::AtomicU64::new(0),

@@ -3,6 +3,7 @@
 //! from them.
 
 use super::*;
+use std::sync::atomic::Ordering;
 
 impl Client {
     /// Asks the known nodes for every node they know (nodes that joined
@@ -44,7 +45,7 @@ impl Client {
     /// round-trip time. For diagnostics, such as `tessera-ctl bench`'s
     /// per-operation transport cost.
     pub async fn connection_stats(&self) -> Vec<(NodeId, quinn::ConnectionStats)> {
-        let conns = self.inner.conns.lock().await;
+        let conns = self.inner.conns.lock().expect("conns poisoned");
         let mut out: Vec<_> = conns.iter().map(|(n, c)| (*n, c.stats())).collect();
         out.sort_by_key(|(n, _)| *n);
         out
@@ -54,16 +55,28 @@ impl Client {
         &self,
         node: NodeId,
     ) -> Result<quinn::Connection, NodeCallError> {
-        {
-            let conns = self.inner.conns.lock().await;
-            if let Some(c) = conns.get(&node) {
-                if c.close_reason().is_none() {
-                    return Ok(c.clone());
-                }
+        if let Some(c) = self.open_connection(node) {
+            return Ok(c);
+        }
+        // One dial per node at a time: the requests that find no
+        // connection together (a client's first burst) wait for one
+        // handshake instead of each making its own. The table itself is
+        // not held while dialing, so a dead node's handshake timing out
+        // holds up only the requests to that node.
+        let per_node = self.per_node(node);
+        let failures = per_node.dial_failures.load(Ordering::Acquire);
+        let mut last_failure = per_node.dial.lock().await;
+        if let Some(c) = self.open_connection(node) {
+            return Ok(c);
+        }
+        // A dial failed while this one waited: it fails the same way at
+        // once (a down node costs the requests waiting for it one
+        // handshake timeout, not one each in turn).
+        if per_node.dial_failures.load(Ordering::Acquire) != failures {
+            if let Some(e) = last_failure.clone() {
+                return Err(e);
             }
         }
-        // The table is not held while dialing: a dead node's handshake
-        // timing out must not hold up requests to the live ones.
         let addr = match self.node_addr(node) {
             Some(a) => a,
             None => {
@@ -80,17 +93,26 @@ impl Client {
             addr,
             self.inner.opts.attempt_timeout,
         )
-        .await?;
-        let mut conns = self.inner.conns.lock().await;
-        if let Some(c) = conns.get(&node) {
-            if c.close_reason().is_none() {
-                // Another request dialed it meanwhile: keep one connection.
-                conn.close(0u32.into(), b"duplicate");
-                return Ok(c.clone());
-            }
-        }
-        conns.insert(node, conn.clone());
+        .await
+        .inspect_err(|e| {
+            *last_failure = Some(e.clone());
+            per_node.dial_failures.fetch_add(1, Ordering::AcqRel);
+        })?;
+        self.inner
+            .conns
+            .lock()
+            .expect("conns poisoned")
+            .insert(node, conn.clone());
         Ok(conn)
+    }
+
+    /// `node`'s connection, when one is open.
+    fn open_connection(&self, node: NodeId) -> Option<quinn::Connection> {
+        let conns = self.inner.conns.lock().expect("conns poisoned");
+        conns
+            .get(&node)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
     }
 
     /// Sends one request to one node and waits for its answer.
@@ -111,7 +133,7 @@ impl Client {
         timeout: Duration,
     ) -> Result<Response, NodeCallError> {
         let conn = self.connection(node).await?;
-        let calls = self.node_mux(node);
+        let calls = self.per_node(node);
         let in_flight = InFlight::enter(&calls.calls);
         // A request alone takes its own stream (the multiplexed one's
         // writer would add a task hop for nothing to share); one made while
@@ -128,11 +150,11 @@ impl Client {
         crate::api::call::request(&conn, node, req, timeout).await
     }
 
-    fn node_mux(&self, node: NodeId) -> Arc<NodeMux> {
+    fn per_node(&self, node: NodeId) -> Arc<PerNode> {
         self.inner
-            .muxes
+            .per_node
             .lock()
-            .expect("muxes poisoned")
+            .expect("per_node poisoned")
             .entry(node)
             .or_default()
             .clone()
@@ -142,7 +164,7 @@ impl Client {
     /// its last one ended); `None` when the node does not serve them.
     async fn mux(
         &self,
-        calls: &NodeMux,
+        calls: &PerNode,
         node: NodeId,
         conn: &quinn::Connection,
         timeout: Duration,

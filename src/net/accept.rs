@@ -55,6 +55,10 @@ async fn handle_incoming(inner: Arc<Inner>, incoming: quinn::Incoming) {
                 refuse(&inner, &conn, "too many client connections");
                 return;
             };
+            inner
+                .metrics
+                .client_connections
+                .fetch_add(1, Ordering::Relaxed);
             if let Err(e) = inner.clients.try_send(ClientConn {
                 conn: conn.clone(),
                 permit,
