@@ -100,16 +100,18 @@ fn start_workload(
     Vec<Vec<u8>>,
     Vec<tokio::task::JoinHandle<Client>>,
 ) {
-    start_workload_with(c, run, true, Duration::ZERO)
+    start_workload_with(c, run, true, Duration::ZERO, false)
 }
 
 /// The workload: 4 clients, each pausing up to `pause_max` (random)
-/// between operations.
+/// between operations; `shared`: the 4 are tasks of one `Client` (their
+/// requests to one node then share its multiplexed stream).
 fn start_workload_with(
     c: &TestCluster,
     run: Duration,
     exactly_once: bool,
     pause_max: Duration,
+    shared: bool,
 ) -> (
     Arc<Recorder>,
     Vec<Vec<u8>>,
@@ -120,9 +122,12 @@ fn start_workload_with(
     let keys: Vec<Vec<u8>> = (0..8u8).map(|i| vec![i * 30, b'k', i]).collect();
     let stop_at = Instant::now() + run;
     let mut clients = Vec::new();
+    let one = shared.then(|| client_with(c, Duration::from_secs(3), exactly_once));
     for w in 0..4u32 {
         let (rec, keys) = (rec.clone(), keys.clone());
-        let cl = client_with(c, Duration::from_secs(3), exactly_once);
+        let cl = one
+            .clone()
+            .unwrap_or_else(|| client_with(c, Duration::from_secs(3), exactly_once));
         clients.push(tokio::spawn(async move {
             let mut seen: std::collections::HashMap<Vec<u8>, Option<Vec<u8>>> =
                 std::collections::HashMap::new();
@@ -177,6 +182,45 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
     c.shutdown().await;
 }
 
+/// The same nemesis with the 4 workers sharing one `Client`: their
+/// requests to a node travel together on its multiplexed stream, which
+/// partitions and restarts cut; still linearizable, and requests were
+/// served multiplexed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_client_under_partitions_and_restarts_stays_linearizable() {
+    init_tracing();
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
+    for s in c.node(1).shard_ids() {
+        c.wait_leader(s, WAIT).await.unwrap();
+    }
+    let stop_at = Instant::now() + Duration::from_secs(8);
+    let (rec, keys, clients) =
+        start_workload_with(&c, Duration::from_secs(8), true, Duration::ZERO, true);
+    // Multiplexed requests served, counted across restarts (a restarted
+    // node's counters start again).
+    let served = |c: &TestCluster, id: u64| c.node(id).metrics().client_mux_requests;
+    let mut retired = 0u64;
+    let mut faults = 0u32;
+    while Instant::now() < stop_at {
+        let victim = rand::thread_rng().gen_range(1..=3u64);
+        c.faults
+            .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        c.faults.heal();
+        let victim = rand::thread_rng().gen_range(1..=3u64);
+        retired += served(&c, victim);
+        c.kill(victim).await;
+        c.restart(victim).await;
+        faults += 2;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let total = retired + (1..=3).map(|id| served(&c, id)).sum::<u64>();
+    assert!(total > 0, "no request was served on a multiplexed stream");
+    finish_and_check(&c, &rec, &keys, clients, faults).await;
+    c.shutdown().await;
+}
+
 /// RELIABILITY scenario 1 with quiescence on: clients pause long enough
 /// between operations for their groups to fall asleep, so reads and
 /// writes keep landing on sleeping leaders and followers while nodes are
@@ -197,7 +241,8 @@ async fn hibernating_groups_stay_linearizable_under_partitions_and_restarts() {
     }
     let run = Duration::from_secs(14);
     let stop_at = Instant::now() + run;
-    let (rec, keys, clients) = start_workload_with(&c, run, true, Duration::from_millis(2500));
+    let (rec, keys, clients) =
+        start_workload_with(&c, run, true, Duration::from_millis(2500), false);
     let mut faults = 0u32;
     while Instant::now() < stop_at {
         // Quiet first, so that groups sleep before the next fault.
@@ -392,8 +437,13 @@ async fn with_lost_replies(exactly_once: bool) -> (Vec<Vec<u8>>, Vec<Op>) {
     let scenario = fail::FailScenario::setup();
     fail::cfg("client::lose_write_reply", "30%return").unwrap();
     tracing::info!(exactly_once, "phase: writes whose replies are lost, splits");
-    let (rec, keys, clients) =
-        start_workload_with(&c, Duration::from_secs(8), exactly_once, Duration::ZERO);
+    let (rec, keys, clients) = start_workload_with(
+        &c,
+        Duration::from_secs(8),
+        exactly_once,
+        Duration::ZERO,
+        false,
+    );
     let admin = client(&c, Duration::from_secs(60));
     // Between the workload's keys (first bytes 0, 30, ..., 210): sessions
     // move to the children.
