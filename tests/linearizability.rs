@@ -151,12 +151,22 @@ fn start_workload_with(
 /// One nemesis round: a random node isolated for 1.5 s, then healed, then
 /// a random node killed and restarted. Returns the faults injected (2).
 async fn isolate_then_restart(c: &mut TestCluster) -> u32 {
+    isolate_then_restart_and(c, |_, _| {}).await
+}
+
+/// [`isolate_then_restart`], showing `before_kill` the cluster and the
+/// node about to be killed.
+async fn isolate_then_restart_and(
+    c: &mut TestCluster,
+    before_kill: impl FnOnce(&TestCluster, u64),
+) -> u32 {
     let victim = rand::thread_rng().gen_range(1..=3u64);
     c.faults
         .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     c.faults.heal();
     let victim = rand::thread_rng().gen_range(1..=3u64);
+    before_kill(c, victim);
     c.kill(victim).await;
     c.restart(victim).await;
     2
@@ -203,16 +213,7 @@ async fn a_shared_client_under_partitions_and_restarts_stays_linearizable() {
     let mut retired = 0u64;
     let mut faults = 0u32;
     while Instant::now() < stop_at {
-        let victim = rand::thread_rng().gen_range(1..=3u64);
-        c.faults
-            .isolate(NodeId(victim), &[NodeId(1), NodeId(2), NodeId(3)]);
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        c.faults.heal();
-        let victim = rand::thread_rng().gen_range(1..=3u64);
-        retired += served(&c, victim);
-        c.kill(victim).await;
-        c.restart(victim).await;
-        faults += 2;
+        faults += isolate_then_restart_and(&mut c, |c, victim| retired += served(c, victim)).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let total = retired + (1..=3).map(|id| served(&c, id)).sum::<u64>();

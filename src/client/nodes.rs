@@ -133,14 +133,14 @@ impl Client {
         timeout: Duration,
     ) -> Result<Response, NodeCallError> {
         let conn = self.connection(node).await?;
-        let calls = self.per_node(node);
-        let in_flight = InFlight::enter(&calls.calls);
+        let per_node = self.per_node(node);
+        let in_flight = InFlight::enter(&per_node.calls);
         // A request alone takes its own stream (the multiplexed one's
         // writer would add a task hop for nothing to share); one made while
         // others to the node are in flight takes the shared stream, where
         // requests that leave together share datagrams.
         if in_flight.others > 0 && crate::api::mux::multiplexed(req) {
-            if let Some(mux) = self.mux(&calls, node, &conn, timeout).await? {
+            if let Some(mux) = self.mux(&per_node, node, &conn, timeout).await? {
                 if let Some(frame) = mux.frame(req) {
                     let resp = mux.request(node, frame, timeout).await?;
                     return crate::api::call::answered(node, resp);
@@ -164,12 +164,12 @@ impl Client {
     /// its last one ended); `None` when the node does not serve them.
     async fn mux(
         &self,
-        calls: &PerNode,
+        per_node: &PerNode,
         node: NodeId,
         conn: &quinn::Connection,
         timeout: Duration,
     ) -> Result<Option<Arc<crate::api::mux::MuxStream>>, NodeCallError> {
-        let mut slot = calls.slot.lock().await;
+        let mut slot = per_node.slot.lock().await;
         let current = slot.conn == Some(conn.stable_id());
         if current && slot.stream.as_ref().is_none_or(|s| !s.is_closed()) {
             return Ok(slot.stream.clone());
@@ -216,13 +216,13 @@ struct InFlight<'a> {
 
 impl<'a> InFlight<'a> {
     fn enter(calls: &'a std::sync::atomic::AtomicUsize) -> Self {
-        let others = calls.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let others = calls.fetch_add(1, Ordering::AcqRel);
         InFlight { calls, others }
     }
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.calls.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.calls.fetch_sub(1, Ordering::AcqRel);
     }
 }
