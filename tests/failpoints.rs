@@ -2,6 +2,8 @@
 //! a failed write or sync fail-stops the engine, no callback reports success
 //! after it, and what was acknowledged before survives a reopen; an
 //! interrupted snapshot install is redone when the shard is opened again.
+//! Also the client's fallback when a node does not serve multiplexed
+//! streams.
 #![cfg(feature = "failpoints")]
 
 mod common;
@@ -233,5 +235,98 @@ async fn a_failed_round_sync_fail_stops_the_batch_loop_and_keeps_what_was_acknow
         acked.iter().collect::<Vec<_>>(),
         "n{leader} holds every acknowledged write, once, in order"
     );
+    scenario.teardown();
+}
+
+/// A node without multiplexed streams (as one built before them: the
+/// `node::mux_unknown` failpoint makes every node answer the stream's
+/// opening with `Invalid`, as a node that cannot decode the request does).
+/// A client shared by many tasks falls back to a stream per request: every
+/// write is acknowledged and read back, and no request is multiplexed.
+/// Once the node serves them (here: restarted without the failpoint), the
+/// client's new connection to it asks again and multiplexes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_client_falls_back_to_a_stream_per_request_on_a_node_without_multiplexing() {
+    use common::cluster::{init_tracing, TestCluster, Timings};
+    use std::time::Duration;
+    use tessera::Client;
+
+    init_tracing();
+    let scenario = fail::FailScenario::setup();
+    fail::cfg("node::mux_unknown", "return").unwrap();
+    let mut c =
+        TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
+    let node = c.up().next().unwrap().clone();
+    for s in node.shard_ids() {
+        c.wait_leader(s, Duration::from_secs(30)).await.unwrap();
+    }
+    drop(node);
+    let issued = c.ca.issue_client("fallback").unwrap();
+    let nodes: Vec<_> = c.up().map(|n| (n.id(), n.addr())).collect();
+    let cl = Client::from_identity(&c.ca.identity(&issued), nodes, Default::default()).unwrap();
+    let run = |cl: Client, phase: u32| async move {
+        let mut tasks = Vec::new();
+        for w in 0..32u32 {
+            let cl = cl.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..10u32 {
+                    let k = common::spread_key(phase * 100_000 + w * 1000 + i);
+                    let v = format!("p{phase}-w{w}-{i}").into_bytes();
+                    cl.put(&k, &v).await.expect("put acknowledged");
+                    let got = cl.get(&k).await.expect("get answered");
+                    assert_eq!(got.as_ref(), Some(&v), "task {w} got another's answer");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("task");
+        }
+    };
+    run(cl.clone(), 0).await;
+    // Routes and leaders are learned; now the fallback itself must cost no
+    // retries (a refused opening is not a failed request). An election
+    // could cost each task one redirect, no more.
+    let retries = cl.retries();
+    run(cl.clone(), 2).await;
+    let retried = cl.retries() - retries;
+    assert!(retried < 32, "{retried} retries while falling back");
+    let served = |c: &TestCluster| -> u64 { c.up().map(|n| n.metrics().client_mux_requests).sum() };
+    assert_eq!(cl.multiplexed(), 0, "a request went multiplexed");
+    assert_eq!(served(&c), 0, "a node served a multiplexed request");
+
+    eprintln!("--- the nodes serve multiplexed streams again (each restarted)");
+    fail::remove("node::mux_unknown");
+    for id in 1..=3 {
+        c.kill(id).await;
+        c.restart(id).await;
+    }
+    let node = c.up().next().unwrap().clone();
+    for s in node.shard_ids() {
+        c.wait_leader(s, Duration::from_secs(30)).await.unwrap();
+    }
+    drop(node);
+    run(cl.clone(), 1).await;
+    assert!(
+        cl.multiplexed() > 0,
+        "no request multiplexed on the new connections"
+    );
+    assert!(served(&c) > 0, "no node served a multiplexed request");
+    let reader = Client::from_identity(
+        &c.ca.identity(&issued),
+        c.up().map(|n| (n.id(), n.addr())).collect(),
+        Default::default(),
+    )
+    .unwrap();
+    for phase in 0..3u32 {
+        for w in 0..32u32 {
+            for i in 0..10u32 {
+                let k = common::spread_key(phase * 100_000 + w * 1000 + i);
+                let v = format!("p{phase}-w{w}-{i}").into_bytes();
+                assert_eq!(reader.get(&k).await.unwrap(), Some(v), "lost {k:?}");
+            }
+        }
+    }
+    drop((cl, reader));
+    c.shutdown().await;
     scenario.teardown();
 }

@@ -1,5 +1,7 @@
 //! RELIABILITY scenario 2, short version: three real `tessera serve`
-//! processes, clients recording a history of put, get, delete and CAS, a
+//! processes, clients recording a history of put, get, delete and CAS
+//! (four with a client each, four sharing one client, whose requests
+//! share each node's multiplexed stream), a
 //! random node SIGKILLed and restarted every 2 seconds. The history must be linearizable, every
 //! acknowledged write visible at the end, and service back (a write
 //! acknowledged) within 10 s of each restart.
@@ -82,8 +84,17 @@ async fn kill_loop(batch: bool) {
     let running = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let per_client = 6 * secs as u32;
     let mut workers = Vec::new();
+    // Workers 0-3 have a client each (one request in flight: a stream per
+    // request); workers 4-7 share one, so their requests to a node travel
+    // together on its multiplexed stream, which the SIGKILLs cut.
+    let shared = mk(Duration::from_secs(3));
     for w in 0..8u32 {
-        let (rec, keys, cl) = (rec.clone(), keys.clone(), mk(Duration::from_secs(3)));
+        let cl = if w < 4 {
+            mk(Duration::from_secs(3))
+        } else {
+            shared.clone()
+        };
+        let (rec, keys) = (rec.clone(), keys.clone());
         let running = running.clone();
         workers.push(tokio::spawn(async move {
             let mut seen = std::collections::HashMap::new();
@@ -128,6 +139,12 @@ async fn kill_loop(batch: bool) {
             ret: Some(rec.now()),
         });
     }
+    // Counted on the client's side (the nodes' counters die with them).
+    let multiplexed = shared.multiplexed();
+    assert!(
+        multiplexed > 0,
+        "no request of the shared client took a multiplexed stream"
+    );
     let ops = rec.ops();
     let acked = ops
         .iter()
@@ -135,7 +152,7 @@ async fn kill_loop(batch: bool) {
         .count();
     let failed = ops.iter().filter(|o| o.ret.is_none()).count();
     println!(
-        "kill loop: {secs} s, {kills} SIGKILLs, {} operations ({acked} acknowledged writes, {failed} failed or timed out: indeterminate)",
+        "kill loop: {secs} s, {kills} SIGKILLs, {} operations ({acked} acknowledged writes, {failed} failed or timed out: indeterminate; {multiplexed} requests multiplexed)",
         ops.len()
     );
     assert!(
@@ -177,5 +194,5 @@ async fn kill_loop(batch: bool) {
         shards += 1;
     }
     println!("verify: every replica of {shards} shards agrees");
-    drop((probe, reader));
+    drop((probe, reader, shared));
 }

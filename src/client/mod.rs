@@ -130,6 +130,8 @@ struct Inner {
     routes: Mutex<RouteCache>,
     opts: ClientOptions,
     retries: std::sync::atomic::AtomicU64,
+    /// Requests answered on a multiplexed stream.
+    multiplexed: std::sync::atomic::AtomicU64,
     session: Mutex<SessionState>,
     /// Signalled when a write of the session finishes (room in its window).
     session_room: tokio::sync::Notify,
@@ -267,6 +269,7 @@ impl Client {
                 routes: Mutex::new(RouteCache::new()),
                 opts,
                 retries: std::sync::atomic::AtomicU64::new(0),
+                multiplexed: std::sync::atomic::AtomicU64::new(0),
                 session: Mutex::new(SessionState {
                     id: rand::random::<ClientId>(),
                     next: 1,
@@ -281,6 +284,16 @@ impl Client {
     pub fn retries(&self) -> u64 {
         self.inner
             .retries
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Requests answered on a node's multiplexed stream so far (the rest
+    /// took a stream each: requests alone in flight to their node, scans,
+    /// admin requests, large batches, and every request to a node that
+    /// does not serve multiplexed streams).
+    pub fn multiplexed(&self) -> u64 {
+        self.inner
+            .multiplexed
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 

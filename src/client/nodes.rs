@@ -143,6 +143,7 @@ impl Client {
             if let Some(mux) = self.mux(&per_node, node, &conn, timeout).await? {
                 if let Some(frame) = mux.frame(req) {
                     let resp = mux.request(node, frame, timeout).await?;
+                    self.inner.multiplexed.fetch_add(1, Ordering::Relaxed);
                     return crate::api::call::answered(node, resp);
                 }
             }

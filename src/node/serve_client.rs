@@ -75,6 +75,9 @@ pub(crate) async fn serve_connection(
             let request = wire::read_frame(&mut recv, FRAME_BYTES_MAX).await;
             let resp = match request {
                 Ok(Some(payload)) => match wire::decode_payload::<Request>(&payload) {
+                    Ok(Request::Mux) if mux_unknown() => Response::Error(ApiError::Invalid(
+                        "bad request: unknown variant (injected: node::mux_unknown)".into(),
+                    )),
                     Ok(Request::Mux) => {
                         let Ok(done) = wire::encode_frame(&Response::Done, FRAME_BYTES_MAX) else {
                             return;
@@ -102,6 +105,14 @@ pub(crate) async fn serve_connection(
             let _ = send.finish();
         });
     }
+}
+
+/// Whether to answer the opening of a multiplexed stream as a node built
+/// before them does (it cannot decode the request): only with the
+/// `node::mux_unknown` failpoint (tests of the client's fallback).
+fn mux_unknown() -> bool {
+    fail::fail_point!("node::mux_unknown", |_| true);
+    false
 }
 
 /// Answers one decoded request of `conn` (on a stream of its own or a

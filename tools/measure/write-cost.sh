@@ -13,6 +13,9 @@
 # binaries from DIR instead of the release target folder, to compare builds
 # side by side (copy each build's binaries to its own folder).
 # BENCH_FLAGS='...' adds flags to the bench command (e.g. --connections 4).
+# WARMUP=SECONDS first runs the same bench that long, unmeasured, so the
+# measured run sees a node in steady state (memtables full and flushing,
+# WAL files rotating) rather than a fresh one.
 # CSW=1 (needs `perf`) also counts the nodes' context switches per write.
 # UDP_SPLIT=1 (needs `perf` and the syscall tracepoints) also counts the
 # sendmsg calls of the nodes and of the load generator apart, per write:
@@ -39,6 +42,10 @@ if [ "$split" = 1 ]; then
   perf stat -x, -e "$ev" -p "$pid" -o "$dir/node.stat" 2>/dev/null &
   nodes_perf=$!
   trace=(perf stat -x, -e "$ev" -o "$dir/bench.stat" --)
+fi
+if [ "${WARMUP:-0}" -gt 0 ]; then
+  "$B/tessera-ctl" --cluster "$dir/data/cluster.toml" bench --workload write \
+    --clients "$clients" --duration "$WARMUP" ${BENCH_FLAGS:-} > "$dir/warmup.txt" 2>&1
 fi
 u0=$(udp); t0=$(cpu $pid)
 TIMEFORMAT='%3U %3S'
