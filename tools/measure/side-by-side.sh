@@ -12,6 +12,9 @@
 # (appends per sync). The machine should be otherwise quiet.
 # BENCH_FLAGS='...' adds flags to every bench, etcd's and Tessera's alike
 # (e.g. --connections 1: the clients share one connection set).
+# WARMUP=SECONDS runs each target's bench that long, unmeasured, before
+# the measured run (a target in steady state rather than fresh).
+# SHORT=1 runs only etcd and AFTER at 64 shards, 64 and 256 clients.
 # Example: tools/measure/side-by-side.sh /var/tmp/old /var/tmp/new --batch-data-shards
 set -u
 here=$(dirname "$0")
@@ -32,6 +35,10 @@ etcd() { # clients
   ep=$(bash "$here/../etcd-cluster.sh" start "$dir" | tail -1)
   pids=$(pgrep -f "etcd --name m[123] " | tr '\n' ' ')
   cpu_all() { local t=0 p; for p in $pids; do t=$((t + $(awk '{print $14 + $15}' "/proc/$p/stat"))); done; echo $t; }
+  if [ "${WARMUP:-0}" -gt 0 ]; then
+    "$after/tessera-ctl" bench --workload write --clients "$1" --duration "$WARMUP" --target etcd \
+      --endpoints "$ep" ${BENCH_FLAGS:-} > /dev/null 2>&1
+  fi
   t0=$(cpu_all)
   out=$("$after/tessera-ctl" bench --workload write --clients "$1" --duration "$D" --target etcd --endpoints "$ep" ${BENCH_FLAGS:-} 2>&1)
   t1=$(cpu_all)
@@ -42,6 +49,13 @@ etcd() { # clients
   bash "$here/../etcd-cluster.sh" stop "$dir" > /dev/null 2>&1
   rm -rf "$dir"
 }
+if [ "${SHORT:-0}" = 1 ]; then
+  for c in 64 256; do
+    etcd "$c"
+    run after "$after" 64 "$c"
+  done
+  exit 0
+fi
 for c in 1 64 256; do
   etcd "$c"
   run before "$before" 64 "$c"
