@@ -205,6 +205,59 @@ mod tests {
         );
     }
 
+    /// RUSTSEC-2024-0437 (`protobuf` < 3.7.2: unknown fields of the group
+    /// wire type, nested deep, recurse without bound and overflow the
+    /// stack). Checked against the version this crate parses with: a
+    /// message whose unknown field opens 200,000 nested groups, at the top
+    /// and inside an entry, is refused as malformed on a 256 KiB stack (a
+    /// recursion per group would need far more) and nothing is decoded.
+    #[test]
+    fn nested_unknown_groups_are_refused_without_recursing() {
+        fn groups(n: usize) -> Vec<u8> {
+            // Field 99, wire type 3 (start group): tag (99 << 3) | 3 = 795,
+            // varint 0x9b 0x06.
+            [0x9b, 0x06].repeat(n)
+        }
+        fn frame(msg: &[u8]) -> Vec<u8> {
+            let mut f = vec![VERSION];
+            f.extend_from_slice(&1u64.to_be_bytes());
+            f.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+            f.extend_from_slice(msg);
+            f
+        }
+        let base = envelope(1, 1, 2, &[b"x".to_vec()])
+            .msg
+            .write_to_bytes()
+            .unwrap();
+        let mut top = base.clone();
+        top.extend(groups(200_000));
+        // An entry (field 7, length-delimited) whose own unknown field nests.
+        let mut entry = Entry::default().write_to_bytes().unwrap();
+        entry.extend(groups(200_000));
+        let mut inner = base;
+        inner.push(7 << 3 | 2);
+        let mut len = entry.len() as u64;
+        while len >= 0x80 {
+            inner.push((len as u8 & 0x7f) | 0x80);
+            len >>= 7;
+        }
+        inner.push(len as u8);
+        inner.extend(entry);
+        for (what, msg) in [("top", top), ("entry", inner)] {
+            let f = frame(&msg);
+            let got = std::thread::Builder::new()
+                .stack_size(256 << 10)
+                .spawn(move || decode_frame(&f).map(|e| e.len()))
+                .unwrap()
+                .join()
+                .expect("decoding must not overflow the stack");
+            assert!(
+                matches!(got, Err(FrameError::Malformed(_))),
+                "{what}: {got:?}"
+            );
+        }
+    }
+
     #[test]
     fn a_frame_of_another_version_is_refused() {
         let mut f = encode_frames(&[envelope(1, 1, 2, &[])], 1 << 20)
