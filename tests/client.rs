@@ -19,11 +19,7 @@ const WAIT: Duration = Duration::from_secs(60);
 async fn ready(ids: &[u64], shards: u64) -> TestCluster {
     let members: Vec<u64> = ids.to_vec();
     let c = TestCluster::start(ids, &[], Some((shards, members)), Timings::fast()).await;
-    let node = c.up().next().unwrap().clone();
-    for s in node.shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
-    drop(node);
+    c.wait_leaders(WAIT).await.unwrap();
     c
 }
 

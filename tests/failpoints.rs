@@ -256,38 +256,44 @@ async fn a_shared_client_falls_back_to_a_stream_per_request_on_a_node_without_mu
     fail::cfg("node::mux_unknown", "return").unwrap();
     let mut c =
         TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
-    let node = c.up().next().unwrap().clone();
-    for s in node.shard_ids() {
-        c.wait_leader(s, Duration::from_secs(30)).await.unwrap();
-    }
-    drop(node);
+    c.wait_leaders(Duration::from_secs(30)).await.unwrap();
     let issued = c.ca.issue_client("fallback").unwrap();
-    let nodes: Vec<_> = c.up().map(|n| (n.id(), n.addr())).collect();
-    let cl = Client::from_identity(&c.ca.identity(&issued), nodes, Default::default()).unwrap();
+    let client = |c: &TestCluster| {
+        let nodes = c.up().map(|n| (n.id(), n.addr())).collect();
+        Client::from_identity(&c.ca.identity(&issued), nodes, Default::default()).unwrap()
+    };
+    let cl = client(&c);
+    // 32 tasks sharing `cl`, 10 puts each, each read back at once; returns
+    // the acknowledged writes.
     let run = |cl: Client, phase: u32| async move {
         let mut tasks = Vec::new();
         for w in 0..32u32 {
             let cl = cl.clone();
             tasks.push(tokio::spawn(async move {
+                let mut acked = Vec::new();
                 for i in 0..10u32 {
                     let k = common::spread_key(phase * 100_000 + w * 1000 + i);
                     let v = format!("p{phase}-w{w}-{i}").into_bytes();
                     cl.put(&k, &v).await.expect("put acknowledged");
                     let got = cl.get(&k).await.expect("get answered");
                     assert_eq!(got.as_ref(), Some(&v), "task {w} got another's answer");
+                    acked.push((k, v));
                 }
+                acked
             }));
         }
+        let mut all = Vec::new();
         for t in tasks {
-            t.await.expect("task");
+            all.extend(t.await.expect("task"));
         }
+        all
     };
-    run(cl.clone(), 0).await;
+    let mut acked = run(cl.clone(), 0).await;
     // Routes and leaders are learned; now the fallback itself must cost no
     // retries (a refused opening is not a failed request). An election
     // could cost each task one redirect, no more.
     let retries = cl.retries();
-    run(cl.clone(), 2).await;
+    acked.extend(run(cl.clone(), 2).await);
     let retried = cl.retries() - retries;
     assert!(retried < 32, "{retried} retries while falling back");
     let served = |c: &TestCluster| -> u64 { c.up().map(|n| n.metrics().client_mux_requests).sum() };
@@ -300,31 +306,17 @@ async fn a_shared_client_falls_back_to_a_stream_per_request_on_a_node_without_mu
         c.kill(id).await;
         c.restart(id).await;
     }
-    let node = c.up().next().unwrap().clone();
-    for s in node.shard_ids() {
-        c.wait_leader(s, Duration::from_secs(30)).await.unwrap();
-    }
-    drop(node);
-    run(cl.clone(), 1).await;
+    c.wait_leaders(Duration::from_secs(30)).await.unwrap();
+    acked.extend(run(cl.clone(), 1).await);
     assert!(
         cl.multiplexed() > 0,
         "no request multiplexed on the new connections"
     );
     assert!(served(&c) > 0, "no node served a multiplexed request");
-    let reader = Client::from_identity(
-        &c.ca.identity(&issued),
-        c.up().map(|n| (n.id(), n.addr())).collect(),
-        Default::default(),
-    )
-    .unwrap();
-    for phase in 0..3u32 {
-        for w in 0..32u32 {
-            for i in 0..10u32 {
-                let k = common::spread_key(phase * 100_000 + w * 1000 + i);
-                let v = format!("p{phase}-w{w}-{i}").into_bytes();
-                assert_eq!(reader.get(&k).await.unwrap(), Some(v), "lost {k:?}");
-            }
-        }
+    let reader = client(&c);
+    assert_eq!(acked.len(), 3 * 32 * 10);
+    for (k, v) in &acked {
+        assert_eq!(reader.get(k).await.unwrap().as_ref(), Some(v), "lost {k:?}");
     }
     drop((cl, reader));
     c.shutdown().await;

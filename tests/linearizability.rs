@@ -177,9 +177,7 @@ async fn concurrent_clients_under_partitions_and_restarts_stay_linearizable() {
     init_tracing();
     let mut c =
         TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+    c.wait_leaders(WAIT).await.unwrap();
     let stop_at = Instant::now() + Duration::from_secs(8);
     let (rec, keys, clients) = start_workload(&c, Duration::from_secs(8));
     tracing::info!("phase: nemesis — isolate a node, heal, kill and restart another");
@@ -201,9 +199,7 @@ async fn a_shared_client_under_partitions_and_restarts_stays_linearizable() {
     init_tracing();
     let mut c =
         TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+    c.wait_leaders(WAIT).await.unwrap();
     let stop_at = Instant::now() + Duration::from_secs(8);
     let (rec, keys, clients) =
         start_workload_with(&c, Duration::from_secs(8), true, Duration::ZERO, true);
@@ -237,9 +233,7 @@ async fn hibernating_groups_stay_linearizable_under_partitions_and_restarts() {
         ..Timings::fast()
     };
     let mut c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), timings).await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+    c.wait_leaders(WAIT).await.unwrap();
     let run = Duration::from_secs(14);
     let stop_at = Instant::now() + run;
     let (rec, keys, clients) =
@@ -326,9 +320,7 @@ async fn finish_and_judge(
 async fn one_way_loss_and_flapping_links_stay_linearizable() {
     init_tracing();
     let c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+    c.wait_leaders(WAIT).await.unwrap();
     let stop_at = Instant::now() + Duration::from_secs(8);
     let (rec, keys, clients) = start_workload(&c, Duration::from_secs(8));
     tracing::info!("phase: nemesis — one-way loss from a node, then a flapping link");
@@ -373,9 +365,7 @@ async fn splits_and_moves_during_faults_stay_linearizable() {
         Timings::fast(),
     )
     .await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+    c.wait_leaders(WAIT).await.unwrap();
     c.wait_leader(tessera::meta::META_SHARD, WAIT)
         .await
         .unwrap();
@@ -429,9 +419,7 @@ async fn splits_and_moves_during_faults_stay_linearizable() {
 #[cfg(feature = "failpoints")]
 async fn with_lost_replies(exactly_once: bool) -> (Vec<Vec<u8>>, Vec<Op>) {
     let c = TestCluster::start(&[1, 2, 3], &[], Some((4, vec![1, 2, 3])), Timings::fast()).await;
-    for s in c.node(1).shard_ids() {
-        c.wait_leader(s, WAIT).await.unwrap();
-    }
+    c.wait_leaders(WAIT).await.unwrap();
     c.wait_leader(tessera::meta::META_SHARD, WAIT)
         .await
         .unwrap();

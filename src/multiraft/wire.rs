@@ -235,14 +235,10 @@ mod tests {
         let mut entry = Entry::default().write_to_bytes().unwrap();
         entry.extend(groups(200_000));
         let mut inner = base;
-        inner.push(7 << 3 | 2);
-        let mut len = entry.len() as u64;
-        while len >= 0x80 {
-            inner.push((len as u8 & 0x7f) | 0x80);
-            len >>= 7;
-        }
-        inner.push(len as u8);
-        inner.extend(entry);
+        let mut os = protobuf::CodedOutputStream::vec(&mut inner);
+        os.write_bytes(7, &entry).unwrap();
+        os.flush().unwrap();
+        drop(os);
         for (what, msg) in [("top", top), ("entry", inner)] {
             let f = frame(&msg);
             let got = std::thread::Builder::new()

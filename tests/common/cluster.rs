@@ -415,6 +415,15 @@ impl TestCluster {
         self.wait_leader_among(shard, &among, timeout).await
     }
 
+    /// Waits for a leader of every shard a running node hosts.
+    pub async fn wait_leaders(&self, timeout: Duration) -> Result<(), WaitError> {
+        let node = self.up().next().expect("a running node").clone();
+        for s in node.shard_ids() {
+            self.wait_leader(s, timeout).await?;
+        }
+        Ok(())
+    }
+
     /// Writes through the current leader (found again after each refusal)
     /// until acknowledged; returns the entry's log index.
     pub async fn put(
