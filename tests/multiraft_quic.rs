@@ -60,3 +60,124 @@ async fn writes_and_read_points_over_quic() {
         );
     }
 }
+
+/// Two bare transports (no Raft loop behind them): node 1 dials node 2.
+async fn transport_pair(cfg: tessera::net::TransportConfig) -> [tessera::net::Transport; 2] {
+    use std::sync::Arc;
+    use tessera::metrics::NetMetrics;
+    use tessera::multiraft::quic::FrameInbound;
+    use tessera::net::{Expediter, Faults, PeerAddr, Transport, Wiring};
+    use tessera::tls::issue::ClusterCa;
+    use tessera::NodeId;
+    let ca = ClusterCa::generate("ack-frequency-test").expect("CA");
+    let start = |id: u64| {
+        let identity = ca.identity(&ca.issue_node(NodeId(id)).expect("node cert"));
+        let (clients, clients_rx) = tokio::sync::mpsc::channel(1);
+        std::mem::forget(clients_rx);
+        Transport::start(
+            NodeId(id),
+            ([127, 0, 0, 1], 0).into(),
+            &[],
+            &identity,
+            cfg.clone(),
+            Wiring {
+                inbound: Arc::new(FrameInbound::default()),
+                expediter: Arc::new(Expediter::default()),
+                clients,
+                metrics: Arc::new(NetMetrics::default()),
+                faults: Arc::new(Faults::none()),
+            },
+        )
+        .expect("start transport")
+    };
+    let ts = [start(1), start(2)];
+    for (i, t) in ts.iter().enumerate() {
+        let other = &ts[1 - i];
+        t.add_peer(PeerAddr {
+            id: other.node_id(),
+            addr: other.local_addr(),
+        });
+    }
+    for t in &ts {
+        assert!(
+            t.wait_connected(Duration::from_secs(20)).await,
+            "transports connect within 20 s"
+        );
+    }
+    ts
+}
+
+/// What node 2 sent and received on its connection to node 1 while node 1
+/// sent it `n` one-way messages one at a time, each once node 2 received
+/// the one before (Raft's traffic between two nodes at low load, and a
+/// client's requests: packets that arrive alone).
+async fn acks_for_one_way_traffic(threshold: u32, n: usize) -> (u64, u64) {
+    use tessera::net::coalesce::Urgency;
+    use tessera::NodeId;
+    let cfg = tessera::net::TransportConfig {
+        ack_eliciting_threshold: threshold,
+        ..Default::default()
+    };
+    let [one, two] = transport_pair(cfg).await;
+    let received = || {
+        two.peer_quic_stats(NodeId(1))
+            .expect("node 2 has a connection")
+            .udp_rx
+            .datagrams
+    };
+    let before = two
+        .peer_quic_stats(NodeId(1))
+        .expect("node 2 has a connection");
+    for i in 0..n {
+        let seen = received();
+        // Not a valid batch frame: node 2's loop-less inbound drops it, and
+        // its QUIC stack acknowledges it all the same.
+        one.send(
+            NodeId(2),
+            ShardId(u64::MAX),
+            vec![i as u8; 100],
+            Urgency::Urgent,
+            DEADLINE,
+        )
+        .await
+        .expect("send");
+        let deadline = tokio::time::Instant::now() + DEADLINE;
+        while received() == seen {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "node 2 received message {i} within {DEADLINE:?}"
+            );
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+    let after = two.peer_quic_stats(NodeId(1)).unwrap();
+    one.shutdown();
+    two.shutdown();
+    (
+        after.frame_tx.acks - before.frame_tx.acks,
+        after.udp_rx.datagrams - before.udp_rx.datagrams,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_asks_its_peers_for_fewer_acknowledgements() {
+    // QUIC's own rule (threshold 1): an acknowledgement for about every
+    // other packet; the default 32: one per 33 packets, or per 25 ms.
+    let (acks_standard, rx_standard) = acks_for_one_way_traffic(1, 200).await;
+    let (acks_sparse, rx_sparse) = acks_for_one_way_traffic(32, 200).await;
+    eprintln!(
+        "threshold 1: {acks_standard} ACKs for {rx_standard} packets; 32: {acks_sparse} for {rx_sparse}"
+    );
+    assert!(
+        rx_standard >= 200 && rx_sparse >= 200,
+        "each message travels in a packet of its own: {rx_standard}, {rx_sparse}"
+    );
+    assert!(
+        acks_standard * 3 >= rx_standard,
+        "threshold 1 acknowledges about every other packet: {acks_standard} ACKs for {rx_standard} packets"
+    );
+    assert!(
+        acks_sparse * 4 <= rx_sparse,
+        "threshold 32 acknowledges far fewer: {acks_sparse} ACKs for {rx_sparse} packets"
+    );
+}

@@ -108,6 +108,12 @@ fn quic_transport_config(cfg: &TransportConfig) -> Arc<quinn::TransportConfig> {
     tc.stream_receive_window((32u32 << 20).into());
     tc.receive_window((128u32 << 20).into());
     tc.send_window(128 << 20);
+    if cfg.ack_eliciting_threshold > 1 {
+        // The peer's max_ack_delay stays its own (25 ms by default).
+        let mut af = quinn::AckFrequencyConfig::default();
+        af.ack_eliciting_threshold(cfg.ack_eliciting_threshold.into());
+        tc.ack_frequency_config(Some(af));
+    }
     Arc::new(tc)
 }
 
@@ -280,6 +286,12 @@ impl Transport {
     pub fn heard_from(&self, peer: NodeId) -> Option<Duration> {
         let heard = self.inner.heard.lock().expect("heard poisoned");
         heard.get(&peer).map(Instant::elapsed)
+    }
+
+    /// The QUIC statistics of the connection to `peer` (packets, frames
+    /// and acknowledgements each way), when there is one.
+    pub fn peer_quic_stats(&self, peer: NodeId) -> Option<quinn::ConnectionStats> {
+        self.peer(peer)?.connection().map(|c| c.stats())
     }
 
     /// Whether the Raft stream to `peer` is up.

@@ -605,6 +605,11 @@ mod tests {
         let mut c = sample();
         c.transport.frame_bytes_max = 1;
         assert_eq!(field(c), "transport.frame_bytes_max");
+        for bad in [0, 1025] {
+            let mut c = sample();
+            c.transport.ack_eliciting_threshold = bad;
+            assert_eq!(field(c), "transport.ack_eliciting_threshold");
+        }
         let mut c = sample();
         c.bootstrap.as_mut().unwrap().members.push(NodeId(9));
         assert_eq!(field(c), "bootstrap.members");
