@@ -162,7 +162,7 @@ async fn acks_for_one_way_traffic(threshold: u32, n: usize) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_asks_its_peers_for_fewer_acknowledgements() {
     // QUIC's own rule (threshold 1): an acknowledgement for about every
-    // other packet; the default 32: one per 33 packets, or per 25 ms.
+    // other packet; at 32, one per 33 packets, or per 25 ms.
     let (acks_standard, rx_standard) = acks_for_one_way_traffic(1, 200).await;
     let (acks_sparse, rx_sparse) = acks_for_one_way_traffic(32, 200).await;
     eprintln!(
