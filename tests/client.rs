@@ -17,8 +17,12 @@ use tessera::{Client, NodeId};
 const WAIT: Duration = Duration::from_secs(60);
 
 async fn ready(ids: &[u64], shards: u64) -> TestCluster {
+    ready_with(ids, shards, Timings::fast()).await
+}
+
+async fn ready_with(ids: &[u64], shards: u64, timings: Timings) -> TestCluster {
     let members: Vec<u64> = ids.to_vec();
-    let c = TestCluster::start(ids, &[], Some((shards, members)), Timings::fast()).await;
+    let c = TestCluster::start(ids, &[], Some((shards, members)), timings).await;
     c.wait_leaders(WAIT).await.unwrap();
     c
 }
@@ -474,7 +478,11 @@ fn plain_after_split(c: &TestCluster, routes: &[tessera::ShardDescriptor]) -> Cl
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_larger_than_a_frame_come_back_in_bounded_pages() {
     init_tracing();
-    let c = ready(&[1, 2, 3], 1).await;
+    // openraft's replication deadline is the heartbeat interval: at
+    // `fast`'s 100 ms, a debug build on a slower 2-core machine could not
+    // replicate a 1 MiB entry in time and retried it until the client's
+    // 90 s deadline (a CI run, 2026-12-07). 1.5 s leaves it room.
+    let c = ready_with(&[1, 2, 3], 1, Timings::many_groups()).await;
     // 1 MiB writes on a debug build sharing 2 cores: an attempt may take
     // longer than the default 5 s (a CI run saw every attempt of one put
     // time out); each attempt and the call stay bounded.
