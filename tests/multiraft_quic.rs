@@ -61,52 +61,6 @@ async fn writes_and_read_points_over_quic() {
     }
 }
 
-/// Two bare transports (no Raft loop behind them): node 1 dials node 2.
-async fn transport_pair(cfg: tessera::net::TransportConfig) -> [tessera::net::Transport; 2] {
-    use std::sync::Arc;
-    use tessera::metrics::NetMetrics;
-    use tessera::multiraft::quic::FrameInbound;
-    use tessera::net::{Expediter, Faults, PeerAddr, Transport, Wiring};
-    use tessera::tls::issue::ClusterCa;
-    use tessera::NodeId;
-    let ca = ClusterCa::generate("ack-frequency-test").expect("CA");
-    let start = |id: u64| {
-        let identity = ca.identity(&ca.issue_node(NodeId(id)).expect("node cert"));
-        let (clients, clients_rx) = tokio::sync::mpsc::channel(1);
-        std::mem::forget(clients_rx);
-        Transport::start(
-            NodeId(id),
-            ([127, 0, 0, 1], 0).into(),
-            &[],
-            &identity,
-            cfg.clone(),
-            Wiring {
-                inbound: Arc::new(FrameInbound::default()),
-                expediter: Arc::new(Expediter::default()),
-                clients,
-                metrics: Arc::new(NetMetrics::default()),
-                faults: Arc::new(Faults::none()),
-            },
-        )
-        .expect("start transport")
-    };
-    let ts = [start(1), start(2)];
-    for (i, t) in ts.iter().enumerate() {
-        let other = &ts[1 - i];
-        t.add_peer(PeerAddr {
-            id: other.node_id(),
-            addr: other.local_addr(),
-        });
-    }
-    for t in &ts {
-        assert!(
-            t.wait_connected(Duration::from_secs(20)).await,
-            "transports connect within 20 s"
-        );
-    }
-    ts
-}
-
 /// What node 2 sent and received on its connection to node 1 while node 1
 /// sent it `n` one-way messages one at a time, each once node 2 received
 /// the one before (Raft's traffic between two nodes at low load, and a
@@ -118,7 +72,10 @@ async fn acks_for_one_way_traffic(threshold: u32, n: usize) -> (u64, u64) {
         ack_eliciting_threshold: threshold,
         ..Default::default()
     };
-    let [one, two] = transport_pair(cfg).await;
+    // Two bare transports (no Raft loop behind them).
+    let mut ts = harness::quic::start_transports(2, cfg).await;
+    let one = ts.remove(&1).expect("node 1").transport;
+    let two = ts.remove(&2).expect("node 2").transport;
     let received = || {
         two.peer_quic_stats(NodeId(1))
             .expect("node 2 has a connection")

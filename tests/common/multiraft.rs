@@ -648,6 +648,72 @@ pub mod quic {
         pub router: Router,
     }
 
+    /// One node's transport, as [`start_transports`] started it.
+    pub struct Started {
+        pub transport: Transport,
+        pub metrics: Arc<NetMetrics>,
+        /// Where the transport delivers Raft frames; attach a loop's mailbox.
+        pub inbound: Arc<FrameInbound>,
+    }
+
+    /// Transports for nodes 1..=n on loopback ports, certificates from one
+    /// test CA, each a peer of every other, connected (bounded wait).
+    pub async fn start_transports(nodes: u64, config: TransportConfig) -> BTreeMap<u64, Started> {
+        let ca = ClusterCa::generate("multiraft-test").expect("CA");
+        let mut started = BTreeMap::new();
+        for id in 1..=nodes {
+            let identity = ca.identity(&ca.issue_node(NodeId(id)).expect("node cert"));
+            let inbound = Arc::new(FrameInbound::default());
+            let (clients, clients_rx) = tokio::sync::mpsc::channel(1);
+            std::mem::forget(clients_rx);
+            let metrics = Arc::new(NetMetrics::default());
+            let transport = Transport::start(
+                NodeId(id),
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                &[],
+                &identity,
+                config.clone(),
+                Wiring {
+                    inbound: inbound.clone(),
+                    expediter: Arc::new(Expediter::default()),
+                    clients,
+                    metrics: metrics.clone(),
+                    faults: Arc::new(Faults::none()),
+                },
+            )
+            .expect("start transport");
+            started.insert(
+                id,
+                Started {
+                    transport,
+                    metrics,
+                    inbound,
+                },
+            );
+        }
+        let addrs: Vec<PeerAddr> = started
+            .values()
+            .map(|s| PeerAddr {
+                id: s.transport.node_id(),
+                addr: s.transport.local_addr(),
+            })
+            .collect();
+        for s in started.values() {
+            for p in &addrs {
+                if p.id != s.transport.node_id() {
+                    s.transport.add_peer(p.clone());
+                }
+            }
+        }
+        for s in started.values() {
+            assert!(
+                s.transport.wait_connected(Duration::from_secs(20)).await,
+                "transports connect within 20 s"
+            );
+        }
+        started
+    }
+
     impl QuicCluster<()> {
         /// Nodes whose appliers record what they apply; call from inside a
         /// Tokio runtime.
@@ -669,7 +735,6 @@ pub mod quic {
             make: MakeApplier<R>,
         ) -> QuicCluster<R> {
             let root = tempfile::tempdir().expect("temp dir");
-            let ca = ClusterCa::generate("multiraft-test").expect("CA");
             let voters: Vec<u64> = (1..=nodes).collect();
             let mut c = QuicCluster {
                 _root: root,
@@ -681,49 +746,11 @@ pub mod quic {
                 engines: BTreeMap::new(),
                 router: Router::default(),
             };
-            let mut addrs: Vec<PeerAddr> = Vec::new();
             let mut inbounds = BTreeMap::new();
-            for id in 1..=nodes {
-                let identity = ca.identity(&ca.issue_node(NodeId(id)).expect("node cert"));
-                let inbound = Arc::new(FrameInbound::default());
-                let (clients, clients_rx) = tokio::sync::mpsc::channel(1);
-                std::mem::forget(clients_rx);
-                let metrics = Arc::new(NetMetrics::default());
-                let t = Transport::start(
-                    NodeId(id),
-                    SocketAddr::from(([127, 0, 0, 1], 0)),
-                    &[],
-                    &identity,
-                    TransportConfig::default(),
-                    Wiring {
-                        inbound: inbound.clone(),
-                        expediter: Arc::new(Expediter::default()),
-                        clients,
-                        metrics: metrics.clone(),
-                        faults: Arc::new(Faults::none()),
-                    },
-                )
-                .expect("start transport");
-                addrs.push(PeerAddr {
-                    id: NodeId(id),
-                    addr: t.local_addr(),
-                });
-                c.transports.insert(id, t);
-                c.metrics.insert(id, metrics);
-                inbounds.insert(id, inbound);
-            }
-            for (id, t) in &c.transports {
-                for p in &addrs {
-                    if p.id != NodeId(*id) {
-                        t.add_peer(p.clone());
-                    }
-                }
-            }
-            for t in c.transports.values() {
-                assert!(
-                    t.wait_connected(Duration::from_secs(20)).await,
-                    "transports connect within 20 s"
-                );
+            for (id, t) in start_transports(nodes, TransportConfig::default()).await {
+                c.metrics.insert(id, t.metrics);
+                inbounds.insert(id, t.inbound);
+                c.transports.insert(id, t.transport);
             }
             for id in 1..=nodes {
                 let dir = c._root.path().join(format!("n{id}"));
