@@ -16,6 +16,10 @@ use tessera::tls::issue::{write_pem, ClusterCa};
 use tessera::tls::{TlsFiles, TlsIdentity};
 use tessera::{NodeId, ShardDescriptor, ShardId};
 
+/// Longest one replica's creation may take in [`TestCluster::create_shards`]
+/// (it writes the group's first records and starts its Raft instance).
+pub const CREATE_SHARD_DEADLINE: Duration = Duration::from_secs(30);
+
 /// Raft and transport timings of a test cluster.
 #[derive(Debug, Clone, Copy)]
 pub struct Timings {
@@ -321,7 +325,9 @@ impl TestCluster {
         self.restart(id).await;
     }
 
-    /// Creates `descs` on every running replica.
+    /// Creates each of `descs` on its replicas (each node in order, nodes
+    /// in parallel); a creation that takes over [`CREATE_SHARD_DEADLINE`]
+    /// fails the test.
     pub async fn create_shards(&self, descs: &[ShardDescriptor]) {
         let mut set = tokio::task::JoinSet::new();
         for node in self.nodes.values() {
@@ -332,9 +338,18 @@ impl TestCluster {
                 .collect();
             let node = node.clone();
             set.spawn(async move {
-                for d in mine {
-                    node.create_shard(&d)
+                let total = mine.len();
+                for (done, d) in mine.into_iter().enumerate() {
+                    tokio::time::timeout(CREATE_SHARD_DEADLINE, node.create_shard(&d))
                         .await
+                        .unwrap_or_else(|_| {
+                            panic!(
+                                "create {} on {}: not done within {CREATE_SHARD_DEADLINE:?} \
+                                 ({done} of {total} created before it)",
+                                d.id,
+                                node.id()
+                            )
+                        })
                         .unwrap_or_else(|e| panic!("create {} on {}: {e}", d.id, node.id()));
                 }
             });
