@@ -111,18 +111,17 @@ pub async fn cluster_states(
 
 /// One round's plan for both populations of [`cluster_states`]: the
 /// openraft shards planned in full (splits, moves, leader transfers), the
-/// batch-system shards for their leaders only (a plan with no moves and
-/// no splits: the planner then only transfers leadership, so a node that
-/// restarted and leads nothing gets its share back).
+/// batch-system shards without moves (their replicas cannot move yet: the
+/// planner then splits what outgrew `split_bytes` and transfers leadership,
+/// so a node that restarted and leads nothing gets its share back).
 pub fn plan(openraft: &ClusterState, batch: &ClusterState, cfg: &PlannerConfig) -> Plan {
     let mut plan = planner::plan(openraft, cfg);
     if !batch.shards.is_empty() {
-        let leaders_only = PlannerConfig {
+        let no_moves = PlannerConfig {
             max_concurrent_moves: 0,
-            split_bytes: None,
             ..*cfg
         };
-        plan.steps.extend(planner::plan(batch, &leaders_only).steps);
+        plan.steps.extend(planner::plan(batch, &no_moves).steps);
     }
     plan
 }

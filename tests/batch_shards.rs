@@ -3,8 +3,9 @@
 //! writes and scans over QUIC, survives a leader's loss and a full
 //! restart without losing an acknowledged write, keeps its replicas
 //! identical (digests), lists them in status, moves leadership where
-//! asked, compacts their logs, and refuses the admin operations it cannot
-//! do yet with a typed error.
+//! asked, compacts their logs, splits them (also with a replica down that
+//! applies the split when it returns), and refuses the admin operations
+//! it cannot do yet (moves, merges) with a typed error.
 
 mod common;
 
@@ -122,7 +123,7 @@ async fn batch_shards_serve_clients_and_lose_no_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_lists_batch_shards_and_admin_operations_are_refused() {
+async fn status_lists_batch_shards_and_moves_and_merges_are_refused() {
     init_tracing();
     let c = ready(4).await;
     let cl = c.client();
@@ -150,7 +151,6 @@ async fn status_lists_batch_shards_and_admin_operations_are_refused() {
         }
         other => panic!("{what} on a batch shard: {other:?}"),
     };
-    refused(cl.split(b"\x10m").await.map(|_| ()), "split");
     refused(
         cl.move_replica(ShardId(1), NodeId(1), NodeId(2))
             .await
@@ -168,6 +168,127 @@ async fn status_lists_batch_shards_and_admin_operations_are_refused() {
         4
     );
     assert_eq!(cl.get(b"\x10k").await.unwrap(), Some(b"v".to_vec()));
+    c.shutdown().await;
+}
+
+/// Waits until every running node hosts `shard` on the batch system.
+async fn wait_hosted_on_batch(c: &TestCluster, ids: &[u64], shard: ShardId) {
+    let what = format!("every node of {ids:?} hosts {shard} on the batch system");
+    common::wait::until(&what, WAIT, || async {
+        let missing: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|i| !c.node(*i).is_batch_shard(shard))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("not yet on {missing:?}"))
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// Every replica of `shard` holds the same data (digests at one index).
+async fn assert_replicas_agree(cl: &tessera::Client, shard: ShardId) {
+    let v = cl.verify_shard(shard).await.unwrap();
+    assert_eq!(v.replicas.len(), 3, "{v:?}");
+    assert!(v.agrees(), "replicas of {shard} differ: {v:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_shards_split_on_every_replica_and_lose_nothing() {
+    init_tracing();
+    let mut c = ready(2).await;
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    for i in 0..200u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    // Split s1 through the client: both halves keep running on the batch
+    // system, on every replica, and the new one elects.
+    let (left, right) = cl.split(b"\x10m").await.unwrap();
+    assert_eq!(left.id, ShardId(1));
+    assert_ne!(right.id, ShardId(1));
+    assert_eq!(right.range.start, b"\x10m".to_vec());
+    assert_eq!(left.range.end, right.range.start);
+    assert_eq!(left.epoch, right.epoch, "both halves at the split's epoch");
+    wait_hosted_on_batch(&c, &[1, 2, 3], right.id).await;
+    c.wait_batch_leader(right.id, WAIT).await.unwrap();
+    let routes = cl.routes().await.unwrap();
+    assert!(
+        routes
+            .iter()
+            .any(|d| d.id == right.id && d.range == right.range),
+        "the meta shard routes the new shard: {routes:?}"
+    );
+    // Reads see every write made before the split; writes go on to both
+    // halves (keys on either side of the split key).
+    check_model(&cl, &model).await;
+    for i in 200..300u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    for k in [b"\x10a".to_vec(), b"\x10m".to_vec(), b"\x10z".to_vec()] {
+        cl.put(&k, b"edge").await.unwrap();
+        model.insert(k, b"edge".to_vec());
+    }
+    check_model(&cl, &model).await;
+    for s in [left.id, right.id] {
+        assert_replicas_agree(&cl, s).await;
+    }
+
+    // A replica down during a split applies it when it returns: its copy
+    // of the new shard starts then and catches up from the leader's log.
+    let lead2 = c.wait_batch_leader(ShardId(2), WAIT).await.unwrap();
+    let down = (1..=3u64).find(|i| *i != lead2.0).unwrap();
+    c.kill(down).await;
+    let s2 = cl
+        .routes()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|d| d.id == ShardId(2))
+        .unwrap();
+    let mid = {
+        let mut k = s2.range.start.clone();
+        k.push(0x80);
+        k
+    };
+    let (_, right2) = cl.split(&mid).await.unwrap();
+    let up: Vec<u64> = (1..=3u64).filter(|i| *i != down).collect();
+    wait_hosted_on_batch(&c, &up, right2.id).await;
+    for i in 300..400u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    check_model(&cl, &model).await;
+    c.restart(down).await;
+    wait_hosted_on_batch(&c, &[1, 2, 3], right2.id).await;
+    for s in [ShardId(2), right2.id] {
+        assert_replicas_agree(&cl, s).await;
+    }
+
+    // A full restart opens all four shards on the batch system again,
+    // with every acknowledged write.
+    drop(cl);
+    for i in 1..=3 {
+        c.kill(i).await;
+    }
+    for i in 1..=3 {
+        c.restart(i).await;
+    }
+    for s in [ShardId(1), ShardId(2), right.id, right2.id] {
+        wait_hosted_on_batch(&c, &[1, 2, 3], s).await;
+        c.wait_batch_leader(s, WAIT).await.unwrap();
+    }
+    let cl = c.client();
+    check_model(&cl, &model).await;
     c.shutdown().await;
 }
 

@@ -42,6 +42,10 @@ async fn sigkill_loop_on_batch_shards_keeps_histories_linearizable_and_writes_du
 /// cores they would measure the machine, not the recovery).
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+/// Where the batch run splits its shards (one key inside each of the 4
+/// initial shards).
+const SPLIT_KEYS: [u8; 4] = [0x20, 0x60, 0xa0, 0xe0];
+
 async fn kill_loop(batch: bool) {
     let _turn = TURN.lock().await;
     let secs: u64 = std::env::var("TESSERA_KILL_LOOP_SECS")
@@ -107,6 +111,39 @@ async fn kill_loop(batch: bool) {
             }
         }));
     }
+    // On the batch system, shards also split while nodes are killed: one
+    // split key inside each initial shard, a split every 2 s, each tried
+    // again after a failure (a kill may cut it short) until it is done or
+    // refused (an earlier try that failed did split), for at most 60 s.
+    let splitter = batch.then(|| {
+        let cl = mk(Duration::from_secs(10));
+        tokio::spawn(async move {
+            for k in SPLIT_KEYS {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let until = Instant::now() + Duration::from_secs(60);
+                loop {
+                    match cl.split(&[k]).await {
+                        Ok((l, r)) => {
+                            println!(
+                                "split at {k:#x}: {} {} | {} {}",
+                                l.id, l.range, r.id, r.range
+                            );
+                            break;
+                        }
+                        Err(tessera::client::ClientError::Refused(e)) => {
+                            println!("split at {k:#x} refused (done by a try cut short?): {e}");
+                            break;
+                        }
+                        Err(e) if Instant::now() < until => {
+                            println!("split at {k:#x} failed, trying again: {e}");
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                        Err(e) => panic!("split at {k:#x} not done within 60 s: {e}"),
+                    }
+                }
+            }
+        })
+    });
     let probe = mk(Duration::from_secs(10));
     const MIN_KILLS: usize = 3;
     let mut kills = 0;
@@ -127,6 +164,9 @@ async fn kill_loop(batch: bool) {
     running.store(false, std::sync::atomic::Ordering::Relaxed);
     for w in workers {
         w.await.unwrap();
+    }
+    if let Some(t) = splitter {
+        t.await.unwrap();
     }
     let reader = mk(Duration::from_secs(30));
     for k in &keys {
@@ -194,5 +234,21 @@ async fn kill_loop(batch: bool) {
         shards += 1;
     }
     println!("verify: every replica of {shards} shards agrees");
+    if batch {
+        // The 4 initial data shards and their right halves (the routes
+        // list data shards only), each half starting at its split key.
+        let routes = reader.routes().await.expect("routes");
+        let listed: Vec<String> = routes
+            .iter()
+            .map(|d| format!("{} {}", d.id, d.range))
+            .collect();
+        assert_eq!(shards, 4 + SPLIT_KEYS.len(), "{listed:?}");
+        for k in SPLIT_KEYS {
+            assert!(
+                routes.iter().any(|d| d.range.start == [k]),
+                "no shard starts at the split key {k:#x}: {listed:?}"
+            );
+        }
+    }
     drop((probe, reader, shared));
 }

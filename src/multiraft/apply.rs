@@ -36,8 +36,9 @@ pub struct ShardApplier {
 impl ShardApplier {
     /// Takes `shard`'s state machine; returns the index it applied (what
     /// [`super::Driver::open_group`] takes, so nothing is applied twice).
-    pub fn add(&mut self, shard: ShardId, machine: StateMachine) -> u64 {
+    pub fn add(&mut self, shard: ShardId, mut machine: StateMachine) -> u64 {
         let applied = machine.applied().map_or(0, |l| l.index);
+        machine.run_on_batch();
         self.machines.insert(shard, machine);
         applied
     }
@@ -108,6 +109,24 @@ impl Applier for ShardApplier {
         let mut out: Vec<Vec<CommandResponse>> = vec![Vec::new(); committed.len()];
         for (i, responses) in order.into_iter().zip(answered) {
             out[i] = responses;
+        }
+        Ok(out)
+    }
+
+    /// Opens the state machines of the children that splits applied here
+    /// created (the split's write holds their whole starting state) and
+    /// takes them in.
+    fn take_created(&mut self) -> Result<Vec<(ShardId, u64)>, StoreError> {
+        let mut children = Vec::new();
+        for machine in self.machines.values_mut() {
+            for child in machine.take_batch_created() {
+                children.push((machine.engine().clone(), child));
+            }
+        }
+        let mut out = Vec::with_capacity(children.len());
+        for (engine, child) in children {
+            let (_log, machine) = engine.open_shard(child)?;
+            out.push((child, self.add(child, machine)));
         }
         Ok(out)
     }

@@ -25,9 +25,12 @@
 //! compaction entry once its group's log can drop enough entries that every
 //! voter holds, and each replica drops its log up to the point named once
 //! its state machine applied the entry ([`Driver::propose_compaction`]).
+//! A split's child starts on every replica as it applies the split, its
+//! log beginning right after the split's entry
+//! ([`GroupStore::stage_split_child`]); idle groups sleep (quiescence).
 //! Not built yet: snapshots (so a voter that is down holds every log of its
 //! groups back until it returns), membership changes (replica moves),
-//! splits and merges, quiescence.
+//! merges.
 
 mod apply;
 mod driver;

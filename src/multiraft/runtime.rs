@@ -42,6 +42,17 @@ pub trait Applier: Send + 'static {
         &mut self,
         committed: &[(ShardId, Vec<Entry>)],
     ) -> Result<Vec<Vec<Self::Response>>, StoreError>;
+
+    /// The groups that entries applied since the last call created here
+    /// (a split's child), each with the index its state machine starts
+    /// from: the loop opens their groups right after the apply. None by
+    /// default.
+    ///
+    /// # Errors
+    /// The storage's, opening a created group's state machine.
+    fn take_created(&mut self) -> Result<Vec<(ShardId, u64)>, StoreError> {
+        Ok(Vec::new())
+    }
 }
 
 impl<A: Applier + ?Sized> Applier for Box<A> {
@@ -52,6 +63,10 @@ impl<A: Applier + ?Sized> Applier for Box<A> {
         committed: &[(ShardId, Vec<Entry>)],
     ) -> Result<Vec<Vec<Self::Response>>, StoreError> {
         (**self).apply(committed)
+    }
+
+    fn take_created(&mut self) -> Result<Vec<(ShardId, u64)>, StoreError> {
+        (**self).take_created()
     }
 }
 
@@ -544,6 +559,22 @@ impl<O: Outbound, A: Applier> State<O, A> {
             settle(self.pending.get_mut(shard), *shard, entries, responses);
             let last = entries.last().expect("committed lists are not empty");
             self.driver.applied(*shard, last.index)?;
+        }
+        // A split's child starts here once its parent applied the split
+        // (its state went into that apply's write, which precedes this
+        // round's synced log write: nothing it sends can outrun it).
+        for (child, applied) in self.applier.take_created()? {
+            match self.driver.open_group(child, applied) {
+                Ok(()) => {
+                    self.view.publish(&self.driver, child);
+                    tracing::info!(shard = %child, applied, "group created by a split started");
+                }
+                // Not fatal to the others: the replica opens with the
+                // node's next start, and the group's other replicas go on.
+                Err(e) => {
+                    tracing::error!(shard = %child, error = %e, "group created by a split not started");
+                }
+            }
         }
         Ok(())
     }

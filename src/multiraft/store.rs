@@ -63,6 +63,14 @@ fn decode_trunc(shard: ShardId, b: &[u8]) -> Result<(u64, u64), StoreError> {
     Ok((half(&b[..8]), half(&b[8..])))
 }
 
+/// A compaction point as stored: index and term, big-endian.
+fn encode_trunc(index: u64, term: u64) -> [u8; 16] {
+    let mut point = [0u8; 16];
+    point[..8].copy_from_slice(&index.to_be_bytes());
+    point[8..].copy_from_slice(&term.to_be_bytes());
+    point
+}
+
 fn encode<M: protobuf::Message>(m: &M) -> Vec<u8> {
     m.write_to_bytes().expect("protobuf encoding into memory")
 }
@@ -102,6 +110,52 @@ impl GroupStore {
             b.put_cf(cf, keys::state_key(shard, StateTag::RaftHard), &hard);
         }
         engine.write_synced(b, "bootstrap groups")
+    }
+
+    /// Stages into `batch` the Raft state of `child`, created by a split
+    /// its parent applied at log position (`at_index`, `at_term`): voters
+    /// `voters`, and a log that starts right after the split, as if every
+    /// entry up to it had been compacted (the entries are the parent's: the
+    /// child's state machine starts as applied at `at_index`). Every replica
+    /// of the parent stages the same state when it applies the split, so
+    /// the child's first leader finds its followers' logs matching at the
+    /// split without a snapshot. The hard state's term is the split's (the
+    /// child's terms grow from there), with no vote and the split
+    /// committed.
+    ///
+    /// The caller writes `batch` with the split's apply (one write: a crash
+    /// keeps both or neither, and a replayed split stages the state again).
+    pub fn stage_split_child(
+        engine: &Engine,
+        child: ShardId,
+        voters: &[u64],
+        at_index: u64,
+        at_term: u64,
+        batch: &mut WriteBatch,
+    ) {
+        let cf = engine.cf(crate::storage::Cf::RaftState);
+        let mut conf = ConfState::default();
+        conf.set_voters(voters.to_vec());
+        let hard = HardState {
+            term: at_term,
+            commit: at_index,
+            ..HardState::default()
+        };
+        batch.put_cf(
+            cf,
+            keys::state_key(child, StateTag::RaftConf),
+            encode(&conf),
+        );
+        batch.put_cf(
+            cf,
+            keys::state_key(child, StateTag::RaftHard),
+            encode(&hard),
+        );
+        batch.put_cf(
+            cf,
+            keys::state_key(child, StateTag::RaftTrunc),
+            encode_trunc(at_index, at_term),
+        );
     }
 
     /// Whether `shard` has batch-system Raft state here (it was bootstrapped
@@ -213,13 +267,10 @@ impl GroupStore {
             keys::log_key(self.shard, self.trunc.0 + 1),
             keys::log_key(self.shard, to + 1),
         );
-        let mut point = [0u8; 16];
-        point[..8].copy_from_slice(&to.to_be_bytes());
-        point[8..].copy_from_slice(&term.to_be_bytes());
         batch.put_cf(
             self.engine.cf(crate::storage::Cf::RaftState),
             keys::state_key(self.shard, StateTag::RaftTrunc),
-            point,
+            encode_trunc(to, term),
         );
         self.trunc = (to, term);
         while self.tail.front().is_some_and(|e| e.index <= to) {

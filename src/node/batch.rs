@@ -10,8 +10,10 @@
 //! both kinds it finds, whatever its configuration says;
 //! `raft.batch_data_shards` only chooses what a bootstrap creates.
 //!
-//! Not built yet for these shards (refused with a typed error, never
-//! half-done): splits, merges, replica moves. Leader transfers work, and
+//! Splits work (the child's group starts on every replica as it applies
+//! the split: [`crate::multiraft::GroupStore::stage_split_child`]). Not
+//! built yet for these shards (refused with a typed error, never
+//! half-done): merges, replica moves. Leader transfers work, and
 //! idle groups sleep (quiescence, as `raft.quiesce_after_ms` says). Logs are compacted up to what every
 //! voter holds (no snapshots yet: while a voter is down, its groups' logs
 //! grow until it returns).
@@ -34,6 +36,12 @@ const FRAME_DEADLINE: Duration = Duration::from_secs(5);
 
 /// How long a leader transfer may take before it is reported as failed.
 const TRANSFER_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a split waits for its new shard's group to open and elect.
+const SPLIT_CHILD_WAIT: Duration = Duration::from_secs(10);
+
+/// How often a split's new shard is campaigned for while it has no leader.
+const CAMPAIGN_AGAIN: Duration = Duration::from_millis(300);
 
 /// Shards created at once by a bootstrap (their descriptors share the
 /// group commit's syncs).
@@ -211,6 +219,52 @@ impl BatchShards {
     /// The shards open here, in id order.
     pub(super) fn shards(&self) -> Vec<ShardId> {
         self.view.shards()
+    }
+
+    /// The shards this node leads, in id order.
+    pub(super) fn led(&self) -> Vec<ShardId> {
+        self.view
+            .shards()
+            .into_iter()
+            .filter(|s| self.group(*s).is_some_and(|g| g.leading))
+            .collect()
+    }
+
+    /// Waits for the group of `child`, created here by a split this node's
+    /// replica of the parent applied, to open, then campaigns for it here
+    /// until it has a leader (its first leader is the parent's, as with
+    /// openraft's splits). Errors when the group did not open in
+    /// [`SPLIT_CHILD_WAIT`]; a child still without a leader then is left
+    /// to its election timers.
+    pub(super) async fn elect_split_child(&self, child: ShardId) -> Result<(), AdminError> {
+        let deadline = tokio::time::Instant::now() + SPLIT_CHILD_WAIT;
+        let mut campaigned: Option<tokio::time::Instant> = None;
+        loop {
+            let now = tokio::time::Instant::now();
+            match self.group(child) {
+                Some(g) if g.leader.is_some() => return Ok(()),
+                Some(_) if campaigned.is_none_or(|at| now - at >= CAMPAIGN_AGAIN) => {
+                    if let Err(e) = self.mailbox.campaign(child) {
+                        tracing::debug!(shard = %child, error = %e, "campaign not asked");
+                    }
+                    campaigned = Some(now);
+                }
+                Some(_) | None => {}
+            }
+            if now >= deadline {
+                return match self.group(child) {
+                    None => Err(AdminError::Unavailable {
+                        shard: child,
+                        reason: "the new shard's group did not start".into(),
+                    }),
+                    Some(_) => {
+                        tracing::warn!(shard = %child, "split: the new shard has no leader yet; its election timers go on");
+                        Ok(())
+                    }
+                };
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     /// The driver's counters (rounds, syncs, appends) and the frames sent.

@@ -852,7 +852,7 @@ impl Node {
         self.registry.quiesce.is_asleep(shard)
     }
 
-    /// Data shards this node leads right now.
+    /// Data shards this node leads right now, on either Raft system.
     pub fn shards_led(&self) -> Vec<ShardId> {
         let mut led: Vec<ShardId> = self
             .registry
@@ -862,6 +862,9 @@ impl Node {
             .filter(|e| self.registry.leads(*e.key(), e.value()))
             .map(|e| *e.key())
             .collect();
+        if let Some(b) = self.registry.batch.get() {
+            led.extend(b.led());
+        }
         led.sort();
         led
     }

@@ -576,7 +576,6 @@ impl Registry {
                     })
             }
             Request::Split { shard, epoch, key } => {
-                self.refuse_on_batch(shard, "split")?;
                 self.check(shard, epoch).await?;
                 let node = self.node_or_stopping()?;
                 let (left, right) = node.split_shard(shard, key).await.map_err(admin_error)?;

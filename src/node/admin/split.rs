@@ -21,6 +21,9 @@ impl Node {
         if shard == meta::META_SHARD {
             return Err(AdminError::Refused("the meta shard is not split".into()));
         }
+        if let Some(b) = self.registry.batch_for(shard).cloned() {
+            return self.split_batch_shard(&b, shard, key).await;
+        }
         let raft = self.led(shard).await?;
         let joint = raft
             .metrics()
@@ -38,29 +41,8 @@ impl Node {
                 reason: "a membership change is in progress; split again after it".into(),
             });
         }
-        let d = self
-            .engine
-            .descriptor(shard)
-            .map_err(|_| AdminError::UnknownShard { shard })?;
-        if key <= d.range.start || !d.range.contains(&key) {
-            return Err(AdminError::Refused(format!(
-                "split key {} is not strictly inside {shard}'s range {}",
-                shard_router::descriptor::escape(&key),
-                d.range
-            )));
-        }
-        let child = match self
-            .propose(meta::META_SHARD, Command::AllocShardId, PROPOSE_TIMEOUT)
-            .await?
-        {
-            CommandResponse::Allocated(id) => id,
-            other => {
-                return Err(AdminError::Unavailable {
-                    shard,
-                    reason: format!("id allocation answered {other:?}"),
-                })
-            }
-        };
+        let d = self.split_checked(shard, &key)?;
+        let child = self.alloc_shard_id(shard).await?;
         let cmd = Command::Split {
             key,
             child,
@@ -78,23 +60,7 @@ impl Node {
             }
             Err(e) => return Err(raft_error(shard, e)),
         };
-        let (left, mut right) = match resp {
-            CommandResponse::Split { left, right } => (left, right),
-            CommandResponse::SplitRefused { reason, .. } => {
-                return Err(AdminError::Refused(reason))
-            }
-            CommandResponse::Frozen { into } => {
-                return Err(AdminError::Refused(format!(
-                    "{shard} is frozen for a merge into {into}"
-                )))
-            }
-            other => {
-                return Err(AdminError::Unavailable {
-                    shard,
-                    reason: format!("split answered {other:?}"),
-                })
-            }
-        };
+        let (left, mut right) = split_answer(shard, resp)?;
         right.leader_hint = Some(self.id);
         // The new group starts from the split's log id on every replica;
         // campaigning here makes its first leader this node.
@@ -119,6 +85,87 @@ impl Node {
                 "split: the new shard elects",
             )
             .await;
+        self.record_split(shard, left, right).await
+    }
+
+    /// [`Node::split_shard`] of a shard on the batch Raft system: the same
+    /// steps, the split proposed through the node's Raft loop; every
+    /// replica starts the child's group there as it applies the split.
+    async fn split_batch_shard(
+        &self,
+        b: &Arc<super::super::batch::BatchShards>,
+        shard: ShardId,
+        key: Vec<u8>,
+    ) -> Result<(ShardDescriptor, ShardDescriptor), AdminError> {
+        let g = b.group(shard).ok_or(AdminError::UnknownShard { shard })?;
+        if !g.leading {
+            return Err(AdminError::NotLeader {
+                shard,
+                hint: g.leader.map(NodeId),
+            });
+        }
+        let d = self.split_checked(shard, &key)?;
+        let child = self.alloc_shard_id(shard).await?;
+        let cmd = Command::Split {
+            key,
+            child,
+            version: d.epoch.version,
+        };
+        let (_, resp) = b.propose(shard, &cmd).await.map_err(|e| match e {
+            crate::api::ApiError::NotLeader { leader_hint, .. } => AdminError::NotLeader {
+                shard,
+                hint: leader_hint,
+            },
+            other => AdminError::Unavailable {
+                shard,
+                reason: other.to_string(),
+            },
+        })?;
+        let (left, mut right) = split_answer(shard, resp)?;
+        right.leader_hint = Some(self.id);
+        b.elect_split_child(child).await?;
+        self.record_split(shard, left, right).await
+    }
+
+    /// `shard`'s descriptor, when `key` lies strictly inside its range.
+    fn split_checked(&self, shard: ShardId, key: &[u8]) -> Result<ShardDescriptor, AdminError> {
+        let d = self
+            .engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })?;
+        if key <= d.range.start.as_slice() || !d.range.contains(key) {
+            return Err(AdminError::Refused(format!(
+                "split key {} is not strictly inside {shard}'s range {}",
+                shard_router::descriptor::escape(key),
+                d.range
+            )));
+        }
+        Ok(d)
+    }
+
+    /// A fresh shard id from the meta shard, for a split of `shard`.
+    async fn alloc_shard_id(&self, shard: ShardId) -> Result<ShardId, AdminError> {
+        match self
+            .propose(meta::META_SHARD, Command::AllocShardId, PROPOSE_TIMEOUT)
+            .await?
+        {
+            CommandResponse::Allocated(id) => Ok(id),
+            other => Err(AdminError::Unavailable {
+                shard,
+                reason: format!("id allocation answered {other:?}"),
+            }),
+        }
+    }
+
+    /// Records both halves of a split of `shard` in the meta shard (best
+    /// effort: the route reporter records them later) and returns them.
+    async fn record_split(
+        &self,
+        shard: ShardId,
+        left: ShardDescriptor,
+        right: ShardDescriptor,
+    ) -> Result<(ShardDescriptor, ShardDescriptor), AdminError> {
+        let child = right.id;
         if let Err(e) = self
             .propose(
                 meta::META_SHARD,
@@ -135,6 +182,24 @@ impl Node {
         }
         tracing::info!(%shard, %child, left = %left.range, right = %right.range, "split done");
         Ok((left, right))
+    }
+}
+
+/// The two halves a split answered, or why it was refused.
+fn split_answer(
+    shard: ShardId,
+    resp: CommandResponse,
+) -> Result<(ShardDescriptor, ShardDescriptor), AdminError> {
+    match resp {
+        CommandResponse::Split { left, right } => Ok((left, right)),
+        CommandResponse::SplitRefused { reason, .. } => Err(AdminError::Refused(reason)),
+        CommandResponse::Frozen { into } => Err(AdminError::Refused(format!(
+            "{shard} is frozen for a merge into {into}"
+        ))),
+        other => Err(AdminError::Unavailable {
+            shard,
+            reason: format!("split answered {other:?}"),
+        }),
     }
 }
 
@@ -174,9 +239,11 @@ async fn merge_cold_neighbours(n: &Node) {
         n.config.split.merge_max_bytes,
         n.config.split.merge_max_ops_per_s as f64,
     );
+    // Shards on the batch Raft system cannot merge yet.
     let led: Vec<ShardDescriptor> = n
         .shards_led()
         .into_iter()
+        .filter(|s| !n.is_batch_shard(*s))
         .filter_map(|s| n.engine.descriptor(s).ok())
         .collect();
     let by_start: HashMap<&[u8], &ShardDescriptor> =

@@ -461,8 +461,12 @@ impl StateMachine {
         if staged.written > 0 {
             self.engine.note_written(self.shard, staged.written);
         }
-        for child in staged.created {
-            self.engine.note_created(child);
+        if self.on_batch {
+            self.batch_created.extend(staged.created);
+        } else {
+            for child in staged.created {
+                self.engine.note_created(child);
+            }
         }
         for right in staged.retired {
             self.engine.note_retired(right);

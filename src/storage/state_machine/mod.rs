@@ -84,6 +84,15 @@ pub struct StateMachine {
     merge_changed: bool,
     /// Set by an apply whose batch must be synced (a merge freeze).
     sync_batch: bool,
+    /// Whether the shard runs on the batch Raft system
+    /// ([`crate::multiraft`]): a split then creates its child there (Raft
+    /// state as [`crate::multiraft::GroupStore`] keeps it), and the child
+    /// is handed to the batch loop ([`StateMachine::take_batch_created`])
+    /// instead of the node's openraft start-up.
+    on_batch: bool,
+    /// Children created by splits applied here on the batch system, not
+    /// yet taken by the loop.
+    batch_created: Vec<ShardId>,
 }
 
 /// Entries applied in one `WriteBatch` at most (a long catch-up after a
@@ -129,7 +138,27 @@ impl StateMachine {
             _guard: guard,
             current,
             shadows: (u64::MAX, Vec::new()),
+            on_batch: false,
+            batch_created: Vec::new(),
         })
+    }
+
+    /// Marks the shard as running on the batch Raft system (see
+    /// [`StateMachine::take_batch_created`]).
+    pub fn run_on_batch(&mut self) {
+        self.on_batch = true;
+    }
+
+    /// The shards created by splits this batch-system replica applied since
+    /// the last call (their state is written: each can be opened with
+    /// [`crate::storage::Engine::open_shard`] and its group started).
+    pub fn take_batch_created(&mut self) -> Vec<ShardId> {
+        std::mem::take(&mut self.batch_created)
+    }
+
+    /// The engine this state machine writes to.
+    pub fn engine(&self) -> &Engine {
+        &self.engine
     }
 
     /// Refreshes [`StateMachine::shadows`] when ownership changed.

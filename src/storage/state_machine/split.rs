@@ -11,8 +11,10 @@ pub(super) fn epoch_newer(a: Epoch, b: Epoch) -> bool {
 impl StateMachine {
     /// Applies a split at log id `at`: the parent shrinks in memory and in
     /// the batch; the child's whole starting state (descriptor, applied =
-    /// `at`, membership, vote, purged = `at`) goes into the same batch, so a
-    /// crash leaves both or neither. A replica that already holds the child
+    /// `at`, membership, and its Raft state: openraft's vote and purged =
+    /// `at`, or on the batch system the group's voters and a log starting
+    /// after `at`) goes into the same batch, so a crash leaves both or
+    /// neither. A replica that already holds the child
     /// (it was brought in by its own leader's snapshot) keeps it.
     pub(super) fn apply_split(
         &mut self,
@@ -77,10 +79,15 @@ impl StateMachine {
             .engine
             .read_meta::<ShardDescriptor>(child, MetaTag::Descriptor)?
             .is_some();
-        let member = self
-            .engine
-            .node_id()
-            .is_none_or(|me| self.membership.membership().get_node(&me).is_some());
+        // The batch system keeps its voters in its own Raft state, as the
+        // descriptor names them (its groups change no membership yet).
+        let member = self.engine.node_id().is_none_or(|me| {
+            if self.on_batch {
+                current.replicas.contains(&me)
+            } else {
+                self.membership.membership().get_node(&me).is_some()
+            }
+        });
         let tombstone = self.engine.tombstone(child)?;
         if exists {
             tracing::info!(parent = %self.shard, %child, "split: child already hosted here, kept");
@@ -109,22 +116,34 @@ impl StateMachine {
             // The child's log starts after `at`: everything up to it is the
             // (shared) data. A vote at the split's term keeps its terms
             // growing from there.
-            let vote = Vote::new(at.leader_id.term, at.leader_id.node_id);
-            batch.put_cf(
-                state_cf,
-                keys::state_key(child, StateTag::Vote),
-                encode(&vote),
-            );
-            batch.put_cf(
-                state_cf,
-                keys::state_key(child, StateTag::Purged),
-                encode(&at),
-            );
-            batch.put_cf(
-                state_cf,
-                keys::state_key(child, StateTag::Committed),
-                encode(&Some(at)),
-            );
+            if self.on_batch {
+                let voters: Vec<u64> = current.replicas.iter().map(|n| n.0).collect();
+                crate::multiraft::GroupStore::stage_split_child(
+                    &self.engine,
+                    child,
+                    &voters,
+                    at.index,
+                    at.leader_id.term,
+                    batch,
+                );
+            } else {
+                let vote = Vote::new(at.leader_id.term, at.leader_id.node_id);
+                batch.put_cf(
+                    state_cf,
+                    keys::state_key(child, StateTag::Vote),
+                    encode(&vote),
+                );
+                batch.put_cf(
+                    state_cf,
+                    keys::state_key(child, StateTag::Purged),
+                    encode(&at),
+                );
+                batch.put_cf(
+                    state_cf,
+                    keys::state_key(child, StateTag::Committed),
+                    encode(&Some(at)),
+                );
+            }
             // The child inherits the sessions: a write applied here before
             // the split and retried against the child is answered, not
             // applied again.
