@@ -4,8 +4,8 @@
 //! restart without losing an acknowledged write, keeps its replicas
 //! identical (digests), lists them in status, moves leadership where
 //! asked, compacts their logs, splits them (also with a replica down that
-//! applies the split when it returns), and refuses the admin operations
-//! it cannot do yet (moves, merges) with a typed error.
+//! applies the split when it returns) and merges them, and refuses what
+//! it cannot do yet (replica moves) with a typed error.
 
 mod common;
 
@@ -123,21 +123,40 @@ async fn batch_shards_serve_clients_and_lose_no_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_lists_batch_shards_and_moves_and_merges_are_refused() {
+async fn status_lists_batch_shards_and_replica_moves_are_refused() {
     init_tracing();
     let c = ready(4).await;
     let cl = c.client();
     cl.put(b"\x10k", b"v").await.unwrap();
-    // Every node reports its replicas, with the leader the group knows.
+    // Every node reports its replicas, with the leader the group knows (a
+    // follower learns it from the leader's first message).
     for i in 1..=3u64 {
-        let st = cl.node_status(NodeId(i)).await.unwrap();
+        let what = format!("n{i} lists its 4 data shards, each with a leader");
+        let st = common::wait::until(&what, WAIT, || async {
+            let st = cl.node_status(NodeId(i)).await.map_err(|e| e.to_string())?;
+            let data: Vec<_> = st
+                .shards
+                .iter()
+                .filter(|s| s.descriptor.id != tessera::meta::META_SHARD)
+                .map(|s| (s.descriptor.id, s.leader, s.batch))
+                .collect();
+            if data.len() == 4 && data.iter().all(|(_, leader, _)| leader.is_some()) {
+                Ok(st)
+            } else {
+                Err(format!("(shard, leader, batch): {data:?}"))
+            }
+        })
+        .await
+        .unwrap();
         let data: Vec<_> = st
             .shards
             .iter()
             .filter(|s| s.descriptor.id != tessera::meta::META_SHARD)
             .collect();
-        assert_eq!(data.len(), 4, "n{i} lists its 4 data shards: {st:?}");
-        assert!(data.iter().all(|s| s.leader.is_some() && s.batch), "{st:?}");
+        assert!(
+            data.iter().all(|s| s.batch),
+            "n{i}: every data shard on the batch system"
+        );
         assert!(
             st.shards
                 .iter()
@@ -157,7 +176,6 @@ async fn status_lists_batch_shards_and_moves_and_merges_are_refused() {
             .map(|_| ()),
         "move",
     );
-    refused(cl.merge(b"\x40").await.map(|_| ()), "merge");
     // Nothing changed: the routes are the bootstrap's, the data is there.
     let routes = cl.routes().await.unwrap();
     assert_eq!(
@@ -289,6 +307,81 @@ async fn batch_shards_split_on_every_replica_and_lose_nothing() {
     }
     let cl = c.client();
     check_model(&cl, &model).await;
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_shards_merge_back_and_the_right_replicas_are_dropped() {
+    init_tracing();
+    let mut c = ready(2).await;
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    for i in 0..150u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    let (_, right) = cl.split(b"\x10m").await.unwrap();
+    wait_hosted_on_batch(&c, &[1, 2, 3], right.id).await;
+    c.wait_batch_leader(right.id, WAIT).await.unwrap();
+    for i in 150..200u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    // Merged back: s1 takes the whole range again, the data unchanged.
+    let merged = cl.merge(b"\x10m").await.unwrap();
+    assert_eq!(merged.id, ShardId(1));
+    assert_eq!(merged.range.end, right.range.end, "it took the whole range");
+    assert!(merged.epoch.version > right.epoch.version);
+    // Every node drops its replica of the right shard: its group closed,
+    // its records gone.
+    common::wait::until("the merged-away shard dropped everywhere", WAIT, || async {
+        let left: Vec<u64> = (1..=3u64)
+            .filter(|i| {
+                let n = c.node(*i);
+                n.is_batch_shard(right.id) || n.shard_ids().contains(&right.id)
+            })
+            .collect();
+        if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("still on {left:?}"))
+        }
+    })
+    .await
+    .unwrap();
+    let routes = cl.routes().await.unwrap();
+    assert!(
+        routes.iter().all(|d| d.id != right.id),
+        "the meta shard no longer routes {}: {routes:?}",
+        right.id
+    );
+    check_model(&cl, &model).await;
+    for i in 200..260u32 {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+    check_model(&cl, &model).await;
+    assert_replicas_agree(&cl, ShardId(1)).await;
+    // Restarts keep the merged range and every write.
+    drop(cl);
+    for i in 1..=3 {
+        c.kill(i).await;
+    }
+    for i in 1..=3 {
+        c.restart(i).await;
+    }
+    wait_all_leaders(&c, 2).await;
+    let cl = c.client();
+    check_model(&cl, &model).await;
+    for i in 1..=3u64 {
+        assert!(
+            !c.node(i).shard_ids().contains(&right.id),
+            "n{i} hosts the merged-away shard again"
+        );
+    }
     c.shutdown().await;
 }
 

@@ -42,9 +42,25 @@ async fn sigkill_loop_on_batch_shards_keeps_histories_linearizable_and_writes_du
 /// cores they would measure the machine, not the recovery).
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// Where the batch run splits its shards (one key inside each of the 4
-/// initial shards).
-const SPLIT_KEYS: [u8; 4] = [0x20, 0x60, 0xa0, 0xe0];
+/// A change of the shards' layout the batch run makes while it kills.
+#[derive(Debug, Clone, Copy)]
+enum Reshape {
+    /// Split the shard holding this key at it.
+    Split(u8),
+    /// Merge the shard starting at this key into its left neighbour.
+    Merge(u8),
+}
+
+/// The batch run's layout changes, in order: a split inside each of the
+/// 4 initial shards, two of them merged back.
+const RESHAPES: [Reshape; 6] = [
+    Reshape::Split(0x20),
+    Reshape::Split(0x60),
+    Reshape::Merge(0x20),
+    Reshape::Split(0xa0),
+    Reshape::Split(0xe0),
+    Reshape::Merge(0xa0),
+];
 
 async fn kill_loop(batch: bool) {
     let _turn = TURN.lock().await;
@@ -111,35 +127,48 @@ async fn kill_loop(batch: bool) {
             }
         }));
     }
-    // On the batch system, shards also split while nodes are killed: one
-    // split key inside each initial shard, a split every 2 s, each tried
-    // again after a failure (a kill may cut it short) until it is done or
-    // refused (an earlier try that failed did split), for at most 60 s.
-    let splitter = batch.then(|| {
+    // On the batch system, shards also split and merge while nodes are
+    // killed: a step every 1.5 s, each tried again after a failure (a kill
+    // may cut it short, or a merge be cancelled because a replica was
+    // down) until it is done, for at most 60 s.
+    let reshaper = batch.then(|| {
         let cl = mk(Duration::from_secs(10));
         tokio::spawn(async move {
-            for k in SPLIT_KEYS {
-                tokio::time::sleep(Duration::from_secs(2)).await;
+            for step in RESHAPES {
+                tokio::time::sleep(Duration::from_millis(1500)).await;
                 let until = Instant::now() + Duration::from_secs(60);
                 loop {
-                    match cl.split(&[k]).await {
-                        Ok((l, r)) => {
-                            println!(
-                                "split at {k:#x}: {} {} | {} {}",
-                                l.id, l.range, r.id, r.range
-                            );
+                    let r = match step {
+                        Reshape::Split(k) => cl
+                            .split(&[k])
+                            .await
+                            .map(|(l, r)| format!("{} {} | {} {}", l.id, l.range, r.id, r.range)),
+                        Reshape::Merge(k) => cl
+                            .merge(&[k])
+                            .await
+                            .map(|d| format!("{} {}", d.id, d.range)),
+                    };
+                    let e = match r {
+                        Ok(shape) => {
+                            println!("{step:?}: {shape}");
                             break;
                         }
-                        Err(tessera::client::ClientError::Refused(e)) => {
-                            println!("split at {k:#x} refused (done by a try cut short?): {e}");
-                            break;
-                        }
-                        Err(e) if Instant::now() < until => {
-                            println!("split at {k:#x} failed, trying again: {e}");
-                            tokio::time::sleep(Duration::from_secs(1)).await;
-                        }
-                        Err(e) => panic!("split at {k:#x} not done within 60 s: {e}"),
+                        Err(e) => e,
+                    };
+                    // Done by an earlier try whose answer was lost?
+                    let routes = cl.routes().await.unwrap_or_default();
+                    let starts = |k: u8| routes.iter().any(|d| d.range.start == [k]);
+                    let done = match step {
+                        Reshape::Split(k) => starts(k),
+                        Reshape::Merge(k) => !starts(k),
+                    };
+                    if done {
+                        println!("{step:?}: done by an earlier try ({e})");
+                        break;
                     }
+                    assert!(Instant::now() < until, "{step:?} not done within 60 s: {e}");
+                    println!("{step:?} failed, trying again: {e}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
         })
@@ -165,7 +194,7 @@ async fn kill_loop(batch: bool) {
     for w in workers {
         w.await.unwrap();
     }
-    if let Some(t) = splitter {
+    if let Some(t) = reshaper {
         t.await.unwrap();
     }
     let reader = mk(Duration::from_secs(30));
@@ -235,20 +264,26 @@ async fn kill_loop(batch: bool) {
     }
     println!("verify: every replica of {shards} shards agrees");
     if batch {
-        // The 4 initial data shards and their right halves (the routes
-        // list data shards only), each half starting at its split key.
+        // The 4 initial data shards, split 4 times and merged 2 times (the
+        // routes list data shards only): a shard starts at each split key
+        // not merged back.
         let routes = reader.routes().await.expect("routes");
         let listed: Vec<String> = routes
             .iter()
             .map(|d| format!("{} {}", d.id, d.range))
             .collect();
-        assert_eq!(shards, 4 + SPLIT_KEYS.len(), "{listed:?}");
-        for k in SPLIT_KEYS {
-            assert!(
-                routes.iter().any(|d| d.range.start == [k]),
-                "no shard starts at the split key {k:#x}: {listed:?}"
-            );
+        let mut starts: Vec<Vec<u8>> = vec![vec![], vec![0x40], vec![0x80], vec![0xc0]];
+        for step in RESHAPES {
+            match step {
+                Reshape::Split(k) => starts.push(vec![k]),
+                Reshape::Merge(k) => starts.retain(|s| *s != [k]),
+            }
         }
+        starts.sort();
+        let mut found: Vec<Vec<u8>> = routes.iter().map(|d| d.range.start.clone()).collect();
+        found.sort();
+        assert_eq!(found, starts, "{listed:?}");
+        assert_eq!(shards, starts.len());
     }
     drop((probe, reader, shared));
 }

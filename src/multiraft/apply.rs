@@ -31,6 +31,8 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
 #[derive(Default)]
 pub struct ShardApplier {
     machines: HashMap<ShardId, StateMachine>,
+    /// Children created by the splits of the last apply, not opened yet.
+    created: Vec<(crate::storage::Engine, ShardId)>,
 }
 
 impl ShardApplier {
@@ -106,6 +108,14 @@ impl Applier for ShardApplier {
         let answered = apply_together(parts).map_err(|e| StoreError::Failed {
             cause: format!("apply: {e}"),
         })?;
+        // Splits among them: only the round's groups can have created any.
+        for (shard, _) in committed {
+            if let Some(machine) = self.machines.get_mut(shard) {
+                for child in machine.take_batch_created() {
+                    self.created.push((machine.engine().clone(), child));
+                }
+            }
+        }
         let mut out: Vec<Vec<CommandResponse>> = vec![Vec::new(); committed.len()];
         for (i, responses) in order.into_iter().zip(answered) {
             out[i] = responses;
@@ -113,18 +123,16 @@ impl Applier for ShardApplier {
         Ok(out)
     }
 
+    fn remove(&mut self, shard: ShardId) {
+        self.machines.remove(&shard);
+    }
+
     /// Opens the state machines of the children that splits applied here
     /// created (the split's write holds their whole starting state) and
     /// takes them in.
     fn take_created(&mut self) -> Result<Vec<(ShardId, u64)>, StoreError> {
-        let mut children = Vec::new();
-        for machine in self.machines.values_mut() {
-            for child in machine.take_batch_created() {
-                children.push((machine.engine().clone(), child));
-            }
-        }
-        let mut out = Vec::with_capacity(children.len());
-        for (engine, child) in children {
+        let mut out = Vec::with_capacity(self.created.len());
+        for (engine, child) in std::mem::take(&mut self.created) {
             let (_log, machine) = engine.open_shard(child)?;
             out.push((child, self.add(child, machine)));
         }

@@ -415,6 +415,23 @@ impl Driver {
         Ok(())
     }
 
+    /// Closes `shard`'s group here (its replica is being dropped: a merge
+    /// retired it): nothing of it is stepped, ticked or written from now
+    /// on, and messages for it are dropped as for any group not here.
+    /// Whether it was open. Call between rounds.
+    pub fn close_group(&mut self, shard: ShardId) -> bool {
+        debug_assert!(
+            self.unfinished.iter().all(|(s, _, _)| *s != shard),
+            "closing {shard} inside a round"
+        );
+        self.touched.remove(&shard);
+        self.compactions.remove(&shard);
+        self.compacting.remove(&shard);
+        self.quiet.remove(&shard);
+        self.awake.remove(&shard);
+        self.groups.remove(&shard).is_some()
+    }
+
     fn group(&mut self, shard: ShardId) -> Result<&mut RawNode<GroupStore>, DriverError> {
         self.groups
             .get_mut(&shard)

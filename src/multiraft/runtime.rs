@@ -53,6 +53,10 @@ pub trait Applier: Send + 'static {
     fn take_created(&mut self) -> Result<Vec<(ShardId, u64)>, StoreError> {
         Ok(Vec::new())
     }
+
+    /// Lets go of `shard` (its group was closed): whatever the applier
+    /// holds of it is dropped. Nothing by default.
+    fn remove(&mut self, _shard: ShardId) {}
 }
 
 impl<A: Applier + ?Sized> Applier for Box<A> {
@@ -67,6 +71,10 @@ impl<A: Applier + ?Sized> Applier for Box<A> {
 
     fn take_created(&mut self) -> Result<Vec<(ShardId, u64)>, StoreError> {
         (**self).take_created()
+    }
+
+    fn remove(&mut self, shard: ShardId) {
+        (**self).remove(shard);
     }
 }
 
@@ -159,6 +167,10 @@ enum Input<R> {
     Campaign(ShardId),
     WakeLedBy(u64),
     Frame(Vec<Envelope>),
+    Close {
+        shard: ShardId,
+        reply: oneshot::Sender<bool>,
+    },
 }
 
 /// A handle to send to a running loop; cheap to clone.
@@ -245,6 +257,20 @@ impl<R> Mailbox<R> {
         self.send(Input::WakeLedBy(leader))
     }
 
+    /// Closes `shard`'s group and hands its state machine back to the
+    /// applier to drop ([`Applier::remove`]): its waiting proposals and
+    /// reads are answered [`RequestError::Stopped`]. The receiver says
+    /// whether the group was open; once it answers, nothing of the group
+    /// runs, so its records can be deleted.
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn close(&self, shard: ShardId) -> Result<oneshot::Receiver<bool>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Close { shard, reply })?;
+        Ok(rx)
+    }
+
     fn send(&self, input: Input<R>) -> Result<(), RequestError> {
         self.tx.try_send(input).map_err(|e| match e {
             TrySendError::Full(_) => RequestError::Busy {
@@ -286,6 +312,10 @@ impl LoopView {
     /// The driver's counters as of the last round.
     pub fn stats(&self) -> DriverStats {
         *self.stats.lock().expect("loop stats poisoned")
+    }
+
+    fn forget(&self, shard: ShardId) {
+        self.groups.remove(&shard);
     }
 
     fn publish(&self, driver: &Driver, shard: ShardId) {
@@ -422,6 +452,26 @@ impl Reads {
         }
     }
 
+    /// `shard`'s group was closed: its reads, at any stage, fail.
+    fn closed(&mut self, shard: ShardId) {
+        let mut failed = self.asked.remove(&shard).unwrap_or_default();
+        let ctxs: Vec<u64> = self
+            .confirming
+            .iter()
+            .filter(|(_, (s, _))| *s == shard)
+            .map(|(c, _)| *c)
+            .collect();
+        for ctx in ctxs {
+            failed.extend(self.confirming.remove(&ctx).expect("listed").1);
+        }
+        for (_, replies) in self.applying.remove(&shard).unwrap_or_default() {
+            failed.extend(replies);
+        }
+        for r in failed {
+            let _ = r.send(Err(RequestError::Stopped));
+        }
+    }
+
     fn fail_all(&mut self) {
         let confirming = self.confirming.drain().map(|(_, (_, r))| r);
         let applying = self
@@ -472,6 +522,19 @@ impl<O: Outbound, A: Applier> State<O, A> {
                         .transfer_leader(shard, to)
                         .map_err(RequestError::from),
                 );
+            }
+            Input::Close { shard, reply } => {
+                let was_open = self.driver.close_group(shard);
+                self.applier.remove(shard);
+                self.view.forget(shard);
+                self.reads.closed(shard);
+                for p in self.pending.remove(&shard).into_iter().flatten() {
+                    let _ = p.reply.send(Err(RequestError::Stopped));
+                }
+                if was_open {
+                    tracing::info!(%shard, "group closed");
+                }
+                let _ = reply.send(was_open);
             }
             Input::Frame(frame) => {
                 for env in frame {

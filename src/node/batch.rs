@@ -291,6 +291,44 @@ impl BatchShards {
         answer(shard, rx).await
     }
 
+    /// [`BatchShards::propose`] on a replica that must lead `shard` (an
+    /// admin proposal forwarded here), refused as a peer request is.
+    pub(super) async fn propose_led(
+        &self,
+        shard: ShardId,
+        cmd: &Command,
+    ) -> Result<CommandResponse, crate::raft::rpc::Refusal> {
+        use crate::raft::rpc::Refusal;
+        let g = self.group(shard).ok_or(Refusal::UnknownShard(shard))?;
+        if !g.leading {
+            return Err(Refusal::NotLeader(g.leader.map(NodeId)));
+        }
+        match self.propose(shard, cmd).await {
+            Ok((_, r)) => Ok(r),
+            Err(ApiError::NotLeader { leader_hint, .. }) => Err(Refusal::NotLeader(leader_hint)),
+            Err(ApiError::UnknownShard { .. }) => Err(Refusal::UnknownShard(shard)),
+            Err(e) => Err(Refusal::Failed(e.to_string())),
+        }
+    }
+
+    /// Closes `shard`'s group here (its replica is being dropped): once
+    /// this returns, nothing of it runs in the loop and its state machine
+    /// is closed. Whether it was open.
+    pub(super) async fn close(&self, shard: ShardId) -> Result<bool, NodeError> {
+        let failed = |reason: String| NodeError::Raft { shard, reason };
+        let rx = self
+            .mailbox
+            .close(shard)
+            .map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
+            Ok(Ok(open)) => Ok(open),
+            Ok(Err(_)) => Err(failed("the raft loop stopped".into())),
+            Err(_) => Err(failed(format!(
+                "the raft loop did not close the group within {ANSWER_DEADLINE:?}"
+            ))),
+        }
+    }
+
     /// A linearizable read point of `shard`: once this returns, this
     /// node's state machine holds every write acknowledged before the call.
     pub(super) async fn read_barrier(&self, shard: ShardId) -> Result<u64, ApiError> {

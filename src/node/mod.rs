@@ -387,6 +387,13 @@ impl Node {
             let task = tokio::spawn(b.campaign_hinted(node.transport.clone(), hinted, every, 20));
             node.tasks.lock().expect("tasks poisoned").push(task);
         }
+        // A merge applied here whose frozen right replica was not dropped
+        // yet (a crash in between): dropped now, as the apply would have.
+        for d in &hosted {
+            for right in node.engine.retire_merged_into(d) {
+                tracing::info!(node = %id, shard = %d.id, %right, "a merged-away replica left behind: retiring it");
+            }
+        }
         tracing::info!(node = %id, shards = hosted.len(), addr = %node.transport.local_addr(), "node started");
         let node = Arc::new(node);
         let _ = node.registry.node.set(Arc::downgrade(&node));

@@ -582,8 +582,6 @@ impl Registry {
                 Ok(Response::Split { left, right })
             }
             Request::Merge { left, right } => {
-                self.refuse_on_batch(left, "merge")?;
-                self.refuse_on_batch(right, "merge")?;
                 let node = self.node_or_stopping()?;
                 let d = node.merge_shards(left, right).await.map_err(admin_error)?;
                 Ok(Response::Descriptor(d))

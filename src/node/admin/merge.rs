@@ -58,7 +58,24 @@ impl Node {
         if left == meta::META_SHARD || right == meta::META_SHARD {
             return Err(AdminError::Refused("the meta shard is not merged".into()));
         }
-        let raft = self.led(left).await?;
+        // On the batch Raft system the loop leads and proposes; on
+        // openraft the group's instance.
+        let batch = self.registry.batch_for(left).cloned();
+        let raft = match &batch {
+            Some(b) => {
+                let g = b
+                    .group(left)
+                    .ok_or(AdminError::UnknownShard { shard: left })?;
+                if !g.leading {
+                    return Err(AdminError::NotLeader {
+                        shard: left,
+                        hint: g.leader.map(NodeId),
+                    });
+                }
+                None
+            }
+            None => Some(self.led(left).await?),
+        };
         let l = self
             .engine
             .descriptor(left)
@@ -81,9 +98,25 @@ impl Node {
                 l.range, r.range
             )));
         }
-        let m = raft.metrics().borrow_watched().membership_config.clone();
-        let voters = crate::raft::settled_voters(m.membership())
-            .map_err(|why| AdminError::Refused(format!("{left}: {why}; merge after it")))?;
+        if batch.is_some() != self.is_batch_shard(right) {
+            return Err(AdminError::Refused(format!(
+                "{left} and {right} run on different Raft systems (status --json names each one's)"
+            )));
+        }
+        let voters = match &raft {
+            Some(raft) => {
+                let m = raft.metrics().borrow_watched().membership_config.clone();
+                crate::raft::settled_voters(m.membership())
+                    .map_err(|why| AdminError::Refused(format!("{left}: {why}; merge after it")))?
+            }
+            // The batch system changes no membership yet: its voters are
+            // the descriptor's.
+            None => {
+                let mut v = l.replicas.clone();
+                v.sort();
+                v
+            }
+        };
         let mut theirs = r.replicas.clone();
         theirs.sort();
         if theirs != voters {
@@ -126,10 +159,25 @@ impl Node {
             frozen_at,
             version: l.epoch.version,
         };
-        let _expedite = self.registry.expedite();
-        self.registry.renew_lapsing_lease(&raft).await;
-        let outcome = match raft.client_write(commit).await {
-            Ok(r) => r.data,
+        let committed = match (&raft, &batch) {
+            (Some(raft), _) => {
+                let _expedite = self.registry.expedite();
+                self.registry.renew_lapsing_lease(raft).await;
+                raft.client_write(commit)
+                    .await
+                    .map(|r| r.data)
+                    .map_err(|e| raft_error(left, e))
+            }
+            (None, Some(b)) => b.propose(left, &commit).await.map(|(_, r)| r).map_err(|e| {
+                AdminError::Unavailable {
+                    shard: left,
+                    reason: e.to_string(),
+                }
+            }),
+            (None, None) => unreachable!("a shard runs on one of the two systems"),
+        };
+        let outcome = match committed {
+            Ok(r) => r,
             Err(e) => {
                 // Unknown whether it committed: settle it in the log.
                 tracing::warn!(%left, %right, error = %e, "merge: commit outcome unknown");
@@ -138,7 +186,7 @@ impl Node {
                         self.record_merge(&merged).await;
                         Ok(merged)
                     }
-                    None => Err(raft_error(left, e)),
+                    None => Err(e),
                 };
             }
         };
@@ -301,10 +349,14 @@ impl Node {
             if now.saturating_sub(m.at_ms) < FREEZE_ABANDONED.as_millis() as u64 {
                 continue;
             }
-            let Some(raft) = self.group(shard).await else {
-                continue;
+            let leads = match self.registry.batch_group(shard) {
+                Some(g) => g.leading,
+                None => match self.group(shard).await {
+                    Some(raft) => leadership(&raft, self.id).0,
+                    None => false,
+                },
             };
-            if !leadership(&raft, self.id).0 {
+            if !leads {
                 continue;
             }
             let Ok(d) = self.engine.descriptor(shard) else {

@@ -79,6 +79,9 @@ impl Registry {
         shard: ShardId,
         cmd: Command,
     ) -> Result<CommandResponse, Refusal> {
+        if let Some(b) = self.batch_for(shard).cloned() {
+            return b.propose_led(shard, &cmd).await;
+        }
         let raft = self
             .group(shard)
             .await

@@ -322,6 +322,9 @@ impl Node {
         shard: ShardId,
     ) -> Result<(), crate::node::NodeError> {
         let _lifecycle = self.lifecycle.lock().await;
+        if let Some(b) = self.registry.batch.get() {
+            b.close(shard).await?;
+        }
         if let Some((_, crate::node::Slot::Live(raft))) = self.registry.groups.remove(&shard) {
             let _ = raft.shutdown().await;
         }

@@ -239,11 +239,9 @@ async fn merge_cold_neighbours(n: &Node) {
         n.config.split.merge_max_bytes,
         n.config.split.merge_max_ops_per_s as f64,
     );
-    // Shards on the batch Raft system cannot merge yet.
     let led: Vec<ShardDescriptor> = n
         .shards_led()
         .into_iter()
-        .filter(|s| !n.is_batch_shard(*s))
         .filter_map(|s| n.engine.descriptor(s).ok())
         .collect();
     let by_start: HashMap<&[u8], &ShardDescriptor> =

@@ -137,6 +137,28 @@ impl Engine {
         self.inner.created_signal.notify_one();
     }
 
+    /// Retires (as [`Engine::note_retired`]) every replica here frozen
+    /// for a merge into `into` whose range `into` already took: its start
+    /// inside `into`'s range, past its start, at a newer range version. The
+    /// merge's commit was applied (from the log, or brought by a snapshot)
+    /// but the frozen replica not dropped yet (a crash in between).
+    /// Returns the shards retired.
+    pub fn retire_merged_into(&self, into: &ShardDescriptor) -> Vec<ShardId> {
+        let mut out = Vec::new();
+        for (right, m) in self.merging_all() {
+            let covered = self.descriptor(right).is_ok_and(|r| {
+                into.range.contains(&r.range.start)
+                    && r.range.start > into.range.start
+                    && into.epoch.version > r.epoch.version
+            });
+            if m.into == into.id && covered {
+                self.note_retired(right);
+                out.push(right);
+            }
+        }
+        out
+    }
+
     /// Replicas retired by merges since the last call.
     pub fn take_retired(&self) -> Vec<ShardId> {
         std::mem::take(&mut *self.inner.retired.lock().expect("retired poisoned"))

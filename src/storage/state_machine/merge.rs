@@ -5,7 +5,6 @@
 
 use super::*;
 use crate::command::MergeMarker;
-use crate::raft::settled_voters;
 use crate::NodeId;
 
 impl StateMachine {
@@ -57,7 +56,7 @@ impl StateMachine {
             ));
         }
         voters.sort();
-        match settled_voters(self.membership.membership()) {
+        match self.voters() {
             Err(why) => return refuse(format!("{}: {why}", self.shard)),
             Ok(v) if v != voters => {
                 return refuse(format!(
@@ -173,7 +172,7 @@ impl StateMachine {
         }
         let mut theirs = right.replicas.clone();
         theirs.sort();
-        match settled_voters(self.membership.membership()) {
+        match self.voters() {
             Err(why) => return refuse(format!("{}: {why}", self.shard)),
             Ok(v) if v != theirs => {
                 return refuse(format!(

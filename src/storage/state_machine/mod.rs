@@ -156,6 +156,18 @@ impl StateMachine {
         std::mem::take(&mut self.batch_created)
     }
 
+    /// The shard's voters, sorted, when no membership change is under way
+    /// (why not, otherwise). The batch system changes no membership yet:
+    /// its voters are the descriptor's replicas.
+    pub(super) fn voters(&self) -> Result<Vec<crate::NodeId>, String> {
+        if self.on_batch {
+            let mut v = self.descriptor.replicas.clone();
+            v.sort();
+            return Ok(v);
+        }
+        crate::raft::settled_voters(self.membership.membership())
+    }
+
     /// The engine this state machine writes to.
     pub fn engine(&self) -> &Engine {
         &self.engine
@@ -309,16 +321,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // range: a replica here still frozen for that merge (this replica
         // never applied the commit from the log) is retired as the commit
         // would have.
-        for (right, m) in self.engine.merging_all() {
-            let covered = self.engine.descriptor(right).is_ok_and(|r| {
-                self.descriptor.range.contains(&r.range.start)
-                    && r.range.start > self.descriptor.range.start
-                    && self.descriptor.epoch.version > r.epoch.version
-            });
-            if m.into == self.shard && covered {
-                tracing::info!(shard = %self.shard, %right, "snapshot holds a merged range: retiring its frozen replica");
-                self.engine.note_retired(right);
-            }
+        for right in self.engine.retire_merged_into(&self.descriptor) {
+            tracing::info!(shard = %self.shard, %right, "snapshot holds a merged range: retiring its frozen replica");
         }
         Ok(())
     }
