@@ -89,6 +89,10 @@ pub struct MetricsSnapshot {
     pub replicas_destroyed: u64,
     /// Empty replicas created by replica repair (a split or move missed).
     pub replicas_repaired: u64,
+    /// Replicas replica repair did not create because a batch-system
+    /// replica here overlaps them (a split this node has not applied yet,
+    /// whose child it creates itself when it does).
+    pub repairs_deferred: u64,
     /// Tombstones of removed replicas held by this node.
     pub tombstones: u64,
     /// Replicas asleep (quiescent) right now.
@@ -157,7 +161,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 35] = [
+        let rows: [(&str, &str, &str, u64); 36] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -325,6 +329,12 @@ impl MetricsSnapshot {
                 "counter",
                 "Replicas created by replica repair (a split or move this node missed)",
                 self.replicas_repaired,
+            ),
+            (
+                "tessera_replica_repairs_deferred_total",
+                "counter",
+                "Replicas repair did not create: a batch-system replica here overlaps them (a split not applied yet)",
+                self.repairs_deferred,
             ),
             (
                 "tessera_tombstones",

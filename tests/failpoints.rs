@@ -322,3 +322,77 @@ async fn a_shared_client_falls_back_to_a_stream_per_request_on_a_node_without_mu
     c.shutdown().await;
     scenario.teardown();
 }
+
+/// A node cut off from a batch-system shard's group while the shard
+/// splits: the meta table then lists the child on it, which it does not
+/// host yet. Replica repair must leave the child to the split (an empty
+/// openraft replica made by repair would take the child's place here for
+/// good); once the node hears from the group again it applies the split
+/// and runs the child on the batch system, with the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repair_leaves_a_batch_split_child_to_the_split() {
+    use common::cluster::{init_tracing, TestCluster, Timings};
+    use std::time::Duration;
+
+    init_tracing();
+    let scenario = fail::FailScenario::setup();
+    let wait = Duration::from_secs(60);
+    let timings = Timings {
+        batch_data_shards: true,
+        replica_gc: tessera::node::ReplicaGcConfig {
+            interval_ms: 100,
+            grace_ms: 30_000,
+        },
+        ..Timings::fast()
+    };
+    let c = TestCluster::start(&[1, 2, 3], &[], Some((1, vec![1, 2, 3])), timings).await;
+    let leader = c.wait_batch_leader(ShardId(1), wait).await.unwrap();
+    let cl = c.client();
+    cl.put(b"\x10a", b"left").await.unwrap();
+    cl.put(b"\x90z", b"right").await.unwrap();
+    let cut = (1..=3u64).find(|i| *i != leader.0).unwrap();
+
+    eprintln!("--- n{cut} hears nothing of the batch groups; s1 splits");
+    fail::cfg("multiraft::drop_frames_to", &format!("return({cut})")).unwrap();
+    let (_, right) = cl.split(b"\x80").await.unwrap();
+    let what = format!(
+        "n{cut}'s replica repair looks at {} and defers it",
+        right.id
+    );
+    common::wait::until(&what, wait, || async {
+        let deferred = c.node(cut).metrics().repairs_deferred;
+        if deferred > 0 {
+            Ok(())
+        } else {
+            Err(format!("deferred {deferred}"))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        !c.node(cut).shard_ids().contains(&right.id),
+        "repair created a replica of the split's child on n{cut}"
+    );
+    assert_eq!(c.node(cut).metrics().replicas_repaired, 0);
+
+    eprintln!("--- n{cut} hears from the group again");
+    fail::remove("multiraft::drop_frames_to");
+    let what = format!("n{cut} runs {} on the batch system", right.id);
+    common::wait::until(&what, wait, || async {
+        if c.node(cut).is_batch_shard(right.id) {
+            Ok(())
+        } else {
+            Err("not yet".to_string())
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(cl.get(b"\x90z").await.unwrap(), Some(b"right".to_vec()));
+    cl.put(b"\x90y", b"after").await.unwrap();
+    let v = cl.verify_shard(right.id).await.unwrap();
+    assert_eq!(v.replicas.len(), 3, "{v:?}");
+    assert!(v.agrees(), "replicas of {} differ: {v:?}", right.id);
+    drop(cl);
+    c.shutdown().await;
+    scenario.teardown();
+}

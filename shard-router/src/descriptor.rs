@@ -46,6 +46,13 @@ impl KeyRange {
     pub fn is_unbounded(&self) -> bool {
         self.end.is_empty()
     }
+
+    /// Whether some key lies in both ranges.
+    pub fn overlaps(&self, other: &KeyRange) -> bool {
+        let self_before_other_ends = other.end.is_empty() || self.start < other.end;
+        let other_before_self_ends = self.end.is_empty() || other.start < self.end;
+        self_before_other_ends && other_before_self_ends
+    }
 }
 
 impl fmt::Display for KeyRange {
@@ -138,6 +145,42 @@ mod tests {
         let full = KeyRange::full();
         assert!(full.contains(b""));
         assert!(full.contains(b"\xff\xff"));
+    }
+
+    #[test]
+    fn overlaps_is_a_shared_key() {
+        let r = |a: &[u8], b: &[u8]| KeyRange::new(a.to_vec(), b.to_vec());
+        // Adjacent half-open ranges share no key.
+        assert!(!r(b"a", b"c").overlaps(&r(b"c", b"e")));
+        assert!(!r(b"c", b"e").overlaps(&r(b"a", b"c")));
+        assert!(r(b"a", b"d").overlaps(&r(b"c", b"e")));
+        assert!(r(b"a", b"").overlaps(&r(b"x", b"y")));
+        assert!(r(b"b", b"c").overlaps(&KeyRange::full()));
+        assert!(!r(b"", b"b").overlaps(&r(b"b", b"")));
+        // Brute force over short keys: overlap is a key in both.
+        let keys: Vec<Vec<u8>> = (0u8..6).map(|i| vec![b'a' + i]).collect();
+        let mut bounds: Vec<Vec<u8>> = keys.clone();
+        bounds.push(Vec::new());
+        for s1 in &keys {
+            for e1 in &bounds {
+                if !e1.is_empty() && e1 <= s1 {
+                    continue;
+                }
+                for s2 in &keys {
+                    for e2 in &bounds {
+                        if !e2.is_empty() && e2 <= s2 {
+                            continue;
+                        }
+                        let (a, b) = (r(s1, e1), r(s2, e2));
+                        let shared = keys
+                            .iter()
+                            .chain(std::iter::once(&vec![b'z']))
+                            .any(|k| a.contains(k) && b.contains(k));
+                        assert_eq!(a.overlaps(&b), shared, "{a} {b}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -18,9 +18,7 @@ pub struct RouteCache {
 }
 
 fn overlaps(a: &ShardDescriptor, b: &ShardDescriptor) -> bool {
-    let a_before_b_ends = b.range.end.is_empty() || a.range.start < b.range.end;
-    let b_before_a_ends = a.range.end.is_empty() || b.range.start < a.range.end;
-    a_before_b_ends && b_before_a_ends
+    a.range.overlaps(&b.range)
 }
 
 impl RouteCache {

@@ -537,6 +537,9 @@ impl<O: Outbound, A: Applier> State<O, A> {
                 let _ = reply.send(was_open);
             }
             Input::Frame(frame) => {
+                if self.cut_off() {
+                    return;
+                }
                 for env in frame {
                     // A message for a group not here (removed, or not yet
                     // created) is dropped: its sender retries or gives up.
@@ -550,6 +553,18 @@ impl<O: Outbound, A: Applier> State<O, A> {
                 }
             }
         }
+    }
+
+    /// The failpoint `multiraft::drop_frames_to` (tests, `failpoints`
+    /// feature): peers' frames to this node are dropped, as a partition
+    /// would. Its argument, when given, names the node cut off
+    /// (`return(3)`: node 3's only); without one every node is.
+    #[allow(unreachable_code, clippy::needless_return)]
+    fn cut_off(&self) -> bool {
+        fail::fail_point!("multiraft::drop_frames_to", |target: Option<String>| {
+            target.is_none_or(|t| t == self.driver.id().to_string())
+        });
+        false
     }
 
     /// One round: the leader's appends leave; the round's committed entries

@@ -859,6 +859,17 @@ impl Node {
         self.registry.quiesce.is_asleep(shard)
     }
 
+    /// A shard hosted here on the batch system whose range overlaps
+    /// `range`, if any.
+    pub(crate) fn batch_shard_overlapping(&self, range: &KeyRange) -> Option<ShardId> {
+        let b = self.registry.batch.get()?;
+        b.shards().into_iter().find(|s| {
+            self.engine
+                .descriptor(*s)
+                .is_ok_and(|d| d.range.overlaps(range))
+        })
+    }
+
     /// Data shards this node leads right now, on either Raft system.
     pub fn shards_led(&self) -> Vec<ShardId> {
         let mut led: Vec<ShardId> = self
@@ -920,6 +931,10 @@ impl Node {
         s.replicas_repaired = self
             .gc_counters
             .repaired
+            .load(std::sync::atomic::Ordering::Relaxed);
+        s.repairs_deferred = self
+            .gc_counters
+            .deferred
             .load(std::sync::atomic::Ordering::Relaxed);
         s.tombstones = self.engine.tombstone_count();
         let q = self.registry.quiesce.stats();

@@ -211,6 +211,18 @@ pub(crate) async fn run(
                         }
                     }
                 }
+                Action::Create(d) if n.batch_shard_overlapping(&d.range).is_some() => {
+                    // A batch-system replica here still holds part of its
+                    // range: the listed shard is a split child this
+                    // replica has not applied yet (it creates the child's
+                    // batch group when it does). An empty openraft replica
+                    // made now would take its place for good.
+                    let parent = n.batch_shard_overlapping(&d.range);
+                    n.gc_counters
+                        .deferred
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(node = %n.id, shard = %d.id, ?parent, "replica repair: not created, a batch-system replica here overlaps it (a split not applied yet)");
+                }
                 Action::Create(d) => match n.create_replica_local(&d).await {
                     Ok(()) => {
                         n.gc_counters
@@ -232,6 +244,7 @@ pub(crate) async fn run(
 pub(crate) struct GcCounters {
     pub destroyed: std::sync::atomic::AtomicU64,
     pub repaired: std::sync::atomic::AtomicU64,
+    pub deferred: std::sync::atomic::AtomicU64,
 }
 
 #[cfg(test)]
