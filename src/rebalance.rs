@@ -109,19 +109,13 @@ pub async fn cluster_states(
     Ok((state, batch))
 }
 
-/// One round's plan for both populations of [`cluster_states`]: the
-/// openraft shards planned in full (splits, moves, leader transfers), the
-/// batch-system shards without moves (their replicas cannot move yet: the
-/// planner then splits what outgrew `split_bytes` and transfers leadership,
-/// so a node that restarted and leads nothing gets its share back).
+/// One round's plan for both populations of [`cluster_states`], each
+/// planned in full (splits, moves, leader transfers) on its own: a shard
+/// never merges or shares a move budget across the two Raft systems.
 pub fn plan(openraft: &ClusterState, batch: &ClusterState, cfg: &PlannerConfig) -> Plan {
     let mut plan = planner::plan(openraft, cfg);
     if !batch.shards.is_empty() {
-        let no_moves = PlannerConfig {
-            max_concurrent_moves: 0,
-            ..*cfg
-        };
-        plan.steps.extend(planner::plan(batch, &no_moves).steps);
+        plan.steps.extend(planner::plan(batch, cfg).steps);
     }
     plan
 }

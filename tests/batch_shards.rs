@@ -4,8 +4,8 @@
 //! restart without losing an acknowledged write, keeps its replicas
 //! identical (digests), lists them in status, moves leadership where
 //! asked, compacts their logs, splits them (also with a replica down that
-//! applies the split when it returns) and merges them, and refuses what
-//! it cannot do yet (replica moves) with a typed error.
+//! applies the split when it returns), merges them, and moves their
+//! replicas (away and back, and the leader's own).
 
 mod common;
 
@@ -123,7 +123,7 @@ async fn batch_shards_serve_clients_and_lose_no_acknowledged_write() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_lists_batch_shards_and_replica_moves_are_refused() {
+async fn status_lists_batch_shards_with_their_leaders() {
     init_tracing();
     let c = ready(4).await;
     let cl = c.client();
@@ -164,19 +164,7 @@ async fn status_lists_batch_shards_and_replica_moves_are_refused() {
             "the meta shard runs on openraft: {st:?}"
         );
     }
-    let refused = |r: Result<_, ClientError>, what: &str| match r {
-        Err(ClientError::Refused(ApiError::Invalid(reason))) => {
-            assert!(reason.contains("batch"), "{what}: {reason}");
-        }
-        other => panic!("{what} on a batch shard: {other:?}"),
-    };
-    refused(
-        cl.move_replica(ShardId(1), NodeId(1), NodeId(2))
-            .await
-            .map(|_| ()),
-        "move",
-    );
-    // Nothing changed: the routes are the bootstrap's, the data is there.
+    // The routes are the bootstrap's, the data is there.
     let routes = cl.routes().await.unwrap();
     assert_eq!(
         routes
@@ -382,6 +370,132 @@ async fn batch_shards_merge_back_and_the_right_replicas_are_dropped() {
             "n{i} hosts the merged-away shard again"
         );
     }
+    c.shutdown().await;
+}
+
+/// Waits until node `id` hosts no replica of `shard`.
+async fn wait_dropped(c: &TestCluster, id: u64, shard: ShardId) {
+    let what = format!("n{id} drops its replica of {shard}");
+    common::wait::until(&what, WAIT, || async {
+        if c.node(id).shard_ids().contains(&shard) {
+            Err("still hosted".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+}
+
+async fn write_range(
+    cl: &tessera::Client,
+    model: &mut BTreeMap<Vec<u8>, Vec<u8>>,
+    r: std::ops::Range<u32>,
+) {
+    for i in r {
+        let (k, v) = (key(i), format!("v{i}").into_bytes());
+        cl.put(&k, &v).await.unwrap();
+        model.insert(k, v);
+    }
+}
+
+/// The replica-lifecycle scenario on the batch system: a shard splits,
+/// then a replica of the new shard moves to a node that ran no batch
+/// shard (seeded with a snapshot, added as a learner, promoted, the
+/// source removed and dropped) and back again; then the leader's own
+/// replica moves (leadership goes first). Nothing acknowledged is lost,
+/// and the replicas agree after each step and after a full restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_replicas_move_away_and_back_and_nothing_is_lost() {
+    init_tracing();
+    let mut c = TestCluster::start(
+        &[1, 2, 3, 4],
+        &[],
+        Some((2, vec![1, 2, 3])),
+        batch_timings(),
+    )
+    .await;
+    wait_all_leaders(&c, 2).await;
+    assert!(!c.node(4).is_batch_shard(ShardId(1)), "n4 starts empty");
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    write_range(&cl, &mut model, 0..150).await;
+    let (_, right) = cl.split(b"\x10m").await.unwrap();
+    wait_hosted_on_batch(&c, &[1, 2, 3], right.id).await;
+    write_range(&cl, &mut model, 150..200).await;
+
+    // Away: a follower's replica of the new shard to n4.
+    let leader = c.wait_batch_leader(right.id, WAIT).await.unwrap();
+    let from = (1..=3u64).find(|i| *i != leader.0).unwrap();
+    let d = cl
+        .move_replica(right.id, NodeId(from), NodeId(4))
+        .await
+        .unwrap();
+    let mut replicas = d.replicas.clone();
+    replicas.sort();
+    let mut expected: Vec<NodeId> = [1, 2, 3, 4]
+        .into_iter()
+        .filter(|i| *i != from)
+        .map(NodeId)
+        .collect();
+    expected.sort();
+    assert_eq!(replicas, expected, "{d:?}");
+    wait_hosted_on_batch(&c, &[4], right.id).await;
+    wait_dropped(&c, from, right.id).await;
+    write_range(&cl, &mut model, 200..260).await;
+    check_model(&cl, &model).await;
+    assert_replicas_agree(&cl, right.id).await;
+
+    // Back: n4's replica to where it came from.
+    let d = cl
+        .move_replica(right.id, NodeId(4), NodeId(from))
+        .await
+        .unwrap();
+    assert!(
+        d.replicas.contains(&NodeId(from)) && !d.replicas.contains(&NodeId(4)),
+        "{d:?}"
+    );
+    wait_hosted_on_batch(&c, &[from], right.id).await;
+    wait_dropped(&c, 4, right.id).await;
+    write_range(&cl, &mut model, 260..320).await;
+    check_model(&cl, &model).await;
+    assert_replicas_agree(&cl, right.id).await;
+
+    // The leader's own replica of s2: leadership moves to the target,
+    // where the client runs the move again.
+    let leader = c.wait_batch_leader(ShardId(2), WAIT).await.unwrap();
+    let d = cl
+        .move_replica(ShardId(2), leader, NodeId(4))
+        .await
+        .unwrap();
+    assert!(
+        d.replicas.contains(&NodeId(4)) && !d.replicas.contains(&leader),
+        "{d:?}"
+    );
+    wait_dropped(&c, leader.0, ShardId(2)).await;
+    write_range(&cl, &mut model, 320..380).await;
+    check_model(&cl, &model).await;
+    assert_replicas_agree(&cl, ShardId(2)).await;
+
+    // A full restart keeps every replica where it moved, on the batch
+    // system, with every acknowledged write.
+    drop(cl);
+    for i in 1..=4 {
+        c.kill(i).await;
+    }
+    for i in 1..=4 {
+        c.restart(i).await;
+    }
+    for s in [ShardId(1), ShardId(2), right.id] {
+        c.wait_batch_leader(s, WAIT).await.unwrap();
+    }
+    let cl = c.client();
+    check_model(&cl, &model).await;
+    for s in [ShardId(1), ShardId(2), right.id] {
+        assert_replicas_agree(&cl, s).await;
+    }
+    assert!(c.node(4).is_batch_shard(ShardId(2)));
+    assert!(!c.node(leader.0).shard_ids().contains(&ShardId(2)));
     c.shutdown().await;
 }
 

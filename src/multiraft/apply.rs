@@ -30,12 +30,22 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
 /// Applies every group's entries to its shard's state machine.
 #[derive(Default)]
 pub struct ShardApplier {
+    /// The node's engine, where [`Applier::open`] opens shards.
+    engine: Option<crate::storage::Engine>,
     machines: HashMap<ShardId, StateMachine>,
     /// Children created by the splits of the last apply, not opened yet.
     created: Vec<(crate::storage::Engine, ShardId)>,
 }
 
 impl ShardApplier {
+    /// An applier that opens shards ([`Applier::open`]) on `engine`.
+    pub fn new(engine: crate::storage::Engine) -> ShardApplier {
+        ShardApplier {
+            engine: Some(engine),
+            ..ShardApplier::default()
+        }
+    }
+
     /// Takes `shard`'s state machine; returns the index it applied (what
     /// [`super::Driver::open_group`] takes, so nothing is applied twice).
     pub fn add(&mut self, shard: ShardId, mut machine: StateMachine) -> u64 {
@@ -57,10 +67,25 @@ impl ShardApplier {
                     StoreError::corrupt(format!("entry {} of {shard}", e.index), err)
                 })?)
             }
+            // The loop hands a configuration change over as the
+            // configuration it made (raft-rs applied it first).
+            EntryType::EntryConfChange => {
+                use protobuf::Message as _;
+                let conf = raft::eraftpb::ConfState::parse_from_bytes(&e.data).map_err(|err| {
+                    StoreError::corrupt(format!("configuration entry {} of {shard}", e.index), err)
+                })?;
+                let voters: std::collections::BTreeSet<NodeId> =
+                    conf.voters.iter().copied().map(NodeId).collect();
+                let learners: Vec<NodeId> = conf.learners.iter().copied().map(NodeId).collect();
+                EntryPayload::Membership(crate::raft::Membership::new_with_defaults(
+                    vec![voters],
+                    learners,
+                ))
+            }
             other => {
                 return Err(StoreError::Failed {
                     cause: format!(
-                        "{shard}: entry {} is a {other:?}; membership changes are not applied yet",
+                        "{shard}: entry {} is a {other:?}, not applied here",
                         e.index
                     ),
                 })
@@ -125,6 +150,16 @@ impl Applier for ShardApplier {
 
     fn remove(&mut self, shard: ShardId) {
         self.machines.remove(&shard);
+    }
+
+    fn open(&mut self, shard: ShardId) -> Result<u64, StoreError> {
+        let engine = self
+            .engine
+            .clone()
+            .or_else(|| self.machines.values().next().map(|m| m.engine().clone()))
+            .ok_or(StoreError::UnknownShard { shard })?;
+        let (_log, machine) = engine.open_shard(shard)?;
+        Ok(self.add(shard, machine))
     }
 
     /// Opens the state machines of the children that splits applied here

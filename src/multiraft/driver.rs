@@ -270,6 +270,20 @@ pub struct GroupView {
     pub log_last: u64,
 }
 
+/// A group's configuration as one replica knows it, with its leader's
+/// view of the members' logs ([`Driver::membership`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupMembership {
+    /// The voters.
+    pub voters: Vec<u64>,
+    /// The learners (members that receive the log and do not vote).
+    pub learners: Vec<u64>,
+    /// This replica's commit index.
+    pub commit: u64,
+    /// On the leader: each member's matched index (empty elsewhere).
+    pub matched: BTreeMap<u64, u64>,
+}
+
 /// Counters over the driver's life.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct DriverStats {
@@ -683,6 +697,75 @@ impl Driver {
         };
         self.touched.insert(shard);
         Ok(at)
+    }
+
+    /// Proposes a change of `shard`'s configuration (one node added as a
+    /// learner, promoted to voter, or removed: raft-rs's simple changes,
+    /// one at a time). Returns where the entry went; once applied, the
+    /// group's configuration is the new one on that replica
+    /// ([`Driver::apply_conf_change`]). raft-rs turns a change proposed
+    /// while another is pending into an empty entry: read the
+    /// configuration back ([`Driver::membership`]) rather than trust the
+    /// answer.
+    ///
+    /// # Errors
+    /// [`DriverError::NotLeader`], or raft-rs's refusal.
+    pub fn propose_conf_change(
+        &mut self,
+        shard: ShardId,
+        cc: raft::eraftpb::ConfChange,
+    ) -> Result<Proposed, DriverError> {
+        let node = self.led_for(shard, true)?;
+        node.propose_conf_change(Vec::new(), cc)
+            .map_err(|source| DriverError::Raft { shard, source })?;
+        let at = Proposed {
+            index: node.raft.raft_log.last_index(),
+            term: node.raft.term,
+        };
+        self.touched.insert(shard);
+        Ok(at)
+    }
+
+    /// Applies a committed configuration change of `shard` to its raft-rs
+    /// instance (in log order, as its entry is applied) and returns the new
+    /// configuration; the caller persists it with the entry's apply.
+    ///
+    /// # Errors
+    /// [`DriverError::UnknownGroup`], or raft-rs's refusal.
+    pub fn apply_conf_change(
+        &mut self,
+        shard: ShardId,
+        cc: &raft::eraftpb::ConfChange,
+    ) -> Result<raft::eraftpb::ConfState, DriverError> {
+        let node = self.group(shard)?;
+        let conf = node
+            .apply_conf_change(cc)
+            .map_err(|source| DriverError::Raft { shard, source })?;
+        node.mut_store().set_conf(conf.clone());
+        self.touched.insert(shard);
+        Ok(conf)
+    }
+
+    /// `shard`'s configuration and, on its leader, how far each member's
+    /// log matches the leader's.
+    pub fn membership(&self, shard: ShardId) -> Option<GroupMembership> {
+        let node = self.groups.get(&shard)?;
+        let conf = node.store().conf_state();
+        let leading = node.raft.state == StateRole::Leader;
+        Some(GroupMembership {
+            voters: conf.voters.clone(),
+            learners: conf.learners.clone(),
+            commit: node.raft.raft_log.committed,
+            matched: if leading {
+                node.raft
+                    .prs()
+                    .iter()
+                    .map(|(id, p)| (*id, p.matched))
+                    .collect()
+            } else {
+                BTreeMap::new()
+            },
+        })
     }
 
     /// Hands leadership of `shard` (led here) to voter `to`: raft-rs's

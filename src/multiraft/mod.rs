@@ -27,10 +27,10 @@
 //! its state machine applied the entry ([`Driver::propose_compaction`]).
 //! A split's child starts on every replica as it applies the split, its
 //! log beginning right after the split's entry
-//! ([`GroupStore::stage_split_child`]); idle groups sleep (quiescence).
-//! Not built yet: snapshots (so a voter that is down holds every log of its
-//! groups back until it returns), membership changes (replica moves),
-//! merges.
+//! ([`GroupStore::stage_split_child`]); a merged-away group is closed
+//! ([`Mailbox::close`]); idle groups sleep (quiescence). Not built yet:
+//! snapshots (so a voter that is down holds every log of its groups back
+//! until it returns), membership changes (replica moves).
 
 mod apply;
 mod driver;
@@ -41,8 +41,8 @@ pub mod wire;
 
 pub use apply::{encode_command, ShardApplier};
 pub use driver::{
-    compaction_point, Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupView,
-    LogWrite, Proposed, Round, Written,
+    compaction_point, Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupMembership,
+    GroupView, LogWrite, Proposed, Round, Written,
 };
 pub use runtime::{
     Applier, LoopConfig, LoopView, Mailbox, NodeLoop, Outbound, Proposal, RequestError,

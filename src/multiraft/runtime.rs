@@ -57,6 +57,15 @@ pub trait Applier: Send + 'static {
     /// Lets go of `shard` (its group was closed): whatever the applier
     /// holds of it is dropped. Nothing by default.
     fn remove(&mut self, _shard: ShardId) {}
+
+    /// Opens `shard` (its records are written) and returns the index its
+    /// state machine applied. Refused by default.
+    ///
+    /// # Errors
+    /// The storage's.
+    fn open(&mut self, shard: ShardId) -> Result<u64, StoreError> {
+        Err(StoreError::UnknownShard { shard })
+    }
 }
 
 impl<A: Applier + ?Sized> Applier for Box<A> {
@@ -75,6 +84,10 @@ impl<A: Applier + ?Sized> Applier for Box<A> {
 
     fn remove(&mut self, shard: ShardId) {
         (**self).remove(shard);
+    }
+
+    fn open(&mut self, shard: ShardId) -> Result<u64, StoreError> {
+        (**self).open(shard)
     }
 }
 
@@ -170,6 +183,19 @@ enum Input<R> {
     Close {
         shard: ShardId,
         reply: oneshot::Sender<bool>,
+    },
+    ConfChange {
+        shard: ShardId,
+        cc: raft::eraftpb::ConfChange,
+        reply: ProposalReply<R>,
+    },
+    Open {
+        shard: ShardId,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Membership {
+        shard: ShardId,
+        reply: oneshot::Sender<Option<super::driver::GroupMembership>>,
     },
 }
 
@@ -268,6 +294,52 @@ impl<R> Mailbox<R> {
     pub fn close(&self, shard: ShardId) -> Result<oneshot::Receiver<bool>, RequestError> {
         let (reply, rx) = oneshot::channel();
         self.send(Input::Close { shard, reply })?;
+        Ok(rx)
+    }
+
+    /// Proposes a change of `shard`'s configuration
+    /// ([`Driver::propose_conf_change`]); answered as a proposal is, once
+    /// applied here.
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn propose_conf_change(
+        &self,
+        shard: ShardId,
+        cc: raft::eraftpb::ConfChange,
+    ) -> Result<oneshot::Receiver<Proposal<R>>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::ConfChange { shard, cc, reply })?;
+        Ok(rx)
+    }
+
+    /// Opens `shard`'s group (its records are written here: a replica
+    /// seeded for a move): the applier opens its state machine
+    /// ([`Applier::open`]) and the driver its group. The receiver says
+    /// whether it opened (already open counts).
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn open(
+        &self,
+        shard: ShardId,
+    ) -> Result<oneshot::Receiver<Result<(), String>>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Open { shard, reply })?;
+        Ok(rx)
+    }
+
+    /// `shard`'s configuration here and, on its leader, its members'
+    /// progress ([`Driver::membership`]).
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn membership(
+        &self,
+        shard: ShardId,
+    ) -> Result<oneshot::Receiver<Option<super::driver::GroupMembership>>, RequestError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Input::Membership { shard, reply })?;
         Ok(rx)
     }
 
@@ -523,6 +595,43 @@ impl<O: Outbound, A: Applier> State<O, A> {
                         .map_err(RequestError::from),
                 );
             }
+            Input::ConfChange { shard, cc, reply } => {
+                match self.driver.propose_conf_change(shard, cc) {
+                    Ok(at) => self
+                        .pending
+                        .entry(shard)
+                        .or_default()
+                        .push_back(Pending { at, reply }),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                    }
+                }
+            }
+            Input::Open { shard, reply } => {
+                if self.driver.store(shard).is_some() {
+                    let _ = reply.send(Ok(()));
+                    return;
+                }
+                let opened = self
+                    .applier
+                    .open(shard)
+                    .map_err(|e| e.to_string())
+                    .and_then(|applied| {
+                        self.driver
+                            .open_group(shard, applied)
+                            .map_err(|e| e.to_string())
+                    });
+                if opened.is_ok() {
+                    self.view.publish(&self.driver, shard);
+                    tracing::info!(%shard, "group opened");
+                } else {
+                    self.applier.remove(shard);
+                }
+                let _ = reply.send(opened);
+            }
+            Input::Membership { shard, reply } => {
+                let _ = reply.send(self.driver.membership(shard));
+            }
             Input::Close { shard, reply } => {
                 let was_open = self.driver.close_group(shard);
                 self.applier.remove(shard);
@@ -627,7 +736,20 @@ impl<O: Outbound, A: Applier> State<O, A> {
         if round.committed.is_empty() {
             return Ok(());
         }
-        let responses = self.applier.apply(&round.committed)?;
+        // Configuration changes take effect in raft-rs as they are applied;
+        // the applier gets each as the configuration it made (a
+        // `ConfState`), which the state machine persists with the apply.
+        let converted;
+        let committed = if round.committed.iter().any(|(_, es)| {
+            es.iter()
+                .any(|e| e.get_entry_type() == raft::eraftpb::EntryType::EntryConfChange)
+        }) {
+            converted = self.conf_changes_applied(&round.committed)?;
+            &converted
+        } else {
+            &round.committed
+        };
+        let responses = self.applier.apply(committed)?;
         assert_eq!(
             responses.len(),
             round.committed.len(),
@@ -655,6 +777,49 @@ impl<O: Outbound, A: Applier> State<O, A> {
             }
         }
         Ok(())
+    }
+
+    /// `committed` with each configuration change applied to raft-rs and
+    /// its entry's data replaced by the configuration it made.
+    fn conf_changes_applied(
+        &mut self,
+        committed: &[(ShardId, Vec<Entry>)],
+    ) -> Result<Vec<(ShardId, Vec<Entry>)>, DriverError> {
+        use protobuf::Message as _;
+        let mut out = Vec::with_capacity(committed.len());
+        for (shard, entries) in committed {
+            let mut es = entries.clone();
+            for e in &mut es {
+                if e.get_entry_type() != raft::eraftpb::EntryType::EntryConfChange {
+                    continue;
+                }
+                let cc = raft::eraftpb::ConfChange::parse_from_bytes(&e.data).map_err(|err| {
+                    DriverError::Store(StoreError::corrupt(
+                        format!("entry {} of {shard}", e.index),
+                        err,
+                    ))
+                })?;
+                match self.driver.apply_conf_change(*shard, &cc) {
+                    Ok(conf) => {
+                        tracing::info!(%shard, index = e.index, voters = ?conf.voters, learners = ?conf.learners, "configuration changed");
+                        e.data = conf
+                            .write_to_bytes()
+                            .expect("protobuf encoding into memory")
+                            .into();
+                    }
+                    // raft-rs refuses the same change on every replica (its
+                    // checks depend on the log alone): a no-op everywhere.
+                    Err(DriverError::Raft { source, .. }) => {
+                        tracing::warn!(%shard, index = e.index, error = %source, "configuration change refused; applied as empty");
+                        e.set_entry_type(raft::eraftpb::EntryType::EntryNormal);
+                        e.data = Vec::new().into();
+                    }
+                    Err(other) => return Err(other),
+                }
+            }
+            out.push((*shard, es));
+        }
+        Ok(out)
     }
 
     fn fail_all(&mut self) {

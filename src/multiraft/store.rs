@@ -289,6 +289,61 @@ impl GroupStore {
         Ok(self.read_entries(idx, idx + 1)?[0].term)
     }
 
+    /// The group's configuration as last applied here.
+    pub fn conf_state(&self) -> &ConfState {
+        &self.conf
+    }
+
+    /// Takes a configuration raft-rs applied (it is persisted by the
+    /// apply of its entry: [`GroupStore::stage_conf`]).
+    pub fn set_conf(&mut self, conf: ConfState) {
+        self.conf = conf;
+    }
+
+    /// Stages `shard`'s configuration (voters and learners) into `batch`:
+    /// written with the apply of the entry that changed it, so a reopened
+    /// group starts from the configuration of what its state machine
+    /// applied.
+    pub fn stage_conf(
+        engine: &Engine,
+        shard: ShardId,
+        voters: &[u64],
+        learners: &[u64],
+        batch: &mut WriteBatch,
+    ) {
+        let mut conf = ConfState::default();
+        conf.set_voters(voters.to_vec());
+        conf.set_learners(learners.to_vec());
+        batch.put_cf(
+            engine.cf(crate::storage::Cf::RaftState),
+            keys::state_key(shard, StateTag::RaftConf),
+            encode(&conf),
+        );
+    }
+
+    /// Stages into `batch` the Raft state of a replica seeded with a
+    /// snapshot of the group's state machine at (`at_index`, `at_term`)
+    /// (a replica move's target): the log emptied and starting right after
+    /// the snapshot, the hard state at its term with it committed, and the
+    /// configuration `voters` (the target is not a member yet: the change
+    /// that adds it comes after the snapshot in the log). Written with the
+    /// install's last write, so the two agree after any crash.
+    pub fn stage_seed(
+        engine: &Engine,
+        shard: ShardId,
+        voters: &[u64],
+        at_index: u64,
+        at_term: u64,
+        batch: &mut WriteBatch,
+    ) {
+        batch.delete_range_cf(
+            engine.cf(crate::storage::Cf::RaftLog),
+            shard.to_be_bytes(),
+            keys::shard_prefix_end(shard),
+        );
+        Self::stage_split_child(engine, shard, voters, at_index, at_term, batch);
+    }
+
     /// The last index in the log (0 when empty).
     pub fn last(&self) -> u64 {
         self.last

@@ -11,9 +11,11 @@
 //! `raft.batch_data_shards` only chooses what a bootstrap creates.
 //!
 //! Splits work (the child's group starts on every replica as it applies
-//! the split: [`crate::multiraft::GroupStore::stage_split_child`]). Not
-//! built yet for these shards (refused with a typed error, never
-//! half-done): merges, replica moves. Leader transfers work, and
+//! the split: [`crate::multiraft::GroupStore::stage_split_child`]), and
+//! merges (the right shard's group is closed in the loop before its
+//! replica is dropped: [`BatchShards::close`]). Not built yet for these
+//! shards (refused with a typed error, never half-done): replica moves.
+//! Leader transfers work, and
 //! idle groups sleep (quiescence, as `raft.quiesce_after_ms` says). Logs are compacted up to what every
 //! voter holds (no snapshots yet: while a voter is down, its groups' logs
 //! grow until it returns).
@@ -122,7 +124,7 @@ impl BatchShards {
     ) -> Result<BatchShards, NodeError> {
         let (tick, config) = timings(t);
         let mut driver = Driver::new(engine.clone(), me.0, config);
-        let mut applier = ShardApplier::default();
+        let mut applier = ShardApplier::new(engine.clone());
         let raft_error = |shard: ShardId, e: DriverError| NodeError::Raft {
             shard,
             reason: e.to_string(),
@@ -327,6 +329,129 @@ impl BatchShards {
                 "the raft loop did not close the group within {ANSWER_DEADLINE:?}"
             ))),
         }
+    }
+
+    /// Seeds this node's replica of `shard` (a move's target) with a
+    /// snapshot of the group's state machine: the group is closed, the
+    /// snapshot installed (the group's Raft state, a log starting after
+    /// it, goes in the install's last write), and the group opened again.
+    pub(super) async fn install_seed(
+        &self,
+        engine: &Engine,
+        shard: ShardId,
+        meta: crate::raft::SnapshotMeta,
+        data: crate::raft::SnapshotData,
+    ) -> Result<(), crate::raft::rpc::Refusal> {
+        use crate::raft::rpc::Refusal;
+        use openraft::storage::RaftStateMachine as _;
+        let failed = |e: String| Refusal::Failed(format!("seeding {shard}: {e}"));
+        // Opening the state machine below clears its snapshot folder of
+        // every file but its current snapshot's: the received file waits
+        // outside it.
+        let received = data.path().to_path_buf();
+        let held = engine
+            .shard_snapshot_dir(shard)
+            .with_file_name(format!("seed-{shard}-{}.snap", std::process::id()));
+        std::fs::rename(&received, &held)
+            .map_err(|e| failed(format!("{}: {e}", held.display())))?;
+        let data = crate::raft::SnapshotData::from_file(held.clone());
+        self.close(shard).await.map_err(|e| failed(e.to_string()))?;
+        let installed = async {
+            // The loop lets go of the state machine as it closes the group.
+            let started = tokio::time::Instant::now();
+            let (_log, mut machine) = loop {
+                match engine.open_shard(shard) {
+                    Ok(stores) => break stores,
+                    Err(StoreError::ShardOpen { .. })
+                        if started.elapsed() < Duration::from_secs(10) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Err(e) => return Err(failed(e.to_string())),
+                }
+            };
+            machine
+                .install_snapshot(&meta, data)
+                .await
+                .map_err(|e| failed(e.to_string()))
+        }
+        .await;
+        if let Err(e) = std::fs::remove_file(&held) {
+            tracing::warn!(%shard, file = %held.display(), error = %e, "seed file not removed");
+        }
+        // Opened again whatever happened: a failed install leaves the
+        // replica as it was (the install resumes at its next open).
+        let opened = self.open(shard).await;
+        installed?;
+        opened.map_err(|e| failed(e.to_string()))?;
+        tracing::info!(%shard, at = ?meta.last_log_id, "replica seeded");
+        Ok(())
+    }
+
+    /// Opens `shard`'s group in the loop (its records are written here).
+    pub(super) async fn open(&self, shard: ShardId) -> Result<(), NodeError> {
+        let failed = |reason: String| NodeError::Raft { shard, reason };
+        let rx = self
+            .mailbox
+            .open(shard)
+            .map_err(|e| failed(e.to_string()))?;
+        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
+            Ok(Ok(r)) => r.map_err(failed),
+            Ok(Err(_)) => Err(failed("the raft loop stopped".into())),
+            Err(_) => Err(failed(format!(
+                "the raft loop did not open the group within {ANSWER_DEADLINE:?}"
+            ))),
+        }
+    }
+
+    /// `shard`'s configuration here and, on its leader, how far each
+    /// member's log matches.
+    pub(super) async fn membership(
+        &self,
+        shard: ShardId,
+    ) -> Result<crate::multiraft::GroupMembership, AdminError> {
+        let unavailable = |reason: String| AdminError::Unavailable { shard, reason };
+        let rx = self
+            .mailbox
+            .membership(shard)
+            .map_err(|e| unavailable(e.to_string()))?;
+        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
+            Ok(Ok(Some(m))) => Ok(m),
+            Ok(Ok(None)) => Err(AdminError::UnknownShard { shard }),
+            Ok(Err(_)) | Err(_) => Err(unavailable("the raft loop did not answer".into())),
+        }
+    }
+
+    /// Proposes one configuration change of `shard` (led here) and waits
+    /// until it is applied here.
+    pub(super) async fn change_conf(
+        &self,
+        shard: ShardId,
+        kind: raft::eraftpb::ConfChangeType,
+        node: NodeId,
+    ) -> Result<(), AdminError> {
+        let cc = raft::eraftpb::ConfChange {
+            change_type: kind,
+            node_id: node.0,
+            ..Default::default()
+        };
+        let rx =
+            self.mailbox
+                .propose_conf_change(shard, cc)
+                .map_err(|e| AdminError::Unavailable {
+                    shard,
+                    reason: e.to_string(),
+                })?;
+        answer(shard, rx).await.map(|_| ()).map_err(|e| match e {
+            ApiError::NotLeader { leader_hint, .. } => AdminError::NotLeader {
+                shard,
+                hint: leader_hint,
+            },
+            other => AdminError::Unavailable {
+                shard,
+                reason: other.to_string(),
+            },
+        })
     }
 
     /// A linearizable read point of `shard`: once this returns, this

@@ -370,8 +370,7 @@ impl Registry {
 
     /// Where a received snapshot of a hosted shard is written.
     pub fn snapshot_dir(&self, shard: ShardId) -> Option<PathBuf> {
-        self.groups
-            .contains_key(&shard)
+        (self.groups.contains_key(&shard) || self.batch_for(shard).is_some())
             .then(|| self.engine.shard_snapshot_dir(shard))
     }
 
@@ -389,10 +388,17 @@ impl Registry {
         meta: SnapshotMeta,
         data: SnapshotData,
     ) -> Result<Vote, Refusal> {
-        let raft = self
-            .group(shard)
-            .await
-            .ok_or(Refusal::UnknownShard(shard))?;
+        // A replica on the batch system (a move's target): the snapshot
+        // seeds it, its group restarts from it.
+        let batch = self.batch_for(shard).cloned();
+        let raft = match &batch {
+            Some(_) => None,
+            None => Some(
+                self.group(shard)
+                    .await
+                    .ok_or(Refusal::UnknownShard(shard))?,
+            ),
+        };
         // Only a leader sends its snapshot, under its own vote.
         if vote.leader_id.node_id != from {
             return Err(Refusal::NotTheSender {
@@ -426,6 +432,11 @@ impl Registry {
                 local: local.epoch,
             });
         }
+        let Some(raft) = raft else {
+            let b = batch.expect("one of the two");
+            b.install_seed(&self.engine, shard, meta, data).await?;
+            return Ok(vote);
+        };
         self.quiesce.touch(shard, &raft, super::quiesce::Wake::Raft);
         let snapshot = crate::raft::Snapshot {
             meta,

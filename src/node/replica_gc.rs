@@ -154,16 +154,9 @@ pub(crate) async fn run(
             .collect();
         let now = Instant::now();
         for action in plan(n.id, &hosted, &table, &tombstones, &suspects, now, grace) {
-            let shard = match &action {
-                Action::Suspect(s) | Action::Clear(s) | Action::Destroy(s) => *s,
-                Action::Create(d) => d.id,
-            };
-            // Batch-system shards never change membership yet (moves are
-            // refused), so nothing here applies to them; they are listed
-            // as hosted above only so that they are never "repaired".
-            if n.is_batch_shard(shard) {
-                continue;
-            }
+            // A batch-system replica removed while this node was down is
+            // destroyed as an openraft one is (it cannot win an election
+            // meanwhile: pre-vote); it has no campaign switch to flip.
             match action {
                 Action::Suspect(s) => {
                     let applied = hosted

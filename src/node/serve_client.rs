@@ -263,17 +263,6 @@ impl Registry {
         Ok((group, d))
     }
 
-    /// Refuses an admin request on a shard that runs on the batch system,
-    /// which cannot `what` yet.
-    fn refuse_on_batch(&self, shard: ShardId, what: &str) -> Result<(), ApiError> {
-        match self.batch_for(shard) {
-            Some(_) => Err(ApiError::Invalid(format!(
-                "{shard} runs on the batch Raft system, which cannot {what} yet"
-            ))),
-            None => Ok(()),
-        }
-    }
-
     /// Proposes `cmd` through `group`; answers its log index and what
     /// applying it answered.
     async fn propose(
@@ -587,7 +576,6 @@ impl Registry {
                 Ok(Response::Descriptor(d))
             }
             Request::MoveReplica { shard, from, to } => {
-                self.refuse_on_batch(shard, "move a replica")?;
                 let node = self.node_or_stopping()?;
                 let d = node
                     .move_replica(shard, from, to, MOVE_TIMEOUT)

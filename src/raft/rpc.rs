@@ -69,6 +69,11 @@ pub enum PeerRequest {
         /// The freeze's log index.
         at: u64,
     },
+    /// Create an empty replica of the shard here on the batch Raft system
+    /// (a move's target, before it is seeded and added as a learner); a
+    /// no-op when it exists. Added last: older nodes answer that they
+    /// cannot decode it.
+    CreateBatchReplica(ShardDescriptor),
 }
 
 impl PeerRequest {

@@ -26,6 +26,6 @@ pub use config::{CommitMode, StorageConfig};
 pub use engine::{AppendHook, Engine, ShardState};
 pub use error::StoreError;
 pub use log_store::LogStore;
-pub use state_machine::{apply_together, StateMachine};
+pub use state_machine::{apply_together, export_now, StateMachine};
 pub(crate) use writer::Cf;
 pub use writer::{StorageStats, WriteInProgress};

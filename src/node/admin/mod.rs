@@ -105,19 +105,29 @@ impl Registry {
     /// Serves the administrative peer requests.
     pub(crate) async fn handle_admin(&self, shard: ShardId, req: PeerRequest) -> PeerResponse {
         let refused = |r: Refusal| PeerResponse::Refused(r);
+        let req_kind = if matches!(req, PeerRequest::CreateBatchReplica(_)) {
+            ReqKind::Batch
+        } else {
+            ReqKind::Openraft
+        };
         match req {
             PeerRequest::Propose(cmd) => match self.propose_local(shard, cmd).await {
                 Ok(r) => PeerResponse::Proposed(r),
                 Err(r) => refused(r),
             },
-            PeerRequest::CreateReplica(d) => {
+            PeerRequest::CreateReplica(d) | PeerRequest::CreateBatchReplica(d) => {
                 let Some(node) = self.node() else {
                     return refused(Refusal::Failed("node stopping".into()));
                 };
                 if d.id != shard {
                     return refused(Refusal::Failed("descriptor names another shard".into()));
                 }
-                match node.create_replica_local(&d).await {
+                let created = if matches!(req_kind, ReqKind::Batch) {
+                    node.create_batch_replica_local(&d).await
+                } else {
+                    node.create_replica_local(&d).await
+                };
+                match created {
                     Ok(()) => PeerResponse::Done,
                     Err(crate::node::NodeError::Store(
                         crate::storage::StoreError::Tombstoned { shard, conf_ver },
@@ -136,6 +146,22 @@ impl Registry {
                             "{} is a member of {shard} in membership {:?}, newer than the request's {after:?}",
                             self.me,
                             m.log_id()
+                        )));
+                    }
+                }
+                if let Some(g) = self.batch_group(shard) {
+                    // The same rule on the batch system: refused while this
+                    // replica applied past the requester's configuration
+                    // and its own (newer) one lists it.
+                    let listed = self
+                        .engine
+                        .descriptor(shard)
+                        .is_ok_and(|d| d.replicas.contains(&self.me));
+                    let newer = after.is_none_or(|a| g.applied > a.index);
+                    if listed && newer {
+                        return refused(Refusal::Failed(format!(
+                            "{} is a voter of {shard} as of its applied index {}, past the request's {after:?}",
+                            self.me, g.applied
                         )));
                     }
                 }
@@ -175,6 +201,12 @@ impl Registry {
             }
         }
     }
+}
+
+/// Which system a replica-creating request is for.
+enum ReqKind {
+    Openraft,
+    Batch,
 }
 
 pub(super) fn call_error(shard: ShardId, e: CallError) -> AdminError {

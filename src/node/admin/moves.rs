@@ -21,6 +21,9 @@ impl Node {
         to: NodeId,
         timeout: Duration,
     ) -> Result<ShardDescriptor, AdminError> {
+        if let Some(b) = self.registry.batch_for(shard).cloned() {
+            return self.move_batch_replica(&b, shard, from, to, timeout).await;
+        }
         let raft = self.led(shard).await?;
         let lock = self.move_locks.entry(shard).or_default().clone();
         let _one_at_a_time = lock.lock().await;
@@ -187,6 +190,212 @@ impl Node {
             .map_err(|_| AdminError::UnknownShard { shard })
     }
 
+    /// [`Node::move_replica`] of a shard on the batch Raft system: the same
+    /// steps through raft-rs's configuration changes (learner, promoted,
+    /// source removed), the target seeded with a snapshot of this leader's
+    /// state machine first (its log then starts after the snapshot and
+    /// catches up from this leader's log).
+    async fn move_batch_replica(
+        &self,
+        b: &Arc<crate::node::batch::BatchShards>,
+        shard: ShardId,
+        from: NodeId,
+        to: NodeId,
+        timeout: Duration,
+    ) -> Result<ShardDescriptor, AdminError> {
+        use raft::eraftpb::ConfChangeType;
+        let lock = self.move_locks.entry(shard).or_default().clone();
+        let _one_at_a_time = lock.lock().await;
+        let g = b.group(shard).ok_or(AdminError::UnknownShard { shard })?;
+        if !g.leading {
+            return Err(AdminError::NotLeader {
+                shard,
+                hint: g.leader.map(NodeId),
+            });
+        }
+        if let Some(m) = self.engine.merging(shard) {
+            return Err(AdminError::Refused(format!(
+                "{shard} is frozen for a merge into {}",
+                m.into
+            )));
+        }
+        if from == to {
+            return Err(AdminError::Refused(
+                "source and target are the same node".into(),
+            ));
+        }
+        if to != self.id && !self.transport.peer_ids().contains(&to) {
+            return Err(AdminError::Refused(format!("{to} is not a known node")));
+        }
+        let members = |m: &crate::multiraft::GroupMembership| {
+            let voters: BTreeSet<NodeId> = m.voters.iter().copied().map(NodeId).collect();
+            let learners: BTreeSet<NodeId> = m.learners.iter().copied().map(NodeId).collect();
+            (voters, learners)
+        };
+        let (voters, learners) = members(&b.membership(shard).await?);
+        let started_with = voters.len();
+        if !voters.contains(&from) && !voters.contains(&to) {
+            return Err(AdminError::Refused(format!(
+                "{from} holds no replica of {shard}"
+            )));
+        }
+        if !voters.contains(&to) {
+            if !learners.contains(&to) {
+                let d = self
+                    .engine
+                    .descriptor(shard)
+                    .map_err(|_| AdminError::UnknownShard { shard })?;
+                match rpc::call(
+                    &self.transport,
+                    to,
+                    shard,
+                    &PeerRequest::CreateBatchReplica(d),
+                    Duration::from_secs(10),
+                )
+                .await
+                {
+                    Ok(PeerResponse::Done) => {}
+                    Ok(other) => {
+                        return Err(AdminError::Unavailable {
+                            shard,
+                            reason: format!("{to} answered {other:?}"),
+                        })
+                    }
+                    Err(e) => return Err(call_error(shard, e)),
+                }
+                self.seed_batch_replica(shard, to, g.term, timeout).await?;
+                b.change_conf(shard, ConfChangeType::AddLearnerNode, to)
+                    .await?;
+            }
+            // The learner catches up from this leader's log.
+            let deadline = Instant::now() + timeout;
+            let target = b.membership(shard).await?.commit;
+            loop {
+                let m = b.membership(shard).await?;
+                let (_, learners) = members(&m);
+                let matched = m.matched.get(&to.0).copied().unwrap_or(0);
+                if learners.contains(&to) && matched >= target {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    // Roll back: the learner leaves, then its replica goes.
+                    let removed = b.change_conf(shard, ConfChangeType::RemoveNode, to).await;
+                    let dropped = self.ask_drop_batch(b, shard, to).await;
+                    return Err(AdminError::Unavailable {
+                        shard,
+                        reason: format!(
+                            "{to} did not catch up within {timeout:?} (matched {matched} of {target}); the learner was removed ({removed:?}) and its replica dropped ({dropped:?})"
+                        ),
+                    });
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            b.change_conf(shard, ConfChangeType::AddNode, to).await?;
+        }
+        let (voters, _) = members(&b.membership(shard).await?);
+        if !voters.contains(&to) {
+            return Err(AdminError::Unavailable {
+                shard,
+                reason: format!("{to} is not a voter after its promotion (a change was pending?): run the move again"),
+            });
+        }
+        if voters.contains(&from) {
+            let floor = started_with.min(crate::node::REPLICAS_PER_SHARD);
+            if voters.len() - 1 < floor {
+                return Err(AdminError::Refused(format!(
+                    "removing {from} would leave {shard} with {} voters ({to} already holds a replica: another move got there first?)",
+                    voters.len() - 1
+                )));
+            }
+            if from == self.id {
+                // A leader does not remove itself: leadership goes to the
+                // target, where the move is run again.
+                b.transfer_leader(self.id, shard, to).await?;
+                return Err(AdminError::NotLeader {
+                    shard,
+                    hint: Some(to),
+                });
+            }
+            b.change_conf(shard, ConfChangeType::RemoveNode, from)
+                .await?;
+        }
+        let mut dropped = false;
+        for _ in 0..5 {
+            match self.ask_drop_batch(b, shard, from).await {
+                Ok(PeerResponse::Done)
+                | Err(CallError::Refused {
+                    refusal: Refusal::UnknownShard(_),
+                    ..
+                }) => {
+                    dropped = true;
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+        if !dropped {
+            tracing::warn!(%shard, node = %from, "move: the old replica could not be dropped now; replica GC drops it");
+        }
+        self.engine
+            .descriptor(shard)
+            .map_err(|_| AdminError::UnknownShard { shard })
+    }
+
+    /// Asks `node` to drop its replica of batch-system `shard`, naming
+    /// this leader's applied index (past the configuration that removed
+    /// it).
+    async fn ask_drop_batch(
+        &self,
+        b: &Arc<crate::node::batch::BatchShards>,
+        shard: ShardId,
+        node: NodeId,
+    ) -> Result<PeerResponse, CallError> {
+        let g = b.group(shard);
+        let after = g.map(|g| crate::raft::log_id(g.term, NodeId(0), g.applied));
+        rpc::call(
+            &self.transport,
+            node,
+            shard,
+            &PeerRequest::DropReplica { after },
+            Duration::from_secs(10),
+        )
+        .await
+    }
+
+    /// Streams a snapshot of this node's replica of batch-system `shard`,
+    /// taken now, to the empty replica on `to`, which installs it.
+    async fn seed_batch_replica(
+        &self,
+        shard: ShardId,
+        to: NodeId,
+        term: u64,
+        timeout: Duration,
+    ) -> Result<(), AdminError> {
+        let engine = self.engine.clone();
+        let (meta, path) =
+            tokio::task::spawn_blocking(move || crate::storage::export_now(&engine, shard))
+                .await
+                .map_err(|e| AdminError::Unavailable {
+                    shard,
+                    reason: format!("snapshot task: {e}"),
+                })?
+                .map_err(|e| AdminError::Unavailable {
+                    shard,
+                    reason: format!("snapshot: {e}"),
+                })?;
+        let head = SnapshotHead {
+            vote: crate::raft::Vote::new(term, self.id),
+            meta,
+        };
+        let data = crate::raft::SnapshotData::from_file(path.clone());
+        let sent = rpc::send_snapshot(&self.transport, to, shard, &head, &data, timeout).await;
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(%shard, file = %path.display(), error = %e, "move: seed file not removed");
+        }
+        sent.map_err(|e| call_error(shard, e))?;
+        Ok(())
+    }
+
     /// Asks `node` to drop its replica of `shard`, which this leader's
     /// membership (committed, named in the request) no longer lists.
     pub(crate) async fn ask_drop(
@@ -290,6 +499,75 @@ impl Node {
 }
 
 impl Node {
+    /// The node's batch system, started (with no shards) if it was not
+    /// running: a node that hosted no batch-system shard when it started
+    /// is a move's target.
+    async fn ensure_batch(
+        &self,
+    ) -> Result<Arc<crate::node::batch::BatchShards>, crate::node::NodeError> {
+        if let Some(b) = self.registry.batch.get() {
+            return Ok(b.clone());
+        }
+        let b = Arc::new(crate::node::batch::BatchShards::start(
+            &self.engine,
+            self.id,
+            &[],
+            self.transport.clone(),
+            &self.config.raft,
+        )?);
+        if let Err(extra) = self.registry.batch.set(b.clone()) {
+            // Started meanwhile by another caller: keep that one.
+            extra.stop();
+        }
+        Ok(self.registry.batch.get().expect("set above").clone())
+    }
+
+    /// Creates an empty replica of `d` here on the batch Raft system (a
+    /// move's target; a no-op when it exists): its Raft state first (the
+    /// voters `d` names; this node is not one yet), then the shard, then
+    /// its group opens in the loop, empty until the leader seeds it.
+    pub(crate) async fn create_batch_replica_local(
+        &self,
+        d: &ShardDescriptor,
+    ) -> Result<(), crate::node::NodeError> {
+        let _lifecycle = self.lifecycle.lock().await;
+        if let Ok(local) = self.engine.descriptor(d.id) {
+            if !crate::multiraft::GroupStore::exists(&self.engine, d.id)? {
+                return Err(crate::node::NodeError::Raft {
+                    shard: d.id,
+                    reason: "an openraft replica of it is hosted here".into(),
+                });
+            }
+            if local.epoch.conf_ver >= d.epoch.conf_ver {
+                return Ok(());
+            }
+            // Left from an older configuration: replaced by an empty one.
+            tracing::info!(node = %self.id, shard = %d.id, local = ?local.epoch, wanted = ?d.epoch, "replacing a batch replica left from an older configuration");
+            drop(_lifecycle);
+            self.drop_replica_local(d.id).await?;
+            return Box::pin(self.create_batch_replica_local(d)).await;
+        }
+        if let Some(conf_ver) = self.engine.tombstone(d.id)? {
+            if d.epoch.conf_ver < conf_ver {
+                return Err(crate::storage::StoreError::Tombstoned {
+                    shard: d.id,
+                    conf_ver,
+                }
+                .into());
+            }
+        }
+        if !crate::multiraft::GroupStore::exists(&self.engine, d.id)? {
+            let voters: Vec<u64> = d.replicas.iter().map(|n| n.0).collect();
+            crate::multiraft::GroupStore::bootstrap(&self.engine, d.id, &voters)?;
+        }
+        match self.engine.create_shard(d).await {
+            Ok(()) | Err(crate::storage::StoreError::ShardExists { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let b = self.ensure_batch().await?;
+        b.open(d.id).await
+    }
+
     /// Creates an empty replica of `d` here (no-op when it exists) and
     /// starts its group uninitialised: its leader brings it up to date.
     pub(crate) async fn create_replica_local(

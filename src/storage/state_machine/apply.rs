@@ -409,6 +409,20 @@ impl StateMachine {
                 keys::meta_key(self.shard, MetaTag::Membership),
                 encode(&self.membership),
             );
+            if self.on_batch {
+                // The batch system's group opens with the configuration
+                // of what its state machine applied.
+                let m = self.membership.membership();
+                let voters: Vec<u64> = m.voter_ids().map(|n| n.0).collect();
+                let learners: Vec<u64> = m.learner_ids().map(|n| n.0).collect();
+                crate::multiraft::GroupStore::stage_conf(
+                    &self.engine,
+                    self.shard,
+                    &voters,
+                    &learners,
+                    batch,
+                );
+            }
         }
         if descriptor_changed {
             batch.put_cf(

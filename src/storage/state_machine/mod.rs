@@ -12,7 +12,7 @@ pub use apply::apply_together;
 use sessions::load_sessions;
 use sessions::read_sessions;
 pub(crate) use sessions::session_iter;
-pub use snapshot::SnapshotBuilder;
+pub use snapshot::{export_now, SnapshotBuilder};
 use snapshot::{install_file, link_or_copy, new_snapshot_name, remove_snapshot_files_except};
 use split::epoch_newer;
 

@@ -130,6 +130,18 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     }
 }
 
+/// A snapshot of `shard`'s state machine as it is now (a RocksDB snapshot
+/// exported to a file in its snapshot folder), outside any Raft library:
+/// the batch system's seed for a replica move. Blocking.
+///
+/// # Errors
+/// The storage's; [`StoreError::UnknownShard`] when it is not hosted.
+pub fn export_now(engine: &Engine, shard: ShardId) -> Result<(SnapshotMeta, PathBuf), StoreError> {
+    let db = engine.db().clone();
+    let snap = db.snapshot();
+    export(engine, &snap, shard)
+}
+
 /// Writes the shard's range, as seen by `snap`, into a new snapshot file.
 pub(super) fn export(
     engine: &Engine,
@@ -339,6 +351,22 @@ pub(super) fn install_file(
         None => b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Merge)),
     }
     b.delete_cf(meta_cf, keys::meta_key(shard, MetaTag::Installing));
+    // A replica on the batch Raft system (a move's target, seeded with
+    // this snapshot) gets its group's state in the same write: a log that
+    // starts after the snapshot, and the configuration it names.
+    if crate::multiraft::GroupStore::exists(engine, shard)? {
+        if let Some(at) = &meta.last_log_id {
+            let voters: Vec<u64> = descriptor.replicas.iter().map(|n| n.0).collect();
+            crate::multiraft::GroupStore::stage_seed(
+                engine,
+                shard,
+                &voters,
+                at.index,
+                at.leader_id.term,
+                &mut b,
+            );
+        }
+    }
     db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
     engine.publish_descriptor(&descriptor);
     engine.publish_merging(shard, merge);
