@@ -396,3 +396,91 @@ async fn repair_leaves_a_batch_split_child_to_the_split() {
     c.shutdown().await;
     scenario.teardown();
 }
+
+/// A batch-system replica move whose learner cannot catch up (cut off
+/// from the group's frames) rolls back: the learner leaves the group, its
+/// replica is dropped, the voters are as before; once the target hears
+/// the group again, the same move completes, and nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_move_whose_learner_cannot_catch_up_rolls_back() {
+    use common::cluster::{init_tracing, TestCluster, Timings};
+    use std::time::Duration;
+
+    init_tracing();
+    let scenario = fail::FailScenario::setup();
+    let wait = Duration::from_secs(60);
+    let timings = Timings {
+        batch_data_shards: true,
+        ..Timings::fast()
+    };
+    let c = TestCluster::start(&[1, 2, 3, 4], &[], Some((1, vec![1, 2, 3])), timings).await;
+    let s = ShardId(1);
+    let leader = c.wait_batch_leader(s, wait).await.unwrap();
+    let from = (1..=3u64).find(|i| *i != leader.0).unwrap();
+    let cl = c.client();
+    for i in 0..50u32 {
+        cl.put(format!("k{i:03}").as_bytes(), b"before")
+            .await
+            .unwrap();
+    }
+
+    eprintln!("--- n4 hears nothing of the batch groups; n{from}'s replica moves to n4");
+    fail::cfg("multiraft::drop_frames_to", "return(4)").unwrap();
+    let r = c
+        .node(leader.0)
+        .move_replica(s, NodeId(from), NodeId(4), Duration::from_secs(3))
+        .await;
+    match r {
+        Err(e) => assert!(e.to_string().contains("did not catch up"), "{e}"),
+        Ok(d) => panic!("a move to a node cut off completed: {d:?}"),
+    }
+    let mut replicas = c.node(leader.0).engine().descriptor(s).unwrap().replicas;
+    replicas.sort();
+    assert_eq!(
+        replicas,
+        vec![NodeId(1), NodeId(2), NodeId(3)],
+        "voters as before"
+    );
+    common::wait::until("n4 drops the rolled-back replica", wait, || async {
+        if c.node(4).shard_ids().contains(&s) {
+            Err("still hosted".to_string())
+        } else {
+            Ok(())
+        }
+    })
+    .await
+    .unwrap();
+    for i in 50..80u32 {
+        cl.put(format!("k{i:03}").as_bytes(), b"between")
+            .await
+            .unwrap();
+    }
+
+    eprintln!("--- n4 hears the group again: the same move completes");
+    fail::remove("multiraft::drop_frames_to");
+    let d = c
+        .node(leader.0)
+        .move_replica(s, NodeId(from), NodeId(4), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        d.replicas.contains(&NodeId(4)) && !d.replicas.contains(&NodeId(from)),
+        "{d:?}"
+    );
+    for i in 0..80u32 {
+        let want: &[u8] = if i < 50 { b"before" } else { b"between" };
+        assert_eq!(
+            cl.get(format!("k{i:03}").as_bytes())
+                .await
+                .unwrap()
+                .as_deref(),
+            Some(want)
+        );
+    }
+    let v = cl.verify_shard(s).await.unwrap();
+    assert_eq!(v.replicas.len(), 3, "{v:?}");
+    assert!(v.agrees(), "{v:?}");
+    drop(cl);
+    c.shutdown().await;
+    scenario.teardown();
+}
