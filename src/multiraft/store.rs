@@ -327,7 +327,12 @@ impl GroupStore {
     /// the snapshot, the hard state at its term with it committed, and the
     /// configuration `voters` (the target is not a member yet: the change
     /// that adds it comes after the snapshot in the log). Written with the
-    /// install's last write, so the two agree after any crash.
+    /// install's last write, so the two agree after any crash. A term or
+    /// vote the replica already holds is never lowered or forgotten (a
+    /// replica seeded again keeps the later of the two).
+    ///
+    /// # Errors
+    /// The RocksDB error reading the replica's hard state.
     pub fn stage_seed(
         engine: &Engine,
         shard: ShardId,
@@ -335,13 +340,36 @@ impl GroupStore {
         at_index: u64,
         at_term: u64,
         batch: &mut WriteBatch,
-    ) {
+    ) -> Result<(), StoreError> {
+        let cf = engine.cf(crate::storage::Cf::RaftState);
+        let held: HardState = match engine
+            .db()
+            .get_cf(cf, keys::state_key(shard, StateTag::RaftHard))
+            .map_err(|e| StoreError::rocks("read hard state", e))?
+        {
+            Some(b) => decode(&format!("hard state of {shard}"), &b)?,
+            None => HardState::default(),
+        };
         batch.delete_range_cf(
             engine.cf(crate::storage::Cf::RaftLog),
             shard.to_be_bytes(),
             keys::shard_prefix_end(shard),
         );
         Self::stage_split_child(engine, shard, voters, at_index, at_term, batch);
+        if held.term >= at_term {
+            let hard = HardState {
+                term: held.term,
+                vote: held.vote,
+                commit: at_index,
+                ..HardState::default()
+            };
+            batch.put_cf(
+                cf,
+                keys::state_key(shard, StateTag::RaftHard),
+                encode(&hard),
+            );
+        }
+        Ok(())
     }
 
     /// The last index in the log (0 when empty).

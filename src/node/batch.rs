@@ -345,6 +345,15 @@ impl BatchShards {
         use crate::raft::rpc::Refusal;
         use openraft::storage::RaftStateMachine as _;
         let failed = |e: String| Refusal::Failed(format!("seeding {shard}: {e}"));
+        // Never backwards: a replica that applied the snapshot's position
+        // already keeps its state (and its log).
+        let at = meta.last_log_id.map_or(0, |l| l.index);
+        if let Some(g) = self.group(shard) {
+            if g.applied >= at {
+                tracing::info!(%shard, applied = g.applied, seed = at, "seed not needed: the replica is past it");
+                return Ok(());
+            }
+        }
         // Opening the state machine below clears its snapshot folder of
         // every file but its current snapshot's: the received file waits
         // outside it.

@@ -364,7 +364,7 @@ pub(super) fn install_file(
                 at.index,
                 at.leader_id.term,
                 &mut b,
-            );
+            )?;
         }
     }
     db.write_opt(b, &synced).map_err(rocks("install: finish"))?;
