@@ -28,9 +28,11 @@
 //! A split's child starts on every replica as it applies the split, its
 //! log beginning right after the split's entry
 //! ([`GroupStore::stage_split_child`]); a merged-away group is closed
-//! ([`Mailbox::close`]); idle groups sleep (quiescence). Not built yet:
-//! snapshots (so a voter that is down holds every log of its groups back
-//! until it returns), membership changes (replica moves).
+//! ([`Mailbox::close`]); configuration changes (learner, promote, remove)
+//! take effect as they are applied ([`Driver::apply_conf_change`]); idle
+//! groups sleep (quiescence). Not built yet: raft-rs snapshots for a
+//! lagging follower (a move's target is seeded out of band, and a voter
+//! that is down holds every log of its groups back until it returns).
 
 mod apply;
 mod driver;

@@ -13,8 +13,8 @@
 //! Splits work (the child's group starts on every replica as it applies
 //! the split: [`crate::multiraft::GroupStore::stage_split_child`]), and
 //! merges (the right shard's group is closed in the loop before its
-//! replica is dropped: [`BatchShards::close`]). Not built yet for these
-//! shards (refused with a typed error, never half-done): replica moves.
+//! replica is dropped: [`BatchShards::close`]), and replica moves (the
+//! target seeded with a snapshot: [`BatchShards::install_seed`]).
 //! Leader transfers work, and
 //! idle groups sleep (quiescence, as `raft.quiesce_after_ms` says). Logs are compacted up to what every
 //! voter holds (no snapshots yet: while a voter is down, its groups' logs
