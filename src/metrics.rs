@@ -123,6 +123,9 @@ pub struct MetricsSnapshot {
     /// Log entries of the batch system's groups held here right now (each
     /// group's log from its compaction point to its last entry).
     pub batch_log_entries: u64,
+    /// Snapshots installed here as seeds of batch-system replicas (a
+    /// move's target, or a replica behind its leader's compacted log).
+    pub batch_seeds_installed: u64,
 }
 
 impl NetMetrics {
@@ -161,7 +164,7 @@ impl NetMetrics {
 impl MetricsSnapshot {
     /// Prometheus text exposition, every metric labelled with the node id.
     pub fn to_prometheus(&self, node: crate::NodeId) -> String {
-        let rows: [(&str, &str, &str, u64); 36] = [
+        let rows: [(&str, &str, &str, u64); 37] = [
             (
                 "tessera_log_appends_total",
                 "counter",
@@ -219,8 +222,14 @@ impl MetricsSnapshot {
             (
                 "tessera_batch_log_entries",
                 "gauge",
-                "Log entries the batch system's groups hold on this node (grows while a voter is down: no snapshots yet)",
+                "Log entries the batch system's groups hold on this node",
                 self.batch_log_entries,
+            ),
+            (
+                "tessera_batch_seeds_installed_total",
+                "counter",
+                "Snapshots installed as seeds of batch-system replicas here (a move's target, or a replica behind the compacted log)",
+                self.batch_seeds_installed,
             ),
             (
                 "tessera_raft_messages_received_total",

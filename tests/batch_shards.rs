@@ -499,6 +499,55 @@ async fn batch_replicas_move_away_and_back_and_nothing_is_lost() {
     c.shutdown().await;
 }
 
+/// A voter down while its group writes on does not hold the log back:
+/// past `compact_lag_max` entries (twice the compaction interval) the
+/// leader compacts without it, and when it returns raft-rs finds it
+/// needs what was compacted; the leader seeds it with a snapshot and its
+/// log catches up from there. Nothing is lost, the replicas agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_voter_behind_the_compacted_log_is_seeded_when_it_returns() {
+    init_tracing();
+    let timings = Timings {
+        snapshot_logs_since_last: 20,
+        snapshot_logs_to_keep: 5,
+        ..batch_timings()
+    };
+    let mut c = ready_with(1, timings).await;
+    let s = ShardId(1);
+    let leader = c.wait_batch_leader(s, WAIT).await.unwrap();
+    let down = (1..=3u64).find(|i| *i != leader.0).unwrap();
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    write_range(&cl, &mut model, 0..10).await;
+    c.kill(down).await;
+    write_range(&cl, &mut model, 10..210).await;
+    // The leader's log no longer holds what the down voter lacks.
+    let status = cl.node_status(leader).await.unwrap();
+    let first = status
+        .shards
+        .iter()
+        .find(|r| r.descriptor.id == s)
+        .and_then(|r| r.log_first_index)
+        .unwrap();
+    assert!(first > 100, "the leader kept its log from {first}");
+    c.restart(down).await;
+    let what = format!("n{down} is seeded with a snapshot");
+    common::wait::until(&what, WAIT, || async {
+        let seeds = c.node(down).metrics().batch_seeds_installed;
+        if seeds > 0 {
+            Ok(())
+        } else {
+            Err(format!("{seeds} seeds"))
+        }
+    })
+    .await
+    .unwrap();
+    write_range(&cl, &mut model, 210..230).await;
+    check_model(&cl, &model).await;
+    assert_replicas_agree(&cl, s).await;
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_of_a_batch_shard_moves_where_asked() {
     init_tracing();

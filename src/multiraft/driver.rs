@@ -31,6 +31,11 @@ pub struct DriverConfig {
     /// Log compaction keeps this many applied entries below the point
     /// every voter holds.
     pub compact_keep: u64,
+    /// A member whose log lags the leader's by more than this many entries
+    /// no longer holds compaction back (0: every member does, however far
+    /// behind); it is seeded with a snapshot when it needs what was
+    /// compacted.
+    pub compact_lag_max: u64,
     /// Quiescence: a leader whose group stayed settled (everything it
     /// appended committed, applied and held by every voter; no proposal,
     /// read or transfer asked) for this many ticks stops ticking the group:
@@ -50,6 +55,7 @@ impl Default for DriverConfig {
             max_inflight: 256,
             compact_every: 10_000,
             compact_keep: 1000,
+            compact_lag_max: 0,
             sleep_after_ticks: 0,
         }
     }
@@ -333,6 +339,8 @@ pub struct Driver {
     /// Ticks of silence after which a settled follower sleeps (0: groups
     /// never sleep).
     follower_sleep_ticks: usize,
+    /// Followers raft-rs asked a snapshot for ([`Driver::snapshot_requests`]).
+    snapshot_requests: super::store::SnapshotRequests,
 }
 
 /// A group's quiescence state on this replica (whether it sleeps is
@@ -371,6 +379,7 @@ impl Driver {
             unfinished: Vec::new(),
             compactions: HashMap::new(),
             compacting: HashMap::new(),
+            snapshot_requests: Default::default(),
             quiet: HashMap::new(),
             awake: HashSet::new(),
             follower_sleep_ticks: {
@@ -401,6 +410,7 @@ impl Driver {
     /// The store's error, or raft-rs's for an invalid state.
     pub fn open_group(&mut self, shard: ShardId, applied: u64) -> Result<(), DriverError> {
         let mut store = GroupStore::open(&self.engine, shard)?;
+        store.report_snapshot_requests(self.snapshot_requests.clone());
         // The stored commit may be behind what the state machine applied: a
         // commit that changes alone is not written, and the node loop applies
         // a round's committed entries before the round's log write (a crash
@@ -427,6 +437,37 @@ impl Driver {
         self.awake.insert(shard);
         self.touched.insert(shard);
         Ok(())
+    }
+
+    /// The followers raft-rs asked a snapshot for, per group, as they are
+    /// asked (shared: whoever seeds them takes them out).
+    pub fn snapshot_requests(&self) -> super::store::SnapshotRequests {
+        self.snapshot_requests.clone()
+    }
+
+    /// Member `peer` of `shard` (led here) was seeded out of band with a
+    /// snapshot of the state machine at `index` (its log now starts right
+    /// after it): the leader probes it from there, as raft-rs does after a
+    /// snapshot it sent itself. Without this the leader would keep asking
+    /// for a snapshot: it sends nothing it could be told a better place
+    /// to start from by.
+    pub fn seeded(&mut self, shard: ShardId, peer: u64, index: u64) {
+        let Some(node) = self.groups.get_mut(&shard) else {
+            return;
+        };
+        if node.raft.state != StateRole::Leader {
+            return;
+        }
+        let Some(pr) = node.raft.mut_prs().get_mut(peer) else {
+            return;
+        };
+        if pr.matched >= index {
+            return;
+        }
+        pr.become_probe();
+        pr.next_idx = index + 1;
+        node.raft.send_append(peer);
+        self.touched.insert(shard);
     }
 
     /// Closes `shard`'s group here (its replica is being dropped: a merge
@@ -535,11 +576,17 @@ impl Driver {
         if node.raft.state != StateRole::Leader {
             return None;
         }
+        // A member lagging more than `compact_lag_max` entries (down, or
+        // cut off) does not hold the log back: it is seeded with a
+        // snapshot when it asks for what was compacted.
+        let last = node.raft.raft_log.last_index();
+        let lag_max = self.config.compact_lag_max;
         let held = node
             .raft
             .prs()
             .iter()
             .map(|(_, p)| p.matched)
+            .filter(|m| lag_max == 0 || last.saturating_sub(*m) <= lag_max)
             .min()
             .unwrap_or(0);
         let to = held

@@ -49,7 +49,7 @@ pub use driver::{
 pub use runtime::{
     Applier, LoopConfig, LoopView, Mailbox, NodeLoop, Outbound, Proposal, RequestError,
 };
-pub use store::{GroupStore, TAIL_ENTRIES};
+pub use store::{GroupStore, SnapshotRequests, TAIL_ENTRIES};
 
 /// raft-rs logs through `slog`; this drain hands its records to `tracing`
 /// (messages only, at the matching level, under the target `raft`).

@@ -197,6 +197,11 @@ enum Input<R> {
         shard: ShardId,
         reply: oneshot::Sender<Option<super::driver::GroupMembership>>,
     },
+    Seeded {
+        shard: ShardId,
+        peer: u64,
+        index: u64,
+    },
 }
 
 /// A handle to send to a running loop; cheap to clone.
@@ -329,6 +334,15 @@ impl<R> Mailbox<R> {
         Ok(rx)
     }
 
+    /// Member `peer` of `shard` was seeded with a snapshot at `index`
+    /// ([`Driver::seeded`]).
+    ///
+    /// # Errors
+    /// As [`Mailbox::propose`].
+    pub fn seeded(&self, shard: ShardId, peer: u64, index: u64) -> Result<(), RequestError> {
+        self.send(Input::Seeded { shard, peer, index })
+    }
+
     /// `shard`'s configuration here and, on its leader, its members'
     /// progress ([`Driver::membership`]).
     ///
@@ -366,6 +380,7 @@ impl<R> Mailbox<R> {
 pub struct LoopView {
     groups: dashmap::DashMap<ShardId, GroupView>,
     stats: std::sync::Mutex<DriverStats>,
+    snapshot_requests: super::store::SnapshotRequests,
 }
 
 impl LoopView {
@@ -379,6 +394,16 @@ impl LoopView {
         let mut ids: Vec<ShardId> = self.groups.iter().map(|e| *e.key()).collect();
         ids.sort();
         ids
+    }
+
+    /// The followers raft-rs asked a snapshot for since the last call
+    /// (group, peer): they need entries their leader here compacted.
+    pub fn take_snapshot_requests(&self) -> Vec<(ShardId, u64)> {
+        let mut w = self
+            .snapshot_requests
+            .lock()
+            .expect("snapshot requests poisoned");
+        std::mem::take(&mut *w).into_iter().collect()
     }
 
     /// The driver's counters as of the last round.
@@ -632,6 +657,7 @@ impl<O: Outbound, A: Applier> State<O, A> {
             Input::Membership { shard, reply } => {
                 let _ = reply.send(self.driver.membership(shard));
             }
+            Input::Seeded { shard, peer, index } => self.driver.seeded(shard, peer, index),
             Input::Close { shard, reply } => {
                 let was_open = self.driver.close_group(shard);
                 self.applier.remove(shard);
@@ -878,7 +904,10 @@ impl<R: Send + 'static> NodeLoop<R> {
         let stop = Arc::new(AtomicBool::new(false));
         let stop2 = stop.clone();
         let name = format!("tessera-raft-{}", driver.id());
-        let view = Arc::new(LoopView::default());
+        let view = Arc::new(LoopView {
+            snapshot_requests: driver.snapshot_requests(),
+            ..LoopView::default()
+        });
         for shard in driver.shards() {
             view.publish(&driver, shard);
         }

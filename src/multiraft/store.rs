@@ -42,7 +42,14 @@ pub struct GroupStore {
     trunc: (u64, u64),
     /// The newest entries, contiguous and ending at `last`.
     tail: VecDeque<Entry>,
+    /// Where raft-rs's requests for a snapshot go (a follower needs
+    /// entries this log compacted): the node seeds that follower.
+    wanted: Option<SnapshotRequests>,
 }
+
+/// Followers that raft-rs asked a snapshot for, per group: (group, peer).
+pub type SnapshotRequests =
+    std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<(ShardId, u64)>>>;
 
 fn raft_err(e: StoreError) -> raft::Error {
     raft::Error::Store(StorageError::Other(Box::new(e)))
@@ -225,6 +232,7 @@ impl GroupStore {
             last,
             trunc,
             tail: VecDeque::new(),
+            wanted: None,
         })
     }
 
@@ -287,6 +295,11 @@ impl GroupStore {
             return Ok(self.tail[(idx - self.tail_start()) as usize].term);
         }
         Ok(self.read_entries(idx, idx + 1)?[0].term)
+    }
+
+    /// Where this group's snapshot requests go ([`Storage::snapshot`]).
+    pub fn report_snapshot_requests(&mut self, to: SnapshotRequests) {
+        self.wanted = Some(to);
     }
 
     /// The group's configuration as last applied here.
@@ -581,11 +594,17 @@ impl Storage for GroupStore {
         Ok(self.last)
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        // Not built yet. A log is compacted only up to what every voter
-        // holds (the driver's rule), so a voter always catches up from the
-        // log and raft-rs asks for a snapshot only if that rule is broken;
-        // it then leaves the follower behind rather than fail.
+    fn snapshot(&self, _request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        // A follower needs entries this log compacted (it was down while
+        // the others went on). No raft-rs snapshot: the request is
+        // reported, and the node seeds the follower out of band with a
+        // snapshot of the state machine, as a move seeds its target; its
+        // log then starts after the seed and catches up from here.
+        if let Some(w) = &self.wanted {
+            w.lock()
+                .expect("snapshot requests poisoned")
+                .insert((self.shard, to));
+        }
         Err(raft::Error::Store(
             StorageError::SnapshotTemporarilyUnavailable,
         ))

@@ -57,6 +57,8 @@ pub(crate) struct BatchShards {
     inbound: FrameInbound,
     counters: Arc<FrameCounters>,
     running: std::sync::Mutex<Option<NodeLoop<CommandResponse>>>,
+    /// Seeds installed here (move targets and lagging replicas).
+    seeds_installed: std::sync::atomic::AtomicU64,
 }
 
 /// The loop's timings from the node's Raft timings: a tick of half the
@@ -74,6 +76,9 @@ fn timings(t: &RaftTimings) -> (Duration, DriverConfig) {
         election_ticks: (t.election_timeout_ms_min / tick_ms).max(4) as usize,
         compact_every: t.snapshot_logs_since_last,
         compact_keep: t.snapshot_logs_to_keep,
+        // A voter further behind than two compactions' worth is seeded
+        // with a snapshot rather than hold every log of its groups back.
+        compact_lag_max: t.snapshot_logs_since_last.saturating_mul(2),
         sleep_after_ticks: t.quiesce_after_ms.div_ceil(tick_ms) as usize,
         ..DriverConfig::default()
     };
@@ -161,6 +166,7 @@ impl BatchShards {
             inbound,
             counters,
             running: std::sync::Mutex::new(Some(running)),
+            seeds_installed: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -269,6 +275,20 @@ impl BatchShards {
         }
     }
 
+    /// Tells the loop that member `peer` of `shard` (led here) was seeded
+    /// at `index`: its leader replicates to it from there.
+    pub(super) fn seeded(&self, shard: ShardId, peer: NodeId, index: u64) {
+        if let Err(e) = self.mailbox.seeded(shard, peer.0, index) {
+            tracing::warn!(%shard, %peer, error = %e, "seed not reported to the loop");
+        }
+    }
+
+    /// Seeds installed here since the node started.
+    pub(super) fn seeds_installed(&self) -> u64 {
+        self.seeds_installed
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// The driver's counters (rounds, syncs, appends) and the frames sent.
     pub(super) fn stats(&self) -> (DriverStats, &FrameCounters) {
         (self.view.stats(), &self.counters)
@@ -345,12 +365,13 @@ impl BatchShards {
         use crate::raft::rpc::Refusal;
         use openraft::storage::RaftStateMachine as _;
         let failed = |e: String| Refusal::Failed(format!("seeding {shard}: {e}"));
-        // Never backwards: a replica that applied the snapshot's position
-        // already keeps its state (and its log).
+        // Never backwards: a replica whose log reaches the snapshot's
+        // position keeps its state and its log (a seed empties the log,
+        // and entries past the seed it may have acknowledged must stay).
         let at = meta.last_log_id.map_or(0, |l| l.index);
         if let Some(g) = self.group(shard) {
-            if g.applied >= at {
-                tracing::info!(%shard, applied = g.applied, seed = at, "seed not needed: the replica is past it");
+            if g.applied >= at || g.log_last >= at {
+                tracing::info!(%shard, applied = g.applied, log_last = g.log_last, seed = at, "seed not needed: the replica's log reaches it");
                 return Ok(());
             }
         }
@@ -393,8 +414,21 @@ impl BatchShards {
         let opened = self.open(shard).await;
         installed?;
         opened.map_err(|e| failed(e.to_string()))?;
+        self.seeds_installed
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         tracing::info!(%shard, at = ?meta.last_log_id, "replica seeded");
         Ok(())
+    }
+
+    /// The followers that need a snapshot of a group this node leads, as
+    /// raft-rs asked since the last call (group, peer).
+    pub(super) fn take_snapshot_requests(&self) -> Vec<(ShardId, NodeId)> {
+        self.view
+            .take_snapshot_requests()
+            .into_iter()
+            .filter(|(s, _)| self.group(*s).is_some_and(|g| g.leading))
+            .map(|(s, p)| (s, NodeId(p)))
+            .collect()
     }
 
     /// Opens `shard`'s group in the loop (its records are written here).

@@ -415,6 +415,7 @@ impl Node {
             )));
             tasks.push(tokio::spawn(admin::report_routes(Arc::downgrade(&node))));
             tasks.push(tokio::spawn(admin::auto_split(Arc::downgrade(&node))));
+            tasks.push(tokio::spawn(admin::reseed_lagging(Arc::downgrade(&node))));
             if node.config.rebalance.auto {
                 tasks.push(tokio::spawn(admin::auto_rebalance(
                     Arc::downgrade(&node),
@@ -923,6 +924,7 @@ impl Node {
                 .filter_map(|&id| b.group(id))
                 .map(|g| (g.log_last + 1).saturating_sub(g.log_first))
                 .sum();
+            s.batch_seeds_installed = b.seeds_installed();
         }
         s.replicas_destroyed = self
             .gc_counters

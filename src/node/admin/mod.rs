@@ -16,6 +16,7 @@ mod split;
 
 pub(crate) use balance::auto_rebalance;
 pub(crate) use joins::announce;
+pub(crate) use moves::reseed_lagging;
 pub(crate) use routes::{report_routes, start_created};
 pub(crate) use split::auto_split;
 

@@ -370,7 +370,7 @@ impl Node {
         to: NodeId,
         term: u64,
         timeout: Duration,
-    ) -> Result<(), AdminError> {
+    ) -> Result<u64, AdminError> {
         let engine = self.engine.clone();
         let (meta, path) =
             tokio::task::spawn_blocking(move || crate::storage::export_now(&engine, shard))
@@ -383,6 +383,7 @@ impl Node {
                     shard,
                     reason: format!("snapshot: {e}"),
                 })?;
+        let index = meta.last_log_id.map_or(0, |l| l.index);
         let head = SnapshotHead {
             vote: crate::raft::Vote::new(term, self.id),
             meta,
@@ -393,7 +394,7 @@ impl Node {
             tracing::warn!(%shard, file = %path.display(), error = %e, "move: seed file not removed");
         }
         sent.map_err(|e| call_error(shard, e))?;
-        Ok(())
+        Ok(index)
     }
 
     /// Asks `node` to drop its replica of `shard`, which this leader's
@@ -625,5 +626,46 @@ impl Node {
         }
         tracing::info!(node = %self.id, %shard, "replica dropped");
         Ok(())
+    }
+}
+
+/// A lagging replica is seeded again at most this often per group.
+const RESEED_AGAIN: Duration = Duration::from_secs(10);
+
+/// Seeds the followers of batch-system groups led here that raft-rs found
+/// needing entries the leader's log compacted (they were down, or cut
+/// off, longer than `compact_lag_max` entries): a snapshot of the state
+/// machine, as a move seeds its target, after which their log catches up
+/// from the leader's. Checks every second.
+pub(crate) async fn reseed_lagging(node: Weak<Node>) {
+    let mut seeded: HashMap<(ShardId, NodeId), Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(n) = node.upgrade() else { return };
+        let Some(b) = n.registry.batch.get().cloned() else {
+            continue;
+        };
+        seeded.retain(|_, at| at.elapsed() < RESEED_AGAIN);
+        for (shard, peer) in b.take_snapshot_requests() {
+            if seeded.contains_key(&(shard, peer)) {
+                continue;
+            }
+            let Some(g) = b.group(shard).filter(|g| g.leading) else {
+                continue;
+            };
+            seeded.insert((shard, peer), Instant::now());
+            match n
+                .seed_batch_replica(shard, peer, g.term, Duration::from_secs(60))
+                .await
+            {
+                Ok(index) => {
+                    b.seeded(shard, peer, index);
+                    tracing::info!(%shard, %peer, index, "a replica behind the compacted log was seeded");
+                }
+                Err(e) => {
+                    tracing::warn!(%shard, %peer, error = %e, "a replica behind the compacted log was not seeded")
+                }
+            }
+        }
     }
 }
