@@ -137,7 +137,7 @@ impl Engine {
         self.inner.created_signal.notify_one();
     }
 
-    /// Retires (as [`Engine::note_retired`]) every replica here frozen
+    /// Retires (as `Engine::note_retired` does) every replica here frozen
     /// for a merge into `into` whose range `into` already took: its start
     /// inside `into`'s range, past its start, at a newer range version. The
     /// merge's commit was applied (from the log, or brought by a snapshot)
