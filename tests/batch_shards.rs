@@ -209,11 +209,7 @@ async fn batch_shards_split_on_every_replica_and_lose_nothing() {
     let mut c = ready(2).await;
     let cl = c.client();
     let mut model = BTreeMap::new();
-    for i in 0..200u32 {
-        let (k, v) = (key(i), format!("v{i}").into_bytes());
-        cl.put(&k, &v).await.unwrap();
-        model.insert(k, v);
-    }
+    write_range(&cl, &mut model, 0..200).await;
     // Split s1 through the client: both halves keep running on the batch
     // system, on every replica, and the new one elects.
     let (left, right) = cl.split(b"\x10m").await.unwrap();
@@ -234,11 +230,7 @@ async fn batch_shards_split_on_every_replica_and_lose_nothing() {
     // Reads see every write made before the split; writes go on to both
     // halves (keys on either side of the split key).
     check_model(&cl, &model).await;
-    for i in 200..300u32 {
-        let (k, v) = (key(i), format!("v{i}").into_bytes());
-        cl.put(&k, &v).await.unwrap();
-        model.insert(k, v);
-    }
+    write_range(&cl, &mut model, 200..300).await;
     for k in [b"\x10a".to_vec(), b"\x10m".to_vec(), b"\x10z".to_vec()] {
         cl.put(&k, b"edge").await.unwrap();
         model.insert(k, b"edge".to_vec());
@@ -268,11 +260,7 @@ async fn batch_shards_split_on_every_replica_and_lose_nothing() {
     let (_, right2) = cl.split(&mid).await.unwrap();
     let up: Vec<u64> = (1..=3u64).filter(|i| *i != down).collect();
     wait_hosted_on_batch(&c, &up, right2.id).await;
-    for i in 300..400u32 {
-        let (k, v) = (key(i), format!("v{i}").into_bytes());
-        cl.put(&k, &v).await.unwrap();
-        model.insert(k, v);
-    }
+    write_range(&cl, &mut model, 300..400).await;
     check_model(&cl, &model).await;
     c.restart(down).await;
     wait_hosted_on_batch(&c, &[1, 2, 3], right2.id).await;
@@ -304,19 +292,11 @@ async fn batch_shards_merge_back_and_the_right_replicas_are_dropped() {
     let mut c = ready(2).await;
     let cl = c.client();
     let mut model = BTreeMap::new();
-    for i in 0..150u32 {
-        let (k, v) = (key(i), format!("v{i}").into_bytes());
-        cl.put(&k, &v).await.unwrap();
-        model.insert(k, v);
-    }
+    write_range(&cl, &mut model, 0..150).await;
     let (_, right) = cl.split(b"\x10m").await.unwrap();
     wait_hosted_on_batch(&c, &[1, 2, 3], right.id).await;
     c.wait_batch_leader(right.id, WAIT).await.unwrap();
-    for i in 150..200u32 {
-        let (k, v) = (key(i), format!("v{i}").into_bytes());
-        cl.put(&k, &v).await.unwrap();
-        model.insert(k, v);
-    }
+    write_range(&cl, &mut model, 150..200).await;
     // Merged back: s1 takes the whole range again, the data unchanged.
     let merged = cl.merge(b"\x10m").await.unwrap();
     assert_eq!(merged.id, ShardId(1));
@@ -324,21 +304,9 @@ async fn batch_shards_merge_back_and_the_right_replicas_are_dropped() {
     assert!(merged.epoch.version > right.epoch.version);
     // Every node drops its replica of the right shard: its group closed,
     // its records gone.
-    common::wait::until("the merged-away shard dropped everywhere", WAIT, || async {
-        let left: Vec<u64> = (1..=3u64)
-            .filter(|i| {
-                let n = c.node(*i);
-                n.is_batch_shard(right.id) || n.shard_ids().contains(&right.id)
-            })
-            .collect();
-        if left.is_empty() {
-            Ok(())
-        } else {
-            Err(format!("still on {left:?}"))
-        }
-    })
-    .await
-    .unwrap();
+    for i in 1..=3 {
+        wait_dropped(&c, i, right.id).await;
+    }
     let routes = cl.routes().await.unwrap();
     assert!(
         routes.iter().all(|d| d.id != right.id),
@@ -346,11 +314,7 @@ async fn batch_shards_merge_back_and_the_right_replicas_are_dropped() {
         right.id
     );
     check_model(&cl, &model).await;
-    for i in 200..260u32 {
-        let (k, v) = (key(i), format!("v{i}").into_bytes());
-        cl.put(&k, &v).await.unwrap();
-        model.insert(k, v);
-    }
+    write_range(&cl, &mut model, 200..260).await;
     check_model(&cl, &model).await;
     assert_replicas_agree(&cl, ShardId(1)).await;
     // Restarts keep the merged range and every write.

@@ -108,6 +108,17 @@ pub struct Proposed {
     pub term: u64,
 }
 
+impl Proposed {
+    /// Where the entry `node` (a leader) just appended went: its last
+    /// index, at its term.
+    fn last_of(node: &RawNode<GroupStore>) -> Proposed {
+        Proposed {
+            index: node.raft.raft_log.last_index(),
+            term: node.raft.term,
+        }
+    }
+}
+
 /// A Raft message for one group.
 #[derive(Debug, Clone)]
 pub struct Envelope {
@@ -615,10 +626,7 @@ impl Driver {
         let node = self.groups.get_mut(&shard)?;
         node.propose(COMPACT_CONTEXT.to_vec(), to.to_be_bytes().to_vec())
             .ok()?;
-        let at = Proposed {
-            index: node.raft.raft_log.last_index(),
-            term: node.raft.term,
-        };
+        let at = Proposed::last_of(node);
         self.compacting.insert(shard, at);
         self.touched.insert(shard);
         tracing::debug!(%shard, to, at = at.index, "log compaction proposed");
@@ -738,10 +746,7 @@ impl Driver {
         let node = self.led_for(shard, true)?;
         node.propose(Vec::new(), data)
             .map_err(|source| DriverError::Raft { shard, source })?;
-        let at = Proposed {
-            index: node.raft.raft_log.last_index(),
-            term: node.raft.term,
-        };
+        let at = Proposed::last_of(node);
         self.touched.insert(shard);
         Ok(at)
     }
@@ -765,10 +770,7 @@ impl Driver {
         let node = self.led_for(shard, true)?;
         node.propose_conf_change(Vec::new(), cc)
             .map_err(|source| DriverError::Raft { shard, source })?;
-        let at = Proposed {
-            index: node.raft.raft_log.last_index(),
-            term: node.raft.term,
-        };
+        let at = Proposed::last_of(node);
         self.touched.insert(shard);
         Ok(at)
     }

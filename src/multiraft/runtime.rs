@@ -231,9 +231,7 @@ impl<R> Mailbox<R> {
         shard: ShardId,
         data: Vec<u8>,
     ) -> Result<oneshot::Receiver<Proposal<R>>, RequestError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Propose { shard, data, reply })?;
-        Ok(rx)
+        self.ask(|reply| Input::Propose { shard, data, reply })
     }
 
     /// Asks for a linearizable read point of `shard`: the receiver gets an
@@ -248,9 +246,7 @@ impl<R> Mailbox<R> {
         &self,
         shard: ShardId,
     ) -> Result<oneshot::Receiver<Result<u64, RequestError>>, RequestError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Read { shard, reply })?;
-        Ok(rx)
+        self.ask(|reply| Input::Read { shard, reply })
     }
 
     /// Starts handing leadership of `shard` (led here) to voter `to`; the
@@ -264,9 +260,7 @@ impl<R> Mailbox<R> {
         shard: ShardId,
         to: u64,
     ) -> Result<oneshot::Receiver<Result<(), RequestError>>, RequestError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Transfer { shard, to, reply })?;
-        Ok(rx)
+        self.ask(|reply| Input::Transfer { shard, to, reply })
     }
 
     /// Starts an election for `shard` here (with pre-vote: peers that
@@ -297,9 +291,7 @@ impl<R> Mailbox<R> {
     /// # Errors
     /// As [`Mailbox::propose`].
     pub fn close(&self, shard: ShardId) -> Result<oneshot::Receiver<bool>, RequestError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Close { shard, reply })?;
-        Ok(rx)
+        self.ask(|reply| Input::Close { shard, reply })
     }
 
     /// Proposes a change of `shard`'s configuration
@@ -313,9 +305,7 @@ impl<R> Mailbox<R> {
         shard: ShardId,
         cc: raft::eraftpb::ConfChange,
     ) -> Result<oneshot::Receiver<Proposal<R>>, RequestError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::ConfChange { shard, cc, reply })?;
-        Ok(rx)
+        self.ask(|reply| Input::ConfChange { shard, cc, reply })
     }
 
     /// Opens `shard`'s group (its records are written here: a replica
@@ -329,9 +319,7 @@ impl<R> Mailbox<R> {
         &self,
         shard: ShardId,
     ) -> Result<oneshot::Receiver<Result<(), String>>, RequestError> {
-        let (reply, rx) = oneshot::channel();
-        self.send(Input::Open { shard, reply })?;
-        Ok(rx)
+        self.ask(|reply| Input::Open { shard, reply })
     }
 
     /// Member `peer` of `shard` was seeded with a snapshot at `index`
@@ -352,8 +340,17 @@ impl<R> Mailbox<R> {
         &self,
         shard: ShardId,
     ) -> Result<oneshot::Receiver<Option<super::driver::GroupMembership>>, RequestError> {
+        self.ask(|reply| Input::Membership { shard, reply })
+    }
+
+    /// Sends the input `make` builds around a reply channel; returns
+    /// where the answer arrives.
+    fn ask<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Input<R>,
+    ) -> Result<oneshot::Receiver<T>, RequestError> {
         let (reply, rx) = oneshot::channel();
-        self.send(Input::Membership { shard, reply })?;
+        self.send(make(reply))?;
         Ok(rx)
     }
 

@@ -229,6 +229,24 @@ impl BatchShards {
         self.view.shards()
     }
 
+    /// `shard`'s replica here, which must lead (for an admin step).
+    ///
+    /// # Errors
+    /// [`AdminError::UnknownShard`] when it is not here,
+    /// [`AdminError::NotLeader`] with the leader it knows otherwise.
+    pub(super) fn leading(&self, shard: ShardId) -> Result<GroupView, AdminError> {
+        let g = self
+            .group(shard)
+            .ok_or(AdminError::UnknownShard { shard })?;
+        if !g.leading {
+            return Err(AdminError::NotLeader {
+                shard,
+                hint: g.leader.map(NodeId),
+            });
+        }
+        Ok(g)
+    }
+
     /// The shards this node leads, in id order.
     pub(super) fn led(&self) -> Vec<ShardId> {
         self.view
@@ -342,13 +360,7 @@ impl BatchShards {
             .mailbox
             .close(shard)
             .map_err(|e| failed(e.to_string()))?;
-        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
-            Ok(Ok(open)) => Ok(open),
-            Ok(Err(_)) => Err(failed("the raft loop stopped".into())),
-            Err(_) => Err(failed(format!(
-                "the raft loop did not close the group within {ANSWER_DEADLINE:?}"
-            ))),
-        }
+        loop_answer(rx).await.map_err(failed)
     }
 
     /// Seeds this node's replica of `shard` (a move's target) with a
@@ -438,13 +450,7 @@ impl BatchShards {
             .mailbox
             .open(shard)
             .map_err(|e| failed(e.to_string()))?;
-        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
-            Ok(Ok(r)) => r.map_err(failed),
-            Ok(Err(_)) => Err(failed("the raft loop stopped".into())),
-            Err(_) => Err(failed(format!(
-                "the raft loop did not open the group within {ANSWER_DEADLINE:?}"
-            ))),
-        }
+        loop_answer(rx).await.and_then(|r| r).map_err(failed)
     }
 
     /// `shard`'s configuration here and, on its leader, how far each
@@ -458,11 +464,10 @@ impl BatchShards {
             .mailbox
             .membership(shard)
             .map_err(|e| unavailable(e.to_string()))?;
-        match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
-            Ok(Ok(Some(m))) => Ok(m),
-            Ok(Ok(None)) => Err(AdminError::UnknownShard { shard }),
-            Ok(Err(_)) | Err(_) => Err(unavailable("the raft loop did not answer".into())),
-        }
+        loop_answer(rx)
+            .await
+            .map_err(unavailable)?
+            .ok_or(AdminError::UnknownShard { shard })
     }
 
     /// Proposes one configuration change of `shard` (led here) and waits
@@ -485,16 +490,10 @@ impl BatchShards {
                     shard,
                     reason: e.to_string(),
                 })?;
-        answer(shard, rx).await.map(|_| ()).map_err(|e| match e {
-            ApiError::NotLeader { leader_hint, .. } => AdminError::NotLeader {
-                shard,
-                hint: leader_hint,
-            },
-            other => AdminError::Unavailable {
-                shard,
-                reason: other.to_string(),
-            },
-        })
+        answer(shard, rx)
+            .await
+            .map(|_| ())
+            .map_err(|e| admin_error(shard, e))
     }
 
     /// A linearizable read point of `shard`: once this returns, this
@@ -515,15 +514,7 @@ impl BatchShards {
         shard: ShardId,
         to: NodeId,
     ) -> Result<(), AdminError> {
-        let g = self
-            .group(shard)
-            .ok_or(AdminError::UnknownShard { shard })?;
-        if !g.leading {
-            return Err(AdminError::NotLeader {
-                shard,
-                hint: g.leader.map(NodeId),
-            });
-        }
+        self.leading(shard)?;
         if to == me {
             return Ok(());
         }
@@ -578,6 +569,33 @@ impl BatchShards {
                 tracing::error!(error = %e, "the raft loop had stopped on an error");
             }
         }
+    }
+}
+
+/// Waits for the loop's answer to an admin step under
+/// [`ANSWER_DEADLINE`]; why there is none otherwise.
+async fn loop_answer<T>(rx: tokio::sync::oneshot::Receiver<T>) -> Result<T, String> {
+    match tokio::time::timeout(ANSWER_DEADLINE, rx).await {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(_)) => Err("the raft loop stopped".into()),
+        Err(_) => Err(format!(
+            "the raft loop did not answer within {ANSWER_DEADLINE:?}"
+        )),
+    }
+}
+
+/// An admin step's refusal from the request path's: `NotLeader` keeps its
+/// hint, anything else is `Unavailable`.
+pub(super) fn admin_error(shard: ShardId, e: ApiError) -> AdminError {
+    match e {
+        ApiError::NotLeader { leader_hint, .. } => AdminError::NotLeader {
+            shard,
+            hint: leader_hint,
+        },
+        other => AdminError::Unavailable {
+            shard,
+            reason: other.to_string(),
+        },
     }
 }
 

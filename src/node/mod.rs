@@ -389,7 +389,14 @@ impl Node {
         }
         // A merge applied here whose frozen right replica was not dropped
         // yet (a crash in between): dropped now, as the apply would have.
-        for d in &hosted {
+        // Only the frozen replicas' left neighbours are looked at.
+        let into: std::collections::BTreeSet<ShardId> = node
+            .engine
+            .merging_all()
+            .into_iter()
+            .map(|(_, m)| m.into)
+            .collect();
+        for d in hosted.iter().filter(|d| into.contains(&d.id)) {
             for right in node.engine.retire_merged_into(d) {
                 tracing::info!(node = %id, shard = %d.id, %right, "a merged-away replica left behind: retiring it");
             }

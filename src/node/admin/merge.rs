@@ -63,15 +63,7 @@ impl Node {
         let batch = self.registry.batch_for(left).cloned();
         let raft = match &batch {
             Some(b) => {
-                let g = b
-                    .group(left)
-                    .ok_or(AdminError::UnknownShard { shard: left })?;
-                if !g.leading {
-                    return Err(AdminError::NotLeader {
-                        shard: left,
-                        hint: g.leader.map(NodeId),
-                    });
-                }
+                b.leading(left)?;
                 None
             }
             None => Some(self.led(left).await?),

@@ -168,23 +168,7 @@ impl Node {
             return Ok(d);
         }
         // The old replica no longer receives anything; delete it.
-        let mut dropped = false;
-        for _ in 0..5 {
-            match self.ask_drop(&raft, shard, from).await {
-                Ok(PeerResponse::Done)
-                | Err(CallError::Refused {
-                    refusal: Refusal::UnknownShard(_),
-                    ..
-                }) => {
-                    dropped = true;
-                    break;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-        if !dropped {
-            tracing::warn!(%shard, node = %from, "move: the old replica could not be dropped now");
-        }
+        drop_source(shard, from, || self.ask_drop(&raft, shard, from)).await;
         self.engine
             .descriptor(shard)
             .map_err(|_| AdminError::UnknownShard { shard })
@@ -206,13 +190,7 @@ impl Node {
         use raft::eraftpb::ConfChangeType;
         let lock = self.move_locks.entry(shard).or_default().clone();
         let _one_at_a_time = lock.lock().await;
-        let g = b.group(shard).ok_or(AdminError::UnknownShard { shard })?;
-        if !g.leading {
-            return Err(AdminError::NotLeader {
-                shard,
-                hint: g.leader.map(NodeId),
-            });
-        }
+        let g = b.leading(shard)?;
         if let Some(m) = self.engine.merging(shard) {
             return Err(AdminError::Refused(format!(
                 "{shard} is frozen for a merge into {}",
@@ -319,23 +297,7 @@ impl Node {
             b.change_conf(shard, ConfChangeType::RemoveNode, from)
                 .await?;
         }
-        let mut dropped = false;
-        for _ in 0..5 {
-            match self.ask_drop_batch(b, shard, from).await {
-                Ok(PeerResponse::Done)
-                | Err(CallError::Refused {
-                    refusal: Refusal::UnknownShard(_),
-                    ..
-                }) => {
-                    dropped = true;
-                    break;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
-        if !dropped {
-            tracing::warn!(%shard, node = %from, "move: the old replica could not be dropped now; replica GC drops it");
-        }
+        drop_source(shard, from, || self.ask_drop_batch(b, shard, from)).await;
         self.engine
             .descriptor(shard)
             .map_err(|_| AdminError::UnknownShard { shard })
@@ -350,16 +312,10 @@ impl Node {
         shard: ShardId,
         node: NodeId,
     ) -> Result<PeerResponse, CallError> {
-        let g = b.group(shard);
-        let after = g.map(|g| crate::raft::log_id(g.term, NodeId(0), g.applied));
-        rpc::call(
-            &self.transport,
-            node,
-            shard,
-            &PeerRequest::DropReplica { after },
-            Duration::from_secs(10),
-        )
-        .await
+        let after = b
+            .group(shard)
+            .map(|g| crate::raft::log_id(g.term, NodeId(0), g.applied));
+        self.ask_drop_after(shard, node, after).await
     }
 
     /// Streams a snapshot of this node's replica of batch-system `shard`,
@@ -406,6 +362,16 @@ impl Node {
         node: NodeId,
     ) -> Result<PeerResponse, CallError> {
         let after = *raft.metrics().borrow_watched().membership_config.log_id();
+        self.ask_drop_after(shard, node, after).await
+    }
+
+    /// [`PeerRequest::DropReplica`] to `node`, naming `after`.
+    async fn ask_drop_after(
+        &self,
+        shard: ShardId,
+        node: NodeId,
+        after: Option<crate::raft::LogId>,
+    ) -> Result<PeerResponse, CallError> {
         rpc::call(
             &self.transport,
             node,
@@ -627,6 +593,28 @@ impl Node {
         tracing::info!(node = %self.id, %shard, "replica dropped");
         Ok(())
     }
+}
+
+/// Asks a move's source `from` to drop its replica of `shard` (`ask`: one
+/// request, made again for each try), up to 5 times 200 ms apart; done
+/// when it did or no longer hosts one. Otherwise replica GC drops it
+/// later.
+async fn drop_source<F, Fut>(shard: ShardId, from: NodeId, ask: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<PeerResponse, CallError>>,
+{
+    for _ in 0..5 {
+        match ask().await {
+            Ok(PeerResponse::Done)
+            | Err(CallError::Refused {
+                refusal: Refusal::UnknownShard(_),
+                ..
+            }) => return,
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+    tracing::warn!(%shard, node = %from, "move: the old replica could not be dropped now; replica GC drops it");
 }
 
 /// A lagging replica is seeded again at most this often per group.

@@ -97,13 +97,7 @@ impl Node {
         shard: ShardId,
         key: Vec<u8>,
     ) -> Result<(ShardDescriptor, ShardDescriptor), AdminError> {
-        let g = b.group(shard).ok_or(AdminError::UnknownShard { shard })?;
-        if !g.leading {
-            return Err(AdminError::NotLeader {
-                shard,
-                hint: g.leader.map(NodeId),
-            });
-        }
+        b.leading(shard)?;
         let d = self.split_checked(shard, &key)?;
         let child = self.alloc_shard_id(shard).await?;
         let cmd = Command::Split {
@@ -111,16 +105,10 @@ impl Node {
             child,
             version: d.epoch.version,
         };
-        let (_, resp) = b.propose(shard, &cmd).await.map_err(|e| match e {
-            crate::api::ApiError::NotLeader { leader_hint, .. } => AdminError::NotLeader {
-                shard,
-                hint: leader_hint,
-            },
-            other => AdminError::Unavailable {
-                shard,
-                reason: other.to_string(),
-            },
-        })?;
+        let (_, resp) = b
+            .propose(shard, &cmd)
+            .await
+            .map_err(|e| crate::node::batch::admin_error(shard, e))?;
         let (left, mut right) = split_answer(shard, resp)?;
         right.leader_hint = Some(self.id);
         b.elect_split_child(child).await?;
