@@ -1,5 +1,6 @@
 //! RELIABILITY scenario 2, short version: three real `tessera serve`
-//! processes, clients recording a history of put, get, delete and CAS
+//! processes (four for the data shards on the batch system, whose run also
+//! splits, merges and moves replicas while it kills), clients recording a history of put, get, delete and CAS
 //! (four with a client each, four sharing one client, whose requests
 //! share each node's multiplexed stream), a
 //! random node SIGKILLed and restarted every 2 seconds. The history must be linearizable, every
@@ -25,6 +26,7 @@ use procs::{admin_client, loopback_nodes, start_on_loopback, write_cluster_with}
 use rand::Rng;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tessera::{NodeId, ShardId};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_loop_keeps_histories_linearizable_and_writes_durable() {
@@ -47,17 +49,31 @@ static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 enum Reshape {
     /// Split the shard holding this key at it.
     Split(u8),
-    /// Merge the shard starting at this key into its left neighbour.
+    /// Merge the shard starting at this key into its left neighbour (the
+    /// client first moves the right shard's replicas onto the left's
+    /// nodes when they differ).
     Merge(u8),
+    /// Move the replica of the shard starting at this key that leads it
+    /// to the one node holding none.
+    MoveAway(u8),
+    /// Move that replica back where it was.
+    MoveBack,
 }
 
-/// The batch run's layout changes, in order: a split inside each of the
-/// 4 initial shards, two of them merged back.
-const RESHAPES: [Reshape; 6] = [
+/// The batch run's layout changes, in order, on 4 nodes (each initial
+/// shard on 3 of them): a split inside each of the 4 initial shards; the
+/// first split's child moves a replica away and back (the replica
+/// lifecycle's data-loss scenario, now under SIGKILLs) and is merged
+/// back; an initial shard merged into a neighbour on other nodes (a
+/// replica move first), and one more split merged back.
+const RESHAPES: [Reshape; 9] = [
     Reshape::Split(0x20),
+    Reshape::MoveAway(0x20),
+    Reshape::MoveBack,
     Reshape::Split(0x60),
     Reshape::Merge(0x20),
     Reshape::Split(0xa0),
+    Reshape::Merge(0x40),
     Reshape::Split(0xe0),
     Reshape::Merge(0xa0),
 ];
@@ -69,7 +85,8 @@ async fn kill_loop(batch: bool) {
         .and_then(|s| s.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().unwrap();
-    let nodes = loopback_nodes(3);
+    // The batch run has a fourth node, so replicas have somewhere to move.
+    let nodes = loopback_nodes(if batch { 4 } else { 3 });
     let (ca, configs) = write_cluster_with(dir.path(), "kill-loop", &nodes, 4, |c| {
         c.raft.batch_data_shards = batch;
         if batch {
@@ -133,20 +150,49 @@ async fn kill_loop(batch: bool) {
     // down) until it is done, for at most 60 s.
     let reshaper = batch.then(|| {
         let cl = mk(Duration::from_secs(10));
+        let all: Vec<NodeId> = nodes.iter().map(|(id, _)| *id).collect();
         tokio::spawn(async move {
+            // The move away's (shard, from, to), for the move back.
+            let mut moved: Option<(ShardId, NodeId, NodeId)> = None;
             for step in RESHAPES {
                 tokio::time::sleep(Duration::from_millis(1500)).await;
                 let until = Instant::now() + Duration::from_secs(60);
+                // A move's shard and nodes, chosen once (its retries
+                // finish the same move).
+                let mut pair: Option<(ShardId, NodeId, NodeId)> = None;
                 loop {
+                    let routes = cl.routes().await.unwrap_or_default();
+                    let starting = |k: u8| routes.iter().find(|d| d.range.start == [k]);
+                    if pair.is_none() {
+                        pair = match step {
+                            Reshape::MoveAway(k) => starting(k).map(|d| {
+                                let to = *all.iter().find(|n| !d.replicas.contains(n)).unwrap();
+                                let from = d.leader_hint.unwrap_or(d.replicas[0]);
+                                (d.id, from, to)
+                            }),
+                            Reshape::MoveBack => moved.map(|(s, from, to)| (s, to, from)),
+                            _ => None,
+                        };
+                    }
                     let r = match step {
                         Reshape::Split(k) => cl
                             .split(&[k])
                             .await
-                            .map(|(l, r)| format!("{} {} | {} {}", l.id, l.range, r.id, r.range)),
+                            .map(|(l, r)| format!("{} {} | {} {}", l.id, l.range, r.id, r.range))
+                            .map_err(|e| e.to_string()),
                         Reshape::Merge(k) => cl
                             .merge(&[k])
                             .await
-                            .map(|d| format!("{} {}", d.id, d.range)),
+                            .map(|d| format!("{} {} on {:?}", d.id, d.range, d.replicas))
+                            .map_err(|e| e.to_string()),
+                        Reshape::MoveAway(_) | Reshape::MoveBack => match pair {
+                            Some((shard, from, to)) => cl
+                                .move_replica(shard, from, to)
+                                .await
+                                .map(|d| format!("{shard} {from} -> {to}: on {:?}", d.replicas))
+                                .map_err(|e| e.to_string()),
+                            None => Err("the shard to move is not listed yet".to_string()),
+                        },
                     };
                     let e = match r {
                         Ok(shape) => {
@@ -161,6 +207,15 @@ async fn kill_loop(batch: bool) {
                     let done = match step {
                         Reshape::Split(k) => starts(k),
                         Reshape::Merge(k) => !starts(k),
+                        Reshape::MoveAway(_) | Reshape::MoveBack => {
+                            pair.is_some_and(|(shard, from, to)| {
+                                routes.iter().any(|d| {
+                                    d.id == shard
+                                        && d.replicas.contains(&to)
+                                        && !d.replicas.contains(&from)
+                                })
+                            })
+                        }
                     };
                     if done {
                         println!("{step:?}: done by an earlier try ({e})");
@@ -170,13 +225,19 @@ async fn kill_loop(batch: bool) {
                     println!("{step:?} failed, trying again: {e}");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+                if matches!(step, Reshape::MoveAway(_)) {
+                    moved = pair;
+                }
             }
         })
     });
     let probe = mk(Duration::from_secs(10));
     const MIN_KILLS: usize = 3;
     let mut kills = 0;
-    while kills < MIN_KILLS || Instant::now() < stop_at {
+    // On the batch system the kills go on until the layout changes are
+    // done, so every change runs under them.
+    let reshaping = || reshaper.as_ref().is_some_and(|t| !t.is_finished());
+    while kills < MIN_KILLS || Instant::now() < stop_at || reshaping() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let victim = rand::thread_rng().gen_range(0..procs.len());
         procs[victim].sigkill();
@@ -264,9 +325,9 @@ async fn kill_loop(batch: bool) {
     }
     println!("verify: every replica of {shards} shards agrees");
     if batch {
-        // The 4 initial data shards, split 4 times and merged 2 times (the
+        // The 4 initial data shards, split 4 times and merged 3 times (the
         // routes list data shards only): a shard starts at each split key
-        // not merged back.
+        // (and initial shard) not merged away, on 3 distinct nodes.
         let routes = reader.routes().await.expect("routes");
         let listed: Vec<String> = routes
             .iter()
@@ -277,12 +338,17 @@ async fn kill_loop(batch: bool) {
             match step {
                 Reshape::Split(k) => starts.push(vec![k]),
                 Reshape::Merge(k) => starts.retain(|s| *s != [k]),
+                Reshape::MoveAway(_) | Reshape::MoveBack => {}
             }
         }
         starts.sort();
         let mut found: Vec<Vec<u8>> = routes.iter().map(|d| d.range.start.clone()).collect();
         found.sort();
         assert_eq!(found, starts, "{listed:?}");
+        for d in &routes {
+            let nodes: std::collections::BTreeSet<_> = d.replicas.iter().collect();
+            assert_eq!(nodes.len(), 3, "{listed:?}");
+        }
         assert_eq!(shards, starts.len());
     }
     drop((probe, reader, shared));
