@@ -512,6 +512,86 @@ async fn a_voter_behind_the_compacted_log_is_seeded_when_it_returns() {
     c.shutdown().await;
 }
 
+/// A replica down while its shard splits comes back behind the parent's
+/// compacted log: the parent's leader seeds it with a snapshot taken
+/// after the split, so it never applies the split and has no child.
+/// Replica repair creates the child on the batch system (another replica
+/// tells which system the shard runs on: an openraft replica would never
+/// hear from the group) and the child's leader seeds it. Nothing is lost,
+/// every replica of both shards agrees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_replica_that_missed_a_split_gets_the_child_on_the_batch_system() {
+    init_tracing();
+    let timings = Timings {
+        snapshot_logs_since_last: 20,
+        snapshot_logs_to_keep: 5,
+        replica_gc: tessera::node::ReplicaGcConfig {
+            interval_ms: 300,
+            grace_ms: 1500,
+        },
+        ..batch_timings()
+    };
+    let mut c = ready_with(1, timings).await;
+    let leader = c.wait_batch_leader(ShardId(1), WAIT).await.unwrap();
+    let down = (1..=3u64).find(|i| *i != leader.0).unwrap();
+    let cl = c.client();
+    let mut model = BTreeMap::new();
+    write_range(&cl, &mut model, 0..10).await;
+    c.kill(down).await;
+    let (parent, child) = cl.split(b"\x80").await.unwrap();
+    let first = |status: &tessera::api::NodeStatus, shard: ShardId| {
+        status
+            .shards
+            .iter()
+            .find(|r| r.descriptor.id == shard)
+            .and_then(|r| r.log_first_index)
+            .unwrap()
+    };
+    // The child's log starts right after the split.
+    let status = cl.node_status(leader).await.unwrap();
+    let after_split = first(&status, child.id);
+    write_range(&cl, &mut model, 10..250).await;
+    // The parent's log no longer holds the split.
+    let leader = c.wait_batch_leader(parent.id, WAIT).await.unwrap();
+    let status = cl.node_status(leader).await.unwrap();
+    assert!(
+        first(&status, parent.id) > after_split,
+        "the parent kept its log from {} (the split is at {})",
+        first(&status, parent.id),
+        after_split - 1
+    );
+    c.restart(down).await;
+    wait_hosted_on_batch(&c, &[down], child.id).await;
+    let what = format!("n{down}'s replica of {} applies", child.id);
+    common::wait::until(&what, WAIT, || async {
+        let st = cl
+            .node_status(NodeId(down))
+            .await
+            .map_err(|e| e.to_string())?;
+        let applied = st
+            .shards
+            .iter()
+            .find(|r| r.descriptor.id == child.id)
+            .map_or(0, |r| r.applied_index);
+        if applied > after_split {
+            Ok(())
+        } else {
+            Err(format!("applied {applied}"))
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        c.node(down).metrics().replicas_repaired >= 1,
+        "the repair is counted"
+    );
+    write_range(&cl, &mut model, 250..270).await;
+    check_model(&cl, &model).await;
+    assert_replicas_agree(&cl, parent.id).await;
+    assert_replicas_agree(&cl, child.id).await;
+    c.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leadership_of_a_batch_shard_moves_where_asked() {
     init_tracing();

@@ -216,18 +216,53 @@ pub(crate) async fn run(
                         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(node = %n.id, shard = %d.id, ?parent, "replica repair: not created, a batch-system replica here overlaps it (a split not applied yet)");
                 }
-                Action::Create(d) => match n.create_replica_local(&d).await {
-                    Ok(()) => {
-                        n.gc_counters
-                            .repaired
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        tracing::info!(node = %n.id, shard = %d.id, range = %d.range, "replica repair: created an empty replica; its leader brings it up to date");
+                Action::Create(d) => match runs_on_batch(n.id, c, &d).await {
+                    None => {
+                        tracing::info!(node = %n.id, shard = %d.id, "replica repair: not created yet, no other replica told which Raft system the shard runs on")
                     }
-                    Err(e) => {
-                        tracing::warn!(node = %n.id, shard = %d.id, error = %e, "replica repair: create failed")
-                    }
+                    Some(batch) => repair(&n, &d, batch).await,
                 },
             }
+        }
+    }
+}
+
+/// Which Raft system `d` runs on, as another of its replicas reports it
+/// (`None`: none answered with it hosted). A node's configuration says
+/// only what its bootstrap created, and an empty replica on the other
+/// system would never hear from its group.
+async fn runs_on_batch(me: NodeId, c: &crate::client::Client, d: &ShardDescriptor) -> Option<bool> {
+    for &peer in d.leader_hint.iter().chain(&d.replicas) {
+        if peer == me {
+            continue;
+        }
+        if let Ok(st) = c.node_status(peer).await {
+            if let Some(s) = st.shards.iter().find(|s| s.descriptor.id == d.id) {
+                return Some(s.batch);
+            }
+        }
+    }
+    None
+}
+
+/// Creates an empty replica of `d` on its system: its leader brings it up
+/// to date (openraft with a snapshot; the batch system from its log, or
+/// with a seed when the log was compacted past it).
+async fn repair(n: &Node, d: &ShardDescriptor, batch: bool) {
+    let created = if batch {
+        n.create_batch_replica_local(d).await
+    } else {
+        n.create_replica_local(d).await
+    };
+    match created {
+        Ok(()) => {
+            n.gc_counters
+                .repaired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::info!(node = %n.id, shard = %d.id, range = %d.range, batch, "replica repair: created an empty replica; its leader brings it up to date");
+        }
+        Err(e) => {
+            tracing::warn!(node = %n.id, shard = %d.id, error = %e, "replica repair: create failed")
         }
     }
 }

@@ -101,11 +101,26 @@ impl Node {
                 crate::raft::settled_voters(m.membership())
                     .map_err(|why| AdminError::Refused(format!("{left}: {why}; merge after it")))?
             }
-            // The batch system changes no membership yet: its voters are
-            // the descriptor's.
+            // On the batch system: the group's applied configuration, with
+            // no learner (a move under way) and the descriptor's voters.
             None => {
-                let mut v = l.replicas.clone();
+                let b = batch.as_ref().expect("a batch shard has its system");
+                let m = b.membership(left).await?;
+                if !m.learners.is_empty() {
+                    return Err(AdminError::Refused(format!(
+                        "{left} has learners {:?} (a replica move under way); merge after it",
+                        m.learners
+                    )));
+                }
+                let mut v: Vec<NodeId> = m.voters.into_iter().map(NodeId).collect();
                 v.sort();
+                let mut listed = l.replicas.clone();
+                listed.sort();
+                if v != listed {
+                    return Err(AdminError::Refused(format!(
+                        "{left} is changing membership (voters {v:?}, descriptor {listed:?}); merge after it"
+                    )));
+                }
                 v
             }
         };
