@@ -102,10 +102,9 @@ enum Cmd {
         commit_linger_ms: Option<u64>,
         /// Run the data shards on the batch system: one Raft loop per node
         /// steps every shard together (one synced write per round for all
-        /// of them, one frame per peer). First start only: a folder keeps
-        /// the system its shards were created on. These shards cannot
-        /// split, merge or move yet (sets
-        /// `raft.batch_data_shards`).
+        /// of them, one frame per peer); they split, merge and move like
+        /// openraft's. First start only: a folder keeps the system its
+        /// shards were created on (sets `raft.batch_data_shards`).
         #[arg(long)]
         batch_data_shards: bool,
     },

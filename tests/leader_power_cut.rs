@@ -11,7 +11,8 @@
 //! restarted at once, well inside the election timeout. It must not take
 //! up leadership of its old term again (openraft's leader restore): only a
 //! new election makes it leader. Every acknowledged write must read back,
-//! and every replica must agree.
+//! and every replica must agree. Runs with the data shard on the batch
+//! system and on openraft.
 #![cfg(feature = "failpoints")]
 
 #[allow(dead_code)]
@@ -40,6 +41,22 @@ async fn shard_on(client: &Client, node: NodeId, shard: ShardId) -> Result<Shard
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_leader_that_lost_its_unsynced_tail_does_not_lead_the_same_term_again() {
+    power_cut(false).await;
+}
+
+/// The same with the data shard on the batch system
+/// (`raft.batch_data_shards`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_leader_that_lost_its_unsynced_tail_does_not_lead_the_same_term_again() {
+    power_cut(true).await;
+}
+
+/// The two runs take turns (each runs three processes).
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The power cut with the data shard on the batch system or on openraft.
+async fn power_cut(batch: bool) {
+    let _turn = TURN.lock().await;
     let dir = tempfile::tempdir().unwrap();
     let nodes = loopback_nodes(3);
     // One data shard, initialised (and so led) by n1.
@@ -52,6 +69,7 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_lead_the_same_term_again(
         c.raft.election_timeout_ms_min = 6000;
         c.raft.election_timeout_ms_max = 9000;
         c.raft.quiesce_after_ms = 0;
+        c.raft.batch_data_shards = batch;
         std::fs::write(path, c.to_toml()).unwrap();
     }
     let mut procs = start_on_loopback(&nodes, configs);
@@ -78,7 +96,9 @@ async fn a_leader_that_lost_its_unsynced_tail_does_not_lead_the_same_term_again(
         client.put(&k, &v).await.expect("write acknowledged");
         acked.push((k, v));
     }
-    let term_before = shard_on(&client, NodeId(1), shard.id).await.unwrap().term;
+    let before = shard_on(&client, NodeId(1), shard.id).await.unwrap();
+    assert_eq!(before.batch, batch, "the shard's Raft system: {before:?}");
+    let term_before = before.term;
     // The power cut: n1's unsynced log tail is lost; it is back at once.
     procs[0].sigkill();
     procs[0].start(None);

@@ -441,7 +441,9 @@ impl Driver {
             batch_append: true,
             ..raft::Config::default()
         };
-        let node = RawNode::new(&cfg, store, &self.logger)
+        // The group's id in raft-rs's log lines and in its panics.
+        let logger = self.logger.new(slog::o!("shard" => shard.0));
+        let node = RawNode::new(&cfg, store, &logger)
             .map_err(|source| DriverError::Raft { shard, source })?;
         self.groups.insert(shard, node);
         self.quiet.insert(shard, Quiet::default());

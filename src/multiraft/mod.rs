@@ -52,8 +52,20 @@ pub use runtime::{
 pub use store::{GroupStore, SnapshotRequests, TAIL_ENTRIES};
 
 /// raft-rs logs through `slog`; this drain hands its records to `tracing`
-/// (messages only, at the matching level, under the target `raft`).
+/// (the message and its logger's values, e.g. `shard=7 raft_id=3`, at the
+/// matching level, under the target `raft`).
 pub(crate) struct TracingDrain;
+
+/// Collects a record's key-value pairs as `key=value` words.
+struct KvWords(String);
+
+impl slog::Serializer for KvWords {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        use std::fmt::Write;
+        let _ = write!(self.0, " {key}={val}");
+        Ok(())
+    }
+}
 
 impl slog::Drain for TracingDrain {
     type Ok = ();
@@ -62,17 +74,21 @@ impl slog::Drain for TracingDrain {
     fn log(
         &self,
         record: &slog::Record<'_>,
-        _values: &slog::OwnedKVList,
+        values: &slog::OwnedKVList,
     ) -> Result<(), slog::Never> {
-        let msg = record.msg();
+        use slog::KV;
+        let mut kv = KvWords(String::new());
+        let _ = record.kv().serialize(record, &mut kv);
+        let _ = values.serialize(record, &mut kv);
+        let (msg, kv) = (record.msg(), kv.0);
         match record.level() {
             slog::Level::Critical | slog::Level::Error => {
-                tracing::error!(target: "raft", "{msg}");
+                tracing::error!(target: "raft", "{msg}{kv}");
             }
-            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}"),
-            slog::Level::Info => tracing::info!(target: "raft", "{msg}"),
-            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}"),
-            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}"),
+            slog::Level::Warning => tracing::warn!(target: "raft", "{msg}{kv}"),
+            slog::Level::Info => tracing::info!(target: "raft", "{msg}{kv}"),
+            slog::Level::Debug => tracing::debug!(target: "raft", "{msg}{kv}"),
+            slog::Level::Trace => tracing::trace!(target: "raft", "{msg}{kv}"),
         }
         Ok(())
     }
