@@ -915,8 +915,22 @@ impl Driver {
         if !benign {
             self.wake(shard);
         }
-        self.group(shard)?
-            .step(env.msg)
+        let node = self.group(shard)?;
+        if env.msg.get_msg_type() == MessageType::MsgAppendResponse
+            && !env.msg.reject
+            && env.msg.term == node.raft.term
+            && env.msg.index > node.raft.raft_log.last_index()
+        {
+            tracing::error!(
+                %shard,
+                from = env.msg.from,
+                index = env.msg.index,
+                term = env.msg.term,
+                last = node.raft.raft_log.last_index(),
+                "a peer acknowledged entries past this leader's log"
+            );
+        }
+        node.step(env.msg)
             .map_err(|source| DriverError::Raft { shard, source })?;
         self.touched.insert(shard);
         Ok(())
@@ -995,7 +1009,9 @@ impl Driver {
                     out.reads.push((shard, u64::from_be_bytes(ctx), rs.index));
                 }
             }
-            out.route(shard, rd.take_messages());
+            let early = rd.take_messages();
+            check_acks(shard, node, &early, "with the round's appends");
+            out.route(shard, early);
             assert!(
                 rd.snapshot().is_empty(),
                 "{shard}: raft-rs asked to install a snapshot, and none is ever sent"
@@ -1076,6 +1092,7 @@ impl Driver {
         for (shard, number, after) in std::mem::take(&mut self.unfinished) {
             let node = self.groups.get_mut(&shard).expect("handled above");
             node.on_persist_ready(number);
+            check_acks(shard, node, &after, "after the round's write");
             round.route(shard, after);
             // Persisting may have committed entries or freed messages.
             self.touched.insert(shard);
@@ -1119,5 +1136,29 @@ impl Driver {
     /// `shard`'s store (its log and hard state).
     pub fn store(&self, shard: ShardId) -> Option<&GroupStore> {
         self.groups.get(&shard).map(RawNode::store)
+    }
+}
+
+/// A replica acknowledges only entries its log holds: an append response
+/// past its last index would let its leader count entries this replica
+/// never wrote (and later send it a commit it cannot take). Logged as an
+/// error with what the message and the log say, never sent silently.
+fn check_acks(shard: ShardId, node: &RawNode<GroupStore>, msgs: &[Message], when: &str) {
+    let last = node.raft.raft_log.last_index();
+    for m in msgs {
+        if m.get_msg_type() == MessageType::MsgAppendResponse && !m.reject && m.index > last {
+            tracing::error!(
+                %shard,
+                to = m.to,
+                index = m.index,
+                term = m.term,
+                last,
+                store_last = node.store().last(),
+                committed = node.raft.raft_log.committed,
+                role = ?node.raft.state,
+                when,
+                "an append acknowledged past this replica's last index"
+            );
+        }
     }
 }

@@ -199,6 +199,10 @@ pub fn write_cluster_with(
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(RaftTimings::default().dormant_after_ms),
+                // `TESSERA_BATCH_DATA_SHARDS=1`: the data shards on the
+                // batch system (the network soak on it).
+                batch_data_shards: std::env::var("TESSERA_BATCH_DATA_SHARDS")
+                    .is_ok_and(|v| v == "1"),
                 ..Default::default()
             },
             transport: tessera::net::TransportConfig {
