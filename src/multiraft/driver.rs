@@ -61,6 +61,36 @@ impl Default for DriverConfig {
     }
 }
 
+/// raft-rs's configuration of every group this driver runs: replica `id`
+/// (the node's id), the driver's timings and limits, starting from
+/// `applied`.
+pub fn raft_config(id: u64, config: &DriverConfig, applied: u64) -> raft::Config {
+    raft::Config {
+        id,
+        election_tick: config.election_ticks,
+        heartbeat_tick: config.heartbeat_ticks,
+        applied,
+        max_size_per_msg: config.max_message_bytes,
+        max_inflight_msgs: config.max_inflight,
+        check_quorum: true,
+        pre_vote: true,
+        // Followers learn the commit from the next append or heartbeat.
+        skip_bcast_commit: true,
+        // Off: raft-rs 0.7's batch_append folds new entries into an empty
+        // append still pending for the same follower without checking that
+        // they follow its index (an append sent at index 197 carried
+        // entries from 195 after the follower's progress moved back). The
+        // follower then acknowledges `index + entries` it never wrote, and
+        // its leader's next heartbeat commits past its log: raft-rs panics
+        // there, and such an acknowledgement could count toward a quorum.
+        // A round already sends each peer one frame for all its groups'
+        // messages (test: `appends_name_entries_that_follow_their_index_
+        // under_a_lossy_network`).
+        batch_append: false,
+        ..raft::Config::default()
+    }
+}
+
 /// The context of a log compaction entry; its data is the index to
 /// compact to (8 bytes, BE).
 const COMPACT_CONTEXT: &[u8] = b"tessera/compact-log";
@@ -427,20 +457,7 @@ impl Driver {
         // a round's committed entries before the round's log write (a crash
         // in between keeps the apply and loses the write).
         store.commit_at_least(applied)?;
-        let cfg = raft::Config {
-            id: self.id,
-            election_tick: self.config.election_ticks,
-            heartbeat_tick: self.config.heartbeat_ticks,
-            applied,
-            max_size_per_msg: self.config.max_message_bytes,
-            max_inflight_msgs: self.config.max_inflight,
-            check_quorum: true,
-            pre_vote: true,
-            // Followers learn the commit from the next append or heartbeat.
-            skip_bcast_commit: true,
-            batch_append: true,
-            ..raft::Config::default()
-        };
+        let cfg = raft_config(self.id, &self.config, applied);
         // The group's id in raft-rs's log lines and in its panics.
         let logger = self.logger.new(slog::o!("shard" => shard.0));
         let node = RawNode::new(&cfg, store, &logger)

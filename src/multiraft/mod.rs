@@ -42,6 +42,7 @@ mod store;
 pub mod wire;
 
 pub use apply::{encode_command, ShardApplier};
+pub use driver::raft_config;
 pub use driver::{
     compaction_point, Driver, DriverConfig, DriverError, DriverStats, Envelope, GroupMembership,
     GroupView, LogWrite, Proposed, Round, Written,
