@@ -100,12 +100,17 @@ enum Cmd {
         /// `raft.commit_linger_ms`, default 50; 0 sends it at once).
         #[arg(long)]
         commit_linger_ms: Option<u64>,
-        /// Run the data shards on the batch system: one Raft loop per node
-        /// steps every shard together (one synced write per round for all
-        /// of them, one frame per peer); they split, merge and move like
-        /// openraft's. First start only: a folder keeps the system its
-        /// shards were created on (sets `raft.batch_data_shards`).
-        #[arg(long)]
+        /// Run the data shards on openraft (one set of tasks per shard)
+        /// instead of the default batch system (one Raft loop per node
+        /// steps every shard together: one synced write per round for all
+        /// of them, one frame per peer). First start only: a folder keeps
+        /// the system its shards were created on (sets
+        /// `raft.batch_data_shards = false`).
+        #[arg(long, conflicts_with = "batch_data_shards")]
+        openraft_data_shards: bool,
+        /// Run the data shards on the batch system: the default since
+        /// 2026-12-08, kept for scripts.
+        #[arg(long, hide = true)]
         batch_data_shards: bool,
     },
     /// Prepare a new node for a `tessera dev` folder: a certificate from the
@@ -157,7 +162,8 @@ fn main() -> Result<()> {
             dormant_after_ms,
             group_commit_linger_us,
             commit_linger_ms,
-            batch_data_shards,
+            openraft_data_shards,
+            batch_data_shards: _,
         } => rt.block_on(dev(
             data_dir,
             nodes,
@@ -167,7 +173,7 @@ fn main() -> Result<()> {
                 dormant_after_ms,
                 group_commit_linger_us,
                 commit_linger_ms,
-                batch_data_shards,
+                openraft_data_shards,
             },
         )),
         Cmd::Inspect { data_dir } => inspect(data_dir),
@@ -349,7 +355,7 @@ struct DevOverrides {
     dormant_after_ms: Option<u64>,
     group_commit_linger_us: Option<u64>,
     commit_linger_ms: Option<u64>,
-    batch_data_shards: bool,
+    openraft_data_shards: bool,
 }
 
 async fn dev(data_dir: PathBuf, nodes: u64, shards: u64, over: DevOverrides) -> Result<()> {
@@ -386,7 +392,9 @@ async fn dev(data_dir: PathBuf, nodes: u64, shards: u64, over: DevOverrides) -> 
         if let Some(l) = over.commit_linger_ms {
             cfg.raft.commit_linger_ms = l;
         }
-        cfg.raft.batch_data_shards |= over.batch_data_shards;
+        if over.openraft_data_shards {
+            cfg.raft.batch_data_shards = false;
+        }
         cfg.validate()?;
         let identity = TlsIdentity::load(&cfg.tls)?;
         let id = n.id;

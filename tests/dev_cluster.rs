@@ -198,6 +198,8 @@ fn ctl_round_trip(cluster: &Path) {
     for s in shards {
         assert!(s["leader"].is_u64(), "{s}");
         assert_eq!(s["replicas"].as_array().unwrap().len(), 3);
+        // The default: data shards on the batch system.
+        assert_eq!(s["raft"], "batch", "{s}");
         assert!(s["epoch"].is_object() && s["size_bytes"].is_u64() && s["id"].is_u64());
         for rate in ["reads_per_s", "writes_per_s", "write_bytes_per_s"] {
             assert!(s[rate].as_f64().is_some_and(|r| r >= 0.0), "{rate}: {s}");

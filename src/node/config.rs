@@ -25,7 +25,7 @@
 //! quiesce_after_ms = 10000            # idle groups sleep; 0 turns it off
 //! dormant_after_ms = 30000            # sleeping replicas drop their instance
 //! commit_linger_ms = 50               # a commit-only AppendEntries waits for entries
-//! batch_data_shards = false           # true: bootstrap data shards on the batch system
+//! batch_data_shards = true            # bootstrap data shards on the batch system (false: openraft)
 //!
 //! [bootstrap]                         # optional: create shards on first start
 //! shards = 16
@@ -152,7 +152,8 @@ pub struct RaftTimings {
     /// repair keep a shard's system. Both systems serve every request and
     /// admin command; the batch system writes about twice as fast with 64
     /// shards on 2 cores (README, "Raft for many groups at once").
-    /// Default: false (README, same section: what holds back the switch).
+    /// Default: true since 2026-12-08 (folders created earlier keep their
+    /// openraft shards).
     pub batch_data_shards: bool,
 }
 
@@ -171,7 +172,7 @@ impl Default for RaftTimings {
             quiesce_after_ms: 10_000,
             dormant_after_ms: 30_000,
             commit_linger_ms: 50,
-            batch_data_shards: false,
+            batch_data_shards: true,
         }
     }
 }

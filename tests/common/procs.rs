@@ -199,10 +199,11 @@ pub fn write_cluster_with(
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(RaftTimings::default().dormant_after_ms),
-                // `TESSERA_BATCH_DATA_SHARDS=1`: the data shards on the
-                // batch system (the network soak on it).
-                batch_data_shards: std::env::var("TESSERA_BATCH_DATA_SHARDS")
-                    .is_ok_and(|v| v == "1"),
+                // `TESSERA_OPENRAFT_DATA_SHARDS=1`: the data shards on
+                // openraft instead of the default batch system (the
+                // network soak on it).
+                batch_data_shards: std::env::var("TESSERA_OPENRAFT_DATA_SHARDS")
+                    .map_or(true, |v| v != "1"),
                 ..Default::default()
             },
             transport: tessera::net::TransportConfig {
