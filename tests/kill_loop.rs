@@ -161,15 +161,19 @@ async fn kill_loop(batch: bool) {
                 // finish the same move).
                 let mut pair: Option<(ShardId, NodeId, NodeId)> = None;
                 loop {
-                    let routes = cl.routes().await.unwrap_or_default();
-                    let starting = |k: u8| routes.iter().find(|d| d.range.start == [k]);
                     if pair.is_none() {
                         pair = match step {
-                            Reshape::MoveAway(k) => starting(k).map(|d| {
-                                let to = *all.iter().find(|n| !d.replicas.contains(n)).unwrap();
-                                let from = d.leader_hint.unwrap_or(d.replicas[0]);
-                                (d.id, from, to)
-                            }),
+                            Reshape::MoveAway(k) => cl
+                                .routes()
+                                .await
+                                .unwrap_or_default()
+                                .into_iter()
+                                .find(|d| d.range.start == [k])
+                                .map(|d| {
+                                    let to = *all.iter().find(|n| !d.replicas.contains(n)).unwrap();
+                                    let from = d.leader_hint.unwrap_or(d.replicas[0]);
+                                    (d.id, from, to)
+                                }),
                             Reshape::MoveBack => moved.map(|(s, from, to)| (s, to, from)),
                             _ => None,
                         };

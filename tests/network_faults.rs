@@ -466,9 +466,8 @@ async fn five_nodes_in_namespaces_stay_linearizable_under_every_network_and_proc
     let shards = verify_all(&reader).await;
     println!("verify: every replica of {shards} shards agrees");
     // The data shards ran on the system asked for (a split's child and a
-    // moved replica keep it): the default batch system unless
-    // `TESSERA_OPENRAFT_DATA_SHARDS=1`.
-    let batch = std::env::var("TESSERA_OPENRAFT_DATA_SHARDS").map_or(true, |v| v != "1");
+    // moved replica keep it).
+    let batch = procs::batch_data_shards();
     for d in reader.routes().await.expect("routes") {
         for n in &d.replicas {
             let st = reader.node_status(*n).await.expect("node status");

@@ -932,22 +932,8 @@ impl Driver {
         if !benign {
             self.wake(shard);
         }
-        let node = self.group(shard)?;
-        if env.msg.get_msg_type() == MessageType::MsgAppendResponse
-            && !env.msg.reject
-            && env.msg.term == node.raft.term
-            && env.msg.index > node.raft.raft_log.last_index()
-        {
-            tracing::error!(
-                %shard,
-                from = env.msg.from,
-                index = env.msg.index,
-                term = env.msg.term,
-                last = node.raft.raft_log.last_index(),
-                "a peer acknowledged entries past this leader's log"
-            );
-        }
-        node.step(env.msg)
+        self.group(shard)?
+            .step(env.msg)
             .map_err(|source| DriverError::Raft { shard, source })?;
         self.touched.insert(shard);
         Ok(())

@@ -199,11 +199,7 @@ pub fn write_cluster_with(
                     .ok()
                     .and_then(|v| v.parse().ok())
                     .unwrap_or(RaftTimings::default().dormant_after_ms),
-                // `TESSERA_OPENRAFT_DATA_SHARDS=1`: the data shards on
-                // openraft instead of the default batch system (the
-                // network soak on it).
-                batch_data_shards: std::env::var("TESSERA_OPENRAFT_DATA_SHARDS")
-                    .map_or(true, |v| v != "1"),
+                batch_data_shards: batch_data_shards(),
                 ..Default::default()
             },
             transport: tessera::net::TransportConfig {
@@ -226,6 +222,13 @@ pub fn write_cluster_with(
         configs.push(path);
     }
     (ca, configs)
+}
+
+/// Whether the process tests' data shards run on the batch system (the
+/// default): `TESSERA_OPENRAFT_DATA_SHARDS=1` puts them on openraft (the
+/// network soak on it).
+pub fn batch_data_shards() -> bool {
+    std::env::var("TESSERA_OPENRAFT_DATA_SHARDS").map_or(true, |v| v != "1")
 }
 
 /// A client with an admin certificate (data and admin commands).
